@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine with Python 3.11 and make:
+#   make demo   create .venv, install, run the demo merge (configs/demo.yaml)
+#   make test   create .venv, install, run the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lock clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/mergeflow run configs/demo.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/merge_memory.py
+
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' > requirements.lock.new
+	{ echo "# Full lock (pip freeze of a working CPU environment, Python 3.11). Regenerate with: make lock"; \
+	  cat requirements.lock.new; } > requirements.lock && rm requirements.lock.new
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,255 @@
+"""Lazy, per-tensor checkpoint readers.
+
+`open_checkpoint(uri)` accepts a local path, file:// or s3:// URI of a single `.safetensors` file, a Hugging Face
+sharded layout (`model.safetensors.index.json` or the directory holding it), or a `.pt`/`.bin` state dict (loaded
+with `weights_only=True` only). Remote objects go through the local content cache, so every input has a sha256.
+Tensors are read one at a time on `get`, never the whole model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from mergeflow.checkpoints.safetensors_format import DTYPES, decode_header, element_size
+from mergeflow.errors import CheckpointError, UnsafeCheckpointError
+from mergeflow.storage import ContentCache, LocalObject, filesystem, is_remote, join
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class TensorSource(Protocol):
+    """Anything a merge reads tensors from: a checkpoint on storage or a state dict in memory."""
+
+    label: str
+
+    def keys(self) -> list[str]: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class StateDictSource:
+    """An in-memory state dict seen as a `TensorSource`."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], label: str = "<memory>"):
+        self.label = label
+        self._tensors = dict(state_dict)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._tensors[name]
+        return TensorInfo(name, tuple(t.shape), t.dtype)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+@dataclass(frozen=True)
+class _Location:
+    file: str  # key into Checkpoint.files
+    start: int
+    end: int
+
+
+class Checkpoint:
+    """A checkpoint on storage: its files (local copies with digests), tensor index and metadata."""
+
+    def __init__(self, uri: str, files: dict[str, LocalObject], infos: dict[str, TensorInfo],
+                 locations: dict[str, _Location], metadata: dict[str, str],
+                 torch_tensors: dict[str, torch.Tensor] | None = None):
+        self.uri = uri
+        self.label = uri
+        self.files = files
+        self.metadata = metadata
+        self._infos = infos
+        self._locations = locations
+        self._torch_tensors = torch_tensors
+        self._handles: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the file, or for a sharded checkpoint of its sorted (file name, sha256) list."""
+        if len(self.files) == 1:
+            return next(iter(self.files.values())).sha256
+        lines = "".join(f"{name} {obj.sha256}\n" for name, obj in sorted(self.files.items()))
+        return hashlib.sha256(lines.encode()).hexdigest()
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(self.uri, "no such tensor", tensor=name) from None
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.info(name)
+        if self._torch_tensors is not None:
+            return self._torch_tensors[name]
+        loc = self._locations[name]
+        nbytes = loc.end - loc.start
+        if nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buffer = bytearray(nbytes)
+        with self._lock:
+            handle = self._handles.get(loc.file)
+            if handle is None:
+                handle = self._handles[loc.file] = open(self.files[loc.file].path, "rb")
+            handle.seek(loc.start)
+            got = handle.readinto(buffer)
+        if got != nbytes:
+            raise CheckpointError(self.files[loc.file].uri, f"read {got} of {nbytes} bytes (truncated?)", name)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parse_safetensors(obj: LocalObject, infos: dict[str, TensorInfo], locations: dict[str, _Location],
+                       file_key: str, only: set[str] | None = None) -> dict[str, str]:
+    """Index one safetensors file into `infos`/`locations`, checking that every byte range lies in the file."""
+    try:
+        with open(obj.path, "rb") as f:
+            data_start, header = decode_header(f.read(8), f.read)
+    except ValueError as exc:
+        raise CheckpointError(obj.uri, f"unreadable safetensors file: {exc}") from None
+    metadata = header.pop("__metadata__", None) or {}
+    for name, entry in header.items():
+        if only is not None and name not in only:
+            continue
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            start, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(obj.uri, f"malformed header entry {entry!r}", tensor=name) from None
+        expected = element_size(dtype)
+        for d in shape:
+            expected *= d
+        if end - start != expected or start < 0:
+            raise CheckpointError(obj.uri, f"header gives {end - start} bytes for shape {shape} {dtype}", name)
+        if data_start + end > obj.size:
+            raise CheckpointError(
+                obj.uri, f"truncated: tensor ends at byte {data_start + end} but the file has {obj.size}", name)
+        if name in infos:
+            raise CheckpointError(obj.uri, "tensor appears in more than one shard", tensor=name)
+        infos[name] = TensorInfo(name, shape, dtype)
+        locations[name] = _Location(file_key, data_start + start, data_start + end)
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def _load_torch(obj: LocalObject) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            loaded = torch.load(obj.path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            loaded = torch.load(obj.path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            obj.uri,
+            "holds pickled Python objects (for example a whole nn.Module), which Mergeflow never unpickles. "
+            f"If you trust this file, convert it once: mergeflow convert {obj.uri} OUT.safetensors "
+            f"(detail: {str(exc).splitlines()[0][:200]})",
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt archives
+        raise CheckpointError(obj.uri, f"unreadable torch checkpoint (truncated or corrupt?): {exc}") from None
+    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(obj.uri, f"expected a state dict (name -> tensor), found {type(loaded).__name__}")
+    for name, value in loaded.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(obj.uri, f"entry is a {type(value).__name__}, not a tensor", tensor=str(name))
+    return dict(loaded)
+
+
+def _resolve(uri: str, storage_options: Mapping[str, Any] | None) -> tuple[str, str]:
+    """(kind, uri of the file to open first); kind is 'safetensors', 'index' or 'torch'."""
+    lowered = uri.lower()
+    if lowered.endswith(".safetensors"):
+        return "safetensors", uri
+    if lowered.endswith(".index.json"):
+        return "index", uri
+    if lowered.endswith(TORCH_SUFFIXES):
+        return "torch", uri
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        raise CheckpointError(uri, "not found")
+    if fs.isdir(path):
+        for name, kind in ((SAFETENSORS_INDEX, "index"), ("model.safetensors", "safetensors"),
+                           ("pytorch_model.bin", "torch")):
+            if fs.exists(f"{path.rstrip('/')}/{name}"):
+                return kind, join(uri, name)
+        raise CheckpointError(uri, f"directory holds neither {SAFETENSORS_INDEX} nor model.safetensors")
+    raise CheckpointError(uri, "unknown checkpoint format (expected .safetensors, .index.json, .pt or .bin)")
+
+
+def open_checkpoint(uri: str, *, storage_options: Mapping[str, Any] | None = None,
+                    cache: ContentCache | None = None) -> Checkpoint:
+    """Open a checkpoint lazily; raises `CheckpointError` naming the file (and tensor) on any defect."""
+    cache = cache or ContentCache()
+    kind, first = _resolve(uri, storage_options)
+    infos: dict[str, TensorInfo] = {}
+    locations: dict[str, _Location] = {}
+    if kind == "torch":
+        obj = cache.fetch(first, storage_options)
+        tensors = _load_torch(obj)
+        infos = {k: TensorInfo(k, tuple(t.shape), t.dtype) for k, t in tensors.items()}
+        return Checkpoint(uri, {Path(first).name: obj}, infos, {}, {}, torch_tensors=tensors)
+    if kind == "safetensors":
+        obj = cache.fetch(first, storage_options)
+        name = first.rsplit("/", 1)[-1]
+        metadata = _parse_safetensors(obj, infos, locations, name)
+        return Checkpoint(uri, {name: obj}, infos, locations, metadata)
+    index_obj = cache.fetch(first, storage_options)
+    try:
+        weight_map: dict[str, str] = json.loads(index_obj.path.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(first, f"invalid sharded index: {exc}") from None
+    base = first.rsplit("/", 1)[0] if "/" in first else "."
+    files: dict[str, LocalObject] = {first.rsplit("/", 1)[-1]: index_obj}
+    metadata: dict[str, str] = {}
+    by_shard: dict[str, set[str]] = {}
+    for tensor, shard in weight_map.items():
+        by_shard.setdefault(shard, set()).add(tensor)
+    for shard, names in sorted(by_shard.items()):
+        shard_uri = join(base, shard) if is_remote(base) or base != "." else shard
+        files[shard] = cache.fetch(shard_uri, storage_options)
+        metadata = _parse_safetensors(files[shard], infos, locations, shard, only=names) or metadata
+        missing = names - infos.keys()
+        if missing:
+            raise CheckpointError(shard_uri, "index lists a tensor the shard does not hold",
+                                  tensor=sorted(missing)[0])
+    return Checkpoint(uri, files, infos, locations, metadata)

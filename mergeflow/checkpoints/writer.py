@@ -1,0 +1,115 @@
+"""Streaming writer of Hugging Face-style sharded safetensors.
+
+The tensor list (names, shapes, dtypes) is known before the merge starts, so shard boundaries and every header
+are fixed up front and each tensor's bytes go straight to disk as it is produced: memory holds one tensor at a
+time, whatever the model size. One shard is written as `model.safetensors`; more as
+`model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mergeflow.checkpoints.reader import SAFETENSORS_INDEX, TensorInfo
+from mergeflow.checkpoints.safetensors_format import DTYPE_NAMES, element_size, encode_header
+from mergeflow.storage import sha256_file
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as '2GB', '500MB' or '1GiB'."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", size.upper())
+    if not match:
+        raise ValueError(f"invalid size {size!r} (examples: 2GB, 500MB, 1GiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def _nbytes(info: TensorInfo) -> int:
+    n = element_size(info.dtype)
+    for d in info.shape:
+        n *= d
+    return n
+
+
+class ShardedSafetensorsWriter:
+    """Write the planned tensors (in any order) into shards of at most `shard_size` bytes each."""
+
+    def __init__(self, directory: Path, plan: Sequence[TensorInfo], *, shard_size: int | str = "2GB",
+                 metadata: dict[str, str] | None = None):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        limit = parse_size(shard_size)
+        groups: list[list[TensorInfo]] = [[]]
+        used = 0
+        for info in plan:
+            size = _nbytes(info)
+            if groups[-1] and used + size > limit:
+                groups.append([])
+                used = 0
+            groups[-1].append(info)
+            used += size
+        n = len(groups)
+        self.shard_names = (["model.safetensors"] if n == 1
+                            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self._slots: dict[str, tuple[int, int, TensorInfo]] = {}  # name -> (shard index, absolute offset, info)
+        self._files = []
+        for index, (shard, group) in enumerate(zip(self.shard_names, groups)):
+            entries, offset = {}, 0
+            for info in group:
+                size = _nbytes(info)
+                entries[info.name] = {"dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape),
+                                      "data_offsets": [offset, offset + size]}
+                offset += size
+            header = encode_header(entries, metadata)
+            handle = open(self.directory / shard, "wb")
+            handle.write(header)
+            handle.truncate(len(header) + offset)
+            self._files.append(handle)
+            for info in group:
+                start = entries[info.name]["data_offsets"][0]
+                self._slots[info.name] = (index, len(header) + start, info)
+        self._written: set[str] = set()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._slots:
+            raise KeyError(f"tensor {name!r} is not in the output plan")
+        if name in self._written:
+            raise ValueError(f"tensor {name!r} written twice")
+        index, offset, info = self._slots[name]
+        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise ValueError(f"tensor {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                             f"planned {info.shape} {info.dtype}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        handle = self._files[index]
+        handle.seek(offset)
+        if data.numel():
+            handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self._written.add(name)
+
+    def close(self) -> dict[str, str]:
+        """Finish the shards (and index); returns {file name: sha256} of everything written."""
+        for handle in self._files:
+            handle.close()
+        missing = set(self._slots) - self._written
+        if missing:
+            raise ValueError(f"{len(missing)} planned tensors were never written, e.g. {sorted(missing)[0]!r}")
+        names = list(self.shard_names)
+        if len(self.shard_names) > 1:
+            total = sum(_nbytes(info) for _, _, info in self._slots.values())
+            weight_map = {name: self.shard_names[index] for name, (index, _, _) in self._slots.items()}
+            index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index_doc, indent=2))
+            names.append(SAFETENSORS_INDEX)
+        return {name: sha256_file(self.directory / name) for name in names}
+
+    def abort(self) -> None:
+        for handle in self._files:
+            handle.close()

@@ -1,0 +1,122 @@
+"""The `mergeflow` command: merge checkpoints directly, list methods, convert legacy pickles, run a flow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from mergeflow.errors import MergeflowError
+
+
+def _parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MergeflowError(f"--param {pair!r}: expected key=value")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"endpoint_url": args.s3_endpoint} if args.s3_endpoint else {}
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from mergeflow.merge import merge_checkpoints
+
+    result = merge_checkpoints(args.method, args.base, args.expert, args.out, _parse_params(args.param),
+                               device=args.device, shard_size=args.shard_size,
+                               storage_options=_storage_options(args), overwrite=args.overwrite, progress=True)
+    print(f"merged {len(result.inputs) - 1} experts with {result.method} {json.dumps(result.params)} "
+          f"in {result.seconds:.1f} s")
+    for ref in result.inputs:
+        print(f"  {ref.role:6s} {ref.uri}  sha256:{ref.sha256[:16]}")
+    print(f"wrote {args.out}:")
+    for name, digest in result.files.items():
+        print(f"  {name}  sha256:{digest[:16]}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from mergeflow.methods import describe_methods
+
+    described = describe_methods()
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return 0
+    for method in described:
+        print(f"{method['name']}: {method['summary']}")
+        for p in method["params"]:
+            bounds = ", ".join(f"{k} {v}" for k, v in p["bounds"].items())
+            print(f"  --param {p['name']}=<{p['type']}>  default {p['default']!r}"
+                  f"{f' ({bounds})' if bounds else ''}  {p['description']}")
+        if not method["params"]:
+            print("  (no parameters)")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from mergeflow.checkpoints.convert import convert_legacy
+
+    convert_legacy(args.source, args.destination, storage_options=_storage_options(args), overwrite=args.overwrite)
+    print(f"wrote {args.destination} (loaded {args.source} as a trusted pickle)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.merge_flow import run_config_file
+
+    run_config_file(args.config)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergeflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="merge checkpoints directly (no orchestration)")
+    merge.add_argument("--method", required=True, help="merge method (see `mergeflow methods`)")
+    merge.add_argument("--base", required=True, help="pretrained checkpoint: path, file:// or s3:// URI")
+    merge.add_argument("--expert", required=True, action="append", help="expert checkpoint (repeat per expert)")
+    merge.add_argument("--out", required=True, help="output directory: path, file:// or s3:// URI")
+    merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
+    merge.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    merge.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 500MB, 2GB")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    merge.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    merge.set_defaults(func=cmd_merge)
+
+    methods = sub.add_parser("methods", help="list merge methods with their parameters and defaults")
+    methods.add_argument("--json", action="store_true")
+    methods.set_defaults(func=cmd_methods)
+
+    convert = sub.add_parser("convert", help="convert a TRUSTED legacy pickle (e.g. a whole nn.Module) to safetensors")
+    convert.add_argument("source")
+    convert.add_argument("destination", help="output .safetensors path or URI")
+    convert.add_argument("--overwrite", action="store_true")
+    convert.add_argument("--s3-endpoint")
+    convert.set_defaults(func=cmd_convert)
+
+    run = sub.add_parser("run", help="run the Prefect merge flow on a YAML config")
+    run.add_argument("config", help="path to a run config, e.g. configs/demo.yaml")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (MergeflowError, FileExistsError, ValueError) as exc:
+        print(f"mergeflow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

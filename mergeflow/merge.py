@@ -1,0 +1,159 @@
+"""The merge engine: validate inputs, run a method's global pass, stream every tensor through the method and
+write sharded safetensors with provenance, published atomically.
+
+`merge_checkpoints` works on stored checkpoints (any size: one tensor in memory at a time);
+`merge_state_dicts` is the same engine on in-memory state dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import mergeflow
+from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, open_checkpoint
+from mergeflow.checkpoints.reader import TensorSource
+from mergeflow.methods import MergeMethod, build_method
+from mergeflow.selection import is_float
+from mergeflow.storage import ContentCache, exists, publish_directory, staging_dir
+from mergeflow.task_vectors import ExpertPool, resolve_device
+from mergeflow.validation import check_finite, validate_compatible
+
+MANIFEST = "mergeflow.json"
+
+
+@dataclass(frozen=True)
+class InputRef:
+    role: str  # "base" or "expert"
+    name: str
+    uri: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    uri: str
+    method: str
+    params: dict[str, Any]
+    inputs: list[InputRef]
+    files: dict[str, str]  # output file name -> sha256
+    seconds: float
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def expert_name(uri: str) -> str:
+    """A readable name from a checkpoint URI: its file stem, or its directory name for model.safetensors."""
+    path = PurePosixPath(uri.rstrip("/").split("://", 1)[-1])
+    if path.name.startswith(("model.safetensors", "pytorch_model", "model-")):
+        path = path.parent
+    name = path.name
+    for suffix in (".safetensors", ".index.json", ".pt", ".pth", ".bin", ".ckpt"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torch.Tensor], None], *,
+               state: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Run `method` over `pool`, handing each output tensor (in the base's dtype, on CPU) to `write`.
+
+    Non-float tensors (e.g. integer position ids) are carried through from the base unchanged.
+    """
+    if state is None:
+        state = method.prepare(pool, progress=progress)
+    infos = pool.infos()
+    for info in tqdm(infos, desc=f"merging ({method.name})", disable=not progress):
+        if not is_float(info.dtype):
+            write(info.name, pool.base.get(info.name))
+            continue
+        base = pool.base_tensor(info.name)
+        merged = method.merge_tensor(info.name, base, pool.task_vectors(info.name, base), state)
+        write(info.name, merged.to("cpu", info.dtype))
+    return state
+
+
+def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+                      params: Mapping[str, Any] | None = None, *, device: str | torch.device = "cpu",
+                      state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts with the same engine and checks as `merge_checkpoints`."""
+    merge_method = build_method(method, params)
+    base_source = StateDictSource(base, "base")
+    sources = [StateDictSource(sd, f"expert {i}") for i, sd in enumerate(experts)]
+    validate_compatible(base_source, sources)
+    for source in (base_source, *sources):
+        check_finite(source)
+    pool = ExpertPool(base_source, sources, [s.label for s in sources], resolve_device(device))
+    out: dict[str, torch.Tensor] = {}
+    merge_pool(merge_method, pool, out.__setitem__, state=state)
+    return out
+
+
+def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
+                      params: Mapping[str, Any] | None = None, *, device: str | torch.device = "auto",
+                      shard_size: int | str = "2GB", storage_options: Mapping[str, Any] | None = None,
+                      cache: ContentCache | None = None, state: dict[str, Any] | None = None,
+                      overwrite: bool = False, progress: bool = False,
+                      extra_metadata: Mapping[str, str] | None = None) -> MergeResult:
+    """Merge stored checkpoints into a new sharded safetensors directory at `out` (local path or fsspec URL).
+
+    Everything that can be checked is checked before compute (method and parameters, output not already
+    present, every file readable and complete, keys/shapes/dtypes, NaN/Inf); the output is built in a
+    staging directory and published only when complete.
+    """
+    started = time.perf_counter()
+    merge_method = build_method(method, params)
+    if not overwrite and exists(out, storage_options):
+        raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
+    cache = cache or ContentCache()
+    base_ckpt = open_checkpoint(base, storage_options=storage_options, cache=cache)
+    expert_ckpts = [open_checkpoint(uri, storage_options=storage_options, cache=cache) for uri in experts]
+    checkpoints: list[TensorSource] = [base_ckpt, *expert_ckpts]
+    try:
+        validate_compatible(base_ckpt, expert_ckpts)
+        for ckpt in checkpoints:
+            check_finite(ckpt, progress=progress)
+        names = [expert_name(uri) for uri in experts]
+        inputs = [InputRef("base", expert_name(base), base, base_ckpt.digest)] + [
+            InputRef("expert", n, uri, c.digest) for n, uri, c in zip(names, experts, expert_ckpts)]
+        pool = ExpertPool(base_ckpt, expert_ckpts, names, resolve_device(device))
+        if state is None:
+            state = merge_method.prepare(pool, progress=progress)
+        provenance = {
+            "format": "pt",
+            "mergeflow_version": mergeflow.__version__,
+            "merge_method": merge_method.name,
+            "merge_params": merge_method.params.model_dump_json(),
+            "inputs": json.dumps([asdict(i) for i in inputs]),
+            **dict(extra_metadata or {}),
+        }
+        staged = staging_dir(out, cache)
+        try:
+            writer = ShardedSafetensorsWriter(staged, pool.infos(), shard_size=shard_size, metadata=provenance)
+            try:
+                merge_pool(merge_method, pool, writer.write, state=state, progress=progress)
+            except BaseException:
+                writer.abort()
+                raise
+            files = writer.close()
+            result = MergeResult(out, merge_method.name, merge_method.params.model_dump(), inputs, files,
+                                 round(time.perf_counter() - started, 3), state)
+            manifest = {**result.to_dict(), "mergeflow_version": mergeflow.__version__}
+            (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            publish_directory(staged, out, storage_options, overwrite=overwrite, last=(MANIFEST,))
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+    finally:
+        for ckpt in (base_ckpt, *expert_ckpts):
+            ckpt.close()
+    return result

@@ -1,0 +1,55 @@
+"""The merge-method registry: a plain dict from name to class. Adding a method is one file and one line here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from mergeflow.errors import ConfigError
+from mergeflow.methods.average import SimpleAverage
+from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.methods.dare import Dare
+from mergeflow.methods.task_arithmetic import TaskArithmetic
+from mergeflow.methods.ties import Ties
+
+METHODS: dict[str, type[MergeMethod]] = {
+    m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare)
+}
+
+
+def method_class(name: str) -> type[MergeMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown merge method {name!r}; known methods: {', '.join(sorted(METHODS))}") from None
+
+
+def build_method(name: str, params: Mapping[str, Any] | None = None) -> MergeMethod:
+    """Instantiate a method with validated parameters; errors name the method and the offending parameter."""
+    cls = method_class(name)
+    try:
+        return cls(cls.Params(**dict(params or {})))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"method {name!r}: invalid parameters: {problems}") from None
+
+
+def describe_methods() -> list[dict[str, Any]]:
+    """Name, summary and parameters (type, default, description, bounds or choices) of every method."""
+    described = []
+    for name, cls in sorted(METHODS.items()):
+        params = []
+        for field_name, schema in cls.Params.model_json_schema().get("properties", {}).items():
+            bounds = {key: schema[key] for key in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum",
+                                                    "enum") if key in schema}
+            params.append({"name": field_name, "type": schema.get("type", "string"),
+                           "default": schema.get("default"), "description": schema.get("description", ""),
+                           "bounds": bounds})
+        described.append({"name": name, "summary": cls.summary, "params": params})
+    return described
+
+
+__all__ = ["METHODS", "MergeMethod", "MethodParams", "build_method", "describe_methods", "method_class"]

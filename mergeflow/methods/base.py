@@ -1,0 +1,42 @@
+"""The contract every merge method follows, and its parameter declarations.
+
+A method declares its parameters once, as a frozen pydantic model (`Params`): types, defaults, ranges and
+descriptions there drive `mergeflow methods`, CLI validation, run configs and the Prefect UI form.
+Running a method is two calls on an `ExpertPool`:
+  `prepare(pool)`  an optional global pass (e.g. TIES's model-wide top-k thresholds); returns a small
+                   JSON-serialisable state, so the flow can run and cache it as its own stage;
+  `merge_tensor(name, base, task_vectors, state)`  the merged fp32 tensor for one parameter.
+The engine streams tensors through `merge_tensor`, so memory stays at one tensor's worth of N task vectors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from mergeflow.task_vectors import ExpertPool
+
+
+class MethodParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MergeMethod(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+
+    def __init__(self, params: MethodParams | None = None):
+        self.params = params if params is not None else self.Params()
+
+    def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
+        """Global statistics needed before any tensor is merged (default: none)."""
+        return {}
+
+    @abstractmethod
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
+                     state: dict[str, Any]) -> torch.Tensor:
+        """Merged value of one float tensor. `base` is fp32 [*shape]; `task_vectors` fp32 [N, *shape]."""

@@ -1,0 +1,96 @@
+"""Sparsification of task vectors: top-k magnitude masks (per tensor, and global over many tensors by an exact
+streaming radix select) and DARE random drop masks.
+
+Keep rule (the TIES/DOGE reference rule): with d values and density k, the threshold is the
+(d - floor(k*d))-th smallest |value| and the mask keeps |value| >= threshold, i.e. floor(k*d)+1 entries
+(more on ties). Density 1 keeps everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mergeflow.task_vectors import ExpertPool
+
+_HIGH_BINS = 1 << 15  # |x| has sign bit 0, so the top 16 bits of its float32 pattern take 2**15 values
+_LOW_BINS = 1 << 16
+
+
+def _kth_rank(count: int, density: float) -> int:
+    """1-based rank of the threshold among the sorted |values|; 0 means keep everything."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return count - int(count * density)
+
+
+def topk_threshold(values: torch.Tensor, density: float) -> float:
+    """Dense reference: the magnitude threshold of the top-`density` fraction of `values`."""
+    flat = values.detach().reshape(-1).float().abs()
+    k = _kth_rank(flat.numel(), density)
+    return 0.0 if k <= 0 else float(flat.kthvalue(k).values)
+
+
+def topk_mask(values: torch.Tensor, density: float) -> torch.Tensor:
+    """Per-tensor top-k magnitude mask."""
+    return values.abs() >= topk_threshold(values, density)
+
+
+def global_topk_thresholds(pool: ExpertPool, density: float, keys: Sequence[str] | None = None,
+                           *, progress: bool = False) -> list[float]:
+    """Per-task magnitude thresholds of the top-`density` fraction over all `keys` (default: every float tensor),
+    exactly equal to `topk_threshold` on the concatenated task vector, in two streaming passes.
+
+    The float32 bit pattern of a non-negative number orders like the number, so the k-th smallest |value| is
+    found by a histogram of the high 16 bits (which bin holds rank k) and then one of the low 16 bits inside
+    that bin. Memory: two small histograms per task, whatever the model size.
+    """
+    keys = list(pool.float_keys() if keys is None else keys)
+    n = len(pool.experts)
+    total = 0
+    for name in keys:
+        numel = 1
+        for dim in pool.base.info(name).shape:
+            numel *= dim
+        total += numel
+    k = _kth_rank(total, density)
+    if k <= 0 or total == 0:
+        return [0.0] * n
+    rows = torch.arange(n, device=pool.device).unsqueeze(1)
+
+    high = torch.zeros(n * _HIGH_BINS, dtype=torch.int64, device=pool.device)
+    for _, tv in tqdm(pool.iter_task_vectors(keys), total=len(keys), desc="top-k pass 1/2", disable=not progress):
+        bits = tv.reshape(n, -1).abs().view(torch.int32)
+        high += torch.bincount(((bits >> 16) + rows * _HIGH_BINS).reshape(-1), minlength=n * _HIGH_BINS)
+    cumulative = high.reshape(n, _HIGH_BINS).cumsum(1)
+    target = torch.full((n, 1), k, dtype=torch.int64, device=pool.device)
+    bin_high = torch.searchsorted(cumulative, target).squeeze(1)  # first bin whose cumulative count reaches k
+    below = torch.where(bin_high > 0, cumulative.gather(1, (bin_high - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
+    k_low = (k - below).unsqueeze(1)
+
+    low = torch.zeros(n * _LOW_BINS, dtype=torch.int64, device=pool.device)
+    for _, tv in tqdm(pool.iter_task_vectors(keys), total=len(keys), desc="top-k pass 2/2", disable=not progress):
+        bits = tv.reshape(n, -1).abs().view(torch.int32)
+        inside = (bits >> 16) == bin_high.unsqueeze(1)
+        slots = ((bits & 0xFFFF) + rows * _LOW_BINS)[inside]
+        low += torch.bincount(slots, minlength=n * _LOW_BINS)
+    bin_low = torch.searchsorted(low.reshape(n, _LOW_BINS).cumsum(1), k_low).squeeze(1)
+    pattern = ((bin_high << 16) | bin_low).to(torch.int32)
+    return pattern.view(torch.float32).tolist()
+
+
+def seeded_generator(seed: int, *context: object) -> torch.Generator:
+    """A CPU generator seeded from `seed` and a context (task index, tensor name): independent of order."""
+    digest = hashlib.sha256(repr((seed, *context)).encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def dare_keep_mask(shape: Sequence[int], drop_rate: float, seed: int, task_index: int, name: str) -> torch.Tensor:
+    """DARE: keep each entry with probability 1 - drop_rate (on CPU, so every device gets the same mask)."""
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop rate must be in [0, 1), got {drop_rate}")
+    generator = seeded_generator(seed, task_index, name)
+    return torch.rand(tuple(shape), generator=generator) >= drop_rate

@@ -1,0 +1,232 @@
+"""Object storage through fsspec (local paths, file://, s3://), sha256 digests, a local content cache,
+and atomic publication of output directories.
+
+S3 endpoint and credentials come from `storage_options` (s3fs keywords: `endpoint_url`, `key`, `secret`, ...)
+or, when absent, from the standard environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, `AWS_DEFAULT_REGION`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from mergeflow.errors import CheckpointError, IntegrityError, TransientStorageError
+
+CHUNK = 8 * 1024 * 1024
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    """Path of a local URI (plain path or file://)."""
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if "://" in uri:
+        raise ValueError(f"{uri} is not a local path")
+    return Path(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _s3_env_options() -> dict[str, Any]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {"endpoint_url": endpoint} if endpoint else {}
+
+
+def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and in-filesystem path of a URI."""
+    options = dict(storage_options or {})
+    if uri.startswith("s3://"):
+        options = {**_s3_env_options(), **options}
+        endpoint = options.pop("endpoint_url", None)
+        if endpoint:
+            options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+    elif not is_remote(uri):
+        uri = str(local_path(uri).absolute())
+    return url_to_fs(uri, **options)
+
+
+def exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    fs, path = filesystem(uri, storage_options)
+    return fs.exists(path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LocalObject:
+    """A stored object available as a local file, with its content digest."""
+
+    uri: str
+    path: Path
+    sha256: str
+    size: int
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MERGEFLOW_CACHE", Path.home() / ".cache" / "mergeflow"))
+
+
+class ContentCache:
+    """Local, content-addressed cache of stored objects.
+
+    Remote objects are downloaded once per (URI, ETag/size) and kept under `blobs/<sha256>`; local files are
+    read in place and only their digest is remembered (keyed by path, size and mtime).
+    """
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root or default_cache_dir())
+        self.blobs = self.root / "blobs"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self._index_path = self.root / "index.json"
+        self._lock = threading.Lock()
+
+    def _index(self) -> dict[str, Any]:
+        try:
+            return json.loads(self._index_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _remember(self, key: str, value: dict[str, Any]) -> None:
+        with self._lock:
+            index = self._index()
+            index[key] = value
+            tmp = self._index_path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+            tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+            os.replace(tmp, self._index_path)
+
+    def fetch(self, uri: str, storage_options: Mapping[str, Any] | None = None,
+              expected_sha256: str | None = None) -> LocalObject:
+        """Make `uri` available locally and return it with its sha256 (verified when `expected_sha256`)."""
+        obj = self._fetch_local(uri) if not is_remote(uri) else self._fetch_remote(uri, storage_options)
+        if expected_sha256 and obj.sha256 != expected_sha256:
+            raise IntegrityError(f"{uri}: sha256 {obj.sha256} does not match the expected {expected_sha256}")
+        return obj
+
+    def _fetch_local(self, uri: str) -> LocalObject:
+        path = local_path(uri).absolute()
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise CheckpointError(uri, "file not found") from None
+        if not path.is_file():
+            raise CheckpointError(uri, "not a regular file")
+        key = f"local:{path}"
+        known = self._index().get(key)
+        if known and known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
+            return LocalObject(uri, path, known["sha256"], stat.st_size)
+        digest = sha256_file(path)
+        self._remember(key, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest})
+        return LocalObject(uri, path, digest, stat.st_size)
+
+    def _fetch_remote(self, uri: str, storage_options: Mapping[str, Any] | None) -> LocalObject:
+        fs, path = filesystem(uri, storage_options)
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise CheckpointError(uri, "object not found") from None
+        except (OSError, TimeoutError) as exc:
+            raise TransientStorageError(f"{uri}: {exc}") from exc
+        size = int(info.get("size") or 0)
+        version = str(info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or "")
+        key = f"remote:{uri}"
+        known = self._index().get(key)
+        if known and known["size"] == size and known["version"] == version:
+            blob = self.blobs / known["sha256"]
+            if blob.is_file() and blob.stat().st_size == size:
+                return LocalObject(uri, blob, known["sha256"], size)
+        tmp = self.blobs / f".download-{uuid.uuid4().hex}"
+        digest = hashlib.sha256()
+        try:
+            with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
+                while block := src.read(CHUNK):
+                    digest.update(block)
+                    dst.write(block)
+            if tmp.stat().st_size != size:
+                raise IntegrityError(f"{uri}: downloaded {tmp.stat().st_size} bytes, the store reports {size}")
+            sha = digest.hexdigest()
+            blob = self.blobs / sha
+            os.replace(tmp, blob)
+        except (OSError, TimeoutError) as exc:
+            raise TransientStorageError(f"{uri}: download failed: {exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._remember(key, {"size": size, "version": version, "sha256": sha})
+        return LocalObject(uri, blob, sha, size)
+
+
+def staging_dir(final_uri: str, cache: ContentCache | None = None) -> Path:
+    """A fresh directory to build an output in before `publish_directory` moves it to `final_uri`."""
+    if not is_remote(final_uri):
+        final = local_path(final_uri).absolute()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    root = (cache or ContentCache()).root / "staging"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="out-", dir=root))
+
+
+def publish_directory(staged: Path, final_uri: str, storage_options: Mapping[str, Any] | None = None,
+                      *, overwrite: bool = False, last: tuple[str, ...] = ()) -> None:
+    """Publish a complete staged directory under `final_uri`, all or nothing.
+
+    Local: one atomic rename. Remote: files are uploaded under a temporary prefix, copied to their final
+    keys (the names in `last`, e.g. the manifest, go last so readers never see a partial model) and the
+    temporary prefix is removed. An existing output is only replaced when `overwrite`.
+    """
+    if not is_remote(final_uri):
+        final = local_path(final_uri).absolute()
+        if final.exists():
+            if not overwrite:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise FileExistsError(f"{final_uri} already exists (pass overwrite to replace it)")
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
+            os.rename(final, old)
+            os.rename(staged, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staged, final)
+        return
+    fs, root = filesystem(final_uri, storage_options)
+    if fs.exists(root) and fs.ls(root) and not overwrite:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise FileExistsError(f"{final_uri} already exists (pass overwrite to replace it)")
+    names = sorted(p.name for p in staged.iterdir())
+    names = [n for n in names if n not in last] + [n for n in last if n in names]
+    tmp_root = f"{root.rstrip('/')}.partial-{uuid.uuid4().hex}"
+    try:
+        for name in names:
+            fs.put_file(str(staged / name), f"{tmp_root}/{name}")
+        for name in names:
+            fs.copy(f"{tmp_root}/{name}", f"{root.rstrip('/')}/{name}")
+    except (OSError, TimeoutError) as exc:
+        raise TransientStorageError(f"{final_uri}: upload failed: {exc}") from exc
+    finally:
+        try:
+            fs.rm(tmp_root, recursive=True)
+        except (OSError, FileNotFoundError):
+            pass
+        shutil.rmtree(staged, ignore_errors=True)

@@ -1,0 +1,51 @@
+"""Checks run before any compute: every expert matches the base key for key (shape and dtype), and no input
+tensor holds NaN or Inf. Errors name the file and the tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mergeflow.checkpoints.reader import TensorSource
+from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.selection import is_float
+
+
+def validate_compatible(base: TensorSource, experts: Sequence[TensorSource]) -> None:
+    if not experts:
+        raise ConfigError("a merge needs at least one expert")
+    base_keys = base.keys()
+    base_set = set(base_keys)
+    for expert in experts:
+        keys = set(expert.keys())
+        missing = [k for k in base_keys if k not in keys]
+        if missing:
+            raise CheckpointError(expert.label, f"missing {len(missing)} tensor(s) that the base "
+                                  f"{base.label} has", tensor=missing[0])
+        extra = sorted(keys - base_set)
+        if extra:
+            raise CheckpointError(expert.label, f"has {len(extra)} tensor(s) that the base {base.label} lacks",
+                                  tensor=extra[0])
+        for name in base_keys:
+            want, got = base.info(name), expert.info(name)
+            if want.shape != got.shape:
+                raise CheckpointError(expert.label, f"shape {list(got.shape)} differs from the base's "
+                                      f"{list(want.shape)}", tensor=name)
+            if want.dtype != got.dtype:
+                raise CheckpointError(expert.label, f"dtype {got.dtype} differs from the base's {want.dtype}",
+                                      tensor=name)
+
+
+def check_finite(source: TensorSource, *, progress: bool = False) -> None:
+    """Read every float tensor once and reject NaN or Inf."""
+    for name in tqdm(source.keys(), desc=f"checking {source.label}", disable=not progress, leave=False):
+        info = source.info(name)
+        if not is_float(info.dtype):
+            continue
+        tensor = source.get(name)
+        if not bool(torch.isfinite(tensor).all()):
+            nans = int(torch.isnan(tensor).sum())
+            infs = int(torch.isinf(tensor).sum())
+            raise CheckpointError(source.label, f"{nans} NaN and {infs} Inf value(s)", tensor=name)

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random models written as real checkpoint files, and an isolated content cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from factories import make_experts, tiny_state_dict
+from mergeflow.storage import ContentCache
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> ContentCache:
+    return ContentCache(tmp_path / "cache")
+
+
+@pytest.fixture
+def model_files(tmp_path: Path):
+    """(base path, [expert paths], base state dict, expert state dicts) as single-file safetensors."""
+    base = tiny_state_dict()
+    experts = make_experts(base, 3)
+    root = tmp_path / "models"
+    root.mkdir()
+    save_file(base, str(root / "base.safetensors"))
+    paths = []
+    for i, sd in enumerate(experts):
+        path = root / f"expert{i}.safetensors"
+        save_file(sd, str(path))
+        paths.append(str(path))
+    return str(root / "base.safetensors"), paths, base, experts

@@ -1,0 +1,136 @@
+"""Checkpoint reading and writing: formats, lazy access, sharding, provenance, digests, the content cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergeflow.checkpoints import ShardedSafetensorsWriter, TensorInfo, open_checkpoint, parse_size
+from mergeflow.checkpoints.convert import convert_legacy
+from mergeflow.errors import CheckpointError, UnsafeCheckpointError
+from mergeflow.storage import sha256_file
+
+from factories import tiny_state_dict
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_safetensors_single_file_reads_every_tensor_exactly(tmp_path, cache):
+    sd = tiny_state_dict(dtype=torch.bfloat16)
+    save_file(sd, str(tmp_path / "m.safetensors"), metadata={"k": "v"})
+    ckpt = open_checkpoint(str(tmp_path / "m.safetensors"), cache=cache)
+    assert _equal({k: ckpt.get(k) for k in ckpt.keys()}, sd)
+    assert ckpt.metadata == {"k": "v"}
+    assert ckpt.info("embeddings.position_ids").dtype == torch.int64
+    assert ckpt.digest == sha256_file(tmp_path / "m.safetensors")
+
+
+def test_file_url_and_directory_resolve_to_the_same_checkpoint(tmp_path, cache):
+    sd = tiny_state_dict()
+    (tmp_path / "d").mkdir()
+    save_file(sd, str(tmp_path / "d" / "model.safetensors"))
+    by_dir = open_checkpoint(str(tmp_path / "d"), cache=cache)
+    by_url = open_checkpoint(f"file://{tmp_path}/d/model.safetensors", cache=cache)
+    assert by_dir.digest == by_url.digest
+    assert _equal({k: by_url.get(k) for k in by_url.keys()}, sd)
+
+
+def test_writer_shards_and_reader_reads_the_hf_index_layout(tmp_path, cache):
+    sd = tiny_state_dict()
+    plan = [TensorInfo(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    writer = ShardedSafetensorsWriter(tmp_path / "out", plan, shard_size=400, metadata={"method": "x"})
+    for k in reversed(list(sd)):  # any order
+        writer.write(k, sd[k])
+    files = writer.close()
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in files
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(sd)
+    for shard in shards:  # every shard is a valid safetensors file on its own, with the provenance
+        assert load_file(str(tmp_path / "out" / shard))
+    ckpt = open_checkpoint(str(tmp_path / "out"), cache=cache)
+    assert _equal({k: ckpt.get(k) for k in ckpt.keys()}, sd)
+    assert ckpt.metadata["method"] == "x"
+    assert files[shards[0]] == sha256_file(tmp_path / "out" / shards[0])
+
+
+def test_writer_refuses_wrong_shapes_and_missing_tensors(tmp_path):
+    plan = [TensorInfo("a", (2, 2), torch.float32), TensorInfo("b", (3,), torch.float32)]
+    writer = ShardedSafetensorsWriter(tmp_path / "o", plan)
+    with pytest.raises(ValueError, match="'a'"):
+        writer.write("a", torch.zeros(3))
+    writer.write("a", torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="never written"):
+        writer.close()
+
+
+def test_parse_size():
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("1GiB") == 2**30 and parse_size(123) == 123
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_pt_state_dict_loads_with_weights_only(tmp_path, cache):
+    sd = tiny_state_dict()
+    torch.save(sd, tmp_path / "m.pt")
+    torch.save({"state_dict": sd}, tmp_path / "wrapped.bin")
+    for name in ("m.pt", "wrapped.bin"):
+        ckpt = open_checkpoint(str(tmp_path / name), cache=cache)
+        assert _equal({k: ckpt.get(k) for k in ckpt.keys()}, sd)
+
+
+def test_pickled_module_is_refused_and_points_to_convert(tmp_path, cache):
+    torch.save(torch.nn.Linear(3, 2), tmp_path / "module.pt")
+    with pytest.raises(UnsafeCheckpointError, match="mergeflow convert") as info:
+        open_checkpoint(str(tmp_path / "module.pt"), cache=cache)
+    assert "module.pt" in str(info.value)
+
+
+def test_convert_turns_a_trusted_module_into_safetensors(tmp_path, cache):
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    torch.save(module, tmp_path / "module.pt")
+    out = tmp_path / "module.safetensors"
+    convert_legacy(str(tmp_path / "module.pt"), str(out), cache=cache)
+    ckpt = open_checkpoint(str(out), cache=cache)
+    assert _equal({k: ckpt.get(k) for k in ckpt.keys()}, module.state_dict())
+    assert ckpt.metadata["source_sha256"] == sha256_file(tmp_path / "module.pt")
+    with pytest.raises(FileExistsError):
+        convert_legacy(str(tmp_path / "module.pt"), str(out), cache=cache)
+
+
+def test_truncated_safetensors_names_file_and_tensor(tmp_path, cache):
+    save_file(tiny_state_dict(), str(tmp_path / "m.safetensors"))
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match="truncated") as info:
+        open_checkpoint(str(tmp_path / "cut.safetensors"), cache=cache)
+    assert "cut.safetensors" in str(info.value) and info.value.tensor
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 4, b"garbage that is not safetensors at all"])
+def test_unreadable_files_name_the_file(tmp_path, cache, content):
+    (tmp_path / "bad.safetensors").write_bytes(content)
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        open_checkpoint(str(tmp_path / "bad.safetensors"), cache=cache)
+
+
+def test_missing_file_and_corrupt_pt(tmp_path, cache):
+    with pytest.raises(CheckpointError, match="nope.safetensors"):
+        open_checkpoint(str(tmp_path / "nope.safetensors"), cache=cache)
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        open_checkpoint(str(tmp_path / "bad.pt"), cache=cache)
+
+
+def test_local_digest_is_remembered_until_the_file_changes(tmp_path, cache):
+    path = tmp_path / "m.safetensors"
+    save_file(tiny_state_dict(0), str(path))
+    first = cache.fetch(str(path))
+    assert cache.fetch(str(path)).sha256 == first.sha256
+    save_file(tiny_state_dict(1), str(path))
+    assert cache.fetch(str(path)).sha256 == sha256_file(path) != first.sha256

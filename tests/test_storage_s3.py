@@ -1,0 +1,76 @@
+"""s3:// checkpoints through s3fs against a local S3 server (moto on 127.0.0.1): read, merge, publish, and the
+content cache downloading an unchanged object once."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mergeflow.checkpoints import open_checkpoint
+from mergeflow.merge import merge_checkpoints, merge_state_dicts
+from mergeflow.storage import filesystem, sha256_file
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    bucket = f"models-{len(client.list_buckets()['Buckets'])}"
+    client.create_bucket(Bucket=bucket)
+    return {"endpoint_url": s3_server, "skip_instance_cache": True}, client, bucket
+
+
+def test_merge_reads_and_writes_s3(tmp_path, cache, model_files, s3):
+    options, client, bucket = s3
+    base_path, expert_paths, base, experts = model_files
+    uris = []
+    for path in [base_path, *expert_paths]:
+        key = f"experts/{path.rsplit('/', 1)[-1]}"
+        client.upload_file(path, bucket, key)
+        uris.append(f"s3://{bucket}/{key}")
+    result = merge_checkpoints("ties", uris[0], uris[1:], f"s3://{bucket}/merged/ties", shard_size=600,
+                               storage_options=options, cache=cache)
+    assert [i.sha256 for i in result.inputs] == [sha256_file(p) for p in [base_path, *expert_paths]]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="merged/")["Contents"]}
+    assert keys == {f"merged/ties/{name}" for name in result.files} | {"merged/ties/mergeflow.json"}
+    ckpt = open_checkpoint(f"s3://{bucket}/merged/ties", storage_options=options, cache=cache)
+    expected = merge_state_dicts("ties", base, experts)
+    assert all(torch.equal(ckpt.get(k), expected[k]) for k in expected)
+    fs, _ = filesystem(f"s3://{bucket}", options)
+    assert not [p for p in fs.ls(bucket) if "partial" in p]  # temporary upload prefix removed
+
+
+def test_cache_downloads_an_unchanged_object_once(tmp_path, cache, s3, monkeypatch):
+    options, client, bucket = s3
+    save_file({"w": torch.ones(4)}, str(tmp_path / "a.safetensors"))
+    client.upload_file(str(tmp_path / "a.safetensors"), bucket, "a.safetensors")
+    uri = f"s3://{bucket}/a.safetensors"
+    first = cache.fetch(uri, options)
+    import fsspec.spec
+
+    opened = []
+    real_open = fsspec.spec.AbstractFileSystem.open
+    monkeypatch.setattr(fsspec.spec.AbstractFileSystem, "open", lambda self, *a, **k: opened.append(a) or real_open(self, *a, **k))
+    second = cache.fetch(uri, options)
+    assert second.path == first.path and second.sha256 == first.sha256 == sha256_file(tmp_path / "a.safetensors")
+    assert opened == []  # served from the cache: no download
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "a.safetensors"))
+    client.upload_file(str(tmp_path / "a.safetensors"), bucket, "a.safetensors")
+    third = cache.fetch(uri, options)
+    assert third.sha256 == sha256_file(tmp_path / "a.safetensors") != first.sha256
+    assert opened  # changed object: downloaded again
