@@ -230,3 +230,42 @@ def publish_directory(staged: Path, final_uri: str, storage_options: Mapping[str
         except (OSError, FileNotFoundError):
             pass
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def directory_digest(files: Mapping[str, str]) -> str:
+    """One sha256 for a set of files: the digest of their sorted 'name sha256' lines."""
+    lines = "".join(f"{name} {sha}\n" for name, sha in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def fetch_directory(uri: str, cache: ContentCache, storage_options: Mapping[str, Any] | None = None
+                    ) -> tuple[Path, dict[str, str]]:
+    """Make a stored directory (flat) available locally with its file names; returns (local dir, {name: sha256}).
+
+    Remote files come through the content cache; the directory is a set of links into it, keyed by content.
+    """
+    if not is_remote(uri):
+        root = local_path(uri).absolute()
+        if not root.is_dir():
+            raise FileNotFoundError(f"{uri}: directory not found")
+        files = {p.name: cache.fetch(str(p)).sha256 for p in sorted(root.iterdir()) if p.is_file()}
+        return root, files
+    fs, path = filesystem(uri, storage_options)
+    try:
+        entries = [e for e in fs.ls(path, detail=True) if e["type"] == "file"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: directory not found") from None
+    objects = {e["name"].rsplit("/", 1)[-1]: cache.fetch(join(uri, e["name"].rsplit("/", 1)[-1]), storage_options)
+               for e in entries}
+    files = {name: obj.sha256 for name, obj in objects.items()}
+    local = cache.root / "dirs" / directory_digest(files)
+    if not local.is_dir():
+        tmp = cache.root / "dirs" / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir(parents=True)
+        for name, obj in objects.items():
+            os.symlink(obj.path, tmp / name)
+        try:
+            os.rename(tmp, local)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return local, files

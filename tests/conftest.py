@@ -30,3 +30,16 @@ def model_files(tmp_path: Path):
         save_file(sd, str(path))
         paths.append(str(path))
     return str(root / "base.safetensors"), paths, base, experts
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server (SQLite under a temp PREFECT_HOME) for every test that runs flows."""
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,115 @@
+"""The merge flow: fetch -> fine-tune missing experts -> sparsify -> merge -> evaluate -> record.
+
+Its one parameter is the pydantic `RunConfig` (a validated form in the Prefect UI). References (URI + sha256),
+never tensors, pass between tasks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, runtime
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from mergeflow import stages
+from mergeflow.config import RunConfig, load_run_config
+from mergeflow.evaluate import format_results_table
+from mergeflow.storage import join
+from tasks.evaluate import evaluate
+from tasks.fetch import fetch_expert, fetch_pretrained, prepare_dataset
+from tasks.finetune import finetune_expert, fit_head
+from tasks.merge import merge, sparsify
+from tasks.record import fail_tracking, record_merge, record_results, start_tracking
+
+
+def merge_labels(config: RunConfig) -> list[str]:
+    """One label per merge spec: the method name, numbered when a method appears more than once."""
+    methods = [spec.method for spec in config.merges]
+    return [m if methods.count(m) == 1 else f"{m}-{methods[:i + 1].count(m)}" for i, m in enumerate(methods)]
+
+
+@flow(name="mergeflow-merge", log_prints=True)
+def merge_flow(config: RunConfig) -> dict[str, Any]:
+    """Merge one expert per task into multi-task models and score everything on held-out data."""
+    parent = start_tracking(config, str(runtime.flow_run.id))
+    try:
+        return _run(config, parent)
+    except BaseException as error:
+        fail_tracking(config.tracking, parent, error)
+        raise
+
+
+def _run(config: RunConfig, parent: str) -> dict[str, Any]:
+    storage, device = config.storage, config.device
+    names = [t.name for t in config.tasks]
+    base = fetch_pretrained(config.model, storage)
+    datasets = {n: prepare_dataset.submit(n, config.data, storage) for n in names}
+    heads = {n: fit_head.submit(n, base, datasets[n], config.evaluation, storage, device) for n in names}
+    pending = {}
+    for t in config.tasks:
+        if t.expert:
+            pending[t.name] = fetch_expert.submit(t.name, t.expert, storage)
+        else:  # listed as missing: fine-tune it (a stored expert with the same inputs is reused)
+            pending[t.name] = finetune_expert.submit(t.name, base, datasets[t.name], heads[t.name], config.finetune,
+                                                     storage, device, config.tracking, parent)
+    experts = {n: f.result() for n, f in pending.items()}
+    eval_inputs = {n: (datasets[n].result(), heads[n].result()) for n in names}
+
+    merged_futures = {}
+    for label, spec in zip(merge_labels(config), config.merges):
+        fp = stages.fingerprint(spec.model_dump(), {n: e.sha256 for n, e in experts.items()}, base.sha256)
+        out_uri = join(storage.root, "merged", config.name, f"{label}-{fp}")
+        state = sparsify.submit(spec, base, experts, storage, device)
+        merged_futures[label] = (spec, merge.submit(spec, base, experts, out_uri, storage, state, device))
+
+    scored = {"pretrained": evaluate.submit("pretrained", None, base, eval_inputs, config.evaluation, storage, device)}
+    for n, expert in experts.items():
+        scored[f"expert:{n}"] = evaluate.submit(f"expert-{n}", expert, base, eval_inputs, config.evaluation,
+                                                storage, device)
+    merged = {label: (spec, future.result()) for label, (spec, future) in merged_futures.items()}
+    for label, (spec, (ref, _)) in merged.items():
+        scored[label] = evaluate.submit(label, ref, base, eval_inputs, config.evaluation, storage, device)
+    rows = {model: future.result() for model, future in scored.items()}
+    expert_acc = {n: rows[f"expert:{n}"][n] for n in names}
+
+    for label, (spec, (ref, record)) in merged.items():
+        record_merge(label, spec, ref, record, rows[label], expert_acc, storage, config.tracking, parent)
+    table = format_results_table(rows, names, expert_acc)
+    summary = {
+        "run": config.name,
+        "mlflow_run_id": parent,
+        "table": table,
+        "accuracy": rows,
+        "merged": {label: ref.model_dump() for label, (_, (ref, _)) in merged.items()},
+        "experts": {n: e.model_dump() for n, e in experts.items()},
+        "base": base.model_dump(),
+    }
+    record_results(config.tracking, parent, rows, expert_acc, table, summary)
+    return summary
+
+
+def describe_locations(config: RunConfig, summary: dict[str, Any]) -> str:
+    tracking = config.tracking.tracking_uri
+    lines = ["", "Accuracy (%) on held-out test data; norm. avg = merged / expert accuracy per task:", "",
+             summary["table"], "", "Merged models:"]
+    lines += [f"  {label}: {ref['uri']}  (sha256 {ref['sha256'][:16]}...)" for label, ref in summary["merged"].items()]
+    lines += ["", f"MLflow: run {summary['mlflow_run_id']} in experiment '{config.tracking.experiment}' ({tracking})"]
+    if tracking.startswith("sqlite:"):
+        lines.append(f"  UI: .venv/bin/mlflow ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000"
+                     "  -> http://127.0.0.1:5000")
+    else:
+        lines.append(f"  UI: {tracking}")
+    lines.append("Prefect: flow runs are in PREFECT_HOME=" + str(Path.cwd() / ".prefect"))
+    lines.append("  UI: PREFECT_HOME=.prefect .venv/bin/prefect server start --host 127.0.0.1"
+                 "  -> http://127.0.0.1:4200")
+    return "\n".join(lines)
+
+
+def run_config_file(path: str) -> dict[str, Any]:
+    """Validate a YAML config, run the flow on it, and print the results and where everything is."""
+    config = load_run_config(path)
+    flow_with_workers = merge_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=config.max_workers))
+    summary = flow_with_workers(config)
+    print(describe_locations(config, summary))
+    return summary

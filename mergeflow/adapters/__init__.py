@@ -1,0 +1,1 @@
+"""Adapters from third-party model libraries to plain encoders and state dicts that Mergeflow can merge."""

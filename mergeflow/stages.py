@@ -1,0 +1,291 @@
+"""The pipeline's stages as plain library calls on references (URI + sha256), for the text-classification
+family (Hugging Face encoders with frozen heads). Prefect tasks in `tasks/` wrap these one to one; nothing here
+knows about Prefect or MLflow.
+
+Store layout under `storage.root`:
+  base/<model>/                 pretrained model directory (config, tokenizer, model.safetensors)
+  datasets/<task>-<fp>/         probe/train/validation/test parquet + task.json
+  heads/<task>-<fp>.safetensors frozen head fit on pretrained probe features
+  experts/<task>-<fp>/model.safetensors  fine-tuned encoder (fp = digest of everything that determines it,
+                                so a rerun with the same inputs finds and reuses it)
+  merged/<run>/<method>-<fp>/   merged checkpoints with provenance
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import save_file
+
+from mergeflow.config import DataConfig, EvalConfig, FinetuneConfig, MergeSpec, ModelConfig, StorageConfig
+from mergeflow.errors import IntegrityError
+from mergeflow.storage import (ContentCache, directory_digest, exists, fetch_directory, is_remote, join,
+                               local_path, publish_directory, staging_dir)
+
+BUILTIN_MODELS = {"all-MiniLM-L6-v2"}
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+               "model.safetensors")
+
+
+class ObjectRef(BaseModel):
+    """What flows between stages: where an object lives and what its content is."""
+
+    model_config = ConfigDict(frozen=True)
+    uri: str
+    sha256: str
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short, stable digest of JSON-serialisable parts (used in store paths and cache keys)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_cache(storage: StorageConfig) -> ContentCache:
+    return ContentCache(Path(storage.cache_dir) if storage.cache_dir else None)
+
+
+def _publish_or_reuse(build, final_uri: str, storage: StorageConfig, cache: ContentCache) -> ObjectRef:
+    """Return the stored directory at `final_uri`, building and publishing it first if it is not there."""
+    if not exists(final_uri, storage.options()):
+        staged = staging_dir(final_uri, cache)
+        try:
+            build(staged)
+            publish_directory(staged, final_uri, storage.options())
+        except FileExistsError:  # published meanwhile by a concurrent run: use that one
+            pass
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    _, files = fetch_directory(final_uri, cache, storage.options())
+    return ObjectRef(uri=final_uri, sha256=directory_digest(files))
+
+
+def local_directory(ref: ObjectRef, storage: StorageConfig, cache: ContentCache) -> Path:
+    """A local copy of a stored directory, verified against the reference's digest."""
+    path, files = fetch_directory(ref.uri, cache, storage.options())
+    if directory_digest(files) != ref.sha256:
+        raise IntegrityError(f"{ref.uri}: content digest {directory_digest(files)} != expected {ref.sha256}")
+    return path
+
+
+def local_directory_of(ref: ObjectRef, storage: StorageConfig) -> Path:
+    """A local copy of a stored directory (a merged model), for attaching it to a tracking run."""
+    return fetch_directory(ref.uri, make_cache(storage), storage.options())[0]
+
+
+def local_file(ref: ObjectRef, storage: StorageConfig, cache: ContentCache) -> Path:
+    return cache.fetch(ref.uri, storage.options(), expected_sha256=ref.sha256).path
+
+
+def materialize_pretrained(model: ModelConfig, storage: StorageConfig) -> ObjectRef:
+    """Put the pretrained model directory in the store (once) and return its reference."""
+    cache = make_cache(storage)
+    if model.pretrained not in BUILTIN_MODELS:
+        _, files = fetch_directory(model.pretrained, cache, storage.options())
+        return ObjectRef(uri=model.pretrained, sha256=directory_digest(files))
+    from mergeflow.adapters.hf_text import minilm_path
+
+    source = minilm_path()
+
+    def build(staged: Path) -> None:
+        for name in MODEL_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, staged / name)
+
+    return _publish_or_reuse(build, join(storage.root, "base", model.pretrained), storage, cache)
+
+
+def prepare_dataset(task: str, data: DataConfig, storage: StorageConfig) -> ObjectRef:
+    """Read a built-in task's real data, split it, and store it as parquet."""
+    from mergeflow.data.text_tasks import SplitSizes, load_text_task, save_text_task
+
+    cache = make_cache(storage)
+    sizes = SplitSizes(probe_per_class=data.probe_per_class, train=data.train, validation=data.validation,
+                       test=data.test)
+
+    def build(staged: Path) -> None:
+        save_text_task(load_text_task(task, cache_dir=cache.root / "wheels", seed=data.seed, sizes=sizes), staged)
+
+    uri = join(storage.root, "datasets", f"{task}-{fingerprint(asdict(sizes), data.seed)}")
+    return _publish_or_reuse(build, uri, storage, cache)
+
+
+def _read_task(dataset: ObjectRef, storage: StorageConfig, cache: ContentCache):
+    from mergeflow.data.text_tasks import read_text_task
+
+    return read_text_task(local_directory(dataset, storage, cache))
+
+
+def _load_encoder(base: ObjectRef, storage: StorageConfig, cache: ContentCache, weights: ObjectRef | None,
+                  device: str):
+    from mergeflow.adapters.hf_text import load_text_encoder
+    from mergeflow.checkpoints import open_checkpoint
+    from mergeflow.task_vectors import resolve_device
+
+    model_dir = local_directory(base, storage, cache)
+    state_dict = None
+    if weights is not None:
+        with open_checkpoint(weights.uri, storage_options=storage.options(), cache=cache) as ckpt:
+            if ckpt.digest != weights.sha256:
+                raise IntegrityError(f"{weights.uri}: digest {ckpt.digest} != expected {weights.sha256}")
+            state_dict = {k: ckpt.get(k) for k in ckpt.keys()}
+    return load_text_encoder(model_dir, state_dict, device=resolve_device(device))
+
+
+def fit_head(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalConfig, storage: StorageConfig,
+             device: str = "auto") -> ObjectRef:
+    """Fit the task's frozen head as a linear probe on pretrained features of its probe split."""
+    from mergeflow.evaluate import encode_texts
+    from mergeflow.heads import fit_linear_probe
+
+    cache = make_cache(storage)
+    uri = join(storage.root, "heads", f"{task}-{fingerprint(base.sha256, dataset.sha256, evaluation.max_length)}"
+                                      ".safetensors")
+    if not exists(uri, storage.options()):
+        data = _read_task(dataset, storage, cache)
+        encoder, tokenizer = _load_encoder(base, storage, cache, None, device)
+        probe = data.splits["probe"]
+        features = encode_texts(encoder, tokenizer, probe.texts, batch_size=evaluation.batch_size,
+                                max_length=evaluation.max_length, device=encoder_device(encoder))
+        head = fit_linear_probe(features, torch.tensor(probe.labels), len(data.class_names))
+        _publish_file(uri, storage, cache, head.save)
+    return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256)
+
+
+def encoder_device(encoder: torch.nn.Module) -> torch.device:
+    return next(encoder.parameters()).device
+
+
+def _publish_file(uri: str, storage: StorageConfig, cache: ContentCache, write) -> None:
+    """Write one file through a staging directory and publish it atomically next to its final name."""
+    parent, name = uri.rsplit("/", 1)
+    staged = staging_dir(uri, cache)
+    try:
+        write(staged / name)
+        if is_remote(uri):
+            publish_directory(staged, parent, storage.options(), overwrite=True)
+        else:
+            local_path(parent).mkdir(parents=True, exist_ok=True)
+            (staged / name).replace(local_path(uri))
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def expert_uri(task: str, base: ObjectRef, dataset: ObjectRef, head: ObjectRef, settings: FinetuneConfig,
+               storage: StorageConfig) -> str:
+    fp = fingerprint(base.sha256, dataset.sha256, head.sha256, settings.model_dump())
+    return join(storage.root, "experts", f"{task}-{fp}", "model.safetensors")
+
+
+def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: ObjectRef, settings: FinetuneConfig,
+                    storage: StorageConfig, device: str = "auto", progress: bool = True
+                    ) -> tuple[ObjectRef, dict[str, Any]]:
+    """Fine-tune the encoder on the task's train split under its frozen head and store the expert.
+
+    Returns the expert's reference and a report (losses, seconds; `reused` when a stored expert with the same
+    fingerprint already existed and no training ran).
+    """
+    from mergeflow.finetune import FinetuneSettings, finetune_encoder
+    from mergeflow.heads import ClassificationHead
+
+    cache = make_cache(storage)
+    uri = expert_uri(task, base, dataset, head, settings, storage)
+    report_uri = uri.rsplit("/", 1)[0] + "/training.json"
+    if exists(uri, storage.options()):
+        report = {"reused": True}
+        if exists(report_uri, storage.options()):
+            report.update(json.loads(cache.fetch(report_uri, storage.options()).path.read_text()))
+            report["reused"] = True
+        return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), report
+    data = _read_task(dataset, storage, cache)
+    encoder, tokenizer = _load_encoder(base, storage, cache, None, device)
+    frozen = ClassificationHead.load(local_file(head, storage, cache))
+    result = finetune_encoder(encoder, tokenizer, frozen, data.splits["train"],
+                              FinetuneSettings(**settings.model_dump()), device=encoder_device(encoder),
+                              progress=progress)
+    report = {"losses": result.losses, "seconds": round(result.seconds, 2), "reused": False,
+              "train_examples": len(data.splits["train"].texts)}
+    directory = uri.rsplit("/", 1)[0]
+
+    def build(staged: Path) -> None:
+        save_file(result.state_dict, str(staged / "model.safetensors"),
+                  metadata={"format": "pt", "task": task, "base_sha256": base.sha256,
+                            "dataset_sha256": dataset.sha256, "head_sha256": head.sha256,
+                            "finetune": json.dumps(settings.model_dump())})
+        (staged / "training.json").write_text(json.dumps(report))
+
+    _publish_or_reuse(build, directory, storage, cache)
+    return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), report
+
+
+def fetch_checkpoint(uri: str, storage: StorageConfig) -> ObjectRef:
+    """Fetch (through the content cache) and open a checkpoint: validates its format, returns its digest."""
+    from mergeflow.checkpoints import open_checkpoint
+
+    with open_checkpoint(uri, storage_options=storage.options(), cache=make_cache(storage)) as ckpt:
+        return ObjectRef(uri=uri, sha256=ckpt.digest)
+
+
+def base_weights(base: ObjectRef) -> str:
+    return join(base.uri, "model.safetensors")
+
+
+def prepare_merge(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], storage: StorageConfig,
+                  device: str = "auto") -> dict[str, Any]:
+    """A method's global pass (for TIES: per-expert top-k thresholds and the majority sign)."""
+    from mergeflow.checkpoints import open_checkpoint
+    from mergeflow.methods import build_method
+    from mergeflow.task_vectors import ExpertPool, resolve_device
+
+    cache = make_cache(storage)
+    method = build_method(spec.method, spec.params)
+    base_ckpt = open_checkpoint(base_weights(base), storage_options=storage.options(), cache=cache)
+    ckpts = [open_checkpoint(ref.uri, storage_options=storage.options(), cache=cache) for ref in experts.values()]
+    try:
+        pool = ExpertPool(base_ckpt, ckpts, list(experts), resolve_device(device))
+        return method.prepare(pool)
+    finally:
+        for ckpt in (base_ckpt, *ckpts):
+            ckpt.close()
+
+
+def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str,
+                  storage: StorageConfig, state: dict[str, Any] | None = None, device: str = "auto"
+                  ) -> tuple[ObjectRef, dict[str, Any]]:
+    """Merge the experts with one method into `out_uri`; returns its reference and the engine's result record."""
+    from mergeflow.merge import merge_checkpoints
+
+    cache = make_cache(storage)
+    if not exists(out_uri, storage.options()):
+        result = merge_checkpoints(spec.method, base_weights(base), [r.uri for r in experts.values()], out_uri,
+                                   spec.params, device=device, storage_options=storage.options(), cache=cache,
+                                   state=state, progress=True)
+        record = result.to_dict()
+    else:
+        record = json.loads(cache.fetch(join(out_uri, "mergeflow.json"), storage.options()).path.read_text())
+    return fetch_checkpoint(out_uri, storage), record
+
+
+def evaluate_model(weights: ObjectRef | None, base: ObjectRef, tasks: Mapping[str, tuple[ObjectRef, ObjectRef]],
+                   evaluation: EvalConfig, storage: StorageConfig, device: str = "auto") -> dict[str, float]:
+    """Accuracy on each task's test split with that task's frozen head; `weights=None` scores the pretrained
+    encoder. `tasks` maps task name to (dataset, head)."""
+    from mergeflow.evaluate import evaluate_encoder
+    from mergeflow.heads import ClassificationHead
+
+    cache = make_cache(storage)
+    encoder, tokenizer = _load_encoder(base, storage, cache, weights, device)
+    splits = {}
+    for name, (dataset, head) in tasks.items():
+        splits[name] = (ClassificationHead.load(local_file(head, storage, cache)),
+                        _read_task(dataset, storage, cache).splits["test"])
+    return evaluate_encoder(encoder, tokenizer, splits, max_length=evaluation.max_length,
+                            batch_size=evaluation.batch_size, device=encoder_device(encoder), progress=True)
+

@@ -1,0 +1,23 @@
+"""Sparsify and merge stages: a method's global pass (e.g. TIES top-k thresholds), then the streaming merge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from mergeflow import stages
+from mergeflow.config import MergeSpec, StorageConfig
+from tasks import IO_RETRIES
+
+
+@task(name="sparsify", task_run_name="sparsify-{spec.method}", **IO_RETRIES)
+def sparsify(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], storage: StorageConfig,
+             device: str) -> dict[str, Any]:
+    return stages.prepare_merge(spec, base, experts, storage, device)
+
+
+@task(name="merge", task_run_name="merge-{spec.method}", **IO_RETRIES)
+def merge(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], out_uri: str,
+          storage: StorageConfig, state: dict[str, Any], device: str) -> tuple[stages.ObjectRef, dict[str, Any]]:
+    return stages.merge_experts(spec, base, experts, out_uri, storage, state, device)

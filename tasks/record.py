@@ -1,0 +1,67 @@
+"""Record stage: the parent MLflow run of a flow run, one child run per merged model, and the results table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from mergeflow import stages
+from mergeflow.config import MergeSpec, RunConfig, StorageConfig, TrackingConfig
+from mergeflow.evaluate import normalized_accuracy
+from tasks import IO_RETRIES
+from tasks.tracking import MlflowTracker
+
+
+def accuracy_metrics(acc: dict[str, float], expert_acc: dict[str, float] | None) -> dict[str, float]:
+    metrics = {f"acc.{task}": value for task, value in acc.items()}
+    metrics["acc.avg"] = sum(acc.values()) / len(acc)
+    if expert_acc:
+        normalized = normalized_accuracy(acc, expert_acc)
+        metrics.update({f"norm_acc.{task}": value for task, value in normalized.items()})
+        metrics["norm_acc.avg"] = sum(normalized.values()) / len(normalized)
+    return metrics
+
+
+@task(name="start-tracking", **IO_RETRIES)
+def start_tracking(config: RunConfig, flow_run_id: str) -> str:
+    tracker = MlflowTracker(config.tracking)
+    run_id = tracker.start_run(config.name, tags={"prefect.flow_run_id": flow_run_id, "mergeflow.stage": "flow"})
+    tracker.log_params(run_id, config.model_dump(mode="json"))
+    return run_id
+
+
+@task(name="record-merge", task_run_name="record-merge-{label}", **IO_RETRIES)
+def record_merge(label: str, spec: MergeSpec, merged: stages.ObjectRef, record: dict[str, Any],
+                 acc: dict[str, float], expert_acc: dict[str, float], storage: StorageConfig,
+                 tracking: TrackingConfig, parent_run_id: str) -> str:
+    tracker = MlflowTracker(tracking)
+    run_id = tracker.start_run(f"merge-{label}", parent_run_id=parent_run_id,
+                               tags={"mergeflow.stage": "merge", "mergeflow.method": spec.method,
+                                     "mergeflow.model_uri": merged.uri, "mergeflow.model_sha256": merged.sha256})
+    inputs = {f"input.{i['role']}.{i['name']}": f"{i['uri']} sha256:{i['sha256']}" for i in record["inputs"]}
+    tracker.log_params(run_id, {"method": spec.method, **{f"param.{k}": v for k, v in record["params"].items()},
+                                "output_uri": merged.uri, "output_sha256": merged.sha256, **inputs})
+    tracker.log_metrics(run_id, {**accuracy_metrics(acc, expert_acc), "merge_seconds": record.get("seconds", 0.0)})
+    if tracking.log_merged_weights:
+        local = stages.local_directory_of(merged, storage)
+        tracker.log_artifacts(run_id, local, "merged_model")
+    tracker.end_run(run_id)
+    return run_id
+
+
+@task(name="record-results", **IO_RETRIES)
+def record_results(tracking: TrackingConfig, parent_run_id: str, rows: dict[str, dict[str, float]],
+                   expert_acc: dict[str, float], table: str, summary: dict[str, Any]) -> None:
+    tracker = MlflowTracker(tracking)
+    for model, acc in rows.items():
+        tracker.log_metrics(parent_run_id, {f"{model}.{k}": v for k, v in accuracy_metrics(acc, expert_acc).items()})
+    tracker.log_text(parent_run_id, table + "\n", "results.md")
+    tracker.log_dict(parent_run_id, summary, "summary.json")
+    tracker.end_run(parent_run_id)
+
+
+def fail_tracking(tracking: TrackingConfig, parent_run_id: str, error: BaseException) -> None:
+    tracker = MlflowTracker(tracking)
+    tracker.set_tags(parent_run_id, {"mergeflow.error": f"{type(error).__name__}: {error}"[:5000]})
+    tracker.end_run(parent_run_id, status="FAILED")

@@ -1,0 +1,49 @@
+"""Run configs: strict, with errors naming the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mergeflow.config import RunConfig, load_run_config
+from mergeflow.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_are_valid():
+    config = load_run_config(ROOT / "configs" / "demo.yaml")
+    assert [m.method for m in config.merges] == ["average", "task_arithmetic", "ties"]
+    assert len(config.tasks) >= 4
+
+
+@pytest.mark.parametrize("text,match", [
+    ("tasks: [{name: election}]\nmerges: [{method: average}]\nfinetune: {stepz: 3}\n", r"finetune\.stepz"),
+    ("tasks: [{name: election}]\nmerges: [{method: magic}]\n", r"merges\.0\.method"),
+    ("tasks: [{name: election}]\nmerges: [{method: ties, params: {k: 0.2}}]\n", r"'ties'.*k"),
+    ("tasks: [{name: nope}]\nmerges: [{method: average}]\n", r"unknown task 'nope'"),
+    ("tasks: [{name: election}, {name: election}]\nmerges: [{method: average}]\n", "twice"),
+    ("tasks: []\nmerges: [{method: average}]\n", r"tasks"),
+    ("tasks: [{name: election}\n", "invalid YAML"),
+])
+def test_bad_configs_name_file_and_field(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_run_config(path)
+    assert "bad.yaml" in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config(tmp_path / "absent.yaml")
+
+
+def test_schema_offers_methods_as_a_dropdown_with_descriptions():
+    schema = RunConfig.model_json_schema()
+    spec = schema["$defs"]["MergeSpec"]["properties"]["method"]
+    assert set(spec["enum"]) >= {"average", "task_arithmetic", "ties", "dare"}
+    for definition in schema["$defs"].values():
+        for name, prop in definition.get("properties", {}).items():
+            assert prop.get("description"), f"{definition['title']}.{name} has no description"
