@@ -23,10 +23,17 @@ class StorageConfig(StrictModel):
     root: str = Field(".mergeflow/store", description="object-store root: a local folder, file:// or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     cache_dir: str | None = Field(None, description="local content cache (default: MERGEFLOW_CACHE or ~/.cache/mergeflow)")
+    request_attempts: int | None = Field(None, ge=1, le=20, description="attempts per S3 request inside the client "
+                                         "(default: botocore's); task retries come on top")
 
     def options(self) -> dict[str, Any]:
-        """fsspec storage options; credentials come from the standard AWS environment variables."""
-        return {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+        """fsspec storage options; credentials come from the standard AWS environment variables or a profile,
+        never from the config."""
+        options: dict[str, Any] = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+        if self.request_attempts and self.root.startswith("s3://"):
+            options["config_kwargs"] = {"retries": {"max_attempts": self.request_attempts, "mode": "standard"},
+                                        "connect_timeout": 5}
+        return options
 
 
 class TrackingConfig(StrictModel):

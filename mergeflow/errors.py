@@ -33,5 +33,17 @@ class ConfigError(InputError):
     """An unknown method, an unknown parameter or an invalid value."""
 
 
+class StorageAccessError(InputError):
+    """The store refused access (wrong credentials or permissions)."""
+
+
+class ObjectNotFoundError(InputError):
+    """A bucket or object that should exist does not."""
+
+
+class ObjectExistsError(InputError):
+    """Publishing would silently replace a different existing object."""
+
+
 class TransientStorageError(MergeflowError):
     """A network or storage failure that may succeed on retry."""

@@ -23,7 +23,8 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from mergeflow.errors import CheckpointError, IntegrityError, TransientStorageError
+from mergeflow.errors import (CheckpointError, IntegrityError, MergeflowError, ObjectExistsError, ObjectNotFoundError,
+                             StorageAccessError, TransientStorageError)
 
 CHUNK = 8 * 1024 * 1024
 
@@ -63,9 +64,28 @@ def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tu
     return url_to_fs(uri, **options)
 
 
+def storage_error(uri: str, exc: BaseException, action: str) -> BaseException:
+    """Map a filesystem/botocore failure to Mergeflow's errors: bad credentials, a missing bucket or a missing key
+    are input errors (never retried); anything else (connection refused or reset, timeouts, 5xx) is transient.
+    Messages never include credentials."""
+    if isinstance(exc, MergeflowError):
+        return exc
+    if isinstance(exc, PermissionError):
+        return StorageAccessError(f"{uri}: access denied while {action}; check the S3 credentials (AWS_ACCESS_KEY_ID /"
+                                  " AWS_SECRET_ACCESS_KEY, a profile) and the endpoint")
+    if isinstance(exc, FileNotFoundError):
+        if "bucket" in str(exc).lower():
+            return ObjectNotFoundError(f"{uri}: the bucket does not exist")
+        return ObjectNotFoundError(f"{uri}: no such object")
+    return TransientStorageError(f"{uri}: {action} failed: {type(exc).__name__}: {exc}")
+
+
 def exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
-    return fs.exists(path)
+    try:
+        return fs.exists(path)
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(uri, exc, "checking for the object") from exc
 
 
 def sha256_file(path: Path) -> str:
@@ -121,7 +141,10 @@ class ContentCache:
     def fetch(self, uri: str, storage_options: Mapping[str, Any] | None = None,
               expected_sha256: str | None = None) -> LocalObject:
         """Make `uri` available locally and return it with its sha256 (verified when `expected_sha256`)."""
-        obj = self._fetch_local(uri) if not is_remote(uri) else self._fetch_remote(uri, storage_options)
+        if is_remote(uri):
+            obj = self._fetch_remote(uri, storage_options, expected_sha256)
+        else:
+            obj = self._fetch_local(uri)
         if expected_sha256 and obj.sha256 != expected_sha256:
             raise IntegrityError(f"{uri}: sha256 {obj.sha256} does not match the expected {expected_sha256}")
         return obj
@@ -142,14 +165,15 @@ class ContentCache:
         self._remember(key, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest})
         return LocalObject(uri, path, digest, stat.st_size)
 
-    def _fetch_remote(self, uri: str, storage_options: Mapping[str, Any] | None) -> LocalObject:
+    def _fetch_remote(self, uri: str, storage_options: Mapping[str, Any] | None,
+                      expected_sha256: str | None) -> LocalObject:
+        """Download once per (URI, ETag, size); verify size, and the digest recorded at upload or expected."""
         fs, path = filesystem(uri, storage_options)
         try:
             info = fs.info(path)
-        except FileNotFoundError:
-            raise CheckpointError(uri, "object not found") from None
-        except (OSError, TimeoutError) as exc:
-            raise TransientStorageError(f"{uri}: {exc}") from exc
+            recorded = _recorded_sha256(fs, path)
+        except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+            raise storage_error(uri, exc, "reading object metadata") from exc
         size = int(info.get("size") or 0)
         version = str(info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or "")
         key = f"remote:{uri}"
@@ -165,17 +189,58 @@ class ContentCache:
                 while block := src.read(CHUNK):
                     digest.update(block)
                     dst.write(block)
-            if tmp.stat().st_size != size:
-                raise IntegrityError(f"{uri}: downloaded {tmp.stat().st_size} bytes, the store reports {size}")
+            got = tmp.stat().st_size
+            if got != size:
+                raise IntegrityError(f"{uri}: downloaded {got} bytes, the store reports {size} (truncated object?)")
             sha = digest.hexdigest()
+            for claimed, source in ((recorded, "the digest recorded at upload"), (expected_sha256, "the expected digest")):
+                if claimed and claimed != sha:
+                    raise IntegrityError(f"{uri}: content sha256 {sha} does not match {source} {claimed}; "
+                                         "the object is corrupt or was replaced")
             blob = self.blobs / sha
             os.replace(tmp, blob)
-        except (OSError, TimeoutError) as exc:
-            raise TransientStorageError(f"{uri}: download failed: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+            raise storage_error(uri, exc, "downloading") from exc
         finally:
             tmp.unlink(missing_ok=True)
         self._remember(key, {"size": size, "version": version, "sha256": sha})
         return LocalObject(uri, blob, sha, size)
+
+
+def _recorded_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The sha256 that Mergeflow stored in the object's metadata at upload, if the store keeps metadata."""
+    if not hasattr(fs, "metadata"):
+        return None
+    return (fs.metadata(path) or {}).get("sha256")
+
+
+def upload_file(local: Path, uri: str, storage_options: Mapping[str, Any] | None = None, *,
+                overwrite: bool = False, sha256: str | None = None) -> str:
+    """Upload one file atomically: to a temporary key, verified (size and recorded digest), then copied to its
+    final key. An identical object already there is left alone; a different one is an error unless `overwrite`.
+    Returns the content sha256 (also stored in the object's metadata for later verification)."""
+    sha = sha256 or sha256_file(local)
+    size = local.stat().st_size
+    fs, path = filesystem(uri, storage_options)
+    tmp = f"{path}.partial-{uuid.uuid4().hex}"
+    try:
+        if fs.exists(path):
+            if _recorded_sha256(fs, path) == sha and fs.info(path)["size"] == size:
+                return sha
+            if not overwrite:
+                raise ObjectExistsError(f"{uri} already exists with different content (not overwritten)")
+        fs.put_file(str(local), tmp, Metadata={"sha256": sha})
+        if fs.info(tmp)["size"] != size or _recorded_sha256(fs, tmp) != sha:
+            raise TransientStorageError(f"{uri}: the uploaded temporary object does not verify; not published")
+        fs.copy(tmp, path)
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(uri, exc, "uploading") from exc
+    finally:
+        try:
+            fs.rm(tmp)
+        except Exception:  # noqa: BLE001 - best effort: a leftover temporary key is never under the final name
+            pass
+    return sha
 
 
 def staging_dir(final_uri: str, cache: ContentCache | None = None) -> Path:
@@ -193,9 +258,9 @@ def publish_directory(staged: Path, final_uri: str, storage_options: Mapping[str
                       *, overwrite: bool = False, last: tuple[str, ...] = ()) -> None:
     """Publish a complete staged directory under `final_uri`, all or nothing.
 
-    Local: one atomic rename. Remote: files are uploaded under a temporary prefix, copied to their final
-    keys (the names in `last`, e.g. the manifest, go last so readers never see a partial model) and the
-    temporary prefix is removed. An existing output is only replaced when `overwrite`.
+    Local: one atomic rename. Remote: every file is uploaded with `upload_file` (temporary key, verified, then
+    its final key), the names in `last` (the manifest) after all others, so a reader that finds the manifest finds
+    a complete model. An existing different output is only replaced when `overwrite`; identical files are kept.
     """
     if not is_remote(final_uri):
         final = local_path(final_uri).absolute()
@@ -210,25 +275,12 @@ def publish_directory(staged: Path, final_uri: str, storage_options: Mapping[str
         else:
             os.rename(staged, final)
         return
-    fs, root = filesystem(final_uri, storage_options)
-    if fs.exists(root) and fs.ls(root) and not overwrite:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise FileExistsError(f"{final_uri} already exists (pass overwrite to replace it)")
     names = sorted(p.name for p in staged.iterdir())
     names = [n for n in names if n not in last] + [n for n in last if n in names]
-    tmp_root = f"{root.rstrip('/')}.partial-{uuid.uuid4().hex}"
     try:
-        for name in names:
-            fs.put_file(str(staged / name), f"{tmp_root}/{name}")
-        for name in names:
-            fs.copy(f"{tmp_root}/{name}", f"{root.rstrip('/')}/{name}")
-    except (OSError, TimeoutError) as exc:
-        raise TransientStorageError(f"{final_uri}: upload failed: {exc}") from exc
+        for name in names:  # each file: temporary key, verify, final key; the manifest (`last`) goes last
+            upload_file(staged / name, join(final_uri, name), storage_options, overwrite=overwrite)
     finally:
-        try:
-            fs.rm(tmp_root, recursive=True)
-        except (OSError, FileNotFoundError):
-            pass
         shutil.rmtree(staged, ignore_errors=True)
 
 
@@ -253,8 +305,8 @@ def fetch_directory(uri: str, cache: ContentCache, storage_options: Mapping[str,
     fs, path = filesystem(uri, storage_options)
     try:
         entries = [e for e in fs.ls(path, detail=True) if e["type"] == "file"]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{uri}: directory not found") from None
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(uri, exc, "listing") from exc
     objects = {e["name"].rsplit("/", 1)[-1]: cache.fetch(join(uri, e["name"].rsplit("/", 1)[-1]), storage_options)
                for e in entries}
     files = {name: obj.sha256 for name, obj in objects.items()}

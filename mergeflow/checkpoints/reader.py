@@ -21,7 +21,7 @@ import torch
 
 from mergeflow.checkpoints.safetensors_format import DTYPES, decode_header, element_size
 from mergeflow.errors import CheckpointError, UnsafeCheckpointError
-from mergeflow.storage import ContentCache, LocalObject, filesystem, is_remote, join
+from mergeflow.storage import ContentCache, LocalObject, filesystem, is_remote, join, storage_error
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -205,9 +205,13 @@ def _resolve(uri: str, storage_options: Mapping[str, Any] | None) -> tuple[str, 
     if lowered.endswith(TORCH_SUFFIXES):
         return "torch", uri
     fs, path = filesystem(uri, storage_options)
-    if not fs.exists(path):
+    try:
+        found, is_dir = fs.exists(path), fs.isdir(path)
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(uri, exc, "opening the checkpoint") from exc
+    if not found:
         raise CheckpointError(uri, "not found")
-    if fs.isdir(path):
+    if is_dir:
         for name, kind in ((SAFETENSORS_INDEX, "index"), ("model.safetensors", "safetensors"),
                            ("pytorch_model.bin", "torch")):
             if fs.exists(f"{path.rstrip('/')}/{name}"):

