@@ -22,11 +22,13 @@ from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+from tqdm.auto import tqdm
 
 from mergeflow.errors import (CheckpointError, IntegrityError, MergeflowError, ObjectExistsError, ObjectNotFoundError,
                              StorageAccessError, TransientStorageError)
 
 CHUNK = 8 * 1024 * 1024
+PROGRESS_FROM = 64 * 1024 * 1024  # downloads at least this large show a progress bar
 
 
 def is_remote(uri: str) -> bool:
@@ -185,10 +187,13 @@ class ContentCache:
         tmp = self.blobs / f".download-{uuid.uuid4().hex}"
         digest = hashlib.sha256()
         try:
-            with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
+            with fs.open(path, "rb") as src, open(tmp, "wb") as dst, tqdm(
+                    total=size, unit="B", unit_scale=True, desc=f"fetch {path.rsplit('/', 1)[-1]}",
+                    disable=size < PROGRESS_FROM, leave=False) as bar:
                 while block := src.read(CHUNK):
                     digest.update(block)
                     dst.write(block)
+                    bar.update(len(block))
             got = tmp.stat().st_size
             if got != size:
                 raise IntegrityError(f"{uri}: downloaded {got} bytes, the store reports {size} (truncated object?)")
