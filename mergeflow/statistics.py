@@ -1,0 +1,269 @@
+"""The statistics stage of data-aware merging: per-expert curvature statistics from a small sample of task data.
+
+For one model and its task's batches, forward and backward hooks on every selected `nn.Linear` record
+  `<weight>::gram_in`   A = E[a a^T] over the layer's input rows a (tokens), [in, in];
+  `<weight>::gram_out`  G = E[g g^T] over the gradients g of the log-likelihood w.r.t. the layer's output rows,
+                        [out, out] (the K-FAC factors of MaTS);
+and the gradients give `<param>::fisher`, the diagonal Fisher E[(d log p(y|x) / d theta)^2] of every trainable
+parameter, accumulated per example (batch size 1 semantics, as MaTS and Fisher merging define it).
+Grams are normalised by the number of rows that reached the layer; where a batch has an attention mask and a
+layer's input has the mask's leading [batch, tokens] shape, padding tokens are left out of sum and count.
+The label y is the data label (empirical Fisher, the default) or, with `fisher="sampled"`, drawn from the
+model's predictive distribution with a seeded generator (one draw per example, in order).
+
+Names are the model's own parameter names, so pass the module whose state dict matches the checkpoint. The
+result is written as one safetensors file (`save_statistics`) and read lazily, one tensor at a time, like a
+checkpoint (`open_statistics`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mergeflow.checkpoints import Checkpoint, TensorInfo, TensorSource, open_checkpoint
+from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.selection import ParameterSelection
+from mergeflow.storage import ContentCache, sha256_file
+
+GRAM_IN = "gram_in"
+GRAM_OUT = "gram_out"
+FISHER = "fisher"
+KINDS = (GRAM_IN, GRAM_OUT, FISHER)
+SEPARATOR = "::"
+FORMAT = "mergeflow-statistics"
+
+Batch = Mapping[str, Tensor]
+FisherLabels = Literal["empirical", "sampled"]
+
+
+def statistic_key(param: str, kind: str) -> str:
+    return f"{param}{SEPARATOR}{kind}"
+
+
+def split_statistic_key(key: str) -> tuple[str, str]:
+    """(parameter name, kind) of a statistic key; ValueError when it is not one."""
+    param, sep, kind = key.rpartition(SEPARATOR)
+    if not sep or not param or kind not in KINDS:
+        raise ValueError(f"{key!r} is not a statistic key (<parameter>{SEPARATOR}<{'|'.join(KINDS)}>)")
+    return param, kind
+
+
+@dataclass
+class Statistics:
+    tensors: dict[str, Tensor]  # statistic key -> fp32 CPU tensor
+    metadata: dict[str, str]  # format, kinds, fisher, examples, max_examples, seed, model_digest
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """[rows, features] of a layer input or output gradient, without the padding tokens of `mask`."""
+    if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.bool()].reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1])
+
+
+class _GramHooks:
+    """Forward hooks summing a^T a per selected linear layer, and (when the output needs a gradient) a tensor hook
+    on its output summing g^T g at backward time."""
+
+    def __init__(self, layers: Mapping[str, nn.Linear], want_out: bool):
+        self.sums: dict[str, dict[str, Tensor]] = {GRAM_IN: {}, GRAM_OUT: {}}
+        self.counts: dict[str, dict[str, int]] = {GRAM_IN: {}, GRAM_OUT: {}}
+        self.mask: Tensor | None = None
+        self.want_out = want_out
+        self.handles = [module.register_forward_hook(self._forward(name)) for name, module in layers.items()]
+
+    def _add(self, kind: str, name: str, rows: Tensor) -> None:
+        rows = rows.detach().float()
+        gram = rows.T @ rows
+        sums = self.sums[kind]
+        sums[name] = gram if name not in sums else sums[name] + gram
+        self.counts[kind][name] = self.counts[kind].get(name, 0) + rows.shape[0]
+
+    def _forward(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            mask = self.mask
+            self._add(GRAM_IN, name, _rows(inputs[0], mask))
+            if self.want_out and output.requires_grad:
+                output.register_hook(lambda grad: self._add(GRAM_OUT, name, _rows(grad, mask)))
+        return hook
+
+    def results(self) -> dict[str, Tensor]:
+        return {statistic_key(name, kind): total / self.counts[kind][name]
+                for kind, sums in self.sums.items() for name, total in sums.items()}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _batch_size(batch: Batch) -> int:
+    return len(next(iter(batch.values())))
+
+
+def _examples(batches: Iterable[Batch], limit: int, per_example: bool) -> Iterator[Batch]:
+    """The batches cut to `limit` examples in all, split into single examples when `per_example`."""
+    seen = 0
+    for batch in batches:
+        take = min(_batch_size(batch), limit - seen)
+        if take <= 0:
+            return
+        if per_example:
+            yield from ({k: v[i:i + 1] for k, v in batch.items()} for i in range(take))
+        else:
+            yield {k: v[:take] for k, v in batch.items()}
+        seen += take
+
+
+def linear_layers(model: nn.Module, selection: ParameterSelection | None = None) -> dict[str, nn.Linear]:
+    """Weight name -> module for every `nn.Linear` of `model` (those whose weight `selection` selects, if given)."""
+    layers = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        weight = f"{name}.weight" if name else "weight"
+        if selection is None or selection.selects(TensorInfo(weight, tuple(module.weight.shape),
+                                                             module.weight.dtype)):
+            layers[weight] = module
+    return layers
+
+
+def compute_statistics(model: nn.Module, batches: Iterable[Batch], logits_fn: Callable[[Batch], Tensor], *,
+                       kinds: Sequence[str] = KINDS, fisher: FisherLabels = "empirical",
+                       max_examples: int = 1000, seed: int = 0, selection: ParameterSelection | None = None,
+                       labels_key: str = "labels", mask_key: str = "attention_mask",
+                       progress: bool = False) -> Statistics:
+    """Statistics of `model` on up to `max_examples` examples of `batches` (the model runs in eval mode).
+
+    `logits_fn(batch)` runs the model (and whatever head sits on it) and returns [B, C] logits; the loss is the
+    negative log-likelihood of `batch[labels_key]` (or of sampled labels). Every batch value is a tensor with the
+    batch as its first dimension. With `fisher` among `kinds`, examples are processed one at a time; otherwise
+    whole batches are (per-example output gradients are then still exact, the loss being a sum over examples).
+    Parameters that never receive a gradient get a zero Fisher; layers no gradient reaches get no `gram_out`.
+    """
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
+    if max_examples < 1:
+        raise ValueError(f"max_examples must be at least 1, got {max_examples}")
+    backward = GRAM_OUT in kinds or FISHER in kinds
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    squares = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()} \
+        if FISHER in kinds else {}
+    generator = torch.Generator().manual_seed(seed)
+    hooks = _GramHooks(linear_layers(model, selection) if GRAM_IN in kinds or GRAM_OUT in kinds else {},
+                       want_out=GRAM_OUT in kinds)
+    was_training = model.training
+    model.eval()
+    examples = 0
+    try:
+        for batch in tqdm(_examples(batches, max_examples, FISHER in kinds), desc="statistics",
+                          disable=not progress):
+            hooks.mask = batch.get(mask_key)
+            with torch.set_grad_enabled(backward):
+                logits = logits_fn(batch)
+            examples += logits.shape[0]
+            if not backward:
+                continue
+            if fisher == "sampled":
+                probs = torch.softmax(logits.detach().float(), dim=-1).cpu()
+                labels = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+            else:
+                labels = batch[labels_key].to(logits.device)
+            for p in params.values():
+                p.grad = None
+            F.cross_entropy(logits.float(), labels, reduction="sum").backward()
+            for name, total in squares.items():
+                grad = params[name].grad
+                if grad is not None:
+                    total += grad.detach().float().square()
+    finally:
+        hooks.remove()
+        for p in params.values():
+            p.grad = None
+        model.train(was_training)
+    if examples == 0:
+        raise ValueError("no examples to compute statistics on")
+    tensors = {key: value for key, value in hooks.results().items() if split_statistic_key(key)[1] in kinds}
+    tensors.update({statistic_key(name, FISHER): total / examples for name, total in squares.items()})
+    metadata = {"format": FORMAT, "kinds": ",".join(k for k in KINDS if k in kinds), "fisher": fisher,
+                "examples": str(examples), "max_examples": str(max_examples), "seed": str(seed),
+                "model_digest": model_digest(model)}
+    return Statistics({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, metadata)
+
+
+def save_statistics(stats: Statistics, path: str | Path) -> str:
+    """Write `stats` as one safetensors file at local `path` (atomically); returns its sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(stats.tensors, str(partial), metadata=stats.metadata)
+    os.replace(partial, path)
+    return sha256_file(path)
+
+
+def open_statistics(uri: str, *, storage_options: Mapping[str, Any] | None = None,
+                    cache: ContentCache | None = None) -> Checkpoint:
+    """Open a statistics file lazily (any checkpoint layout); every key must be `<parameter>::<kind>`."""
+    stats = open_checkpoint(uri, storage_options=storage_options, cache=cache)
+    for key in stats.keys():
+        try:
+            split_statistic_key(key)
+        except ValueError as exc:
+            stats.close()
+            raise CheckpointError(uri, f"not a statistics file: {exc}") from None
+    return stats
+
+
+def validate_statistics(base: TensorSource, statistics: Sequence[TensorSource], experts: int) -> None:
+    """One statistics source per expert, each statistic naming a parameter of `base` with the shape its kind
+    implies: a Fisher the parameter's shape, a `gram_in` [in, in] and a `gram_out` [out, out] for an [out, in]
+    weight. Which statistics a method needs is the method's check."""
+    if len(statistics) != experts:
+        raise ConfigError(f"{len(statistics)} statistics files for {experts} experts: give exactly one per expert, "
+                          "in the experts' order")
+    base_keys = set(base.keys())
+    for stats in statistics:
+        _validate_source(base, base_keys, stats)
+
+
+def _validate_source(base: TensorSource, base_keys: set[str], stats: TensorSource) -> None:
+    for key in stats.keys():
+        try:
+            param, kind = split_statistic_key(key)
+        except ValueError as exc:
+            raise CheckpointError(stats.label, str(exc)) from None
+        if param not in base_keys:
+            raise CheckpointError(stats.label, f"statistic of {param!r}, which the base checkpoint does not have",
+                                  tensor=key)
+        shape = base.info(param).shape
+        if kind == FISHER:
+            expected = shape
+        elif len(shape) != 2:
+            raise CheckpointError(stats.label, f"a {kind} needs a 2-D weight, but {param!r} has shape {shape}",
+                                  tensor=key)
+        else:
+            expected = (shape[1], shape[1]) if kind == GRAM_IN else (shape[0], shape[0])
+        got = stats.info(key).shape
+        if tuple(got) != tuple(expected):
+            raise CheckpointError(stats.label, f"shape {tuple(got)} does not fit {param!r} {shape} "
+                                               f"(expected {tuple(expected)})", tensor=key)
