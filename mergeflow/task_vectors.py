@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
+from mergeflow.errors import ConfigError
 from mergeflow.selection import is_float
 
 
@@ -23,13 +24,15 @@ class ExpertPool:
     """The inputs of a merge: a base model and N experts with identical keys, shapes and dtypes.
 
     Every method receives one of these (the FusionBench `run(pool)` contract): data-free methods read task
-    vectors from it; data-aware methods will find their statistics and data here too.
+    vectors from it; data-aware methods also read each expert's statistics (`mergeflow.statistics`), one
+    source per expert in the experts' order, keyed `<parameter>::<kind>`.
     """
 
     base: TensorSource
     experts: Sequence[TensorSource]
     names: Sequence[str]
     device: torch.device = torch.device("cpu")
+    statistics: Sequence[TensorSource] | None = None
 
     def infos(self) -> list[TensorInfo]:
         return [self.base.info(k) for k in self.base.keys()]
@@ -47,6 +50,12 @@ class ExpertPool:
         for i, expert in enumerate(self.experts):
             torch.sub(expert.get(name).to(self.device, torch.float32), base, out=out[i])
         return out
+
+    def statistic(self, key: str) -> torch.Tensor:
+        """Stacked [N, *shape] fp32 statistic `key` (e.g. `fc.weight::gram_in`) of every expert, on the device."""
+        if self.statistics is None:
+            raise ConfigError(f"statistic {key!r} is needed, but no statistics were given for the experts")
+        return torch.stack([source.get(key).to(self.device, torch.float32) for source in self.statistics])
 
     def iter_task_vectors(self, keys: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.float_keys() if keys is None else keys:
