@@ -23,6 +23,7 @@ from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, ope
 from mergeflow.checkpoints.reader import TensorSource
 from mergeflow.methods import MergeMethod, build_method
 from mergeflow.selection import is_float
+from mergeflow.statistics import open_statistics, validate_statistics
 from mergeflow.storage import ContentCache, exists, publish_directory, staging_dir
 from mergeflow.task_vectors import ExpertPool, resolve_device
 from mergeflow.validation import check_finite, validate_compatible
@@ -32,7 +33,7 @@ MANIFEST = "mergeflow.json"
 
 @dataclass(frozen=True)
 class InputRef:
-    role: str  # "base" or "expert"
+    role: str  # "base", "expert" or "statistics" (of the expert of the same name)
     name: str
     uri: str
     sha256: str
@@ -84,15 +85,20 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
 
 def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
                       params: Mapping[str, Any] | None = None, *, device: str | torch.device = "cpu",
-                      state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+                      state: dict[str, Any] | None = None,
+                      statistics: Sequence[Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with the same engine and checks as `merge_checkpoints`."""
     merge_method = build_method(method, params)
     base_source = StateDictSource(base, "base")
     sources = [StateDictSource(sd, f"expert {i}") for i, sd in enumerate(experts)]
+    stats = None if statistics is None else [
+        StateDictSource(sd, f"statistics of expert {i}") for i, sd in enumerate(statistics)]
     validate_compatible(base_source, sources)
-    for source in (base_source, *sources):
+    if stats is not None:
+        validate_statistics(base_source, stats, len(sources))
+    for source in (base_source, *sources, *(stats or ())):
         check_finite(source)
-    pool = ExpertPool(base_source, sources, [s.label for s in sources], resolve_device(device))
+    pool = ExpertPool(base_source, sources, [s.label for s in sources], resolve_device(device), stats)
     out: dict[str, torch.Tensor] = {}
     merge_pool(merge_method, pool, out.__setitem__, state=state)
     return out
@@ -103,8 +109,11 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                       shard_size: int | str = "2GB", storage_options: Mapping[str, Any] | None = None,
                       cache: ContentCache | None = None, state: dict[str, Any] | None = None,
                       overwrite: bool = False, progress: bool = False,
-                      extra_metadata: Mapping[str, str] | None = None) -> MergeResult:
+                      extra_metadata: Mapping[str, str] | None = None,
+                      statistics: Sequence[str] | None = None) -> MergeResult:
     """Merge stored checkpoints into a new sharded safetensors directory at `out` (local path or fsspec URL).
+
+    Data-aware methods read `statistics`: one statistics file per expert, in the experts' order.
 
     Everything that can be checked is checked before compute (method and parameters, output not already
     present, every file readable and complete, keys/shapes/dtypes, NaN/Inf); the output is built in a
@@ -117,15 +126,20 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
     cache = cache or ContentCache()
     base_ckpt = open_checkpoint(base, storage_options=storage_options, cache=cache)
     expert_ckpts = [open_checkpoint(uri, storage_options=storage_options, cache=cache) for uri in experts]
-    checkpoints: list[TensorSource] = [base_ckpt, *expert_ckpts]
+    stats_ckpts = None if statistics is None else [
+        open_statistics(uri, storage_options=storage_options, cache=cache) for uri in statistics]
+    checkpoints: list[TensorSource] = [base_ckpt, *expert_ckpts, *(stats_ckpts or ())]
     try:
         validate_compatible(base_ckpt, expert_ckpts)
+        if stats_ckpts is not None:
+            validate_statistics(base_ckpt, stats_ckpts, len(expert_ckpts))
         for ckpt in checkpoints:
             check_finite(ckpt, progress=progress)
         names = [expert_name(uri) for uri in experts]
         inputs = [InputRef("base", expert_name(base), base, base_ckpt.digest)] + [
-            InputRef("expert", n, uri, c.digest) for n, uri, c in zip(names, experts, expert_ckpts)]
-        pool = ExpertPool(base_ckpt, expert_ckpts, names, resolve_device(device))
+            InputRef("expert", n, uri, c.digest) for n, uri, c in zip(names, experts, expert_ckpts)] + [
+            InputRef("statistics", n, uri, c.digest) for n, uri, c in zip(names, statistics or (), stats_ckpts or ())]
+        pool = ExpertPool(base_ckpt, expert_ckpts, names, resolve_device(device), stats_ckpts)
         if state is None:
             state = merge_method.prepare(pool, progress=progress)
         provenance = {
@@ -154,6 +168,6 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
             shutil.rmtree(staged, ignore_errors=True)
             raise
     finally:
-        for ckpt in (base_ckpt, *expert_ckpts):
+        for ckpt in (base_ckpt, *expert_ckpts, *(stats_ckpts or ())):
             ckpt.close()
     return result
