@@ -11,11 +11,14 @@ from mergeflow.errors import ConfigError
 from mergeflow.methods.average import SimpleAverage
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.methods.dare import Dare
+from mergeflow.methods.fisher import FisherMerging
+from mergeflow.methods.mats import Mats
+from mergeflow.methods.regmean import RegMean
 from mergeflow.methods.task_arithmetic import TaskArithmetic
 from mergeflow.methods.ties import Ties
 
 METHODS: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare)
+    m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare, FisherMerging, RegMean, Mats)
 }
 
 
