@@ -32,11 +32,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     result = merge_checkpoints(args.method, args.base, args.expert, args.out, _parse_params(args.param),
                                device=args.device, shard_size=args.shard_size,
-                               storage_options=_storage_options(args), overwrite=args.overwrite, progress=True)
-    print(f"merged {len(result.inputs) - 1} experts with {result.method} {json.dumps(result.params)} "
+                               storage_options=_storage_options(args), overwrite=args.overwrite, progress=True,
+                               statistics=args.statistics)
+    experts = sum(ref.role == "expert" for ref in result.inputs)
+    print(f"merged {experts} experts with {result.method} {json.dumps(result.params)} "
           f"in {result.seconds:.1f} s")
     for ref in result.inputs:
-        print(f"  {ref.role:6s} {ref.uri}  sha256:{ref.sha256[:16]}")
+        print(f"  {ref.role:10s} {ref.uri}  sha256:{ref.sha256[:16]}")
     print(f"wrote {args.out}:")
     for name, digest in result.files.items():
         print(f"  {name}  sha256:{digest[:16]}")
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--method", required=True, help="merge method (see `mergeflow methods`)")
     merge.add_argument("--base", required=True, help="pretrained checkpoint: path, file:// or s3:// URI")
     merge.add_argument("--expert", required=True, action="append", help="expert checkpoint (repeat per expert)")
+    merge.add_argument("--statistics", action="append", metavar="URI",
+                       help="statistics file of an expert, for data-aware methods (repeat per expert, same order)")
     merge.add_argument("--out", required=True, help="output directory: path, file:// or s3:// URI")
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     merge.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")

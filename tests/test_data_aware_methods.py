@@ -1,5 +1,5 @@
-"""Fisher merging, RegMean and MaTS against dense formulas written here, statistics through files and clear
-errors."""
+"""Fisher merging, RegMean and MaTS against dense formulas written here, statistics through files, the CLI and
+clear errors."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from factories import make_experts, tiny_state_dict
 from mergeflow.checkpoints import StateDictSource, open_checkpoint
+from mergeflow.cli import main
 from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.merge import merge_checkpoints, merge_state_dicts
 from mergeflow.methods import build_method
@@ -253,3 +254,20 @@ def test_bad_statistics_files_fail_before_compute(tmp_path, cache, model_files):
         merge_checkpoints("fisher", base_path, expert_paths, str(tmp_path / "out"), cache=cache)
     assert not (tmp_path / "out").exists()
 
+
+def test_cli_merge_with_statistics(tmp_path, model_files, capsys):
+    base_path, expert_paths, base, experts = model_files
+    stats = random_statistics(base, 3)
+    stat_paths = _write_statistics(tmp_path, stats)
+    args = ["merge", "--method", "mats", "--base", base_path, "--out", str(tmp_path / "out"), "--device", "cpu",
+            "--param", "objective=regmean", "--param", "init=average"]
+    for expert, stat in zip(expert_paths, stat_paths):
+        args += ["--expert", expert, "--statistics", stat]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "merged 3 experts with mats" in printed and printed.count("statistics ") == 3
+    expected = merge_state_dicts("mats", base, experts, {"objective": "regmean", "init": "average"}, statistics=stats)
+    with open_checkpoint(str(tmp_path / "out")) as merged:
+        assert all(torch.equal(merged.get(k), expected[k]) for k in expected)
+    assert main([*args[:6], str(tmp_path / "other"), *args[7:-2]]) == 2
+    assert "2 statistics files for 3 experts" in capsys.readouterr().err
