@@ -94,9 +94,11 @@ class _GramHooks:
 
     def _add(self, kind: str, name: str, rows: Tensor) -> None:
         rows = rows.detach().float()
-        gram = rows.T @ rows
         sums = self.sums[kind]
-        sums[name] = gram if name not in sums else sums[name] + gram
+        if name in sums:
+            sums[name].addmm_(rows.T, rows)
+        else:
+            sums[name] = rows.T @ rows
         self.counts[kind][name] = self.counts[kind].get(name, 0) + rows.shape[0]
 
     def _forward(self, name: str) -> Callable[..., None]:
@@ -195,7 +197,8 @@ def compute_statistics(model: nn.Module, batches: Iterable[Batch], logits_fn: Ca
             for name, total in squares.items():
                 grad = params[name].grad
                 if grad is not None:
-                    total += grad.detach().float().square()
+                    grad = grad.detach().float()
+                    total.addcmul_(grad, grad)
     finally:
         hooks.remove()
         for p in params.values():
