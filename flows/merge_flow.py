@@ -20,7 +20,7 @@ from tasks.evaluate import evaluate
 from tasks.fetch import fetch_expert, fetch_pretrained, prepare_dataset
 from tasks.finetune import finetune_expert, fit_head
 from tasks.merge import merge, sparsify
-from tasks.record import fail_tracking, record_merge, record_results, start_tracking
+from tasks.record import fail_tracking, record_merge, record_results, register_best, start_tracking
 
 
 def merge_labels(config: RunConfig) -> list[str]:
@@ -73,8 +73,11 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     rows = {model: future.result() for model, future in scored.items()}
     expert_acc = {n: rows[f"expert:{n}"][n] for n in names}
 
-    for label, (spec, (ref, record)) in merged.items():
-        record_merge(label, spec, ref, record, rows[label], expert_acc, storage, config.tracking, parent)
+    datasets_by_task = {n: eval_inputs[n][0] for n in names}
+    logged = [record_merge(label, spec, ref, record, rows[label], expert_acc, datasets_by_task, storage,
+                           config.tracking, parent)
+              for label, (spec, (ref, record)) in merged.items()]
+    registration = register_best(config.tracking, parent, logged)
     table = format_results_table(rows, names, expert_acc)
     summary = {
         "run": config.name,
@@ -84,6 +87,7 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
         "merged": {label: ref.model_dump() for label, (_, (ref, _)) in merged.items()},
         "experts": {n: e.model_dump() for n, e in experts.items()},
         "base": base.model_dump(),
+        "registration": registration,
     }
     record_results(config.tracking, parent, rows, expert_acc, table, summary)
     return summary
@@ -95,6 +99,10 @@ def describe_locations(config: RunConfig, summary: dict[str, Any]) -> str:
              summary["table"], "", "Merged models:"]
     lines += [f"  {label}: {ref['uri']}  (sha256 {ref['sha256'][:16]}...)" for label, ref in summary["merged"].items()]
     lines += ["", f"MLflow: run {summary['mlflow_run_id']} in experiment '{config.tracking.experiment}' ({tracking})"]
+    if summary.get("registration"):
+        r = summary["registration"]
+        lines.append(f"  registered {r['registered_model']} v{r['version']} ({r['method']}) as candidate"
+                     + (", promoted to champion" if r["promoted"] else f"; champion stays v{r['champion_version']}"))
     if tracking.startswith("sqlite:"):
         lines.append(f"  UI: .venv/bin/mlflow ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000"
                      "  -> http://127.0.0.1:5000")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -78,6 +79,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from tasks.lineage import format_lineage, lineage
+
+    tree = lineage(args.tracking_uri, args.model)
+    print(json.dumps(tree, indent=2) if args.json else format_lineage(tree))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from tasks.lineage import pull
+
+    path = pull(args.tracking_uri, args.model, args.directory)
+    print(f"downloaded {args.model} to {path} (every file's sha256 verified)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the Prefect merge flow on a YAML config")
     run.add_argument("config", help="path to a run config, e.g. configs/demo.yaml")
     run.set_defaults(func=cmd_run)
+    default_tracking = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    lineage = sub.add_parser("lineage", help="print which checkpoints, data and runs built a registered model")
+    lineage.add_argument("model", help="MODEL@alias, MODEL/version or MODEL")
+    lineage.add_argument("--tracking-uri", default=default_tracking, help="MLflow tracking URI")
+    lineage.add_argument("--json", action="store_true")
+    lineage.set_defaults(func=cmd_lineage)
+
+    pull = sub.add_parser("pull", help="download a registered merged model and verify its digests")
+    pull.add_argument("model", help="MODEL@alias, MODEL/version or MODEL")
+    pull.add_argument("directory")
+    pull.add_argument("--tracking-uri", default=default_tracking, help="MLflow tracking URI")
+    pull.set_defaults(func=cmd_pull)
     return parser
 
 

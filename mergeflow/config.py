@@ -39,7 +39,13 @@ class StorageConfig(StrictModel):
 class TrackingConfig(StrictModel):
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite:///... or http://host:port)")
     experiment: str = Field("mergeflow", description="MLflow experiment name")
-    log_merged_weights: bool = Field(True, description="attach each merged checkpoint to its MLflow run as artifacts")
+    log_merged_weights: bool = Field(True, description="log each merged checkpoint as an MLflow logged model")
+    registered_model: str | None = Field(None, description="model-registry name for the run's best merged model "
+                                         "(alias 'candidate' every run, 'champion' when it beats the champion); "
+                                         "empty: do not register")
+    promotion_metric: Literal["norm_acc.avg", "acc.avg"] = Field("norm_acc.avg", description="score for the "
+                                                                  "candidate and the champion gate")
+    promotion_margin: float = Field(0.0, ge=0.0, description="the candidate must beat the champion by more than this")
 
 
 class ModelConfig(StrictModel):

@@ -29,6 +29,9 @@ def finetune_expert(task_name: str, base: stages.ObjectRef, dataset: stages.Obje
                                 "base_sha256": base.sha256, "dataset_uri": dataset.uri,
                                 "dataset_sha256": dataset.sha256, "head_sha256": head.sha256,
                                 "expert_uri": expert.uri, "expert_sha256": expert.sha256})
+    tracker.log_input_refs(run_id, [("base", "base", base.uri, base.sha256),
+                                     (f"{task_name}-data", "training", dataset.uri, dataset.sha256),
+                                     (f"{task_name}-head", "head", head.uri, head.sha256)])
     if report.get("losses"):
         tracker.log_series(run_id, "train_loss", report["losses"])
         tracker.log_metrics(run_id, {"train_seconds": report.get("seconds", 0.0)})

@@ -33,21 +33,45 @@ def start_tracking(config: RunConfig, flow_run_id: str) -> str:
 
 @task(name="record-merge", task_run_name="record-merge-{label}", **IO_RETRIES)
 def record_merge(label: str, spec: MergeSpec, merged: stages.ObjectRef, record: dict[str, Any],
-                 acc: dict[str, float], expert_acc: dict[str, float], storage: StorageConfig,
-                 tracking: TrackingConfig, parent_run_id: str) -> str:
+                 acc: dict[str, float], expert_acc: dict[str, float], datasets: dict[str, stages.ObjectRef],
+                 storage: StorageConfig, tracking: TrackingConfig, parent_run_id: str) -> dict[str, Any]:
+    """A child run for one merge: its inputs (base, experts, evaluation data) with digests, parameters, metrics,
+    and the merged checkpoint as an MLflow logged model."""
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"merge-{label}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "merge", "mergeflow.method": spec.method,
                                      "mergeflow.model_uri": merged.uri, "mergeflow.model_sha256": merged.sha256})
-    inputs = {f"input.{i['role']}.{i['name']}": f"{i['uri']} sha256:{i['sha256']}" for i in record["inputs"]}
-    tracker.log_params(run_id, {"method": spec.method, **{f"param.{k}": v for k, v in record["params"].items()},
-                                "output_uri": merged.uri, "output_sha256": merged.sha256, **inputs})
-    tracker.log_metrics(run_id, {**accuracy_metrics(acc, expert_acc), "merge_seconds": record.get("seconds", 0.0)})
+    tracker.log_input_refs(run_id, [(i["name"], i["role"], i["uri"], i["sha256"]) for i in record["inputs"]] + [
+        (f"{task}-data", "evaluation", ref.uri, ref.sha256) for task, ref in datasets.items()])
+    params = {"method": spec.method, **{f"param.{k}": v for k, v in record["params"].items()},
+              "output_uri": merged.uri, "output_sha256": merged.sha256}
+    tracker.log_params(run_id, params)
+    metrics = {**accuracy_metrics(acc, expert_acc), "merge_seconds": record.get("seconds", 0.0)}
+    model_id = None
     if tracking.log_merged_weights:
-        local = stages.local_directory_of(merged, storage)
-        tracker.log_artifacts(run_id, local, "merged_model")
+        model_id = tracker.log_model(run_id, label, stages.local_directory_of(merged, storage), params, metrics,
+                                     {"mergeflow.uri": merged.uri, "mergeflow.sha256": merged.sha256})
+    else:
+        tracker.log_metrics(run_id, metrics)
     tracker.end_run(run_id)
-    return run_id
+    return {"label": label, "run_id": run_id, "model_id": model_id, "metrics": metrics}
+
+
+@task(name="register-model", **IO_RETRIES)
+def register_best(tracking: TrackingConfig, parent_run_id: str, logged: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Register the run's best merged model as `candidate`; promote it to `champion` through the gate."""
+    candidates = [m for m in logged if m["model_id"] and tracking.promotion_metric in m["metrics"]]
+    if not tracking.registered_model or not candidates:
+        return None
+    best = max(candidates, key=lambda m: m["metrics"][tracking.promotion_metric])
+    tracker = MlflowTracker(tracking)
+    decision = tracker.register(tracking.registered_model, best["model_id"], best["run_id"],
+                                best["metrics"][tracking.promotion_metric], metric=tracking.promotion_metric,
+                                margin=tracking.promotion_margin)
+    decision["method"] = best["label"]
+    tracker.set_tags(parent_run_id, {"mergeflow.candidate": best["label"],
+                                     "mergeflow.promoted": str(decision["promoted"]).lower()})
+    return decision
 
 
 @task(name="record-results", **IO_RETRIES)

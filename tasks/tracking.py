@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from mergeflow.config import TrackingConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+_INPUTS_LOCK = threading.Lock()
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -38,8 +40,9 @@ class MlflowTracker:
             self.experiment_id = experiment.experiment_id
         else:
             location = None
-            if config.tracking_uri.startswith("sqlite:"):  # no server: keep artifacts beside the database
-                location = (Path.cwd() / "mlartifacts").as_uri()
+            if config.tracking_uri.startswith("sqlite:///"):  # no server: keep artifacts beside the database
+                database = Path(config.tracking_uri.removeprefix("sqlite:///"))
+                location = (database.absolute().parent / "mlartifacts").as_uri()
             self.experiment_id = self.client.create_experiment(config.experiment, artifact_location=location)
 
     def start_run(self, name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
@@ -87,6 +90,77 @@ class MlflowTracker:
 
     def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_input_refs(self, run_id: str, refs: list[tuple[str, str, str, str]]) -> None:
+        """Log stored objects as run inputs: (name, context such as base/expert/dataset, URI, sha256)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for name, context, uri, sha256 in refs:
+            source = json.dumps({"uri": uri, "sha256": sha256})
+            dataset = Dataset(name=name, digest=sha256[:32], source_type="s3" if uri.startswith("s3://") else "local",
+                              source=source)
+            inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+        from mlflow.exceptions import MlflowException
+
+        # MLflow inserts a shared dataset (the base, say) once per experiment; concurrent tasks race on that insert,
+        # so serialise within the process and retry once across processes (the retry finds the row).
+        with _INPUTS_LOCK:
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+            except MlflowException:
+                self.client.log_inputs(run_id, datasets=inputs)
+
+    def log_model(self, run_id: str, name: str, local_dir: Path, params: Mapping[str, Any],
+                  metrics: Mapping[str, float], tags: Mapping[str, str]) -> str:
+        """An MLflow logged model holding the merged safetensors files, its parameters and metrics."""
+        flat: dict[str, str] = {}
+        _flatten("", dict(params), flat)
+        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id,
+                                                params={k: v[:6000] for k, v in flat.items()}, tags=dict(tags),
+                                                model_type="mergeflow-merged")
+        try:
+            self.client.log_model_artifacts(model.model_id, str(local_dir))
+            for key, value in metrics.items():
+                self.client.log_metric(run_id, key, float(value), model_id=model.model_id)
+        except BaseException:
+            self.client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
+
+    def register(self, registered_name: str, model_id: str, run_id: str, score: float, *, metric: str,
+                 margin: float) -> dict[str, Any]:
+        """Register a model version, alias it `candidate`, and promote it to `champion` only when its score beats
+        the current champion's by more than `margin`. The decision and both scores are recorded as tags."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(registered_name)
+        except MlflowException:
+            self.client.create_registered_model(registered_name)
+        location = self.client.get_logged_model(model_id).artifact_location  # not models:/ (resolved globally)
+        version = self.client.create_model_version(registered_name, source=location, run_id=run_id,
+                                                   model_id=model_id, tags={metric: f"{score:.6f}",
+                                                                                 "mergeflow.model_id": model_id})
+        self.client.set_registered_model_alias(registered_name, "candidate", version.version)
+        try:
+            champion = self.client.get_model_version_by_alias(registered_name, "champion")
+            champion_score = float(champion.tags.get(metric, "nan"))
+        except MlflowException:
+            champion, champion_score = None, None
+        promote = champion is None or not champion_score == champion_score or score > champion_score + margin
+        if promote:
+            self.client.set_registered_model_alias(registered_name, "champion", version.version)
+        decision = {
+            "registered_model": registered_name, "version": str(version.version), "metric": metric,
+            "candidate_score": score, "champion_version": str(champion.version) if champion else None,
+            "champion_score": champion_score, "margin": margin, "promoted": promote,
+        }
+        for key, value in decision.items():
+            self.client.set_model_version_tag(registered_name, version.version, f"gate.{key}", str(value))
+        self.set_tags(run_id, {f"mergeflow.gate.{k}": str(v) for k, v in decision.items()})
+        return decision
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

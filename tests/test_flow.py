@@ -24,7 +24,8 @@ def _config(tmp_path: Path, cache: Path):
         "merges": [{"method": "average"}, {"method": "task_arithmetic", "params": {"scaling": 0.5}},
                    {"method": "ties"}],
         "storage": {"root": str(tmp_path / "store"), "cache_dir": str(cache)},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tiny"},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tiny",
+                     "registered_model": "tiny-merged"},
         "device": "cpu",
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
@@ -64,8 +65,16 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     ties = by_name["merge-ties"]
     assert ties.data.params["param.density"] == "0.2" and "norm_acc.avg" in ties.data.metrics
     assert ties.data.tags["mergeflow.model_sha256"] == first["merged"]["ties"]["sha256"]
-    artifacts = {a.path for a in client.list_artifacts(ties.info.run_id, "merged_model")}
-    assert "merged_model/model.safetensors" in artifacts and "merged_model/mergeflow.json" in artifacts
+    models = {m.name: m for m in client.search_logged_models([parent.info.experiment_id])}
+    assert set(models) == {"average", "task_arithmetic", "ties"}
+    assert models["ties"].tags["mergeflow.sha256"] == first["merged"]["ties"]["sha256"]
+    assert models["ties"].source_run_id == ties.info.run_id and str(models["ties"].status).endswith("READY")
+    contexts = sorted(i.tags[0].value for i in ties.inputs.dataset_inputs)
+    assert contexts == ["base", "evaluation", "evaluation", "expert", "expert"]
+    registration = first["registration"]
+    assert registration["promoted"] and registration["version"] == "1"
+    best = max(first["merged"], key=lambda m: by_name[f"merge-{m}"].data.metrics["norm_acc.avg"])
+    assert registration["method"] == best
     losses = client.get_metric_history(by_name["expert-election"].info.run_id, "train_loss")
     assert len(losses) == 3
 
@@ -74,3 +83,28 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     reruns = client.search_runs([parent.info.experiment_id],
                                 f"tags.mlflow.parentRunId = '{second['mlflow_run_id']}'")
     assert {r.data.tags["mergeflow.reused"] for r in reruns if r.info.run_name.startswith("expert-")} == {"true"}
+    assert second["registration"]["version"] == "2" and not second["registration"]["promoted"]
+    assert str(client.get_model_version_by_alias("tiny-merged", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("tiny-merged", "candidate").version) == "2"
+
+    from tasks.lineage import format_lineage, lineage, model_id_of, pull
+
+    tree = lineage(config.tracking.tracking_uri, "tiny-merged@champion")
+    experts = [i for i in tree["inputs"] if i["context"] == "expert"]
+    assert {e["sha256"] for e in experts} == {e["sha256"] for e in first["experts"].values()}
+    assert all(e["training_run"]["name"].startswith("expert-") for e in experts)
+    text = format_lineage(tree)
+    assert "tiny-merged v1" in text and "champion" in text and "trained by run expert-election" in text
+
+    pulled = pull(config.tracking.tracking_uri, "tiny-merged@champion", tmp_path / "pulled")
+    assert open_checkpoint(str(pulled)).digest == first["merged"][best]["sha256"]
+    model = client.get_logged_model(model_id_of(client.get_model_version_by_alias("tiny-merged", "champion")))
+    stored = Path(model.artifact_location.removeprefix("file://")) / "model.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF  # a flipped byte in the artifact store
+    stored.write_bytes(bytes(data))
+    from mergeflow.errors import IntegrityError
+
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        pull(config.tracking.tracking_uri, "tiny-merged@champion", tmp_path / "pulled-again")
+    assert not (tmp_path / "pulled-again").exists()
