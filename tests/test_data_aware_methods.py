@@ -214,6 +214,8 @@ def test_missing_statistics_are_clear_errors(models):
     grams_only = random_statistics(base, 3, kinds=("gram_in",))
     with pytest.raises(ConfigError, match="'mats' needs '::gram_out' statistics.*expert 0"):
         merge_state_dicts("mats", base, experts, statistics=grams_only)
+    with pytest.raises(ConfigError, match=r"reads statistics from its pool: call prepare\(pool\) first"):
+        merge_state_dicts("regmean", base, experts, statistics=stats, state={"covered": [FC1]})
     partial = [stats[0], stats[1], {k: v for k, v in stats[2].items() if k != f"{FC1}::fisher"}]
     with pytest.raises(ConfigError, match=f"'{FC1}::fisher' is missing for expert 'expert 2'.*'expert 0'"):
         merge_state_dicts("fisher", base, experts, statistics=partial)
