@@ -106,7 +106,8 @@ class MergeSpec(StrictModel):
 
 
 class RunConfig(StrictModel):
-    name: str = Field("demo", description="run name (used for output paths and the MLflow run)")
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+                      description="run name (a plain path segment: used in output keys and the MLflow run name)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     tasks: list[TaskConfig] = Field(min_length=1, description="one expert per task")
     data: DataConfig = Field(default_factory=DataConfig)

@@ -45,6 +45,11 @@ def local_path(uri: str) -> Path:
 
 
 def join(uri: str, *parts: str) -> str:
+    """`uri` extended by relative key parts; a part that is absolute or climbs out with `..` is refused, so keys
+    built from config values cannot escape their prefix."""
+    for part in parts:
+        if part.startswith("/") or "\\" in part or any(seg in {"..", "."} for seg in part.split("/")):
+            raise ValueError(f"unsafe object key part {part!r} (absolute or with '..' segments)")
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 

@@ -68,3 +68,53 @@ class SeaweedServer:
     def client(self):
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
                             aws_secret_access_key=self.secret_key, region_name="us-east-1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and artifacts proxied to an S3 bucket."""
+
+    def __init__(self, directory: Path, s3: SeaweedServer, bucket: str):
+        self.directory, self.s3, self.bucket = directory, s3, bucket
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        import urllib.request
+
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.s3.access_key, "AWS_SECRET_ACCESS_KEY": self.s3.secret_key,
+               "MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+               "MLFLOW_DISABLE_TELEMETRY": "true"}
+        log = open(self.directory / "mlflow-server.log", "ab")
+        executable = Path(sys.executable).parent / "mlflow"
+        self.process = subprocess.Popen(
+            [str(executable), "server", "--backend-store-uri", f"sqlite:///{self.directory / 'mlflow.db'}",
+             "--artifacts-destination", f"s3://{self.bucket}/mlflow", "--host", "127.0.0.1", "--port",
+             str(self.port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited; see {self.directory / 'mlflow-server.log'}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not become healthy")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()

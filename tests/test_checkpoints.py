@@ -134,3 +134,12 @@ def test_local_digest_is_remembered_until_the_file_changes(tmp_path, cache):
     assert cache.fetch(str(path)).sha256 == first.sha256
     save_file(tiny_state_dict(1), str(path))
     assert cache.fetch(str(path)).sha256 == sha256_file(path) != first.sha256
+
+
+@pytest.mark.parametrize("part", ["../x", "a/../../b", "/etc/passwd", "./a", "a\\b"])
+def test_object_keys_cannot_escape_their_prefix(part):
+    from mergeflow.storage import join
+
+    with pytest.raises(ValueError, match="unsafe object key"):
+        join("s3://bucket/root", part)
+    assert join("s3://bucket/root/", "merged", "demo/ties-1") == "s3://bucket/root/merged/demo/ties-1"

@@ -26,6 +26,7 @@ def test_shipped_configs_are_valid():
     ("tasks: [{name: election}, {name: election}]\nmerges: [{method: average}]\n", "twice"),
     ("tasks: []\nmerges: [{method: average}]\n", r"tasks"),
     ("tasks: [{name: election}\n", "invalid YAML"),
+    ("name: ../../escape\ntasks: [{name: election}]\nmerges: [{method: average}]\n", r"name: String should match"),
 ])
 def test_bad_configs_name_file_and_field(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
