@@ -20,6 +20,7 @@ from tasks.evaluate import evaluate
 from tasks.fetch import fetch_expert, fetch_pretrained, prepare_dataset
 from tasks.finetune import finetune_expert, fit_head
 from tasks.merge import merge, sparsify
+from tasks.statistics import compute_statistics
 from tasks.record import fail_tracking, record_merge, record_results, register_best, start_tracking
 
 
@@ -56,12 +57,24 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     experts = {n: f.result() for n, f in pending.items()}
     eval_inputs = {n: (datasets[n].result(), heads[n].result()) for n in names}
 
+    kinds = stages.statistic_kinds(config.merges)
+    statistics = {}
+    if kinds:  # data-aware methods: Grams / Fisher of every expert on its own task's data
+        futures = {n: compute_statistics.submit(n, base, experts[n], eval_inputs[n][0], eval_inputs[n][1], kinds,
+                                                config.statistics, storage, device, config.tracking, parent)
+                   for n in names}
+        statistics = {n: f.result() for n, f in futures.items()}
+
     merged_futures = {}
     for label, spec in zip(merge_labels(config), config.merges):
-        fp = stages.fingerprint(spec.model_dump(), {n: e.sha256 for n, e in experts.items()}, base.sha256)
+        data_aware = bool(stages.statistic_kinds([spec]))
+        fp = stages.fingerprint(spec.model_dump(), {n: e.sha256 for n, e in experts.items()}, base.sha256,
+                                {n: s.sha256 for n, s in statistics.items()} if data_aware else None)
         out_uri = join(storage.root, "merged", config.name, f"{label}-{fp}")
-        state = sparsify.submit(spec, base, experts, storage, device)
-        merged_futures[label] = (spec, merge.submit(spec, base, experts, out_uri, storage, state, device))
+        # a data-aware method prepares on the pool it merges (it reads statistics from it): no separate stage
+        state = None if data_aware else sparsify.submit(spec, base, experts, storage, device)
+        merged_futures[label] = (spec, merge.submit(spec, base, experts, out_uri, storage, state, device,
+                                                    statistics if data_aware else None))
 
     scored = {"pretrained": evaluate.submit("pretrained", None, base, eval_inputs, config.evaluation, storage, device)}
     for n, expert in experts.items():

@@ -92,6 +92,16 @@ class EvalConfig(StrictModel):
     max_length: int = Field(64, ge=8, description="tokens per text")
 
 
+class StatisticsConfig(StrictModel):
+    split: Literal["validation", "train"] = Field("validation", description="task split the statistics are computed on")
+    max_examples: int = Field(1000, ge=1, description="at most this many examples per expert")
+    fisher: Literal["empirical", "sampled"] = Field("empirical", description="Fisher labels: the data's, or sampled "
+                                                    "from the model's prediction")
+    batch_size: int = Field(16, ge=1, description="examples per forward pass (Fisher runs one at a time)")
+    max_length: int = Field(64, ge=8, description="tokens per text")
+    seed: int = Field(0, description="seed of sampled Fisher labels")
+
+
 class MergeSpec(StrictModel):
     method: MethodName = Field(description="merge method from the registry")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters (see `mergeflow methods`)")
@@ -114,6 +124,8 @@ class RunConfig(StrictModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     merges: list[MergeSpec] = Field(min_length=1, description="merge methods to run on the experts")
+    statistics: StatisticsConfig = Field(default_factory=StatisticsConfig,
+                                         description="statistics stage of the data-aware methods (regmean, fisher, mats)")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")

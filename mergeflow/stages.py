@@ -25,7 +25,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
 
-from mergeflow.config import DataConfig, EvalConfig, FinetuneConfig, MergeSpec, ModelConfig, StorageConfig
+from mergeflow.config import (DataConfig, EvalConfig, FinetuneConfig, MergeSpec, ModelConfig, StatisticsConfig,
+                              StorageConfig)
 from mergeflow.errors import IntegrityError
 from mergeflow.storage import (ContentCache, directory_digest, exists, fetch_directory, is_remote, join,
                                local_path, publish_directory, staging_dir)
@@ -225,6 +226,51 @@ def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: Object
     return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), report
 
 
+def statistic_kinds(specs: list[MergeSpec]) -> tuple[str, ...]:
+    """The statistic kinds the data-aware methods among `specs` need (empty when none is data-aware)."""
+    from mergeflow.methods import build_method
+    from mergeflow.methods.data_aware import DataAwareMethod
+    from mergeflow.statistics import KINDS
+
+    wanted: set[str] = set()
+    for spec in specs:
+        method = build_method(spec.method, spec.params)
+        if isinstance(method, DataAwareMethod):
+            wanted.update(method.statistic_kinds())
+    return tuple(k for k in KINDS if k in wanted)
+
+
+def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: ObjectRef, head: ObjectRef,
+                       kinds: tuple[str, ...], settings: StatisticsConfig, storage: StorageConfig,
+                       device: str = "auto") -> tuple[ObjectRef, dict[str, Any]]:
+    """Per-expert statistics on its task's data, stored beside the expert checkpoint and reused when the expert,
+    data, head and settings are unchanged. Returns the reference and a report (examples, seconds, reused)."""
+    import time
+
+    from mergeflow.adapters.hf_text import text_classification_statistics
+    from mergeflow.heads import ClassificationHead
+    from mergeflow.statistics import save_statistics
+
+    cache = make_cache(storage)
+    fp = fingerprint(expert.sha256, dataset.sha256, head.sha256, kinds, settings.model_dump())
+    uri = join(expert.uri.rsplit("/", 1)[0], f"statistics-{fp}.safetensors")
+    if exists(uri, storage.options()):
+        return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), {"reused": True}
+    started = time.perf_counter()
+    data = _read_task(dataset, storage, cache)
+    encoder, tokenizer = _load_encoder(base, storage, cache, expert, device)
+    frozen = ClassificationHead.load(local_file(head, storage, cache))
+    stats = text_classification_statistics(encoder, tokenizer, frozen, data.splits[settings.split], kinds=kinds,
+                                           fisher=settings.fisher, max_examples=settings.max_examples,
+                                           batch_size=settings.batch_size, max_length=settings.max_length,
+                                           seed=settings.seed, device=encoder_device(encoder), progress=True)
+    stats.metadata.update({"task": task, "expert_sha256": expert.sha256, "dataset_sha256": dataset.sha256})
+    _publish_file(uri, storage, cache, lambda path: save_statistics(stats, path))
+    report = {"reused": False, "examples": int(stats.metadata["examples"]),
+              "seconds": round(time.perf_counter() - started, 2)}
+    return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), report
+
+
 def fetch_checkpoint(uri: str, storage: StorageConfig) -> ObjectRef:
     """Fetch (through the content cache) and open a checkpoint: validates its format, returns its digest."""
     from mergeflow.checkpoints import open_checkpoint
@@ -257,16 +303,17 @@ def prepare_merge(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
 
 
 def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str,
-                  storage: StorageConfig, state: dict[str, Any] | None = None, device: str = "auto"
-                  ) -> tuple[ObjectRef, dict[str, Any]]:
+                  storage: StorageConfig, state: dict[str, Any] | None = None, device: str = "auto",
+                  statistics: Mapping[str, ObjectRef] | None = None) -> tuple[ObjectRef, dict[str, Any]]:
     """Merge the experts with one method into `out_uri`; returns its reference and the engine's result record."""
     from mergeflow.merge import merge_checkpoints
 
     cache = make_cache(storage)
     if not exists(out_uri, storage.options()):
+        stats = [statistics[name].uri for name in experts] if statistics else None
         result = merge_checkpoints(spec.method, base_weights(base), [r.uri for r in experts.values()], out_uri,
                                    spec.params, device=device, storage_options=storage.options(), cache=cache,
-                                   state=state, progress=True)
+                                   state=state, progress=True, statistics=stats)
         record = result.to_dict()
     else:
         record = json.loads(cache.fetch(join(out_uri, "mergeflow.json"), storage.options()).path.read_text())

@@ -19,5 +19,6 @@ def sparsify(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.
 
 @task(name="merge", task_run_name="merge-{spec.method}", **IO_RETRIES)
 def merge(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], out_uri: str,
-          storage: StorageConfig, state: dict[str, Any], device: str) -> tuple[stages.ObjectRef, dict[str, Any]]:
-    return stages.merge_experts(spec, base, experts, out_uri, storage, state, device)
+          storage: StorageConfig, state: dict[str, Any] | None, device: str,
+          statistics: dict[str, stages.ObjectRef] | None = None) -> tuple[stages.ObjectRef, dict[str, Any]]:
+    return stages.merge_experts(spec, base, experts, out_uri, storage, state, device, statistics)

@@ -1,0 +1,30 @@
+"""Statistics stage: per-expert Grams / Fisher for the data-aware methods; one child MLflow run each."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from mergeflow import stages
+from mergeflow.config import StatisticsConfig, StorageConfig, TrackingConfig
+from tasks import IO_RETRIES
+from tasks.tracking import MlflowTracker
+
+
+@task(name="statistics", task_run_name="statistics-{task_name}", **IO_RETRIES)
+def compute_statistics(task_name: str, base: stages.ObjectRef, expert: stages.ObjectRef, dataset: stages.ObjectRef,
+                       head: stages.ObjectRef, kinds: tuple[str, ...], settings: StatisticsConfig,
+                       storage: StorageConfig, device: str, tracking: TrackingConfig,
+                       parent_run_id: str) -> stages.ObjectRef:
+    ref, report = stages.compute_statistics(task_name, base, expert, dataset, head, kinds, settings, storage, device)
+    tracker = MlflowTracker(tracking)
+    run_id = tracker.start_run(f"statistics-{task_name}", parent_run_id=parent_run_id,
+                               tags={"mergeflow.stage": "statistics", "mergeflow.task": task_name,
+                                     "mergeflow.reused": str(report["reused"]).lower()})
+    tracker.log_input_refs(run_id, [(f"{task_name}-expert", "expert", expert.uri, expert.sha256),
+                                     (f"{task_name}-data", settings.split, dataset.uri, dataset.sha256)])
+    tracker.log_params(run_id, {"task": task_name, "kinds": ",".join(kinds), "statistics": settings.model_dump(),
+                                "statistics_uri": ref.uri, "statistics_sha256": ref.sha256})
+    if not report["reused"]:
+        tracker.log_metrics(run_id, {"examples": report["examples"], "seconds": report["seconds"]})
+    tracker.end_run(run_id)
+    return ref
