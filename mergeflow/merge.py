@@ -8,6 +8,7 @@ write sharded safetensors with provenance, published atomically.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 import mergeflow
 from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, open_checkpoint
-from mergeflow.checkpoints.reader import TensorSource
+from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.methods import MergeMethod, build_method
 from mergeflow.selection import is_float
 from mergeflow.statistics import open_statistics, validate_statistics
@@ -64,22 +65,53 @@ def expert_name(uri: str) -> str:
     return name
 
 
+def shape_groups(infos: Sequence[TensorInfo], n_experts: int, max_bytes: int) -> list[list[TensorInfo]]:
+    """Tensors of equal shape in order of appearance, cut so that each group's fp32 task vectors
+    [G, N, *shape] take at most `max_bytes` (a single tensor is always a group)."""
+    by_shape: dict[tuple[int, ...], list[list[TensorInfo]]] = {}
+    for info in infos:
+        chunks = by_shape.setdefault(tuple(info.shape), [[]])
+        if chunks[-1] and (len(chunks[-1]) + 1) * n_experts * 4 * math.prod(info.shape) > max_bytes:
+            chunks.append([])
+        chunks[-1].append(info)
+    return [chunk for chunks in by_shape.values() for chunk in chunks]
+
+
 def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torch.Tensor], None], *,
                state: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     """Run `method` over `pool`, handing each output tensor (in the base's dtype, on CPU) to `write`.
 
-    Non-float tensors (e.g. integer position ids) are carried through from the base unchanged.
+    Non-float tensors (e.g. integer position ids) are carried through from the base unchanged. Tensors the
+    method asks to batch (`MergeMethod.grouping`) are merged last, in same-shape groups.
     """
     if state is None:
         state = method.prepare(pool, progress=progress)
     infos = pool.infos()
-    for info in tqdm(infos, desc=f"merging ({method.name})", disable=not progress):
+    names, max_bytes = method.grouping(state)
+    batched = set(names).intersection(info.name for info in infos if is_float(info.dtype))
+    bar = tqdm(total=len(infos), desc=f"merging ({method.name})", disable=not progress)
+    for info in infos:
+        if info.name in batched:
+            continue
         if not is_float(info.dtype):
             write(info.name, pool.base.get(info.name))
-            continue
-        base = pool.base_tensor(info.name)
-        merged = method.merge_tensor(info.name, base, pool.task_vectors(info.name, base), state)
-        write(info.name, merged.to("cpu", info.dtype))
+        else:
+            base = pool.base_tensor(info.name)
+            merged = method.merge_tensor(info.name, base, pool.task_vectors(info.name, base), state)
+            write(info.name, merged.to("cpu", info.dtype))
+        bar.update()
+    for group in shape_groups([info for info in infos if info.name in batched], len(pool.experts), max_bytes):
+        bases = torch.stack([pool.base_tensor(info.name) for info in group])
+        task_vectors = torch.empty((len(group), len(pool.experts), *bases.shape[1:]), dtype=torch.float32,
+                                   device=pool.device)
+        for g, info in enumerate(group):
+            task_vectors[g] = pool.task_vectors(info.name, bases[g])
+        merged = method.merge_group([info.name for info in group], bases, task_vectors, state)
+        del task_vectors
+        for info, tensor in zip(group, merged):
+            write(info.name, tensor.to("cpu", info.dtype))
+        bar.update(len(group))
+    bar.close()
     return state
 
 

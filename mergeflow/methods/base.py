@@ -7,11 +7,17 @@ Running a method is two calls on an `ExpertPool`:
                    JSON-serialisable state, so the flow can run and cache it as its own stage;
   `merge_tensor(name, base, task_vectors, state)`  the merged fp32 tensor for one parameter.
 The engine streams tensors through `merge_tensor`, so memory stays at one tensor's worth of N task vectors.
+
+Optional batching, for methods whose per-tensor work is heavy (DOGE optimises every linear layer): `grouping`
+names the tensors to batch and a byte cap; the engine hands those to `merge_group` in groups of equal shape
+whose stacked task vectors [G, N, *shape] stay within the cap (a single tensor is always allowed), after the
+other tensors have streamed through `merge_tensor`. Methods that do not override `grouping` are untouched.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -40,3 +46,14 @@ class MergeMethod(ABC):
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:
         """Merged value of one float tensor. `base` is fp32 [*shape]; `task_vectors` fp32 [N, *shape]."""
+
+    def grouping(self, state: dict[str, Any]) -> tuple[Sequence[str], int]:
+        """(names, max_bytes): tensors to hand to `merge_group` and the cap on one group's task vectors."""
+        return (), 0
+
+    def merge_group(self, names: Sequence[str], bases: torch.Tensor, task_vectors: torch.Tensor,
+                    state: dict[str, Any]) -> torch.Tensor:
+        """Merged values [G, *shape] of G same-shape tensors: `bases` fp32 [G, *shape], `task_vectors` fp32
+        [G, N, *shape]. Default: `merge_tensor` on each."""
+        return torch.stack([self.merge_tensor(name, base, tv, state)
+                            for name, base, tv in zip(names, bases, task_vectors)])
