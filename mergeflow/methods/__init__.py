@@ -11,6 +11,7 @@ from mergeflow.errors import ConfigError
 from mergeflow.methods.average import SimpleAverage
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.methods.dare import Dare
+from mergeflow.methods.doge_ta import DogeTA
 from mergeflow.methods.fisher import FisherMerging
 from mergeflow.methods.mats import Mats
 from mergeflow.methods.regmean import RegMean
@@ -18,7 +19,7 @@ from mergeflow.methods.task_arithmetic import TaskArithmetic
 from mergeflow.methods.ties import Ties
 
 METHODS: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare, FisherMerging, RegMean, Mats)
+    m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare, DogeTA, FisherMerging, RegMean, Mats)
 }
 
 
