@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +10,10 @@ import torch
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.errors import ConfigError
 from mergeflow.selection import is_float
+
+# An unsupervised objective over merged tensors (name -> tensor), called once per optimisation step with the step
+# number; differentiable w.r.t. the tensors. AdaMerging's is the prediction entropy on unlabeled inputs.
+Objective = Callable[[Mapping[str, torch.Tensor], int], torch.Tensor]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -25,7 +29,8 @@ class ExpertPool:
 
     Every method receives one of these (the FusionBench `run(pool)` contract): data-free methods read task
     vectors from it; data-aware methods also read each expert's statistics (`mergeflow.statistics`), one
-    source per expert in the experts' order, keyed `<parameter>::<kind>`.
+    source per expert in the experts' order, keyed `<parameter>::<kind>`; methods that learn their coefficients
+    (AdaMerging) minimise `objective`.
     """
 
     base: TensorSource
@@ -33,6 +38,7 @@ class ExpertPool:
     names: Sequence[str]
     device: torch.device = torch.device("cpu")
     statistics: Sequence[TensorSource] | None = None
+    objective: Objective | None = None
 
     def infos(self) -> list[TensorInfo]:
         return [self.base.info(k) for k in self.base.keys()]
