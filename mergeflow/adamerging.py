@@ -32,7 +32,8 @@ class LearnedCoefficients:
     losses: list[float]  # objective at each step, before that step's update
 
 
-def merge_with(base: Mapping[str, Tensor], task_vectors: Mapping[str, Tensor], coefficients: Tensor) -> dict[str, Tensor]:
+def merge_with(base: Mapping[str, Tensor], task_vectors: Mapping[str, Tensor],
+               coefficients: Tensor) -> dict[str, Tensor]:
     """theta_0 + sum_i lambda_i tau_i per tensor; `coefficients` [K, N] in the order of `base`'s keys."""
     return {name: base[name] + torch.tensordot(coefficients[k], task_vectors[name], dims=1)
             for k, name in enumerate(base)}

