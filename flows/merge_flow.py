@@ -68,13 +68,17 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     merged_futures = {}
     for label, spec in zip(merge_labels(config), config.merges):
         data_aware = bool(stages.statistic_kinds([spec]))
+        learns = stages.needs_objective(spec)
+        unlabeled = (eval_inputs, config.statistics.unlabeled_split, config.evaluation) if learns else None
         fp = stages.fingerprint(spec.model_dump(), {n: e.sha256 for n, e in experts.items()}, base.sha256,
-                                {n: s.sha256 for n, s in statistics.items()} if data_aware else None)
+                                {n: s.sha256 for n, s in statistics.items()} if data_aware else None,
+                                {n: (d.sha256, h.sha256) for n, (d, h) in eval_inputs.items()} if learns else None,
+                                config.statistics.unlabeled_split if learns else None)
         out_uri = join(storage.root, "merged", config.name, f"{label}-{fp}")
-        # a data-aware method prepares on the pool it merges (it reads statistics from it): no separate stage
-        state = None if data_aware else sparsify.submit(spec, base, experts, storage, device)
+        # methods that read statistics or data in prepare() prepare on the pool they merge: no separate stage
+        state = None if data_aware or learns else sparsify.submit(spec, base, experts, storage, device)
         merged_futures[label] = (spec, merge.submit(spec, base, experts, out_uri, storage, state, device,
-                                                    statistics if data_aware else None))
+                                                    statistics if data_aware else None, unlabeled))
 
     scored = {"pretrained": evaluate.submit("pretrained", None, base, eval_inputs, config.evaluation, storage, device)}
     for n, expert in experts.items():

@@ -100,6 +100,9 @@ class StatisticsConfig(StrictModel):
     batch_size: int = Field(16, ge=1, description="examples per forward pass (Fisher runs one at a time)")
     max_length: int = Field(64, ge=8, description="tokens per text")
     seed: int = Field(0, description="seed of sampled Fisher labels")
+    unlabeled_split: Literal["test", "validation"] = Field(
+        "test", description="split whose texts (never its labels) AdaMerging's entropy objective reads; 'test' is "
+                            "transductive, as in the AdaMerging papers")
 
 
 class MergeSpec(StrictModel):

@@ -26,7 +26,7 @@ from mergeflow.methods import MergeMethod, build_method
 from mergeflow.selection import is_float
 from mergeflow.statistics import open_statistics, validate_statistics
 from mergeflow.storage import ContentCache, exists, publish_directory, staging_dir
-from mergeflow.task_vectors import ExpertPool, resolve_device
+from mergeflow.task_vectors import ExpertPool, Objective, resolve_device
 from mergeflow.validation import check_finite, validate_compatible
 
 MANIFEST = "mergeflow.json"
@@ -118,7 +118,8 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
 def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
                       params: Mapping[str, Any] | None = None, *, device: str | torch.device = "cpu",
                       state: dict[str, Any] | None = None,
-                      statistics: Sequence[Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+                      statistics: Sequence[Mapping[str, torch.Tensor]] | None = None,
+                      objective: Objective | None = None) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with the same engine and checks as `merge_checkpoints`."""
     merge_method = build_method(method, params)
     base_source = StateDictSource(base, "base")
@@ -130,7 +131,7 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor], experts: Se
         validate_statistics(base_source, stats, len(sources))
     for source in (base_source, *sources, *(stats or ())):
         check_finite(source)
-    pool = ExpertPool(base_source, sources, [s.label for s in sources], resolve_device(device), stats)
+    pool = ExpertPool(base_source, sources, [s.label for s in sources], resolve_device(device), stats, objective)
     out: dict[str, torch.Tensor] = {}
     merge_pool(merge_method, pool, out.__setitem__, state=state)
     return out
@@ -142,7 +143,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                       cache: ContentCache | None = None, state: dict[str, Any] | None = None,
                       overwrite: bool = False, progress: bool = False,
                       extra_metadata: Mapping[str, str] | None = None,
-                      statistics: Sequence[str] | None = None) -> MergeResult:
+                      statistics: Sequence[str] | None = None, objective: Objective | None = None) -> MergeResult:
     """Merge stored checkpoints into a new sharded safetensors directory at `out` (local path or fsspec URL).
 
     Data-aware methods read `statistics`: one statistics file per expert, in the experts' order.
@@ -171,7 +172,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         inputs = [InputRef("base", expert_name(base), base, base_ckpt.digest)] + [
             InputRef("expert", n, uri, c.digest) for n, uri, c in zip(names, experts, expert_ckpts)] + [
             InputRef("statistics", n, uri, c.digest) for n, uri, c in zip(names, statistics or (), stats_ckpts or ())]
-        pool = ExpertPool(base_ckpt, expert_ckpts, names, resolve_device(device), stats_ckpts)
+        pool = ExpertPool(base_ckpt, expert_ckpts, names, resolve_device(device), stats_ckpts, objective)
         if state is None:
             state = merge_method.prepare(pool, progress=progress)
         provenance = {

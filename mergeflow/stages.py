@@ -302,9 +302,32 @@ def prepare_merge(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
             ckpt.close()
 
 
+def needs_objective(spec: MergeSpec) -> bool:
+    """Whether a method learns coefficients from unlabeled data (AdaMerging)."""
+    from mergeflow.methods import method_class
+    from mergeflow.methods.adamerging import AdaMerging
+
+    return issubclass(method_class(spec.method), AdaMerging)
+
+
+def unlabeled_objective(base: ObjectRef, tasks: Mapping[str, tuple[ObjectRef, ObjectRef]], split: str,
+                        evaluation: EvalConfig, storage: StorageConfig, device: str = "auto"):
+    """The entropy objective over each task's unlabeled `split` texts with its frozen head (labels never read)."""
+    from mergeflow.adapters.hf_text import adamerging_objective_for
+    from mergeflow.heads import ClassificationHead
+    from mergeflow.task_vectors import resolve_device
+
+    cache = make_cache(storage)
+    splits = {name: (ClassificationHead.load(local_file(head, storage, cache)),
+                     _read_task(dataset, storage, cache).splits[split]) for name, (dataset, head) in tasks.items()}
+    return adamerging_objective_for(local_directory(base, storage, cache), splits, max_length=evaluation.max_length,
+                                    device=resolve_device(device))
+
+
 def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str,
                   storage: StorageConfig, state: dict[str, Any] | None = None, device: str = "auto",
-                  statistics: Mapping[str, ObjectRef] | None = None) -> tuple[ObjectRef, dict[str, Any]]:
+                  statistics: Mapping[str, ObjectRef] | None = None, objective=None
+                  ) -> tuple[ObjectRef, dict[str, Any]]:
     """Merge the experts with one method into `out_uri`; returns its reference and the engine's result record."""
     from mergeflow.merge import merge_checkpoints
 
@@ -313,7 +336,7 @@ def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
         stats = [statistics[name].uri for name in experts] if statistics else None
         result = merge_checkpoints(spec.method, base_weights(base), [r.uri for r in experts.values()], out_uri,
                                    spec.params, device=device, storage_options=storage.options(), cache=cache,
-                                   state=state, progress=True, statistics=stats)
+                                   state=state, progress=True, statistics=stats, objective=objective)
         record = result.to_dict()
     else:
         record = json.loads(cache.fetch(join(out_uri, "mergeflow.json"), storage.options()).path.read_text())

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 
 from mergeflow import stages
-from mergeflow.config import MergeSpec, StorageConfig
+from mergeflow.config import EvalConfig, MergeSpec, StorageConfig
 from tasks import IO_RETRIES
 
 
@@ -20,5 +20,10 @@ def sparsify(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.
 @task(name="merge", task_run_name="merge-{spec.method}", **IO_RETRIES)
 def merge(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], out_uri: str,
           storage: StorageConfig, state: dict[str, Any] | None, device: str,
-          statistics: dict[str, stages.ObjectRef] | None = None) -> tuple[stages.ObjectRef, dict[str, Any]]:
-    return stages.merge_experts(spec, base, experts, out_uri, storage, state, device, statistics)
+          statistics: dict[str, stages.ObjectRef] | None = None,
+          unlabeled: tuple[dict[str, tuple[stages.ObjectRef, stages.ObjectRef]], str, EvalConfig] | None = None,
+          ) -> tuple[stages.ObjectRef, dict[str, Any]]:
+    """`unlabeled` = (task -> (dataset, head), split, evaluation settings) for methods that learn coefficients."""
+    objective = stages.unlabeled_objective(base, unlabeled[0], unlabeled[1], unlabeled[2], storage, device) \
+        if unlabeled else None
+    return stages.merge_experts(spec, base, experts, out_uri, storage, state, device, statistics, objective)

@@ -13,6 +13,7 @@ from mergeflow.checkpoints import open_checkpoint
 from mergeflow.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from mergeflow.merge import MANIFEST, merge_checkpoints, merge_state_dicts
 from mergeflow.methods import METHODS
+from mergeflow.methods.adamerging import AdaMerging
 from mergeflow.methods.data_aware import DataAwareMethod
 from mergeflow.storage import sha256_file
 
@@ -22,7 +23,8 @@ def _read_all(uri, cache):
     return {k: ckpt.get(k) for k in ckpt.keys()}, ckpt
 
 
-@pytest.mark.parametrize("method", sorted(m for m, cls in METHODS.items() if not issubclass(cls, DataAwareMethod)))
+@pytest.mark.parametrize("method", sorted(m for m, cls in METHODS.items()
+                                           if not issubclass(cls, (DataAwareMethod, AdaMerging))))
 def test_streaming_equals_in_memory_with_sharded_output(tmp_path, cache, model_files, method):
     base_path, expert_paths, base, experts = model_files
     out = tmp_path / f"merged-{method}"

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mergeflow.errors import ConfigError
+from mergeflow.methods.adamerging import AdaMerging
 from mergeflow.methods.average import SimpleAverage
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.methods.dare import Dare
@@ -19,7 +20,7 @@ from mergeflow.methods.task_arithmetic import TaskArithmetic
 from mergeflow.methods.ties import Ties
 
 METHODS: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare, DogeTA, FisherMerging, RegMean, Mats)
+    m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare, DogeTA, FisherMerging, RegMean, Mats, AdaMerging)
 }
 
 
