@@ -101,6 +101,14 @@ def test_shared_subspace_is_the_basis_of_the_recipe():
     assert wide.shape == (7, 2) and torch.allclose(wide @ wide.T, expected @ expected.T, atol=1e-5)
 
 
+def test_shared_subspace_of_low_rank_task_vectors_is_finite_and_orthonormal():
+    g = torch.Generator().manual_seed(4)
+    low_rank = torch.stack([torch.randn(12, 1, generator=g) @ torch.randn(1, 6, generator=g) for _ in range(3)])
+    for tvs in (low_rank, torch.zeros(3, 12, 6)):  # fewer nonzero singular values than floor(r/N) = 2
+        q = shared_subspace(tvs, divisor=2)
+        assert q.shape == (12, 3) and torch.allclose(q.T @ q, torch.eye(3), atol=1e-5)
+
+
 def test_adam_receives_the_gradient_projected_off_the_subspace(monkeypatch):
     tvs = torch.randn(1, 3, 12, 6, generator=torch.Generator().manual_seed(2))
     basis = shared_subspace(tvs[0], divisor=2).unsqueeze(0)

@@ -28,7 +28,6 @@ from mergeflow.errors import ConfigError
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.selection import ParameterSelection
 from mergeflow.sparsify import global_topk_thresholds
-from mergeflow.svd import left_basis
 from mergeflow.task_vectors import ExpertPool
 
 
@@ -65,11 +64,22 @@ def task_coefficients(task_vectors: torch.Tensor, eta: float) -> torch.Tensor:
 
 
 def _top_left_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-`rank` left singular vectors [m, rank] of a matrix [m, n] (thin SVD)."""
-    if matrix.shape[0] >= matrix.shape[1]:
-        return left_basis(matrix, rank)
-    # LAPACK factorises the tall transpose of a row-major wide matrix ~2x faster; U(A) = V(A^T).
-    return torch.linalg.svd(matrix.mT, full_matrices=False)[2][:rank].mT
+    """Top-`rank` left singular vectors [m, rank] of a matrix [m, n], as fp32.
+
+    Computed from the eigendecomposition of the min(m, n)-sized Gram matrix in float64: about 2x faster than
+    LAPACK's fp32 thin SVD at ViT sizes and exact to fp32 rounding, where the fp32 SVD's trailing vectors are
+    off by ~1e-4 when the spectrum has no gap. A tall matrix with a (numerically) zero singular value among the
+    top `rank` takes the SVD instead, whose completion of the null space is as arbitrary as the reference's."""
+    m, n = matrix.shape
+    rank = min(rank, m, n)
+    a = matrix.double()
+    if m <= n:
+        return torch.linalg.eigh(a @ a.mT)[1][:, m - rank:].flip(-1).float()
+    values, vectors = torch.linalg.eigh(a.mT @ a)
+    values, vectors = values[n - rank:].flip(-1), vectors[:, n - rank:].flip(-1)
+    if rank and values[-1] <= 1e-12 * values[0]:
+        return torch.linalg.svd(a, full_matrices=False)[0][:, :rank].float()
+    return (a @ vectors / values.sqrt()).float()
 
 
 def shared_subspace(task_vectors: torch.Tensor, divisor: int) -> torch.Tensor:
