@@ -141,7 +141,7 @@ class MlflowTracker:
             self.client.create_registered_model(registered_name)
         location = self.client.get_logged_model(model_id).artifact_location  # not models:/ (resolved globally)
         version = self.client.create_model_version(registered_name, source=location, run_id=run_id,
-                                                   model_id=model_id, tags={metric: f"{score:.6f}",
+                                                   model_id=model_id, tags={metric: repr(float(score)),
                                                                                  "mergeflow.model_id": model_id})
         self.client.set_registered_model_alias(registered_name, "candidate", version.version)
         try:

@@ -17,6 +17,17 @@ import boto3
 S3_PORT = 8333
 
 
+def stop_process_group(process: subprocess.Popen | None) -> None:
+    """Stop a server we started (its whole process group, by PID): SIGTERM, then SIGKILL after 20 s."""
+    if process and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
@@ -54,13 +65,7 @@ class SeaweedServer:
         raise RuntimeError("SeaweedFS did not become ready")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process)
         deadline = time.monotonic() + 20
         while _port_open(S3_PORT) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -111,10 +116,4 @@ class MlflowServer:
         raise RuntimeError("mlflow server did not become healthy")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process)

@@ -23,7 +23,8 @@ def _config(tmp_path: Path, cache: Path):
         "evaluation": {"max_length": 16},
         "merges": [{"method": "average"}, {"method": "task_arithmetic", "params": {"scaling": 0.5}},
                    {"method": "ties"}, {"method": "regmean"},
-                   {"method": "adamerging", "params": {"granularity": "task", "steps": 2}}],
+                   {"method": "adamerging", "params": {"granularity": "task", "steps": 2}},
+                   {"method": "doge_ta", "params": {"steps": 5}}],
         "statistics": {"max_examples": 4},
         "storage": {"root": str(tmp_path / "store"), "cache_dir": str(cache)},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tiny",
@@ -44,7 +45,8 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     first = merge_flow(config)
 
     assert set(first["accuracy"]) == {"pretrained", "expert:election", "expert:rotten_tomatoes", "average",
-                                      "task_arithmetic", "ties", "regmean", "adamerging"}
+                                      "task_arithmetic", "ties", "regmean", "adamerging",
+                                      "doge_ta"}
     for row in first["accuracy"].values():
         assert set(row) == {"election", "rotten_tomatoes"} and all(0.0 <= v <= 1.0 for v in row.values())
     assert "| ties" in first["table"] and "norm. avg" in first["table"]
@@ -63,7 +65,7 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {r.info.run_name: r for r in children}
     assert set(by_name) == {"expert-election", "expert-rotten_tomatoes", "merge-average", "merge-task_arithmetic",
-                            "merge-ties", "merge-regmean", "merge-adamerging", "statistics-election",
+                            "merge-ties", "merge-regmean", "merge-adamerging", "merge-doge_ta", "statistics-election",
                             "statistics-rotten_tomatoes"}
     regmean_inputs = {i.tags[0].value for i in by_name["merge-regmean"].inputs.dataset_inputs}
     assert "statistics" in regmean_inputs
@@ -71,7 +73,8 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     assert ties.data.params["param.density"] == "0.2" and "norm_acc.avg" in ties.data.metrics
     assert ties.data.tags["mergeflow.model_sha256"] == first["merged"]["ties"]["sha256"]
     models = {m.name: m for m in client.search_logged_models([parent.info.experiment_id])}
-    assert set(models) == {"average", "task_arithmetic", "ties", "regmean", "adamerging"}
+    assert set(models) == {"average", "task_arithmetic", "ties", "regmean", "adamerging",
+                                      "doge_ta"}
     assert models["ties"].tags["mergeflow.sha256"] == first["merged"]["ties"]["sha256"]
     assert models["ties"].source_run_id == ties.info.run_id and str(models["ties"].status).endswith("READY")
     contexts = sorted(i.tags[0].value for i in ties.inputs.dataset_inputs)

@@ -35,7 +35,8 @@ def s3(s3_server, monkeypatch):
     return {"endpoint_url": s3_server, "skip_instance_cache": True}, client, bucket
 
 
-def test_merge_reads_and_writes_s3(tmp_path, cache, model_files, s3):
+@pytest.mark.parametrize("method,params", [("ties", {}), ("doge_ta", {"steps": 10})])
+def test_merge_reads_and_writes_s3(tmp_path, cache, model_files, s3, method, params):
     options, client, bucket = s3
     base_path, expert_paths, base, experts = model_files
     uris = []
@@ -43,13 +44,13 @@ def test_merge_reads_and_writes_s3(tmp_path, cache, model_files, s3):
         key = f"experts/{path.rsplit('/', 1)[-1]}"
         client.upload_file(path, bucket, key)
         uris.append(f"s3://{bucket}/{key}")
-    result = merge_checkpoints("ties", uris[0], uris[1:], f"s3://{bucket}/merged/ties", shard_size=600,
-                               storage_options=options, cache=cache)
+    result = merge_checkpoints(method, uris[0], uris[1:], f"s3://{bucket}/merged/{method}", shard_size=600,
+                               storage_options=options, cache=cache, params=params)
     assert [i.sha256 for i in result.inputs] == [sha256_file(p) for p in [base_path, *expert_paths]]
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="merged/")["Contents"]}
-    assert keys == {f"merged/ties/{name}" for name in result.files} | {"merged/ties/mergeflow.json"}
-    ckpt = open_checkpoint(f"s3://{bucket}/merged/ties", storage_options=options, cache=cache)
-    expected = merge_state_dicts("ties", base, experts)
+    assert keys == {f"merged/{method}/{name}" for name in result.files} | {f"merged/{method}/mergeflow.json"}
+    ckpt = open_checkpoint(f"s3://{bucket}/merged/{method}", storage_options=options, cache=cache)
+    expected = merge_state_dicts(method, base, experts, params)
     assert all(torch.equal(ckpt.get(k), expected[k]) for k in expected)
     fs, _ = filesystem(f"s3://{bucket}", options)
     assert not [p for p in fs.ls(bucket) if "partial" in p]  # temporary upload prefix removed
