@@ -16,7 +16,6 @@ and compares the two outputs tensor by tensor. Exits 1 if they differ.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -29,6 +28,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import vit_models
+from vit_models import generator
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing mergeflow
 
@@ -37,40 +39,12 @@ METHODS = {"ta": ("task_arithmetic", {"scaling": SCALING}),
            "ties": ("ties", {"density": DENSITY, "scaling": SCALING, "merge": "sum"})}
 GOALS_GB = {"ta": 1.5, "ties": 2.5}  # engine peak RSS goals
 GB = 1e9
-WIDTH, MLP, PATCH, TOKENS, EMBED = 768, 3072, 32, 50, 512
 SPEC_VERSION = 1  # bump when the generator below changes
-
-
-def model_spec(blocks: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes of open_clip's ViT-B/32 visual tower (with `blocks` residual blocks)."""
-    spec = [("conv1.weight", (WIDTH, 3, PATCH, PATCH)), ("class_embedding", (WIDTH,)),
-            ("positional_embedding", (TOKENS, WIDTH)), ("ln_pre.weight", (WIDTH,)), ("ln_pre.bias", (WIDTH,))]
-    for i in range(blocks):
-        p = f"transformer.resblocks.{i}."
-        spec += [(p + "ln_1.weight", (WIDTH,)), (p + "ln_1.bias", (WIDTH,)),
-                 (p + "attn.in_proj_weight", (3 * WIDTH, WIDTH)), (p + "attn.in_proj_bias", (3 * WIDTH,)),
-                 (p + "attn.out_proj.weight", (WIDTH, WIDTH)), (p + "attn.out_proj.bias", (WIDTH,)),
-                 (p + "ln_2.weight", (WIDTH,)), (p + "ln_2.bias", (WIDTH,)),
-                 (p + "mlp.c_fc.weight", (MLP, WIDTH)), (p + "mlp.c_fc.bias", (MLP,)),
-                 (p + "mlp.c_proj.weight", (WIDTH, MLP)), (p + "mlp.c_proj.bias", (WIDTH,))]
-    return spec + [("ln_post.weight", (WIDTH,)), ("ln_post.bias", (WIDTH,)), ("proj", (WIDTH, EMBED))]
-
-
-def _generator(*context: object) -> torch.Generator:
-    digest = hashlib.sha256(repr(context).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-def _base_tensor(seed: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    g = _generator(seed, "base", name)
-    parts = name.split(".")
-    is_norm_weight = len(parts) > 1 and parts[-2].startswith("ln") and parts[-1] == "weight"
-    return (1.0 if is_norm_weight else 0.0) + 0.02 * torch.randn(shape, generator=g)
 
 
 def _task_vector(seed: int, expert: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Gaussian with a per-tensor scale, plus ~2% sparse entries 10x larger (so top-k is not trivial)."""
-    g = _generator(seed, "expert", expert, name)
+    g = generator(seed, "expert", expert, name)
     scale = 1e-3 * (0.5 + 2.0 * torch.rand((), generator=g).item())
     tv = scale * torch.randn(shape, generator=g)
     spikes = torch.rand(shape, generator=g) < 0.02
@@ -78,26 +52,7 @@ def _task_vector(seed: int, expert: int, name: str, shape: tuple[int, ...]) -> t
 
 
 def ensure_models(workdir: Path, seed: int, blocks: int, experts: int) -> tuple[Path, list[Path]]:
-    """Write base.safetensors and expert_<i>.safetensors, one model in memory at a time."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    spec_file, wanted = workdir / "models.json", {"version": SPEC_VERSION, "seed": seed, "blocks": blocks}
-    if spec_file.exists() and json.loads(spec_file.read_text()) != wanted:
-        for old in workdir.glob("*.safetensors"):
-            old.unlink()
-    spec_file.write_text(json.dumps(wanted))
-    spec = model_spec(blocks)
-    base, paths = workdir / "base.safetensors", [workdir / f"expert_{i}.safetensors" for i in range(experts)]
-    for index, path in [(None, base), *enumerate(paths)]:
-        if path.exists():
-            continue
-        print(f"generating {path.name} ({sum(math.prod(s) for _, s in spec) / 1e6:.1f} M params)", flush=True)
-        model = {n: _base_tensor(seed, n, s) if index is None else _base_tensor(seed, n, s).add_(
-            _task_vector(seed, index, n, s)) for n, s in spec}
-        tmp = path.with_suffix(".tmp")
-        save_file(model, str(tmp), metadata={"seed": str(seed), "expert": str(index)})
-        tmp.rename(path)
-        del model
-    return base, paths
+    return vit_models.ensure_models(workdir, seed, blocks, experts, _task_vector, {"version": SPEC_VERSION})
 
 
 def reference_ta(base_path: Path, expert_paths: list[Path]) -> dict[str, torch.Tensor]:
