@@ -41,7 +41,6 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing mergeflo
 
 ETA, DIVISOR, KEEP, LR = 0.07, 6, 0.3, 1e-4
 OWN_DIRECTIONS, SHARED_DIRECTIONS = 4, 2
-GROUP_MB = 256.0
 SPEC_VERSION = 1  # bump when the generator below changes
 GB = 1e9
 
@@ -129,7 +128,7 @@ def child(args: argparse.Namespace) -> None:
         from mergeflow.storage import ContentCache
         merge_checkpoints("doge_ta", str(base), [str(p) for p in experts], str(workdir / "doge"),
                           {"eta": ETA, "subspace_divisor": DIVISOR, "keep": KEEP, "lr": LR, "steps": args.steps,
-                           "group_mb": args.group_mb},
+                           **({} if args.group_mb is None else {"group_mb": args.group_mb})},
                           device=args.device, overwrite=True, cache=ContentCache(workdir / "cache"))
     else:
         extra = run_reference(base, experts, workdir / "reference.safetensors", args.reference_blocks, args.steps,
@@ -143,7 +142,9 @@ def child(args: argparse.Namespace) -> None:
 
 def measure(kind: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--workdir", args.workdir, "--experts", str(args.experts),
-           "--steps", str(args.steps), "--device", args.device, "--group-mb", str(args.group_mb)]
+           "--steps", str(args.steps), "--device", args.device]
+    if args.group_mb is not None:
+        cmd += ["--group-mb", str(args.group_mb)]
     if args.reference_blocks is not None:
         cmd += ["--reference-blocks", str(args.reference_blocks)]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -217,7 +218,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=400, help="Adam steps per layer (both implementations)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (both implementations)")
-    parser.add_argument("--group-mb", type=float, default=GROUP_MB, help="doge_ta's group_mb parameter")
+    parser.add_argument("--group-mb", type=float, help="doge_ta's group_mb (default: the method's, by device)")
     parser.add_argument("--reference-blocks", type=int, help="optimise only the first K blocks in the reference")
     parser.add_argument("--skip-reference", action="store_true", help="measure doge_ta only")
     parser.add_argument("--workdir", default=str(ROOT / "benchmarks" / "out" / "doge_speed"))
@@ -248,7 +249,10 @@ def main() -> None:
           f"{args.device}, {threads}; peak RSS = child VmHWM, GB = 1e9 bytes")
     print(f"doge_ta    {doge['wall_s']:8.1f} s  peak RSS {doge['peak_rss'] / GB:.2f} GB"
           + (f"  GPU peak {doge['gpu_peak'] / GB:.2f} GB" if "gpu_peak" in doge else ""))
-    selected, working = memory_bound(args.blocks, args.experts, args.group_mb)
+    from mergeflow.methods import build_method
+    group_mb = build_method("doge_ta", {"group_mb": args.group_mb}).grouping(
+        {"selected": []}, torch.device(args.device))[1] / 1e6
+    selected, working = memory_bound(args.blocks, args.experts, group_mb)
     bound = selected + working + baseline["peak_rss"]
     print(f"memory bound: experts' selected layers {selected / GB:.2f} GB + one group's working set "
           f"{working / GB:.2f} GB + the interpreter with torch {baseline['peak_rss'] / GB:.2f} GB = {bound / GB:.2f} GB:"

@@ -87,7 +87,7 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     if state is None:
         state = method.prepare(pool, progress=progress)
     infos = pool.infos()
-    names, max_bytes = method.grouping(state)
+    names, max_bytes = method.grouping(state, pool.device)
     batched = set(names).intersection(info.name for info in infos if is_float(info.dtype))
     bar = tqdm(total=len(infos), desc=f"merging ({method.name})", disable=not progress)
     for info in infos:

@@ -193,7 +193,10 @@ def test_grouped_layers_equal_one_layer_at_a_time():
     singles = merge_state_dicts("doge_ta", base, experts, {**params, "group_mb": 0})
     grouped = merge_state_dicts("doge_ta", base, experts, {**params, "group_mb": 1000})
     method = build_method("doge_ta", {**params, "group_mb": 1000})
-    assert len(method.grouping(method.prepare(_pool(base, experts)))[0]) == 6
+    state = method.prepare(_pool(base, experts))
+    assert method.grouping(state, torch.device("cpu")) == (list(base)[:6], 1000 * 10**6)
+    assert build_method("doge_ta").grouping(state, torch.device("cpu"))[1] == 0
+    assert build_method("doge_ta").grouping(state, torch.device("cuda"))[1] == 256 * 10**6
     weights = [k for k in base if k.endswith("weight")]
     assert all(_relative(grouped[k] - base[k], singles[k] - base[k]) <= 1e-6 for k in weights)
     assert torch.equal(grouped["blocks.0.fc.bias"], singles["blocks.0.fc.bias"])

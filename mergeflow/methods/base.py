@@ -47,8 +47,9 @@ class MergeMethod(ABC):
                      state: dict[str, Any]) -> torch.Tensor:
         """Merged value of one float tensor. `base` is fp32 [*shape]; `task_vectors` fp32 [N, *shape]."""
 
-    def grouping(self, state: dict[str, Any]) -> tuple[Sequence[str], int]:
-        """(names, max_bytes): tensors to hand to `merge_group` and the cap on one group's task vectors."""
+    def grouping(self, state: dict[str, Any], device: torch.device) -> tuple[Sequence[str], int]:
+        """(names, max_bytes): tensors to hand to `merge_group` and the cap on one group's task vectors, for a
+        merge on `device`."""
         return (), 0
 
     def merge_group(self, names: Sequence[str], bases: torch.Tensor, task_vectors: torch.Tensor,

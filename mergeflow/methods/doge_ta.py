@@ -48,8 +48,9 @@ class DogeTAParams(MethodParams):
     include: tuple[str, ...] = Field((), description="regexes of tensors to optimise besides the 2-D linear weights "
                                      "selected by kind (fused in_proj included); must be 2-D")
     exclude: tuple[str, ...] = Field((), description="regexes of tensors to leave to the unselected policy")
-    group_mb: float = Field(256.0, ge=0.0, le=1e6, description="cap (MB) on the stacked task vectors of one group "
-                            "of equal-shape layers optimised together; 0: one layer at a time")
+    group_mb: float | None = Field(None, ge=0.0, le=1e6, description="cap (MB) on the stacked task vectors of one "
+                                   "group of equal-shape layers optimised together; 0: one layer at a time; "
+                                   "default: 256 on a GPU, 0 on the CPU (measured faster there)")
 
     @model_validator(mode="after")
     def _patterns_compile(self) -> DogeTAParams:
@@ -151,8 +152,11 @@ class DogeTA(MergeMethod):
         thresholds = global_topk_thresholds(pool, p.keep, keys=selected, progress=progress)
         return {"selected": selected, "thresholds": thresholds}
 
-    def grouping(self, state: dict[str, Any]) -> tuple[Sequence[str], int]:
-        return state["selected"], int(self.params.group_mb * 1e6)
+    def grouping(self, state: dict[str, Any], device: torch.device) -> tuple[Sequence[str], int]:
+        group_mb = self.params.group_mb
+        if group_mb is None:  # on a CPU a group's buffers fall out of the L3 cache: one layer at a time is faster
+            group_mb = 0.0 if device.type == "cpu" else 256.0
+        return state["selected"], int(group_mb * 1e6)
 
     def merge_group(self, names: Sequence[str], bases: torch.Tensor, task_vectors: torch.Tensor,
                     state: dict[str, Any]) -> torch.Tensor:
