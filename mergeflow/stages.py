@@ -303,11 +303,10 @@ def prepare_merge(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
 
 
 def needs_objective(spec: MergeSpec) -> bool:
-    """Whether a method learns coefficients from unlabeled data (AdaMerging)."""
+    """Whether a method learns coefficients from unlabeled data (AdaMerging, DOGE AM)."""
     from mergeflow.methods import method_class
-    from mergeflow.methods.adamerging import AdaMerging
 
-    return issubclass(method_class(spec.method), AdaMerging)
+    return method_class(spec.method).needs_objective
 
 
 def unlabeled_objective(base: ObjectRef, tasks: Mapping[str, tuple[ObjectRef, ObjectRef]], split: str,

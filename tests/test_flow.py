@@ -24,7 +24,8 @@ def _config(tmp_path: Path, cache: Path):
         "merges": [{"method": "average"}, {"method": "task_arithmetic", "params": {"scaling": 0.5}},
                    {"method": "ties"}, {"method": "regmean"},
                    {"method": "adamerging", "params": {"granularity": "task", "steps": 2}},
-                   {"method": "doge_ta", "params": {"steps": 5}}],
+                   {"method": "doge_ta", "params": {"steps": 5}},
+                   {"method": "doge_am", "params": {"steps": 3, "am_steps": 2}}],
         "statistics": {"max_examples": 4},
         "storage": {"root": str(tmp_path / "store"), "cache_dir": str(cache)},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tiny",
@@ -46,7 +47,7 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
 
     assert set(first["accuracy"]) == {"pretrained", "expert:election", "expert:rotten_tomatoes", "average",
                                       "task_arithmetic", "ties", "regmean", "adamerging",
-                                      "doge_ta"}
+                                      "doge_ta", "doge_am"}
     for row in first["accuracy"].values():
         assert set(row) == {"election", "rotten_tomatoes"} and all(0.0 <= v <= 1.0 for v in row.values())
     assert "| ties" in first["table"] and "norm. avg" in first["table"]
@@ -65,7 +66,8 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {r.info.run_name: r for r in children}
     assert set(by_name) == {"expert-election", "expert-rotten_tomatoes", "merge-average", "merge-task_arithmetic",
-                            "merge-ties", "merge-regmean", "merge-adamerging", "merge-doge_ta", "statistics-election",
+                            "merge-ties", "merge-regmean", "merge-adamerging", "merge-doge_ta", "merge-doge_am",
+                            "statistics-election",
                             "statistics-rotten_tomatoes"}
     regmean_inputs = {i.tags[0].value for i in by_name["merge-regmean"].inputs.dataset_inputs}
     assert "statistics" in regmean_inputs
@@ -73,8 +75,7 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     assert ties.data.params["param.density"] == "0.2" and "norm_acc.avg" in ties.data.metrics
     assert ties.data.tags["mergeflow.model_sha256"] == first["merged"]["ties"]["sha256"]
     models = {m.name: m for m in client.search_logged_models([parent.info.experiment_id])}
-    assert set(models) == {"average", "task_arithmetic", "ties", "regmean", "adamerging",
-                                      "doge_ta"}
+    assert set(models) == {"average", "task_arithmetic", "ties", "regmean", "adamerging", "doge_ta", "doge_am"}
     assert models["ties"].tags["mergeflow.sha256"] == first["merged"]["ties"]["sha256"]
     assert models["ties"].source_run_id == ties.info.run_id and str(models["ties"].status).endswith("READY")
     contexts = sorted(i.tags[0].value for i in ties.inputs.dataset_inputs)

@@ -12,6 +12,7 @@ from mergeflow.methods.adamerging import AdaMerging
 from mergeflow.methods.average import SimpleAverage
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.methods.dare import Dare
+from mergeflow.methods.doge_am import DogeAM
 from mergeflow.methods.doge_ta import DogeTA
 from mergeflow.methods.fisher import FisherMerging
 from mergeflow.methods.mats import Mats
@@ -20,7 +21,8 @@ from mergeflow.methods.task_arithmetic import TaskArithmetic
 from mergeflow.methods.ties import Ties
 
 METHODS: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare, DogeTA, FisherMerging, RegMean, Mats, AdaMerging)
+    m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare, DogeTA, DogeAM, FisherMerging, RegMean, Mats,
+                        AdaMerging)
 }
 
 

@@ -36,6 +36,7 @@ class AdaMerging(MergeMethod):
     name = "adamerging"
     summary = "Coefficients learned by entropy minimisation on unlabeled inputs (needs an objective; transductive)."
     Params = AdaMergingParams
+    needs_objective = True
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         if pool.objective is None:

@@ -34,6 +34,7 @@ class MergeMethod(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
+    needs_objective: ClassVar[bool] = False  # learns from unlabeled data through `ExpertPool.objective`
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else self.Params()

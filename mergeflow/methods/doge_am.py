@@ -1,0 +1,146 @@
+"""DOGE AM (Wei et al., ICML 2025, the AdaMerging variant; FusionBench's `LayerWiseMergedModel` in
+`layer_wise_fusion_doge_ta.py`): DOGE's data-free modification with one delta per task, then layer-wise AdaMerging
+on the adjusted task vectors. Per selected linear layer:
+
+1. lambda_i = eta / ||tau_i||_F (they only weigh the loss: the learned coefficients replace them in the merge);
+2. the shared subspace Q of size floor(r / N) (DOGE TA: r / 6);
+3. per-task deltas minimise DOGE's loss with M = sum_i lambda_i (T_i + delta_i): dL/d delta_i = lambda_i g(M),
+   each projected off span(Q), all updated by one Adam (400 steps, lr 1e-4);
+4. adjusted vectors m_i * (T_i + delta_i), m_i the top-`keep` mask of the ORIGINAL tau_i, global over the layers;
+5. w_{i,l} learned by entropy minimisation on unlabeled inputs (`ExpertPool.objective`; transductive when fed
+   test inputs) on the adjusted vectors of the selected layers only, the other tensors at theta_0 throughout;
+   merged = theta_0 + sum_i w_{i,l} m_i * (T_i + delta_i) on the selected layers, `unselected` elsewhere.
+
+`prepare` keeps the adjusted vectors of the selected layers on the pool's device (N models' worth of linear
+weights) for the coefficient fit and the merge; given a state without them (e.g. from a cache), a layer's
+deltas are recomputed, deterministically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from mergeflow.adamerging import learn_coefficients
+from mergeflow.errors import ConfigError
+from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.methods.doge_ta import DogeObjective, shared_subspace, task_coefficients
+from mergeflow.selection import ParameterSelection
+from mergeflow.sparsify import global_topk_thresholds
+from mergeflow.task_vectors import ExpertPool
+
+
+class DogeAMParams(MethodParams):
+    eta: float = Field(0.07, gt=0.0, le=10.0, description="lambda_i = eta / ||tau_i||_F per layer, in the loss only "
+                       "(the reference hard-codes 0.07)")
+    keep: float = Field(0.3, gt=0.0, le=1.0, description="fraction of each original task vector kept (global over "
+                        "the selected layers)")
+    steps: int = Field(400, ge=0, le=100_000, description="Adam steps of the deltas, per layer")
+    lr: float = Field(1e-4, gt=0.0, le=1.0, description="Adam learning rate of the deltas")
+    am_steps: int = Field(1000, ge=1, le=100_000, description="AdaMerging steps (FusionBench's DOGE AM: 1000)")
+    am_lr: float = Field(1e-3, gt=0.0, le=1.0, description="AdaMerging Adam learning rate")
+    am_init: float = Field(0.3, ge=0.0, le=1.0, description="initial AdaMerging coefficient")
+    clamp: bool = Field(False, description="clamp the coefficients to [0, 1] (FusionBench's DOGE AM: no)")
+    seed: int = Field(0, ge=0, description="seeds torch's RNG while the objective runs")
+    unselected: Literal["pretrained", "average"] = Field(
+        "pretrained", description="tensors outside the selection: theta_0 (the reference) or theta_0 + mean tau")
+    include: tuple[str, ...] = Field((), description="regexes of 2-D tensors to adjust besides the linear weights")
+    exclude: tuple[str, ...] = Field((), description="regexes of tensors to leave to the unselected policy")
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> DogeAMParams:
+        ParameterSelection(include=self.include, exclude=self.exclude)
+        return self
+
+
+def optimise_task_deltas(task_vectors: torch.Tensor, lam: torch.Tensor, basis: torch.Tensor, steps: int,
+                         lr: float) -> torch.Tensor:
+    """Per-task deltas [G, N, d_out, d_in] after `steps` projected Adam steps from zero, for G equal-shape layers
+    (task vectors [G, N, d_out, d_in], lambda [G, N], basis Q [G, d_out, k]).
+
+    With D = sum_i lambda_i delta_i, the loss depends on D only, so dL/d delta_i = (lambda_i / Lambda) g, g the
+    shared-delta gradient (`DogeObjective`) at D / Lambda: one gradient and one projection per step, scaled per
+    task (projection is linear), then one Adam over all deltas (Adam's state is per element, as in the reference).
+    Adam ignores a constant gradient scale, so the deltas of different tasks agree up to Adam's eps.
+    """
+    objective = DogeObjective(task_vectors, lam)
+    total = lam.sum(dim=1)
+    share = torch.where(total > 0, 1 / total, torch.zeros_like(total))
+    scale = (lam * share[:, None])[:, :, None, None]  # lambda_i / Lambda
+    deltas = torch.zeros_like(task_vectors)
+    deltas.grad = torch.empty_like(deltas)
+    grad = torch.empty_like(task_vectors[:, 0])
+    coefficients = grad.new_empty(basis.shape[0], basis.shape[2], grad.shape[2])
+    adam = torch.optim.Adam([deltas], lr=lr, fused=deltas.device.type in ("cpu", "cuda"))
+    for _ in range(steps):
+        shared = torch.einsum("gn,gnrc->grc", lam, deltas).mul_(share[:, None, None])  # D / Lambda
+        objective.gradient(shared, out=grad)
+        if basis.shape[2]:
+            grad.baddbmm_(basis, torch.bmm(basis.mT, grad, out=coefficients), alpha=-1)
+        torch.mul(grad[:, None], scale, out=deltas.grad)
+        adam.step()
+    return deltas.detach()
+
+
+class DogeAM(MergeMethod):
+    name = "doge_am"
+    summary = ("DOGE AM: per-task projected deltas on the trimmed task vectors, then layer-wise AdaMerging "
+               "(needs an objective; transductive).")
+    Params = DogeAMParams
+    needs_objective = True
+
+    adjusted: dict[str, torch.Tensor] | None = None
+
+    def adjusted_vectors(self, task_vectors: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+        """m_i * (T_i + delta_i) [G, N, d_out, d_in] of G equal-shape layers' task vectors."""
+        p = self.params
+        n = task_vectors.shape[1]
+        lam = task_coefficients(task_vectors, p.eta)
+        basis = torch.stack([shared_subspace(tvs, n) for tvs in task_vectors])
+        adjusted = optimise_task_deltas(task_vectors, lam, basis, p.steps, p.lr).add_(task_vectors)
+        for i, threshold in enumerate(thresholds):
+            adjusted[:, i].mul_(task_vectors[:, i].abs() >= threshold)
+        return adjusted
+
+    def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
+        from mergeflow.merge import shape_groups  # the engine imports the registry
+
+        if pool.objective is None:
+            raise ConfigError(f"method {self.name!r} learns its coefficients on unlabeled data and needs an "
+                              "objective (e.g. mergeflow.adapters.hf_text.adamerging_objective_for); none was given")
+        p = self.params
+        infos = pool.infos()
+        selected = ParameterSelection(include=p.include, exclude=p.exclude).select(infos)
+        chosen = set(selected)
+        if bad := [info.name for info in infos if info.name in chosen and len(info.shape) != 2]:
+            raise ConfigError(f"method {self.name!r} adjusts 2-D weights only; selected: {', '.join(bad[:5])}")
+        if not selected:
+            raise ConfigError(f"method {self.name!r}: no 2-D linear weight is selected (check include/exclude)")
+        thresholds = global_topk_thresholds(pool, p.keep, keys=selected, progress=progress)
+        bases, adjusted = {}, {}
+        cap = 0 if pool.device.type == "cpu" else 256_000_000
+        for group in shape_groups([info for info in infos if info.name in chosen], len(pool.experts), cap):
+            stacked = torch.stack([pool.task_vectors(info.name) for info in group])
+            for info, vectors in zip(group, self.adjusted_vectors(stacked, thresholds)):
+                adjusted[info.name] = vectors
+                bases[info.name] = pool.base_tensor(info.name)
+        bases = {name: bases[name] for name in selected}  # the learner keeps the checkpoint's order
+        learned = learn_coefficients(bases, adjusted, pool.objective, granularity="layer", init=p.am_init,
+                                     lr=p.am_lr, steps=p.am_steps, clamp=p.clamp, seed=p.seed, progress=progress)
+        self.adjusted = adjusted
+        return {"selected": selected, "thresholds": thresholds, "coefficients": learned.coefficients,
+                "losses": learned.losses}
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
+                     state: dict[str, Any]) -> torch.Tensor:
+        if name not in state["coefficients"]:
+            return base + task_vectors.mean(dim=0) if self.params.unselected == "average" else base
+        if self.adjusted is not None and name in self.adjusted:
+            adjusted = self.adjusted[name].to(base.device)
+        else:  # a state from elsewhere: recompute this layer's deltas (deterministic)
+            adjusted = self.adjusted_vectors(task_vectors[None], state["thresholds"])[0]
+        coefficients = torch.tensor(state["coefficients"][name], dtype=torch.float32, device=base.device)
+        return base + torch.tensordot(coefficients, adjusted, dims=1)
