@@ -9,11 +9,11 @@ from factories import make_experts, tiny_state_dict
 from mergeflow.errors import ConfigError
 from mergeflow.merge import merge_state_dicts
 from mergeflow.methods import METHODS, build_method, describe_methods
-from mergeflow.methods.adamerging import AdaMerging
 from mergeflow.methods.data_aware import DataAwareMethod
 from mergeflow.sparsify import dare_keep_mask
 
-DATA_FREE = sorted(name for name, cls in METHODS.items() if not issubclass(cls, (DataAwareMethod, AdaMerging)))
+DATA_FREE = sorted(name for name, cls in METHODS.items()
+                   if not issubclass(cls, DataAwareMethod) and not cls.needs_objective)
 
 
 def _float_keys(sd):
