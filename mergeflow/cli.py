@@ -28,13 +28,58 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"endpoint_url": args.s3_endpoint} if args.s3_endpoint else {}
 
 
+def _data_inputs(args: argparse.Namespace, params: dict[str, Any]) -> tuple[list[str] | None, Any]:
+    """(statistics files, objective) for a data-aware method from `--data`; checks everything cheap first."""
+    from mergeflow.checkpoints import open_checkpoint
+    from mergeflow.config import MergeDataConfig, load_yaml_model
+    from mergeflow.merge_data import build_objective, expert_statistics, load_task_inputs
+    from mergeflow.methods import build_method
+    from mergeflow.methods.data_aware import DataAwareMethod
+    from mergeflow.storage import ContentCache
+    from mergeflow.task_vectors import resolve_device
+    from mergeflow.validation import validate_compatible
+
+    method = build_method(args.method, params)
+    statistics, objective = args.statistics, None
+    if not args.data:
+        return statistics, objective
+    wants_statistics = isinstance(method, DataAwareMethod) and not statistics
+    if not (wants_statistics or method.needs_objective):
+        raise MergeflowError(f"--data: method {args.method!r} reads no task data"
+                             + (" (its statistics were given with --statistics)" if statistics else ""))
+    config = load_yaml_model(args.data, MergeDataConfig)
+    options, cache = _storage_options(args), ContentCache()
+    if not args.overwrite:
+        from mergeflow.storage import exists
+
+        if exists(args.out, options):
+            raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
+    base = open_checkpoint(args.base, storage_options=options, cache=cache)
+    experts = [open_checkpoint(uri, storage_options=options, cache=cache) for uri in args.expert]
+    try:
+        validate_compatible(base, experts)
+    finally:
+        for ckpt in (base, *experts):
+            ckpt.close()
+    tasks = load_task_inputs(config, len(args.expert), cache, options)
+    device = resolve_device(args.device)
+    if wants_statistics:
+        statistics = expert_statistics(config, method.statistic_kinds(), args.expert, tasks, cache, options,
+                                       device=device, progress=True)
+    if method.needs_objective:
+        objective = build_objective(config, args.base, tasks, cache, options, device=device)
+    return statistics, objective
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergeflow.merge import merge_checkpoints
 
-    result = merge_checkpoints(args.method, args.base, args.expert, args.out, _parse_params(args.param),
+    params = _parse_params(args.param)
+    statistics, objective = _data_inputs(args, params)
+    result = merge_checkpoints(args.method, args.base, args.expert, args.out, params,
                                device=args.device, shard_size=args.shard_size,
                                storage_options=_storage_options(args), overwrite=args.overwrite, progress=True,
-                               statistics=args.statistics)
+                               statistics=statistics, objective=objective)
     experts = sum(ref.role == "expert" for ref in result.inputs)
     print(f"merged {experts} experts with {result.method} {json.dumps(result.params)} "
           f"in {result.seconds:.1f} s")
@@ -105,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--expert", required=True, action="append", help="expert checkpoint (repeat per expert)")
     merge.add_argument("--statistics", action="append", metavar="URI",
                        help="statistics file of an expert, for data-aware methods (repeat per expert, same order)")
+    merge.add_argument("--data", metavar="YAML",
+                       help="task data of data-aware methods: each expert's dataset and head, the model directory "
+                            "(see MergeDataConfig); computes missing statistics, builds AdaMerging's objective")
     merge.add_argument("--out", required=True, help="output directory: path, file:// or s3:// URI")
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     merge.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")

@@ -142,8 +142,32 @@ class RunConfig(StrictModel):
         return self
 
 
-def load_run_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run config; errors name the file and the field."""
+class MergeTaskData(StrictModel):
+    name: str = Field(description="task name (labels the expert in reports)")
+    dataset: str = Field(description="dataset directory (path or URI) in Mergeflow's layout: task.json "
+                         "(name, class_names) and one <split>.parquet per split with columns text, label")
+    head: str = Field(description="the task's frozen classification head (safetensors: weight, bias; "
+                      "logit_scale in the metadata), as the flow's fit_head stage writes it")
+
+
+class MergeDataConfig(StrictModel):
+    """What `mergeflow merge --data FILE` reads for data-aware methods: each expert's task data and head.
+    Statistics (RegMean, Fisher, MaTS) read labeled examples of `statistics.split`; the objective of AdaMerging and
+    DOGE AM reads only the texts of `unlabeled_split`."""
+
+    family: Literal["hf_text"] = Field("hf_text", description="model adapter")
+    model: str = Field(description="model directory (path or URI) with config.json and the tokenizer files; "
+                       "its weights are not read (the --base and --expert checkpoints are)")
+    tasks: list[MergeTaskData] = Field(min_length=1, description="one entry per --expert, in the same order")
+    statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
+    unlabeled_split: Literal["test", "validation"] = Field(
+        "test", description="split whose texts the entropy objective reads ('test': transductive)")
+    max_length: int = Field(64, ge=8, description="tokens per text for the objective")
+    batch_size: int = Field(16, ge=1, description="texts per task per objective step")
+
+
+def load_yaml_model(path: str | Path, model: type[BaseModel]) -> Any:
+    """Read and validate a YAML file as `model`; errors name the file and the field."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -152,7 +176,12 @@ def load_run_config(path: str | Path) -> RunConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     try:
-        return RunConfig.model_validate(raw or {})
+        return model.model_validate(raw or {})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{path}: {problems}") from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config; errors name the file and the field."""
+    return load_yaml_model(path, RunConfig)

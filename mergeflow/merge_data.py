@@ -1,0 +1,132 @@
+"""Task data for data-aware merges outside the flow (`mergeflow merge --data FILE`): each expert's dataset and
+frozen head, turned into per-expert statistics (RegMean, Fisher, MaTS) or the unlabeled entropy objective
+(AdaMerging, DOGE AM). Inputs are checked (count, layout, heads) before any model runs; statistics are kept in
+the content cache under a key of the expert's, dataset's and head's digests and the settings, so a rerun reuses
+them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeflow.checkpoints import open_checkpoint
+from mergeflow.config import MergeDataConfig
+from mergeflow.data.text_tasks import SPLIT_NAMES, TextTask, read_text_task
+from mergeflow.errors import ConfigError
+from mergeflow.heads import ClassificationHead
+from mergeflow.storage import ContentCache, directory_digest, fetch_directory
+from mergeflow.task_vectors import Objective
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    name: str
+    task: TextTask
+    head: ClassificationHead
+    dataset_sha256: str
+    head_sha256: str
+
+
+def _dataset(uri: str, field: str, cache: ContentCache, options: Mapping[str, Any] | None) -> tuple[TextTask, str]:
+    try:
+        path, files = fetch_directory(uri, cache, options)
+    except FileNotFoundError:
+        raise ConfigError(f"{field}: dataset directory {uri} not found") from None
+    if missing := [name for name in ("task.json", *(f"{s}.parquet" for s in SPLIT_NAMES)) if name not in files]:
+        raise ConfigError(f"{field}: dataset {uri} lacks {', '.join(missing)} (expected task.json and "
+                          f"{', '.join(f'{s}.parquet' for s in SPLIT_NAMES)} with columns text, label)")
+    try:
+        return read_text_task(path), directory_digest(files)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the input's fault
+        raise ConfigError(f"{field}: dataset {uri} is unreadable: {exc}") from None
+
+
+def _head(uri: str, field: str, cache: ContentCache, options: Mapping[str, Any] | None
+          ) -> tuple[ClassificationHead, str]:
+    try:
+        local = cache.fetch(uri, options)
+    except FileNotFoundError:
+        raise ConfigError(f"{field}: head {uri} not found") from None
+    try:
+        return ClassificationHead.load(local.path), local.sha256
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{field}: {uri} is not a classification head: {exc}") from None
+
+
+def load_task_inputs(config: MergeDataConfig, experts: int, cache: ContentCache,
+                     options: Mapping[str, Any] | None = None) -> list[TaskInputs]:
+    """Every task's data and head, in the experts' order; ConfigError naming the field at fault."""
+    if len(config.tasks) != experts:
+        raise ConfigError(f"data config lists {len(config.tasks)} tasks for {experts} experts (one per --expert, "
+                          "in the same order)")
+    loaded = []
+    for i, entry in enumerate(config.tasks):
+        task, dataset_sha = _dataset(entry.dataset, f"tasks.{i}.dataset", cache, options)
+        head, head_sha = _head(entry.head, f"tasks.{i}.head", cache, options)
+        features = head.weight.shape
+        if features[0] != len(task.class_names):
+            raise ConfigError(f"tasks.{i}.head: {entry.head} has {features[0]} classes, dataset {entry.dataset} "
+                              f"has {len(task.class_names)}")
+        loaded.append(TaskInputs(entry.name, task, head, dataset_sha, head_sha))
+    return loaded
+
+
+def model_directory(config: MergeDataConfig, cache: ContentCache, options: Mapping[str, Any] | None = None) -> Path:
+    try:
+        path, files = fetch_directory(config.model, cache, options)
+    except FileNotFoundError:
+        raise ConfigError(f"model: directory {config.model} not found") from None
+    if "config.json" not in files:
+        raise ConfigError(f"model: {config.model} has no config.json")
+    return path
+
+
+def _state_dict(uri: str, cache: ContentCache, options: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    with open_checkpoint(uri, storage_options=options, cache=cache) as ckpt:
+        return {key: ckpt.get(key) for key in ckpt.keys()}
+
+
+def build_objective(config: MergeDataConfig, base: str, tasks: Sequence[TaskInputs], cache: ContentCache,
+                    options: Mapping[str, Any] | None = None, device: str | torch.device = "cpu") -> Objective:
+    """The entropy objective on the `unlabeled_split` texts (never labels) of every task, with the base weights."""
+    from mergeflow.adapters.hf_text import entropy_objective, load_text_encoder
+
+    encoder, tokenizer = load_text_encoder(model_directory(config, cache, options), _state_dict(base, cache, options),
+                                           device=device)
+    splits = {t.name: (t.head, t.task.splits[config.unlabeled_split]) for t in tasks}
+    return entropy_objective(encoder, tokenizer, splits, batch_size=config.batch_size, max_length=config.max_length)
+
+
+def expert_statistics(config: MergeDataConfig, kinds: Sequence[str], experts: Sequence[str],
+                      tasks: Sequence[TaskInputs], cache: ContentCache, options: Mapping[str, Any] | None = None,
+                      device: str | torch.device = "cpu", progress: bool = False) -> list[str]:
+    """Paths of each expert's statistics on its task's `statistics.split`, computed once per expert, data, head,
+    kinds and settings (kept in the content cache)."""
+    from mergeflow.adapters.hf_text import load_text_encoder, text_classification_statistics
+    from mergeflow.statistics import save_statistics
+
+    settings = config.statistics
+    model_dir = model_directory(config, cache, options)
+    paths = []
+    for uri, inputs in zip(experts, tasks):
+        with open_checkpoint(uri, storage_options=options, cache=cache) as ckpt:
+            expert_sha = ckpt.digest
+        key = json.dumps([expert_sha, inputs.dataset_sha256, inputs.head_sha256, list(kinds),
+                          settings.model_dump()], sort_keys=True)
+        path = cache.root / "statistics" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+        if not path.exists():
+            encoder, tokenizer = load_text_encoder(model_dir, _state_dict(uri, cache, options), device=device)
+            stats = text_classification_statistics(
+                encoder, tokenizer, inputs.head, inputs.task.splits[settings.split], kinds=kinds,
+                fisher=settings.fisher, max_examples=settings.max_examples, batch_size=settings.batch_size,
+                max_length=settings.max_length, seed=settings.seed, device=device, progress=progress)
+            stats.metadata.update({"task": inputs.name, "expert": uri})
+            save_statistics(stats, path)
+        paths.append(str(path))
+    return paths

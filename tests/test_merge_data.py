@@ -1,0 +1,99 @@
+"""`mergeflow merge --data`: data-aware methods from the command line on the real MiniLM and real texts, with
+statistics computed once and reused, and clear errors for a wrong data config before any model runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mergeflow.adapters.hf_text import minilm_path
+from mergeflow.cli import main
+from mergeflow.data.text_tasks import SplitSizes, load_text_task, save_text_task
+from mergeflow.heads import ClassificationHead
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A base (MiniLM), two experts near it, two real task datasets with heads, and a data config."""
+    root = tmp_path_factory.mktemp("merge-data")
+    base = load_file(str(minilm_path() / "model.safetensors"))
+    experts = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        sd = {k: v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+              for k, v in base.items()}
+        path = root / f"expert{i}.safetensors"
+        save_file(sd, str(path))
+        experts.append(str(path))
+    tasks = []
+    sizes = SplitSizes(probe_per_class=1, train=2, validation=4, test=4)
+    for i, name in enumerate(("election", "rotten_tomatoes")):
+        task = load_text_task(name, cache_dir=tmp_path_factory.getbasetemp() / "wheels", sizes=sizes)
+        save_text_task(task, root / name)
+        g = torch.Generator().manual_seed(10 + i)
+        head = ClassificationHead(torch.randn(len(task.class_names), 384, generator=g), torch.zeros(len(task.class_names)), 10.0)
+        head.save(root / f"{name}-head.safetensors")
+        tasks.append({"name": name, "dataset": str(root / name), "head": str(root / f"{name}-head.safetensors")})
+    config = {"model": str(minilm_path()), "tasks": tasks, "max_length": 16, "batch_size": 2,
+              "statistics": {"max_examples": 3, "max_length": 16, "batch_size": 2}}
+    (root / "data.yaml").write_text(yaml.safe_dump(config))
+    return root, str(minilm_path() / "model.safetensors"), experts, config
+
+
+def _merge(root, base, experts, method, out, *extra):
+    argv = ["merge", "--method", method, "--base", base, "--out", str(root / out), "--device", "cpu",
+            "--data", str(root / "data.yaml"), *extra]
+    for expert in experts:
+        argv += ["--expert", expert]
+    return main(argv)
+
+
+def test_adamerging_learns_on_the_unlabeled_texts(inputs, monkeypatch, tmp_path):
+    root, base, experts, _ = inputs
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    assert _merge(root, base, experts, "adamerging", "ada", "--param", "steps=3", "--param", "granularity=task") == 0
+    manifest = json.loads((root / "ada" / "mergeflow.json").read_text())
+    assert len(manifest["state"]["losses"]) == 3
+    coefficients = {tuple(c) for c in manifest["state"]["coefficients"].values()}
+    assert len(coefficients) == 1 and next(iter(coefficients)) != (0.3, 0.3)  # task-wise, and it moved
+
+
+def test_regmean_computes_statistics_once_and_reuses_them(inputs, monkeypatch, tmp_path):
+    root, base, experts, _ = inputs
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(cache))
+    assert _merge(root, base, experts, "regmean", "regmean") == 0
+    stats = sorted((cache / "statistics").glob("*.safetensors"))
+    assert len(stats) == 2
+    stamps = [p.stat().st_mtime_ns for p in stats]
+    manifest = json.loads((root / "regmean" / "mergeflow.json").read_text())
+    assert [i["role"] for i in manifest["inputs"]].count("statistics") == 2
+    assert _merge(root, base, experts, "regmean", "regmean", "--overwrite") == 0
+    assert [p.stat().st_mtime_ns for p in sorted((cache / "statistics").glob("*.safetensors"))] == stamps
+
+
+def test_wrong_data_configs_are_named_before_any_model_runs(inputs, monkeypatch, tmp_path, capsys):
+    root, base, experts, config = inputs
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+
+    def run_with(changed, method="regmean"):
+        (root / "bad.yaml").write_text(yaml.safe_dump(changed))
+        argv = ["merge", "--method", method, "--base", base, "--out", str(tmp_path / "out"), "--device", "cpu",
+                "--data", str(root / "bad.yaml")] + [a for e in experts for a in ("--expert", e)]
+        assert main(argv) == 2
+        assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "statistics").exists()
+        return capsys.readouterr().err
+
+    assert "2 experts" in run_with({**config, "tasks": config["tasks"][:1]})
+    missing = {**config, "tasks": [{**config["tasks"][0], "dataset": str(tmp_path / "nowhere")}, config["tasks"][1]]}
+    assert "tasks.0.dataset" in run_with(missing)
+    swapped = {**config, "tasks": [{**config["tasks"][0], "head": config["tasks"][1]["head"]}, config["tasks"][1]]}
+    err = run_with(swapped)
+    assert "tasks.0.head" in err and "3 classes" in err
+    assert "reads no task data" in run_with(config, method="task_arithmetic")
+    assert "tasks.0.name" in run_with({**config, "tasks": [{"dataset": "x", "head": "y"}] * 2})
