@@ -191,6 +191,28 @@ def test_mats_solver_batches_layers_like_separate_solves(models):
     assert bool(result.converged.all())
 
 
+@pytest.mark.parametrize("objective", ["kfac", "regmean", "fisher_diag"])
+def test_mats_engine_groups_equal_shapes_like_one_at_a_time(objective):
+    g = torch.Generator().manual_seed(4)
+    base = {f"blocks.{i}.fc.weight": torch.randn(12, 6, generator=g) for i in range(4)}
+    base |= {f"blocks.{i}.proj.weight": torch.randn(6, 12, generator=g) for i in range(3)}
+    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    stats = random_statistics(base, 3)
+    common = {"objective": objective, "max_iter": 7, "precision": "float64"}  # capped: identical iterates
+    alone = merge_state_dicts("mats", base, experts, {**common, "group_mb": 0}, statistics=stats)
+    method = build_method("mats", {**common, "group_mb": 1})
+    pool = ExpertPool(StateDictSource(base), [StateDictSource(e) for e in experts], ["a", "b", "c"],
+                      statistics=[StateDictSource(s) for s in stats])
+    grouped: dict[str, torch.Tensor] = {}
+    from mergeflow.merge import merge_pool
+
+    merge_pool(method, pool, grouped.__setitem__)
+    for k in base:
+        _check(grouped[k], alone[k], atol=1e-6)
+        assert method.solves[k]["iterations"] >= 1
+    assert method.grouping({"covered": list(base)}, torch.device("cuda"))[1] == 1_000_000
+
+
 def test_records_each_solve():
     base = tiny_state_dict()
     experts = make_experts(base, 2)
