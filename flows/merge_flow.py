@@ -80,13 +80,16 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
         merged_futures[label] = (spec, merge.submit(spec, base, experts, out_uri, storage, state, device,
                                                     statistics if data_aware else None, unlabeled))
 
-    scored = {"pretrained": evaluate.submit("pretrained", None, base, eval_inputs, config.evaluation, storage, device)}
+    def score(label: str, weights: stages.ObjectRef | None):
+        return evaluate.submit(label, weights, base, eval_inputs, config.evaluation, storage, device,
+                               config.tracking, parent)
+
+    scored = {"pretrained": score("pretrained", None)}
     for n, expert in experts.items():
-        scored[f"expert:{n}"] = evaluate.submit(f"expert-{n}", expert, base, eval_inputs, config.evaluation,
-                                                storage, device)
+        scored[f"expert:{n}"] = score(f"expert-{n}", expert)
     merged = {label: (spec, future.result()) for label, (spec, future) in merged_futures.items()}
     for label, (spec, (ref, _)) in merged.items():
-        scored[label] = evaluate.submit(label, ref, base, eval_inputs, config.evaluation, storage, device)
+        scored[label] = score(label, ref)
     rows = {model: future.result() for model, future in scored.items()}
     expert_acc = {n: rows[f"expert:{n}"][n] for n in names}
 

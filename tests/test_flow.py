@@ -65,7 +65,13 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {r.info.run_name: r for r in children}
-    assert set(by_name) == {"expert-election", "expert-rotten_tomatoes", "merge-average", "merge-task_arithmetic",
+    evaluations = {name for name in by_name if name.startswith("evaluate-")}
+    assert evaluations == {f"evaluate-{m}" for m in ("pretrained", "expert-election", "expert-rotten_tomatoes",
+                                                      *first["merged"])}
+    ties_eval = by_name["evaluate-ties"]
+    assert ties_eval.data.metrics["acc.election"] == first["accuracy"]["ties"]["election"]
+    assert sorted(i.tags[0].value for i in ties_eval.inputs.dataset_inputs) == ["evaluation", "evaluation", "model"]
+    assert set(by_name) - evaluations == {"expert-election", "expert-rotten_tomatoes", "merge-average", "merge-task_arithmetic",
                             "merge-ties", "merge-regmean", "merge-adamerging", "merge-doge_ta", "merge-doge_am",
                             "statistics-election",
                             "statistics-rotten_tomatoes"}
