@@ -25,11 +25,18 @@ class StorageConfig(StrictModel):
     cache_dir: str | None = Field(None, description="local content cache (default: MERGEFLOW_CACHE or ~/.cache/mergeflow)")
     request_attempts: int | None = Field(None, ge=1, le=20, description="attempts per S3 request inside the client "
                                          "(default: botocore's); task retries come on top")
+    credentials_block: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,99}$",
+                                          description="name of a Prefect 'mergeflow-s3-credentials' block holding "
+                                          "the S3 key pair; empty: the AWS environment variables or a profile")
 
     def options(self) -> dict[str, Any]:
-        """fsspec storage options; credentials come from the standard AWS environment variables or a profile,
-        never from the config."""
+        """fsspec storage options. Credentials come from the AWS environment or a profile, or from the Prefect
+        block named by `credentials_block` (loaded into the process by the tasks), never from the config."""
+        from mergeflow.storage import registered_credentials
+
         options: dict[str, Any] = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+        if self.credentials_block:
+            options.update(registered_credentials(self.credentials_block))
         if self.request_attempts and self.root.startswith("s3://"):
             options["config_kwargs"] = {"retries": {"max_attempts": self.request_attempts, "mode": "standard"},
                                         "connect_timeout": 5}

@@ -24,8 +24,8 @@ import fsspec
 from fsspec.core import url_to_fs
 from tqdm.auto import tqdm
 
-from mergeflow.errors import (CheckpointError, IntegrityError, MergeflowError, ObjectExistsError, ObjectNotFoundError,
-                             StorageAccessError, TransientStorageError)
+from mergeflow.errors import (CheckpointError, ConfigError, IntegrityError, MergeflowError, ObjectExistsError,
+                             ObjectNotFoundError, StorageAccessError, TransientStorageError)
 
 CHUNK = 8 * 1024 * 1024
 DOWNLOAD_BLOCK = 16 * 1024 * 1024
@@ -53,6 +53,25 @@ def join(uri: str, *parts: str) -> str:
         if part.startswith("/") or "\\" in part or any(seg in {"..", "."} for seg in part.split("/")):
             raise ValueError(f"unsafe object key part {part!r} (absolute or with '..' segments)")
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+_CREDENTIALS: dict[str, dict[str, str]] = {}
+
+
+def register_credentials(name: str, key: str, secret: str, token: str | None = None) -> None:
+    """Make S3 credentials available to this process under `name` (e.g. loaded from a Prefect block by the
+    orchestration layer); configs then refer to the name only, so the secret never enters a config or a log."""
+    _CREDENTIALS[name] = {"key": key, "secret": secret, **({"token": token} if token else {})}
+
+
+def registered_credentials(name: str) -> dict[str, str]:
+    """s3fs keywords (key, secret[, token]) registered under `name`; ConfigError when none are."""
+    try:
+        return dict(_CREDENTIALS[name])
+    except KeyError:
+        raise ConfigError(f"storage.credentials_block: no credentials named {name!r} are loaded in this process "
+                          "(the flow's tasks load the Prefect block of that name; outside a flow, use "
+                          "mergeflow.storage.register_credentials or the AWS environment)") from None
 
 
 def _s3_env_options() -> dict[str, Any]:

@@ -7,10 +7,12 @@ from prefect import task
 from mergeflow import stages
 from mergeflow.config import EvalConfig, StorageConfig, TrackingConfig
 from tasks import IO_RETRIES
+from tasks.credentials import uses_storage
 from tasks.tracking import MlflowTracker
 
 
 @task(name="evaluate", task_run_name="evaluate-{label}", **IO_RETRIES)
+@uses_storage
 def evaluate(label: str, weights: stages.ObjectRef | None, base: stages.ObjectRef,
              tasks: dict[str, tuple[stages.ObjectRef, stages.ObjectRef]], evaluation: EvalConfig,
              storage: StorageConfig, device: str, tracking: TrackingConfig | None = None,

@@ -7,16 +7,19 @@ from prefect import task
 from mergeflow import stages
 from mergeflow.config import EvalConfig, FinetuneConfig, StorageConfig, TrackingConfig
 from tasks import IO_RETRIES
+from tasks.credentials import uses_storage
 from tasks.tracking import MlflowTracker
 
 
 @task(name="fit-head", task_run_name="fit-head-{task_name}", **IO_RETRIES)
+@uses_storage
 def fit_head(task_name: str, base: stages.ObjectRef, dataset: stages.ObjectRef, evaluation: EvalConfig,
              storage: StorageConfig, device: str) -> stages.ObjectRef:
     return stages.fit_head(task_name, base, dataset, evaluation, storage, device)
 
 
 @task(name="finetune-expert", task_run_name="finetune-expert-{task_name}", **IO_RETRIES)
+@uses_storage
 def finetune_expert(task_name: str, base: stages.ObjectRef, dataset: stages.ObjectRef, head: stages.ObjectRef,
                     settings: FinetuneConfig, storage: StorageConfig, device: str, tracking: TrackingConfig,
                     parent_run_id: str) -> stages.ObjectRef:

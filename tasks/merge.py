@@ -9,15 +9,18 @@ from prefect import task
 from mergeflow import stages
 from mergeflow.config import EvalConfig, MergeSpec, StorageConfig
 from tasks import IO_RETRIES
+from tasks.credentials import uses_storage
 
 
 @task(name="sparsify", task_run_name="sparsify-{spec.method}", **IO_RETRIES)
+@uses_storage
 def sparsify(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], storage: StorageConfig,
              device: str) -> dict[str, Any]:
     return stages.prepare_merge(spec, base, experts, storage, device)
 
 
 @task(name="merge", task_run_name="merge-{spec.method}", **IO_RETRIES)
+@uses_storage
 def merge(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], out_uri: str,
           storage: StorageConfig, state: dict[str, Any] | None, device: str,
           statistics: dict[str, stages.ObjectRef] | None = None,

@@ -10,6 +10,7 @@ from mergeflow import stages
 from mergeflow.config import MergeSpec, RunConfig, StorageConfig, TrackingConfig
 from mergeflow.evaluate import normalized_accuracy
 from tasks import IO_RETRIES
+from tasks.credentials import uses_storage
 from tasks.tracking import MlflowTracker
 
 
@@ -32,6 +33,7 @@ def start_tracking(config: RunConfig, flow_run_id: str) -> str:
 
 
 @task(name="record-merge", task_run_name="record-merge-{label}", **IO_RETRIES)
+@uses_storage
 def record_merge(label: str, spec: MergeSpec, merged: stages.ObjectRef, record: dict[str, Any],
                  acc: dict[str, float], expert_acc: dict[str, float], datasets: dict[str, stages.ObjectRef],
                  storage: StorageConfig, tracking: TrackingConfig, parent_run_id: str) -> dict[str, Any]:

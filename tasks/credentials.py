@@ -1,0 +1,58 @@
+"""S3 credentials from a Prefect block: `storage.credentials_block` names a `mergeflow-s3-credentials` block, and
+every task that touches storage loads it into the process (`mergeflow.storage.register_credentials`) before its
+work, so the key pair lives in Prefect's block store only: never in a config, a flow parameter, a log or MLflow.
+
+Create one from Python (`S3Credentials(aws_access_key_id=..., aws_secret_access_key=...).save("my-s3")`) or in the
+Prefect UI (Blocks -> Mergeflow S3 Credentials) after `prefect block register -m tasks.credentials`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+from mergeflow.config import StorageConfig
+from mergeflow.storage import register_credentials
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class S3Credentials(Block):
+    """An S3 key pair for Mergeflow's object store (the endpoint stays in the run config)."""
+
+    _block_type_name = "Mergeflow S3 Credentials"
+    _block_type_slug = "mergeflow-s3-credentials"
+    _description = "Access key pair for the S3-compatible store Mergeflow reads checkpoints from and writes to."
+
+    aws_access_key_id: str = Field(description="access key id")
+    aws_secret_access_key: SecretStr = Field(description="secret access key")
+    aws_session_token: SecretStr | None = Field(None, description="session token of temporary credentials")
+
+
+def load_storage_credentials(storage: StorageConfig) -> None:
+    """Register the credentials of `storage.credentials_block` in this process (no-op without a block)."""
+    if not storage.credentials_block:
+        return
+    block = S3Credentials.load(storage.credentials_block)
+    token = block.aws_session_token.get_secret_value() if block.aws_session_token else None
+    register_credentials(storage.credentials_block, block.aws_access_key_id,
+                         block.aws_secret_access_key.get_secret_value(), token)
+
+
+def uses_storage(fn: F) -> F:
+    """Load the block of the call's `storage` argument before running `fn` (put it under `@task`)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        storage = signature.bind_partial(*args, **kwargs).arguments.get("storage")
+        if isinstance(storage, StorageConfig):
+            load_storage_credentials(storage)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
