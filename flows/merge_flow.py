@@ -13,7 +13,7 @@ from prefect import flow, runtime
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from mergeflow import stages
-from mergeflow.config import RunConfig, load_run_config
+from mergeflow.config import MergeSpec, RunConfig, load_run_config
 from mergeflow.evaluate import format_results_table
 from mergeflow.storage import join
 from tasks.evaluate import evaluate
@@ -21,13 +21,14 @@ from tasks.fetch import fetch_expert, fetch_pretrained, prepare_dataset
 from tasks.finetune import finetune_expert, fit_head
 from tasks.merge import merge, sparsify
 from tasks.statistics import compute_statistics
+from tasks.sweep import select_point, sweep_point
 from tasks.record import fail_tracking, record_merge, record_results, register_best, start_tracking
 
 
 def merge_labels(config: RunConfig) -> list[str]:
-    """One label per merge spec: the method name, numbered when a method appears more than once."""
-    methods = [spec.method for spec in config.merges]
-    return [m if methods.count(m) == 1 else f"{m}-{methods[:i + 1].count(m)}" for i, m in enumerate(methods)]
+    """One label per merge spec: the method name (with '-tuned' for a sweep), numbered when it repeats."""
+    names = [spec.method + ("-tuned" if spec.sweep is not None else "") for spec in config.merges]
+    return [m if names.count(m) == 1 else f"{m}-{names[:i + 1].count(m)}" for i, m in enumerate(names)]
 
 
 @flow(name="mergeflow-merge", log_prints=True)
@@ -65,8 +66,10 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
                    for n in names}
         statistics = {n: f.result() for n, f in futures.items()}
 
+    plan = dict(zip(merge_labels(config), config.merges))
+    plan.update(_tune(config, parent, plan, base, experts, eval_inputs))
     merged_futures = {}
-    for label, spec in zip(merge_labels(config), config.merges):
+    for label, spec in plan.items():
         data_aware = bool(stages.statistic_kinds([spec]))
         learns = stages.needs_objective(spec)
         unlabeled = (eval_inputs, config.statistics.unlabeled_split, config.evaluation) if learns else None
@@ -111,6 +114,29 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     }
     record_results(config.tracking, parent, rows, expert_acc, table, summary)
     return summary
+
+
+def _tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, experts, eval_inputs
+          ) -> dict[str, MergeSpec]:
+    """Sweep every spec with a grid on validation data (one task per point) and return the chosen specs."""
+    swept = {label: spec for label, spec in plan.items() if spec.sweep is not None}
+    if not swept:
+        return {}
+    storage, device, tuning = config.storage, config.device, config.tuning
+    expert_val = {n: evaluate.submit(f"expert-{n}-validation", expert, base, {n: eval_inputs[n]}, config.evaluation,
+                                     storage, device, config.tracking, parent, "validation", tuning.max_examples)
+                  for n, expert in experts.items()}
+    futures = {label: [(params, sweep_point.submit(label, i, spec.method, params, base, experts, eval_inputs, tuning,
+                                                   config.evaluation, storage, device, config.tracking, parent))
+                       for i, params in enumerate(spec.grid_points())] for label, spec in swept.items()}
+    expert_acc = {n: f.result()[n] for n, f in expert_val.items()}
+    chosen = {}
+    for label, spec in swept.items():
+        points = [params for params, _ in futures[label]]
+        accuracies = [future.result() for _, future in futures[label]]
+        params = select_point(label, spec, points, accuracies, expert_acc, tuning, config.tracking, parent)
+        chosen[label] = MergeSpec(method=spec.method, params=params)
+    return chosen
 
 
 def describe_locations(config: RunConfig, summary: dict[str, Any]) -> str:

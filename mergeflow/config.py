@@ -115,14 +115,39 @@ class StatisticsConfig(StrictModel):
 class MergeSpec(StrictModel):
     method: MethodName = Field(description="merge method from the registry")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters (see `mergeflow methods`)")
+    sweep: dict[str, list[Any]] | Literal["default"] | None = Field(
+        None, description="tune on validation data: a grid {param: [values]} or 'default' (the method's default "
+        "grid); the best point is merged, tested and recorded as '<method>-tuned'")
 
     @model_validator(mode="after")
     def _valid_params(self) -> MergeSpec:
         try:
             build_method(self.method, self.params)
+            self.grid_points()
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+    def grid(self) -> dict[str, list[Any]]:
+        from mergeflow.sweep import default_grid
+
+        if self.sweep is None:
+            return {}
+        return default_grid(self.method) if self.sweep == "default" else dict(self.sweep)
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every validated parameter set of the sweep (empty without one)."""
+        from mergeflow.sweep import grid_points
+
+        return grid_points(self.method, self.grid(), self.params) if self.sweep is not None else []
+
+
+class TuningConfig(StrictModel):
+    rule: Literal["norm_acc.avg", "acc.avg", "floor"] = Field(
+        "norm_acc.avg", description="what a sweep maximises on validation: average normalized accuracy, average "
+        "accuracy, or average normalized accuracy among points with every task at least `floor`")
+    floor: float = Field(0.0, ge=0.0, le=2.0, description="per-task normalized-accuracy floor of rule 'floor'")
+    max_examples: int = Field(200, ge=1, description="validation examples per task scored per grid point")
 
 
 class RunConfig(StrictModel):
@@ -136,6 +161,8 @@ class RunConfig(StrictModel):
     merges: list[MergeSpec] = Field(min_length=1, description="merge methods to run on the experts")
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig,
                                          description="statistics stage of the data-aware methods (regmean, fisher, mats)")
+    tuning: TuningConfig = Field(default_factory=TuningConfig, description="selection of swept merges "
+                                 "(validation split only)")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")

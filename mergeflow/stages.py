@@ -9,14 +9,18 @@ Store layout under `storage.root`:
   experts/<task>-<fp>/model.safetensors  fine-tuned encoder (fp = digest of everything that determines it,
                                 so a rerun with the same inputs finds and reuses it)
   merged/<run>/<method>-<fp>/   merged checkpoints with provenance
+  sweeps/<method>-<fp>.json     validation scores of one grid point (its weights are never stored)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
-from collections.abc import Mapping
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
 
 from mergeflow.config import (DataConfig, EvalConfig, FinetuneConfig, MergeSpec, ModelConfig, StatisticsConfig,
-                              StorageConfig)
+                              StorageConfig, TuningConfig)
 from mergeflow.errors import IntegrityError
 from mergeflow.storage import (ContentCache, directory_digest, exists, fetch_directory, is_remote, join,
                                local_path, publish_directory, staging_dir)
@@ -118,20 +122,19 @@ def prepare_dataset(task: str, data: DataConfig, storage: StorageConfig) -> Obje
     return _publish_or_reuse(build, uri, storage, cache)
 
 
-def _read_task(dataset: ObjectRef, storage: StorageConfig, cache: ContentCache):
-    from mergeflow.data.text_tasks import read_text_task
+def _read_task(dataset: ObjectRef, storage: StorageConfig, cache: ContentCache, splits: Sequence[str] | None = None):
+    from mergeflow.data.text_tasks import SPLIT_NAMES, read_text_task
 
-    return read_text_task(local_directory(dataset, storage, cache))
+    return read_text_task(local_directory(dataset, storage, cache), splits or SPLIT_NAMES)
 
 
 def _load_encoder(base: ObjectRef, storage: StorageConfig, cache: ContentCache, weights: ObjectRef | None,
-                  device: str):
+                  device: str, state_dict: Mapping[str, Any] | None = None):
     from mergeflow.adapters.hf_text import load_text_encoder
     from mergeflow.checkpoints import open_checkpoint
     from mergeflow.task_vectors import resolve_device
 
     model_dir = local_directory(base, storage, cache)
-    state_dict = None
     if weights is not None:
         with open_checkpoint(weights.uri, storage_options=storage.options(), cache=cache) as ckpt:
             if ckpt.digest != weights.sha256:
@@ -343,18 +346,115 @@ def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
 
 
 def evaluate_model(weights: ObjectRef | None, base: ObjectRef, tasks: Mapping[str, tuple[ObjectRef, ObjectRef]],
-                   evaluation: EvalConfig, storage: StorageConfig, device: str = "auto") -> dict[str, float]:
-    """Accuracy on each task's test split with that task's frozen head; `weights=None` scores the pretrained
-    encoder. `tasks` maps task name to (dataset, head)."""
+                   evaluation: EvalConfig, storage: StorageConfig, device: str = "auto", split: str = "test",
+                   max_examples: int | None = None, state_dict: Mapping[str, Any] | None = None
+                   ) -> dict[str, float]:
+    """Accuracy on each task's `split` (only that split is read; at most `max_examples` per task) with that
+    task's frozen head; `weights=None` scores the pretrained encoder, or the in-memory `state_dict` when given.
+    `tasks` maps task name to (dataset, head)."""
+    from mergeflow.data.text_tasks import TextSplit
     from mergeflow.evaluate import evaluate_encoder
     from mergeflow.heads import ClassificationHead
 
     cache = make_cache(storage)
-    encoder, tokenizer = _load_encoder(base, storage, cache, weights, device)
+    encoder, tokenizer = _load_encoder(base, storage, cache, weights, device, state_dict)
     splits = {}
     for name, (dataset, head) in tasks.items():
-        splits[name] = (ClassificationHead.load(local_file(head, storage, cache)),
-                        _read_task(dataset, storage, cache).splits["test"])
+        data = _read_task(dataset, storage, cache, [split]).splits[split]
+        if max_examples is not None:
+            data = TextSplit(data.texts[:max_examples], data.labels[:max_examples])
+        splits[name] = (ClassificationHead.load(local_file(head, storage, cache)), data)
     return evaluate_encoder(encoder, tokenizer, splits, max_length=evaluation.max_length,
                             batch_size=evaluation.batch_size, device=encoder_device(encoder), progress=True)
+
+
+_UPDATE_LOCKS: dict[str, threading.Lock] = {}
+_UPDATE_LOCKS_GUARD = threading.Lock()
+
+
+def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                   storage: StorageConfig, device: str) -> Path:
+    """A scaling method's update at lambda 1 (`mergeflow.sweep.scaled_update`), computed once per setting of its
+    other parameters and kept in the local cache (an intermediate, never published)."""
+    from safetensors.torch import save_file
+
+    from mergeflow.checkpoints import open_checkpoint
+    from mergeflow.sweep import scaled_update, update_key
+    from mergeflow.task_vectors import ExpertPool, resolve_device
+
+    cache = make_cache(storage)
+    fp = fingerprint(method, update_key(method, params), base.sha256, [e.sha256 for e in experts.values()])
+    path = cache.root / "updates" / f"{method}-{fp}.safetensors"
+    with _UPDATE_LOCKS_GUARD:
+        lock = _UPDATE_LOCKS.setdefault(str(path), threading.Lock())
+    with lock:
+        if not path.exists():
+            base_ckpt = open_checkpoint(base_weights(base), storage_options=storage.options(), cache=cache)
+            ckpts = [open_checkpoint(r.uri, storage_options=storage.options(), cache=cache) for r in experts.values()]
+            try:
+                pool = ExpertPool(base_ckpt, ckpts, list(experts), resolve_device(device))
+                update = scaled_update(method, params, pool)
+            finally:
+                for ckpt in (base_ckpt, *ckpts):
+                    ckpt.close()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+            save_file(update, str(partial))
+            os.replace(partial, path)
+    return path
+
+
+def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                  storage: StorageConfig, device: str = "auto") -> dict[str, Any]:
+    """The merged state dict of one grid point, in memory: theta_0 + lambda U from the shared update for scaling
+    methods, a full in-memory merge otherwise."""
+    from safetensors.torch import load_file
+
+    from mergeflow.checkpoints import open_checkpoint
+    from mergeflow.merge import merge_pool
+    from mergeflow.methods import build_method, method_class
+    from mergeflow.sweep import apply_update
+    from mergeflow.task_vectors import ExpertPool, resolve_device
+
+    cache = make_cache(storage)
+    scaling = method_class(method).scaling_param
+    base_ckpt = open_checkpoint(base_weights(base), storage_options=storage.options(), cache=cache)
+    try:
+        if scaling is not None:
+            base_sd = {key: base_ckpt.get(key) for key in base_ckpt.keys()}
+            update = load_file(str(_scaled_update(method, params, base, experts, storage, device)))
+            lam = build_method(method, params).params.model_dump()[scaling]
+            return apply_update(base_sd, update, float(lam))
+        ckpts = [open_checkpoint(r.uri, storage_options=storage.options(), cache=cache) for r in experts.values()]
+        try:
+            out: dict[str, Any] = {}
+            pool = ExpertPool(base_ckpt, ckpts, list(experts), resolve_device(device))
+            merge_pool(build_method(method, params), pool, out.__setitem__)
+            return out
+        finally:
+            for ckpt in ckpts:
+                ckpt.close()
+    finally:
+        base_ckpt.close()
+
+
+def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                tasks: Mapping[str, tuple[ObjectRef, ObjectRef]], tuning: TuningConfig, evaluation: EvalConfig,
+                storage: StorageConfig, device: str = "auto") -> tuple[dict[str, float], bool]:
+    """Validation accuracy per task of one grid point (weights never published); the small score record is
+    stored under a key of every input digest, the method and its parameters, so a rerun or a grown grid scores
+    only new points. Returns (accuracy, reused)."""
+    cache = make_cache(storage)
+    fp = fingerprint(method, dict(params), base.sha256, {n: e.sha256 for n, e in experts.items()},
+                     {n: (d.sha256, h.sha256) for n, (d, h) in tasks.items()}, tuning.max_examples,
+                     evaluation.model_dump())
+    uri = join(storage.root, "sweeps", f"{method}-{fp}.json")
+    if exists(uri, storage.options()):
+        return json.loads(cache.fetch(uri, storage.options()).path.read_text())["accuracy"], True
+    weights = sweep_weights(method, params, base, experts, storage, device)
+    accuracy = evaluate_model(None, base, tasks, evaluation, storage, device, split="validation",
+                              max_examples=tuning.max_examples, state_dict=weights)
+    record = {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy}
+    _publish_file(uri, storage, cache, lambda path: path.write_text(json.dumps(record, indent=2)))
+    return accuracy, False
 

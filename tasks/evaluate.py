@@ -16,21 +16,24 @@ from tasks.tracking import MlflowTracker
 def evaluate(label: str, weights: stages.ObjectRef | None, base: stages.ObjectRef,
              tasks: dict[str, tuple[stages.ObjectRef, stages.ObjectRef]], evaluation: EvalConfig,
              storage: StorageConfig, device: str, tracking: TrackingConfig | None = None,
-             parent_run_id: str | None = None) -> dict[str, float]:
-    """Accuracy per task of `weights` (None: the pretrained encoder), recorded as the child run `evaluate-<label>`
-    (model and test data as inputs, accuracy per task and average as metrics) when `tracking` is given."""
+             parent_run_id: str | None = None, split: str = "test", max_examples: int | None = None
+             ) -> dict[str, float]:
+    """Accuracy per task of `weights` (None: the pretrained encoder) on `split`, recorded as the child run
+    `evaluate-<label>` (model and data as inputs, accuracy per task and average as metrics) when `tracking` is
+    given."""
     import time
 
     started = time.perf_counter()
-    accuracy = stages.evaluate_model(weights, base, tasks, evaluation, storage, device)
+    accuracy = stages.evaluate_model(weights, base, tasks, evaluation, storage, device, split, max_examples)
     if tracking is not None:
         tracker = MlflowTracker(tracking)
         run_id = tracker.start_run(f"evaluate-{label}", parent_run_id=parent_run_id,
                                    tags={"mergeflow.stage": "evaluation", "mergeflow.model": label})
         model = weights or base
         tracker.log_input_refs(run_id, [(f"{label}-model", "model", model.uri, model.sha256)] + [
-            (f"{name}-test", "evaluation", dataset.uri, dataset.sha256) for name, (dataset, _) in tasks.items()])
-        tracker.log_params(run_id, {"model": label, "model_uri": model.uri, "evaluation": evaluation.model_dump()})
+            (f"{name}-{split}", "evaluation", dataset.uri, dataset.sha256) for name, (dataset, _) in tasks.items()])
+        tracker.log_params(run_id, {"model": label, "model_uri": model.uri, "split": split,
+                                    "evaluation": evaluation.model_dump()})
         tracker.log_metrics(run_id, {**{f"acc.{name}": value for name, value in accuracy.items()},
                                      "acc.avg": sum(accuracy.values()) / len(accuracy),
                                      "seconds": time.perf_counter() - started})

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import zipfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -251,12 +251,15 @@ def save_text_task(task: TextTask, directory: Path) -> None:
     (directory / "task.json").write_text(json.dumps({"name": task.name, "class_names": task.class_names}, indent=2))
 
 
-def read_text_task(directory: Path) -> TextTask:
-    """Read a task written by `save_text_task`."""
+def read_split(directory: Path, split: str) -> TextSplit:
+    """One split of a task written by `save_text_task` (only its own parquet file is opened)."""
+    columns = pq.read_table(Path(directory) / f"{split}.parquet").to_pydict()
+    return TextSplit(texts=columns["text"], labels=columns["label"])
+
+
+def read_text_task(directory: Path, splits: Sequence[str] = SPLIT_NAMES) -> TextTask:
+    """Read a task written by `save_text_task`, with only the `splits` asked for."""
     directory = Path(directory)
     meta = json.loads((directory / "task.json").read_text())
-    splits = {}
-    for split_name in SPLIT_NAMES:
-        columns = pq.read_table(directory / f"{split_name}.parquet").to_pydict()
-        splits[split_name] = TextSplit(texts=columns["text"], labels=columns["label"])
-    return TextTask(name=meta["name"], class_names=meta["class_names"], splits=splits)
+    return TextTask(name=meta["name"], class_names=meta["class_names"],
+                    splits={name: read_split(directory, name) for name in splits})

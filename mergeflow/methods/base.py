@@ -35,6 +35,8 @@ class MergeMethod(ABC):
     summary: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
     needs_objective: ClassVar[bool] = False  # learns from unlabeled data through `ExpertPool.objective`
+    # a parameter that only multiplies the whole update (merged = theta_0 + scaling * U): sweeps rescale U
+    scaling_param: ClassVar[str | None] = None
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else self.Params()

@@ -24,6 +24,7 @@ class Dare(MergeMethod):
     name = "dare"
     summary = "Random drop with rescale, then Task Arithmetic (data-free)."
     Params = DareParams
+    scaling_param = "scaling"
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:

@@ -19,6 +19,7 @@ class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     summary = "theta_0 + lambda * sum of task vectors (data-free)."
     Params = TaskArithmeticParams
+    scaling_param = "scaling"
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:

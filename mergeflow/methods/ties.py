@@ -40,6 +40,7 @@ class Ties(MergeMethod):
     name = "ties"
     summary = "Trim to top-k, elect signs, disjoint merge (data-free)."
     Params = TiesParams
+    scaling_param = "scaling"
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         thresholds = global_topk_thresholds(pool, self.params.density, progress=progress)

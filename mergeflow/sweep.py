@@ -1,0 +1,158 @@
+"""Validation-tuned merging: coefficient grids, the shared update of scaling-only coefficients, scores and the
+selection rule.
+
+Where a method's coefficient only scales a fixed update (`MergeMethod.scaling_param`: TA's, TIES's and DARE's
+lambda), the update U = merged(lambda = 1) - theta_0 is computed once per setting of the other parameters, by
+running the method on a zero base, and each lambda gives theta_0 + lambda U with the very operations the method
+uses: bit-identical to a fresh merge. Other coefficients (DOGE's eta) need a merge per point.
+Scores read validation data only; the caller evaluates the chosen point on test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from mergeflow.errors import ConfigError
+from mergeflow.methods import build_method, method_class
+from mergeflow.selection import is_float
+from mergeflow.task_vectors import ExpertPool
+
+Rule = Literal["norm_acc.avg", "acc.avg", "floor"]
+
+DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "task_arithmetic": {"scaling": [round(0.1 * i, 1) for i in range(1, 11)]},
+    "ties": {"density": [0.1, 0.2, 0.5], "scaling": [0.3, 0.5, 0.7, 1.0]},
+    "dare": {"drop_rate": [0.3, 0.5, 0.7], "scaling": [0.3, 0.5, 0.7, 1.0]},
+    "doge_ta": {"eta": [0.03, 0.07, 0.15, 0.3, 0.6]},
+}
+
+
+def default_grid(method: str) -> dict[str, list[Any]]:
+    if method not in DEFAULT_GRIDS:
+        raise ConfigError(f"method {method!r} has no default sweep grid; give one (e.g. sweep: {{param: [..]}}); "
+                          f"defaults exist for {', '.join(sorted(DEFAULT_GRIDS))}")
+    return {k: list(v) for k, v in DEFAULT_GRIDS[method].items()}
+
+
+def grid_points(method: str, grid: Mapping[str, Sequence[Any]], fixed: Mapping[str, Any] | None = None
+                ) -> list[dict[str, Any]]:
+    """Every combination of `grid` (its keys' order; values sorted) over the `fixed` parameters, each validated."""
+    if not grid or any(not values for values in grid.values()):
+        raise ConfigError(f"sweep of {method!r}: the grid needs at least one value per parameter")
+    fixed = dict(fixed or {})
+    if clash := sorted(set(grid) & set(fixed)):
+        raise ConfigError(f"sweep of {method!r}: {clash} both fixed in params and swept")
+    keys = list(grid)
+    points = []
+    for values in itertools.product(*(sorted(set(grid[k])) for k in keys)):
+        params = {**fixed, **dict(zip(keys, values))}
+        build_method(method, params)  # a clear error naming the bad value
+        points.append(params)
+    return points
+
+
+def update_key(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters that fix a method's update: all but its scaling coefficient."""
+    scaling = method_class(method).scaling_param
+    return {k: v for k, v in params.items() if k != scaling}
+
+
+def scaled_update(method: str, params: Mapping[str, Any], pool: ExpertPool) -> dict[str, torch.Tensor]:
+    """U = merged - theta_0 at scaling 1 for every float tensor (fp32, CPU), for a method with `scaling_param`."""
+    scaling = method_class(method).scaling_param
+    if scaling is None:
+        raise ConfigError(f"method {method!r} has no scaling-only coefficient to sweep by rescaling")
+    merge = build_method(method, {**update_key(method, params), scaling: 1.0})
+    state = merge.prepare(pool)
+    update = {}
+    for name in pool.float_keys():
+        base = pool.base_tensor(name)
+        update[name] = merge.merge_tensor(name, torch.zeros_like(base), pool.task_vectors(name, base), state).cpu()
+    return update
+
+
+def apply_update(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor], scaling: float
+                 ) -> dict[str, torch.Tensor]:
+    """theta_0 + scaling * U in the base's dtypes (as the method computes it); non-float tensors carried over."""
+    out = {}
+    for name, tensor in base.items():
+        if is_float(tensor.dtype):
+            out[name] = (tensor.to(torch.float32) + scaling * update[name]).to(tensor.dtype)
+        else:
+            out[name] = tensor
+    return out
+
+
+@dataclass(frozen=True)
+class PointScore:
+    params: dict[str, Any]
+    accuracy: dict[str, float]  # validation accuracy per task
+    normalized: dict[str, float]  # over each expert's validation accuracy
+    score: float  # what the rule maximises (-inf when a floor is missed)
+
+    @property
+    def avg(self) -> float:
+        return sum(self.accuracy.values()) / len(self.accuracy)
+
+    @property
+    def norm_avg(self) -> float:
+        return sum(self.normalized.values()) / len(self.normalized)
+
+
+def score_point(params: Mapping[str, Any], accuracy: Mapping[str, float], expert_accuracy: Mapping[str, float],
+                rule: Rule = "norm_acc.avg", floor: float = 0.0) -> PointScore:
+    """Score one point: average normalized accuracy (default), average accuracy, or, with "floor", the average
+    normalized accuracy among points whose every task reaches `floor` normalized accuracy (else -inf)."""
+    normalized = {t: a / expert_accuracy[t] if expert_accuracy[t] > 0 else 0.0 for t, a in accuracy.items()}
+    norm_avg = sum(normalized.values()) / len(normalized)
+    if rule == "acc.avg":
+        score = sum(accuracy.values()) / len(accuracy)
+    elif rule == "floor" and min(normalized.values()) < floor:
+        score = -math.inf
+    else:
+        score = norm_avg
+    return PointScore(dict(params), dict(accuracy), normalized, score)
+
+
+def choose(points: Sequence[PointScore], swept: Sequence[str]) -> PointScore:
+    """The best-scoring point; ties go to the smaller coefficients (compared in the grid's parameter order)."""
+    if not points:
+        raise ConfigError("sweep: no grid point was scored")
+    return min(points, key=lambda p: (-p.score, [p.params[k] for k in swept]))
+
+
+def plot_sweep(points: Sequence[PointScore], swept: Sequence[str], path: Path, title: str) -> Path:
+    """Validation accuracy against the grid point: a line per task and the average (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(points, key=lambda p: [p.params[k] for k in swept])
+    numeric = len(swept) == 1 and all(isinstance(p.params[swept[0]], (int, float)) for p in order)
+    xs = [p.params[swept[0]] for p in order] if numeric else list(range(len(order)))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for task in order[0].accuracy:
+        ax.plot(xs, [100 * p.accuracy[task] for p in order], marker="o", linewidth=1, label=task)
+    ax.plot(xs, [100 * p.avg for p in order], marker="s", linewidth=2.5, color="black", label="average")
+    if numeric:
+        ax.set_xlabel(swept[0])
+    else:
+        ax.set_xticks(xs, [", ".join(f"{k}={p.params[k]}" for k in swept) for p in order], rotation=60,
+                      ha="right", fontsize=7)
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
