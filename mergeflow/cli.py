@@ -140,6 +140,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stack(args: argparse.Namespace) -> int:
+    from mergeflow.stack import stack_command
+
+    return stack_command(args.action, args.state_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("directory")
     pull.add_argument("--tracking-uri", default=default_tracking, help="MLflow tracking URI")
     pull.set_defaults(func=cmd_pull)
+    stack = sub.add_parser("stack", help="start/stop/inspect a local Prefect + MLflow + S3 stack (no Docker, "
+                                          "127.0.0.1 only)")
+    stack.add_argument("action", choices=("up", "down", "status", "env"),
+                       help="up: start what is not running; down: stop exactly the recorded processes; status: "
+                            "health and UI addresses; env: export lines for using the stack")
+    stack.add_argument("--state-dir", help="where PIDs, logs, data and credentials live (default "
+                                           "MERGEFLOW_STACK_DIR or .mergeflow/stack)")
+    stack.set_defaults(func=cmd_stack)
     return parser
 
 

@@ -34,8 +34,6 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
 from mergeflow.errors import MergeflowError
 
 HOST = "127.0.0.1"
@@ -89,8 +87,17 @@ class StackConfig:
 
     @classmethod
     def from_env(cls, state_dir: str | os.PathLike[str] | None = None) -> StackConfig:
-        """The state directory from the argument, else `MERGEFLOW_STACK_DIR`, else `.mergeflow/stack`."""
-        return cls(state_dir=Path(state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR))
+        """The state directory from the argument, else `MERGEFLOW_STACK_DIR`, else `.mergeflow/stack`; ports and
+        bucket from `MERGEFLOW_STACK_PREFECT_PORT`, `..._MLFLOW_PORT`, `..._S3_PORT`, `..._BUCKET` when set."""
+        overrides: dict[str, int | str] = {}
+        for name in ("prefect_port", "mlflow_port", "s3_port", "bucket"):
+            value = os.environ.get(f"MERGEFLOW_STACK_{name.upper()}")
+            if value:
+                try:
+                    overrides[name] = value if name == "bucket" else int(value)
+                except ValueError as exc:
+                    raise StackError(f"MERGEFLOW_STACK_{name.upper()}={value!r} is not a port number") from exc
+        return cls(state_dir=Path(state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR), **overrides)
 
     def port(self, service: str) -> int:
         return {"s3": self.s3_port, "mlflow": self.mlflow_port, "prefect": self.prefect_port}[service]
@@ -409,7 +416,7 @@ class StackStatus:
         return "\n".join(lines)
 
 
-def _url(service: str, port: int) -> str:
+def _url(port: int) -> str:
     return f"http://{HOST}:{port}"
 
 
@@ -436,7 +443,7 @@ def _http_ok(url: str) -> bool:
 
 def _healthy(service: str, port: int, bucket: str, credentials: Credentials | None,
              require_bucket: bool = True) -> bool:
-    url = _url(service, port)
+    url = _url(port)
     if service == "mlflow":
         return _http_ok(f"{url}/health")
     if service == "prefect":
@@ -471,7 +478,7 @@ def _status_unlocked(config: StackConfig, record: StackRecord, clean: bool) -> S
     for name in SERVICES:
         entry = record.services.get(name)
         port = entry.port if entry else config.port(name)
-        status = ServiceStatus(name, port, _url(name, port))
+        status = ServiceStatus(name, port, _url(port))
         if entry is not None:
             status.recorded, status.pid, status.log, status.started = True, entry.pid, entry.log, entry.started
             status.alive = entry.identity_matches()
@@ -538,7 +545,7 @@ def _environment(service: str, config: StackConfig, credentials: Credentials) ->
         env.update(AWS_ACCESS_KEY_ID=credentials.access_key_id,
                    AWS_SECRET_ACCESS_KEY=credentials.secret_access_key, AWS_DEFAULT_REGION=REGION)
     if service == "mlflow":
-        env.update(MLFLOW_S3_ENDPOINT_URL=_url("s3", config.s3_port), MLFLOW_DISABLE_TELEMETRY="true")
+        env.update(MLFLOW_S3_ENDPOINT_URL=_url(config.s3_port), MLFLOW_DISABLE_TELEMETRY="true")
         env.pop("AWS_ENDPOINT_URL", None)
         env.pop("AWS_PROFILE", None)
     if service == "prefect":
@@ -586,8 +593,8 @@ def _log_tail(path: str, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-def _ensure_bucket(port: int, bucket: str, credentials: Credentials) -> None:
-    client = _s3_client(_url("s3", port), credentials)
+def _ensure_bucket(port: int, bucket: str, credentials: Credentials, log: str) -> None:
+    client = _s3_client(_url(port), credentials)
     try:
         client.head_bucket(Bucket=bucket)
     except Exception:  # noqa: BLE001 - missing (404) or not yet visible: create it
@@ -595,6 +602,8 @@ def _ensure_bucket(port: int, bucket: str, credentials: Credentials) -> None:
             client.create_bucket(Bucket=bucket)
         except client.exceptions.BucketAlreadyOwnedByYou:
             pass
+        except Exception as exc:  # noqa: BLE001 - report it as the stack's error, with the server's log
+            raise StackError(f"s3: could not create bucket {bucket!r} ({exc}); see its log {log}") from exc
 
 
 def up(config: StackConfig | None = None) -> StackStatus:
@@ -626,8 +635,7 @@ def up(config: StackConfig | None = None) -> StackStatus:
             raise StackError(f"port(s) already in use by a process this stack did not start: {listing}. "
                              "Stop it, or choose other ports.")
         for name in to_start:
-            _find = _command(name, config, config_bucket)  # fail on a missing executable before starting any
-            del _find
+            _command(name, config, config_bucket)  # a missing executable fails here, before anything starts
 
         record.bucket = config_bucket
         if "s3" in to_start:
@@ -668,7 +676,7 @@ def _wait_healthy(config: StackConfig, record: StackRecord, credentials: Credent
                                  f"{entry.log}:\n{_log_tail(entry.log)}")
             if name == "s3":
                 if _healthy("s3", entry.port, record.bucket, credentials, require_bucket=False):
-                    _ensure_bucket(entry.port, record.bucket, credentials)
+                    _ensure_bucket(entry.port, record.bucket, credentials, entry.log)
                     pending.remove(name)
             elif _healthy(name, entry.port, record.bucket, credentials):
                 pending.remove(name)
@@ -751,6 +759,3 @@ def stack_command(action: str, state_dir: str | None = None) -> int:
     print(f"error: unknown stack action {action!r}; expected up, down, status or env", file=sys.stderr)
     return 2
 
-
-def _as_jsonable(value: Any) -> Any:  # pragma: no cover - debugging aid
-    return json.loads(json.dumps(value, default=str))
