@@ -16,6 +16,7 @@ from mergeflow import stages
 from mergeflow.config import MergeSpec, RunConfig, load_run_config
 from mergeflow.evaluate import format_results_table
 from mergeflow.storage import join
+from tasks.artifacts import publish_artifacts
 from tasks.evaluate import evaluate
 from tasks.fetch import fetch_expert, fetch_pretrained, prepare_dataset
 from tasks.finetune import finetune_expert, fit_head
@@ -113,6 +114,7 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
         "registration": registration,
     }
     record_results(config.tracking, parent, rows, expert_acc, table, summary)
+    publish_artifacts(config.name, rows, names, expert_acc, table, config.tracking, parent, registration)
     return summary
 
 

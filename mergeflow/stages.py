@@ -10,6 +10,7 @@ Store layout under `storage.root`:
                                 so a rerun with the same inputs finds and reuses it)
   merged/<run>/<method>-<fp>/   merged checkpoints with provenance
   sweeps/<method>-<fp>.json     validation scores of one grid point (its weights are never stored)
+  evaluations/<fp>.json         scores of one stored model on one split
 """
 
 from __future__ import annotations
@@ -366,6 +367,25 @@ def evaluate_model(weights: ObjectRef | None, base: ObjectRef, tasks: Mapping[st
         splits[name] = (ClassificationHead.load(local_file(head, storage, cache)), data)
     return evaluate_encoder(encoder, tokenizer, splits, max_length=evaluation.max_length,
                             batch_size=evaluation.batch_size, device=encoder_device(encoder), progress=True)
+
+
+def evaluate_stored(weights: ObjectRef | None, base: ObjectRef, tasks: Mapping[str, tuple[ObjectRef, ObjectRef]],
+                    evaluation: EvalConfig, storage: StorageConfig, device: str = "auto", split: str = "test",
+                    max_examples: int | None = None) -> tuple[dict[str, float], bool]:
+    """`evaluate_model` of a stored model, with its scores kept under a key of the model's, every dataset's and
+    head's digests and the settings (`evaluations/<fp>.json`), so an unchanged model is never scored twice.
+    Returns (accuracy, reused)."""
+    cache = make_cache(storage)
+    model = weights or base
+    fp = fingerprint(model.sha256, weights is None, {n: (d.sha256, h.sha256) for n, (d, h) in tasks.items()},
+                     evaluation.model_dump(), split, max_examples)
+    uri = join(storage.root, "evaluations", f"{fp}.json")
+    if exists(uri, storage.options()):
+        return json.loads(cache.fetch(uri, storage.options()).path.read_text())["accuracy"], True
+    accuracy = evaluate_model(weights, base, tasks, evaluation, storage, device, split, max_examples)
+    record = {"model": model.model_dump(), "split": split, "max_examples": max_examples, "accuracy": accuracy}
+    _publish_file(uri, storage, cache, lambda path: path.write_text(json.dumps(record, indent=2)))
+    return accuracy, False
 
 
 _UPDATE_LOCKS: dict[str, threading.Lock] = {}

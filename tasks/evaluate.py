@@ -24,11 +24,12 @@ def evaluate(label: str, weights: stages.ObjectRef | None, base: stages.ObjectRe
     import time
 
     started = time.perf_counter()
-    accuracy = stages.evaluate_model(weights, base, tasks, evaluation, storage, device, split, max_examples)
+    accuracy, reused = stages.evaluate_stored(weights, base, tasks, evaluation, storage, device, split, max_examples)
     if tracking is not None:
         tracker = MlflowTracker(tracking)
         run_id = tracker.start_run(f"evaluate-{label}", parent_run_id=parent_run_id,
-                                   tags={"mergeflow.stage": "evaluation", "mergeflow.model": label})
+                                   tags={"mergeflow.stage": "evaluation", "mergeflow.model": label,
+                                         "mergeflow.reused": str(reused).lower()})
         model = weights or base
         tracker.log_input_refs(run_id, [(f"{label}-model", "model", model.uri, model.sha256)] + [
             (f"{name}-{split}", "evaluation", dataset.uri, dataset.sha256) for name, (dataset, _) in tasks.items()])

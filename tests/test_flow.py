@@ -95,6 +95,17 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     losses = client.get_metric_history(by_name["expert-election"].info.run_id, "train_loss")
     assert len(losses) == 3
 
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    async def artifacts():
+        async with get_client() as prefect:
+            return {a.key: a for a in await prefect.read_artifacts() if a.key}
+
+    published = anyio.run(artifacts)
+    assert {"tiny-accuracy", "tiny-summary"} <= set(published)
+    assert "| ties" in published["tiny-summary"].data and "data:image/png;base64," in published["tiny-summary"].data
+
     second = merge_flow(config)  # unchanged inputs: stored experts are reused, merges give the same digests
     assert second["experts"] == first["experts"] and second["merged"] == first["merged"]
     reruns = client.search_runs([parent.info.experiment_id],

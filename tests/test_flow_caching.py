@@ -1,0 +1,72 @@
+"""Stage caching by content digests: a rerun with unchanged inputs runs no stage's work again, and a changed
+expert re-runs only what depends on it (its statistics and evaluation, and the merges)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytestmark = pytest.mark.slow
+
+WORK = {"mergeflow.finetune": "finetune_encoder", "mergeflow.evaluate": "evaluate_encoder",
+        "mergeflow.merge": "merge_pool", "mergeflow.adapters.hf_text": "text_classification_statistics",
+        "mergeflow.heads": "fit_linear_probe"}
+
+
+def _config(tmp_path, cache, expert=None):
+    from mergeflow.config import RunConfig
+
+    return RunConfig.model_validate({
+        "name": "cached",
+        "tasks": [{"name": "election", "expert": expert}, {"name": "rotten_tomatoes"}],
+        "data": {"probe_per_class": 2, "train": 16, "validation": 4, "test": 16},
+        "finetune": {"steps": 2, "batch_size": 4, "max_length": 16, "warmup_steps": 1},
+        "evaluation": {"max_length": 16},
+        "merges": [{"method": "task_arithmetic"}, {"method": "regmean"}],
+        "statistics": {"max_examples": 4, "max_length": 16},
+        "storage": {"root": str(tmp_path / "store"), "cache_dir": str(cache)},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "cached"},
+        "device": "cpu",
+    })
+
+
+def test_rerun_skips_finished_stages_and_a_changed_expert_reruns_its_dependents(tmp_path, tmp_path_factory,
+                                                                                prefect_harness, monkeypatch):
+    import importlib
+
+    from flows.merge_flow import merge_flow
+
+    calls: Counter[str] = Counter()
+    for module_name, function in WORK.items():
+        module = importlib.import_module(module_name)
+        original = getattr(module, function)
+
+        def counting(*args, _original=original, _name=function, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, function, counting)
+    cache = tmp_path_factory.mktemp("cache")
+
+    first = merge_flow(_config(tmp_path, cache))
+    assert calls["finetune_encoder"] == 2 and calls["merge_pool"] == 2 and calls["evaluate_encoder"] == 5
+    assert calls["text_classification_statistics"] == 2 and calls["fit_linear_probe"] == 2
+
+    calls.clear()
+    second = merge_flow(_config(tmp_path, cache))
+    assert sum(calls.values()) == 0, calls
+    assert second["merged"] == first["merged"] and second["accuracy"] == first["accuracy"]
+
+    weights = load_file(first["experts"]["election"]["uri"])
+    weights["encoder.layer.0.output.dense.weight"] += 1e-3 * torch.ones_like(weights["encoder.layer.0.output.dense.weight"])
+    changed = tmp_path / "election-v2.safetensors"
+    save_file(weights, str(changed), metadata={"format": "pt"})
+    calls.clear()
+    third = merge_flow(_config(tmp_path, cache, expert=str(changed)))
+    assert calls == Counter({"text_classification_statistics": 1, "merge_pool": 2, "evaluate_encoder": 3}), calls
+    assert third["experts"]["rotten_tomatoes"] == first["experts"]["rotten_tomatoes"]
+    assert third["accuracy"]["pretrained"] == first["accuracy"]["pretrained"]
+    assert third["merged"]["task_arithmetic"]["sha256"] != first["merged"]["task_arithmetic"]["sha256"]
