@@ -162,10 +162,25 @@ def describe_locations(config: RunConfig, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def task_runner_for(config: RunConfig):
+    """The configured task runner: threads (default), processes, or Dask (local cluster or an address)."""
+    if config.task_runner == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=config.max_workers)
+    if config.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if config.dask_address:
+            return DaskTaskRunner(address=config.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": config.max_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    return ThreadPoolTaskRunner(max_workers=config.max_workers)
+
+
 def run_config_file(path: str) -> dict[str, Any]:
     """Validate a YAML config, run the flow on it, and print the results and where everything is."""
     config = load_run_config(path)
-    flow_with_workers = merge_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=config.max_workers))
-    summary = flow_with_workers(config)
+    summary = merge_flow.with_options(task_runner=task_runner_for(config))(config)
     print(describe_locations(config, summary))
     return summary

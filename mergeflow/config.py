@@ -167,6 +167,11 @@ class RunConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     max_workers: int = Field(1, ge=1, description="tasks run at once (fine-tuning is CPU-bound: keep 1 on small machines)")
+    task_runner: Literal["threads", "processes", "dask"] = Field(
+        "threads", description="how tasks fan out: a thread pool, a process pool, or Dask (a local cluster of "
+        "max_workers worker processes, or the cluster at dask_address)")
+    dask_address: str | None = Field(None, description="scheduler address of an existing Dask cluster, e.g. "
+                                     "tcp://10.0.0.5:8786 (task_runner: dask)")
 
     @model_validator(mode="after")
     def _distinct(self) -> RunConfig:

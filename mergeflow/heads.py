@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from mergeflow.checkpoints.safetensors_format import save_safetensors
 from torch import Tensor
 
 
@@ -31,7 +31,7 @@ class ClassificationHead:
 
     def save(self, path: Path) -> None:
         tensors = {"weight": self.weight.detach().cpu().contiguous(), "bias": self.bias.detach().cpu().contiguous()}
-        save_file(tensors, str(path), metadata={"logit_scale": repr(float(self.logit_scale))})
+        save_safetensors(tensors, path, {"logit_scale": repr(float(self.logit_scale))})
 
     @classmethod
     def load(cls, path: Path) -> ClassificationHead:

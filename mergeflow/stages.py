@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import save_file
+from mergeflow.checkpoints.safetensors_format import save_safetensors
 
 from mergeflow.config import (DataConfig, EvalConfig, FinetuneConfig, MergeSpec, ModelConfig, StatisticsConfig,
                               StorageConfig, TuningConfig)
@@ -220,10 +220,10 @@ def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: Object
     directory = uri.rsplit("/", 1)[0]
 
     def build(staged: Path) -> None:
-        save_file(result.state_dict, str(staged / "model.safetensors"),
-                  metadata={"format": "pt", "task": task, "base_sha256": base.sha256,
-                            "dataset_sha256": dataset.sha256, "head_sha256": head.sha256,
-                            "finetune": json.dumps(settings.model_dump())})
+        save_safetensors(result.state_dict, staged / "model.safetensors",
+                         metadata={"format": "pt", "task": task, "base_sha256": base.sha256,
+                                   "dataset_sha256": dataset.sha256, "head_sha256": head.sha256,
+                                   "finetune": json.dumps(settings.model_dump())})
         (staged / "training.json").write_text(json.dumps(report))
 
     _publish_or_reuse(build, directory, storage, cache)
@@ -396,8 +396,6 @@ def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, expe
                    storage: StorageConfig, device: str) -> Path:
     """A scaling method's update at lambda 1 (`mergeflow.sweep.scaled_update`), computed once per setting of its
     other parameters and kept in the local cache (an intermediate, never published)."""
-    from safetensors.torch import save_file
-
     from mergeflow.checkpoints import open_checkpoint
     from mergeflow.sweep import scaled_update, update_key
     from mergeflow.task_vectors import ExpertPool, resolve_device
@@ -419,7 +417,7 @@ def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, expe
                     ckpt.close()
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-            save_file(update, str(partial))
+            save_safetensors(update, partial)
             os.replace(partial, path)
     return path
 

@@ -27,10 +27,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.checkpoints import Checkpoint, TensorInfo, TensorSource, open_checkpoint
 from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.selection import ParameterSelection
@@ -219,7 +219,7 @@ def save_statistics(stats: Statistics, path: str | Path) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    save_file(stats.tensors, str(partial), metadata=stats.metadata)
+    save_safetensors(stats.tensors, partial, stats.metadata)
     os.replace(partial, path)
     return sha256_file(path)
 

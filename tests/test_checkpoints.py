@@ -143,3 +143,32 @@ def test_object_keys_cannot_escape_their_prefix(part):
     with pytest.raises(ValueError, match="unsafe object key"):
         join("s3://bucket/root", part)
     assert join("s3://bucket/root/", "merged", "demo/ties-1") == "s3://bucket/root/merged/demo/ties-1"
+
+
+def test_save_safetensors_bytes_depend_only_on_content(tmp_path):
+    """Two processes (different hash seeds) write identical bytes; safetensors reads them back exactly."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, safe_open
+
+    script = (
+        "import sys, torch\n"
+        "from mergeflow.checkpoints.safetensors_format import save_safetensors\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "t = {'b.weight': torch.randn(3, 4, generator=g), 'a.bias': torch.randn(5, generator=g).bfloat16(),\n"
+        "     'ids': torch.arange(6), 'scale': torch.tensor(2.5)}\n"
+        "save_safetensors(t, sys.argv[1], {f'key{i}': str(i) for i in range(20)})\n"
+    )
+    for i, seed in enumerate(("1", "2")):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{i}.safetensors")], check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+    first, second = (tmp_path / "0.safetensors").read_bytes(), (tmp_path / "1.safetensors").read_bytes()
+    assert first == second
+    loaded = load_file(str(tmp_path / "0.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(loaded["b.weight"], torch.randn(3, 4, generator=g))
+    assert loaded["a.bias"].dtype == torch.bfloat16 and torch.equal(loaded["ids"], torch.arange(6))
+    assert loaded["scale"].shape == () and float(loaded["scale"]) == 2.5
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata()["key7"] == "7"

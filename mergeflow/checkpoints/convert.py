@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from mergeflow.checkpoints.safetensors_format import save_safetensors
 
 from mergeflow.errors import CheckpointError
 from mergeflow.storage import ContentCache, exists, is_remote, local_path, publish_directory, staging_dir
@@ -45,13 +45,13 @@ def convert_legacy(source: str, destination: str, *, storage_options: Mapping[st
             raise FileExistsError(f"{destination} already exists")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.partial")
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
         tmp.replace(target)
         return target
     if exists(destination, storage_options) and not overwrite:
         raise FileExistsError(f"{destination} already exists")
     parent, name = destination.rsplit("/", 1)
     staged = staging_dir(destination, cache)
-    save_file(tensors, str(staged / name), metadata=metadata)
+    save_safetensors(tensors, staged / name, metadata)
     publish_directory(staged, parent, storage_options, overwrite=True)
     return destination

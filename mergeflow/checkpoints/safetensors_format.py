@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,3 +67,23 @@ def decode_header(prefix: bytes, read_more) -> tuple[int, dict[str, Any]]:
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     return 8 + length, header
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file whose bytes depend only on its content: tensors in name order, metadata keys
+    sorted. (`safetensors.torch.save_file` orders metadata by a per-process hash, so the same content gets a
+    different digest in another process, which would defeat content-addressed caching.)"""
+    names = sorted(tensors)
+    entries: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                         "data_offsets": [offset, offset + size]}
+        offset += size
+    with open(path, "wb") as file:
+        file.write(encode_header(entries, dict(sorted(metadata.items())) if metadata else None))
+        for name in names:
+            file.write(tensors[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
