@@ -92,6 +92,14 @@ class FinetuneConfig(StrictModel):
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps before cosine decay")
     max_length: int = Field(64, ge=8, description="tokens per text")
     seed: int = Field(0, description="seed of batch order and initialisation")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="after warmup: cosine decay to 0 or "
+                                                    "a constant learning rate")
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step (effective batch = "
+                                   "batch_size x grad_accumulation)")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints in the store (a "
+                                  "retried or restarted task resumes from the last one); 0: none")
 
 
 class EvalConfig(StrictModel):

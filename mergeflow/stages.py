@@ -33,7 +33,7 @@ from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.config import (DataConfig, EvalConfig, FinetuneConfig, MergeSpec, ModelConfig, StatisticsConfig,
                               StorageConfig, TuningConfig)
 from mergeflow.errors import IntegrityError
-from mergeflow.storage import (ContentCache, directory_digest, exists, fetch_directory, is_remote, join,
+from mergeflow.storage import (ContentCache, directory_digest, exists, fetch_directory, filesystem, is_remote, join,
                                local_path, publish_directory, staging_dir)
 
 BUILTIN_MODELS = {"all-MiniLM-L6-v2"}
@@ -185,7 +185,7 @@ def _publish_file(uri: str, storage: StorageConfig, cache: ContentCache, write) 
 
 def expert_uri(task: str, base: ObjectRef, dataset: ObjectRef, head: ObjectRef, settings: FinetuneConfig,
                storage: StorageConfig) -> str:
-    fp = fingerprint(base.sha256, dataset.sha256, head.sha256, settings.model_dump())
+    fp = fingerprint(base.sha256, dataset.sha256, head.sha256, settings.model_dump(exclude={"checkpoint_every"}))
     return join(storage.root, "experts", f"{task}-{fp}", "model.safetensors")
 
 
@@ -212,11 +212,13 @@ def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: Object
     data = _read_task(dataset, storage, cache)
     encoder, tokenizer = _load_encoder(base, storage, cache, None, device)
     frozen = ClassificationHead.load(local_file(head, storage, cache))
+    checkpoints = join(storage.root, "checkpoints", uri.rsplit("/", 2)[1])  # resumed by a retried task
     result = finetune_encoder(encoder, tokenizer, frozen, data.splits["train"],
                               FinetuneSettings(**settings.model_dump()), device=encoder_device(encoder),
-                              progress=progress)
+                              progress=progress, checkpoint_dir=checkpoints if settings.checkpoint_every else None,
+                              storage_options=storage.options())
     report = {"losses": result.losses, "seconds": round(result.seconds, 2), "reused": False,
-              "train_examples": len(data.splits["train"].texts)}
+              "train_examples": len(data.splits["train"].texts), "resumed_from": result.resumed_from}
     directory = uri.rsplit("/", 1)[0]
 
     def build(staged: Path) -> None:
@@ -227,6 +229,9 @@ def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: Object
         (staged / "training.json").write_text(json.dumps(report))
 
     _publish_or_reuse(build, directory, storage, cache)
+    if settings.checkpoint_every and exists(checkpoints, storage.options()):  # the expert is published: drop them
+        fs, path = filesystem(checkpoints, storage.options())
+        fs.rm(path, recursive=True)
     return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), report
 
 

@@ -75,8 +75,18 @@ def registered_credentials(name: str) -> dict[str, str]:
 
 
 def _s3_env_options() -> dict[str, Any]:
+    """Endpoint and key pair from the standard AWS variables. The keys are passed explicitly because s3fs caches
+    filesystem instances by their arguments: a client made before the variables changed is never reused."""
+    options: dict[str, Any] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {"endpoint_url": endpoint} if endpoint else {}
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        options.update(key=key, secret=secret)
+        if token := os.environ.get("AWS_SESSION_TOKEN"):
+            options["token"] = token
+    return options
 
 
 def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -98,6 +108,9 @@ def storage_error(uri: str, exc: BaseException, action: str) -> BaseException:
     Messages never include credentials."""
     if isinstance(exc, MergeflowError):
         return exc
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return StorageAccessError(f"{uri}: no S3 credentials found while {action}; set AWS_ACCESS_KEY_ID / "
+                                  "AWS_SECRET_ACCESS_KEY, a profile, or storage.credentials_block")
     if isinstance(exc, PermissionError):
         return StorageAccessError(f"{uri}: access denied while {action}; check the S3 credentials (AWS_ACCESS_KEY_ID /"
                                   " AWS_SECRET_ACCESS_KEY, a profile) and the endpoint")

@@ -45,15 +45,44 @@ def prefect_harness(tmp_path_factory):
         yield
 
 
-@pytest.fixture(scope="session")
-def seaweed(tmp_path_factory):
-    """A real S3 server (SeaweedFS) for the session; tests get credentials through the environment."""
-    from s3_server import SeaweedServer
+class SeaweedHolder:
+    """The session's SeaweedFS, started on first use; its ports are fixed, so the stack tests stop it first."""
 
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
-    server.start()
-    yield server
-    server.stop()
+    def __init__(self, directory: Path) -> None:
+        from s3_server import SeaweedServer
+
+        self.server = SeaweedServer(directory)
+        self.running = False
+
+    def ensure(self):
+        if not self.running:
+            self.server.start()
+            self.running = True
+        return self.server
+
+    def stop(self) -> None:
+        if self.running:
+            self.server.stop()
+            self.running = False
+
+
+@pytest.fixture(scope="session")
+def seaweed_holder(tmp_path_factory):
+    holder = SeaweedHolder(tmp_path_factory.mktemp("seaweed"))
+    yield holder
+    holder.stop()
+
+
+@pytest.fixture
+def seaweed(seaweed_holder):
+    """A real S3 server (SeaweedFS), one per session; tests get credentials through the environment."""
+    return seaweed_holder.ensure()
+
+
+@pytest.fixture(scope="module")
+def free_seaweed_ports(seaweed_holder):
+    """Stop the session's SeaweedFS (restarted by the next test that needs it) to free its fixed ports."""
+    seaweed_holder.stop()
 
 
 @pytest.fixture

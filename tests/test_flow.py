@@ -19,7 +19,7 @@ def _config(tmp_path: Path, cache: Path):
         "name": "tiny",
         "tasks": [{"name": "election"}, {"name": "rotten_tomatoes"}],
         "data": {"probe_per_class": 2, "train": 16, "validation": 4, "test": 24},
-        "finetune": {"steps": 3, "batch_size": 4, "max_length": 16, "warmup_steps": 1},
+        "finetune": {"steps": 3, "batch_size": 4, "max_length": 16, "warmup_steps": 1, "checkpoint_every": 1},
         "evaluation": {"max_length": 16},
         "merges": [{"method": "average"}, {"method": "task_arithmetic", "params": {"scaling": 0.5}},
                    {"method": "ties"}, {"method": "regmean"},
@@ -94,6 +94,7 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     assert registration["method"] == best
     losses = client.get_metric_history(by_name["expert-election"].info.run_id, "train_loss")
     assert len(losses) == 3
+    assert not (tmp_path / "store" / "checkpoints").exists() or not any((tmp_path / "store" / "checkpoints").iterdir())
 
     import anyio
     from prefect.client.orchestration import get_client

@@ -13,7 +13,6 @@ from mergeflow.checkpoints import open_checkpoint
 from mergeflow.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from mergeflow.merge import MANIFEST, merge_checkpoints, merge_state_dicts
 from mergeflow.methods import METHODS
-from mergeflow.methods.adamerging import AdaMerging
 from mergeflow.methods.data_aware import DataAwareMethod
 from mergeflow.storage import sha256_file
 
@@ -24,7 +23,7 @@ def _read_all(uri, cache):
 
 
 @pytest.mark.parametrize("method", sorted(m for m, cls in METHODS.items()
-                                           if not issubclass(cls, (DataAwareMethod, AdaMerging))))
+                                           if not issubclass(cls, DataAwareMethod) and not cls.needs_objective))
 def test_streaming_equals_in_memory_with_sharded_output(tmp_path, cache, model_files, method):
     base_path, expert_paths, base, experts = model_files
     out = tmp_path / f"merged-{method}"

@@ -232,7 +232,7 @@ def test_down_leaves_a_reused_pid_alone(config, sleeper):
 
 
 @needs_seaweed_ports
-def test_failed_service_stops_what_up_started(config, monkeypatch, tmp_path):
+def test_failed_service_stops_what_up_started(config, monkeypatch, tmp_path, free_seaweed_ports):
     """MLflow 'fails' (a program that exits at once): `up` names it and its log, and stops the real
     SeaweedFS and Prefect it had started."""
     fake = tmp_path / "mlflow"
@@ -264,7 +264,7 @@ def test_failed_service_stops_what_up_started(config, monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory):
+def running(tmp_path_factory, free_seaweed_ports):
     """One real stack for the tests below (module scope: starting it costs ~15 s); always stopped."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("AWS_ACCESS_KEY_ID", raising=False)
