@@ -1,10 +1,11 @@
 """The merge flow: fetch -> fine-tune missing experts -> sparsify -> merge -> evaluate -> record.
 
+(No `from __future__ import annotations` here: Prefect builds the parameter model from the signature in a
+process that loads this file by path, where string annotations cannot be resolved.)
+
 Its one parameter is the pydantic `RunConfig` (a validated form in the Prefect UI). References (URI + sha256),
 never tensors, pass between tasks.
 """
-
-from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,13 @@ from mergeflow.evaluate import format_results_table
 from mergeflow.storage import join
 from tasks.artifacts import publish_artifacts
 from tasks.evaluate import evaluate
-from tasks.fetch import fetch_expert, fetch_pretrained, prepare_dataset
+from tasks.fetch import fetch_expert, fetch_latest_expert, fetch_pretrained, prepare_dataset
 from tasks.finetune import finetune_expert, fit_head
 from tasks.merge import merge, sparsify
 from tasks.statistics import compute_statistics
 from tasks.sweep import select_point, sweep_point
-from tasks.record import fail_tracking, record_merge, record_results, register_best, start_tracking
+from tasks.record import (check_unchanged, fail_tracking, mark_success, record_merge, record_results, register_best,
+                          start_tracking)
 
 
 def merge_labels(config: RunConfig) -> list[str]:
@@ -53,11 +55,17 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     for t in config.tasks:
         if t.expert:
             pending[t.name] = fetch_expert.submit(t.name, t.expert, storage)
+        elif t.latest:
+            pending[t.name] = fetch_latest_expert.submit(t.name, t.latest, storage)
         else:  # listed as missing: fine-tune it (a stored expert with the same inputs is reused)
             pending[t.name] = finetune_expert.submit(t.name, base, datasets[t.name], heads[t.name], config.finetune,
                                                      storage, device, config.tracking, parent)
     experts = {n: f.result() for n, f in pending.items()}
     eval_inputs = {n: (datasets[n].result(), heads[n].result()) for n in names}
+    digest = stages.run_inputs_digest(config.model_dump(mode="json"), base, experts)
+    if config.skip_unchanged and (last := check_unchanged(config.name, digest, storage, config.tracking, parent)):
+        return {"run": config.name, "skipped": True, "mlflow_run_id": parent, "same_as": last,
+                "experts": {n: e.model_dump() for n, e in experts.items()}}
 
     kinds = stages.statistic_kinds(config.merges)
     statistics = {}
@@ -115,6 +123,8 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     }
     record_results(config.tracking, parent, rows, expert_acc, table, summary)
     publish_artifacts(config.name, rows, names, expert_acc, table, config.tracking, parent, registration)
+    mark_success(config.name, {"inputs_digest": digest, "flow_run_id": str(runtime.flow_run.id),
+                               "mlflow_run_id": parent, "merged": summary["merged"]}, storage)
     return summary
 
 
@@ -143,6 +153,9 @@ def _tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, expe
 
 def describe_locations(config: RunConfig, summary: dict[str, Any]) -> str:
     tracking = config.tracking.tracking_uri
+    if summary.get("skipped"):
+        return (f"\nSkipped: no expert or setting changed since MLflow run {summary['same_as'].get('mlflow_run_id')} "
+                f"(its merged models: {', '.join(summary['same_as'].get('merged', {}))}).")
     lines = ["", "Accuracy (%) on held-out test data; norm. avg = merged / expert accuracy per task:", "",
              summary["table"], "", "Merged models:"]
     lines += [f"  {label}: {ref['uri']}  (sha256 {ref['sha256'][:16]}...)" for label, ref in summary["merged"].items()]

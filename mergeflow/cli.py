@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -140,6 +141,26 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.deployments import serve
+    from mergeflow.config import load_run_config
+
+    serve(load_run_config(args.config), name=args.name, cron=args.cron or None, timezone=args.timezone,
+          limit=args.limit)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deployments import deploy
+    from mergeflow.config import load_run_config
+
+    deployment_id = deploy(load_run_config(args.config), name=args.name, pool=args.pool, cron=args.cron or None,
+                           timezone=args.timezone, source=args.source)
+    print(f"deployment mergeflow-merge/{args.name} ({deployment_id}) on work pool {args.pool!r}; run it with a "
+          f"worker: prefect worker start --pool {args.pool} --type process")
+    return 0
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
     from mergeflow.stack import stack_command
 
@@ -193,6 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("directory")
     pull.add_argument("--tracking-uri", default=default_tracking, help="MLflow tracking URI")
     pull.set_defaults(func=cmd_pull)
+    for command, helptext in (("serve", "serve the merge flow as a scheduled deployment in this process"),
+                              ("deploy", "register the merge flow as a scheduled deployment on a work pool")):
+        p = sub.add_parser(command, help=helptext)
+        p.add_argument("config", help="run config, e.g. configs/nightly.yaml (the deployment's parameters)")
+        p.add_argument("--name", default="nightly", help="deployment name")
+        p.add_argument("--cron", default="0 2 * * *", help="schedule ('' for none: triggered runs only)")
+        p.add_argument("--timezone", default="UTC", help="IANA time zone of the cron schedule")
+        if command == "serve":
+            p.add_argument("--limit", type=int, help="flow runs at once")
+            p.set_defaults(func=cmd_serve)
+        else:
+            p.add_argument("--pool", default="mergeflow-process", help="work pool (process type)")
+            p.add_argument("--source", default=str(Path.cwd()),
+                           help="code location the workers pull: this checkout (default) or a git URL")
+            p.set_defaults(func=cmd_deploy)
+
     stack = sub.add_parser("stack", help="start/stop/inspect a local Prefect + MLflow + S3 stack (no Docker, "
                                           "127.0.0.1 only)")
     stack.add_argument("action", choices=("up", "down", "status", "env"),

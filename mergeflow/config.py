@@ -65,6 +65,14 @@ class TaskConfig(StrictModel):
     name: str = Field(description="task name (built-in text tasks: newsgroups, reuters, election, rotten_tomatoes)")
     expert: str | None = Field(None, description="URI of an existing expert checkpoint; empty: fine-tune one "
                                "(or reuse the one a previous run stored)")
+    latest: str | None = Field(None, description="prefix (URI) holding this task's expert checkpoints: the newest "
+                               "*.safetensors under it is merged (nightly runs); excludes `expert`")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskConfig:
+        if self.expert and self.latest:
+            raise ValueError(f"task {self.name!r}: give `expert` or `latest`, not both")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -175,6 +183,8 @@ class RunConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     max_workers: int = Field(1, ge=1, description="tasks run at once (fine-tuning is CPU-bound: keep 1 on small machines)")
+    skip_unchanged: bool = Field(False, description="skip the merges (log line + artifact) when the experts and "
+                                 "this config equal those of the last successful run (nightly mode)")
     task_runner: Literal["threads", "processes", "dask"] = Field(
         "threads", description="how tasks fan out: a thread pool, a process pool, or Dask (a local cluster of "
         "max_workers worker processes, or the cluster at dask_address)")

@@ -288,6 +288,50 @@ def fetch_checkpoint(uri: str, storage: StorageConfig) -> ObjectRef:
         return ObjectRef(uri=uri, sha256=ckpt.digest)
 
 
+def _modified(info: Mapping[str, Any]) -> float:
+    value = info.get("LastModified", info.get("mtime", info.get("created", 0)))
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
+def latest_checkpoint(prefix: str, storage: StorageConfig) -> str:
+    """URI of the newest `*.safetensors` checkpoint under `prefix` (statistics files and partial uploads aside);
+    ties go to the larger name. ObjectNotFoundError naming the prefix when there is none."""
+    from mergeflow.errors import ObjectNotFoundError
+    from mergeflow.storage import storage_error
+
+    fs, path = filesystem(prefix, storage.options())
+    try:
+        found = fs.find(path, detail=True) if fs.exists(path) else {}
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(prefix, exc, "listing") from exc
+    candidates = {name: info for name, info in found.items()
+                  if name.endswith(".safetensors") and not name.rsplit("/", 1)[-1].startswith(("statistics-", "."))
+                  and ".partial" not in name}
+    if not candidates:
+        raise ObjectNotFoundError(f"{prefix}: no *.safetensors checkpoint under this prefix")
+    newest = max(candidates, key=lambda name: (_modified(candidates[name]), name))
+    return f"{prefix.split('://', 1)[0]}://{newest}" if is_remote(prefix) else newest
+
+
+def run_inputs_digest(config_json: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef]) -> str:
+    """What decides a run's results: its config (but the run name) and the digests of its base and experts."""
+    settings = {k: v for k, v in config_json.items() if k != "name"}
+    return fingerprint(settings, base.sha256, {n: e.sha256 for n, e in sorted(experts.items())})
+
+
+def last_success(name: str, storage: StorageConfig) -> dict[str, Any] | None:
+    """The record of run `name`'s last successful completion (`runs/<name>/last-success.json`), if any."""
+    uri = join(storage.root, "runs", name, "last-success.json")
+    if not exists(uri, storage.options()):
+        return None
+    return json.loads(make_cache(storage).fetch(uri, storage.options()).path.read_text())
+
+
+def record_success(name: str, storage: StorageConfig, record: Mapping[str, Any]) -> None:
+    uri = join(storage.root, "runs", name, "last-success.json")
+    _publish_file(uri, storage, make_cache(storage), lambda path: path.write_text(json.dumps(record, indent=2)))
+
+
 def base_weights(base: ObjectRef) -> str:
     return join(base.uri, "model.safetensors")
 

@@ -26,3 +26,12 @@ def prepare_dataset(task_name: str, data: DataConfig, storage: StorageConfig) ->
 @uses_storage
 def fetch_expert(task_name: str, uri: str, storage: StorageConfig) -> stages.ObjectRef:
     return stages.fetch_checkpoint(uri, storage)
+
+
+@task(name="fetch-latest-expert", task_run_name="fetch-latest-expert-{task_name}", **IO_RETRIES)
+@uses_storage
+def fetch_latest_expert(task_name: str, prefix: str, storage: StorageConfig) -> stages.ObjectRef:
+    """The newest checkpoint under `prefix` (nightly "latest experts" mode)."""
+    uri = stages.latest_checkpoint(prefix, storage)
+    print(f"{task_name}: newest expert under {prefix} is {uri}")
+    return stages.fetch_checkpoint(uri, storage)

@@ -91,3 +91,32 @@ def fail_tracking(tracking: TrackingConfig, parent_run_id: str, error: BaseExcep
     tracker = MlflowTracker(tracking)
     tracker.set_tags(parent_run_id, {"mergeflow.error": f"{type(error).__name__}: {error}"[:5000]})
     tracker.end_run(parent_run_id, status="FAILED")
+
+
+@task(name="check-unchanged", **IO_RETRIES)
+@uses_storage
+def check_unchanged(name: str, digest: str, storage: StorageConfig, tracking: TrackingConfig,
+                    parent_run_id: str) -> dict[str, Any] | None:
+    """The last successful run's record when its inputs digest equals `digest` (the run can be skipped): then
+    says so in the log, a Prefect artifact and the parent MLflow run, and finishes that run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    last = stages.last_success(name, storage)
+    if not last or last.get("inputs_digest") != digest:
+        return None
+    message = (f"Nothing changed since the last successful run of {name!r} (flow run {last.get('flow_run_id')}, "
+               f"MLflow run {last.get('mlflow_run_id')}): same experts and config; merges skipped.")
+    print(message)
+    create_markdown_artifact(f"## {name}: skipped\n\n{message}\n", key=f"{name.lower().replace('_', '-')}-skipped",
+                             description="nightly run skipped: no expert changed")
+    tracker = MlflowTracker(tracking)
+    tracker.set_tags(parent_run_id, {"mergeflow.skipped": "true",
+                                     "mergeflow.same_as_run": str(last.get("mlflow_run_id"))})
+    tracker.end_run(parent_run_id)
+    return last
+
+
+@task(name="mark-success", **IO_RETRIES)
+@uses_storage
+def mark_success(name: str, record: dict[str, Any], storage: StorageConfig) -> None:
+    stages.record_success(name, storage, record)
