@@ -6,12 +6,12 @@ from prefect import task
 
 from mergeflow import stages
 from mergeflow.config import EvalConfig, StorageConfig, TrackingConfig
-from tasks import IO_RETRIES
+from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
 from tasks.credentials import uses_storage
 from tasks.tracking import MlflowTracker
 
 
-@task(name="evaluate", task_run_name="evaluate-{label}", **IO_RETRIES)
+@task(name="evaluate", task_run_name="evaluate-{label}", timeout_seconds=TIMEOUTS["evaluate"], **IO_RETRIES)
 @uses_storage
 def evaluate(label: str, weights: stages.ObjectRef | None, base: stages.ObjectRef,
              tasks: dict[str, tuple[stages.ObjectRef, stages.ObjectRef]], evaluation: EvalConfig,
@@ -24,7 +24,9 @@ def evaluate(label: str, weights: stages.ObjectRef | None, base: stages.ObjectRe
     import time
 
     started = time.perf_counter()
-    accuracy, reused = stages.evaluate_stored(weights, base, tasks, evaluation, storage, device, split, max_examples)
+    accuracy, reused = on_device_or_cpu(
+        lambda on: stages.evaluate_stored(weights, base, tasks, evaluation, storage, on, split, max_examples),
+        device, f"evaluate {label}")
     if tracking is not None:
         tracker = MlflowTracker(tracking)
         run_id = tracker.start_run(f"evaluate-{label}", parent_run_id=parent_run_id,

@@ -6,29 +6,31 @@ from prefect import task
 
 from mergeflow import stages
 from mergeflow.config import DataConfig, ModelConfig, StorageConfig
-from tasks import IO_RETRIES
+from tasks import IO_RETRIES, TIMEOUTS
 from tasks.credentials import uses_storage
 
 
-@task(name="fetch-pretrained", **IO_RETRIES)
+@task(name="fetch-pretrained", timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)
 @uses_storage
 def fetch_pretrained(model: ModelConfig, storage: StorageConfig) -> stages.ObjectRef:
     return stages.materialize_pretrained(model, storage)
 
 
-@task(name="prepare-dataset", task_run_name="prepare-dataset-{task_name}", **IO_RETRIES)
+@task(name="prepare-dataset", task_run_name="prepare-dataset-{task_name}",
+      timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)
 @uses_storage
 def prepare_dataset(task_name: str, data: DataConfig, storage: StorageConfig) -> stages.ObjectRef:
     return stages.prepare_dataset(task_name, data, storage)
 
 
-@task(name="fetch-expert", task_run_name="fetch-expert-{task_name}", **IO_RETRIES)
+@task(name="fetch-expert", task_run_name="fetch-expert-{task_name}", timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)
 @uses_storage
 def fetch_expert(task_name: str, uri: str, storage: StorageConfig) -> stages.ObjectRef:
     return stages.fetch_checkpoint(uri, storage)
 
 
-@task(name="fetch-latest-expert", task_run_name="fetch-latest-expert-{task_name}", **IO_RETRIES)
+@task(name="fetch-latest-expert", task_run_name="fetch-latest-expert-{task_name}",
+      timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)
 @uses_storage
 def fetch_latest_expert(task_name: str, prefix: str, storage: StorageConfig) -> stages.ObjectRef:
     """The newest checkpoint under `prefix` (nightly "latest experts" mode)."""

@@ -6,19 +6,20 @@ from prefect import task
 
 from mergeflow import stages
 from mergeflow.config import EvalConfig, FinetuneConfig, StorageConfig, TrackingConfig
-from tasks import IO_RETRIES
+from tasks import IO_RETRIES, TIMEOUTS
 from tasks.credentials import uses_storage
 from tasks.tracking import MlflowTracker
 
 
-@task(name="fit-head", task_run_name="fit-head-{task_name}", **IO_RETRIES)
+@task(name="fit-head", task_run_name="fit-head-{task_name}", timeout_seconds=TIMEOUTS["train"], **IO_RETRIES)
 @uses_storage
 def fit_head(task_name: str, base: stages.ObjectRef, dataset: stages.ObjectRef, evaluation: EvalConfig,
              storage: StorageConfig, device: str) -> stages.ObjectRef:
     return stages.fit_head(task_name, base, dataset, evaluation, storage, device)
 
 
-@task(name="finetune-expert", task_run_name="finetune-expert-{task_name}", **IO_RETRIES)
+@task(name="finetune-expert", task_run_name="finetune-expert-{task_name}",
+      timeout_seconds=TIMEOUTS["train"], **IO_RETRIES)
 @uses_storage
 def finetune_expert(task_name: str, base: stages.ObjectRef, dataset: stages.ObjectRef, head: stages.ObjectRef,
                     settings: FinetuneConfig, storage: StorageConfig, device: str, tracking: TrackingConfig,

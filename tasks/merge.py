@@ -8,18 +8,18 @@ from prefect import task
 
 from mergeflow import stages
 from mergeflow.config import EvalConfig, MergeSpec, StorageConfig
-from tasks import IO_RETRIES
+from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
 from tasks.credentials import uses_storage
 
 
-@task(name="sparsify", task_run_name="sparsify-{spec.method}", **IO_RETRIES)
+@task(name="sparsify", task_run_name="sparsify-{spec.method}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
 @uses_storage
 def sparsify(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], storage: StorageConfig,
              device: str) -> dict[str, Any]:
     return stages.prepare_merge(spec, base, experts, storage, device)
 
 
-@task(name="merge", task_run_name="merge-{spec.method}", **IO_RETRIES)
+@task(name="merge", task_run_name="merge-{spec.method}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
 @uses_storage
 def merge(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], out_uri: str,
           storage: StorageConfig, state: dict[str, Any] | None, device: str,
@@ -27,6 +27,9 @@ def merge(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.Obj
           unlabeled: tuple[dict[str, tuple[stages.ObjectRef, stages.ObjectRef]], str, EvalConfig] | None = None,
           ) -> tuple[stages.ObjectRef, dict[str, Any]]:
     """`unlabeled` = (task -> (dataset, head), split, evaluation settings) for methods that learn coefficients."""
-    objective = stages.unlabeled_objective(base, unlabeled[0], unlabeled[1], unlabeled[2], storage, device) \
-        if unlabeled else None
-    return stages.merge_experts(spec, base, experts, out_uri, storage, state, device, statistics, objective)
+    def run(on: str):
+        objective = stages.unlabeled_objective(base, unlabeled[0], unlabeled[1], unlabeled[2], storage, on) \
+            if unlabeled else None
+        return stages.merge_experts(spec, base, experts, out_uri, storage, state, on, statistics, objective)
+
+    return on_device_or_cpu(run, device, f"merge {spec.method}")

@@ -9,7 +9,7 @@ from prefect import task
 from mergeflow import stages
 from mergeflow.config import MergeSpec, RunConfig, StorageConfig, TrackingConfig
 from mergeflow.evaluate import normalized_accuracy
-from tasks import IO_RETRIES
+from tasks import IO_RETRIES, TIMEOUTS
 from tasks.credentials import uses_storage
 from tasks.tracking import MlflowTracker
 
@@ -24,7 +24,7 @@ def accuracy_metrics(acc: dict[str, float], expert_acc: dict[str, float] | None)
     return metrics
 
 
-@task(name="start-tracking", **IO_RETRIES)
+@task(name="start-tracking", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 def start_tracking(config: RunConfig, flow_run_id: str) -> str:
     tracker = MlflowTracker(config.tracking)
     run_id = tracker.start_run(config.name, tags={"prefect.flow_run_id": flow_run_id, "mergeflow.stage": "flow"})
@@ -32,7 +32,7 @@ def start_tracking(config: RunConfig, flow_run_id: str) -> str:
     return run_id
 
 
-@task(name="record-merge", task_run_name="record-merge-{label}", **IO_RETRIES)
+@task(name="record-merge", task_run_name="record-merge-{label}", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 @uses_storage
 def record_merge(label: str, spec: MergeSpec, merged: stages.ObjectRef, record: dict[str, Any],
                  acc: dict[str, float], expert_acc: dict[str, float], datasets: dict[str, stages.ObjectRef],
@@ -59,7 +59,7 @@ def record_merge(label: str, spec: MergeSpec, merged: stages.ObjectRef, record: 
     return {"label": label, "run_id": run_id, "model_id": model_id, "metrics": metrics}
 
 
-@task(name="register-model", **IO_RETRIES)
+@task(name="register-model", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 def register_best(tracking: TrackingConfig, parent_run_id: str, logged: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Register the run's best merged model as `candidate`; promote it to `champion` through the gate."""
     candidates = [m for m in logged if m["model_id"] and tracking.promotion_metric in m["metrics"]]
@@ -76,7 +76,7 @@ def register_best(tracking: TrackingConfig, parent_run_id: str, logged: list[dic
     return decision
 
 
-@task(name="record-results", **IO_RETRIES)
+@task(name="record-results", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 def record_results(tracking: TrackingConfig, parent_run_id: str, rows: dict[str, dict[str, float]],
                    expert_acc: dict[str, float], table: str, summary: dict[str, Any]) -> None:
     tracker = MlflowTracker(tracking)
@@ -93,7 +93,7 @@ def fail_tracking(tracking: TrackingConfig, parent_run_id: str, error: BaseExcep
     tracker.end_run(parent_run_id, status="FAILED")
 
 
-@task(name="check-unchanged", **IO_RETRIES)
+@task(name="check-unchanged", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 @uses_storage
 def check_unchanged(name: str, digest: str, storage: StorageConfig, tracking: TrackingConfig,
                     parent_run_id: str) -> dict[str, Any] | None:
@@ -116,7 +116,7 @@ def check_unchanged(name: str, digest: str, storage: StorageConfig, tracking: Tr
     return last
 
 
-@task(name="mark-success", **IO_RETRIES)
+@task(name="mark-success", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 @uses_storage
 def mark_success(name: str, record: dict[str, Any], storage: StorageConfig) -> None:
     stages.record_success(name, storage, record)

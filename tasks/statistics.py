@@ -6,12 +6,12 @@ from prefect import task
 
 from mergeflow import stages
 from mergeflow.config import StatisticsConfig, StorageConfig, TrackingConfig
-from tasks import IO_RETRIES
+from tasks import IO_RETRIES, TIMEOUTS
 from tasks.credentials import uses_storage
 from tasks.tracking import MlflowTracker
 
 
-@task(name="statistics", task_run_name="statistics-{task_name}", **IO_RETRIES)
+@task(name="statistics", task_run_name="statistics-{task_name}", timeout_seconds=TIMEOUTS["train"], **IO_RETRIES)
 @uses_storage
 def compute_statistics(task_name: str, base: stages.ObjectRef, expert: stages.ObjectRef, dataset: stages.ObjectRef,
                        head: stages.ObjectRef, kinds: tuple[str, ...], settings: StatisticsConfig,

@@ -15,12 +15,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from mergeflow import stages
 from mergeflow.config import EvalConfig, MergeSpec, StorageConfig, TrackingConfig, TuningConfig
 from mergeflow.sweep import choose, plot_sweep, score_point
-from tasks import IO_RETRIES
+from tasks import IO_RETRIES, TIMEOUTS
 from tasks.credentials import uses_storage
 from tasks.tracking import MlflowTracker
 
 
-@task(name="sweep-point", task_run_name="sweep-{label}-{index}", **IO_RETRIES)
+@task(name="sweep-point", task_run_name="sweep-{label}-{index}", timeout_seconds=TIMEOUTS["evaluate"], **IO_RETRIES)
 @uses_storage
 def sweep_point(label: str, index: int, method: str, params: dict[str, Any], base: stages.ObjectRef,
                 experts: dict[str, stages.ObjectRef], tasks: dict[str, tuple[stages.ObjectRef, stages.ObjectRef]],
@@ -39,7 +39,7 @@ def sweep_point(label: str, index: int, method: str, params: dict[str, Any], bas
     return accuracy
 
 
-@task(name="select-point", task_run_name="select-{label}", **IO_RETRIES)
+@task(name="select-point", task_run_name="select-{label}", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 def select_point(label: str, spec: MergeSpec, points: list[dict[str, Any]], accuracies: list[dict[str, float]],
                  expert_accuracy: dict[str, float], tuning: TuningConfig, tracking: TrackingConfig,
                  parent_run_id: str) -> dict[str, Any]:

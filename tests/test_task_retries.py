@@ -45,3 +45,26 @@ def test_bad_input_is_not_retried(prefect_harness):
     with pytest.raises(CheckpointError, match="expert.safetensors"):
         run()
     assert len(calls) == 1
+
+
+def test_cuda_out_of_memory_falls_back_to_the_cpu(capsys):
+    import torch
+
+    from tasks import on_device_or_cpu
+
+    devices = []
+
+    def run(device):
+        devices.append(device)
+        if device != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return "merged"
+
+    assert on_device_or_cpu(run, "cuda", "merge ties") == "merged" and devices == ["cuda", "cpu"]
+    assert "running it again on the CPU" in capsys.readouterr().out
+
+    def cpu_oom(device):
+        raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        on_device_or_cpu(cpu_oom, "cpu", "merge")
