@@ -29,9 +29,7 @@ from tasks.record import (check_unchanged, fail_tracking, mark_success, record_m
 
 
 def merge_labels(config: RunConfig) -> list[str]:
-    """One label per merge spec: the method name (with '-tuned' for a sweep), numbered when it repeats."""
-    names = [spec.method + ("-tuned" if spec.sweep is not None else "") for spec in config.merges]
-    return [m if names.count(m) == 1 else f"{m}-{names[:i + 1].count(m)}" for i, m in enumerate(names)]
+    return config.merge_labels()
 
 
 @flow(name="mergeflow-merge", log_prints=True)

@@ -125,6 +125,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_atm(args: argparse.Namespace) -> int:
+    from flows.atm_flow import run_atm_file
+
+    run_atm_file(args.config)
+    return 0
+
+
 def cmd_lineage(args: argparse.Namespace) -> int:
     from tasks.lineage import format_lineage, lineage
 
@@ -202,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the Prefect merge flow on a YAML config")
     run.add_argument("config", help="path to a run config, e.g. configs/demo.yaml")
     run.set_defaults(func=cmd_run)
+
+    atm = sub.add_parser("atm", help="run the ATM flow (alternating tuning and merging) on a config with `atm:`")
+    atm.add_argument("config", help="path to a run config, e.g. configs/atm.yaml")
+    atm.set_defaults(func=cmd_atm)
     default_tracking = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     lineage = sub.add_parser("lineage", help="print which checkpoints, data and runs built a registered model")
     lineage.add_argument("model", help="MODEL@alias, MODEL/version or MODEL")

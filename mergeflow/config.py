@@ -166,6 +166,41 @@ class TuningConfig(StrictModel):
     max_examples: int = Field(200, ge=1, description="validation examples per task scored per grid point")
 
 
+class AtmConfig(StrictModel):
+    """ATM (alternating tuning and merging): rounds of short fine-tuning of every task from the current model,
+    each round's updates tau_t = theta_t - theta_current merged by `merge` (default: their average, i.e. Task
+    Arithmetic with alpha = 1/T as in the public code)."""
+
+    variant: Literal["from_pretrained", "posthoc"] = Field(
+        "from_pretrained", description="from_pretrained: K rounds from theta_0 splitting the fine-tuning budget; "
+        "posthoc: refine the merge named by `start` with rounds on each task's validation split")
+    rounds: int = Field(4, ge=1, le=1000, description="ATM iterations K")
+    steps_per_round: int | None = Field(None, ge=1, description="optimizer steps per task per round (default: "
+                                        "finetune.steps // rounds, the same total budget as one expert)")
+    start: str | None = Field(None, description="posthoc: label of the merge in `merges` to refine (e.g. ties)")
+    merge: MergeSpec = Field(default_factory=lambda: MergeSpec(method="average"),
+                             description="merge rule applied to each round's updates (data-free methods)")
+    split: Literal["train", "validation"] | None = Field(None, description="data of the rounds (default: train "
+                                                         "for from_pretrained, validation for posthoc)")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate schedule of a round")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AtmConfig:
+        from mergeflow.methods import method_class
+        from mergeflow.methods.data_aware import DataAwareMethod
+
+        cls = method_class(self.merge.method)
+        if issubclass(cls, DataAwareMethod) or cls.needs_objective or self.merge.sweep is not None:
+            raise ValueError(f"atm.merge: {self.merge.method!r} needs statistics, data or a sweep; ATM merges each "
+                             "round with a data-free rule")
+        if self.variant == "posthoc" and not self.start:
+            raise ValueError("atm.start: the posthoc variant refines a merge: name one of `merges` (e.g. ties)")
+        return self
+
+    def round_split(self) -> str:
+        return self.split or ("validation" if self.variant == "posthoc" else "train")
+
+
 class RunConfig(StrictModel):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
                       description="run name (a plain path segment: used in output keys and the MLflow run name)")
@@ -179,6 +214,7 @@ class RunConfig(StrictModel):
                                          description="statistics stage of the data-aware methods (regmean, fisher, mats)")
     tuning: TuningConfig = Field(default_factory=TuningConfig, description="selection of swept merges "
                                  "(validation split only)")
+    atm: AtmConfig | None = Field(None, description="settings of the ATM flow (`mergeflow atm CONFIG`)")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
@@ -196,7 +232,15 @@ class RunConfig(StrictModel):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"tasks listed twice: {sorted({n for n in names if names.count(n) > 1})}")
+        if self.atm and self.atm.start and self.atm.start not in self.merge_labels():
+            raise ValueError(f"atm.start: {self.atm.start!r} is not a merge of this config "
+                             f"(labels: {', '.join(self.merge_labels())})")
         return self
+
+    def merge_labels(self) -> list[str]:
+        """One label per merge spec: the method name (with '-tuned' for a sweep), numbered when it repeats."""
+        names = [spec.method + ("-tuned" if spec.sweep is not None else "") for spec in self.merges]
+        return [m if names.count(m) == 1 else f"{m}-{names[:i + 1].count(m)}" for i, m in enumerate(names)]
 
 
 class MergeTaskData(StrictModel):

@@ -280,6 +280,53 @@ def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: O
     return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), report
 
 
+def atm_finetune(task: str, base: ObjectRef, start: ObjectRef | None, dataset: ObjectRef, head: ObjectRef,
+                 settings: FinetuneConfig, split: str, storage: StorageConfig, device: str = "auto",
+                 progress: bool = True) -> tuple[ObjectRef, dict[str, Any]]:
+    """One ATM round of one task: fine-tune from `start` (a merged model; None: theta_0) on `split` with
+    `settings` (the round's budget) and store the result (reused when every input is unchanged)."""
+    from mergeflow.finetune import FinetuneSettings, finetune_encoder
+    from mergeflow.heads import ClassificationHead
+
+    cache = make_cache(storage)
+    fp = fingerprint(base.sha256, start.sha256 if start else None, dataset.sha256, head.sha256, split,
+                     settings.model_dump(exclude={"checkpoint_every"}))
+    directory = join(storage.root, "atm", f"{task}-{fp}")
+    uri = join(directory, "model.safetensors")
+    if exists(uri, storage.options()):
+        return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), {"reused": True}
+    data = _read_task(dataset, storage, cache, [split])
+    encoder, tokenizer = _load_encoder(base, storage, cache, start, device)
+    frozen = ClassificationHead.load(local_file(head, storage, cache))
+    result = finetune_encoder(encoder, tokenizer, frozen, data.splits[split], FinetuneSettings(**settings.model_dump()),
+                              device=encoder_device(encoder), progress=progress,
+                              checkpoint_dir=join(storage.root, "checkpoints", f"atm-{task}-{fp}")
+                              if settings.checkpoint_every else None, storage_options=storage.options())
+
+    def build(staged: Path) -> None:
+        save_safetensors(result.state_dict, staged / "model.safetensors",
+                         metadata={"format": "pt", "task": task, "start_sha256": start.sha256 if start else "",
+                                   "split": split, "finetune": json.dumps(settings.model_dump())})
+
+    _publish_or_reuse(build, directory, storage, cache)
+    report = {"reused": False, "losses": result.losses, "seconds": round(result.seconds, 2)}
+    return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), report
+
+
+def atm_merge(spec: MergeSpec, base: ObjectRef, current: ObjectRef | None, round_experts: Mapping[str, ObjectRef],
+              out_uri: str, storage: StorageConfig, device: str = "auto") -> ObjectRef:
+    """theta^(k): the rule `spec` applied to the round's updates theta_t^(k) - theta^(k-1), on top of theta^(k-1)
+    (`current`; None: theta_0). Reused when already stored."""
+    from mergeflow.merge import merge_checkpoints
+
+    cache = make_cache(storage)
+    if not exists(out_uri, storage.options()):
+        merge_checkpoints(spec.method, current.uri if current else base_weights(base),
+                          [ref.uri for ref in round_experts.values()], out_uri, spec.params, device=device,
+                          storage_options=storage.options(), cache=cache)
+    return fetch_checkpoint(out_uri, storage)
+
+
 def fetch_checkpoint(uri: str, storage: StorageConfig) -> ObjectRef:
     """Fetch (through the content cache) and open a checkpoint: validates its format, returns its digest."""
     from mergeflow.checkpoints import open_checkpoint
