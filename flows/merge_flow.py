@@ -15,6 +15,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from mergeflow import stages
 from mergeflow.config import MergeSpec, RunConfig, load_run_config
+from mergeflow.errors import ConfigError
 from mergeflow.evaluate import format_results_table
 from mergeflow.storage import join
 from tasks.artifacts import publish_artifacts
@@ -189,9 +190,15 @@ def task_runner_for(config: RunConfig):
     return ThreadPoolTaskRunner(max_workers=config.max_workers)
 
 
-def run_config_file(path: str) -> dict[str, Any]:
-    """Validate a YAML config, run the flow on it, and print the results and where everything is."""
+def run_config_file(path: str, only_swept: bool = False) -> dict[str, Any]:
+    """Validate a YAML config, run the flow on it (`only_swept`: its swept merges only), and print the results
+    and where everything is."""
     config = load_run_config(path)
+    if only_swept:
+        swept = [spec for spec in config.merges if spec.sweep is not None]
+        if not swept:
+            raise ConfigError(f"{path}: no merge has a `sweep:` grid")
+        config = config.model_copy(update={"merges": swept})
     summary = merge_flow.with_options(task_runner=task_runner_for(config))(config)
     print(describe_locations(config, summary))
     return summary

@@ -72,10 +72,39 @@ def _data_inputs(args: argparse.Namespace, params: dict[str, Any]) -> tuple[list
     return statistics, objective
 
 
+def _tuned_params(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, Any]:
+    """`--tune DATA_CONFIG`: pick the method's coefficients on validation data (grid from --grid or the default)."""
+    from mergeflow.config import MergeDataConfig, load_yaml_model
+    from mergeflow.merge_data import load_task_inputs, tune
+    from mergeflow.storage import ContentCache
+    from mergeflow.sweep import default_grid
+    from mergeflow.task_vectors import resolve_device
+
+    grid = {}
+    for item in args.grid:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise MergeflowError(f"--grid {item!r}: expected key=v1,v2,...")
+        grid[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+    grid = grid or default_grid(args.method)
+    config = load_yaml_model(args.tune, MergeDataConfig)
+    options, cache = _storage_options(args), ContentCache()
+    tasks = load_task_inputs(config, len(args.expert), cache, options, splits=("validation",))
+    chosen, scores = tune(args.method, params, grid, args.base, args.expert, config, tasks, cache, options,
+                          device=resolve_device(args.device))
+    for score in scores:
+        mark = "  <- chosen" if score.params == chosen else ""
+        print(f"  {json.dumps({k: score.params[k] for k in grid})}: validation avg {100 * score.avg:.1f}%, "
+              f"norm. avg {100 * score.norm_avg:.1f}%{mark}")
+    return chosen
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergeflow.merge import merge_checkpoints
 
     params = _parse_params(args.param)
+    if args.tune:
+        params = _tuned_params(args, params)
     statistics, objective = _data_inputs(args, params)
     result = merge_checkpoints(args.method, args.base, args.expert, args.out, params,
                                device=args.device, shard_size=args.shard_size,
@@ -122,6 +151,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.merge_flow import run_config_file
 
     run_config_file(args.config)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from flows.merge_flow import run_config_file
+
+    run_config_file(args.config, only_swept=True)
     return 0
 
 
@@ -187,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--data", metavar="YAML",
                        help="task data of data-aware methods: each expert's dataset and head, the model directory "
                             "(see MergeDataConfig); computes missing statistics, builds AdaMerging's objective")
+    merge.add_argument("--tune", metavar="YAML", help="pick the method's coefficients on each task's validation "
+                       "split first (a data config as for --data); the grid comes from --grid or the default")
+    merge.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="coefficient values for --tune (repeat per parameter)")
     merge.add_argument("--out", required=True, help="output directory: path, file:// or s3:// URI")
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     merge.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -209,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the Prefect merge flow on a YAML config")
     run.add_argument("config", help="path to a run config, e.g. configs/demo.yaml")
     run.set_defaults(func=cmd_run)
+
+    sweep = sub.add_parser("sweep", help="tune the config's swept merges on validation data and merge the chosen "
+                                          "points (the merges without `sweep:` are left out)")
+    sweep.add_argument("config", help="path to a run config whose merges have `sweep:` grids")
+    sweep.set_defaults(func=cmd_sweep)
 
     atm = sub.add_parser("atm", help="run the ATM flow (alternating tuning and merging) on a config with `atm:`")
     atm.add_argument("config", help="path to a run config, e.g. configs/atm.yaml")

@@ -33,7 +33,8 @@ class TaskInputs:
     head_sha256: str
 
 
-def _dataset(uri: str, field: str, cache: ContentCache, options: Mapping[str, Any] | None) -> tuple[TextTask, str]:
+def _dataset(uri: str, field: str, cache: ContentCache, options: Mapping[str, Any] | None,
+             splits: Sequence[str] = SPLIT_NAMES) -> tuple[TextTask, str]:
     try:
         path, files = fetch_directory(uri, cache, options)
     except FileNotFoundError:
@@ -42,7 +43,7 @@ def _dataset(uri: str, field: str, cache: ContentCache, options: Mapping[str, An
         raise ConfigError(f"{field}: dataset {uri} lacks {', '.join(missing)} (expected task.json and "
                           f"{', '.join(f'{s}.parquet' for s in SPLIT_NAMES)} with columns text, label)")
     try:
-        return read_text_task(path), directory_digest(files)
+        return read_text_task(path, splits), directory_digest(files)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the input's fault
         raise ConfigError(f"{field}: dataset {uri} is unreadable: {exc}") from None
 
@@ -60,14 +61,16 @@ def _head(uri: str, field: str, cache: ContentCache, options: Mapping[str, Any] 
 
 
 def load_task_inputs(config: MergeDataConfig, experts: int, cache: ContentCache,
-                     options: Mapping[str, Any] | None = None) -> list[TaskInputs]:
-    """Every task's data and head, in the experts' order; ConfigError naming the field at fault."""
+                     options: Mapping[str, Any] | None = None, splits: Sequence[str] = SPLIT_NAMES
+                     ) -> list[TaskInputs]:
+    """Every task's data (only `splits` are read) and head, in the experts' order; ConfigError naming the field
+    at fault."""
     if len(config.tasks) != experts:
         raise ConfigError(f"data config lists {len(config.tasks)} tasks for {experts} experts (one per --expert, "
                           "in the same order)")
     loaded = []
     for i, entry in enumerate(config.tasks):
-        task, dataset_sha = _dataset(entry.dataset, f"tasks.{i}.dataset", cache, options)
+        task, dataset_sha = _dataset(entry.dataset, f"tasks.{i}.dataset", cache, options, splits)
         head, head_sha = _head(entry.head, f"tasks.{i}.head", cache, options)
         features = head.weight.shape
         if features[0] != len(task.class_names):
@@ -130,3 +133,54 @@ def expert_statistics(config: MergeDataConfig, kinds: Sequence[str], experts: Se
             save_statistics(stats, path)
         paths.append(str(path))
     return paths
+
+
+def tune(method: str, params: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], base: str,
+         experts: Sequence[str], config: MergeDataConfig, tasks: Sequence[TaskInputs], cache: ContentCache,
+         options: Mapping[str, Any] | None = None, *, rule: str = "norm_acc.avg", floor: float = 0.0,
+         max_examples: int = 200, device: str | torch.device = "cpu") -> tuple[dict[str, Any], list[Any]]:
+    """Score every point of `grid` on each task's validation split (never its test split) and return (chosen
+    parameters, all point scores). Scaling-only coefficients are applied to one shared update."""
+    from mergeflow.adapters.hf_text import load_text_encoder
+    from mergeflow.checkpoints import open_checkpoint as open_ckpt
+    from mergeflow.data.text_tasks import TextSplit
+    from mergeflow.evaluate import evaluate_encoder
+    from mergeflow.merge import merge_pool
+    from mergeflow.methods import build_method, method_class
+    from mergeflow.sweep import apply_update, choose, grid_points, scaled_update, score_point, update_key
+    from mergeflow.task_vectors import ExpertPool
+
+    points = grid_points(method, grid, params)
+    model_dir = model_directory(config, cache, options)
+    splits = {t.name: (t.head, TextSplit(t.task.splits["validation"].texts[:max_examples],
+                                         t.task.splits["validation"].labels[:max_examples])) for t in tasks}
+
+    def accuracy(state_dict: Mapping[str, torch.Tensor], only: str | None = None) -> dict[str, float]:
+        encoder, tokenizer = load_text_encoder(model_dir, state_dict, device=device)
+        chosen = {only: splits[only]} if only else splits
+        return evaluate_encoder(encoder, tokenizer, chosen, max_length=config.max_length, device=device)
+
+    expert_accuracy = {t.name: accuracy(_state_dict(uri, cache, options), t.name)[t.name]
+                       for uri, t in zip(experts, tasks)}
+    base_sd = _state_dict(base, cache, options)
+    base_ckpt = open_ckpt(base, storage_options=options, cache=cache)
+    ckpts = [open_ckpt(uri, storage_options=options, cache=cache) for uri in experts]
+    scaling = method_class(method).scaling_param
+    updates: dict[str, dict[str, torch.Tensor]] = {}
+    scores = []
+    try:
+        pool = ExpertPool(base_ckpt, ckpts, [t.name for t in tasks], torch.device(device))
+        for point in points:
+            if scaling is not None:
+                key = json.dumps(update_key(method, point), sort_keys=True)
+                if key not in updates:
+                    updates[key] = scaled_update(method, point, pool)
+                merged = apply_update(base_sd, updates[key], build_method(method, point).params.model_dump()[scaling])
+            else:
+                merged = {}
+                merge_pool(build_method(method, point), pool, merged.__setitem__)
+            scores.append(score_point(point, accuracy(merged), expert_accuracy, rule, floor))
+    finally:
+        for ckpt in (base_ckpt, *ckpts):
+            ckpt.close()
+    return choose(scores, list(grid)).params, scores

@@ -97,3 +97,28 @@ def test_wrong_data_configs_are_named_before_any_model_runs(inputs, monkeypatch,
     assert "tasks.0.head" in err and "3 classes" in err
     assert "reads no task data" in run_with(config, method="task_arithmetic")
     assert "tasks.0.name" in run_with({**config, "tasks": [{"dataset": "x", "head": "y"}] * 2})
+
+
+def test_tune_picks_coefficients_on_validation_only(inputs, monkeypatch, tmp_path, capsys):
+    import mergeflow.data.text_tasks as text_tasks
+
+    root, base, experts, _ = inputs
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    original = text_tasks.read_split
+
+    def validation_only(directory, split):
+        assert split != "test", "tuning opened a test split"
+        return original(directory, split)
+
+    monkeypatch.setattr(text_tasks, "read_split", validation_only)
+    argv = ["merge", "--method", "task_arithmetic", "--base", base, "--out", str(tmp_path / "tuned"), "--device",
+            "cpu", "--tune", str(root / "data.yaml"), "--grid", "scaling=0.2,1.0"]
+    for expert in experts:
+        argv += ["--expert", expert]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("validation avg") == 2 and out.count("<- chosen") == 1
+    manifest = json.loads((tmp_path / "tuned" / "mergeflow.json").read_text())
+    chosen_line = next(line for line in out.splitlines() if "<- chosen" in line)
+    assert manifest["params"]["scaling"] in (0.2, 1.0)
+    assert chosen_line.strip().startswith(f'{{"scaling": {manifest["params"]["scaling"]}}}')
