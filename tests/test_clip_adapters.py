@@ -522,3 +522,22 @@ def test_short_finetune_on_digits_lowers_loss_and_beats_chance(oc_model, oc_toke
     features = encode_images(encoder, digits.splits["test"].images[:7], batch_size=3)
     assert features.shape == (7, 32)
     torch.testing.assert_close(features.norm(dim=1), torch.ones(7))
+
+
+def test_convert_round_trips_a_pickled_open_clip_module(oc_model, config_dir: Path, tmp_path: Path) -> None:
+    """The public task-vector checkpoints are whole pickled image encoders: `mergeflow convert` turns one into
+    safetensors once, and the adapter then builds the same features from it (weights_only readers refuse it)."""
+    from mergeflow.checkpoints import open_checkpoint
+    from mergeflow.cli import main
+    from mergeflow.errors import UnsafeCheckpointError
+
+    pickled = tmp_path / "finetuned.pt"
+    torch.save(oc_model.visual, pickled)  # a whole nn.Module, as the task_vectors release ships
+    with pytest.raises(UnsafeCheckpointError, match="mergeflow convert"):
+        open_checkpoint(str(pickled))
+    converted = tmp_path / "finetuned.safetensors"
+    assert main(["convert", str(pickled), str(converted)]) == 0
+    encoder = open_clip_image_encoder(TINY, converted, config_dir=config_dir, normalize=False)
+    pixels = encoder.preprocess(_images())
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixels), oc_model.encode_image(pixels), atol=1e-6, rtol=1e-5)
