@@ -22,7 +22,7 @@ from tasks.artifacts import publish_artifacts
 from tasks.evaluate import evaluate
 from tasks.fetch import fetch_expert, fetch_latest_expert, fetch_pretrained, prepare_dataset
 from tasks.finetune import finetune_expert, fit_head
-from tasks.merge import merge, sparsify
+from tasks.merge import assemble_merge, merge, merge_part, sparsify
 from tasks.statistics import compute_statistics
 from tasks.sweep import select_point, sweep_point
 from tasks.record import (check_unchanged, fail_tracking, mark_success, record_merge, record_results, register_best,
@@ -88,8 +88,13 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
         out_uri = join(storage.root, "merged", config.name, f"{label}-{fp}")
         # methods that read statistics or data in prepare() prepare on the pool they merge: no separate stage
         state = None if data_aware or learns else sparsify.submit(spec, base, experts, storage, device)
-        merged_futures[label] = (spec, merge.submit(spec, base, experts, out_uri, storage, state, device,
-                                                    statistics if data_aware else None, unlabeled))
+        if config.merge_parts > 1 and not learns:  # layer groups as separate tasks, then one assembly
+            parts = [merge_part.submit(spec, base, experts, out_uri, i, config.merge_parts, storage, state, device,
+                                       statistics if data_aware else None) for i in range(config.merge_parts)]
+            merged_futures[label] = (spec, assemble_merge.submit(label, parts, out_uri, storage))
+        else:
+            merged_futures[label] = (spec, merge.submit(spec, base, experts, out_uri, storage, state, device,
+                                                        statistics if data_aware else None, unlabeled))
 
     def score(label: str, weights: stages.ObjectRef | None):
         return evaluate.submit(label, weights, base, eval_inputs, config.evaluation, storage, device,

@@ -219,6 +219,9 @@ class RunConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     max_workers: int = Field(1, ge=1, description="tasks run at once (fine-tuning is CPU-bound: keep 1 on small machines)")
+    merge_parts: int = Field(1, ge=1, le=256, description="split each merge into this many layer groups, merged as "
+                             "separate tasks (fanned out by the task runner) and assembled into one sharded model; "
+                             "methods that learn coefficients from data always run whole")
     skip_unchanged: bool = Field(False, description="skip the merges (log line + artifact) when the experts and "
                                  "this config equal those of the last successful run (nightly mode)")
     task_runner: Literal["threads", "processes", "dask"] = Field(

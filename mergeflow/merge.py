@@ -11,7 +11,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 import mergeflow
 from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, open_checkpoint
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
+from mergeflow.errors import IntegrityError
 from mergeflow.methods import MergeMethod, build_method
 from mergeflow.selection import is_float
 from mergeflow.statistics import open_statistics, validate_statistics
-from mergeflow.storage import ContentCache, exists, publish_directory, staging_dir
+from mergeflow.storage import ContentCache, exists, publish_directory, sha256_file, staging_dir
 from mergeflow.task_vectors import ExpertPool, Objective, resolve_device
 from mergeflow.validation import check_finite, validate_compatible
 
@@ -77,16 +78,35 @@ def shape_groups(infos: Sequence[TensorInfo], n_experts: int, max_bytes: int) ->
     return [chunk for chunks in by_shape.values() for chunk in chunks]
 
 
+def plan_parts(infos: Sequence[TensorInfo], parts: int) -> list[list[str]]:
+    """Cut the tensors, in checkpoint order, into at most `parts` contiguous groups of about equal bytes (the layer
+    groups a flow merges as separate tasks); no group is empty."""
+    sizes = [math.prod(info.shape) * torch.empty((), dtype=info.dtype).element_size() for info in infos]
+    total, groups, used = sum(sizes), [[]], 0
+    for info, size in zip(infos, sizes):
+        if groups[-1] and len(groups) < parts and used >= total * len(groups) / parts:
+            groups.append([])
+        groups[-1].append(info.name)
+        used += size
+    return groups
+
+
+def part_name(index: int, parts: int) -> str:
+    return f"model-{index + 1:05d}-of-{parts:05d}.safetensors"
+
+
 def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torch.Tensor], None], *,
-               state: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+               state: dict[str, Any] | None = None, progress: bool = False,
+               only: Collection[str] | None = None) -> dict[str, Any]:
     """Run `method` over `pool`, handing each output tensor (in the base's dtype, on CPU) to `write`.
 
     Non-float tensors (e.g. integer position ids) are carried through from the base unchanged. Tensors the
-    method asks to batch (`MergeMethod.grouping`) are merged last, in same-shape groups.
+    method asks to batch (`MergeMethod.grouping`) are merged last, in same-shape groups. `only` restricts the
+    output to those tensors (one part of a merge split across tasks).
     """
     if state is None:
         state = method.prepare(pool, progress=progress)
-    infos = pool.infos()
+    infos = [info for info in pool.infos() if only is None or info.name in only]
     names, max_bytes = method.grouping(state, pool.device)
     batched = set(names).intersection(info.name for info in infos if is_float(info.dtype))
     bar = tqdm(total=len(infos), desc=f"merging ({method.name})", disable=not progress)
@@ -143,7 +163,8 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                       cache: ContentCache | None = None, state: dict[str, Any] | None = None,
                       overwrite: bool = False, progress: bool = False,
                       extra_metadata: Mapping[str, str] | None = None,
-                      statistics: Sequence[str] | None = None, objective: Objective | None = None) -> MergeResult:
+                      statistics: Sequence[str] | None = None, objective: Objective | None = None,
+                      part: tuple[int, int] | None = None) -> MergeResult:
     """Merge stored checkpoints into a new sharded safetensors directory at `out` (local path or fsspec URL).
 
     Data-aware methods read `statistics`: one statistics file per expert, in the experts' order.
@@ -151,6 +172,9 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
     Everything that can be checked is checked before compute (method and parameters, output not already
     present, every file readable and complete, keys/shapes/dtypes, NaN/Inf); the output is built in a
     staging directory and published only when complete.
+
+    `part=(i, n)` merges only the i-th of `plan_parts(.., n)` into a single file `part_name(i, n)` (with its own
+    manifest); `assemble_parts` joins the n part outputs into one model.
     """
     started = time.perf_counter()
     merge_method = build_method(method, params)
@@ -166,8 +190,11 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         validate_compatible(base_ckpt, expert_ckpts)
         if stats_ckpts is not None:
             validate_statistics(base_ckpt, stats_ckpts, len(expert_ckpts))
+        only = None if part is None else set(
+            plan_parts([base_ckpt.info(k) for k in base_ckpt.keys()], part[1])[part[0]])
         for ckpt in checkpoints:
-            check_finite(ckpt, progress=progress)
+            check_finite(ckpt, progress=progress, keys=None if only is None else
+                         only | {k for k in ckpt.keys() if k.split("::", 1)[0] in only})
         names = [expert_name(uri) for uri in experts]
         inputs = [InputRef("base", expert_name(base), base, base_ckpt.digest)] + [
             InputRef("expert", n, uri, c.digest) for n, uri, c in zip(names, experts, expert_ckpts)] + [
@@ -185,13 +212,18 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         }
         staged = staging_dir(out, cache)
         try:
-            writer = ShardedSafetensorsWriter(staged, pool.infos(), shard_size=shard_size, metadata=provenance)
+            plan = [info for info in pool.infos() if only is None or info.name in only]
+            writer = ShardedSafetensorsWriter(staged, plan, shard_size=shard_size if part is None else 2**62,
+                                              metadata=provenance)
             try:
-                merge_pool(merge_method, pool, writer.write, state=state, progress=progress)
+                merge_pool(merge_method, pool, writer.write, state=state, progress=progress, only=only)
             except BaseException:
                 writer.abort()
                 raise
             files = writer.close()
+            if part is not None:
+                (staged / "model.safetensors").rename(staged / part_name(*part))
+                files = {part_name(*part): files["model.safetensors"]}
             result = MergeResult(out, merge_method.name, merge_method.params.model_dump(), inputs, files,
                                  round(time.perf_counter() - started, 3), state)
             manifest = {**result.to_dict(), "mergeflow_version": mergeflow.__version__}
@@ -203,4 +235,55 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
     finally:
         for ckpt in (base_ckpt, *expert_ckpts, *(stats_ckpts or ())):
             ckpt.close()
+    return result
+
+
+def assemble_parts(parts: Sequence[str], out: str, *, storage_options: Mapping[str, Any] | None = None,
+                   cache: ContentCache | None = None) -> MergeResult:
+    """Join the outputs of `merge_checkpoints(..., part=(i, n))` (in order) into one sharded model at `out`:
+    their shards under their own names, an index, and a manifest summing their work; published all or nothing
+    (the manifest last), every part verified against its own manifest."""
+    from mergeflow.storage import fetch_directory
+
+    cache = cache or ContentCache()
+    if exists(out, storage_options):
+        raise FileExistsError(f"{out} already exists")
+    manifests, local = [], []
+    for uri in parts:
+        directory, files = fetch_directory(uri, cache, storage_options)
+        manifest = json.loads((directory / MANIFEST).read_text())
+        for name, digest in manifest["files"].items():
+            if files.get(name) != digest:
+                raise IntegrityError(f"{uri}: {name} does not match its manifest")
+        manifests.append(manifest)
+        local.append(directory)
+    first = manifests[0]
+    if any(m["method"] != first["method"] or m["params"] != first["params"] or m["inputs"] != first["inputs"]
+           for m in manifests):
+        raise ValueError("the parts were not merged with the same method, parameters and inputs")
+    staged = staging_dir(out, cache)
+    try:
+        staged.mkdir(parents=True, exist_ok=True)
+        weight_map, total, files = {}, 0, {}
+        for directory, manifest in zip(local, manifests):
+            (name,) = manifest["files"]
+            shutil.copyfile(directory / name, staged / name)
+            files[name] = manifest["files"][name]
+            with open_checkpoint(str(staged / name), cache=cache) as shard:
+                for key in shard.keys():
+                    weight_map[key] = name
+                    info = shard.info(key)
+                    total += math.prod(info.shape) * torch.empty((), dtype=info.dtype).element_size()
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (staged / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        files["model.safetensors.index.json"] = sha256_file(staged / "model.safetensors.index.json")
+        result = MergeResult(out, first["method"], first["params"], [InputRef(**i) for i in first["inputs"]], files,
+                             round(sum(m["seconds"] for m in manifests), 3),
+                             {"parts": [m.get("state", {}) for m in manifests]})
+        (staged / MANIFEST).write_text(json.dumps({**result.to_dict(), "mergeflow_version": mergeflow.__version__},
+                                                  indent=2))
+        publish_directory(staged, out, storage_options, last=(MANIFEST,))
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return result

@@ -442,6 +442,36 @@ def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
     return fetch_checkpoint(out_uri, storage), record
 
 
+def merge_part(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str, index: int,
+               parts: int, storage: StorageConfig, state: dict[str, Any] | None = None, device: str = "auto",
+               statistics: Mapping[str, ObjectRef] | None = None) -> str:
+    """Merge layer group `index` of `parts` into `<out_uri>.parts/<index>` (reused when present); returns its URI."""
+    from mergeflow.merge import merge_checkpoints
+
+    part_uri = join(f"{out_uri.rstrip('/')}.parts", str(index))
+    if not exists(out_uri, storage.options()) and not exists(part_uri, storage.options()):
+        stats = [statistics[name].uri for name in experts] if statistics else None
+        merge_checkpoints(spec.method, base_weights(base), [r.uri for r in experts.values()], part_uri, spec.params,
+                          device=device, storage_options=storage.options(), cache=make_cache(storage), state=state,
+                          statistics=stats, part=(index, parts))
+    return part_uri
+
+
+def assemble_merge(part_uris: Sequence[str], out_uri: str, storage: StorageConfig
+                   ) -> tuple[ObjectRef, dict[str, Any]]:
+    """Join the parts into the merged model at `out_uri` and remove them; returns its reference and record."""
+    from mergeflow.merge import assemble_parts
+
+    cache = make_cache(storage)
+    if not exists(out_uri, storage.options()):
+        record = assemble_parts(part_uris, out_uri, storage_options=storage.options(), cache=cache).to_dict()
+        fs, path = filesystem(f"{out_uri.rstrip('/')}.parts", storage.options())
+        fs.rm(path, recursive=True)
+    else:
+        record = json.loads(cache.fetch(join(out_uri, "mergeflow.json"), storage.options()).path.read_text())
+    return fetch_checkpoint(out_uri, storage), record
+
+
 def evaluate_model(weights: ObjectRef | None, base: ObjectRef, tasks: Mapping[str, tuple[ObjectRef, ObjectRef]],
                    evaluation: EvalConfig, storage: StorageConfig, device: str = "auto", split: str = "test",
                    max_examples: int | None = None, state_dict: Mapping[str, Any] | None = None

@@ -3,7 +3,7 @@ tensor holds NaN or Inf. Errors name the file and the tensor."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -38,9 +38,10 @@ def validate_compatible(base: TensorSource, experts: Sequence[TensorSource]) -> 
                                       tensor=name)
 
 
-def check_finite(source: TensorSource, *, progress: bool = False) -> None:
-    """Read every float tensor once and reject NaN or Inf."""
-    for name in tqdm(source.keys(), desc=f"checking {source.label}", disable=not progress, leave=False):
+def check_finite(source: TensorSource, *, progress: bool = False, keys: Collection[str] | None = None) -> None:
+    """Read every float tensor (of `keys`, default all) once and reject NaN or Inf."""
+    names = [k for k in source.keys() if keys is None or k in keys]
+    for name in tqdm(names, desc=f"checking {source.label}", disable=not progress, leave=False):
         info = source.info(name)
         if not is_float(info.dtype):
             continue

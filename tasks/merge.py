@@ -33,3 +33,21 @@ def merge(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.Obj
         return stages.merge_experts(spec, base, experts, out_uri, storage, state, on, statistics, objective)
 
     return on_device_or_cpu(run, device, f"merge {spec.method}")
+
+
+@task(name="merge-part", task_run_name="merge-{spec.method}-part-{index}", timeout_seconds=TIMEOUTS["merge"],
+      **IO_RETRIES)
+@uses_storage
+def merge_part(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], out_uri: str,
+               index: int, parts: int, storage: StorageConfig, state: dict[str, Any] | None, device: str,
+               statistics: dict[str, stages.ObjectRef] | None = None) -> str:
+    """One layer group of a merge split across tasks."""
+    return on_device_or_cpu(lambda on: stages.merge_part(spec, base, experts, out_uri, index, parts, storage, state,
+                                                         on, statistics), device, f"merge {spec.method} part {index}")
+
+
+@task(name="assemble-merge", task_run_name="assemble-{label}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
+@uses_storage
+def assemble_merge(label: str, part_uris: list[str], out_uri: str, storage: StorageConfig
+                   ) -> tuple[stages.ObjectRef, dict[str, Any]]:
+    return stages.assemble_merge(part_uris, out_uri, storage)

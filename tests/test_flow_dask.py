@@ -1,5 +1,5 @@
-"""Scale-out: the demo-shaped flow on a local Dask cluster of two worker processes gives the same merged
-weights (digests) as the single-process run. Dask workers run torch on one thread (OMP_NUM_THREADS=1), and CPU
+"""Scale-out: the demo-shaped flow on a local Dask cluster of two worker processes, with every merge split into
+two layer-group tasks, gives the same merged weights (digests) as the single-process run. Dask workers run torch on one thread (OMP_NUM_THREADS=1), and CPU
 float reductions depend on the thread count, so the reference runs on one thread too."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def _config(tmp_path, cache, runner):
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "scale"},
         "device": "cpu",
         "max_workers": 2,
+        "merge_parts": 2,
         "task_runner": runner,
     })
 
@@ -55,3 +56,9 @@ def test_dask_cluster_gives_the_single_process_digests(tmp_path, tmp_path_factor
         m: r["sha256"] for m, r in reference["merged"].items()}
     assert scaled["accuracy"] == reference["accuracy"]
     assert scaled["experts"] == reference["experts"]  # recomputed on the workers, not reused
+    import json
+    from pathlib import Path
+
+    manifest = json.loads((Path(scaled["merged"]["ties"]["uri"]) / "mergeflow.json").read_text())  # two layer groups
+    assert sorted(f for f in manifest["files"] if f.startswith("model-")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
