@@ -45,7 +45,7 @@ def _rounds(config: RunConfig, parent: str, start_summary: dict[str, Any] | None
     atm, storage, device = config.atm, config.storage, config.device
     names = [t.name for t in config.tasks]
     base = fetch_pretrained(config.model, storage)
-    datasets = {n: prepare_dataset.submit(n, config.data, storage) for n in names}
+    datasets = {t.name: prepare_dataset.submit(t.name, config.data, storage, t.dataset) for t in config.tasks}
     heads = {n: fit_head.submit(n, base, datasets[n], config.evaluation, storage, device) for n in names}
     eval_inputs = {n: (datasets[n].result(), heads[n].result()) for n in names}
     experts = {n: finetune_expert.submit(n, base, *eval_inputs[n], config.finetune, storage, device,

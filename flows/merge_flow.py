@@ -48,7 +48,7 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     storage, device = config.storage, config.device
     names = [t.name for t in config.tasks]
     base = fetch_pretrained(config.model, storage)
-    datasets = {n: prepare_dataset.submit(n, config.data, storage) for n in names}
+    datasets = {t.name: prepare_dataset.submit(t.name, config.data, storage, t.dataset) for t in config.tasks}
     heads = {n: fit_head.submit(n, base, datasets[n], config.evaluation, storage, device) for n in names}
     pending = {}
     for t in config.tasks:

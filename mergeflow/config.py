@@ -3,6 +3,7 @@ flow's one parameter, so the Prefect UI shows it as a validated form. Unknown ke
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,18 +70,29 @@ class TaskConfig(StrictModel):
                                "*.safetensors under it is merged (nightly runs); excludes `expert`")
 
     @model_validator(mode="after")
+    def _known_task(self) -> TaskConfig:
+        from mergeflow.data.text_tasks import TEXT_TASKS
+
+        if self.dataset is None and self.name not in TEXT_TASKS:
+            raise ValueError(f"unknown task {self.name!r}: give its `dataset`, or use a built-in task "
+                             f"({', '.join(sorted(TEXT_TASKS))})")
+        return self
+
+    @model_validator(mode="after")
     def _one_source(self) -> TaskConfig:
         if self.expert and self.latest:
             raise ValueError(f"task {self.name!r}: give `expert` or `latest`, not both")
         return self
 
+    dataset: str | None = Field(None, description="URI of the task's own dataset directory: task.json (name, "
+                                "class_names) and one <split>.parquet (columns text, label) per split probe, train, "
+                                "validation, test; empty: the built-in task of this name")
+
     @field_validator("name")
     @classmethod
-    def _known_task(cls, name: str) -> str:
-        from mergeflow.data.text_tasks import TEXT_TASKS
-
-        if name not in TEXT_TASKS:
-            raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(TEXT_TASKS))}")
+    def _plain_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+            raise ValueError(f"task name {name!r}: letters, digits, '_', '.', '-' only (it is used in object keys)")
         return name
 
 

@@ -33,8 +33,10 @@ class TaskInputs:
     head_sha256: str
 
 
-def _dataset(uri: str, field: str, cache: ContentCache, options: Mapping[str, Any] | None,
-             splits: Sequence[str] = SPLIT_NAMES) -> tuple[TextTask, str]:
+def load_dataset(uri: str, field: str, cache: ContentCache, options: Mapping[str, Any] | None,
+                 splits: Sequence[str] = SPLIT_NAMES) -> tuple[TextTask, str]:
+    """A dataset directory in Mergeflow's layout, checked (files, readability) and read (only `splits`), with its
+    content digest; ConfigError naming `field` when it is missing or malformed."""
     try:
         path, files = fetch_directory(uri, cache, options)
     except FileNotFoundError:
@@ -42,6 +44,16 @@ def _dataset(uri: str, field: str, cache: ContentCache, options: Mapping[str, An
     if missing := [name for name in ("task.json", *(f"{s}.parquet" for s in SPLIT_NAMES)) if name not in files]:
         raise ConfigError(f"{field}: dataset {uri} lacks {', '.join(missing)} (expected task.json and "
                           f"{', '.join(f'{s}.parquet' for s in SPLIT_NAMES)} with columns text, label)")
+    import pyarrow.parquet as pq
+
+    for split in SPLIT_NAMES:
+        try:
+            columns = set(pq.read_schema(path / f"{split}.parquet").names)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"{field}: {uri}/{split}.parquet is not a parquet file: {exc}") from None
+        if lacking := sorted({"text", "label"} - columns):
+            raise ConfigError(f"{field}: {uri}/{split}.parquet has no column {', '.join(lacking)} "
+                              f"(columns: {', '.join(sorted(columns))})")
     try:
         return read_text_task(path, splits), directory_digest(files)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the input's fault
@@ -70,7 +82,7 @@ def load_task_inputs(config: MergeDataConfig, experts: int, cache: ContentCache,
                           "in the same order)")
     loaded = []
     for i, entry in enumerate(config.tasks):
-        task, dataset_sha = _dataset(entry.dataset, f"tasks.{i}.dataset", cache, options, splits)
+        task, dataset_sha = load_dataset(entry.dataset, f"tasks.{i}.dataset", cache, options, splits)
         head, head_sha = _head(entry.head, f"tasks.{i}.head", cache, options)
         features = head.weight.shape
         if features[0] != len(task.class_names):

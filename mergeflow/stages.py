@@ -108,11 +108,17 @@ def materialize_pretrained(model: ModelConfig, storage: StorageConfig) -> Object
     return _publish_or_reuse(build, join(storage.root, "base", model.pretrained), storage, cache)
 
 
-def prepare_dataset(task: str, data: DataConfig, storage: StorageConfig) -> ObjectRef:
-    """Read a built-in task's real data, split it, and store it as parquet."""
+def prepare_dataset(task: str, data: DataConfig, storage: StorageConfig, dataset: str | None = None) -> ObjectRef:
+    """Read a built-in task's real data, split it, and store it as parquet; or check a user's dataset directory
+    (`dataset`, in the same layout, used where it is) and reference it by its content digest."""
     from mergeflow.data.text_tasks import SplitSizes, load_text_task, save_text_task
 
     cache = make_cache(storage)
+    if dataset is not None:
+        from mergeflow.merge_data import load_dataset
+
+        _, digest = load_dataset(dataset, f"tasks[{task}].dataset", cache, storage.options(), splits=())
+        return ObjectRef(uri=dataset, sha256=digest)
     sizes = SplitSizes(probe_per_class=data.probe_per_class, train=data.train, validation=data.validation,
                        test=data.test)
 

@@ -19,8 +19,9 @@ def fetch_pretrained(model: ModelConfig, storage: StorageConfig) -> stages.Objec
 @task(name="prepare-dataset", task_run_name="prepare-dataset-{task_name}",
       timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)
 @uses_storage
-def prepare_dataset(task_name: str, data: DataConfig, storage: StorageConfig) -> stages.ObjectRef:
-    return stages.prepare_dataset(task_name, data, storage)
+def prepare_dataset(task_name: str, data: DataConfig, storage: StorageConfig, dataset: str | None = None
+                    ) -> stages.ObjectRef:
+    return stages.prepare_dataset(task_name, data, storage, dataset)
 
 
 @task(name="fetch-expert", task_run_name="fetch-expert-{task_name}", timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)
