@@ -15,6 +15,7 @@ from pathlib import Path
 import boto3
 
 S3_PORT = 8333
+SEAWEED_PORTS = (8333, 9333, 19333, 8888, 18888, 9340, 19340, 23646, 33646)
 
 
 def stop_process_group(process: subprocess.Popen | None) -> None:
@@ -65,9 +66,21 @@ class SeaweedServer:
         raise RuntimeError("SeaweedFS did not become ready")
 
     def stop(self) -> None:
+        """Stop the whole process group and wait until every SeaweedFS port is free (its ports are fixed: the
+        next server, e.g. the stack tests', needs them all)."""
+        pgid = self.process.pid if self.process else None
         stop_process_group(self.process)
-        deadline = time.monotonic() + 20
-        while _port_open(S3_PORT) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if pgid is not None:
+                    os.killpg(pgid, 0)  # a member of the group is still alive
+                    time.sleep(0.2)
+                    continue
+            except ProcessLookupError:
+                pass
+            if not any(_port_open(port) for port in SEAWEED_PORTS):
+                return
             time.sleep(0.2)
 
     def client(self):
