@@ -452,8 +452,10 @@ def _healthy(service: str, port: int, bucket: str, credentials: Credentials | No
         return False
     try:
         client = _s3_client(url, credentials)
-        if require_bucket:
-            client.head_bucket(Bucket=bucket)
+        if require_bucket:  # healthy = a write goes through (right after start, the gateway answers before a
+            client.head_bucket(Bucket=bucket)  # volume server has registered and writes fail)
+            client.put_object(Bucket=bucket, Key=".mergeflow-health", Body=b"ok")
+            client.delete_object(Bucket=bucket, Key=".mergeflow-health")
         else:
             client.list_buckets()
         return True

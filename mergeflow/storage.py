@@ -247,20 +247,33 @@ class ContentCache:
 
 def _download(fs: fsspec.AbstractFileSystem, path: str, target: Path, size: int, digest: "hashlib._Hash") -> None:
     """Copy an object to `target`, hashing it on the way. Remote stores get concurrent ranged GETs (a window of
-    `DOWNLOAD_PARALLEL` x `DOWNLOAD_BLOCK` bytes in flight, written and hashed in order), like S3 transfer managers."""
+    `DOWNLOAD_PARALLEL` x `DOWNLOAD_BLOCK` bytes in flight, like S3 transfer managers); a window is hashed and
+    written in order on a second thread while the next one downloads (sha256 and writes release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     ranges = [(start, min(start + DOWNLOAD_BLOCK, size)) for start in range(0, size, DOWNLOAD_BLOCK)]
     with open(target, "wb") as dst, tqdm(total=size, unit="B", unit_scale=True, leave=False,
-                                         desc=f"fetch {path.rsplit('/', 1)[-1]}", disable=size < PROGRESS_FROM) as bar:
-        for first in range(0, len(ranges), DOWNLOAD_PARALLEL):
-            window = ranges[first:first + DOWNLOAD_PARALLEL]
-            blocks = fs.cat_ranges([path] * len(window), [a for a, _ in window], [b for _, b in window],
-                                   on_error="raise")
+                                         desc=f"fetch {path.rsplit('/', 1)[-1]}", disable=size < PROGRESS_FROM) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-hash") as writer:
+
+        def consume(blocks: list[bytes], window: list[tuple[int, int]]) -> None:
             for block, (start, end) in zip(blocks, window):
                 if len(block) != end - start:
                     raise IntegrityError(f"{path}: got {len(block)} bytes for range {start}-{end} (object changed?)")
                 digest.update(block)
                 dst.write(block)
                 bar.update(len(block))
+
+        pending = None
+        for first in range(0, len(ranges), DOWNLOAD_PARALLEL):
+            window = ranges[first:first + DOWNLOAD_PARALLEL]
+            blocks = fs.cat_ranges([path] * len(window), [a for a, _ in window], [b for _, b in window],
+                                   on_error="raise")
+            if pending is not None:
+                pending.result()  # in order: the previous window is hashed and written before this one
+            pending = writer.submit(consume, blocks, window)
+        if pending is not None:
+            pending.result()
 
 
 def _recorded_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str | None:

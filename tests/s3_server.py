@@ -57,8 +57,14 @@ class SeaweedServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"weed exited early; see {self.directory / 'weed.log'}")
             if _port_open(S3_PORT):
-                try:
-                    self.client().list_buckets()
+                try:  # ready = writes work: after a restart the S3 gateway answers before a volume is
+                    client = self.client()  # registered, and writes fail with InternalError until it is
+                    try:
+                        client.create_bucket(Bucket="readiness-probe")
+                    except client.exceptions.BucketAlreadyOwnedByYou:
+                        pass
+                    client.put_object(Bucket="readiness-probe", Key="probe", Body=b"ok")
+                    client.delete_object(Bucket="readiness-probe", Key="probe")
                     return
                 except Exception:  # noqa: BLE001 - not ready yet
                     pass
