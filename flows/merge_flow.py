@@ -1,4 +1,4 @@
-"""The merge flow: fetch -> fine-tune missing experts -> sparsify -> merge -> evaluate -> record.
+"""The merge flow: fetch -> fine-tune missing experts -> statistics -> sweep -> merge -> evaluate -> record.
 
 (No `from __future__ import annotations` here: Prefect builds the parameter model from the signature in a
 process that loads this file by path, where string annotations cannot be resolved.)
@@ -50,16 +50,7 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     base = fetch_pretrained(config.model, storage)
     datasets = {t.name: prepare_dataset.submit(t.name, config.data, storage, t.dataset) for t in config.tasks}
     heads = {n: fit_head.submit(n, base, datasets[n], config.evaluation, storage, device) for n in names}
-    pending = {}
-    for t in config.tasks:
-        if t.expert:
-            pending[t.name] = fetch_expert.submit(t.name, t.expert, storage)
-        elif t.latest:
-            pending[t.name] = fetch_latest_expert.submit(t.name, t.latest, storage)
-        else:  # listed as missing: fine-tune it (a stored expert with the same inputs is reused)
-            pending[t.name] = finetune_expert.submit(t.name, base, datasets[t.name], heads[t.name], config.finetune,
-                                                     storage, device, config.tracking, parent)
-    experts = {n: f.result() for n, f in pending.items()}
+    experts = _experts(config, base, datasets, heads, parent)
     eval_inputs = {n: (datasets[n].result(), heads[n].result()) for n in names}
     digest = stages.run_inputs_digest(config.model_dump(mode="json"), base, experts)
     if config.skip_unchanged and (last := check_unchanged(config.name, digest, storage, config.tracking, parent)):
@@ -76,25 +67,8 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
 
     plan = dict(zip(merge_labels(config), config.merges))
     plan.update(_tune(config, parent, plan, base, experts, eval_inputs))
-    merged_futures = {}
-    for label, spec in plan.items():
-        data_aware = bool(stages.statistic_kinds([spec]))
-        learns = stages.needs_objective(spec)
-        unlabeled = (eval_inputs, config.statistics.unlabeled_split, config.evaluation) if learns else None
-        fp = stages.fingerprint(spec.model_dump(), {n: e.sha256 for n, e in experts.items()}, base.sha256,
-                                {n: s.sha256 for n, s in statistics.items()} if data_aware else None,
-                                {n: (d.sha256, h.sha256) for n, (d, h) in eval_inputs.items()} if learns else None,
-                                config.statistics.unlabeled_split if learns else None)
-        out_uri = join(storage.root, "merged", config.name, f"{label}-{fp}")
-        # methods that read statistics or data in prepare() prepare on the pool they merge: no separate stage
-        state = None if data_aware or learns else sparsify.submit(spec, base, experts, storage, device)
-        if config.merge_parts > 1 and not learns:  # layer groups as separate tasks, then one assembly
-            parts = [merge_part.submit(spec, base, experts, out_uri, i, config.merge_parts, storage, state, device,
-                                       statistics if data_aware else None) for i in range(config.merge_parts)]
-            merged_futures[label] = (spec, assemble_merge.submit(label, parts, out_uri, storage))
-        else:
-            merged_futures[label] = (spec, merge.submit(spec, base, experts, out_uri, storage, state, device,
-                                                        statistics if data_aware else None, unlabeled))
+    merged_futures = {label: (spec, _submit_merge(config, label, spec, base, experts, eval_inputs, statistics))
+                      for label, spec in plan.items()}
 
     def score(label: str, weights: stages.ObjectRef | None):
         return evaluate.submit(label, weights, base, eval_inputs, config.evaluation, storage, device,
@@ -130,6 +104,45 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     mark_success(config.name, {"inputs_digest": digest, "flow_run_id": str(runtime.flow_run.id),
                                "mlflow_run_id": parent, "merged": summary["merged"]}, storage)
     return summary
+
+
+def _experts(config: RunConfig, base: stages.ObjectRef, datasets, heads, parent: str) -> dict[str, stages.ObjectRef]:
+    """Each task's expert: the given checkpoint, the newest under its prefix, or fine-tuned (a stored expert with
+    the same inputs is reused)."""
+    storage, device = config.storage, config.device
+    pending = {}
+    for t in config.tasks:
+        if t.expert:
+            pending[t.name] = fetch_expert.submit(t.name, t.expert, storage)
+        elif t.latest:
+            pending[t.name] = fetch_latest_expert.submit(t.name, t.latest, storage)
+        else:
+            pending[t.name] = finetune_expert.submit(t.name, base, datasets[t.name], heads[t.name], config.finetune,
+                                                     storage, device, config.tracking, parent)
+    return {n: f.result() for n, f in pending.items()}
+
+
+def _submit_merge(config: RunConfig, label: str, spec: MergeSpec, base: stages.ObjectRef,
+                  experts: dict[str, stages.ObjectRef], eval_inputs, statistics: dict[str, stages.ObjectRef]):
+    """Submit one merge (its global pass, the merge itself or its layer-group parts and assembly) into a
+    location keyed by everything it reads; returns the future of (reference, record)."""
+    storage, device = config.storage, config.device
+    data_aware = bool(stages.statistic_kinds([spec]))
+    learns = stages.needs_objective(spec)
+    unlabeled = (eval_inputs, config.statistics.unlabeled_split, config.evaluation) if learns else None
+    fp = stages.fingerprint(spec.model_dump(), {n: e.sha256 for n, e in experts.items()}, base.sha256,
+                            {n: s.sha256 for n, s in statistics.items()} if data_aware else None,
+                            {n: (d.sha256, h.sha256) for n, (d, h) in eval_inputs.items()} if learns else None,
+                            config.statistics.unlabeled_split if learns else None)
+    out_uri = join(storage.root, "merged", config.name, f"{label}-{fp}")
+    stats = statistics if data_aware else None
+    # methods that read statistics or data in prepare() prepare on the pool they merge: no separate stage
+    state = None if data_aware or learns else sparsify.submit(spec, base, experts, storage, device)
+    if config.merge_parts > 1 and not learns:  # layer groups as separate tasks, then one assembly
+        parts = [merge_part.submit(spec, base, experts, out_uri, i, config.merge_parts, storage, state, device, stats)
+                 for i in range(config.merge_parts)]
+        return assemble_merge.submit(label, parts, out_uri, storage)
+    return merge.submit(spec, base, experts, out_uri, storage, state, device, stats, unlabeled)
 
 
 def _tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, experts, eval_inputs

@@ -51,7 +51,11 @@ class SeaweedServer:
         log = open(self.directory / "weed.log", "ab")
         self.process = subprocess.Popen(
             [self.executable, "mini", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             "-admin.ui=false"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+             "-admin.ui=false",
+             # every bucket is a collection that grows its own volumes: a fixed, generous count of small (sparse)
+             # volumes, instead of "free disk / volume size", keeps many test buckets writable on a full disk
+             "-volume.max=200", "-master.volumeSizeLimitMB=64"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
