@@ -216,19 +216,19 @@ class AtmConfig(StrictModel):
 class RunConfig(StrictModel):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
                       description="run name (a plain path segment: used in output keys and the MLflow run name)")
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the pretrained model every expert shares")
     tasks: list[TaskConfig] = Field(min_length=1, description="one expert per task")
-    data: DataConfig = Field(default_factory=DataConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="sampling of the built-in tasks' slices")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="training of missing experts")
+    evaluation: EvalConfig = Field(default_factory=EvalConfig, description="scoring on held-out data")
     merges: list[MergeSpec] = Field(min_length=1, description="merge methods to run on the experts")
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig,
                                          description="statistics stage of the data-aware methods (regmean, fisher, mats)")
     tuning: TuningConfig = Field(default_factory=TuningConfig, description="selection of swept merges "
                                  "(validation split only)")
     atm: AtmConfig | None = Field(None, description="settings of the ATM flow (`mergeflow atm CONFIG`)")
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="object store and local cache")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     max_workers: int = Field(1, ge=1, description="tasks run at once (fine-tuning is CPU-bound: keep 1 on small machines)")
     merge_parts: int = Field(1, ge=1, le=256, description="split each merge into this many layer groups, merged as "

@@ -48,3 +48,16 @@ def test_schema_offers_methods_as_a_dropdown_with_descriptions():
     for definition in schema["$defs"].values():
         for name, prop in definition.get("properties", {}).items():
             assert prop.get("description"), f"{definition['title']}.{name} has no description"
+
+
+def test_every_field_of_the_flow_parameter_is_described_and_methods_are_a_dropdown():
+    """The Prefect UI renders RunConfig's JSON schema as the form of a custom run."""
+    from mergeflow.config import RunConfig
+    from mergeflow.methods import METHODS
+
+    schema = RunConfig.model_json_schema()
+    models = {"RunConfig": schema, **schema.get("$defs", {})}
+    undescribed = [f"{model}.{field}" for model, definition in models.items()
+                   for field, spec in definition.get("properties", {}).items() if "description" not in spec]
+    assert not undescribed, undescribed
+    assert set(models["MergeSpec"]["properties"]["method"]["enum"]) == set(METHODS)
