@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +29,7 @@ from typing import Any, Literal
 import fsspec
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -247,34 +247,31 @@ def _set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _accumulate_gradients(
-    encoder: TextEncoder,
-    tokenizer: PreTrainedTokenizerBase,
-    head: ClassificationHead,
-    split: TextSplit,
-    labels: Tensor,
-    micro_batches: list[Tensor],
-    settings: FinetuneSettings,
-    device: torch.device,
-) -> float:
+@dataclass(frozen=True)
+class TrainingData:
+    """What the trainer needs from a model family: how many examples, their labels, the features of a batch of
+    example indices (the encoder's forward, differentiable), and a digest of the data (a checkpoint is never
+    resumed on other data)."""
+
+    size: int
+    labels: Tensor
+    features: Callable[[Tensor], Tensor]
+    sha256: str
+
+
+def _accumulate_gradients(data: TrainingData, head: ClassificationHead, micro_batches: list[Tensor],
+                          settings: FinetuneSettings, device: torch.device) -> float:
     """Forward and backward over one optimizer step's micro-batches; returns the step's loss.
 
     Each micro-batch's mean loss is divided by their number, so equal micro-batches add up to the mean over the whole
-    effective batch: k micro-batches of b texts give the gradient of one batch of k*b texts (up to float rounding).
+    effective batch: k micro-batches of b examples give the gradient of one batch of k*b (up to float rounding).
     """
     autocast_dtype = _autocast_dtype(settings, device)
     total = 0.0
     for batch in micro_batches:
-        inputs = tokenizer(
-            [split.texts[i] for i in batch],
-            padding=True,
-            truncation=True,
-            max_length=settings.max_length,
-            return_tensors="pt",
-        ).to(device)
         with _autocast(device, autocast_dtype):
-            features = encoder(inputs["input_ids"], inputs["attention_mask"])
-            loss = F.cross_entropy(head.logits(features), labels[batch].to(device)) / len(micro_batches)
+            features = data.features(batch)
+            loss = F.cross_entropy(head.logits(features), data.labels[batch].to(device)) / len(micro_batches)
         loss.backward()
         total += loss.item()
     return total
@@ -292,17 +289,73 @@ def finetune_encoder(
     checkpoint_dir: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> FinetuneResult:
-    """Train `encoder` in place on `split` with cross-entropy through the frozen `head`; return its weights.
+    """Train a text `encoder` in place on `split` with cross-entropy through the frozen `head`; return its weights.
 
     With `checkpoint_dir`, a checkpoint found there is resumed (after checking that its settings and data match,
     else a ValueError naming what differs), and a new one replaces it every `settings.checkpoint_every` steps.
     """
     if not split.texts:
         raise ValueError("cannot fine-tune on an empty split")
+    device = torch.device(device)
+
+    def features(batch: Tensor) -> Tensor:
+        inputs = tokenizer([split.texts[i] for i in batch], padding=True, truncation=True,
+                           max_length=settings.max_length, return_tensors="pt").to(device)
+        return encoder(inputs["input_ids"], inputs["attention_mask"])
+
+    data = TrainingData(len(split.texts), torch.tensor(split.labels, dtype=torch.long), features, _split_digest(split))
+    return train_classifier(encoder, head, data, settings, lambda: encoder_state_dict(encoder), device=device,
+                            progress=progress, checkpoint_dir=checkpoint_dir, storage_options=storage_options)
+
+
+def finetune_image_encoder(
+    encoder: nn.Module,
+    head: ClassificationHead,
+    split: Any,
+    settings: FinetuneSettings,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    checkpoint_dir: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> FinetuneResult:
+    """Train an image encoder (`mergeflow.adapters.clip_vision.ImageEncoder`, its own CLIP preprocessing) in place
+    on an `ImageSplit` under the frozen (e.g. zero-shot) `head`, with the same recipe, checkpoints and resume."""
+    from mergeflow.adapters.clip_vision import image_encoder_state_dict
+
+    if not len(split.images):
+        raise ValueError("cannot fine-tune on an empty split")
+    device = torch.device(device)
+
+    def features(batch: Tensor) -> Tensor:
+        return encoder(encoder.preprocess([split.images[int(i)] for i in batch]).to(device))
+
+    digest = hashlib.sha256()
+    for image, label in zip(split.images, split.labels, strict=True):
+        digest.update(f"{label}\t{image.size}\t".encode())
+        digest.update(image.tobytes())
+    data = TrainingData(len(split.images), torch.tensor(split.labels, dtype=torch.long), features, digest.hexdigest())
+    return train_classifier(encoder, head, data, settings, lambda: image_encoder_state_dict(encoder), device=device,
+                            progress=progress, checkpoint_dir=checkpoint_dir, storage_options=storage_options)
+
+
+def train_classifier(
+    encoder: nn.Module,
+    head: ClassificationHead,
+    data: TrainingData,
+    settings: FinetuneSettings,
+    weights: Callable[[], dict[str, Tensor]],
+    *,
+    device: torch.device,
+    progress: bool = True,
+    checkpoint_dir: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> FinetuneResult:
+    """The recipe behind `finetune_encoder` for any model family: AdamW (no decay on 1-D tensors), warmup then
+    cosine or constant, accumulation, clipping, checkpoints and resume; returns `weights()` at the end."""
     start = time.perf_counter()
     device = torch.device(device)
     encoder.to(device).train()
-    labels = torch.tensor(split.labels, dtype=torch.long)
     parameters = [p for p in encoder.parameters() if p.requires_grad]
     # The usual BERT recipe: no weight decay on biases and LayerNorm weights (the 1-D tensors).
     optimizer = torch.optim.AdamW(
@@ -314,11 +367,11 @@ def finetune_encoder(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings))
     uri = checkpoint_uri(checkpoint_dir) if checkpoint_dir is not None else None
-    data_sha256 = _split_digest(split)
+    data_sha256 = data.sha256
     saved = read_checkpoint(uri, storage_options) if uri is not None else None
     if saved is not None:
         _check_resumable(saved, settings, data_sha256, uri)
-    micro_batches = _batches(len(split.texts), settings)
+    micro_batches = _batches(data.size, settings)
     per_step = settings.grad_accumulation
     step = 0
     losses: list[float] = []
@@ -335,8 +388,7 @@ def finetune_encoder(
             while step < settings.steps:
                 learning_rates.append(optimizer.param_groups[0]["lr"])
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(_accumulate_gradients(encoder, tokenizer, head, split, labels,
-                                                    micro_batches[step * per_step : (step + 1) * per_step],
+                losses.append(_accumulate_gradients(data, head, micro_batches[step * per_step : (step + 1) * per_step],
                                                     settings, device))
                 torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
                 optimizer.step()
@@ -359,5 +411,4 @@ def finetune_encoder(
                     }
                     write_checkpoint(payload, uri, storage_options)
     encoder.eval()
-    return FinetuneResult(encoder_state_dict(encoder), losses, time.perf_counter() - start, resumed_from,
-                          learning_rates)
+    return FinetuneResult(weights(), losses, time.perf_counter() - start, resumed_from, learning_rates)

@@ -541,3 +541,41 @@ def test_convert_round_trips_a_pickled_open_clip_module(oc_model, config_dir: Pa
     pixels = encoder.preprocess(_images())
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixels), oc_model.encode_image(pixels), atol=1e-6, rtol=1e-5)
+
+
+def test_the_production_trainer_fine_tunes_an_image_encoder_and_resumes(oc_model, oc_tokenizer, visual_file: Path,
+                                                                        digits: ImageTask, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """`finetune_image_encoder`: the text trainer's recipe (AdamW, schedule, checkpoints, resume) on a CLIP vision
+    tower under a frozen zero-shot head; a run interrupted after its checkpoint resumes to the same weights."""
+    import mergeflow.finetune as finetune
+    from mergeflow.finetune import FinetuneSettings, finetune_image_encoder
+
+    head = open_clip_zeroshot_head(oc_model, oc_tokenizer, DIGIT_CLASSES, templates_for("digits"))
+    train = digits.splits["train"]
+    settings = FinetuneSettings(steps=150, batch_size=32, lr=1e-3, weight_decay=0.0, warmup_steps=5,
+                                schedule="constant", checkpoint_every=75)
+    test = {"digits": (head, digits.splits["test"])}
+    encoder = open_clip_image_encoder(TINY, visual_file)
+    before = evaluate_image_encoder(encoder, test)["digits"]
+    whole = finetune_image_encoder(encoder, head, train, settings, progress=False)
+    after = evaluate_image_encoder(encoder, test)["digits"]
+    assert sum(whole.losses[-5:]) / 5 < 0.8 * sum(whole.losses[:5]) / 5 and after > before + 0.2
+
+    original, calls = finetune._accumulate_gradients, []
+
+    def crash_after_checkpoint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 101:
+            raise KeyboardInterrupt("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "_accumulate_gradients", crash_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_image_encoder(open_clip_image_encoder(TINY, visual_file), head, train, settings, progress=False,
+                               checkpoint_dir=str(tmp_path / "ckpt"))
+    monkeypatch.setattr(finetune, "_accumulate_gradients", original)
+    resumed = finetune_image_encoder(open_clip_image_encoder(TINY, visual_file), head, train, settings,
+                                     progress=False, checkpoint_dir=str(tmp_path / "ckpt"))
+    assert resumed.resumed_from == 75 and resumed.losses == whole.losses
+    assert all(torch.equal(resumed.state_dict[k], whole.state_dict[k]) for k in whole.state_dict)
