@@ -29,10 +29,6 @@ from tasks.record import (check_unchanged, fail_tracking, mark_success, record_m
                           start_tracking)
 
 
-def merge_labels(config: RunConfig) -> list[str]:
-    return config.merge_labels()
-
-
 @flow(name="mergeflow-merge", log_prints=True)
 def merge_flow(config: RunConfig) -> dict[str, Any]:
     """Merge one expert per task into multi-task models and score everything on held-out data."""
@@ -65,7 +61,7 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
                    for n in names}
         statistics = {n: f.result() for n, f in futures.items()}
 
-    plan = dict(zip(merge_labels(config), config.merges))
+    plan = dict(zip(config.merge_labels(), config.merges))
     plan.update(_tune(config, parent, plan, base, experts, eval_inputs))
     merged_futures = {label: (spec, _submit_merge(config, label, spec, base, experts, eval_inputs, statistics))
                       for label, spec in plan.items()}

@@ -174,8 +174,8 @@ def tune(method: str, params: Mapping[str, Any], grid: Mapping[str, Sequence[Any
 
     expert_accuracy = {t.name: accuracy(_state_dict(uri, cache, options), t.name)[t.name]
                        for uri, t in zip(experts, tasks)}
-    base_sd = _state_dict(base, cache, options)
     base_ckpt = open_ckpt(base, storage_options=options, cache=cache)
+    base_sd = {key: base_ckpt.get(key) for key in base_ckpt.keys()}
     ckpts = [open_ckpt(uri, storage_options=options, cache=cache) for uri in experts]
     scaling = method_class(method).scaling_param
     updates: dict[str, dict[str, torch.Tensor]] = {}
