@@ -142,7 +142,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from mergeflow.checkpoints.convert import convert_legacy
 
-    convert_legacy(args.source, args.destination, storage_options=_storage_options(args), overwrite=args.overwrite)
+    convert_legacy(args.source, args.destination, storage_options=_storage_options(args), overwrite=args.overwrite,
+                   kind=args.kind)
     print(f"wrote {args.destination} (loaded {args.source} as a trusted pickle)")
     return 0
 
@@ -243,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source")
     convert.add_argument("destination", help="output .safetensors path or URI")
     convert.add_argument("--overwrite", action="store_true")
+    convert.add_argument("--as", dest="kind", choices=("state_dict", "open_clip_visual", "head"), default="state_dict",
+                         help="what to write: the whole state dict; the visual tower of an open_clip model or "
+                              "task_vectors ImageEncoder (the open_clip family's expert); a task_vectors "
+                              "ClassificationHead as a Mergeflow head")
     convert.add_argument("--s3-endpoint")
     convert.set_defaults(func=cmd_convert)
 

@@ -359,31 +359,38 @@ def directory_digest(files: Mapping[str, str]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def fetch_directory(uri: str, cache: ContentCache, storage_options: Mapping[str, Any] | None = None
-                    ) -> tuple[Path, dict[str, str]]:
-    """Make a stored directory (flat) available locally with its file names; returns (local dir, {name: sha256}).
+def fetch_directory(uri: str, cache: ContentCache, storage_options: Mapping[str, Any] | None = None,
+                    *, recursive: bool = False) -> tuple[Path, dict[str, str]]:
+    """Make a stored directory available locally with its file names; returns (local dir, {name: sha256}).
 
-    Remote files come through the content cache; the directory is a set of links into it, keyed by content.
+    Only its own files, or with `recursive` every file below it under its relative path ('train/3/a.png': an
+    image-folder tree). Remote files come through the content cache; the directory is a set of links into it,
+    keyed by content.
     """
     if not is_remote(uri):
         root = local_path(uri).absolute()
         if not root.is_dir():
             raise FileNotFoundError(f"{uri}: directory not found")
-        files = {p.name: cache.fetch(str(p)).sha256 for p in sorted(root.iterdir()) if p.is_file()}
+        found = sorted(root.rglob("*") if recursive else root.iterdir())
+        files = {p.relative_to(root).as_posix(): cache.fetch(str(p)).sha256 for p in found if p.is_file()}
         return root, files
     fs, path = filesystem(uri, storage_options)
     try:
-        entries = [e for e in fs.ls(path, detail=True) if e["type"] == "file"]
+        if recursive:
+            prefix = path.rstrip("/") + "/"
+            names = [name[len(prefix):] for name in fs.find(path) if name.startswith(prefix)]
+        else:
+            names = [e["name"].rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "file"]
     except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
         raise storage_error(uri, exc, "listing") from exc
-    objects = {e["name"].rsplit("/", 1)[-1]: cache.fetch(join(uri, e["name"].rsplit("/", 1)[-1]), storage_options)
-               for e in entries}
+    objects = {name: cache.fetch(join(uri, name), storage_options) for name in sorted(names)}
     files = {name: obj.sha256 for name, obj in objects.items()}
     local = cache.root / "dirs" / directory_digest(files)
     if not local.is_dir():
         tmp = cache.root / "dirs" / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
         for name, obj in objects.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(obj.path, tmp / name)
         try:
             os.rename(tmp, local)

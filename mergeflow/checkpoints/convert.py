@@ -30,15 +30,44 @@ def _state_dict_of(obj: Any, source: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+KINDS = ("state_dict", "open_clip_visual", "head")
+
+
+def _select(tensors: dict[str, torch.Tensor], kind: str, source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (and extra metadata) to write for `kind`:
+    state_dict: everything; open_clip_visual: the visual tower of an open_clip model or of a task_vectors
+    `ImageEncoder` (its `model.visual.` keys), under the tower's own names, which the open_clip family merges;
+    head: a task_vectors `ClassificationHead` (a linear layer applied to normalised features) as a Mergeflow head
+    (weight, bias, logit_scale 1)."""
+    if kind == "state_dict":
+        return tensors, {}
+    if kind == "open_clip_visual":
+        prefix = "model.visual." if any(k.startswith("model.visual.") for k in tensors) else "visual."
+        visual = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not visual:
+            raise CheckpointError(source, "no 'visual.' or 'model.visual.' tensors: not an open_clip image encoder")
+        return visual, {}
+    if kind == "head":
+        if "weight" not in tensors or tensors["weight"].ndim != 2:
+            raise CheckpointError(source, "no 2-D 'weight': not a classification head", tensor="weight")
+        bias = tensors.get("bias", torch.zeros(tensors["weight"].shape[0]))
+        return {"weight": tensors["weight"], "bias": bias}, {"logit_scale": repr(1.0)}
+    raise ValueError(f"unknown conversion {kind!r}; known: {', '.join(KINDS)}")
+
+
 def convert_legacy(source: str, destination: str, *, storage_options: Mapping[str, Any] | None = None,
-                   cache: ContentCache | None = None, overwrite: bool = False) -> Path | str:
-    """Load a trusted pickle once (weights_only=False) and write its state dict as a safetensors file."""
+                   cache: ContentCache | None = None, overwrite: bool = False, kind: str = "state_dict"
+                   ) -> Path | str:
+    """Load a trusted pickle once (weights_only=False) and write its state dict (or the part `kind` names, see
+    `_select`) as a safetensors file."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown conversion {kind!r}; known: {', '.join(KINDS)}")
     obj = (cache or ContentCache()).fetch(source, storage_options)
     if not destination.endswith(".safetensors"):
         raise ValueError(f"destination {destination} must end with .safetensors")
     loaded = torch.load(obj.path, map_location="cpu", weights_only=False)  # trusted: explicit convert step only
-    tensors = _state_dict_of(loaded, source)
-    metadata = {"format": "pt", "converted_from": source, "source_sha256": obj.sha256}
+    tensors, extra = _select(_state_dict_of(loaded, source), kind, source)
+    metadata = {"format": "pt", "converted_from": source, "source_sha256": obj.sha256, **extra}
     if not is_remote(destination):
         target = local_path(destination)
         if target.exists() and not overwrite:
