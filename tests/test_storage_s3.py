@@ -75,3 +75,27 @@ def test_cache_downloads_an_unchanged_object_once(tmp_path, cache, s3, monkeypat
     third = cache.fetch(uri, options)
     assert third.sha256 == sha256_file(tmp_path / "a.safetensors") != first.sha256
     assert opened  # changed object: downloaded again
+
+
+def test_fetch_directory_recursive_on_s3_and_local(tmp_path, cache, s3):
+    """An image-folder tree: only the top files without `recursive`, every file under its relative path with it,
+    and the same digest for the same tree wherever it lies."""
+    from mergeflow.storage import directory_digest, fetch_directory
+
+    options, client, bucket = s3
+    tree = {"classes.json": b"[]", "train/0/a.png": b"png-a", "train/1/b.png": b"png-b", "test/0/c.png": b"png-c"}
+    local = tmp_path / "tree"
+    for name, payload in tree.items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(payload)
+        client.put_object(Bucket=bucket, Key=f"data/tree/{name}", Body=payload)
+    uri = f"s3://{bucket}/data/tree"
+
+    _, flat = fetch_directory(uri, cache, options)
+    assert set(flat) == {"classes.json"}
+    path, files = fetch_directory(uri, cache, options, recursive=True)
+    assert set(files) == set(tree)
+    assert all((path / name).read_bytes() == payload for name, payload in tree.items())
+    local_path, local_files = fetch_directory(str(local), cache, recursive=True)
+    assert local_path == local and directory_digest(local_files) == directory_digest(files)
+    assert set(fetch_directory(str(local), cache)[1]) == {"classes.json"}
