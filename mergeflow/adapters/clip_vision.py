@@ -190,7 +190,6 @@ def open_clip_image_encoder(model_name: str, weights: Weights | None = None, *,
     `config_dir` first registers the JSON configs in that folder (`open_clip.add_model_config`); `quick_gelu`
     overrides the config's activation. Eval mode."""
     import open_clip
-    from open_clip.model import _build_vision_tower
 
     if config_dir is not None:
         if not Path(config_dir).exists():
@@ -200,8 +199,21 @@ def open_clip_image_encoder(model_name: str, weights: Weights | None = None, *,
     if config is None:
         raise ConfigError(f"unknown open_clip model config {model_name!r}: pass config_dir= with its JSON file, or "
                           "pick one of open_clip.list_models()")
+    return open_clip_config_image_encoder(config, weights, label=f"open_clip config {model_name!r}",
+                                          quick_gelu=quick_gelu, normalize=normalize,
+                                          storage_options=storage_options, cache=cache)
+
+
+def open_clip_config_image_encoder(config: Mapping[str, Any], weights: Weights | None = None, *,
+                                   label: str = "open_clip config", quick_gelu: bool | None = None,
+                                   normalize: bool = True, storage_options: Mapping[str, Any] | None = None,
+                                   cache: ContentCache | None = None) -> ImageEncoder:
+    """`open_clip_image_encoder` from an open_clip model config dict (`embed_dim`, `vision_cfg`, optional
+    `quick_gelu` and `preprocess_cfg`) instead of a registered name; `label` names the config in errors."""
+    from open_clip.model import _build_vision_tower
+
     if "vision_cfg" not in config or "embed_dim" not in config:
-        raise ConfigError(f"open_clip config {model_name!r} has no vision_cfg/embed_dim")
+        raise ConfigError(f"{label} has no vision_cfg/embed_dim")
     visual = _build_vision_tower(config["embed_dim"], config["vision_cfg"],
                                  config.get("quick_gelu", False) if quick_gelu is None else quick_gelu)
     if weights is not None:
@@ -209,8 +221,8 @@ def open_clip_image_encoder(model_name: str, weights: Weights | None = None, *,
     size = visual.image_size if hasattr(visual, "image_size") else config["vision_cfg"].get("image_size", 224)
     sizes = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     if sizes[0] != sizes[1]:
-        raise ConfigError(f"open_clip config {model_name!r}: non-square image size {sizes} is not supported")
-    preprocess = config.get("preprocess_cfg", {})
+        raise ConfigError(f"{label}: non-square image size {sizes} is not supported")
+    preprocess = config.get("preprocess_cfg") or {}
     return ImageEncoder(visual, image_size=sizes[0], mean=preprocess.get("mean", CLIP_MEAN),
                         std=preprocess.get("std", CLIP_STD), normalize=normalize).eval()
 

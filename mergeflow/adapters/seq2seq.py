@@ -42,25 +42,33 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
-def sequence_log_likelihoods(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                             candidates: Sequence[Sequence[int]], *, length_normalize: bool = False) -> Tensor:
-    """[B, K] log p(candidate k | input b) under a seq2seq LM: the sum (or mean) over the candidate's token ids
-    of the decoder's log-probabilities, teacher-forced. The encoder runs once per batch."""
+def candidate_log_likelihoods(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                              candidates: Sequence[Sequence[int]], *, length_normalize: bool = False) -> Tensor:
+    """[B, K] float32 log p(candidate k | input b) on the model's device, differentiable: the sum (or, with
+    `length_normalize`, the mean) over the candidate's token ids of the decoder's log-probabilities, teacher-forced.
+    The encoder runs once per batch, the decoder once per candidate; the model's mode (train/eval) is left alone."""
     if not candidates or any(len(c) == 0 for c in candidates):
         raise InputError("every candidate needs at least one token")
-    model.eval()
     device = _device_of(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-    scores = torch.empty(input_ids.shape[0], len(candidates))
-    for k, candidate in enumerate(candidates):
+    columns = []
+    for candidate in candidates:
         labels = torch.tensor(list(candidate), device=device).repeat(input_ids.shape[0], 1)
         logits = model(encoder_outputs=encoded, attention_mask=attention_mask, labels=labels).logits
         token_log_probs = logits.float().log_softmax(dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         total = token_log_probs.sum(dim=-1)
-        scores[:, k] = (total / len(candidate) if length_normalize else total).cpu()
-    return scores
+        columns.append(total / len(candidate) if length_normalize else total)
+    return torch.stack(columns, dim=-1)
+
+
+@torch.no_grad()
+def sequence_log_likelihoods(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                             candidates: Sequence[Sequence[int]], *, length_normalize: bool = False) -> Tensor:
+    """`candidate_log_likelihoods` in eval mode without gradients, as a [B, K] float32 CPU tensor."""
+    model.eval()
+    return candidate_log_likelihoods(model, input_ids, attention_mask, candidates,
+                                     length_normalize=length_normalize).cpu()
 
 
 def _target_ids(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:

