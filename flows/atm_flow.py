@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow, runtime
 from prefect.artifacts import create_table_artifact
 
-from flows.merge_flow import merge_flow
+from flows.merge_flow import merge_flow, submit_task_inputs
 from mergeflow import stages
 from mergeflow.config import RunConfig
 from mergeflow.evaluate import format_results_table, normalized_accuracy
@@ -20,8 +20,8 @@ from mergeflow.storage import join
 from tasks.artifacts import artifact_key
 from tasks.atm import atm_finetune, atm_merge
 from tasks.evaluate import evaluate
-from tasks.fetch import fetch_pretrained, prepare_dataset
-from tasks.finetune import finetune_expert, fit_head
+from tasks.fetch import fetch_pretrained
+from tasks.finetune import finetune_expert
 from tasks.record import fail_tracking, start_tracking
 from tasks.tracking import MlflowTracker
 
@@ -45,8 +45,7 @@ def _rounds(config: RunConfig, parent: str, start_summary: dict[str, Any] | None
     atm, storage, device = config.atm, config.storage, config.device
     names = [t.name for t in config.tasks]
     base = fetch_pretrained(config.model, storage)
-    datasets = {t.name: prepare_dataset.submit(t.name, config.data, storage, t.dataset) for t in config.tasks}
-    heads = {n: fit_head.submit(n, base, datasets[n], config.evaluation, storage, device) for n in names}
+    datasets, heads = submit_task_inputs(config, base)
     eval_inputs = {n: (datasets[n].result(), heads[n].result()) for n in names}
     experts = {n: finetune_expert.submit(n, base, *eval_inputs[n], config.finetune, storage, device,
                                          config.tracking, parent) for n in names}  # the normalisers (stored)

@@ -44,8 +44,7 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     storage, device = config.storage, config.device
     names = [t.name for t in config.tasks]
     base = fetch_pretrained(config.model, storage)
-    datasets = {t.name: prepare_dataset.submit(t.name, config.data, storage, t.dataset) for t in config.tasks}
-    heads = {n: fit_head.submit(n, base, datasets[n], config.evaluation, storage, device) for n in names}
+    datasets, heads = submit_task_inputs(config, base)
     experts = _experts(config, base, datasets, heads, parent)
     eval_inputs = {n: (datasets[n].result(), heads[n].result()) for n in names}
     digest = stages.run_inputs_digest(config.model_dump(mode="json"), base, experts)
@@ -100,6 +99,16 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     mark_success(config.name, {"inputs_digest": digest, "flow_run_id": str(runtime.flow_run.id),
                                "mlflow_run_id": parent, "merged": summary["merged"]}, storage)
     return summary
+
+
+def submit_task_inputs(config: RunConfig, base: stages.ModelRef) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Futures of every task's dataset and frozen head (made by the model's family, or the task's own file)."""
+    storage, device = config.storage, config.device
+    datasets = {t.name: prepare_dataset.submit(t.name, config.data, storage, t.dataset, config.model.family)
+                for t in config.tasks}
+    heads = {t.name: fit_head.submit(t.name, base, datasets[t.name], config.evaluation, storage, device, t.head)
+             for t in config.tasks}
+    return datasets, heads
 
 
 def _experts(config: RunConfig, base: stages.ObjectRef, datasets, heads, parent: str) -> dict[str, stages.ObjectRef]:

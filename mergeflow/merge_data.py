@@ -17,9 +17,8 @@ import torch
 
 from mergeflow.checkpoints import open_checkpoint
 from mergeflow.config import MergeDataConfig
-from mergeflow.data.text_tasks import SPLIT_NAMES, TextTask, read_text_task
 from mergeflow.errors import ConfigError
-from mergeflow.heads import ClassificationHead
+from mergeflow.families import Family, LoadedModel, TaskData, get_family
 from mergeflow.storage import ContentCache, directory_digest, fetch_directory
 from mergeflow.task_vectors import Objective
 
@@ -27,78 +26,59 @@ from mergeflow.task_vectors import Objective
 @dataclass(frozen=True)
 class TaskInputs:
     name: str
-    task: TextTask
-    head: ClassificationHead
+    task: TaskData
+    head: Any
     dataset_sha256: str
     head_sha256: str
 
 
 def load_dataset(uri: str, field: str, cache: ContentCache, options: Mapping[str, Any] | None,
-                 splits: Sequence[str] = SPLIT_NAMES) -> tuple[TextTask, str]:
-    """A dataset directory in Mergeflow's layout, checked (files, readability) and read (only `splits`), with its
-    content digest; ConfigError naming `field` when it is missing or malformed."""
+                 splits: Sequence[str] | None = None, family: str = "hf_text") -> tuple[TaskData, str]:
+    """A dataset directory in the family's layout, checked and read (only `splits`; None: all), with its content
+    digest; ConfigError naming `field` when it is missing or malformed."""
     try:
-        path, files = fetch_directory(uri, cache, options)
+        path, files = fetch_directory(uri, cache, options, recursive=True)
     except FileNotFoundError:
         raise ConfigError(f"{field}: dataset directory {uri} not found") from None
-    if missing := [name for name in ("task.json", *(f"{s}.parquet" for s in SPLIT_NAMES)) if name not in files]:
-        raise ConfigError(f"{field}: dataset {uri} lacks {', '.join(missing)} (expected task.json and "
-                          f"{', '.join(f'{s}.parquet' for s in SPLIT_NAMES)} with columns text, label)")
-    import pyarrow.parquet as pq
-
-    for split in SPLIT_NAMES:
-        try:
-            columns = set(pq.read_schema(path / f"{split}.parquet").names)
-        except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"{field}: {uri}/{split}.parquet is not a parquet file: {exc}") from None
-        if lacking := sorted({"text", "label"} - columns):
-            raise ConfigError(f"{field}: {uri}/{split}.parquet has no column {', '.join(lacking)} "
-                              f"(columns: {', '.join(sorted(columns))})")
     try:
-        return read_text_task(path, splits), directory_digest(files)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the input's fault
-        raise ConfigError(f"{field}: dataset {uri} is unreadable: {exc}") from None
+        return get_family(family).read_dataset(path, field, splits), directory_digest(files)
+    except ConfigError as exc:
+        raise ConfigError(f"{field}: dataset {uri}: {exc}") from None
 
 
-def _head(uri: str, field: str, cache: ContentCache, options: Mapping[str, Any] | None
-          ) -> tuple[ClassificationHead, str]:
+def _head(uri: str, field: str, family: Family, cache: ContentCache, options: Mapping[str, Any] | None
+          ) -> tuple[Any, str]:
     try:
         local = cache.fetch(uri, options)
     except FileNotFoundError:
         raise ConfigError(f"{field}: head {uri} not found") from None
-    try:
-        return ClassificationHead.load(local.path), local.sha256
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"{field}: {uri} is not a classification head: {exc}") from None
+    return family.load_head(local.path, f"{field}: {uri}"), local.sha256
 
 
 def load_task_inputs(config: MergeDataConfig, experts: int, cache: ContentCache,
-                     options: Mapping[str, Any] | None = None, splits: Sequence[str] = SPLIT_NAMES
+                     options: Mapping[str, Any] | None = None, splits: Sequence[str] | None = None
                      ) -> list[TaskInputs]:
-    """Every task's data (only `splits` are read) and head, in the experts' order; ConfigError naming the field
-    at fault."""
+    """Every task's data (only `splits` are read; None: all) and head, in the experts' order; ConfigError naming
+    the field at fault."""
     if len(config.tasks) != experts:
         raise ConfigError(f"data config lists {len(config.tasks)} tasks for {experts} experts (one per --expert, "
                           "in the same order)")
+    family = get_family(config.family)
     loaded = []
     for i, entry in enumerate(config.tasks):
-        task, dataset_sha = load_dataset(entry.dataset, f"tasks.{i}.dataset", cache, options, splits)
-        head, head_sha = _head(entry.head, f"tasks.{i}.head", cache, options)
-        features = head.weight.shape
-        if features[0] != len(task.class_names):
-            raise ConfigError(f"tasks.{i}.head: {entry.head} has {features[0]} classes, dataset {entry.dataset} "
-                              f"has {len(task.class_names)}")
+        task, dataset_sha = load_dataset(entry.dataset, f"tasks.{i}.dataset", cache, options, splits, config.family)
+        head, head_sha = _head(entry.head, f"tasks.{i}.head", family, cache, options)
+        family.check_head(head, task, f"tasks.{i}.head: {entry.head} (dataset {entry.dataset})")
         loaded.append(TaskInputs(entry.name, task, head, dataset_sha, head_sha))
     return loaded
 
 
 def model_directory(config: MergeDataConfig, cache: ContentCache, options: Mapping[str, Any] | None = None) -> Path:
     try:
-        path, files = fetch_directory(config.model, cache, options)
+        path, _ = fetch_directory(config.model, cache, options)
     except FileNotFoundError:
         raise ConfigError(f"model: directory {config.model} not found") from None
-    if "config.json" not in files:
-        raise ConfigError(f"model: {config.model} has no config.json")
+    get_family(config.family).check_model_dir(path, f"model ({config.model})", weights=False)
     return path
 
 
@@ -107,15 +87,17 @@ def _state_dict(uri: str, cache: ContentCache, options: Mapping[str, Any] | None
         return {key: ckpt.get(key) for key in ckpt.keys()}
 
 
+def _load(config: MergeDataConfig, state_dict: Mapping[str, torch.Tensor], cache: ContentCache,
+          options: Mapping[str, Any] | None, device: str | torch.device) -> LoadedModel:
+    return get_family(config.family).load(model_directory(config, cache, options), state_dict, torch.device(device))
+
+
 def build_objective(config: MergeDataConfig, base: str, tasks: Sequence[TaskInputs], cache: ContentCache,
                     options: Mapping[str, Any] | None = None, device: str | torch.device = "cpu") -> Objective:
-    """The entropy objective on the `unlabeled_split` texts (never labels) of every task, with the base weights."""
-    from mergeflow.adapters.hf_text import entropy_objective, load_text_encoder
-
-    encoder, tokenizer = load_text_encoder(model_directory(config, cache, options), _state_dict(base, cache, options),
-                                           device=device)
+    """The entropy objective on the `unlabeled_split` inputs (never labels) of every task, with the base weights."""
+    model = _load(config, _state_dict(base, cache, options), cache, options, device)
     splits = {t.name: (t.head, t.task.splits[config.unlabeled_split]) for t in tasks}
-    return entropy_objective(encoder, tokenizer, splits, batch_size=config.batch_size, max_length=config.max_length)
+    return get_family(config.family).objective(model, splits, config, batch_size=config.batch_size)
 
 
 def expert_statistics(config: MergeDataConfig, kinds: Sequence[str], experts: Sequence[str],
@@ -123,24 +105,20 @@ def expert_statistics(config: MergeDataConfig, kinds: Sequence[str], experts: Se
                       device: str | torch.device = "cpu", progress: bool = False) -> list[str]:
     """Paths of each expert's statistics on its task's `statistics.split`, computed once per expert, data, head,
     kinds and settings (kept in the content cache)."""
-    from mergeflow.adapters.hf_text import load_text_encoder, text_classification_statistics
     from mergeflow.statistics import save_statistics
 
     settings = config.statistics
-    model_dir = model_directory(config, cache, options)
     paths = []
     for uri, inputs in zip(experts, tasks):
         with open_checkpoint(uri, storage_options=options, cache=cache) as ckpt:
             expert_sha = ckpt.digest
         key = json.dumps([expert_sha, inputs.dataset_sha256, inputs.head_sha256, list(kinds),
-                          settings.model_dump()], sort_keys=True)
+                          settings.model_dump(), config.family], sort_keys=True)
         path = cache.root / "statistics" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
         if not path.exists():
-            encoder, tokenizer = load_text_encoder(model_dir, _state_dict(uri, cache, options), device=device)
-            stats = text_classification_statistics(
-                encoder, tokenizer, inputs.head, inputs.task.splits[settings.split], kinds=kinds,
-                fisher=settings.fisher, max_examples=settings.max_examples, batch_size=settings.batch_size,
-                max_length=settings.max_length, seed=settings.seed, device=device, progress=progress)
+            model = _load(config, _state_dict(uri, cache, options), cache, options, device)
+            stats = get_family(config.family).statistics(model, inputs.head, inputs.task.splits[settings.split],
+                                                         kinds, settings)
             stats.metadata.update({"task": inputs.name, "expert": uri})
             save_statistics(stats, path)
         paths.append(str(path))
@@ -153,24 +131,19 @@ def tune(method: str, params: Mapping[str, Any], grid: Mapping[str, Sequence[Any
          max_examples: int = 200, device: str | torch.device = "cpu") -> tuple[dict[str, Any], list[Any]]:
     """Score every point of `grid` on each task's validation split (never its test split) and return (chosen
     parameters, all point scores). Scaling-only coefficients are applied to one shared update."""
-    from mergeflow.adapters.hf_text import load_text_encoder
     from mergeflow.checkpoints import open_checkpoint as open_ckpt
-    from mergeflow.data.text_tasks import TextSplit
-    from mergeflow.evaluate import evaluate_encoder
     from mergeflow.merge import merge_pool
     from mergeflow.methods import build_method, method_class
     from mergeflow.sweep import apply_update, choose, grid_points, scaled_update, score_point, update_key
     from mergeflow.task_vectors import ExpertPool
 
+    family = get_family(config.family)
     points = grid_points(method, grid, params)
-    model_dir = model_directory(config, cache, options)
-    splits = {t.name: (t.head, TextSplit(t.task.splits["validation"].texts[:max_examples],
-                                         t.task.splits["validation"].labels[:max_examples])) for t in tasks}
+    splits = {t.name: (t.head, family.first(t.task.splits["validation"], max_examples)) for t in tasks}
 
     def accuracy(state_dict: Mapping[str, torch.Tensor], only: str | None = None) -> dict[str, float]:
-        encoder, tokenizer = load_text_encoder(model_dir, state_dict, device=device)
-        chosen = {only: splits[only]} if only else splits
-        return evaluate_encoder(encoder, tokenizer, chosen, max_length=config.max_length, device=device)
+        model = _load(config, state_dict, cache, options, device)
+        return family.evaluate(model, {only: splits[only]} if only else splits, config)
 
     expert_accuracy = {t.name: accuracy(_state_dict(uri, cache, options), t.name)[t.name]
                        for uri, t in zip(experts, tasks)}

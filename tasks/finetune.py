@@ -14,8 +14,8 @@ from tasks.tracking import MlflowTracker
 @task(name="fit-head", task_run_name="fit-head-{task_name}", timeout_seconds=TIMEOUTS["train"], **IO_RETRIES)
 @uses_storage
 def fit_head(task_name: str, base: stages.ObjectRef, dataset: stages.ObjectRef, evaluation: EvalConfig,
-             storage: StorageConfig, device: str) -> stages.ObjectRef:
-    return stages.fit_head(task_name, base, dataset, evaluation, storage, device)
+             storage: StorageConfig, device: str, head: str | None = None) -> stages.ObjectRef:
+    return stages.fit_head(task_name, base, dataset, evaluation, storage, device, head)
 
 
 @task(name="finetune-expert", task_run_name="finetune-expert-{task_name}",

@@ -3,7 +3,6 @@ objective on the real MiniLM with texts whose labels cannot be read."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

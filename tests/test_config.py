@@ -22,7 +22,7 @@ def test_shipped_configs_are_valid():
     ("tasks: [{name: election}]\nmerges: [{method: average}]\nfinetune: {stepz: 3}\n", r"finetune\.stepz"),
     ("tasks: [{name: election}]\nmerges: [{method: magic}]\n", r"merges\.0\.method"),
     ("tasks: [{name: election}]\nmerges: [{method: ties, params: {k: 0.2}}]\n", r"'ties'.*k"),
-    ("tasks: [{name: nope}]\nmerges: [{method: average}]\n", r"unknown task 'nope'"),
+    ("tasks: [{name: nope}]\nmerges: [{method: average}]\n", r"'nope' is not a built-in hf_text task"),
     ("tasks: [{name: election}, {name: election}]\nmerges: [{method: average}]\n", "twice"),
     ("tasks: []\nmerges: [{method: average}]\n", r"tasks"),
     ("tasks: [{name: election}\n", "invalid YAML"),
@@ -61,3 +61,12 @@ def test_every_field_of_the_flow_parameter_is_described_and_methods_are_a_dropdo
                    for field, spec in definition.get("properties", {}).items() if "description" not in spec]
     assert not undescribed, undescribed
     assert set(models["MergeSpec"]["properties"]["method"]["enum"]) == set(METHODS)
+
+
+def test_builtin_tasks_table_matches_the_families() -> None:
+    from mergeflow.config import BUILTIN_TASKS
+    from mergeflow.families import FAMILIES
+
+    assert set(BUILTIN_TASKS) == set(FAMILIES)
+    for name, cls in FAMILIES.items():
+        assert tuple(sorted(BUILTIN_TASKS[name])) == tuple(sorted(cls().builtin_tasks)), name

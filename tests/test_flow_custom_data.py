@@ -51,7 +51,7 @@ def test_malformed_datasets_are_named(tmp_path, tmp_path_factory, cache):
     from mergeflow.config import StorageConfig
     from mergeflow.stages import prepare_dataset
 
-    with pytest.raises(ValueError, match="unknown task 'tweets'"):
+    with pytest.raises(ValueError, match="'tweets' is not a built-in hf_text task"):
         RunConfig.model_validate({"tasks": [{"name": "tweets"}], "merges": [{"method": "average"}]})
     dataset = _custom(tmp_path_factory, tmp_path / "bad")
     pq.write_table(pa.table({"sentence": ["a"], "label": [0]}), dataset / "validation.parquet")

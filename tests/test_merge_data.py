@@ -4,7 +4,6 @@ statistics computed once and reused, and clear errors for a wrong data config be
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
