@@ -129,6 +129,16 @@ def exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
         raise storage_error(uri, exc, "checking for the object") from exc
 
 
+def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The whole object at `uri` (a small file: a parquet split, a JSON description)."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        with fs.open(path, "rb") as file:
+            return file.read()
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(uri, exc, "reading") from exc
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

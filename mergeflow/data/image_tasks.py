@@ -49,7 +49,7 @@ from PIL import Image
 
 from mergeflow.data.text_tasks import wheel_file
 from mergeflow.errors import InputError, ObjectNotFoundError
-from mergeflow.storage import filesystem, join, storage_error
+from mergeflow.storage import filesystem, join, read_bytes, storage_error
 
 SPLIT_NAMES = ("train", "validation", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -189,15 +189,6 @@ def load_mnist_task(*, cache_dir: Path | None = None, seed: int = 0, sizes: Imag
     return _task("mnist", pixels, labels, seed=seed, sizes=sizes, image_size=image_size)
 
 
-def _read_bytes(uri: str, storage_options: Mapping[str, Any] | None) -> bytes:
-    fs, path = filesystem(uri, storage_options)
-    try:
-        with fs.open(path, "rb") as file:
-            return file.read()
-    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
-        raise storage_error(uri, exc, "reading") from exc
-
-
 def _image_blobs(column: pa.ChunkedArray, source: str) -> list[bytes]:
     if pa.types.is_struct(column.type):
         if column.type.get_field_index("bytes") < 0:
@@ -215,7 +206,7 @@ def _image_blobs(column: pa.ChunkedArray, source: str) -> list[bytes]:
 
 def _read_split(source: str, num_classes: int, storage_options: Mapping[str, Any] | None) -> ImageSplit:
     try:
-        table = pq.read_table(io.BytesIO(_read_bytes(source, storage_options)))
+        table = pq.read_table(io.BytesIO(read_bytes(source, storage_options)))
     except pa.ArrowInvalid as exc:
         raise InputError(f"{source}: not a parquet file: {exc}") from None
     for column in ("image", "label"):
@@ -234,7 +225,7 @@ def _read_split(source: str, num_classes: int, storage_options: Mapping[str, Any
 def _read_class_names(uri: str, storage_options: Mapping[str, Any] | None) -> list[str]:
     classes_uri = join(uri, "classes.json")
     try:
-        class_names = json.loads(_read_bytes(classes_uri, storage_options))
+        class_names = json.loads(read_bytes(classes_uri, storage_options))
     except ValueError as exc:
         raise InputError(f"{classes_uri}: not valid JSON: {exc}") from None
     if not isinstance(class_names, list) or not class_names or not all(isinstance(c, str) for c in class_names):

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from mergeflow.adapters.seq2seq import GLUE_TASKS, GlueTask
 from mergeflow.errors import ConfigError, InputError, ObjectNotFoundError
-from mergeflow.storage import filesystem, join, storage_error
+from mergeflow.storage import filesystem, join, read_bytes, storage_error
 
 SPLIT_NAMES = ("train", "validation", "test")
 TASK_FILE = "task.json"
@@ -48,15 +48,6 @@ class Seq2SeqTask:
 
 
 # ---------------------------------------------------------------------------------------------- task.json
-
-
-def _read_bytes(uri: str, storage_options: Mapping[str, Any] | None) -> bytes:
-    fs, path = filesystem(uri, storage_options)
-    try:
-        with fs.open(path, "rb") as file:
-            return file.read()
-    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
-        raise storage_error(uri, exc, "reading") from exc
 
 
 def _string_list(raw: Any, key: str, source: str) -> tuple[str, ...]:
@@ -135,7 +126,7 @@ def _check_labels(task: GlueTask, labels: Sequence[Any], source: str) -> None:
 
 def _read_split(source: str, task: GlueTask, storage_options: Mapping[str, Any] | None) -> Seq2SeqSplit:
     try:
-        table = pq.read_table(io.BytesIO(_read_bytes(source, storage_options)))
+        table = pq.read_table(io.BytesIO(read_bytes(source, storage_options)))
     except pa.ArrowInvalid as exc:
         raise InputError(f"{source}: not a parquet file: {exc}") from None
     for column in (*task.fields, "label"):
@@ -174,7 +165,7 @@ def read_seq2seq_task(uri: str, *, splits: Sequence[str] | None = None,
     that exists."""
     source = join(uri, TASK_FILE)
     try:
-        raw = json.loads(_read_bytes(source, storage_options))
+        raw = json.loads(read_bytes(source, storage_options))
     except ValueError as exc:
         raise InputError(f"{source}: not valid JSON: {exc}") from None
     task = _parse_task_json(raw, source, uri.rstrip("/").rsplit("/", 1)[-1])

@@ -24,6 +24,13 @@ from mergeflow.statistics import Statistics
 from mergeflow.task_vectors import Objective
 
 
+def require_files(directory: Path, label: str, names: Sequence[str], layout: str) -> None:
+    """ConfigError naming `label` and every missing file of `names` in the model directory."""
+    missing = [name for name in names if not (directory / name).is_file()]
+    if missing:
+        raise ConfigError(f"{label}: no {', '.join(missing)} in the model directory ({layout})")
+
+
 @dataclass(frozen=True)
 class TaskData:
     """One task's data as a family reads it: class names (or label words) and the splits asked for."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mergeflow.errors import ConfigError
-from mergeflow.families.base import Family, LoadedModel, TaskData
+from mergeflow.families.base import Family, LoadedModel, TaskData, require_files
 from mergeflow.families.text import check_classification_head, load_classification_head
 from mergeflow.finetune import FinetuneResult, FinetuneSettings
 from mergeflow.statistics import Statistics
@@ -49,8 +49,8 @@ class ClipFamily(Family):
 
         if weights:
             check_clip_model_dir(directory, self.kind, label=label)
-        elif not (directory / self.config_file).is_file():
-            raise ConfigError(f"{label}: no {self.config_file} in the model directory")
+        else:
+            require_files(directory, label, (self.config_file,), f"the {self.name} layout")
 
     def load(self, model_dir: Path, state_dict: Mapping[str, Tensor] | None, device: torch.device) -> LoadedModel:
         from mergeflow.adapters.clip_model_dir import load_clip_image_encoder

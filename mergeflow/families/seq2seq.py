@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mergeflow.errors import ConfigError
-from mergeflow.families.base import Family, LoadedModel, TaskData
+from mergeflow.families.base import Family, LoadedModel, TaskData, require_files
 from mergeflow.finetune import FinetuneResult, FinetuneSettings
 from mergeflow.statistics import Statistics
 from mergeflow.task_vectors import Objective
@@ -50,10 +50,7 @@ class Seq2SeqFamily(Family):
 
     def check_model_dir(self, directory: Path, label: str, *, weights: bool = True) -> None:
         needed = ("config.json", "model.safetensors") if weights else ("config.json",)
-        missing = [n for n in needed if not (directory / n).is_file()]
-        if missing:
-            raise ConfigError(f"{label}: no {', '.join(missing)} in the model directory (a Hugging Face seq2seq "
-                              "folder: config.json, tokenizer files, model.safetensors)")
+        require_files(directory, label, needed, "a Hugging Face seq2seq folder: config.json, tokenizer files, model.safetensors")
 
     def load(self, model_dir: Path, state_dict: Mapping[str, Tensor] | None, device: torch.device) -> LoadedModel:
         from mergeflow.adapters.seq2seq_model import load_seq2seq_model

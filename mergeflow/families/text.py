@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mergeflow.errors import ConfigError
-from mergeflow.families.base import Family, LoadedModel, TaskData
+from mergeflow.families.base import Family, LoadedModel, TaskData, require_files
 from mergeflow.finetune import FinetuneResult, FinetuneSettings
 from mergeflow.heads import ClassificationHead
 from mergeflow.statistics import Statistics
@@ -66,10 +66,7 @@ class TextFamily(Family):
 
     def check_model_dir(self, directory: Path, label: str, *, weights: bool = True) -> None:
         needed = ("config.json", "model.safetensors") if weights else ("config.json",)
-        missing = [n for n in needed if not (directory / n).is_file()]
-        if missing:
-            raise ConfigError(f"{label}: no {', '.join(missing)} in the model directory (a Hugging Face model "
-                              "folder: config.json, tokenizer files, model.safetensors)")
+        require_files(directory, label, needed, "a Hugging Face model folder: config.json, tokenizer files, model.safetensors")
 
     def load(self, model_dir: Path, state_dict: Mapping[str, Tensor] | None, device: torch.device) -> LoadedModel:
         from mergeflow.adapters.hf_text import load_text_encoder
