@@ -23,6 +23,7 @@ from mergeflow.adapters.clip_model_dir import (
     clip_zeroshot_head,
     has_text_tower,
     load_clip_image_encoder,
+    read_open_clip_config,
     save_hf_clip_model_dir,
     save_open_clip_model_dir,
 )
@@ -241,3 +242,14 @@ def test_weights_with_a_wrong_key_or_shape_are_named(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not fit the text tower") as error:
         clip_zeroshot_head(oc, "open_clip", NAMES, TEMPLATES)
     assert "text.safetensors" in str(error.value) and error.value.tensor is not None
+
+
+def test_open_clip_config_by_model_name_uses_the_bundled_config(tmp_path: Path) -> None:
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_name": "ViT-B-32", "quick_gelu": True}))
+    config = read_open_clip_config(tmp_path)
+    assert config == {**open_clip.get_model_config("ViT-B-32"), "quick_gelu": True}
+    assert config["vision_cfg"]["patch_size"] == 32 and config["embed_dim"] == 512
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_name": "ViT-B-99"}))
+    with pytest.raises(ConfigError, match=r"open_clip_config.json: model_name 'ViT-B-99' is not an open_clip model "
+                                          r"config \(for example ViT-"):
+        read_open_clip_config(tmp_path)

@@ -141,6 +141,18 @@ def _no_text_error(directory: Path) -> ConfigError:
 # ---------------------------------------------------------------------------------------------- open_clip
 
 
+def _named_open_clip_config(name: Any, label: str) -> dict[str, Any]:
+    """The model config open_clip ships under `name` (read from the installed package, never downloaded)."""
+    import open_clip
+
+    config = open_clip.get_model_config(name) if isinstance(name, str) else None
+    if config is None:
+        known = [n for n in open_clip.list_models() if n.startswith("ViT-")][:8]
+        raise ConfigError(f"{label}: model_name {name!r} is not an open_clip model config (for example "
+                          f"{', '.join(known)})")
+    return dict(config)
+
+
 def _check_open_clip_config(config: Mapping[str, Any], label: str) -> None:
     for field in ("embed_dim", "vision_cfg", "text_cfg"):
         if field not in config:
@@ -152,8 +164,9 @@ def _check_open_clip_config(config: Mapping[str, Any], label: str) -> None:
 
 
 def read_open_clip_config(directory: Path) -> dict[str, Any]:
-    """The open_clip model config of `directory/open_clip_config.json` (flat, or Hub-style with `model_cfg`, whose
-    top-level `preprocess_cfg` is moved into it)."""
+    """The open_clip model config of `directory/open_clip_config.json`: flat, Hub-style with `model_cfg` (whose
+    top-level `preprocess_cfg` is moved into it), or `{"model_name": "ViT-B-32", ...}` naming one of the configs
+    that ship with open_clip (other keys, such as `"quick_gelu": true` for OpenAI weights, override it)."""
     path = Path(directory) / CONFIG_FILES["open_clip"]
     if not path.is_file():
         raise ConfigError(f"{directory}: no {path.name} in the open_clip model directory")
@@ -166,6 +179,9 @@ def read_open_clip_config(directory: Path) -> dict[str, Any]:
     config = dict(raw["model_cfg"]) if isinstance(raw.get("model_cfg"), dict) else raw
     if config is not raw and isinstance(raw.get("preprocess_cfg"), dict):
         config.setdefault("preprocess_cfg", raw["preprocess_cfg"])
+    if "model_name" in config and "embed_dim" not in config:
+        config = {**_named_open_clip_config(config["model_name"], str(path)),
+                  **{key: value for key, value in config.items() if key != "model_name"}}
     _check_open_clip_config(config, str(path))
     return config
 
