@@ -159,6 +159,39 @@ def test_hf_dir_round_trip_equals_the_models_image_features(tmp_path: Path) -> N
         assert encoder(pixels).shape == (4, 24)
 
 
+def test_hf_vision_only_layout_keeps_the_pretrained_projection_frozen(tmp_path: Path) -> None:
+    """FusionBench's experts are CLIPVisionModel checkpoints: only `vision_model.*` is fine-tuned and merged."""
+    from mergeflow.data.image_tasks import ImageSplit
+    from mergeflow.finetune import FinetuneSettings, finetune_image_encoder
+
+    tokenizer = clip_word_tokenizer()
+    model = tiny_hf_clip(len(tokenizer), seed=1)
+    save_hf_clip_model_dir(model, tmp_path, tokenizer=tokenizer, merge_projection=False)
+    vision = _keys(tmp_path / "model.safetensors")
+    assert vision == set(hf_vision_state_dict(model)) - {"visual_projection.weight"}
+    assert "visual_projection.weight" in _keys(tmp_path / "text.safetensors")
+
+    encoder = load_clip_image_encoder(tmp_path, "hf_clip")
+    assert sorted(image_encoder_state_dict(encoder)) == sorted(vision)
+    pixels = encoder.preprocess(_images())
+    with torch.no_grad():
+        expected = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
+        torch.testing.assert_close(encoder(pixels), expected)
+    head = clip_zeroshot_head(tmp_path, "hf_clip", NAMES, TEMPLATES[:1])
+    assert head.weight.shape == (3, 24)
+
+    split = ImageSplit(images=_images(), labels=[0, 1, 2, 0])
+    result = finetune_image_encoder(encoder, head, split, FinetuneSettings(steps=3, batch_size=2, lr=1e-2),
+                                    progress=False)
+    assert set(result.state_dict) == vision
+    assert not torch.equal(result.state_dict["vision_model.post_layernorm.weight"],
+                           model.vision_model.post_layernorm.weight)
+    torch.testing.assert_close(encoder.frozen_projection.weight, model.visual_projection.weight, rtol=0, atol=0)
+    # an expert of only vision_model.* loads the same way, with the directory's frozen projection
+    expert = load_clip_image_encoder(tmp_path, "hf_clip", result.state_dict)
+    torch.testing.assert_close(expert.frozen_projection.weight, model.visual_projection.weight, rtol=0, atol=0)
+
+
 def test_hf_zeroshot_head_from_the_dir_equals_the_full_models(tmp_path: Path) -> None:
     directory = tiny_hf_clip_dir(tmp_path / "model", seed=2)
     tokenizer = clip_word_tokenizer()

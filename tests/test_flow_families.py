@@ -131,7 +131,7 @@ def test_open_clip_flow_runs_every_method_of_the_vit_config(tmp_path, tmp_path_f
     assert sum(atm["rounds"][-1]["accuracy"].values()) / 2 > pretrained_avg + 0.1
 
 
-def test_hf_clip_flow_with_a_given_head_and_an_image_folder_dataset(tmp_path, tmp_path_factory, prefect_harness):
+def test_hf_clip_flow_with_vision_only_experts_a_given_head_and_an_image_folder_dataset(tmp_path, tmp_path_factory, prefect_harness):
     from PIL import Image
 
     from flows.merge_flow import merge_flow
@@ -140,7 +140,7 @@ def test_hf_clip_flow_with_a_given_head_and_an_image_folder_dataset(tmp_path, tm
     from mergeflow.data.image_tasks import ImageSplitSizes, load_digits_task
     from tiny_clip import tiny_hf_clip_dir
 
-    base_dir = tiny_hf_clip_dir(tmp_path / "model")
+    base_dir = tiny_hf_clip_dir(tmp_path / "model", merge_projection=False)  # FusionBench's vision-only experts
     digits = load_digits_task(seed=1, sizes=ImageSplitSizes(train=160, validation=32, test=96))
     folder = tmp_path / "digit-folders"  # the image-folder layout: <split>/<class>/<image>
     for split_name, split in digits.splits.items():

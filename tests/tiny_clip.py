@@ -65,12 +65,13 @@ def tiny_hf_clip(vocab_size: int, seed: int = 0) -> CLIPModel:
     return CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=24)).eval()
 
 
-def tiny_hf_clip_dir(directory: Path, seed: int = 0) -> Path:
+def tiny_hf_clip_dir(directory: Path, seed: int = 0, *, merge_projection: bool = True) -> Path:
     """Write the hf_clip model directory (tokenizer and text tower included) of a random tiny CLIPModel; returns
-    it."""
+    it. `merge_projection=False`: the FusionBench layout, `visual_projection` frozen in text.safetensors."""
     directory = Path(directory)
     tokenizer = clip_word_tokenizer()
-    save_hf_clip_model_dir(tiny_hf_clip(len(tokenizer), seed), directory, tokenizer=tokenizer)
+    save_hf_clip_model_dir(tiny_hf_clip(len(tokenizer), seed), directory, tokenizer=tokenizer,
+                           merge_projection=merge_projection)
     loaded = AutoTokenizer.from_pretrained(directory)
     assert loaded("a photo of a 3.")["input_ids"][-1] == EOS and loaded.pad_token_id == PAD
     return directory

@@ -12,7 +12,9 @@ its projection, logit_scale), which only zero-shot heads need. Two layouts:
   from the config alone (nothing is registered with open_clip).
 - hf_clip: `config.json` of a `CLIPConfig`, `preprocessor_config.json` (image size, mean, std), the tokenizer
   files; `model.safetensors` with `vision_model.*` and `visual_projection.weight`; `text.safetensors` with
-  `text_model.*`, `text_projection.weight` and `logit_scale`.
+  `text_model.*`, `text_projection.weight` and `logit_scale`. Experts that hold only `vision_model.*`
+  (FusionBench's CLIPVisionModel checkpoints) go with a `model.safetensors` of only `vision_model.*` and the
+  pretrained `visual_projection.weight` in `text.safetensors`: the projection is then frozen, not merged.
 
 Zero-shot heads build the full model of the config and load only `text.safetensors` into it: the vision tower
 plays no part in a head, so its weights are not read.
@@ -48,6 +50,7 @@ WEIGHTS_NAME = "model.safetensors"
 TEXT_NAME = "text.safetensors"
 CONFIG_FILES: dict[str, str] = {"open_clip": "open_clip_config.json", "hf_clip": "config.json"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+PROJECTION = "visual_projection.weight"  # hf_clip
 _VISION_PREFIXES: dict[str, tuple[str, ...]] = {"open_clip": ("visual.",),
                                                 "hf_clip": ("vision_model.", "visual_projection.")}
 
@@ -125,10 +128,14 @@ def _text_state(state: Mapping[str, Tensor], family: str) -> dict[str, Tensor]:
 
 
 def _load_text_tower(model: nn.Module, path: Path, family: str) -> None:
-    """Load `text.safetensors` at `path` into the full `model`: exactly its non-vision tensors, by name and shape
-    (CheckpointError names the file and key); the vision tower keeps its initial weights."""
+    """Load `text.safetensors` at `path` into the full `model`: exactly its non-vision tensors (hf_clip: and the
+    frozen `visual_projection.weight` when the file holds it), by name and shape (CheckpointError names the file
+    and key); the vision tower keeps its initial weights."""
     state = {key: tensor for key, tensor in _read_state(path).items() if not key.endswith("position_ids")}
-    _check_fits(state, _text_state(model.state_dict(), family), str(path), "text tower")
+    own = _text_state(model.state_dict(), family)
+    if family == "hf_clip" and PROJECTION in state:
+        own[PROJECTION] = model.state_dict()[PROJECTION]
+    _check_fits(state, own, str(path), "text tower")
     model.load_state_dict(state, strict=False)
 
 
@@ -244,11 +251,13 @@ def _open_clip_tokenizer(config: Mapping[str, Any], label: str) -> Any:
 # ---------------------------------------------------------------------------------------------- Hugging Face
 
 
-def save_hf_clip_model_dir(model: nn.Module, directory: Path, *, tokenizer: Any = None, text: bool = True) -> None:
+def save_hf_clip_model_dir(model: nn.Module, directory: Path, *, tokenizer: Any = None, text: bool = True,
+                           merge_projection: bool = True) -> None:
     """Write the hf_clip layout of a Hugging Face `CLIPModel` into `directory`: `config.json`,
     `preprocessor_config.json` (CLIP's evaluation transform at the model's image size), the `tokenizer`'s files
     when given (zero-shot heads need them), `model.safetensors` (the vision keys) and, with `text`,
-    `text.safetensors` (the other keys)."""
+    `text.safetensors` (the other keys). `merge_projection=False` (for experts with only `vision_model.*`, as
+    FusionBench's) moves `visual_projection.weight` into `text.safetensors`, where it stays frozen."""
     from transformers import CLIPConfig, CLIPImageProcessor
 
     if not isinstance(getattr(model, "config", None), CLIPConfig):
@@ -261,8 +270,12 @@ def save_hf_clip_model_dir(model: nn.Module, directory: Path, *, tokenizer: Any 
         directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    _write_towers(directory, hf_vision_state_dict(model),
-                  _text_state(model.state_dict(), "hf_clip") if text else None)
+    vision, rest = hf_vision_state_dict(model), _text_state(model.state_dict(), "hf_clip")
+    if not merge_projection:
+        if not text:
+            raise InputError("merge_projection=False keeps visual_projection.weight in text.safetensors: needs text")
+        rest[PROJECTION] = vision.pop(PROJECTION)
+    _write_towers(directory, vision, rest if text else None)
 
 
 def _hf_clip_config(directory: Path) -> Any:
@@ -301,9 +314,30 @@ def load_clip_image_encoder(directory: Path, family: ClipKind, weights: Mapping[
     if family == "open_clip":
         encoder = open_clip_config_image_encoder(read_open_clip_config(directory), source,
                                                  label=str(directory / CONFIG_FILES["open_clip"]))
-    else:
+    elif PROJECTION in (source.keys() if isinstance(source, Mapping) else _keys(source)):
         encoder = hf_clip_image_encoder(directory, source)
+    else:  # vision_model.* only: the pretrained projection from text.safetensors, frozen (or none at all)
+        encoder = hf_clip_image_encoder(directory, source, projection=False)
+        encoder.frozen_projection = _frozen_projection(directory)
     return encoder.to(device)
+
+
+def _keys(path: Path) -> list[str]:
+    with open_checkpoint(str(path)) as checkpoint:
+        return list(checkpoint.keys())
+
+
+def _frozen_projection(directory: Path) -> nn.Linear | None:
+    """`visual_projection.weight` of `directory/text.safetensors` as a frozen bias-free linear layer, if there."""
+    if not has_text_tower(directory):
+        return None
+    with open_checkpoint(str(directory / TEXT_NAME)) as checkpoint:
+        if PROJECTION not in checkpoint.keys():
+            return None
+        weight = checkpoint.get(PROJECTION)
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight.data.copy_(weight)
+    return layer.requires_grad_(False)
 
 
 def clip_zeroshot_head(directory: Path, family: ClipKind, class_names: Sequence[str], templates: Sequence[str],

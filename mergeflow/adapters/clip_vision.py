@@ -122,19 +122,25 @@ class HFVisionTower(nn.Module):
 
 class ImageEncoder(nn.Module):
     """A CLIP vision tower: [B, 3, S, S] preprocessed pixels -> [B, D] projected image embeddings (unit-norm when
-    `normalize`). `backbone` holds exactly the checkpoint's parameters, under the checkpoint's names."""
+    `normalize`). `backbone` holds exactly the checkpoint's parameters, under the checkpoint's names; a
+    `frozen_projection` (the pretrained `visual_projection` of checkpoints that hold only `vision_model.*`, as
+    FusionBench's CLIPVisionModel experts) follows it, never trained nor merged."""
 
     def __init__(self, backbone: nn.Module, *, image_size: int, mean: Sequence[float] = CLIP_MEAN,
-                 std: Sequence[float] = CLIP_STD, normalize: bool = True) -> None:
+                 std: Sequence[float] = CLIP_STD, normalize: bool = True,
+                 frozen_projection: nn.Linear | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.image_size = int(image_size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.normalize = normalize
+        self.frozen_projection = frozen_projection.requires_grad_(False) if frozen_projection is not None else None
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         features = self.backbone(pixel_values)
+        if self.frozen_projection is not None:
+            features = self.frozen_projection(features)
         return F.normalize(features, dim=-1) if self.normalize else features
 
     def preprocess(self, images: Sequence[ImageInput] | np.ndarray) -> Tensor:
