@@ -17,6 +17,8 @@ Store layout under `storage.root`:
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -196,7 +198,7 @@ def fit_head(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalCon
     uri = join(storage.root, "heads", f"{task}-{fingerprint(base.sha256, dataset.sha256, evaluation.max_length)}"
                                       f"{family.head_suffix}")
     if not exists(uri, storage.options()):
-        data = read_task(dataset, base, storage, cache)
+        data = dataclasses.replace(read_task(dataset, base, storage, cache), name=task)  # CLIP: the task's templates
         model_dir = local_directory(base, storage, cache)
         _publish_file(uri, storage, cache,
                       lambda path: family.build_head(data, model_dir, evaluation, resolve_device(device), path))

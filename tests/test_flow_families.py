@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import mergeflow  # noqa: F401 - the torchvision fix runs before open_clip / transformers are imported
@@ -117,6 +118,13 @@ def test_open_clip_flow_runs_every_method_of_the_vit_config(tmp_path, tmp_path_f
     _check_summary(summary, config, base_dir)
     datasets, heads = _stored(summary, config)
     assert all(h.endswith(".safetensors") for h in heads.values())
+    from mergeflow.adapters.clip_model_dir import clip_zeroshot_head
+    from mergeflow.adapters.clip_templates import templates_for
+    from mergeflow.heads import ClassificationHead
+
+    digits_head = ClassificationHead.load(Path(heads["digits"]))  # the zero-shot head of the task's own templates
+    expected = clip_zeroshot_head(base_dir, "open_clip", [str(d) for d in range(10)], templates_for("digits"))
+    assert torch.equal(digits_head.weight, expected.weight)
     rescored = _rescore("open_clip", base_dir, summary["merged"]["ties"]["uri"], datasets, heads)
     assert rescored == pytest.approx(summary["accuracy"]["ties"], abs=1e-9)
     run = MlflowClient(config.tracking.tracking_uri).get_run(summary["mlflow_run_id"])
