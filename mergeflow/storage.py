@@ -139,6 +139,20 @@ def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> by
         raise storage_error(uri, exc, "reading") from exc
 
 
+def write_files(uri: str, files: Mapping[str, bytes], storage_options: Mapping[str, Any] | None = None, *,
+                what: str = "the files") -> None:
+    """Write each `files[name]` to `uri/name` (a small dataset folder; the directory is created)."""
+    fs, root = filesystem(uri, storage_options)
+    root = root.rstrip("/")
+    try:
+        fs.makedirs(root, exist_ok=True)
+        for name, payload in files.items():
+            with fs.open(f"{root}/{name}", "wb") as file:
+                file.write(payload)
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(uri, exc, f"writing {what}") from exc
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from factories import make_experts, tiny_state_dict
@@ -97,3 +98,17 @@ def s3_env(seaweed, monkeypatch):
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     seaweed.client().create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture(scope="module")
+def isolated_and_single_threaded(tmp_path_factory: pytest.TempPathFactory):
+    """Checkpoint reads remember digests in the content cache: keep it out of the home folder. Ops on tiny models
+    gain nothing from a second thread and slow down many times over when the shared cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MERGEFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
+            yield
+    finally:
+        torch.set_num_threads(threads)

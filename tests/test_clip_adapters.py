@@ -68,18 +68,7 @@ TINY_CONFIG = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def isolated_and_single_threaded(tmp_path_factory: pytest.TempPathFactory):
-    """Checkpoint reads remember digests in the content cache: keep it out of the home folder. Ops on models this
-    small gain nothing from a second thread and slow down many times over when the shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("MERGEFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_and_single_threaded")
 
 
 @pytest.fixture(scope="module")

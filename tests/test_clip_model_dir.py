@@ -44,17 +44,7 @@ NAMES = ["cat", "dog", "red car"]
 TEMPLATES = ["a photo of a {}.", 'a photo of the number: "{}".', "a centered satellite photo of the {}."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def isolated_and_single_threaded(tmp_path_factory: pytest.TempPathFactory):
-    """Checkpoint reads remember digests in the content cache: keep it out of the home folder; one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("MERGEFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_and_single_threaded")
 
 
 def _images() -> list[Image.Image]:

@@ -49,7 +49,7 @@ from PIL import Image
 
 from mergeflow.data.text_tasks import wheel_file
 from mergeflow.errors import InputError, ObjectNotFoundError
-from mergeflow.storage import filesystem, join, read_bytes, storage_error
+from mergeflow.storage import filesystem, join, read_bytes, storage_error, write_files
 
 SPLIT_NAMES = ("train", "validation", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -341,8 +341,6 @@ def _png(image: Image.Image) -> bytes:
 
 def save_image_task(task: ImageTask, uri: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write `task` in the layout `read_image_task` reads (images as PNG)."""
-    fs, root = filesystem(uri, storage_options)
-    root = root.rstrip("/")
     files = {"classes.json": json.dumps(task.class_names, indent=2).encode()}
     for split_name, split in task.splits.items():
         table = pa.table({"image": pa.array([_png(image) for image in split.images], pa.binary()),
@@ -350,10 +348,4 @@ def save_image_task(task: ImageTask, uri: str, *, storage_options: Mapping[str, 
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         files[f"{split_name}.parquet"] = buffer.getvalue()
-    try:
-        fs.makedirs(root, exist_ok=True)
-        for file_name, payload in files.items():
-            with fs.open(f"{root}/{file_name}", "wb") as file:
-                file.write(payload)
-    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
-        raise storage_error(uri, exc, "writing the image task") from exc
+    write_files(uri, files, storage_options, what="the image task")

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from mergeflow.adapters.seq2seq import GLUE_TASKS, GlueTask
 from mergeflow.errors import ConfigError, InputError, ObjectNotFoundError
-from mergeflow.storage import filesystem, join, read_bytes, storage_error
+from mergeflow.storage import filesystem, join, read_bytes, storage_error, write_files
 
 SPLIT_NAMES = ("train", "validation", "test")
 TASK_FILE = "task.json"
@@ -212,12 +212,4 @@ def save_seq2seq_task(name: str, task: GlueTask, rows_by_split: Mapping[str, Seq
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         files[f"{split}.parquet"] = buffer.getvalue()
-    fs, root = filesystem(uri, storage_options)
-    root = root.rstrip("/")
-    try:
-        fs.makedirs(root, exist_ok=True)
-        for file_name, payload in files.items():
-            with fs.open(f"{root}/{file_name}", "wb") as file:
-                file.write(payload)
-    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
-        raise storage_error(uri, exc, "writing the seq2seq task") from exc
+    write_files(uri, files, storage_options, what="the seq2seq task")
