@@ -32,16 +32,16 @@ class TaskInputs:
     head_sha256: str
 
 
-def load_dataset(uri: str, field: str, cache: ContentCache, options: Mapping[str, Any] | None,
+def load_dataset(name: str, uri: str, field: str, cache: ContentCache, options: Mapping[str, Any] | None,
                  splits: Sequence[str] | None = None, family: str = "hf_text") -> tuple[TaskData, str]:
-    """A dataset directory in the family's layout, checked and read (only `splits`; None: all), with its content
-    digest; ConfigError naming `field` when it is missing or malformed."""
+    """Task `name`'s dataset directory in the family's layout, checked and read (only `splits`; None: all), with
+    its content digest; ConfigError naming `field` when it is missing or malformed."""
     try:
         path, files = fetch_directory(uri, cache, options, recursive=True)
     except FileNotFoundError:
         raise ConfigError(f"{field}: dataset directory {uri} not found") from None
     try:
-        return get_family(family).read_dataset(path, field, splits), directory_digest(files)
+        return get_family(family).read_dataset(path, name, splits), directory_digest(files)
     except ConfigError as exc:
         raise ConfigError(f"{field}: dataset {uri}: {exc}") from None
 
@@ -66,7 +66,8 @@ def load_task_inputs(config: MergeDataConfig, experts: int, cache: ContentCache,
     family = get_family(config.family)
     loaded = []
     for i, entry in enumerate(config.tasks):
-        task, dataset_sha = load_dataset(entry.dataset, f"tasks.{i}.dataset", cache, options, splits, config.family)
+        task, dataset_sha = load_dataset(entry.name, entry.dataset, f"tasks.{i}.dataset", cache, options, splits,
+                                         config.family)
         head, head_sha = _head(entry.head, f"tasks.{i}.head", family, cache, options)
         family.check_head(head, task, f"tasks.{i}.head: {entry.head} (dataset {entry.dataset})")
         loaded.append(TaskInputs(entry.name, task, head, dataset_sha, head_sha))
@@ -87,15 +88,15 @@ def _state_dict(uri: str, cache: ContentCache, options: Mapping[str, Any] | None
         return {key: ckpt.get(key) for key in ckpt.keys()}
 
 
-def _load(config: MergeDataConfig, state_dict: Mapping[str, torch.Tensor], cache: ContentCache,
-          options: Mapping[str, Any] | None, device: str | torch.device) -> LoadedModel:
-    return get_family(config.family).load(model_directory(config, cache, options), state_dict, torch.device(device))
+def _load(config: MergeDataConfig, model_dir: Path, state_dict: Mapping[str, torch.Tensor],
+          device: str | torch.device) -> LoadedModel:
+    return get_family(config.family).load(model_dir, state_dict, torch.device(device))
 
 
 def build_objective(config: MergeDataConfig, base: str, tasks: Sequence[TaskInputs], cache: ContentCache,
                     options: Mapping[str, Any] | None = None, device: str | torch.device = "cpu") -> Objective:
     """The entropy objective on the `unlabeled_split` inputs (never labels) of every task, with the base weights."""
-    model = _load(config, _state_dict(base, cache, options), cache, options, device)
+    model = _load(config, model_directory(config, cache, options), _state_dict(base, cache, options), device)
     splits = {t.name: (t.head, t.task.splits[config.unlabeled_split]) for t in tasks}
     return get_family(config.family).objective(model, splits, config, batch_size=config.batch_size)
 
@@ -108,6 +109,7 @@ def expert_statistics(config: MergeDataConfig, kinds: Sequence[str], experts: Se
     from mergeflow.statistics import save_statistics
 
     settings = config.statistics
+    model_dir = model_directory(config, cache, options)
     paths = []
     for uri, inputs in zip(experts, tasks):
         with open_checkpoint(uri, storage_options=options, cache=cache) as ckpt:
@@ -116,7 +118,7 @@ def expert_statistics(config: MergeDataConfig, kinds: Sequence[str], experts: Se
                           settings.model_dump(), config.family], sort_keys=True)
         path = cache.root / "statistics" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
         if not path.exists():
-            model = _load(config, _state_dict(uri, cache, options), cache, options, device)
+            model = _load(config, model_dir, _state_dict(uri, cache, options), device)
             stats = get_family(config.family).statistics(model, inputs.head, inputs.task.splits[settings.split],
                                                          kinds, settings)
             stats.metadata.update({"task": inputs.name, "expert": uri})
@@ -139,10 +141,11 @@ def tune(method: str, params: Mapping[str, Any], grid: Mapping[str, Sequence[Any
 
     family = get_family(config.family)
     points = grid_points(method, grid, params)
+    model_dir = model_directory(config, cache, options)
     splits = {t.name: (t.head, family.first(t.task.splits["validation"], max_examples)) for t in tasks}
 
     def accuracy(state_dict: Mapping[str, torch.Tensor], only: str | None = None) -> dict[str, float]:
-        model = _load(config, state_dict, cache, options, device)
+        model = _load(config, model_dir, state_dict, device)
         return family.evaluate(model, {only: splits[only]} if only else splits, config)
 
     expert_accuracy = {t.name: accuracy(_state_dict(uri, cache, options), t.name)[t.name]

@@ -17,8 +17,6 @@ Store layout under `storage.root`:
 
 from __future__ import annotations
 
-import dataclasses
-
 import hashlib
 import json
 import os
@@ -147,14 +145,14 @@ def prepare_dataset(task: str, data: DataConfig, storage: StorageConfig, dataset
     return _publish_or_reuse(build, uri, storage, cache)
 
 
-def read_task(dataset: ObjectRef, base: ObjectRef, storage: StorageConfig, cache: ContentCache,
+def read_task(task: str, dataset: ObjectRef, base: ObjectRef, storage: StorageConfig, cache: ContentCache,
               splits: Sequence[str] | None = None) -> TaskData:
-    """A stored task's data (only `splits`), read by the base model's family."""
+    """Task `task`'s stored data (only `splits`), read by the base model's family."""
     path, files = fetch_directory(dataset.uri, cache, storage.options(), recursive=True)
     if directory_digest(files) != dataset.sha256:
         raise IntegrityError(f"{dataset.uri}: content digest {directory_digest(files)} != expected {dataset.sha256}")
     try:
-        return family_of(base).read_dataset(path, dataset.uri.rstrip("/").rsplit("/", 1)[-1], splits)
+        return family_of(base).read_dataset(path, task, splits)
     except ConfigError as exc:
         raise ConfigError(f"{dataset.uri}: {exc}") from None
 
@@ -193,12 +191,13 @@ def fit_head(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalCon
         except (FileNotFoundError, ObjectNotFoundError):
             raise ConfigError(f"tasks[{task}].head: {head} not found") from None
         loaded = family.load_head(local.path, f"tasks[{task}].head ({head})")
-        family.check_head(loaded, read_task(dataset, base, storage, cache, splits=[]), f"tasks[{task}].head ({head})")
+        family.check_head(loaded, read_task(task, dataset, base, storage, cache, splits=[]),
+                          f"tasks[{task}].head ({head})")
         return ObjectRef(uri=head, sha256=local.sha256)
     uri = join(storage.root, "heads", f"{task}-{fingerprint(base.sha256, dataset.sha256, evaluation.max_length)}"
                                       f"{family.head_suffix}")
     if not exists(uri, storage.options()):
-        data = dataclasses.replace(read_task(dataset, base, storage, cache), name=task)  # CLIP: the task's templates
+        data = read_task(task, dataset, base, storage, cache)
         model_dir = local_directory(base, storage, cache)
         _publish_file(uri, storage, cache,
                       lambda path: family.build_head(data, model_dir, evaluation, resolve_device(device), path))
@@ -245,7 +244,7 @@ def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: Object
             report.update(json.loads(cache.fetch(report_uri, storage.options()).path.read_text()))
             report["reused"] = True
         return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), report
-    data = read_task(dataset, base, storage, cache, ["train"])
+    data = read_task(task, dataset, base, storage, cache, ["train"])
     model = load_model(base, storage, cache, None, device)
     checkpoints = join(storage.root, "checkpoints", uri.rsplit("/", 2)[1])  # resumed by a retried task
     family = family_of(base)
@@ -300,7 +299,7 @@ def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: O
     if exists(uri, storage.options()):
         return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), {"reused": True}
     started = time.perf_counter()
-    data = read_task(dataset, base, storage, cache, [settings.split])
+    data = read_task(task, dataset, base, storage, cache, [settings.split])
     model = load_model(base, storage, cache, expert, device)
     stats = family_of(base).statistics(model, load_head(head, base, storage, cache), data.splits[settings.split],
                                        kinds, settings)
@@ -325,7 +324,7 @@ def atm_finetune(task: str, base: ObjectRef, start: ObjectRef | None, dataset: O
     uri = join(directory, "model.safetensors")
     if exists(uri, storage.options()):
         return ObjectRef(uri=uri, sha256=cache.fetch(uri, storage.options()).sha256), {"reused": True}
-    data = read_task(dataset, base, storage, cache, [split])
+    data = read_task(task, dataset, base, storage, cache, [split])
     model = load_model(base, storage, cache, start, device)
     result = family_of(base).finetune(model, load_head(head, base, storage, cache), data.splits[split],
                                       FinetuneSettings(**settings.model_dump()), progress=progress,
@@ -442,7 +441,8 @@ def unlabeled_objective(base: ObjectRef, tasks: Mapping[str, tuple[ObjectRef, Ob
                         evaluation: EvalConfig, storage: StorageConfig, device: str = "auto"):
     """The entropy objective over each task's unlabeled `split` inputs with its frozen head (labels never read)."""
     cache = make_cache(storage)
-    splits = {name: (load_head(head, base, storage, cache), read_task(dataset, base, storage, cache, [split]).splits[split])
+    splits = {name: (load_head(head, base, storage, cache),
+                     read_task(name, dataset, base, storage, cache, [split]).splits[split])
               for name, (dataset, head) in tasks.items()}
     return family_of(base).objective(load_model(base, storage, cache, None, device), splits, evaluation)
 
@@ -508,7 +508,7 @@ def evaluate_model(weights: ObjectRef | None, base: ObjectRef, tasks: Mapping[st
     model = load_model(base, storage, cache, weights, device, state_dict)
     splits = {}
     for name, (dataset, head) in tasks.items():
-        data = read_task(dataset, base, storage, cache, [split]).splits[split]
+        data = read_task(name, dataset, base, storage, cache, [split]).splits[split]
         if max_examples is not None:
             data = family.first(data, max_examples)
         splits[name] = (load_head(head, base, storage, cache), data)

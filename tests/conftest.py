@@ -101,14 +101,18 @@ def s3_env(seaweed, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def isolated_and_single_threaded(tmp_path_factory: pytest.TempPathFactory):
-    """Checkpoint reads remember digests in the content cache: keep it out of the home folder. Ops on tiny models
-    gain nothing from a second thread and slow down many times over when the shared cores are busy."""
+def single_threaded():
+    """Ops on tiny models gain nothing from a second thread and slow down many times over when the shared cores
+    are busy."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("MERGEFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
-            yield
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def isolated_and_single_threaded(single_threaded, tmp_path_factory: pytest.TempPathFactory):
+    """Also keep the content cache (checkpoint reads remember digests there) out of the home folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MERGEFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield

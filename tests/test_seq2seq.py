@@ -62,13 +62,7 @@ def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
     return T5ForConditionalGeneration(config).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded():
-    """Ops on models this small gain nothing from a second thread and slow down when the shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 TEXTS = ["great film", "the movie was really fun", "bad", "boring plot and dull acting", "a great movie"]

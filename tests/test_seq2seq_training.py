@@ -44,13 +44,7 @@ SST2 = GlueTask("sst2", "sst2 sentence: {sentence}", ("negative", "positive"), "
 TIED = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded():
-    """Ops on models this small gain nothing from a second thread and slow down when the shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 @pytest.fixture(scope="session")

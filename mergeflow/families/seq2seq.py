@@ -50,7 +50,8 @@ class Seq2SeqFamily(Family):
 
     def check_model_dir(self, directory: Path, label: str, *, weights: bool = True) -> None:
         needed = ("config.json", "model.safetensors") if weights else ("config.json",)
-        require_files(directory, label, needed, "a Hugging Face seq2seq folder: config.json, tokenizer files, model.safetensors")
+        require_files(directory, label, needed,
+                      "a Hugging Face seq2seq folder: config.json, tokenizer files, model.safetensors")
 
     def load(self, model_dir: Path, state_dict: Mapping[str, Tensor] | None, device: torch.device) -> LoadedModel:
         from mergeflow.adapters.seq2seq_model import load_seq2seq_model

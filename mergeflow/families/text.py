@@ -66,7 +66,8 @@ class TextFamily(Family):
 
     def check_model_dir(self, directory: Path, label: str, *, weights: bool = True) -> None:
         needed = ("config.json", "model.safetensors") if weights else ("config.json",)
-        require_files(directory, label, needed, "a Hugging Face model folder: config.json, tokenizer files, model.safetensors")
+        require_files(directory, label, needed,
+                      "a Hugging Face model folder: config.json, tokenizer files, model.safetensors")
 
     def load(self, model_dir: Path, state_dict: Mapping[str, Tensor] | None, device: torch.device) -> LoadedModel:
         from mergeflow.adapters.hf_text import load_text_encoder
