@@ -9,10 +9,10 @@ recorded: MLflow metrics with step = round on the parent run, and a Prefect tabl
 
 from typing import Any
 
-from prefect import flow, runtime
+from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from flows.merge_flow import merge_flow, submit_task_inputs
+from flows.merge_flow import merge_flow, submit_task_inputs, tracked_run
 from mergeflow import stages
 from mergeflow.config import RunConfig
 from mergeflow.evaluate import format_results_table, normalized_accuracy
@@ -22,7 +22,6 @@ from tasks.atm import atm_finetune, atm_merge
 from tasks.evaluate import evaluate
 from tasks.fetch import fetch_pretrained
 from tasks.finetune import finetune_expert
-from tasks.record import fail_tracking, start_tracking
 from tasks.tracking import MlflowTracker
 
 
@@ -33,12 +32,7 @@ def atm_flow(config: RunConfig) -> dict[str, Any]:
         raise ValueError("the ATM flow needs an `atm` section in the config")
     start_summary = merge_flow(config.model_copy(update={"name": f"{config.name}-start"})) \
         if config.atm.variant == "posthoc" else None
-    parent = start_tracking(config, str(runtime.flow_run.id))
-    try:
-        return _rounds(config, parent, start_summary)
-    except BaseException as error:
-        fail_tracking(config.tracking, parent, error)
-        raise
+    return tracked_run(config, lambda parent: _rounds(config, parent, start_summary))
 
 
 def _rounds(config: RunConfig, parent: str, start_summary: dict[str, Any] | None) -> dict[str, Any]:

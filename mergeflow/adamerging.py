@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from mergeflow.progress import progress_bar
 
 from mergeflow.task_vectors import Objective
 
@@ -73,7 +73,7 @@ def learn_coefficients(
     losses = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for step in tqdm(range(steps), desc="adamerging", disable=not progress):
+        for step in progress_bar(range(steps), desc="adamerging", disable=not progress):
             loss = objective(merge_with(base, task_vectors, coefficients()), step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

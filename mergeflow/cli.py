@@ -148,24 +148,44 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from flows.merge_flow import run_config_file
+def _load_flows() -> None:
+    """The flows' imports (Prefect, torch, transformers: seconds), done while a temporary server boots."""
+    import flows.atm_flow  # noqa: F401 - imports the merge flow too
 
-    run_config_file(args.config)
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mergeflow.config import load_run_config
+    from mergeflow_app.prefect_server import prefect_api
+
+    load_run_config(args.config)  # a bad config fails before any server starts
+    with prefect_api(meanwhile=_load_flows):
+        from flows.merge_flow import run_config_file
+
+        run_config_file(args.config)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from flows.merge_flow import run_config_file
+    from mergeflow.config import load_run_config
+    from mergeflow_app.prefect_server import prefect_api
 
-    run_config_file(args.config, only_swept=True)
+    load_run_config(args.config)
+    with prefect_api(meanwhile=_load_flows):
+        from flows.merge_flow import run_config_file
+
+        run_config_file(args.config, only_swept=True)
     return 0
 
 
 def cmd_atm(args: argparse.Namespace) -> int:
-    from flows.atm_flow import run_atm_file
+    from mergeflow.config import load_run_config
+    from mergeflow_app.prefect_server import prefect_api
 
-    run_atm_file(args.config)
+    load_run_config(args.config)
+    with prefect_api(meanwhile=_load_flows):
+        from flows.atm_flow import run_atm_file
+
+        run_atm_file(args.config)
     return 0
 
 
@@ -302,13 +322,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+STOPPABLE = {"merge", "run", "sweep", "atm"}  # long work that Ctrl-C / SIGTERM stop cooperatively
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except (MergeflowError, FileExistsError, ValueError) as exc:
         print(f"mergeflow: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mergeflow import stopping
+
+    args = build_parser().parse_args(argv)
+    if args.command not in STOPPABLE:
+        return _run_command(args)
+    with stopping.stop_on_signals():  # Ctrl-C / SIGTERM: stop after the current step, record it, exit
+        try:
+            return _run_command(args)
+        except BaseException as exc:  # a stop: Stopped, a cancelled flow run, a second Ctrl-C
+            if not (stopping.stop_requested() or isinstance(exc, KeyboardInterrupt)):
+                raise
+            why = stopping.reason() or "interrupted"
+            records = ("; the run's MLflow records end KILLED, its Prefect run Cancelled; run the command again "
+                       "to resume" if args.command != "merge" else "")
+            print(f"mergeflow: stopped ({why}). Nothing is half-written{records}.", file=sys.stderr)
+            return 143 if "SIGTERM" in why else 130
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from mergeflow.progress import progress_bar
 from transformers import PreTrainedTokenizerBase
 
 from mergeflow.adapters.hf_text import TextEncoder
@@ -31,7 +31,7 @@ def encode_texts(
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     features = torch.empty(len(texts), encoder.backbone.config.hidden_size)
-    for chunk in tqdm(chunks, desc="encode", disable=not progress):
+    for chunk in progress_bar(chunks, desc="encode", disable=not progress):
         inputs = tokenizer(
             [texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         ).to(device)

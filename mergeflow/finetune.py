@@ -30,7 +30,7 @@ import fsspec
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from mergeflow.progress import progress_bar
 from transformers import PreTrainedTokenizerBase
 
 from mergeflow.adapters.hf_text import TextEncoder, encoder_state_dict
@@ -384,7 +384,7 @@ def train_classifier(
             _set_rng_state(saved["rng"], device)
             step, losses, learning_rates = int(saved["step"]), list(saved["losses"]), list(saved["learning_rates"])
         resumed_from = step
-        with tqdm(total=settings.steps, initial=step, desc="fine-tune", disable=not progress) as bar:
+        with progress_bar(total=settings.steps, initial=step, desc="fine-tune", disable=not progress) as bar:
             while step < settings.steps:
                 learning_rates.append(optimizer.param_groups[0]["lr"])
                 optimizer.zero_grad(set_to_none=True)

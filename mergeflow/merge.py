@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from mergeflow.progress import progress_bar
 
 import mergeflow
 from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, open_checkpoint
@@ -109,7 +109,7 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     infos = [info for info in pool.infos() if only is None or info.name in only]
     names, max_bytes = method.grouping(state, pool.device)
     batched = set(names).intersection(info.name for info in infos if is_float(info.dtype))
-    bar = tqdm(total=len(infos), desc=f"merging ({method.name})", disable=not progress)
+    bar = progress_bar(total=len(infos), desc=f"merging ({method.name})", disable=not progress)
     for info in infos:
         if info.name in batched:
             continue

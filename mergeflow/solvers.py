@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mergeflow import stopping
+
 
 @dataclass(frozen=True)
 class CGResult:
@@ -51,6 +53,7 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor
     iterations = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
     active = rr.sqrt() > target
     for _ in range(max_iter):
+        stopping.check()
         if not bool(active.any()):
             break
         mp = matvec(p)

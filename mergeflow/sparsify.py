@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
+from mergeflow.progress import progress_bar
 
 from mergeflow.task_vectors import ExpertPool
 
@@ -62,7 +62,7 @@ def global_topk_thresholds(pool: ExpertPool, density: float, keys: Sequence[str]
     rows = torch.arange(n, dtype=torch.int32, device=pool.device).unsqueeze(1)  # int32 index math: half the memory
 
     high = torch.zeros(n * _HIGH_BINS, dtype=torch.int64, device=pool.device)
-    for _, tv in tqdm(pool.iter_task_vectors(keys), total=len(keys), desc="top-k pass 1/2", disable=not progress):
+    for _, tv in progress_bar(pool.iter_task_vectors(keys), total=len(keys), desc="top-k pass 1/2", disable=not progress):
         bits = tv.reshape(n, -1).abs().view(torch.int32)
         high += torch.bincount(((bits >> 16) + rows * _HIGH_BINS).reshape(-1), minlength=n * _HIGH_BINS)
     cumulative = high.reshape(n, _HIGH_BINS).cumsum(1)
@@ -72,7 +72,7 @@ def global_topk_thresholds(pool: ExpertPool, density: float, keys: Sequence[str]
     k_low = (k - below).unsqueeze(1)
 
     low = torch.zeros(n * _LOW_BINS, dtype=torch.int64, device=pool.device)
-    for _, tv in tqdm(pool.iter_task_vectors(keys), total=len(keys), desc="top-k pass 2/2", disable=not progress):
+    for _, tv in progress_bar(pool.iter_task_vectors(keys), total=len(keys), desc="top-k pass 2/2", disable=not progress):
         bits = tv.reshape(n, -1).abs().view(torch.int32)
         inside = (bits >> 16) == bin_high.unsqueeze(1)
         slots = ((bits & 0xFFFF) + rows * _LOW_BINS)[inside]

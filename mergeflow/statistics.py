@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from mergeflow.progress import progress_bar
 
 from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.checkpoints import Checkpoint, TensorInfo, TensorSource, open_checkpoint
@@ -178,7 +178,7 @@ def compute_statistics(model: nn.Module, batches: Iterable[Batch], logits_fn: Ca
     model.eval()
     examples = 0
     try:
-        for batch in tqdm(_examples(batches, max_examples, FISHER in kinds), desc="statistics",
+        for batch in progress_bar(_examples(batches, max_examples, FISHER in kinds), desc="statistics",
                           disable=not progress):
             hooks.mask = batch.get(mask_key)
             with torch.set_grad_enabled(backward):

@@ -22,7 +22,7 @@ from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
-from tqdm.auto import tqdm
+from mergeflow.progress import progress_bar
 
 from mergeflow.errors import (CheckpointError, ConfigError, IntegrityError, MergeflowError, ObjectExistsError,
                              ObjectNotFoundError, StorageAccessError, TransientStorageError)
@@ -276,7 +276,7 @@ def _download(fs: fsspec.AbstractFileSystem, path: str, target: Path, size: int,
     from concurrent.futures import ThreadPoolExecutor
 
     ranges = [(start, min(start + DOWNLOAD_BLOCK, size)) for start in range(0, size, DOWNLOAD_BLOCK)]
-    with open(target, "wb") as dst, tqdm(total=size, unit="B", unit_scale=True, leave=False,
+    with open(target, "wb") as dst, progress_bar(total=size, unit="B", unit_scale=True, leave=False,
                                          desc=f"fetch {path.rsplit('/', 1)[-1]}", disable=size < PROGRESS_FROM) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-hash") as writer:
 

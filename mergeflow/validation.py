@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from mergeflow.progress import progress_bar
 
 from mergeflow.checkpoints.reader import TensorSource
 from mergeflow.errors import CheckpointError, ConfigError
@@ -41,7 +41,7 @@ def validate_compatible(base: TensorSource, experts: Sequence[TensorSource]) -> 
 def check_finite(source: TensorSource, *, progress: bool = False, keys: Collection[str] | None = None) -> None:
     """Read every float tensor (of `keys`, default all) once and reject NaN or Inf."""
     names = [k for k in source.keys() if keys is None or k in keys]
-    for name in tqdm(names, desc=f"checking {source.label}", disable=not progress, leave=False):
+    for name in progress_bar(names, desc=f"checking {source.label}", disable=not progress, leave=False):
         info = source.info(name)
         if not is_float(info.dtype):
             continue

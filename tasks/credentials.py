@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from mergeflow import stopping
 from mergeflow.config import StorageConfig
 from mergeflow.storage import register_credentials
+from tasks import progress
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,14 +48,39 @@ def load_storage_credentials(storage: StorageConfig) -> None:
 
 
 def uses_storage(fn: F) -> F:
-    """Load the block of the call's `storage` argument before running `fn` (put it under `@task`)."""
+    """A stage's entry (put it under `@task`): refuse to start once a stop was requested, let a worker process
+    stop on a forwarded signal, load the block of the call's `storage` argument, and print one line as the stage
+    starts and one as it ends (`tasks.progress`)."""
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        stopping.install_in_worker()
+        stopping.check()
         storage = signature.bind_partial(*args, **kwargs).arguments.get("storage")
         if isinstance(storage, StorageConfig):
             load_storage_credentials(storage)
-        return fn(*args, **kwargs)
+        name = _task_run_name(fn.__name__)
+        print(progress.CLOCK.started(fn.__name__, name))
+        start = time.perf_counter()
+        outcome = "error"
+        try:
+            result = fn(*args, **kwargs)
+            outcome = "done"
+            return result
+        except stopping.Stopped:
+            outcome = "stop"
+            raise
+        finally:
+            print(progress.CLOCK.finished(fn.__name__, name, time.perf_counter() - start, outcome))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _task_run_name(default: str) -> str:
+    from prefect import runtime
+
+    try:
+        return runtime.task_run.name or default
+    except Exception:  # noqa: BLE001 - outside a task run (a direct call in a test)
+        return default

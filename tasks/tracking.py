@@ -130,9 +130,10 @@ class MlflowTracker:
         return model.model_id
 
     def register(self, registered_name: str, model_id: str, run_id: str, score: float, *, metric: str,
-                 margin: float) -> dict[str, Any]:
+                 margin: float, tags: dict[str, str] | None = None) -> dict[str, Any]:
         """Register a model version, alias it `candidate`, and promote it to `champion` only when its score beats
-        the current champion's by more than `margin`. The decision and both scores are recorded as tags."""
+        the current champion's (its tag `metric`; a champion without one is replaced) by more than `margin`. The
+        decision, both scores and `tags` are recorded as tags."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -142,7 +143,8 @@ class MlflowTracker:
         location = self.client.get_logged_model(model_id).artifact_location  # not models:/ (resolved globally)
         version = self.client.create_model_version(registered_name, source=location, run_id=run_id,
                                                    model_id=model_id, tags={metric: repr(float(score)),
-                                                                                 "mergeflow.model_id": model_id})
+                                                                                 "mergeflow.model_id": model_id,
+                                                                                 **(tags or {})})
         self.client.set_registered_model_alias(registered_name, "candidate", version.version)
         try:
             champion = self.client.get_model_version_by_alias(registered_name, "champion")
@@ -164,6 +166,14 @@ class MlflowTracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def end_open_children(self, parent_run_id: str, status: str) -> list[str]:
+        """End every still-running child run of `parent_run_id` (tasks cut short by a stop) with `status`."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"), max_results=1000)
+        for run in runs:
+            self.client.set_terminated(run.info.run_id, status=status)
+        return [run.info.run_id for run in runs]
 
     def run_url(self, run_id: str) -> str:
         return f"#/experiments/{self.experiment_id}/runs/{run_id}"

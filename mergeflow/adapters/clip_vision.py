@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
+from mergeflow.progress import progress_bar
 
 from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.checkpoints import open_checkpoint
@@ -345,7 +345,7 @@ def encode_images(encoder: ImageEncoder, images: Sequence[ImageInput], *, batch_
     was_training = encoder.training
     encoder.to(device).eval()
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="encode", disable=not progress):
+    for start in progress_bar(range(0, len(images), batch_size), desc="encode", disable=not progress):
         pixels = encoder.preprocess([images[i] for i in range(start, min(start + batch_size, len(images)))])
         chunks.append(encoder(pixels.to(device)).float().cpu())
     encoder.train(was_training)

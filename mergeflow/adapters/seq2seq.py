@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from mergeflow.progress import progress_bar
 
 from mergeflow.errors import ConfigError, InputError
 
@@ -86,7 +86,7 @@ def score_label_words(model: nn.Module, tokenizer: Any, texts: Sequence[str], la
     candidates = _target_ids(tokenizer, label_words)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     scores = torch.empty(len(texts), len(candidates))
-    for start in tqdm(range(0, len(order), batch_size), desc="score", disable=not progress):
+    for start in progress_bar(range(0, len(order), batch_size), desc="score", disable=not progress):
         chunk = order[start:start + batch_size]
         inputs = tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length,
                            return_tensors="pt")

@@ -25,6 +25,7 @@ import torch
 from pydantic import Field, model_validator
 
 from mergeflow.adamerging import learn_coefficients
+from mergeflow import stopping
 from mergeflow.errors import ConfigError
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.methods.doge_ta import DogeObjective, shared_subspace, task_coefficients
@@ -76,6 +77,7 @@ def optimise_task_deltas(task_vectors: torch.Tensor, lam: torch.Tensor, basis: t
     coefficients = grad.new_empty(basis.shape[0], basis.shape[2], grad.shape[2])
     adam = torch.optim.Adam([deltas], lr=lr, fused=deltas.device.type in ("cpu", "cuda"))
     for _ in range(steps):
+        stopping.check()
         shared = torch.einsum("gn,gnrc->grc", lam, deltas).mul_(share[:, None, None])  # D / Lambda
         objective.gradient(shared, out=grad)
         if basis.shape[2]:

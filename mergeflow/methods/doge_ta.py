@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from mergeflow import stopping
 from mergeflow.errors import ConfigError
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.selection import ParameterSelection
@@ -130,6 +131,7 @@ def optimise_delta(task_vectors: torch.Tensor, lam: torch.Tensor, basis: torch.T
     coefficients = delta.new_empty(basis.shape[0], basis.shape[2], delta.shape[2])
     adam = torch.optim.Adam([delta], lr=lr, fused=delta.device.type in ("cpu", "cuda"))
     for _ in range(steps):
+        stopping.check()
         grad = objective.gradient(delta, out=delta.grad)
         if basis.shape[2]:
             grad.baddbmm_(basis, torch.bmm(basis.mT, grad, out=coefficients), alpha=-1)
@@ -141,6 +143,7 @@ class DogeTA(MergeMethod):
     name = "doge_ta"
     summary = "DOGE TA: task-aware lambda, projected data-free delta, top-k trim (data-free)."
     Params = DogeTAParams
+    prepare_params = ("keep", "include", "exclude")
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         p = self.params

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
+from mergeflow.progress import progress_bar
 
 from mergeflow.methods.base import MethodParams
 from mergeflow.methods.data_aware import DataAwareMethod
@@ -41,7 +41,7 @@ class FisherMerging(DataAwareMethod):
         state = super().prepare(pool, progress=progress)
         if self.params.normalize_fisher_weight:
             squares = torch.zeros(len(pool.experts), dtype=torch.float64)
-            for name in tqdm(state["covered"], desc="Fisher norms", disable=not progress):
+            for name in progress_bar(state["covered"], desc="Fisher norms", disable=not progress):
                 squares += self.statistic(name, FISHER).reshape(len(pool.experts), -1).double().square().sum(dim=1).cpu()
             inverse = [1.0 / (math.sqrt(s) + self.params.minimal_fisher_weight) for s in squares.tolist()]
             state["model_weights"] = [w / sum(inverse) for w in inverse]

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
+from mergeflow.progress import progress_bar
 
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.sparsify import global_topk_thresholds
@@ -41,11 +41,12 @@ class Ties(MergeMethod):
     summary = "Trim to top-k, elect signs, disjoint merge (data-free)."
     Params = TiesParams
     scaling_param = "scaling"
+    prepare_params = ("density",)
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         thresholds = global_topk_thresholds(pool, self.params.density, progress=progress)
         sign_total = 0
-        for _, tv in tqdm(pool.iter_task_vectors(), total=len(pool.float_keys()), desc="sign election",
+        for _, tv in progress_bar(pool.iter_task_vectors(), total=len(pool.float_keys()), desc="sign election",
                           disable=not progress):
             sign_total += int(torch.sign(_trim(tv, thresholds).sum(dim=0)).sum().item())
         return {"thresholds": thresholds, "majority_sign": (sign_total > 0) - (sign_total < 0)}

@@ -1,0 +1,129 @@
+"""Cooperative stopping: a process-wide flag that Ctrl-C, SIGTERM or an orchestrator's cancellation sets, and that
+every long loop (fine-tuning steps, statistics and evaluation batches, merge passes, optimisations) checks between
+steps with `check()`. A stop therefore lands between two steps, never in the middle of a write, and the atomic
+publish of every stored object keeps half-written results out of the store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_flag = threading.Event()
+_reason = ""
+_app_handlers = False  # True while `stop_on_signals` owns SIGINT/SIGTERM (a command-line run)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(Exception):
+    """Raised between two steps of long work once a stop was requested (not an error of the run)."""
+
+
+def request_stop(reason: str) -> None:
+    """Ask every loop of this process to stop at its next step."""
+    global _reason
+    if not _flag.is_set():
+        _reason = reason
+        _flag.set()
+
+
+def stop_requested() -> bool:
+    return _flag.is_set()
+
+
+def reason() -> str:
+    return _reason
+
+
+def check() -> None:
+    """Raise `Stopped` when a stop was requested; call it between steps of any long loop."""
+    if _flag.is_set():
+        raise Stopped(f"stopped: {_reason}")
+
+
+def reset() -> None:
+    """Clear the flag (a new run in the same process, or a test)."""
+    global _reason
+    _flag.clear()
+    _reason = ""
+
+
+def _signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _handler(signum: int, _frame: object) -> None:
+    name = _signal_name(signum)
+    if _flag.is_set():  # a second signal: stop at once, without waiting for the current step
+        print(f"\nmergeflow: {name} again: stopping at once", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt(name)
+    request_stop(f"{name} received")
+    print(f"\nmergeflow: {name} received: stopping after the current step (send it again to stop at once)",
+          file=sys.stderr, flush=True)
+    _forward_to_workers(signum)
+
+
+def _forward_to_workers(signum: int) -> None:
+    """Pass the signal to this process's worker processes (a process-pool task runner), which stop the same way."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        try:
+            os.kill(child.pid, signum)
+        except (ProcessLookupError, TypeError):
+            pass
+
+
+def install_handlers() -> None:
+    """Turn SIGINT and SIGTERM into a stop request (main thread only; a no-op elsewhere)."""
+    global _app_handlers
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _handler)
+    _app_handlers = True
+
+
+def reinstall_handlers() -> None:
+    """Put the stop handlers back where an engine replaced them for a while (Prefect swaps in its own SIGTERM
+    handler around a flow run); only when this process's command owns the signals, never under a Prefect runner,
+    whose cancellation protocol needs Prefect's handler."""
+    if _app_handlers and threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _handler)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While inside: the first SIGINT/SIGTERM asks for a stop after the current step, a second one interrupts."""
+    global _app_handlers
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    reset()
+    install_handlers()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _app_handlers = False
+
+
+def install_in_worker() -> None:
+    """In a worker process of a process-pool task runner: a forwarded signal asks for a stop (main thread only)."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None and threading.current_thread() is threading.main_thread():
+        current = signal.getsignal(signal.SIGTERM)
+        if current is not _handler:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, _worker_handler)
+
+
+def _worker_handler(signum: int, _frame: object) -> None:
+    request_stop(f"{_signal_name(signum)} received")

@@ -1,0 +1,78 @@
+"""The Prefect API of a command-line run: a temporary server that comes up on a machine whose every core is busy,
+one clear line (no traceback) when it does not or when the configured API does not answer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+EXE = shutil.which("mergeflow", path=str(Path(sys.executable).parent)) or "mergeflow"
+
+
+def _tiny_config(tmp_path: Path) -> Path:
+    raw = {
+        "name": "busy", "tasks": [{"name": "election"}, {"name": "rotten_tomatoes"}],
+        "data": {"probe_per_class": 2, "train": 8, "validation": 4, "test": 8},
+        "finetune": {"steps": 2, "batch_size": 4, "max_length": 16, "warmup_steps": 1},
+        "evaluation": {"max_length": 16}, "merges": [{"method": "task_arithmetic"}],
+        "storage": {"root": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "busy"}, "device": "cpu",
+    }
+    path = tmp_path / "busy.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), **extra}
+    if "PREFECT_API_URL" not in extra:
+        env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def test_run_passes_with_every_core_busy(tmp_path):
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        out = subprocess.run([EXE, "run", str(_tiny_config(tmp_path))], cwd=tmp_path, env=_env(tmp_path),
+                             capture_output=True, text=True, timeout=1500)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Starting a temporary Prefect server" in out.stdout and "Prefect server ready after" in out.stdout
+    assert "Accuracy (%)" in out.stdout
+
+
+def test_a_configured_api_that_does_not_answer_is_one_clear_line(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+    started = time.monotonic()
+    out = subprocess.run([EXE, "run", str(_tiny_config(tmp_path))], cwd=tmp_path, capture_output=True, text=True,
+                         env=_env(tmp_path, PREFECT_API_URL=f"http://127.0.0.1:{port}/api"), timeout=300)
+    assert out.returncode == 2 and time.monotonic() - started < 120
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"PREFECT_API_URL=http://127.0.0.1:{port}/api does not answer" in out.stderr
+    assert "mergeflow stack up" in out.stderr
+    assert not (tmp_path / "store").exists()  # no work started
+
+
+def test_a_server_that_does_not_come_up_in_time_names_its_log_and_the_setting(tmp_path):
+    out = subprocess.run([EXE, "run", str(_tiny_config(tmp_path))], cwd=tmp_path, capture_output=True, text=True,
+                         env=_env(tmp_path, MERGEFLOW_PREFECT_STARTUP_TIMEOUT="0.2"), timeout=300)
+    log = tmp_path / "prefect" / "temporary-server.log"
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"did not answer within 0 s; its output is in {log}" in out.stderr
+    assert "MERGEFLOW_PREFECT_STARTUP_TIMEOUT" in out.stderr and log.exists()
+    assert not (tmp_path / "store").exists()
