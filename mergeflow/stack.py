@@ -45,9 +45,36 @@ RECORD_FILE = "stack.json"
 CREDENTIALS_FILE = "credentials.json"
 ARTIFACT_PREFIX = "mlflow-artifacts"
 
-# `weed mini` binds these besides the S3 port (HTTP ports and their gRPC ports at +10000); only the S3 port can
-# be moved here, so one SeaweedFS per machine. WebDAV, Iceberg and Lance are switched off.
-SEAWEED_FIXED_PORTS = {"master": 9333, "volume": 9340, "filer": 8888, "admin": 23646}
+# Every loopback port the stack binds: config field -> (what listens, default). The defaults lie below the kernel's
+# ephemeral range (32768-60999 on Linux), where any program may be handed a port at random; SeaweedFS's gRPC ports
+# are set explicitly (its default for the admin gRPC port, 23646 + 10000, lies inside that range). Each is moved by
+# `MERGEFLOW_STACK_<FIELD>` (e.g. MERGEFLOW_STACK_SEAWEED_ADMIN_GRPC_PORT=23700).
+PORTS: dict[str, tuple[str, int]] = {
+    "prefect_port": ("Prefect", 4200),
+    "mlflow_port": ("MLflow", 5000),
+    "s3_port": ("S3", 8333),
+    "s3_grpc_port": ("S3 gRPC", 18333),
+    "seaweed_master_port": ("SeaweedFS master", 9333),
+    "seaweed_master_grpc_port": ("SeaweedFS master gRPC", 19333),
+    "seaweed_volume_port": ("SeaweedFS volume", 9340),
+    "seaweed_volume_grpc_port": ("SeaweedFS volume gRPC", 19340),
+    "seaweed_filer_port": ("SeaweedFS filer", 8888),
+    "seaweed_filer_grpc_port": ("SeaweedFS filer gRPC", 18888),
+    "seaweed_admin_port": ("SeaweedFS admin", 23646),
+    "seaweed_admin_grpc_port": ("SeaweedFS admin gRPC", 23647),
+}
+# `weed mini` flag of each SeaweedFS port
+WEED_PORT_FLAGS = {"s3_port": "s3.port", "s3_grpc_port": "s3.port.grpc", "seaweed_master_port": "master.port",
+                   "seaweed_master_grpc_port": "master.port.grpc", "seaweed_volume_port": "volume.port",
+                   "seaweed_volume_grpc_port": "volume.port.grpc", "seaweed_filer_port": "filer.port",
+                   "seaweed_filer_grpc_port": "filer.port.grpc", "seaweed_admin_port": "admin.port",
+                   "seaweed_admin_grpc_port": "admin.port.grpc"}
+
+
+def port_setting(field: str) -> str:
+    """The environment variable that moves a port of the stack."""
+    return f"MERGEFLOW_STACK_{field.upper()}"
+
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -64,21 +91,34 @@ class StackConfig:
     """Where the stack keeps its state and which loopback ports it uses."""
 
     state_dir: Path = DEFAULT_STATE_DIR
-    prefect_port: int = 4200
-    mlflow_port: int = 5000
-    s3_port: int = 8333  # `weed mini -s3.port`; SeaweedFS's other ports stay fixed (SEAWEED_FIXED_PORTS)
+    prefect_port: int = PORTS["prefect_port"][1]
+    mlflow_port: int = PORTS["mlflow_port"][1]
+    s3_port: int = PORTS["s3_port"][1]
+    s3_grpc_port: int = PORTS["s3_grpc_port"][1]
+    seaweed_master_port: int = PORTS["seaweed_master_port"][1]
+    seaweed_master_grpc_port: int = PORTS["seaweed_master_grpc_port"][1]
+    seaweed_volume_port: int = PORTS["seaweed_volume_port"][1]
+    seaweed_volume_grpc_port: int = PORTS["seaweed_volume_grpc_port"][1]
+    seaweed_filer_port: int = PORTS["seaweed_filer_port"][1]
+    seaweed_filer_grpc_port: int = PORTS["seaweed_filer_grpc_port"][1]
+    seaweed_admin_port: int = PORTS["seaweed_admin_port"][1]
+    seaweed_admin_grpc_port: int = PORTS["seaweed_admin_grpc_port"][1]
     bucket: str = "mergeflow"
     startup_timeout: float = 180.0  # seconds for all services to become healthy
     stop_timeout: float = 20.0  # seconds between SIGTERM and SIGKILL
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser().absolute())
-        ports = {"prefect_port": self.prefect_port, "mlflow_port": self.mlflow_port, "s3_port": self.s3_port}
+        ports = self.ports()
         for name, port in ports.items():
-            if not isinstance(port, int) or not 0 < port < 65536:
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                 raise StackError(f"{name}: {port!r} is not a TCP port (1-65535)")
-        if len(set(ports.values())) != len(ports):
-            raise StackError(f"the stack's ports must differ: {ports}")
+        taken: dict[int, str] = {}
+        for name, port in ports.items():
+            if port in taken:
+                raise StackError(f"{name} and {taken[port]} are both {port}: the stack's ports must differ "
+                                 f"(move one with {port_setting(name)})")
+            taken[port] = name
         if not _BUCKET_RE.match(self.bucket) or ".." in self.bucket:
             raise StackError(f"bucket {self.bucket!r} is not a valid S3 bucket name "
                              "(3-63 characters: lowercase letters, digits, '.' and '-')")
@@ -90,14 +130,18 @@ class StackConfig:
         """The state directory from the argument, else `MERGEFLOW_STACK_DIR`, else `.mergeflow/stack`; ports and
         bucket from `MERGEFLOW_STACK_PREFECT_PORT`, `..._MLFLOW_PORT`, `..._S3_PORT`, `..._BUCKET` when set."""
         overrides: dict[str, int | str] = {}
-        for name in ("prefect_port", "mlflow_port", "s3_port", "bucket"):
-            value = os.environ.get(f"MERGEFLOW_STACK_{name.upper()}")
+        for name in (*PORTS, "bucket"):
+            value = os.environ.get(port_setting(name))
             if value:
                 try:
                     overrides[name] = value if name == "bucket" else int(value)
                 except ValueError as exc:
-                    raise StackError(f"MERGEFLOW_STACK_{name.upper()}={value!r} is not a port number") from exc
+                    raise StackError(f"{port_setting(name)}={value!r} is not a port number") from exc
         return cls(state_dir=Path(state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR), **overrides)
+
+    def ports(self) -> dict[str, int]:
+        """Every port the stack binds, by config field."""
+        return {name: getattr(self, name) for name in PORTS}
 
     def port(self, service: str) -> int:
         return {"s3": self.s3_port, "mlflow": self.mlflow_port, "prefect": self.prefect_port}[service]
@@ -528,8 +572,9 @@ def find_executable(name: str) -> str:
 def _command(service: str, config: StackConfig, bucket: str) -> list[str]:
     state = config.state_dir
     if service == "s3":
+        ports = [f"-{flag}={getattr(config, name)}" for name, flag in WEED_PORT_FLAGS.items()]
         return [find_executable("weed"), "mini", f"-dir={state / 'seaweedfs'}", f"-ip={HOST}",
-                f"-ip.bind={HOST}", f"-s3.port={config.s3_port}", "-admin.ui=false", "-webdav=false",
+                f"-ip.bind={HOST}", *ports, "-admin.ui=false", "-webdav=false",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
     if service == "mlflow":
         return [find_executable("mlflow"), "server", "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
@@ -558,13 +603,9 @@ def _environment(service: str, config: StackConfig, credentials: Credentials) ->
 
 
 def _ports_needed(service: str, config: StackConfig) -> dict[int, str]:
-    if service == "s3":
-        ports = {config.s3_port: "S3", config.s3_port + 10000: "S3 gRPC"}
-        for part, port in SEAWEED_FIXED_PORTS.items():
-            ports[port] = f"SeaweedFS {part}"
-            ports[port + 10000] = f"SeaweedFS {part} gRPC"
-        return ports
-    return {config.port(service): {"mlflow": "MLflow", "prefect": "Prefect"}[service]}
+    """{port: config field} of the ports a service binds."""
+    fields = list(WEED_PORT_FLAGS) if service == "s3" else [f"{service}_port"]
+    return {getattr(config, name): name for name in fields}
 
 
 def _start(service: str, config: StackConfig, bucket: str, credentials: Credentials) -> ProcessRecord:
@@ -630,12 +671,12 @@ def up(config: StackConfig | None = None) -> StackStatus:
                              f"({credentials.source}) are {credentials.access_key_id!r}; run `mergeflow stack "
                              "down` first or use the same credentials")
         to_start = [name for name in SERVICES if name not in record.services]
-        busy = {port: what for name in to_start for port, what in _ports_needed(name, config).items()
+        busy = {port: field for name in to_start for port, field in _ports_needed(name, config).items()
                 if _port_open(port)}
         if busy:
-            listing = ", ".join(f"{port} ({what})" for port, what in sorted(busy.items()))
-            raise StackError(f"port(s) already in use by a process this stack did not start: {listing}. "
-                             "Stop it, or choose other ports.")
+            listing = ", ".join(f"{port} ({PORTS[field][0]}; move it with {port_setting(field)}=<port>)"
+                                for port, field in sorted(busy.items()))
+            raise StackError(f"port(s) already in use by a process this stack did not start: {listing}")
         for name in to_start:
             _command(name, config, config_bucket)  # a missing executable fails here, before anything starts
 

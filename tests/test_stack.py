@@ -1,7 +1,8 @@
 """`mergeflow stack`: real SeaweedFS, MLflow and Prefect servers started, checked and stopped by PID.
 
-The server tests need SeaweedFS's fixed ports (S3 8333 and friends), so they skip while another session's
-SeaweedFS runs. Every server started here is stopped in fixture teardown, even when a test fails."""
+Every stack here binds ports that were free when the test began (all twelve of them are configurable), so the
+server tests run beside any other SeaweedFS, MLflow or Prefect on the machine and never skip. Every server started
+here is stopped in fixture teardown, even when a test fails."""
 
 from __future__ import annotations
 
@@ -21,18 +22,13 @@ import pytest
 
 from mergeflow import stack
 from mergeflow.stack import StackConfig, StackError
+from s3_server import stack_on_free_ports
 
 
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.3)
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -43,18 +39,11 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-_SEAWEED_BUSY = [p for p in [8333, 9333, 9340, 8888, 23646] if _port_open(p)]
-needs_seaweed_ports = pytest.mark.skipif(
-    bool(_SEAWEED_BUSY), reason=f"SeaweedFS port(s) {_SEAWEED_BUSY} already in use (another test session's "
-                                "SeaweedFS?); the stack's S3 server needs them")
-
-
 @pytest.fixture
 def config(tmp_path, monkeypatch) -> StackConfig:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
-    return StackConfig(state_dir=tmp_path / "stack", prefect_port=_free_port(), mlflow_port=_free_port(),
-                       startup_timeout=120)
+    return stack_on_free_ports(tmp_path / "stack", startup_timeout=120)
 
 
 @pytest.fixture
@@ -105,8 +94,41 @@ def test_config_defaults_and_validation(tmp_path, monkeypatch):
         StackConfig(bucket="Not_A_Bucket")
     with pytest.raises(StackError, match="port"):
         StackConfig(prefect_port=70000)
-    with pytest.raises(StackError, match="differ"):
+    with pytest.raises(StackError, match="mlflow_port and prefect_port are both 5000.*MERGEFLOW_STACK_MLFLOW_PORT"):
         StackConfig(prefect_port=5000)
+
+
+def test_every_port_is_configurable_and_defaults_avoid_the_ephemeral_range(monkeypatch):
+    """`weed mini` gets every SeaweedFS port explicitly (no +10000 gRPC port left to chance), each default lies
+    below the kernel's ephemeral range, and each port moves with its own environment variable."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    default = StackConfig()
+    assert len(set(default.ports().values())) == len(stack.PORTS) == 12
+    assert all(port < min(low, 32768) for port in default.ports().values()), default.ports()
+    command = stack._command("s3", default, "mergeflow")
+    for field, flag in stack.WEED_PORT_FLAGS.items():
+        assert f"-{flag}={getattr(default, field)}" in command
+    moved = dict(zip(stack.PORTS, range(20001, 20013)))
+    for field, port in moved.items():
+        monkeypatch.setenv(stack.port_setting(field), str(port))
+    assert StackConfig.from_env().ports() == moved
+    command = stack._command("s3", StackConfig.from_env(), "mergeflow")
+    assert "-admin.port.grpc=20012" in command and "-s3.port.grpc=20004" in command
+
+
+def test_busy_port_error_names_port_service_and_setting(config):
+    """A stranger on SeaweedFS's admin gRPC port (the port that failed a user's `stack up`): one line naming the
+    port, what it is for and the variable that moves it; nothing is started."""
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", config.seaweed_admin_grpc_port))
+        stranger.listen()
+        with pytest.raises(StackError) as caught:
+            stack.up(config)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert (f"{config.seaweed_admin_grpc_port} (SeaweedFS admin gRPC; move it with "
+            "MERGEFLOW_STACK_SEAWEED_ADMIN_GRPC_PORT=<port>)") in message
+    assert not config.log_path("s3").exists() and not config.record_path.exists()
 
 
 def test_status_of_a_fresh_state_dir(config):
@@ -117,7 +139,7 @@ def test_status_of_a_fresh_state_dir(config):
     env = result.env()
     assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{config.prefect_port}/api"
     assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{config.mlflow_port}"
-    assert env["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:8333"
+    assert env["AWS_ENDPOINT_URL_S3"] == f"http://127.0.0.1:{config.s3_port}"
     assert "not running" in result.format()
     assert stack.stack_command("status", str(config.state_dir)) == 1
     assert stack.stack_command("down", str(config.state_dir)) == 0
@@ -149,7 +171,7 @@ def test_port_taken_by_a_stranger_is_refused_before_starting_anything(config):
     with socket.socket() as stranger:
         stranger.bind(("127.0.0.1", config.prefect_port))
         stranger.listen()
-        with pytest.raises(StackError, match=f"{config.prefect_port} \\(Prefect\\)"):
+        with pytest.raises(StackError, match=f"{config.prefect_port} \\(Prefect; move it with MERGEFLOW_STACK_PREFECT_PORT=<port>\\)"):
             stack.up(config)
     assert not config.record_path.exists()
     assert not config.log_path("s3").exists(), "nothing may start when a port is taken"
@@ -231,8 +253,7 @@ def test_down_leaves_a_reused_pid_alone(config, sleeper):
 # ----------------------------------------------------------------------------------------- real servers
 
 
-@needs_seaweed_ports
-def test_failed_service_stops_what_up_started(config, monkeypatch, tmp_path, free_seaweed_ports):
+def test_failed_service_stops_what_up_started(config, monkeypatch, tmp_path):
     """MLflow 'fails' (a program that exits at once): `up` names it and its log, and stops the real
     SeaweedFS and Prefect it had started."""
     fake = tmp_path / "mlflow"
@@ -258,19 +279,19 @@ def test_failed_service_stops_what_up_started(config, monkeypatch, tmp_path, fre
         assert set(seen) == {"s3", "mlflow", "prefect"}
         assert not any(_alive(pid) for pid in seen.values()), "up left a started server running"
         assert not config.record_path.exists()
-        assert not _port_open(8333) and not _port_open(config.prefect_port)
+        assert not _port_open(config.s3_port) and not _port_open(config.prefect_port)
     finally:
         _stop_leftovers(config.state_dir, seen)
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory, free_seaweed_ports):
+def running(tmp_path_factory):
     """One real stack for the tests below (module scope: starting it costs ~15 s); always stopped."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("AWS_ACCESS_KEY_ID", raising=False)
         mp.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
-        config = StackConfig(state_dir=tmp_path_factory.mktemp("stack") / "state", prefect_port=_free_port(),
-                             mlflow_port=_free_port(), bucket="mergeflow-test", startup_timeout=150)
+        config = stack_on_free_ports(tmp_path_factory.mktemp("stack") / "state", bucket="mergeflow-test",
+                               startup_timeout=150)
         started = time.monotonic()
         result = stack.up(config)
         result.seconds = time.monotonic() - started
@@ -280,7 +301,6 @@ def running(tmp_path_factory, free_seaweed_ports):
             _stop_leftovers(config.state_dir, result.pids)
 
 
-@needs_seaweed_ports
 def test_up_starts_three_healthy_servers(running):
     config, result = running
     print(f"stack up took {result.seconds:.1f} s")
@@ -299,7 +319,9 @@ def test_up_starts_three_healthy_servers(running):
     assert now.healthy and now.pids == result.pids
     assert now.prefect_ui == f"http://127.0.0.1:{config.prefect_port}"
     assert now.mlflow_ui == f"http://127.0.0.1:{config.mlflow_port}"
-    assert now.s3_endpoint == "http://127.0.0.1:8333"
+    assert now.s3_endpoint == f"http://127.0.0.1:{config.s3_port}"
+    listening = _listening_ports(record["services"]["s3"]["pid"])
+    assert listening == set(stack._ports_needed("s3", config)), "SeaweedFS binds exactly the configured ports"
     env = now.env()
     credentials = json.loads(config.credentials_path.read_text())
     assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{config.prefect_port}/api"
@@ -311,7 +333,6 @@ def test_up_starts_three_healthy_servers(running):
     assert credentials["secret_access_key"] not in text, "status output must not print the secret"
 
 
-@needs_seaweed_ports
 def test_stack_command_status_and_env(running, capsys):
     config, result = running
     assert stack.stack_command("status", str(config.state_dir)) == 0
@@ -323,7 +344,6 @@ def test_stack_command_status_and_env(running, capsys):
     assert set(result.env()) <= set(exports)
 
 
-@needs_seaweed_ports
 def test_s3_put_get_with_the_stack_credentials(running):
     import boto3
 
@@ -339,7 +359,6 @@ def test_s3_put_get_with_the_stack_credentials(running):
         wrong.get_object(Bucket=config.bucket, Key="probe/hello.txt")
 
 
-@needs_seaweed_ports
 def test_mlflow_artifact_lands_in_the_bucket(running, tmp_path, monkeypatch):
     import boto3
 
@@ -366,14 +385,57 @@ def test_mlflow_artifact_lands_in_the_bucket(running, tmp_path, monkeypatch):
     assert body == b"logged through the stack"
 
 
-@needs_seaweed_ports
 def test_prefect_api_health(running):
     _, result = running
     with urllib.request.urlopen(result.env()["PREFECT_API_URL"] + "/health", timeout=5) as response:
         assert response.status == 200 and json.loads(response.read()) is True
 
 
-@needs_seaweed_ports
+def test_two_stacks_side_by_side(running, tmp_path, monkeypatch):
+    """A second stack on other ports starts beside the running one; each serves its own bucket; stopping the
+    second leaves the first healthy."""
+    import boto3
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    first_config, first = running
+    second_config = stack_on_free_ports(tmp_path / "second", bucket="second-stack", startup_timeout=150)
+    second = stack.up(second_config)
+    try:
+        assert second.healthy and set(second.pids.values()).isdisjoint(first.pids.values())
+        for result, config in ((first, first_config), (second, second_config)):
+            env = result.env()
+            client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+                                  aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                                  aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+            client.put_object(Bucket=config.bucket, Key="who", Body=config.bucket.encode())
+            assert client.get_object(Bucket=config.bucket, Key="who")["Body"].read() == config.bucket.encode()
+    finally:
+        outcome = stack.down(second_config)
+        _stop_leftovers(second_config.state_dir, second.pids)
+    assert set(outcome) == {"s3", "mlflow", "prefect"}
+    assert stack.status(first_config).healthy, "stopping the second stack touched the first"
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """TCP ports in LISTEN state owned by the process `pid` (from /proc, no extra tools)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def test_up_again_is_idempotent(running, capsys):
     config, result = running
     again = stack.up(config)
@@ -383,7 +445,6 @@ def test_up_again_is_idempotent(running, capsys):
     assert stack.status(config).pids == result.pids
 
 
-@needs_seaweed_ports
 def test_down_stops_exactly_the_recorded_processes(running, sleeper):
     """Last of the server tests: it stops the module's stack."""
     config, result = running
@@ -396,7 +457,7 @@ def test_down_stops_exactly_the_recorded_processes(running, sleeper):
     assert set(outcome) == {"s3", "mlflow", "prefect"}
     for pid, members in groups.items():
         assert not any(_alive(member) for member in members), f"process group {pid} still has live members"
-    for port in (8333, config.mlflow_port, config.prefect_port):
+    for port in (*stack._ports_needed("s3", config), config.mlflow_port, config.prefect_port):
         assert not _port_open(port), f"port {port} still open after down"
     assert sleeper.poll() is None, "down killed an unrelated process"
     assert not config.record_path.exists()
