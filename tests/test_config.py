@@ -14,8 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_shipped_configs_are_valid():
     config = load_run_config(ROOT / "configs" / "demo.yaml")
-    assert {"average", "task_arithmetic", "ties", "doge_ta"} <= {m.method for m in config.merges}
+    assert {"average", "task_arithmetic", "ties", "doge_ta", "regmean"} == {m.method for m in config.merges}
     assert len(config.tasks) >= 4
+    full = load_run_config(ROOT / "configs" / "demo-full.yaml")  # every method of the catalogue but DARE
+    from mergeflow.methods import METHODS
+
+    assert set(METHODS) - {"dare"} <= {m.method for m in full.merges}
+    atm = load_run_config(ROOT / "configs" / "atm.yaml")
+    assert atm.atm is not None and [t.name for t in atm.tasks] == [t.name for t in full.tasks]
 
 
 @pytest.mark.parametrize("text,match", [
