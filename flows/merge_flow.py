@@ -7,13 +7,18 @@ Its one parameter is the pydantic `RunConfig` (a validated form in the Prefect U
 never tensors, pass between tasks.
 """
 
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, runtime
+from prefect.exceptions import CancelledRun
+from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from mergeflow import stages
+from mergeflow import stages, stopping
 from mergeflow.config import MergeSpec, RunConfig, load_run_config
 from mergeflow.errors import ConfigError
 from mergeflow.evaluate import format_results_table
@@ -23,31 +28,111 @@ from tasks.evaluate import evaluate
 from tasks.fetch import fetch_expert, fetch_latest_expert, fetch_pretrained, prepare_dataset
 from tasks.finetune import finetune_expert, fit_head
 from tasks.merge import assemble_merge, merge, merge_part, sparsify
+from tasks.progress import CLOCK
 from tasks.statistics import compute_statistics
 from tasks.sweep import select_point, sweep_point
-from tasks.record import (check_unchanged, fail_tracking, mark_success, record_merge, record_results, register_best,
-                          start_tracking)
+from tasks.record import (check_unchanged, fail_tracking, is_stop, mark_success, record_merge, record_results,
+                          register_best, start_tracking)
 
 
 @flow(name="mergeflow-merge", log_prints=True)
 def merge_flow(config: RunConfig) -> dict[str, Any]:
     """Merge one expert per task into multi-task models and score everything on held-out data."""
-    parent = start_tracking(config, str(runtime.flow_run.id))
-    try:
-        return _run(config, parent)
-    except BaseException as error:
-        fail_tracking(config.tracking, parent, error)
-        raise
+    return tracked_run(config, lambda parent: _run(config, parent))
+
+
+def tracked_run(config: RunConfig, body: Callable[[str], Any]) -> Any:
+    """Run a flow's `body(parent MLflow run id)` in its parent run, on the config's task runner. A stop (Ctrl-C,
+    SIGTERM, a Prefect cancellation) asks every running task to stop at its next step, ends the MLflow runs
+    KILLED, and ends the Prefect run Cancelled; any other exception ends them FAILED."""
+    stopping.reinstall_handlers()  # a command-line run: SIGTERM asks for a stop, as Ctrl-C does
+    with configured_task_runner(config) as runner:
+        parent = start_tracking(config, str(runtime.flow_run.id), describe_runner(runner))
+        try:
+            return body(parent)
+        except BaseException as error:
+            return _end_stopped_or_raise(config, parent, error)
+
+
+@contextmanager
+def configured_task_runner(config: RunConfig) -> Iterator[Any]:
+    """Make the config's task runner (`task_runner`, `max_workers`, `dask_address`) the one this flow run's tasks
+    are submitted to. `mergeflow run` and `serve` start the flow with it already; a worker running a deployment
+    calls the flow as decorated (threads, default size), so there the configured runner is started here and
+    stands in for the engine's for the whole body."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or _runner_matches(context.task_runner, config):
+        yield context.task_runner if context else None
+        return
+    with task_runner_for(config) as runner:
+        swapped = context.model_copy(update={"task_runner": runner})
+        swapped._token = None  # a copy of the entered context: enter it afresh
+        with swapped:
+            yield runner
+
+
+def _runner_matches(runner: Any, config: RunConfig) -> bool:
+    """Whether the active runner is the config's kind and size (a started Dask runner knows its address)."""
+    kind = {"ThreadPoolTaskRunner": "threads", "ProcessPoolTaskRunner": "processes",
+            "DaskTaskRunner": "dask"}.get(type(runner).__name__)
+    if kind != config.task_runner:
+        return False
+    if kind == "dask":
+        if config.dask_address:
+            return getattr(runner, "address", None) == config.dask_address
+        return (getattr(runner, "cluster_kwargs", None) or {}).get("n_workers") == config.max_workers
+    return getattr(runner, "_max_workers", None) == config.max_workers
+
+
+def describe_runner(runner: Any) -> str:
+    """The task runner a run used, for its records: e.g. ProcessPoolTaskRunner(max_workers=2)."""
+    if runner is None:
+        return "none"
+    size = getattr(runner, "_max_workers", None)
+    address = getattr(runner, "address", None)
+    detail = f"max_workers={size}" if size is not None else f"address={address}" if address else ""
+    return f"{type(runner).__name__}({detail})"
+
+
+def _end_stopped_or_raise(config: RunConfig, parent: str, error: BaseException) -> Any:
+    if is_stop(error):
+        stopping.request_stop(stopping.reason() or f"{type(error).__name__} received")
+    fail_tracking(config.tracking, parent, error)
+    if isinstance(error, (stopping.Stopped, CancelledRun)):
+        return Cancelled(message=f"{error} (MLflow run {parent} ended KILLED)")
+    raise error
+
+
+def planned_stages(config: RunConfig) -> dict[str, int]:
+    """How many stages of each kind (task function name) a run of `config` does: the progress lines' estimate."""
+    tasks, merges = len(config.tasks), len(config.merges)
+    learned = sum(stages.needs_objective(spec) for spec in config.merges)
+    data_aware = sum(bool(stages.statistic_kinds([spec])) for spec in config.merges)
+    whole = merges if config.merge_parts == 1 else learned
+    sweeps = [spec for spec in config.merges if spec.sweep is not None]
+    registers = bool(config.tracking.registered_model)
+    experts = Counter("fetch_expert" if t.expert else "fetch_latest_expert" if t.latest else "finetune_expert"
+                      for t in config.tasks)
+    return {"fetch_pretrained": 1, "prepare_dataset": tasks, "fit_head": tasks, **experts,
+            "compute_statistics": tasks if data_aware else 0,
+            "sweep_point": sum(len(spec.grid_points()) for spec in sweeps),
+            "sparsify": merges - data_aware - learned, "merge": whole, "merge_part": (merges - whole) *
+            config.merge_parts, "assemble_merge": merges - whole,
+            "evaluate": 1 + tasks + merges + (tasks if sweeps or registers else 0) + (merges if registers else 0),
+            "record_merge": merges, "mark_success": 1}
 
 
 def _run(config: RunConfig, parent: str) -> dict[str, Any]:
+    CLOCK.plan(planned_stages(config))
     storage, device = config.storage, config.device
     names = [t.name for t in config.tasks]
     base = fetch_pretrained(config.model, storage)
     datasets, heads = submit_task_inputs(config, base)
     experts = _experts(config, base, datasets, heads, parent)
     eval_inputs = {n: (datasets[n].result(), heads[n].result()) for n in names}
-    digest = stages.run_inputs_digest(config.model_dump(mode="json"), base, experts)
+    digest = stages.run_inputs_digest(config.model_dump(mode="json"), base, experts, eval_inputs)
     if config.skip_unchanged and (last := check_unchanged(config.name, digest, storage, config.tracking, parent)):
         return {"run": config.name, "skipped": True, "mlflow_run_id": parent, "same_as": last,
                 "experts": {n: e.model_dump() for n, e in experts.items()}}
@@ -61,7 +146,11 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
         statistics = {n: f.result() for n, f in futures.items()}
 
     plan = dict(zip(config.merge_labels(), config.merges))
-    plan.update(_tune(config, parent, plan, base, experts, eval_inputs))
+    registers = bool(config.tracking.registered_model)
+    # validation scores of the experts: the reference of every choice (sweeps, the model to register and promote)
+    expert_val = (_score_on_validation(config, parent, base, experts, eval_inputs)
+                  if registers or any(spec.sweep is not None for spec in plan.values()) else {})
+    plan.update(_tune(config, parent, plan, base, experts, eval_inputs, expert_val))
     merged_futures = {label: (spec, _submit_merge(config, label, spec, base, experts, eval_inputs, statistics))
                       for label, spec in plan.items()}
 
@@ -75,12 +164,17 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     merged = {label: (spec, future.result()) for label, (spec, future) in merged_futures.items()}
     for label, (spec, (ref, _)) in merged.items():
         scored[label] = score(label, ref)
+    # the registered model is chosen, and promoted, on validation scores; test scores only report
+    validation = (_score_on_validation(config, parent, base, {label: ref for label, (_, (ref, _)) in merged.items()},
+                                       eval_inputs, all_tasks=True) if registers else {})
     rows = {model: future.result() for model, future in scored.items()}
     expert_acc = {n: rows[f"expert:{n}"][n] for n in names}
+    expert_val_acc = {n: f.result()[n] for n, f in expert_val.items()}
 
     datasets_by_task = {n: eval_inputs[n][0] for n in names}
     logged = [record_merge(label, spec, ref, record, rows[label], expert_acc, datasets_by_task, storage,
-                           config.tracking, parent)
+                           config.tracking, parent,
+                           validation[label].result() if label in validation else None, expert_val_acc)
               for label, (spec, (ref, record)) in merged.items()]
     registration = register_best(config.tracking, parent, logged)
     table = format_results_table(rows, names, expert_acc)
@@ -150,16 +244,25 @@ def _submit_merge(config: RunConfig, label: str, spec: MergeSpec, base: stages.O
     return merge.submit(spec, base, experts, out_uri, storage, state, device, stats, unlabeled)
 
 
-def _tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, experts, eval_inputs
+def _score_on_validation(config: RunConfig, parent: str, base, models: dict[str, stages.ObjectRef], eval_inputs,
+                         all_tasks: bool = False) -> dict[str, Any]:
+    """Futures of validation accuracy (at most `tuning.max_examples` per task): of each expert on its own task, or
+    (`all_tasks`) of each model on every task; child runs `evaluate-<name>-validation`."""
+    storage, device, tuning = config.storage, config.device, config.tuning
+    label = "{}-validation" if all_tasks else "expert-{}-validation"
+    return {name: evaluate.submit(label.format(name), model, base, eval_inputs if all_tasks else
+                                  {name: eval_inputs[name]}, config.evaluation, storage, device, config.tracking,
+                                  parent, "validation", tuning.max_examples)
+            for name, model in models.items()}
+
+
+def _tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, experts, eval_inputs, expert_val
           ) -> dict[str, MergeSpec]:
     """Sweep every spec with a grid on validation data (one task per point) and return the chosen specs."""
     swept = {label: spec for label, spec in plan.items() if spec.sweep is not None}
     if not swept:
         return {}
     storage, device, tuning = config.storage, config.device, config.tuning
-    expert_val = {n: evaluate.submit(f"expert-{n}-validation", expert, base, {n: eval_inputs[n]}, config.evaluation,
-                                     storage, device, config.tracking, parent, "validation", tuning.max_examples)
-                  for n, expert in experts.items()}
     futures = {label: [(params, sweep_point.submit(label, i, spec.method, params, base, experts, eval_inputs, tuning,
                                                    config.evaluation, storage, device, config.tracking, parent))
                        for i, params in enumerate(spec.grid_points())] for label, spec in swept.items()}
@@ -184,7 +287,8 @@ def describe_locations(config: RunConfig, summary: dict[str, Any]) -> str:
     lines += ["", f"MLflow: run {summary['mlflow_run_id']} in experiment '{config.tracking.experiment}' ({tracking})"]
     if summary.get("registration"):
         r = summary["registration"]
-        lines.append(f"  registered {r['registered_model']} v{r['version']} ({r['method']}) as candidate"
+        lines.append(f"  registered {r['registered_model']} v{r['version']} ({r['method']}, best {r['metric']} "
+                     f"{r['candidate_score']:.4f}) as candidate"
                      + (", promoted to champion" if r["promoted"] else f"; champion stays v{r['champion_version']}"))
     if tracking.startswith("sqlite:"):
         lines.append(f"  UI: .venv/bin/mlflow ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000"

@@ -388,10 +388,13 @@ def latest_checkpoint(prefix: str, storage: StorageConfig) -> str:
     return f"{prefix.split('://', 1)[0]}://{newest}" if is_remote(prefix) else newest
 
 
-def run_inputs_digest(config_json: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef]) -> str:
-    """What decides a run's results: its config (but the run name) and the digests of its base and experts."""
+def run_inputs_digest(config_json: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                      task_inputs: Mapping[str, tuple[ObjectRef, ObjectRef]]) -> str:
+    """What decides a run's results: its config (but the run name) and the content digests of its base, experts,
+    and each task's dataset and head (a dataset changed in place changes the digest)."""
     settings = {k: v for k, v in config_json.items() if k != "name"}
-    return fingerprint(settings, base.sha256, {n: e.sha256 for n, e in sorted(experts.items())})
+    return fingerprint(settings, base.sha256, {n: e.sha256 for n, e in sorted(experts.items())},
+                       {n: (d.sha256, h.sha256) for n, (d, h) in sorted(task_inputs.items())})
 
 
 def last_success(name: str, storage: StorageConfig) -> dict[str, Any] | None:
@@ -411,9 +414,39 @@ def base_weights(base: ObjectRef) -> str:
     return join(base.uri, "model.safetensors")
 
 
-def prepare_merge(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], storage: StorageConfig,
-                  device: str = "auto") -> dict[str, Any]:
-    """A method's global pass (for TIES: per-expert top-k thresholds and the majority sign)."""
+def sparsify(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], storage: StorageConfig,
+             device: str = "auto") -> tuple[ObjectRef, bool]:
+    """The sparsify stage: a data-free method's global pass (TIES: per-expert top-k thresholds and the majority
+    sign; DOGE TA: the selection and its thresholds), stored as `sparsify/<method>-<fingerprint>/state.json` and
+    keyed by the base's and experts' digests and the params that pass reads, so a rerun or another scaling of the
+    same density reuses it. Returns (its reference, whether it was reused)."""
+    from mergeflow.methods import build_method
+    from mergeflow.methods.base import MergeMethod
+
+    method = build_method(spec.method, spec.params)  # its params with the defaults filled in
+    params = method.params.model_dump(mode="json")
+    if type(method).prepare is MergeMethod.prepare:  # no global pass (TA, averaging, DARE): one empty state
+        read = {}
+    else:
+        read = params if method.prepare_params is None else {k: params[k] for k in method.prepare_params}
+    key = fingerprint(spec.method, read, base.sha256, [(name, ref.sha256) for name, ref in experts.items()])
+    uri = join(storage.root, "sparsify", f"{spec.method}-{key}")
+    reused = exists(uri, storage.options())
+
+    def build(staged: Path) -> None:
+        state = _prepare(spec, base, experts, storage, device)
+        (staged / "state.json").write_text(json.dumps({"method": spec.method, "params": read, "state": state}))
+
+    return _publish_or_reuse(build, uri, storage, make_cache(storage)), reused
+
+
+def read_sparsified(ref: ObjectRef, storage: StorageConfig) -> dict[str, Any]:
+    """The method state a sparsify stage stored, after checking its digest."""
+    return json.loads((local_directory(ref, storage, make_cache(storage)) / "state.json").read_text())["state"]
+
+
+def _prepare(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], storage: StorageConfig,
+             device: str) -> dict[str, Any]:
     from mergeflow.checkpoints import open_checkpoint
     from mergeflow.methods import build_method
     from mergeflow.task_vectors import ExpertPool, resolve_device
@@ -448,14 +481,16 @@ def unlabeled_objective(base: ObjectRef, tasks: Mapping[str, tuple[ObjectRef, Ob
 
 
 def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str,
-                  storage: StorageConfig, state: dict[str, Any] | None = None, device: str = "auto",
+                  storage: StorageConfig, state: ObjectRef | None = None, device: str = "auto",
                   statistics: Mapping[str, ObjectRef] | None = None, objective=None
                   ) -> tuple[ObjectRef, dict[str, Any]]:
-    """Merge the experts with one method into `out_uri`; returns its reference and the engine's result record."""
+    """Merge the experts with one method into `out_uri` (with the sparsify stage's stored `state` when given);
+    returns its reference and the engine's result record."""
     from mergeflow.merge import merge_checkpoints
 
     cache = make_cache(storage)
     if not exists(out_uri, storage.options()):
+        state = read_sparsified(state, storage) if state is not None else None
         stats = [statistics[name].uri for name in experts] if statistics else None
         result = merge_checkpoints(spec.method, base_weights(base), [r.uri for r in experts.values()], out_uri,
                                    spec.params, device=device, storage_options=storage.options(), cache=cache,
@@ -467,13 +502,14 @@ def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
 
 
 def merge_part(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str, index: int,
-               parts: int, storage: StorageConfig, state: dict[str, Any] | None = None, device: str = "auto",
+               parts: int, storage: StorageConfig, state: ObjectRef | None = None, device: str = "auto",
                statistics: Mapping[str, ObjectRef] | None = None) -> str:
     """Merge layer group `index` of `parts` into `<out_uri>.parts/<index>` (reused when present); returns its URI."""
     from mergeflow.merge import merge_checkpoints
 
     part_uri = join(f"{out_uri.rstrip('/')}.parts", str(index))
     if not exists(out_uri, storage.options()) and not exists(part_uri, storage.options()):
+        state = read_sparsified(state, storage) if state is not None else None
         stats = [statistics[name].uri for name in experts] if statistics else None
         merge_checkpoints(spec.method, base_weights(base), [r.uri for r in experts.values()], part_uri, spec.params,
                           device=device, storage_options=storage.options(), cache=make_cache(storage), state=state,

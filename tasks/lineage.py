@@ -107,8 +107,36 @@ def format_lineage(tree: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+MANIFEST_TAG = "mergeflow.manifest_sha256"  # logged-model tag: sha256 of the model's mergeflow.json
+
+
+def _verified_manifest(spec: str, files: Path, recorded: str | None) -> dict[str, Any]:
+    """The downloaded model's manifest, after checking it against the digest MLflow recorded when the model was
+    logged, and that the download holds no file the manifest does not list."""
+    manifest_path = files / "mergeflow.json"
+    if not manifest_path.is_file():
+        raise IntegrityError(f"{spec}: the model has no mergeflow.json manifest")
+    if not recorded:
+        raise IntegrityError(f"{spec}: MLflow records no manifest digest ({MANIFEST_TAG}) for this model, so its "
+                             "files cannot be verified; merge it again with this version of mergeflow")
+    got = sha256_file(manifest_path)
+    if got != recorded:
+        raise IntegrityError(f"{spec}: mergeflow.json has sha256 {got}, MLflow recorded {recorded} when the model "
+                             "was logged")
+    manifest = json.loads(manifest_path.read_text())
+    listed = set(manifest["files"]) | {"mergeflow.json"}
+    unlisted = sorted(str(path.relative_to(files)) for path in files.rglob("*")
+                      if path.is_file() and str(path.relative_to(files)) not in listed)
+    if unlisted:
+        raise IntegrityError(f"{spec}: the model's artifacts hold files its manifest does not list: "
+                             f"{', '.join(unlisted)}")
+    return manifest
+
+
 def pull(tracking_uri: str, spec: str, destination: Path) -> Path:
-    """Download a registered model's files into `destination` and verify every digest; all or nothing."""
+    """Download a registered model's files into `destination` and verify every digest (the manifest's against
+    MLflow's record, each listed file's against the manifest; a file it does not list is refused); all or
+    nothing."""
     import mlflow.artifacts
 
     from mergeflow.checkpoints import open_checkpoint
@@ -126,7 +154,7 @@ def pull(tracking_uri: str, spec: str, destination: Path) -> Path:
         files = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location,
                                                          dst_path=str(staged / "download"),
                                                          tracking_uri=tracking_uri))
-        manifest = json.loads((files / "mergeflow.json").read_text())
+        manifest = _verified_manifest(spec, files, model.tags.get(MANIFEST_TAG))
         for name, digest in manifest["files"].items():
             got = sha256_file(files / name)
             if got != digest:

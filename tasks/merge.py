@@ -15,14 +15,18 @@ from tasks.credentials import uses_storage
 @task(name="sparsify", task_run_name="sparsify-{spec.method}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
 @uses_storage
 def sparsify(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], storage: StorageConfig,
-             device: str) -> dict[str, Any]:
-    return stages.prepare_merge(spec, base, experts, storage, device)
+             device: str) -> stages.ObjectRef:
+    """The method's global pass, stored and keyed by digests (`stages.sparsify`); returns its reference."""
+    ref, reused = on_device_or_cpu(lambda on: stages.sparsify(spec, base, experts, storage, on), device,
+                                   f"sparsify {spec.method}")
+    print(f"sparsify {spec.method}: {'reused' if reused else 'stored'} {ref.uri}")
+    return ref
 
 
 @task(name="merge", task_run_name="merge-{spec.method}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
 @uses_storage
 def merge(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], out_uri: str,
-          storage: StorageConfig, state: dict[str, Any] | None, device: str,
+          storage: StorageConfig, state: stages.ObjectRef | None, device: str,
           statistics: dict[str, stages.ObjectRef] | None = None,
           unlabeled: tuple[dict[str, tuple[stages.ObjectRef, stages.ObjectRef]], str, EvalConfig] | None = None,
           ) -> tuple[stages.ObjectRef, dict[str, Any]]:
@@ -39,7 +43,7 @@ def merge(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.Obj
       **IO_RETRIES)
 @uses_storage
 def merge_part(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], out_uri: str,
-               index: int, parts: int, storage: StorageConfig, state: dict[str, Any] | None, device: str,
+               index: int, parts: int, storage: StorageConfig, state: stages.ObjectRef | None, device: str,
                statistics: dict[str, stages.ObjectRef] | None = None) -> str:
     """One layer group of a merge split across tasks."""
     return on_device_or_cpu(lambda on: stages.merge_part(spec, base, experts, out_uri, index, parts, storage, state,

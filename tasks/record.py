@@ -9,8 +9,11 @@ from prefect import task
 from mergeflow import stages
 from mergeflow.config import MergeSpec, RunConfig, StorageConfig, TrackingConfig
 from mergeflow.evaluate import normalized_accuracy
+from mergeflow.stopping import Stopped
+from mergeflow.storage import sha256_file
 from tasks import IO_RETRIES, TIMEOUTS
 from tasks.credentials import uses_storage
+from tasks.lineage import MANIFEST_TAG
 from tasks.tracking import MlflowTracker
 
 
@@ -25,9 +28,10 @@ def accuracy_metrics(acc: dict[str, float], expert_acc: dict[str, float] | None)
 
 
 @task(name="start-tracking", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
-def start_tracking(config: RunConfig, flow_run_id: str) -> str:
+def start_tracking(config: RunConfig, flow_run_id: str, task_runner: str = "") -> str:
     tracker = MlflowTracker(config.tracking)
-    run_id = tracker.start_run(config.name, tags={"prefect.flow_run_id": flow_run_id, "mergeflow.stage": "flow"})
+    run_id = tracker.start_run(config.name, tags={"prefect.flow_run_id": flow_run_id, "mergeflow.stage": "flow",
+                                                  "mergeflow.task_runner": task_runner})
     tracker.log_params(run_id, config.model_dump(mode="json"))
     return run_id
 
@@ -36,9 +40,12 @@ def start_tracking(config: RunConfig, flow_run_id: str) -> str:
 @uses_storage
 def record_merge(label: str, spec: MergeSpec, merged: stages.ObjectRef, record: dict[str, Any],
                  acc: dict[str, float], expert_acc: dict[str, float], datasets: dict[str, stages.ObjectRef],
-                 storage: StorageConfig, tracking: TrackingConfig, parent_run_id: str) -> dict[str, Any]:
-    """A child run for one merge: its inputs (base, experts, evaluation data) with digests, parameters, metrics,
-    and the merged checkpoint as an MLflow logged model."""
+                 storage: StorageConfig, tracking: TrackingConfig, parent_run_id: str,
+                 validation_acc: dict[str, float] | None = None,
+                 expert_validation_acc: dict[str, float] | None = None) -> dict[str, Any]:
+    """A child run for one merge: its inputs (base, experts, evaluation data) with digests, parameters, metrics
+    (test, and `validation.*` when validation scores are given), and the merged checkpoint as an MLflow logged
+    model. Returns the merge's record, whose `selection` metrics (validation only) decide registration."""
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"merge-{label}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "merge", "mergeflow.method": spec.method,
@@ -48,28 +55,43 @@ def record_merge(label: str, spec: MergeSpec, merged: stages.ObjectRef, record: 
     params = {"method": spec.method, **{f"param.{k}": v for k, v in record["params"].items()},
               "output_uri": merged.uri, "output_sha256": merged.sha256}
     tracker.log_params(run_id, params)
-    metrics = {**accuracy_metrics(acc, expert_acc), "merge_seconds": record.get("seconds", 0.0)}
+    selection = accuracy_metrics(validation_acc, expert_validation_acc) if validation_acc else {}
+    metrics = {**accuracy_metrics(acc, expert_acc), **{f"validation.{k}": v for k, v in selection.items()},
+               "merge_seconds": record.get("seconds", 0.0)}
     model_id = None
     if tracking.log_merged_weights:
-        model_id = tracker.log_model(run_id, label, stages.local_directory_of(merged, storage), params, metrics,
-                                     {"mergeflow.uri": merged.uri, "mergeflow.sha256": merged.sha256})
+        directory = stages.local_directory_of(merged, storage)
+        model_id = tracker.log_model(run_id, label, directory, params, metrics,
+                                     {"mergeflow.uri": merged.uri, "mergeflow.sha256": merged.sha256,
+                                      MANIFEST_TAG: sha256_file(directory / "mergeflow.json")})
     else:
         tracker.log_metrics(run_id, metrics)
     tracker.end_run(run_id)
-    return {"label": label, "run_id": run_id, "model_id": model_id, "metrics": metrics}
+    return {"label": label, "run_id": run_id, "model_id": model_id, "selection": selection,
+            "test": {k: v for k, v in metrics.items() if k in ("acc.avg", "norm_acc.avg")}}
+
+
+SELECTION_SPLIT = "validation"
 
 
 @task(name="register-model", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 def register_best(tracking: TrackingConfig, parent_run_id: str, logged: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Register the run's best merged model as `candidate`; promote it to `champion` through the gate."""
-    candidates = [m for m in logged if m["model_id"] and tracking.promotion_metric in m["metrics"]]
+    """Register the run's best merged model (by `promotion_metric` on validation data) as `candidate`, and promote
+    it to `champion` when its validation score beats the champion's by more than the margin. Test scores are only
+    recorded beside it (tags `test.*`); the version's tags `mergeflow.selection_split` and
+    `mergeflow.selection_metric` say what decided."""
+    metric = tracking.promotion_metric
+    candidates = [m for m in logged if m["model_id"] and metric in m["selection"]]
     if not tracking.registered_model or not candidates:
         return None
-    best = max(candidates, key=lambda m: m["metrics"][tracking.promotion_metric])
+    best = max(candidates, key=lambda m: m["selection"][metric])
     tracker = MlflowTracker(tracking)
     decision = tracker.register(tracking.registered_model, best["model_id"], best["run_id"],
-                                best["metrics"][tracking.promotion_metric], metric=tracking.promotion_metric,
-                                margin=tracking.promotion_margin)
+                                best["selection"][metric], metric=f"{SELECTION_SPLIT}.{metric}",
+                                margin=tracking.promotion_margin,
+                                tags={"mergeflow.selection_split": SELECTION_SPLIT,
+                                      "mergeflow.selection_metric": metric,
+                                      **{f"test.{k}": repr(float(v)) for k, v in best["test"].items()}})
     decision["method"] = best["label"]
     tracker.set_tags(parent_run_id, {"mergeflow.candidate": best["label"],
                                      "mergeflow.promoted": str(decision["promoted"]).lower()})
@@ -88,9 +110,22 @@ def record_results(tracking: TrackingConfig, parent_run_id: str, rows: dict[str,
 
 
 def fail_tracking(tracking: TrackingConfig, parent_run_id: str, error: BaseException) -> None:
+    """End the flow's MLflow run after an exception: KILLED (with its unfinished child runs) when the run was
+    stopped or cancelled, FAILED otherwise."""
     tracker = MlflowTracker(tracking)
-    tracker.set_tags(parent_run_id, {"mergeflow.error": f"{type(error).__name__}: {error}"[:5000]})
-    tracker.end_run(parent_run_id, status="FAILED")
+    stopped = is_stop(error)
+    key = "mergeflow.stopped" if stopped else "mergeflow.error"
+    tracker.set_tags(parent_run_id, {key: f"{type(error).__name__}: {error}"[:5000]})
+    if stopped:
+        tracker.end_open_children(parent_run_id, status="KILLED")
+    tracker.end_run(parent_run_id, status="KILLED" if stopped else "FAILED")
+
+
+def is_stop(error: BaseException) -> bool:
+    """A stop request (Ctrl-C, SIGTERM, a Prefect cancellation) rather than a failure of the run."""
+    from prefect.exceptions import CancelledRun, TerminationSignal
+
+    return isinstance(error, (Stopped, KeyboardInterrupt, TerminationSignal, CancelledRun))
 
 
 @task(name="check-unchanged", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)

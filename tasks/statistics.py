@@ -6,7 +6,7 @@ from prefect import task
 
 from mergeflow import stages
 from mergeflow.config import StatisticsConfig, StorageConfig, TrackingConfig
-from tasks import IO_RETRIES, TIMEOUTS
+from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
 from tasks.credentials import uses_storage
 from tasks.tracking import MlflowTracker
 
@@ -17,7 +17,9 @@ def compute_statistics(task_name: str, base: stages.ObjectRef, expert: stages.Ob
                        head: stages.ObjectRef, kinds: tuple[str, ...], settings: StatisticsConfig,
                        storage: StorageConfig, device: str, tracking: TrackingConfig,
                        parent_run_id: str) -> stages.ObjectRef:
-    ref, report = stages.compute_statistics(task_name, base, expert, dataset, head, kinds, settings, storage, device)
+    ref, report = on_device_or_cpu(
+        lambda on: stages.compute_statistics(task_name, base, expert, dataset, head, kinds, settings, storage, on),
+        device, f"statistics {task_name}")
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"statistics-{task_name}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "statistics", "mergeflow.task": task_name,

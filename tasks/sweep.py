@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from mergeflow import stages
 from mergeflow.config import EvalConfig, MergeSpec, StorageConfig, TrackingConfig, TuningConfig
 from mergeflow.sweep import choose, plot_sweep, score_point
-from tasks import IO_RETRIES, TIMEOUTS
+from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
 from tasks.credentials import uses_storage
 from tasks.tracking import MlflowTracker
 
@@ -26,7 +26,9 @@ def sweep_point(label: str, index: int, method: str, params: dict[str, Any], bas
                 experts: dict[str, stages.ObjectRef], tasks: dict[str, tuple[stages.ObjectRef, stages.ObjectRef]],
                 tuning: TuningConfig, evaluation: EvalConfig, storage: StorageConfig, device: str,
                 tracking: TrackingConfig, parent_run_id: str) -> dict[str, float]:
-    accuracy, reused = stages.sweep_point(method, params, base, experts, tasks, tuning, evaluation, storage, device)
+    accuracy, reused = on_device_or_cpu(
+        lambda on: stages.sweep_point(method, params, base, experts, tasks, tuning, evaluation, storage, on), device,
+        f"sweep point {label}-{index}")
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"sweep-{label}-{index}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "sweep", "mergeflow.method": method,

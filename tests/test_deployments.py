@@ -5,7 +5,6 @@ triggered run with custom parameters to completion, with its results in MLflow a
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -92,14 +91,51 @@ def test_unchanged_nightly_run_is_skipped(tmp_path, tmp_path_factory, prefect_ha
     assert third["experts"]["rotten_tomatoes"] == first["experts"]["rotten_tomatoes"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_a_dataset_changed_in_place_is_not_skipped(tmp_path, tmp_path_factory, prefect_harness):
+    """Same experts, same config, but the user's test data edited where it lies: the run must score it again."""
+    import pyarrow.parquet as pq
+
+    from flows.merge_flow import merge_flow
+    from mergeflow.adapters.hf_text import minilm_path
+    from mergeflow.data.text_tasks import SplitSizes, TextTask, load_text_task, save_text_task
+
+    base = load_file(str(minilm_path() / "model.safetensors"))
+    _expert(base, tmp_path / "experts" / "tweets.safetensors", 1, 1_000)
+    _expert(base, tmp_path / "experts" / "reviews.safetensors", 2, 1_000)
+    task = load_text_task("election", cache_dir=tmp_path_factory.getbasetemp() / "wheels",
+                          sizes=SplitSizes(probe_per_class=2, train=4, validation=4, test=8))
+    dataset = tmp_path / "my-data" / "tweets"
+    save_text_task(TextTask(name="tweets", class_names=task.class_names, splits=task.splits), dataset)
+    config = RunConfig.model_validate({
+        "name": "nightly-data", "skip_unchanged": True,
+        "tasks": [{"name": "tweets", "dataset": str(dataset), "expert": str(tmp_path / "experts/tweets.safetensors")},
+                  {"name": "rotten_tomatoes", "expert": str(tmp_path / "experts/reviews.safetensors")}],
+        "data": {"probe_per_class": 2, "train": 4, "validation": 4, "test": 8},
+        "evaluation": {"max_length": 16}, "merges": [{"method": "task_arithmetic"}],
+        "storage": {"root": str(tmp_path / "store"), "cache_dir": str(tmp_path_factory.mktemp("cache"))},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "nightly-data"},
+        "device": "cpu",
+    })
+    first = merge_flow(config)
+    assert not first.get("skipped")
+    assert merge_flow(config)["skipped"], "an unchanged run is skipped"
+    table = pq.read_table(dataset / "test.parquet")
+    flipped = [(label + 1) % len(task.class_names) for label in table.column("label").to_pylist()]
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
+                                    pa_array(flipped, table.schema.field("label").type)), dataset / "test.parquet")
+    third = merge_flow(config)
+    assert not third.get("skipped"), "a dataset changed in place was skipped"
+    assert third["experts"] == first["experts"]
+
+
+def pa_array(values, type_):
+    import pyarrow as pa
+
+    return pa.array(values, type=type_)
 
 
 @pytest.mark.slow
-def test_served_deployment_runs_a_triggered_run_against_the_stack(tmp_path, free_seaweed_ports, monkeypatch):
+def test_served_deployment_runs_a_triggered_run_against_the_stack(tmp_path, monkeypatch):
     import anyio
     import boto3
     from mlflow.tracking import MlflowClient
@@ -111,8 +147,9 @@ def test_served_deployment_runs_a_triggered_run_against_the_stack(tmp_path, free
 
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
-    stack_config = stack.StackConfig(state_dir=tmp_path / "stack", prefect_port=_free_port(),
-                                     mlflow_port=_free_port(), bucket="nightly", startup_timeout=150)
+    from s3_server import stack_on_free_ports
+
+    stack_config = stack_on_free_ports(tmp_path / "stack", bucket="nightly", startup_timeout=150)
     status = stack.up(stack_config)
     server = None
     try:
@@ -161,17 +198,35 @@ def test_served_deployment_runs_a_triggered_run_against_the_stack(tmp_path, free
                     return await client.read_deployment(deployment_id)
 
             anyio.run(pool_and_deployment, None)
-            deployment_id = deploy(RunConfig.model_validate(raw), name="pooled", pool="mergeflow-process",
+            pooled_raw = {**raw, "name": "pooled", "task_runner": "processes", "max_workers": 2}
+            deployment_id = deploy(RunConfig.model_validate(pooled_raw), name="pooled", pool="mergeflow-process",
                                    cron="30 1 * * *", timezone="UTC")
             pooled = anyio.run(pool_and_deployment, deployment_id)
             assert pooled.work_pool_name == "mergeflow-process" and pooled.entrypoint == "flows/merge_flow.py:merge_flow"
-            assert pooled.parameters["config"]["name"] == "served" and pooled.schedules[0].schedule.cron == "30 1 * * *"
+            assert pooled.parameters["config"]["name"] == "pooled" and pooled.schedules[0].schedule.cron == "30 1 * * *"
+            # a real worker on the process pool runs the registered deployment, on the config's task runner
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", "mergeflow-process", "--type",
+                 "process", "--limit", "1"], cwd=ROOT,
+                env={**os.environ, **env, "PREFECT_HOME": str(tmp_path / "prefect-client")},
+                stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                worker_run = run_deployment("mergeflow-merge/pooled", timeout=420)
+            finally:
+                os.killpg(worker.pid, 15)
+                worker.wait(timeout=30)
+            assert worker_run.state.is_completed(), (worker_run.state,
+                                                      (tmp_path / "worker.log").read_text()[-3000:])
         assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         runs = client.search_runs([client.get_experiment_by_name("served").experiment_id],
                                   "attributes.run_name = 'triggered'")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         assert runs[0].data.params["merges.0.params.scaling"] == "0.5"
+        pooled_runs = client.search_runs([client.get_experiment_by_name("served").experiment_id],
+                                         "attributes.run_name = 'pooled'")
+        assert len(pooled_runs) == 1 and pooled_runs[0].info.status == "FINISHED"
+        assert pooled_runs[0].data.tags["mergeflow.task_runner"] == "ProcessPoolTaskRunner(max_workers=2)"
         s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                           aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="nightly", Prefix="store/merged/triggered/")["Contents"]]

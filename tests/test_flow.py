@@ -36,12 +36,23 @@ def _config(tmp_path: Path, cache: Path):
     return RunConfig.model_validate(raw)
 
 
-def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, prefect_harness):
+def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, prefect_harness, monkeypatch):
     from mlflow.tracking import MlflowClient
+    from prefect.context import TaskRunContext
 
+    import mergeflow.data.text_tasks as text_tasks
     from flows.merge_flow import merge_flow
     from mergeflow.checkpoints import open_checkpoint
 
+    reads: list[tuple[str, str]] = []
+    read_split = text_tasks.read_split
+
+    def recording(directory, split):
+        context = TaskRunContext.get()
+        reads.append((context.task_run.name if context else "flow", split))
+        return read_split(directory, split)
+
+    monkeypatch.setattr(text_tasks, "read_split", recording)
     config = _config(tmp_path, tmp_path_factory.mktemp("cache"))
     first = merge_flow(config)
 
@@ -67,7 +78,8 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     by_name = {r.info.run_name: r for r in children}
     evaluations = {name for name in by_name if name.startswith("evaluate-")}
     assert evaluations == {f"evaluate-{m}" for m in ("pretrained", "expert-election", "expert-rotten_tomatoes",
-                                                      *first["merged"])}
+                                                      *first["merged"])} | {
+        f"evaluate-{m}-validation" for m in ("expert-election", "expert-rotten_tomatoes", *first["merged"])}
     ties_eval = by_name["evaluate-ties"]
     assert ties_eval.data.metrics["acc.election"] == first["accuracy"]["ties"]["election"]
     assert sorted(i.tags[0].value for i in ties_eval.inputs.dataset_inputs) == ["evaluation", "evaluation", "model"]
@@ -88,10 +100,23 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     assert contexts == ["base", "evaluation", "evaluation", "expert", "expert"]
     regmean_meta = json.loads(open_checkpoint(first["merged"]["regmean"]["uri"]).metadata["inputs"])
     assert [i["role"] for i in regmean_meta].count("statistics") == 2
+    # the registered model is chosen on validation scores: registration reads no test split, and the choice is
+    # the best validation score, whatever the test scores say
+    validation_reads = [(name, split) for name, split in reads if name.endswith("-validation")]
+    assert len({name for name, _ in validation_reads}) == 2 + len(first["merged"])
+    assert all(split == "validation" for _, split in validation_reads), validation_reads
+    assert not [name for name, _ in reads if name.startswith("register")]
     registration = first["registration"]
     assert registration["promoted"] and registration["version"] == "1"
-    best = max(first["merged"], key=lambda m: by_name[f"merge-{m}"].data.metrics["norm_acc.avg"])
-    assert registration["method"] == best
+    assert registration["metric"] == "validation.norm_acc.avg"
+    validation_scores = {m: by_name[f"merge-{m}"].data.metrics["validation.norm_acc.avg"] for m in first["merged"]}
+    best = max(validation_scores, key=validation_scores.get)
+    assert registration["method"] == best and registration["candidate_score"] == validation_scores[best]
+    version = client.get_model_version("tiny-merged", "1")
+    assert version.tags["mergeflow.selection_split"] == "validation"
+    assert version.tags["mergeflow.selection_metric"] == "norm_acc.avg"
+    assert float(version.tags["validation.norm_acc.avg"]) == validation_scores[best]
+    assert float(version.tags["test.norm_acc.avg"]) == by_name[f"merge-{best}"].data.metrics["norm_acc.avg"]
     losses = client.get_metric_history(by_name["expert-election"].info.run_id, "train_loss")
     assert len(losses) == 3
     assert not (tmp_path / "store" / "checkpoints").exists() or not any((tmp_path / "store" / "checkpoints").iterdir())
@@ -134,6 +159,17 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     stored.write_bytes(bytes(data))
     from mergeflow.errors import IntegrityError
 
-    with pytest.raises(IntegrityError, match="model.safetensors"):
+    with pytest.raises(IntegrityError, match="model.safetensors has sha256"):
+        pull(config.tracking.tracking_uri, "tiny-merged@champion", tmp_path / "pulled-again")
+    assert not (tmp_path / "pulled-again").exists()
+    data[-1] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    (stored.parent / "extra.pkl").write_bytes(b"not listed anywhere")  # a file slipped into the artifacts
+    with pytest.raises(IntegrityError, match="files its manifest does not list: extra.pkl"):
+        pull(config.tracking.tracking_uri, "tiny-merged@champion", tmp_path / "pulled-again")
+    (stored.parent / "extra.pkl").unlink()
+    manifest = stored.parent / "mergeflow.json"  # a manifest rewritten to match altered weights
+    manifest.write_text(manifest.read_text().replace('"files"', '"files" ', 1))
+    with pytest.raises(IntegrityError, match="mergeflow.json has sha256 .* MLflow recorded"):
         pull(config.tracking.tracking_uri, "tiny-merged@champion", tmp_path / "pulled-again")
     assert not (tmp_path / "pulled-again").exists()

@@ -1,5 +1,6 @@
-"""Stage caching by content digests: a rerun with unchanged inputs runs no stage's work again, and a changed
-expert re-runs only what depends on it (its statistics and evaluation, and the merges)."""
+"""Stage caching by content digests: a rerun with unchanged inputs runs no stage's work again (fine-tuning, heads,
+statistics, sparsify, sweep points, merges of every kind: data-free, data-aware, learned, and evaluations), and a
+changed expert re-runs only what depends on it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 WORK = {"mergeflow.finetune": "finetune_encoder", "mergeflow.evaluate": "evaluate_encoder",
         "mergeflow.merge": "merge_pool", "mergeflow.adapters.hf_text": "text_classification_statistics",
-        "mergeflow.heads": "fit_linear_probe"}
+        "mergeflow.heads": "fit_linear_probe", "mergeflow.stages": "sweep_weights"}
 
 
 def _config(tmp_path, cache, expert=None):
@@ -25,7 +26,10 @@ def _config(tmp_path, cache, expert=None):
         "data": {"probe_per_class": 2, "train": 16, "validation": 4, "test": 16},
         "finetune": {"steps": 2, "batch_size": 4, "max_length": 16, "warmup_steps": 1},
         "evaluation": {"max_length": 16},
-        "merges": [{"method": "task_arithmetic"}, {"method": "regmean"}],
+        "merges": [{"method": "task_arithmetic"}, {"method": "ties"}, {"method": "regmean"},
+                   {"method": "adamerging", "params": {"granularity": "task", "steps": 2}},
+                   {"method": "task_arithmetic", "sweep": {"scaling": [0.5, 1.0]}}],
+        "tuning": {"max_examples": 4},
         "statistics": {"max_examples": 4, "max_length": 16},
         "storage": {"root": str(tmp_path / "store"), "cache_dir": str(cache)},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "cached"},
@@ -49,11 +53,22 @@ def test_rerun_skips_finished_stages_and_a_changed_expert_reruns_its_dependents(
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(module, function, counting)
+    from mergeflow.methods import METHODS
+
+    for method in METHODS.values():  # every method's global pass (sparsify; statistics reads; learning)
+        def prepare(self, *args, _original=method.prepare, _name=f"prepare:{method.name}", **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(method, "prepare", prepare)
     cache = tmp_path_factory.mktemp("cache")
 
     first = merge_flow(_config(tmp_path, cache))
-    assert calls["finetune_encoder"] == 2 and calls["merge_pool"] == 2 and calls["evaluate_encoder"] == 5
-    assert calls["text_classification_statistics"] == 2 and calls["fit_linear_probe"] == 2
+    # task_arithmetic's prepare: one sparsify (TA and TA-tuned share its empty state) + one per sweep point
+    assert calls == Counter({"finetune_encoder": 2, "fit_linear_probe": 2, "text_classification_statistics": 2,
+                             "merge_pool": 5, "sweep_weights": 2, "evaluate_encoder": 12,
+                             "prepare:task_arithmetic": 3, "prepare:ties": 1, "prepare:regmean": 1,
+                             "prepare:adamerging": 1}), calls
 
     calls.clear()
     second = merge_flow(_config(tmp_path, cache))
@@ -66,7 +81,11 @@ def test_rerun_skips_finished_stages_and_a_changed_expert_reruns_its_dependents(
     save_file(weights, str(changed), metadata={"format": "pt"})
     calls.clear()
     third = merge_flow(_config(tmp_path, cache, expert=str(changed)))
-    assert calls == Counter({"text_classification_statistics": 1, "merge_pool": 2, "evaluate_encoder": 3}), calls
+    # the changed expert's statistics, every merge and sweep point, and the evaluations of what changed (its
+    # expert on test and validation, the merges, the sweep points); never the other expert, heads or pretrained
+    assert calls == Counter({"text_classification_statistics": 1, "merge_pool": 5, "sweep_weights": 2,
+                             "evaluate_encoder": 9, "prepare:task_arithmetic": 3, "prepare:ties": 1,
+                             "prepare:regmean": 1, "prepare:adamerging": 1}), calls
     assert third["experts"]["rotten_tomatoes"] == first["experts"]["rotten_tomatoes"]
     assert third["accuracy"]["pretrained"] == first["accuracy"]["pretrained"]
     assert third["merged"]["task_arithmetic"]["sha256"] != first["merged"]["task_arithmetic"]["sha256"]

@@ -90,7 +90,34 @@ def _rescore(family: str, base_dir: Path, weights_uri: str, tasks: dict, store_h
                      .splits["test"]) for name, uri in tasks.items()}
     from mergeflow.config import EvalConfig
 
-    return fam.evaluate(model, splits, EvalConfig(batch_size=32, max_length=32))
+    scored = fam.evaluate(model, splits, EvalConfig(batch_size=32, max_length=32))
+    by_hand = {name: _hand_accuracy(family, model, head, split) for name, (head, split) in splits.items()}
+    assert by_hand == pytest.approx(scored, abs=1e-9), "the family's score differs from a count by hand"
+    return scored
+
+
+def _hand_accuracy(family: str, model, head, split) -> float:
+    """Accuracy counted example by example with plain Python: the highest-scoring class of each example (CLIP:
+    logit_scale * (w_c . f + b_c) over the head's rows; seq2seq: the label word of highest log-likelihood) is
+    compared with its label. Only the encoder's features / the label-word scores come from the library."""
+    import torch
+
+    correct = 0
+    if family == "seq2seq":
+        from mergeflow.adapters.seq2seq import score_label_words
+
+        scores = score_label_words(model.module, model.tokenizer, split.texts, head.label_words, max_length=32)
+        for row, label in zip(scores.tolist(), split.labels):
+            correct += max(range(len(row)), key=row.__getitem__) == int(label)
+        return correct / len(split.labels)
+    weight, bias = head.weight.tolist(), head.bias.tolist()
+    model.module.eval()
+    with torch.no_grad():
+        for image, label in zip(split.images, split.labels):
+            feature = model.module(model.module.preprocess([image])).flatten().tolist()
+            logits = [head.logit_scale * (sum(w * f for w, f in zip(row, feature)) + b) for row, b in zip(weight, bias)]
+            correct += max(range(len(logits)), key=logits.__getitem__) == int(label)
+    return correct / len(split.labels)
 
 
 def _stored(summary: dict, config) -> tuple[dict, dict]:

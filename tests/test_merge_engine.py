@@ -56,10 +56,21 @@ def test_sharded_inputs_and_file_urls(tmp_path, cache, model_files):
 
 
 def test_precomputed_state_is_used_instead_of_prepare(tmp_path, cache, model_files):
+    """A given state replaces prepare(): the same state gives the same files, and a state computed for another
+    density gives that density's merge, not the one the params would prepare."""
     base_path, expert_paths, base, experts = model_files
     first = merge_checkpoints("ties", base_path, expert_paths, str(tmp_path / "a"), cache=cache)
     second = merge_checkpoints("ties", base_path, expert_paths, str(tmp_path / "b"), cache=cache, state=first.state)
     assert first.files == second.files
+    dense = merge_checkpoints("ties", base_path, expert_paths, str(tmp_path / "dense"), {"density": 0.9},
+                              cache=cache)
+    assert dense.state["thresholds"] != first.state["thresholds"]
+    given = merge_checkpoints("ties", base_path, expert_paths, str(tmp_path / "given"), cache=cache,
+                              state=dense.state)  # default density 0.2, state of density 0.9
+    got, _ = _read_all(str(tmp_path / "given"), cache)
+    expected = merge_state_dicts("ties", base, experts, {"density": 0.9})
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert given.files != first.files
 
 
 def test_existing_output_is_not_overwritten_unless_asked(tmp_path, cache, model_files):

@@ -85,21 +85,38 @@ def test_ties_resolves_exactly_cancelling_coordinates_by_majority_sign():
     _close({"w": got}, _dense_ties(base, experts, 1.0, 1.0, "sum"))
 
 
+def _dare_kept(base, experts, params, index: int, key: str) -> torch.Tensor:
+    """Which entries of expert `index`'s task vector DARE kept in `key`, read off the merged output alone: with
+    every other expert equal to the base, the update is s * m * tau / (1 - p) (paper, eq. 2-3), so each entry is
+    exactly 0 (dropped) or that rescaled value (kept). No library mask function is used."""
+    lone = [expert if i == index else base for i, expert in enumerate(experts)]
+    update = merge_state_dicts("dare", base, lone, params)[key].double() - base[key].double()
+    tau = experts[index][key].double() - base[key].double()
+    rescaled = params["scaling"] * tau / (1 - params["drop_rate"])
+    kept = torch.isclose(update, rescaled, atol=1e-6, rtol=1e-5) & (tau != 0)
+    dropped = update.abs() < 1e-7
+    assert (kept | dropped).all(), f"{key}: entries neither dropped nor rescaled by 1 / (1 - p)"
+    return kept
+
+
 def test_dare_drops_rescales_and_is_seeded(models):
     base, experts = models
     params = {"drop_rate": 0.4, "scaling": 0.5, "seed": 3}
-    expected = {}
-    for k, v in base.items():
-        if not v.is_floating_point():
-            expected[k] = v
-            continue
-        total = sum((e[k] - v) * dare_keep_mask(v.shape, 0.4, 3, i, k) for i, e in enumerate(experts))
-        expected[k] = v + 0.5 * total / 0.6
-    _close(merge_state_dicts("dare", base, experts, params), expected)
+    merged = merge_state_dicts("dare", base, experts, params)
+    keys = [k for k, v in base.items() if v.is_floating_point() and v.numel() > 1]
+    masks = {(i, k): _dare_kept(base, experts, params, i, k) for i in range(len(experts)) for k in keys}
+    for k in keys:  # the merge of all experts is the sum of the rescaled, independently masked task vectors
+        total = sum((experts[i][k].double() - base[k].double()) * masks[i, k] for i in range(len(experts)))
+        assert torch.allclose(merged[k].double(), base[k].double() + 0.5 * total / 0.6, atol=1e-6), k
+    kept = torch.cat([m.flatten() for m in masks.values()]).double().mean().item()
+    assert abs(kept - 0.6) < 0.05, f"kept {kept:.3f} of entries, expected about 1 - p = 0.6"
+    w = "encoder.layer.0.mlp.fc1.weight"
+    assert not torch.equal(masks[0, w], masks[1, w]), "tasks share a mask"
+    assert not torch.equal(masks[0, w].flatten(), masks[0, "encoder.layer.0.mlp.fc2.weight"].flatten()), \
+        "tensors of the same size share a mask"
     again = merge_state_dicts("dare", base, experts, params)
     other = merge_state_dicts("dare", base, experts, {**params, "seed": 4})
-    w = "encoder.layer.0.mlp.fc1.weight"
-    assert torch.equal(again[w], merge_state_dicts("dare", base, experts, params)[w])
+    assert torch.equal(again[w], merged[w])
     assert not torch.equal(again[w], other[w])
 
 

@@ -68,3 +68,59 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu(capsys):
 
     with pytest.raises(torch.OutOfMemoryError):
         on_device_or_cpu(cpu_oom, "cpu", "merge")
+
+
+class _NoTracker:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: "run-id"
+
+
+@pytest.mark.parametrize("stage", ["sparsify", "sweep_point", "compute_statistics", "merge", "evaluate"])
+def test_every_device_stage_falls_back_to_the_cpu_on_cuda_oom(stage, monkeypatch, tmp_path):
+    """Sparsify, sweep points, statistics, merge and evaluation each run again on the CPU after a CUDA OOM
+    (fine-tuning does not: the README says so)."""
+    import torch
+
+    import tasks.evaluate
+    import tasks.merge
+    import tasks.statistics
+    import tasks.sweep
+    from mergeflow import stages
+    from mergeflow.config import EvalConfig, MergeSpec, StatisticsConfig, StorageConfig, TrackingConfig, TuningConfig
+
+    library = {"sparsify": "sparsify", "sweep_point": "sweep_point", "compute_statistics": "compute_statistics",
+               "merge": "merge_experts", "evaluate": "evaluate_stored"}[stage]
+    results = {"sparsify": {}, "sweep_point": ({"a": 1.0}, False), "merge": ("ref", {}),
+               "evaluate": ({"a": 1.0}, False)}
+    devices: list[str] = []
+
+    def stage_on(*args):
+        devices.append(args[-1] if stage in ("sparsify", "compute_statistics", "sweep_point") else
+                       args[6] if stage == "merge" else args[5])
+        if devices[-1] != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return results[stage]
+
+    monkeypatch.setattr(stages, library, stage_on)
+    for module in (tasks.statistics, tasks.sweep, tasks.merge, tasks.evaluate):
+        monkeypatch.setattr(module, "MlflowTracker", _NoTracker, raising=False)
+    storage, ref = StorageConfig(root=str(tmp_path)), stages.ObjectRef(uri=str(tmp_path / "x"), sha256="0" * 64)
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    results["compute_statistics"] = (ref, {"reused": False, "examples": 1, "seconds": 0.0})
+    results["sparsify"] = (ref, False)
+    spec = MergeSpec(method="ties")
+    calls = {
+        "sparsify": lambda: tasks.merge.sparsify.fn(spec, ref, {"a": ref}, storage, "cuda"),
+        "sweep_point": lambda: tasks.sweep.sweep_point.fn("ties", 0, "ties", {}, ref, {"a": ref}, {"a": (ref, ref)},
+                                                          TuningConfig(), EvalConfig(), storage, "cuda", tracking, "p"),
+        "compute_statistics": lambda: tasks.statistics.compute_statistics.fn(
+            "a", ref, ref, ref, ref, ("gram",), StatisticsConfig(), storage, "cuda", tracking, "p"),
+        "merge": lambda: tasks.merge.merge.fn(spec, ref, {"a": ref}, str(tmp_path / "out"), storage, None, "cuda"),
+        "evaluate": lambda: tasks.evaluate.evaluate.fn("m", ref, ref, {"a": (ref, ref)}, EvalConfig(), storage,
+                                                       "cuda"),
+    }
+    calls[stage]()
+    assert devices == ["cuda", "cpu"]

@@ -37,6 +37,9 @@ class MergeMethod(ABC):
     needs_objective: ClassVar[bool] = False  # learns from unlabeled data through `ExpertPool.objective`
     # a parameter that only multiplies the whole update (merged = theta_0 + scaling * U): sweeps rescale U
     scaling_param: ClassVar[str | None] = None
+    # the params `prepare` reads (None: all of them): the sparsify stage's cache key, so e.g. TIES's thresholds
+    # are computed once for every scaling of one density
+    prepare_params: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else self.Params()
