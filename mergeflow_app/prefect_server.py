@@ -183,9 +183,11 @@ def prefect_api(say=print, meanwhile=None) -> Iterator[str]:
     server = TemporaryPrefectServer(home, home / "temporary-server.log")
     saved = {key: os.environ.get(key) for key in ("PREFECT_API_URL", "PREFECT_HOME")}
     try:
-        server.start(startup_timeout(), say=say, meanwhile=meanwhile)
+        # set before the command's imports run (meanwhile): settings read then, in any thread or worker process
+        # (a process pool's message-forwarding thread), must already name this server
         os.environ["PREFECT_HOME"] = str(home)
-        os.environ["PREFECT_API_URL"] = server.api_url  # for worker processes the run may start
+        os.environ["PREFECT_API_URL"] = server.api_url
+        server.start(startup_timeout(), say=say, meanwhile=meanwhile)
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:

@@ -92,7 +92,8 @@ def _rescore(family: str, base_dir: Path, weights_uri: str, tasks: dict, store_h
 
     scored = fam.evaluate(model, splits, EvalConfig(batch_size=32, max_length=32))
     by_hand = {name: _hand_accuracy(family, model, head, split) for name, (head, split) in splits.items()}
-    assert by_hand == pytest.approx(scored, abs=1e-9), "the family's score differs from a count by hand"
+    # the same count of correct examples (the library averages in float32: compare to well within 1 / examples)
+    assert by_hand == pytest.approx(scored, abs=1e-6), "the family's score differs from a count by hand"
     return scored
 
 

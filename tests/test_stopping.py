@@ -171,9 +171,6 @@ def test_ctrl_c_in_fine_tuning_stops_and_the_rerun_resumes(workdir):
      [{"method": "task_arithmetic", "sweep": {"scaling": [0.1 * i for i in range(1, 11)]}}],
      {"tuning": {"max_examples": 100}}),
     ("evaluate-average", signal.SIGTERM, [{"method": "average"}], {}),
-    # on the process-pool task runner the signal is forwarded to the worker process running the merge
-    ("merge-doge_ta", signal.SIGTERM, [{"method": "doge_ta", "params": {"steps": 100000}}],
-     {"task_runner": "processes", "max_workers": 2}),
 ])
 def test_a_signal_stops_each_long_stage_within_10_s(workdir, stage, signum, merges, overrides):
     if not any((workdir / "store").rglob("training.json")):
