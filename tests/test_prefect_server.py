@@ -68,11 +68,17 @@ def test_a_configured_api_that_does_not_answer_is_one_clear_line(tmp_path):
 
 
 def test_a_server_that_does_not_come_up_in_time_names_its_log_and_the_setting(tmp_path):
+    # a server that hangs before it answers: its process (only it has PREFECT__SERVER_EPHEMERAL=1) sleeps at start
+    hang = tmp_path / "hang"
+    hang.mkdir()
+    (hang / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('PREFECT__SERVER_EPHEMERAL') == '1':\n    time.sleep(120)\n")
+    path = os.pathsep.join(filter(None, [str(hang), os.environ.get("PYTHONPATH")]))
     out = subprocess.run([EXE, "run", str(_tiny_config(tmp_path))], cwd=tmp_path, capture_output=True, text=True,
-                         env=_env(tmp_path, MERGEFLOW_PREFECT_STARTUP_TIMEOUT="0.2"), timeout=300)
+                         env=_env(tmp_path, MERGEFLOW_PREFECT_STARTUP_TIMEOUT="5", PYTHONPATH=path), timeout=300)
     log = tmp_path / "prefect" / "temporary-server.log"
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert f"did not answer within 0 s; its output is in {log}" in out.stderr
+    assert f"did not answer within 5 s; its output is in {log}" in out.stderr
     assert "MERGEFLOW_PREFECT_STARTUP_TIMEOUT" in out.stderr and log.exists()
     assert not (tmp_path / "store").exists()
