@@ -110,3 +110,21 @@ def isolated_and_single_threaded(single_threaded, tmp_path_factory: pytest.TempP
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MERGEFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield
+
+
+@pytest.fixture
+def split_reads(monkeypatch) -> list[tuple[str, str]]:
+    """Every (task run name, split) a text task's data is read for during the test ("flow" outside a task)."""
+    import mergeflow.data.text_tasks as text_tasks
+    from prefect.context import TaskRunContext
+
+    reads: list[tuple[str, str]] = []
+    original = text_tasks.read_split
+
+    def recording(directory, split):
+        context = TaskRunContext.get()
+        reads.append((context.task_run.name if context else "flow", split))
+        return original(directory, split)
+
+    monkeypatch.setattr(text_tasks, "read_split", recording)
+    return reads

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import boto3
 
-WEED_PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-                   "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc")
+from mergeflow.stack import WEED_PORT_FLAGS as _STACK_FLAGS
+
+WEED_PORT_FLAGS = tuple(_STACK_FLAGS.values())  # every port `weed mini` binds, given explicitly
 
 
 def stop_process_group(process: subprocess.Popen | None) -> None:

@@ -36,23 +36,13 @@ def _config(tmp_path: Path, cache: Path):
     return RunConfig.model_validate(raw)
 
 
-def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, prefect_harness, monkeypatch):
+def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, prefect_harness, split_reads):
     from mlflow.tracking import MlflowClient
-    from prefect.context import TaskRunContext
 
-    import mergeflow.data.text_tasks as text_tasks
     from flows.merge_flow import merge_flow
     from mergeflow.checkpoints import open_checkpoint
 
-    reads: list[tuple[str, str]] = []
-    read_split = text_tasks.read_split
-
-    def recording(directory, split):
-        context = TaskRunContext.get()
-        reads.append((context.task_run.name if context else "flow", split))
-        return read_split(directory, split)
-
-    monkeypatch.setattr(text_tasks, "read_split", recording)
+    reads = split_reads
     config = _config(tmp_path, tmp_path_factory.mktemp("cache"))
     first = merge_flow(config)
 

@@ -30,22 +30,12 @@ def _config(tmp_path, cache, scalings):
 
 
 def test_sweep_selects_on_validation_only_and_caches_points(tmp_path, tmp_path_factory, prefect_harness,
-                                                            monkeypatch):
+                                                            split_reads):
     from mlflow.tracking import MlflowClient
-    from prefect.context import TaskRunContext
 
-    import mergeflow.data.text_tasks as text_tasks
     from flows.merge_flow import merge_flow
 
-    reads: list[tuple[str, str]] = []
-    original = text_tasks.read_split
-
-    def recording(directory, split):
-        context = TaskRunContext.get()
-        reads.append((context.task_run.name if context else "flow", split))
-        return original(directory, split)
-
-    monkeypatch.setattr(text_tasks, "read_split", recording)
+    reads = split_reads
     cache = tmp_path_factory.mktemp("cache")
     first = merge_flow(_config(tmp_path, cache, [0.2, 1.0]))
 
