@@ -125,7 +125,7 @@ def child(args: argparse.Namespace) -> None:
         import mergeflow.merge  # noqa: F401  (the interpreter with torch and mergeflow loaded, nothing else)
     elif args.child == "doge":
         from mergeflow.merge import merge_checkpoints
-        from mergeflow.storage import ContentCache
+        from mergeflow.content_cache import ContentCache
         merge_checkpoints("doge_ta", str(base), [str(p) for p in experts], str(workdir / "doge"),
                           {"eta": ETA, "subspace_divisor": DIVISOR, "keep": KEEP, "lr": LR, "steps": args.steps,
                            **({} if args.group_mb is None else {"group_mb": args.group_mb})},
@@ -157,7 +157,7 @@ def compare(workdir: Path) -> tuple[int, float, float, str, bool]:
     """(tensors compared, max relative error of the merged tensors, of their updates, the worst tensor by update,
     whether every tensor outside the selection is exactly theta_0)."""
     from mergeflow.checkpoints import open_checkpoint
-    from mergeflow.storage import ContentCache
+    from mergeflow.content_cache import ContentCache
     doge = open_checkpoint(str(workdir / "doge"), cache=ContentCache(workdir / "cache"))
     worst_merged, worst_update, worst_name = 0.0, 0.0, ""
     with doge, safe_open(str(workdir / "reference.safetensors"), "pt") as ref, \
@@ -178,7 +178,7 @@ def float64_check(workdir: Path, experts: int, name: str, steps: int, thresholds
     """Relative errors of doge_ta's and the reference's updates of layer `name` against the reference run in
     float64 (masks from the same thresholds): how far each fp32 implementation is from the exact math."""
     from mergeflow.checkpoints import open_checkpoint
-    from mergeflow.storage import ContentCache
+    from mergeflow.content_cache import ContentCache
     with safe_open(str(workdir / "base.safetensors"), "pt") as base:
         theta0 = base.get_tensor(name)
     taus = []
@@ -233,7 +233,7 @@ def main() -> None:
     base, experts = vit_models.ensure_models(
         workdir, args.seed, args.blocks, args.experts, structured_task_vector,
         {"version": SPEC_VERSION, "generator": "structured"})
-    from mergeflow.storage import ContentCache  # digest the inputs once, so no timed run pays for hashing
+    from mergeflow.content_cache import ContentCache  # digest the inputs once, so no timed run pays for hashing
     for path in (base, *experts):
         ContentCache(workdir / "cache").fetch(str(path))
     baseline = measure("baseline", args)

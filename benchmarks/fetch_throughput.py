@@ -26,7 +26,9 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from mergeflow.storage import ContentCache, upload_file  # noqa: E402
+from mergeflow.storage import upload_file  # noqa: E402
+
+from mergeflow.content_cache import ContentCache
 from s3_server import SeaweedServer  # noqa: E402
 
 

@@ -104,7 +104,7 @@ def child(args: argparse.Namespace) -> None:
     base, experts = workdir / "base.safetensors", [workdir / f"expert_{i}.safetensors" for i in range(args.experts)]
     if args.child == "engine":
         from mergeflow.merge import merge_checkpoints
-        from mergeflow.storage import ContentCache
+        from mergeflow.content_cache import ContentCache
         method, params = METHODS[args.method]
         start = time.perf_counter()
         merge_checkpoints(method, str(base), [str(p) for p in experts], str(workdir / f"engine-{args.method}"),
@@ -130,7 +130,7 @@ def measure(kind: str, method: str, args: argparse.Namespace) -> dict[str, float
 def compare(workdir: Path, method: str) -> tuple[int, int, float]:
     """(identical tensors, total tensors, max |engine - reference|) over every tensor."""
     from mergeflow.checkpoints import open_checkpoint
-    from mergeflow.storage import ContentCache
+    from mergeflow.content_cache import ContentCache
     engine = open_checkpoint(str(workdir / f"engine-{method}"), cache=ContentCache(workdir / "cache"))
     identical, worst = 0, 0.0
     with engine, safe_open(str(workdir / f"reference-{method}.safetensors"), "pt") as reference:
@@ -165,7 +165,7 @@ def main() -> None:
 
     workdir = Path(args.workdir)
     base, experts = ensure_models(workdir, args.seed, args.blocks, args.experts)
-    from mergeflow.storage import ContentCache  # digest the inputs once, so no timed run pays for hashing
+    from mergeflow.content_cache import ContentCache  # digest the inputs once, so no timed run pays for hashing
     for path in (base, *experts):
         ContentCache(workdir / "cache").fetch(str(path))
     rows, failed = [], False

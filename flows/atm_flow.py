@@ -10,19 +10,15 @@ recorded: MLflow metrics with step = round on the parent run, and a Prefect tabl
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
 
 from flows.merge_flow import merge_flow, submit_task_inputs, tracked_run
-from mergeflow import stages
 from mergeflow.config import RunConfig
-from mergeflow.evaluate import format_results_table, normalized_accuracy
-from mergeflow.storage import join
-from tasks.artifacts import artifact_key
-from tasks.atm import atm_finetune, atm_merge
+from mergeflow.evaluate import format_results_table
+from mergeflow.stages.refs import ObjectRef, atm_merged_uri
+from tasks.atm import atm_finetune, atm_merge, record_atm_round, record_atm_table
 from tasks.evaluate import evaluate
 from tasks.fetch import fetch_pretrained
 from tasks.finetune import finetune_expert
-from tasks.tracking import MlflowTracker
 
 
 @flow(name="mergeflow-atm", log_prints=True)
@@ -47,12 +43,11 @@ def _rounds(config: RunConfig, parent: str, start_summary: dict[str, Any] | None
                                      storage, device, config.tracking, parent).result()[n]
                   for n, f in experts.items()}
     steps = atm.steps_per_round or max(1, config.finetune.steps // atm.rounds)
-    current = stages.ObjectRef(**start_summary["merged"][atm.start]) if start_summary else None
+    current = ObjectRef(**start_summary["merged"][atm.start]) if start_summary else None
     rows: dict[str, dict[str, float]] = {}
     if current is not None:
         rows[f"{atm.start} (start)"] = start_summary["accuracy"][atm.start]
     rounds = []
-    tracker = MlflowTracker(config.tracking)
     for k in range(1, atm.rounds + 1):
         settings = config.finetune.model_copy(update={
             "steps": steps, "seed": config.finetune.seed + k, "schedule": atm.schedule,
@@ -60,32 +55,23 @@ def _rounds(config: RunConfig, parent: str, start_summary: dict[str, Any] | None
         futures = {n: atm_finetune.submit(k, n, base, current, *eval_inputs[n], settings, atm.round_split(),
                                           storage, device, config.tracking, parent) for n in names}
         round_experts = {n: f.result() for n, f in futures.items()}
-        fp = stages.fingerprint(atm.merge.model_dump(), (current or base).sha256,
-                                {n: e.sha256 for n, e in round_experts.items()})
-        out_uri = join(storage.root, "merged", config.name, f"atm-round{k}-{fp}")
+        out_uri = atm_merged_uri(storage.root, config.name, k, atm.merge.model_dump(), current or base,
+                                 round_experts)
         current = atm_merge(k, atm.merge, base, current, round_experts, out_uri, storage, device)
         accuracy = evaluate(f"atm-round-{k}", current, base, eval_inputs, config.evaluation, storage, device,
                             config.tracking, parent)
         rows[f"atm round {k}"] = accuracy
-        normalized = normalized_accuracy(accuracy, expert_acc)
-        tracker.log_metrics(parent, {**{f"atm.acc.{t}": v for t, v in accuracy.items()},
-                                     "atm.acc.avg": sum(accuracy.values()) / len(accuracy),
-                                     "atm.norm_acc.avg": sum(normalized.values()) / len(normalized)}, step=k)
-        tracker.log_params(parent, {f"atm.round.{k}.uri": current.uri, f"atm.round.{k}.sha256": current.sha256})
+        record_atm_round(k, current, accuracy, expert_acc, config.tracking, parent)
         rounds.append({"round": k, "uri": current.uri, "sha256": current.sha256, "accuracy": accuracy})
         print(f"ATM round {k}/{atm.rounds}: avg {100 * sum(accuracy.values()) / len(accuracy):.1f}% -> {current.uri}")
     table = format_results_table(rows, names, expert_acc)
-    create_table_artifact([{"model": model, **{t: round(100 * a[t], 1) for t in names},
-                            "avg": round(100 * sum(a.values()) / len(a), 1)} for model, a in rows.items()],
-                          key=f"{artifact_key(config.name)}-atm-rounds", description="test accuracy (%) by ATM round")
-    tracker.log_text(parent, table + "\n", "atm.md")
-    tracker.end_run(parent)
+    record_atm_table(rows, names, table, config.name, config.tracking, parent)
     return {"run": config.name, "mlflow_run_id": parent, "variant": atm.variant, "rounds": rounds, "table": table,
             "steps_per_round": steps, "expert_accuracy": expert_acc}
 
 
 def run_atm_file(path: str) -> dict[str, Any]:
-    from flows.merge_flow import task_runner_for
+    from tasks.runners import task_runner_for
     from mergeflow.config import load_run_config
 
     config = load_run_config(path)

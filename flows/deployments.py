@@ -27,7 +27,8 @@ def _schedules(cron: str | None, timezone: str) -> list[Any]:
 def serve(config: RunConfig, *, name: str = "nightly", cron: str | None = "0 2 * * *", timezone: str = "UTC",
           limit: int | None = None) -> None:
     """Serve the deployment `mergeflow-merge/<name>` in this process until interrupted."""
-    from flows.merge_flow import merge_flow, task_runner_for
+    from flows.merge_flow import merge_flow
+    from tasks.runners import task_runner_for
 
     merge_flow.with_options(task_runner=task_runner_for(config)).serve(
         name=name, schedules=_schedules(cron, timezone), parameters=parameters_for(config),

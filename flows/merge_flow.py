@@ -8,27 +8,28 @@ never tensors, pass between tasks.
 """
 
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, runtime
 from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from mergeflow import stages, stopping
+from mergeflow import stopping
 from mergeflow.config import MergeSpec, RunConfig, load_run_config
 from mergeflow.errors import ConfigError
 from mergeflow.evaluate import format_results_table
-from mergeflow.storage import join
+from mergeflow.stages import merge as merge_stage, statistics as statistics_stage
+from mergeflow.stages.refs import ModelRef, ObjectRef, merged_uri, run_inputs_digest
 from tasks.artifacts import publish_artifacts
 from tasks.evaluate import evaluate
 from tasks.fetch import fetch_expert, fetch_latest_expert, fetch_pretrained, prepare_dataset
 from tasks.finetune import finetune_expert, fit_head
 from tasks.merge import assemble_merge, merge, merge_part, sparsify
 from tasks.progress import CLOCK
+from tasks.runners import (configured_task_runner, describe_runner, release_pool_workers, stopping_workers,
+                           task_runner_for)
 from tasks.statistics import compute_statistics
 from tasks.sweep import select_point, sweep_point
 from tasks.record import (check_unchanged, fail_tracking, is_stop, mark_success, record_merge, record_results,
@@ -46,54 +47,15 @@ def tracked_run(config: RunConfig, body: Callable[[str], Any]) -> Any:
     SIGTERM, a Prefect cancellation) asks every running task to stop at its next step, ends the MLflow runs
     KILLED, and ends the Prefect run Cancelled; any other exception ends them FAILED."""
     stopping.reinstall_handlers()  # a command-line run: SIGTERM asks for a stop, as Ctrl-C does
-    with configured_task_runner(config) as runner:
-        parent = start_tracking(config, str(runtime.flow_run.id), describe_runner(runner))
+    run_id = str(runtime.flow_run.id)
+    with configured_task_runner(config) as runner, stopping_workers(runner, run_id):
+        parent = start_tracking(config, run_id, describe_runner(runner))
         try:
             return body(parent)
         except BaseException as error:
+            if is_stop(error):
+                release_pool_workers(runner)
             return _end_stopped_or_raise(config, parent, error)
-
-
-@contextmanager
-def configured_task_runner(config: RunConfig) -> Iterator[Any]:
-    """Make the config's task runner (`task_runner`, `max_workers`, `dask_address`) the one this flow run's tasks
-    are submitted to. `mergeflow run` and `serve` start the flow with it already; a worker running a deployment
-    calls the flow as decorated (threads, default size), so there the configured runner is started here and
-    stands in for the engine's for the whole body."""
-    from prefect.context import FlowRunContext
-
-    context = FlowRunContext.get()
-    if context is None or _runner_matches(context.task_runner, config):
-        yield context.task_runner if context else None
-        return
-    with task_runner_for(config) as runner:
-        swapped = context.model_copy(update={"task_runner": runner})
-        swapped._token = None  # a copy of the entered context: enter it afresh
-        with swapped:
-            yield runner
-
-
-def _runner_matches(runner: Any, config: RunConfig) -> bool:
-    """Whether the active runner is the config's kind and size (a started Dask runner knows its address)."""
-    kind = {"ThreadPoolTaskRunner": "threads", "ProcessPoolTaskRunner": "processes",
-            "DaskTaskRunner": "dask"}.get(type(runner).__name__)
-    if kind != config.task_runner:
-        return False
-    if kind == "dask":
-        if config.dask_address:
-            return getattr(runner, "address", None) == config.dask_address
-        return (getattr(runner, "cluster_kwargs", None) or {}).get("n_workers") == config.max_workers
-    return getattr(runner, "_max_workers", None) == config.max_workers
-
-
-def describe_runner(runner: Any) -> str:
-    """The task runner a run used, for its records: e.g. ProcessPoolTaskRunner(max_workers=2)."""
-    if runner is None:
-        return "none"
-    size = getattr(runner, "_max_workers", None)
-    address = getattr(runner, "address", None)
-    detail = f"max_workers={size}" if size is not None else f"address={address}" if address else ""
-    return f"{type(runner).__name__}({detail})"
 
 
 def _end_stopped_or_raise(config: RunConfig, parent: str, error: BaseException) -> Any:
@@ -108,8 +70,8 @@ def _end_stopped_or_raise(config: RunConfig, parent: str, error: BaseException) 
 def planned_stages(config: RunConfig) -> dict[str, int]:
     """How many stages of each kind (task function name) a run of `config` does: the progress lines' estimate."""
     tasks, merges = len(config.tasks), len(config.merges)
-    learned = sum(stages.needs_objective(spec) for spec in config.merges)
-    data_aware = sum(bool(stages.statistic_kinds([spec])) for spec in config.merges)
+    learned = sum(merge_stage.needs_objective(spec) for spec in config.merges)
+    data_aware = sum(bool(statistics_stage.statistic_kinds([spec])) for spec in config.merges)
     whole = merges if config.merge_parts == 1 else learned
     sweeps = [spec for spec in config.merges if spec.sweep is not None]
     registers = bool(config.tracking.registered_model)
@@ -132,12 +94,12 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     datasets, heads = submit_task_inputs(config, base)
     experts = _experts(config, base, datasets, heads, parent)
     eval_inputs = {n: (datasets[n].result(), heads[n].result()) for n in names}
-    digest = stages.run_inputs_digest(config.model_dump(mode="json"), base, experts, eval_inputs)
+    digest = run_inputs_digest(config.model_dump(mode="json"), base, experts, eval_inputs)
     if config.skip_unchanged and (last := check_unchanged(config.name, digest, storage, config.tracking, parent)):
         return {"run": config.name, "skipped": True, "mlflow_run_id": parent, "same_as": last,
                 "experts": {n: e.model_dump() for n, e in experts.items()}}
 
-    kinds = stages.statistic_kinds(config.merges)
+    kinds = statistics_stage.statistic_kinds(config.merges)
     statistics = {}
     if kinds:  # data-aware methods: Grams / Fisher of every expert on its own task's data
         futures = {n: compute_statistics.submit(n, base, experts[n], eval_inputs[n][0], eval_inputs[n][1], kinds,
@@ -154,7 +116,7 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     merged_futures = {label: (spec, _submit_merge(config, label, spec, base, experts, eval_inputs, statistics))
                       for label, spec in plan.items()}
 
-    def score(label: str, weights: stages.ObjectRef | None):
+    def score(label: str, weights: ObjectRef | None):
         return evaluate.submit(label, weights, base, eval_inputs, config.evaluation, storage, device,
                                config.tracking, parent)
 
@@ -195,7 +157,7 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     return summary
 
 
-def submit_task_inputs(config: RunConfig, base: stages.ModelRef) -> tuple[dict[str, Any], dict[str, Any]]:
+def submit_task_inputs(config: RunConfig, base: ModelRef) -> tuple[dict[str, Any], dict[str, Any]]:
     """Futures of every task's dataset and frozen head (made by the model's family, or the task's own file)."""
     storage, device = config.storage, config.device
     datasets = {t.name: prepare_dataset.submit(t.name, config.data, storage, t.dataset, config.model.family)
@@ -205,7 +167,7 @@ def submit_task_inputs(config: RunConfig, base: stages.ModelRef) -> tuple[dict[s
     return datasets, heads
 
 
-def _experts(config: RunConfig, base: stages.ObjectRef, datasets, heads, parent: str) -> dict[str, stages.ObjectRef]:
+def _experts(config: RunConfig, base: ObjectRef, datasets, heads, parent: str) -> dict[str, ObjectRef]:
     """Each task's expert: the given checkpoint, the newest under its prefix, or fine-tuned (a stored expert with
     the same inputs is reused)."""
     storage, device = config.storage, config.device
@@ -221,19 +183,17 @@ def _experts(config: RunConfig, base: stages.ObjectRef, datasets, heads, parent:
     return {n: f.result() for n, f in pending.items()}
 
 
-def _submit_merge(config: RunConfig, label: str, spec: MergeSpec, base: stages.ObjectRef,
-                  experts: dict[str, stages.ObjectRef], eval_inputs, statistics: dict[str, stages.ObjectRef]):
+def _submit_merge(config: RunConfig, label: str, spec: MergeSpec, base: ObjectRef,
+                  experts: dict[str, ObjectRef], eval_inputs, statistics: dict[str, ObjectRef]):
     """Submit one merge (its global pass, the merge itself or its layer-group parts and assembly) into a
     location keyed by everything it reads; returns the future of (reference, record)."""
     storage, device = config.storage, config.device
-    data_aware = bool(stages.statistic_kinds([spec]))
-    learns = stages.needs_objective(spec)
+    data_aware = bool(statistics_stage.statistic_kinds([spec]))
+    learns = merge_stage.needs_objective(spec)
     unlabeled = (eval_inputs, config.statistics.unlabeled_split, config.evaluation) if learns else None
-    fp = stages.fingerprint(spec.model_dump(), {n: e.sha256 for n, e in experts.items()}, base.sha256,
-                            {n: s.sha256 for n, s in statistics.items()} if data_aware else None,
-                            {n: (d.sha256, h.sha256) for n, (d, h) in eval_inputs.items()} if learns else None,
-                            config.statistics.unlabeled_split if learns else None)
-    out_uri = join(storage.root, "merged", config.name, f"{label}-{fp}")
+    out_uri = merged_uri(storage.root, config.name, label, spec.model_dump(), base, experts,
+                         statistics if data_aware else None,
+                         (eval_inputs, config.statistics.unlabeled_split) if learns else None)
     stats = statistics if data_aware else None
     # methods that read statistics or data in prepare() prepare on the pool they merge: no separate stage
     state = None if data_aware or learns else sparsify.submit(spec, base, experts, storage, device)
@@ -244,7 +204,7 @@ def _submit_merge(config: RunConfig, label: str, spec: MergeSpec, base: stages.O
     return merge.submit(spec, base, experts, out_uri, storage, state, device, stats, unlabeled)
 
 
-def _score_on_validation(config: RunConfig, parent: str, base, models: dict[str, stages.ObjectRef], eval_inputs,
+def _score_on_validation(config: RunConfig, parent: str, base, models: dict[str, ObjectRef], eval_inputs,
                          all_tasks: bool = False) -> dict[str, Any]:
     """Futures of validation accuracy (at most `tuning.max_examples` per task): of each expert on its own task, or
     (`all_tasks`) of each model on every task; child runs `evaluate-<name>-validation`."""
@@ -299,22 +259,6 @@ def describe_locations(config: RunConfig, summary: dict[str, Any]) -> str:
     lines.append("  UI: PREFECT_HOME=.prefect .venv/bin/prefect server start --host 127.0.0.1"
                  "  -> http://127.0.0.1:4200")
     return "\n".join(lines)
-
-
-def task_runner_for(config: RunConfig):
-    """The configured task runner: threads (default), processes, or Dask (local cluster or an address)."""
-    if config.task_runner == "processes":
-        from prefect.task_runners import ProcessPoolTaskRunner
-
-        return ProcessPoolTaskRunner(max_workers=config.max_workers)
-    if config.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        if config.dask_address:
-            return DaskTaskRunner(address=config.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": config.max_workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
-    return ThreadPoolTaskRunner(max_workers=config.max_workers)
 
 
 def run_config_file(path: str, only_swept: bool = False) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""Fine-tune a text encoder under a frozen classification head: one expert per task, seeded and deterministic.
+"""Fine-tune an encoder under a frozen classification head: one expert per task, seeded and deterministic. A model
+family supplies the data (`TrainingData`: labels, a differentiable forward of a batch, a digest); this trainer
+owns the recipe.
 
 AdamW with linear warmup then cosine decay (or a constant rate), gradient accumulation, fp32 or bf16 autocast, and
 batches sampled with a seeded generator; the head never changes, so what the expert learns lives entirely in the
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import math
 import os
@@ -30,13 +31,10 @@ import fsspec
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from mergeflow.progress import progress_bar
-from transformers import PreTrainedTokenizerBase
 
-from mergeflow.adapters.hf_text import TextEncoder, encoder_state_dict
-from mergeflow.data.text_tasks import TextSplit
 from mergeflow.errors import TransientStorageError
 from mergeflow.heads import ClassificationHead
+from mergeflow.progress import progress_bar
 from mergeflow.storage import exists, filesystem, is_remote, join, local_path, storage_error, upload_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -109,15 +107,6 @@ def _batches(size: int, settings: FinetuneSettings) -> list[Tensor]:
     needed = settings.steps * settings.grad_accumulation * settings.batch_size
     order = torch.cat([torch.randperm(size, generator=generator) for _ in range(math.ceil(needed / size))])
     return list(order[:needed].split(settings.batch_size))
-
-
-def _split_digest(split: TextSplit) -> str:
-    """sha256 of the texts and labels, so a checkpoint is never resumed on other data."""
-    digest = hashlib.sha256()
-    for text, label in zip(split.texts, split.labels, strict=True):
-        digest.update(f"{label}\t{len(text)}\t".encode())
-        digest.update(text.encode())
-    return digest.hexdigest()
 
 
 def _to_cpu(value: Any) -> Any:
@@ -275,68 +264,6 @@ def _accumulate_gradients(data: TrainingData, head: ClassificationHead, micro_ba
         loss.backward()
         total += loss.item()
     return total
-
-
-def finetune_encoder(
-    encoder: TextEncoder,
-    tokenizer: PreTrainedTokenizerBase,
-    head: ClassificationHead,
-    split: TextSplit,
-    settings: FinetuneSettings,
-    *,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    checkpoint_dir: str | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-) -> FinetuneResult:
-    """Train a text `encoder` in place on `split` with cross-entropy through the frozen `head`; return its weights.
-
-    With `checkpoint_dir`, a checkpoint found there is resumed (after checking that its settings and data match,
-    else a ValueError naming what differs), and a new one replaces it every `settings.checkpoint_every` steps.
-    """
-    if not split.texts:
-        raise ValueError("cannot fine-tune on an empty split")
-    device = torch.device(device)
-
-    def features(batch: Tensor) -> Tensor:
-        inputs = tokenizer([split.texts[i] for i in batch], padding=True, truncation=True,
-                           max_length=settings.max_length, return_tensors="pt").to(device)
-        return encoder(inputs["input_ids"], inputs["attention_mask"])
-
-    data = TrainingData(len(split.texts), torch.tensor(split.labels, dtype=torch.long), features, _split_digest(split))
-    return train_classifier(encoder, head, data, settings, lambda: encoder_state_dict(encoder), device=device,
-                            progress=progress, checkpoint_dir=checkpoint_dir, storage_options=storage_options)
-
-
-def finetune_image_encoder(
-    encoder: nn.Module,
-    head: ClassificationHead,
-    split: Any,
-    settings: FinetuneSettings,
-    *,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    checkpoint_dir: str | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-) -> FinetuneResult:
-    """Train an image encoder (`mergeflow.adapters.clip_vision.ImageEncoder`, its own CLIP preprocessing) in place
-    on an `ImageSplit` under the frozen (e.g. zero-shot) `head`, with the same recipe, checkpoints and resume."""
-    from mergeflow.adapters.clip_vision import image_encoder_state_dict
-
-    if not len(split.images):
-        raise ValueError("cannot fine-tune on an empty split")
-    device = torch.device(device)
-
-    def features(batch: Tensor) -> Tensor:
-        return encoder(encoder.preprocess([split.images[int(i)] for i in batch]).to(device))
-
-    digest = hashlib.sha256()
-    for image, label in zip(split.images, split.labels, strict=True):
-        digest.update(f"{label}\t{image.size}\t".encode())
-        digest.update(image.tobytes())
-    data = TrainingData(len(split.images), torch.tensor(split.labels, dtype=torch.long), features, digest.hexdigest())
-    return train_classifier(encoder, head, data, settings, lambda: image_encoder_state_dict(encoder), device=device,
-                            progress=progress, checkpoint_dir=checkpoint_dir, storage_options=storage_options)
 
 
 def train_classifier(

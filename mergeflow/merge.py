@@ -24,10 +24,12 @@ from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, ope
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.errors import IntegrityError
 from mergeflow.methods import MergeMethod, build_method
+from mergeflow.methods.base import recorded
 from mergeflow.selection import is_float
 from mergeflow.statistics import open_statistics, validate_statistics
-from mergeflow.storage import ContentCache, exists, publish_directory, sha256_file, staging_dir
-from mergeflow.task_vectors import ExpertPool, Objective, resolve_device
+from mergeflow.storage import exists, publish_directory, sha256_file, staging_dir
+from mergeflow.content_cache import ContentCache
+from mergeflow.task_vectors import ExpertPool, Objective, resolve_device, shape_groups
 from mergeflow.validation import check_finite, validate_compatible
 
 MANIFEST = "mergeflow.json"
@@ -64,18 +66,6 @@ def expert_name(uri: str) -> str:
     for suffix in (".safetensors", ".index.json", ".pt", ".pth", ".bin", ".ckpt"):
         name = name.removesuffix(suffix)
     return name
-
-
-def shape_groups(infos: Sequence[TensorInfo], n_experts: int, max_bytes: int) -> list[list[TensorInfo]]:
-    """Tensors of equal shape in order of appearance, cut so that each group's fp32 task vectors
-    [G, N, *shape] take at most `max_bytes` (a single tensor is always a group)."""
-    by_shape: dict[tuple[int, ...], list[list[TensorInfo]]] = {}
-    for info in infos:
-        chunks = by_shape.setdefault(tuple(info.shape), [[]])
-        if chunks[-1] and (len(chunks[-1]) + 1) * n_experts * 4 * math.prod(info.shape) > max_bytes:
-            chunks.append([])
-        chunks[-1].append(info)
-    return [chunk for chunks in by_shape.values() for chunk in chunks]
 
 
 def plan_parts(infos: Sequence[TensorInfo], parts: int) -> list[list[str]]:
@@ -225,7 +215,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                 (staged / "model.safetensors").rename(staged / part_name(*part))
                 files = {part_name(*part): files["model.safetensors"]}
             result = MergeResult(out, merge_method.name, merge_method.params.model_dump(), inputs, files,
-                                 round(time.perf_counter() - started, 3), state)
+                                 round(time.perf_counter() - started, 3), recorded(state))
             manifest = {**result.to_dict(), "mergeflow_version": mergeflow.__version__}
             (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
             publish_directory(staged, out, storage_options, overwrite=overwrite, last=(MANIFEST,))

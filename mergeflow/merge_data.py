@@ -19,7 +19,8 @@ from mergeflow.checkpoints import open_checkpoint
 from mergeflow.config import MergeDataConfig
 from mergeflow.errors import ConfigError
 from mergeflow.families import Family, LoadedModel, TaskData, get_family
-from mergeflow.storage import ContentCache, directory_digest, fetch_directory
+from mergeflow.storage import directory_digest, fetch_directory
+from mergeflow.content_cache import ContentCache
 from mergeflow.task_vectors import Objective
 
 
@@ -133,11 +134,8 @@ def tune(method: str, params: Mapping[str, Any], grid: Mapping[str, Sequence[Any
          max_examples: int = 200, device: str | torch.device = "cpu") -> tuple[dict[str, Any], list[Any]]:
     """Score every point of `grid` on each task's validation split (never its test split) and return (chosen
     parameters, all point scores). Scaling-only coefficients are applied to one shared update."""
-    from mergeflow.checkpoints import open_checkpoint as open_ckpt
-    from mergeflow.merge import merge_pool
-    from mergeflow.methods import build_method, method_class
-    from mergeflow.sweep import apply_update, choose, grid_points, scaled_update, score_point, update_key
-    from mergeflow.task_vectors import ExpertPool
+    from mergeflow.sweep import choose, grid_points, merged_point, scaled_update, score_point, update_key
+    from mergeflow.task_vectors import open_pool
 
     family = get_family(config.family)
     points = grid_points(method, grid, params)
@@ -150,25 +148,18 @@ def tune(method: str, params: Mapping[str, Any], grid: Mapping[str, Sequence[Any
 
     expert_accuracy = {t.name: accuracy(_state_dict(uri, cache, options), t.name)[t.name]
                        for uri, t in zip(experts, tasks)}
-    base_ckpt = open_ckpt(base, storage_options=options, cache=cache)
-    base_sd = {key: base_ckpt.get(key) for key in base_ckpt.keys()}
-    ckpts = [open_ckpt(uri, storage_options=options, cache=cache) for uri in experts]
-    scaling = method_class(method).scaling_param
     updates: dict[str, dict[str, torch.Tensor]] = {}
     scores = []
-    try:
-        pool = ExpertPool(base_ckpt, ckpts, [t.name for t in tasks], torch.device(device))
+    with open_pool(base, {t.name: uri for uri, t in zip(experts, tasks)}, device, options, cache) as pool:
+        base_sd = {key: pool.base.get(key) for key in pool.base.keys()}
         for point in points:
-            if scaling is not None:
-                key = json.dumps(update_key(method, point), sort_keys=True)
+            key = json.dumps(update_key(method, point), sort_keys=True)
+
+            def shared_update(point: Mapping[str, Any] = point, key: str = key) -> dict[str, torch.Tensor]:
                 if key not in updates:
                     updates[key] = scaled_update(method, point, pool)
-                merged = apply_update(base_sd, updates[key], build_method(method, point).params.model_dump()[scaling])
-            else:
-                merged = {}
-                merge_pool(build_method(method, point), pool, merged.__setitem__)
+                return updates[key]
+
+            merged = merged_point(method, point, base_sd, shared_update, pool)
             scores.append(score_point(point, accuracy(merged), expert_accuracy, rule, floor))
-    finally:
-        for ckpt in (base_ckpt, *ckpts):
-            ckpt.close()
     return choose(scores, list(grid)).params, scores

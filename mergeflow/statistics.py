@@ -34,7 +34,8 @@ from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.checkpoints import Checkpoint, TensorInfo, TensorSource, open_checkpoint
 from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.selection import ParameterSelection
-from mergeflow.storage import ContentCache, sha256_file
+from mergeflow.storage import sha256_file
+from mergeflow.content_cache import ContentCache
 
 GRAM_IN = "gram_in"
 GRAM_OUT = "gram_out"
@@ -149,7 +150,7 @@ def linear_layers(model: nn.Module, selection: ParameterSelection | None = None)
     return layers
 
 
-def compute_statistics(model: nn.Module, batches: Iterable[Batch], logits_fn: Callable[[Batch], Tensor], *,
+def collect_statistics(model: nn.Module, batches: Iterable[Batch], logits_fn: Callable[[Batch], Tensor], *,
                        kinds: Sequence[str] = KINDS, fisher: FisherLabels = "empirical",
                        max_examples: int = 1000, seed: int = 0, selection: ParameterSelection | None = None,
                        labels_key: str = "labels", mask_key: str = "attention_mask",

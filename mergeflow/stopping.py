@@ -5,15 +5,16 @@ publish of every stored object keeps half-written results out of the store."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _flag = threading.Event()
 _reason = ""
+_scope: str | None = None  # the run a remote stop was meant for (a long-lived Dask worker serves many runs)
+_listeners: list[Callable[[str], None]] = []  # told once per stop, in a thread of their own
 _app_handlers = False  # True while `stop_on_signals` owns SIGINT/SIGTERM (a command-line run)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -22,12 +23,32 @@ class Stopped(Exception):
     """Raised between two steps of long work once a stop was requested (not an error of the run)."""
 
 
-def request_stop(reason: str) -> None:
-    """Ask every loop of this process to stop at its next step."""
-    global _reason
-    if not _flag.is_set():
-        _reason = reason
-        _flag.set()
+def request_stop(reason: str, scope: str | None = None) -> None:
+    """Ask every loop of this process to stop at its next step, and tell the listeners (the task runner's
+    workers in other processes). `scope`: the run the stop is for, where a process outlives runs."""
+    global _reason, _scope
+    if _flag.is_set():
+        return
+    _reason, _scope = reason, scope
+    _flag.set()
+    for listener in list(_listeners):
+        threading.Thread(target=listener, args=(reason,), name="mergeflow-stop-listener", daemon=True).start()
+
+
+@contextmanager
+def listening(listener: Callable[[str], None]) -> Iterator[None]:
+    """While inside, a stop also calls `listener(reason)` (once, in its own thread: it may block)."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def enter_scope(scope: str) -> None:
+    """At the start of work for run `scope`: forget a stop that was meant for another run."""
+    if _flag.is_set() and _scope is not None and _scope != scope:
+        reset()
 
 
 def stop_requested() -> bool:
@@ -46,9 +67,9 @@ def check() -> None:
 
 def reset() -> None:
     """Clear the flag (a new run in the same process, or a test)."""
-    global _reason
+    global _reason, _scope
     _flag.clear()
-    _reason = ""
+    _reason, _scope = "", None
 
 
 def _signal_name(signum: int) -> str:
@@ -63,18 +84,6 @@ def _handler(signum: int, _frame: object) -> None:
     request_stop(f"{name} received")
     print(f"\nmergeflow: {name} received: stopping after the current step (send it again to stop at once)",
           file=sys.stderr, flush=True)
-    _forward_to_workers(signum)
-
-
-def _forward_to_workers(signum: int) -> None:
-    """Pass the signal to this process's worker processes (a process-pool task runner), which stop the same way."""
-    import multiprocessing
-
-    for child in multiprocessing.active_children():
-        try:
-            os.kill(child.pid, signum)
-        except (ProcessLookupError, TypeError):
-            pass
 
 
 def install_handlers() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -88,6 +88,23 @@ def apply_update(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Te
         else:
             out[name] = tensor
     return out
+
+
+def merged_point(method: str, params: Mapping[str, Any], base: Mapping[str, torch.Tensor] | None,
+                 shared_update: Callable[[], Mapping[str, torch.Tensor]] | None, pool: ExpertPool | None
+                 ) -> dict[str, torch.Tensor]:
+    """The merged state dict of one grid point, in memory: theta_0 (`base`) + lambda U for a method with a
+    scaling-only coefficient (U from `shared_update()`, computed once per setting of the other parameters by the
+    caller), else a full merge of `pool`. The flow's sweep stage and `mergeflow merge --tune` both call this."""
+    from mergeflow.merge import merge_pool
+
+    chosen = build_method(method, params)
+    scaling = method_class(method).scaling_param
+    if scaling is None:
+        out: dict[str, torch.Tensor] = {}
+        merge_pool(chosen, pool, out.__setitem__)
+        return out
+    return apply_update(base, shared_update(), float(chosen.params.model_dump()[scaling]))
 
 
 @dataclass(frozen=True)

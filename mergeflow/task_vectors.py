@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,3 +69,32 @@ class ExpertPool:
     def iter_task_vectors(self, keys: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.float_keys() if keys is None else keys:
             yield name, self.task_vectors(name)
+
+
+@contextmanager
+def open_pool(base_uri: str, experts: Mapping[str, str], device: str | torch.device = "auto",
+              storage_options: Mapping[str, Any] | None = None, cache: Any = None) -> Iterator[ExpertPool]:
+    """Open the base and each expert checkpoint (name -> URI; lazily, tensor by tensor) as one pool, and close
+    every checkpoint opened on exit, also when a later one fails to open."""
+    from mergeflow.checkpoints import open_checkpoint
+
+    opened = []
+    try:
+        for uri in (base_uri, *experts.values()):
+            opened.append(open_checkpoint(uri, storage_options=storage_options, cache=cache))
+        yield ExpertPool(opened[0], opened[1:], list(experts), resolve_device(device))
+    finally:
+        for checkpoint in opened:
+            checkpoint.close()
+
+
+def shape_groups(infos: Sequence[TensorInfo], n_experts: int, max_bytes: int) -> list[list[TensorInfo]]:
+    """Tensors of equal shape in order of appearance, cut so that each group's fp32 task vectors
+    [G, N, *shape] take at most `max_bytes` (a single tensor is always a group)."""
+    by_shape: dict[tuple[int, ...], list[list[TensorInfo]]] = {}
+    for info in infos:
+        chunks = by_shape.setdefault(tuple(info.shape), [[]])
+        if chunks[-1] and (len(chunks[-1]) + 1) * n_experts * 4 * math.prod(info.shape) > max_bytes:
+            chunks.append([])
+        chunks[-1].append(info)
+    return [chunk for chunks in by_shape.values() for chunk in chunks]

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,10 +24,13 @@ from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
+from mergeflow import stopping
 from mergeflow.errors import MergeflowError
 
 DEFAULT_STARTUP_TIMEOUT = 300.0
 NOTICE_EVERY = 15.0
+LOST_SERVER_GRACE = 20.0  # seconds a run may take to end after its temporary server died
+EXIT_LOST_SERVER = 75  # EX_TEMPFAIL: the command may succeed when run again
 
 
 class PrefectServerError(MergeflowError):
@@ -80,6 +84,7 @@ class TemporaryPrefectServer:
         self.home, self.log_path = home, log_path
         self.port = _free_port()
         self.process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
 
     @property
     def api_url(self) -> str:
@@ -115,6 +120,8 @@ class TemporaryPrefectServer:
         while True:
             if _healthy(self.api_url):
                 say(f"Prefect server ready after {time.monotonic() - started:.0f} s.")
+                threading.Thread(target=self._watch, args=(self.process,), name="mergeflow-prefect-watchdog",
+                                 daemon=True).start()
                 return
             code = self.process.poll()
             now = time.monotonic()
@@ -131,8 +138,27 @@ class TemporaryPrefectServer:
                 next_notice = now + NOTICE_EVERY
             time.sleep(0.25)
 
+    def _watch(self, process: subprocess.Popen) -> None:
+        """While the command runs: a server that dies (killed, out of memory) stops the run, which cannot go on
+        without it, and ends the command if it has not ended `LOST_SERVER_GRACE` seconds later (Prefect's
+        client would otherwise retry for minutes)."""
+        while not self._stopping.wait(1.0):
+            code = process.poll()
+            if code is None:
+                continue
+            print(f"\nmergeflow: the temporary Prefect server exited (code {code}) during the run; its output is in "
+                  f"{self.log_path}. Stopping.", file=sys.stderr, flush=True)
+            stopping.request_stop("the Prefect server exited")
+            if not self._stopping.wait(LOST_SERVER_GRACE):
+                print(f"mergeflow: the run could not end without its Prefect server within {LOST_SERVER_GRACE:.0f} "
+                      "s; exiting. Nothing is half-written; run the command again to resume.", file=sys.stderr,
+                      flush=True)
+                os._exit(EXIT_LOST_SERVER)
+            return
+
     def stop(self) -> None:
         """Stop the server and wait for it (its whole process group), killing it after 10 s."""
+        self._stopping.set()
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
@@ -157,6 +183,16 @@ def _drain_prefect_workers(timeout: float = 10.0) -> None:
             worker.drain_all(timeout=timeout)
         except Exception:  # noqa: BLE001 - a worker that never started has nothing to send
             pass
+
+
+def _refresh_prefect_settings() -> None:
+    """Rebuild Prefect's global settings from the environment: Prefect reads them once at import, and a thread
+    that runs outside any settings context (a process pool's message forwarder) sees only those."""
+    from prefect import context
+
+    refresh = getattr(context, "refresh_global_settings_context", None)
+    if refresh is not None:
+        refresh()
 
 
 @contextmanager
@@ -187,6 +223,7 @@ def prefect_api(say=print, meanwhile=None) -> Iterator[str]:
         # (a process pool's message-forwarding thread), must already name this server
         os.environ["PREFECT_HOME"] = str(home)
         os.environ["PREFECT_API_URL"] = server.api_url
+        _refresh_prefect_settings()  # threads without a settings context (a process pool's forwarder) read these
         server.start(startup_timeout(), say=say, meanwhile=meanwhile)
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
@@ -198,3 +235,4 @@ def prefect_api(say=print, meanwhile=None) -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        _refresh_prefect_settings()

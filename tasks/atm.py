@@ -4,10 +4,14 @@ round's merge."""
 from __future__ import annotations
 
 from prefect import task
+from prefect.artifacts import create_table_artifact
 
-from mergeflow import stages
+from mergeflow.stages import finetune as finetune_stage, merge as merge_stage
+from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import FinetuneConfig, MergeSpec, StorageConfig, TrackingConfig
+from mergeflow.evaluate import normalized_accuracy
 from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
+from tasks.artifacts import artifact_key
 from tasks.credentials import uses_storage
 from tasks.tracking import MlflowTracker
 
@@ -15,11 +19,11 @@ from tasks.tracking import MlflowTracker
 @task(name="atm-finetune", task_run_name="atm-{round_index}-{task_name}", timeout_seconds=TIMEOUTS["train"],
       **IO_RETRIES)
 @uses_storage
-def atm_finetune(round_index: int, task_name: str, base: stages.ObjectRef, start: stages.ObjectRef | None,
-                 dataset: stages.ObjectRef, head: stages.ObjectRef, settings: FinetuneConfig, split: str,
+def atm_finetune(round_index: int, task_name: str, base: ObjectRef, start: ObjectRef | None,
+                 dataset: ObjectRef, head: ObjectRef, settings: FinetuneConfig, split: str,
                  storage: StorageConfig, device: str, tracking: TrackingConfig, parent_run_id: str
-                 ) -> stages.ObjectRef:
-    ref, report = stages.atm_finetune(task_name, base, start, dataset, head, settings, split, storage, device)
+                 ) -> ObjectRef:
+    ref, report = finetune_stage.atm_finetune(task_name, base, start, dataset, head, settings, split, storage, device)
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"atm-{round_index}-{task_name}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "atm-finetune", "mergeflow.task": task_name,
@@ -39,8 +43,34 @@ def atm_finetune(round_index: int, task_name: str, base: stages.ObjectRef, start
 
 @task(name="atm-merge", task_run_name="atm-merge-{round_index}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
 @uses_storage
-def atm_merge(round_index: int, spec: MergeSpec, base: stages.ObjectRef, current: stages.ObjectRef | None,
-              round_experts: dict[str, stages.ObjectRef], out_uri: str, storage: StorageConfig,
-              device: str) -> stages.ObjectRef:
-    return on_device_or_cpu(lambda on: stages.atm_merge(spec, base, current, round_experts, out_uri, storage, on),
+def atm_merge(round_index: int, spec: MergeSpec, base: ObjectRef, current: ObjectRef | None,
+              round_experts: dict[str, ObjectRef], out_uri: str, storage: StorageConfig,
+              device: str) -> ObjectRef:
+    return on_device_or_cpu(lambda on: merge_stage.atm_merge(spec, base, current, round_experts, out_uri, storage, on),
                             device, f"ATM merge of round {round_index}")
+
+
+@task(name="record-atm-round", task_run_name="record-atm-round-{round_index}", **IO_RETRIES)
+def record_atm_round(round_index: int, model: ObjectRef, accuracy: dict[str, float],
+                     expert_accuracy: dict[str, float], tracking: TrackingConfig, parent_run_id: str) -> None:
+    """The round's test accuracy (per task, average, normalised average) and its model on the parent run."""
+    normalized = normalized_accuracy(accuracy, expert_accuracy)
+    tracker = MlflowTracker(tracking)
+    tracker.log_metrics(parent_run_id, {**{f"atm.acc.{t}": v for t, v in accuracy.items()},
+                                        "atm.acc.avg": sum(accuracy.values()) / len(accuracy),
+                                        "atm.norm_acc.avg": sum(normalized.values()) / len(normalized)},
+                        step=round_index)
+    tracker.log_params(parent_run_id, {f"atm.round.{round_index}.uri": model.uri,
+                                       f"atm.round.{round_index}.sha256": model.sha256})
+
+
+@task(name="record-atm-table", **IO_RETRIES)
+def record_atm_table(rows: dict[str, dict[str, float]], names: list[str], table: str, run_name: str,
+                     tracking: TrackingConfig, parent_run_id: str) -> None:
+    """The rounds' table as a Prefect table artifact and an MLflow text file; ends the parent run."""
+    create_table_artifact([{"model": model, **{t: round(100 * a[t], 1) for t in names},
+                            "avg": round(100 * sum(a.values()) / len(a), 1)} for model, a in rows.items()],
+                          key=f"{artifact_key(run_name)}-atm-rounds", description="test accuracy (%) by ATM round")
+    tracker = MlflowTracker(tracking)
+    tracker.log_text(parent_run_id, table + "\n", "atm.md")
+    tracker.end_run(parent_run_id)

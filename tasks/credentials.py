@@ -56,6 +56,7 @@ def uses_storage(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         stopping.install_in_worker()
+        stopping.enter_scope(_flow_run_id())
         stopping.check()
         storage = signature.bind_partial(*args, **kwargs).arguments.get("storage")
         if isinstance(storage, StorageConfig):
@@ -75,6 +76,15 @@ def uses_storage(fn: F) -> F:
             print(progress.CLOCK.finished(fn.__name__, name, time.perf_counter() - start, outcome))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _flow_run_id() -> str:
+    from prefect import runtime
+
+    try:
+        return str(runtime.flow_run.id or "")
+    except Exception:  # noqa: BLE001 - outside a flow run
+        return ""
 
 
 def _task_run_name(default: str) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prefect import task
 
-from mergeflow import stages
+from mergeflow.stages import evaluate as evaluate_stage
+from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import EvalConfig, StorageConfig, TrackingConfig
 from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
 from tasks.credentials import uses_storage
@@ -13,8 +14,8 @@ from tasks.tracking import MlflowTracker
 
 @task(name="evaluate", task_run_name="evaluate-{label}", timeout_seconds=TIMEOUTS["evaluate"], **IO_RETRIES)
 @uses_storage
-def evaluate(label: str, weights: stages.ObjectRef | None, base: stages.ObjectRef,
-             tasks: dict[str, tuple[stages.ObjectRef, stages.ObjectRef]], evaluation: EvalConfig,
+def evaluate(label: str, weights: ObjectRef | None, base: ObjectRef,
+             tasks: dict[str, tuple[ObjectRef, ObjectRef]], evaluation: EvalConfig,
              storage: StorageConfig, device: str, tracking: TrackingConfig | None = None,
              parent_run_id: str | None = None, split: str = "test", max_examples: int | None = None
              ) -> dict[str, float]:
@@ -25,7 +26,7 @@ def evaluate(label: str, weights: stages.ObjectRef | None, base: stages.ObjectRe
 
     started = time.perf_counter()
     accuracy, reused = on_device_or_cpu(
-        lambda on: stages.evaluate_stored(weights, base, tasks, evaluation, storage, on, split, max_examples),
+        lambda on: evaluate_stage.evaluate_stored(weights, base, tasks, evaluation, storage, on, split, max_examples),
         device, f"evaluate {label}")
     if tracking is not None:
         tracker = MlflowTracker(tracking)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prefect import task
 
-from mergeflow import stages
+from mergeflow.stages import data as data_stage, fetch as fetch_stage
+from mergeflow.stages.refs import ModelRef, ObjectRef
 from mergeflow.config import DataConfig, ModelConfig, StorageConfig
 from tasks import IO_RETRIES, TIMEOUTS
 from tasks.credentials import uses_storage
@@ -12,29 +13,29 @@ from tasks.credentials import uses_storage
 
 @task(name="fetch-pretrained", timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)
 @uses_storage
-def fetch_pretrained(model: ModelConfig, storage: StorageConfig) -> stages.ModelRef:
-    return stages.materialize_pretrained(model, storage)
+def fetch_pretrained(model: ModelConfig, storage: StorageConfig) -> ModelRef:
+    return fetch_stage.materialize_pretrained(model, storage)
 
 
 @task(name="prepare-dataset", task_run_name="prepare-dataset-{task_name}",
       timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)
 @uses_storage
 def prepare_dataset(task_name: str, data: DataConfig, storage: StorageConfig, dataset: str | None = None,
-                    family: str = "hf_text") -> stages.ObjectRef:
-    return stages.prepare_dataset(task_name, data, storage, dataset, family)
+                    family: str = "hf_text") -> ObjectRef:
+    return data_stage.prepare_dataset(task_name, data, storage, dataset, family)
 
 
 @task(name="fetch-expert", task_run_name="fetch-expert-{task_name}", timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)
 @uses_storage
-def fetch_expert(task_name: str, uri: str, storage: StorageConfig) -> stages.ObjectRef:
-    return stages.fetch_checkpoint(uri, storage)
+def fetch_expert(task_name: str, uri: str, storage: StorageConfig) -> ObjectRef:
+    return fetch_stage.fetch_checkpoint(uri, storage)
 
 
 @task(name="fetch-latest-expert", task_run_name="fetch-latest-expert-{task_name}",
       timeout_seconds=TIMEOUTS["io"], **IO_RETRIES)
 @uses_storage
-def fetch_latest_expert(task_name: str, prefix: str, storage: StorageConfig) -> stages.ObjectRef:
+def fetch_latest_expert(task_name: str, prefix: str, storage: StorageConfig) -> ObjectRef:
     """The newest checkpoint under `prefix` (nightly "latest experts" mode)."""
-    uri = stages.latest_checkpoint(prefix, storage)
+    uri = fetch_stage.latest_checkpoint(prefix, storage)
     print(f"{task_name}: newest expert under {prefix} is {uri}")
-    return stages.fetch_checkpoint(uri, storage)
+    return fetch_stage.fetch_checkpoint(uri, storage)

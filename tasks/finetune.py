@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prefect import task
 
-from mergeflow import stages
+from mergeflow.stages import data as data_stage, finetune as finetune_stage
+from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import EvalConfig, FinetuneConfig, StorageConfig, TrackingConfig
 from tasks import IO_RETRIES, TIMEOUTS
 from tasks.credentials import uses_storage
@@ -13,18 +14,18 @@ from tasks.tracking import MlflowTracker
 
 @task(name="fit-head", task_run_name="fit-head-{task_name}", timeout_seconds=TIMEOUTS["train"], **IO_RETRIES)
 @uses_storage
-def fit_head(task_name: str, base: stages.ObjectRef, dataset: stages.ObjectRef, evaluation: EvalConfig,
-             storage: StorageConfig, device: str, head: str | None = None) -> stages.ObjectRef:
-    return stages.fit_head(task_name, base, dataset, evaluation, storage, device, head)
+def fit_head(task_name: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalConfig,
+             storage: StorageConfig, device: str, head: str | None = None) -> ObjectRef:
+    return data_stage.fit_head(task_name, base, dataset, evaluation, storage, device, head)
 
 
 @task(name="finetune-expert", task_run_name="finetune-expert-{task_name}",
       timeout_seconds=TIMEOUTS["train"], **IO_RETRIES)
 @uses_storage
-def finetune_expert(task_name: str, base: stages.ObjectRef, dataset: stages.ObjectRef, head: stages.ObjectRef,
+def finetune_expert(task_name: str, base: ObjectRef, dataset: ObjectRef, head: ObjectRef,
                     settings: FinetuneConfig, storage: StorageConfig, device: str, tracking: TrackingConfig,
-                    parent_run_id: str) -> stages.ObjectRef:
-    expert, report = stages.finetune_expert(task_name, base, dataset, head, settings, storage, device)
+                    parent_run_id: str) -> ObjectRef:
+    expert, report = finetune_stage.finetune_expert(task_name, base, dataset, head, settings, storage, device)
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"expert-{task_name}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "finetune", "mergeflow.task": task_name,

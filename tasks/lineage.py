@@ -140,7 +140,7 @@ def pull(tracking_uri: str, spec: str, destination: Path) -> Path:
     import mlflow.artifacts
 
     from mergeflow.checkpoints import open_checkpoint
-    from mergeflow.storage import ContentCache
+    from mergeflow.content_cache import ContentCache
 
     client = _client(tracking_uri)
     version = resolve_version(client, spec)

@@ -6,7 +6,8 @@ from typing import Any
 
 from prefect import task
 
-from mergeflow import stages
+from mergeflow.stages import merge as merge_stage, sparsify as sparsify_stage
+from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import EvalConfig, MergeSpec, StorageConfig
 from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
 from tasks.credentials import uses_storage
@@ -14,10 +15,10 @@ from tasks.credentials import uses_storage
 
 @task(name="sparsify", task_run_name="sparsify-{spec.method}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
 @uses_storage
-def sparsify(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], storage: StorageConfig,
-             device: str) -> stages.ObjectRef:
+def sparsify(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], storage: StorageConfig,
+             device: str) -> ObjectRef:
     """The method's global pass, stored and keyed by digests (`stages.sparsify`); returns its reference."""
-    ref, reused = on_device_or_cpu(lambda on: stages.sparsify(spec, base, experts, storage, on), device,
+    ref, reused = on_device_or_cpu(lambda on: sparsify_stage.sparsify(spec, base, experts, storage, on), device,
                                    f"sparsify {spec.method}")
     print(f"sparsify {spec.method}: {'reused' if reused else 'stored'} {ref.uri}")
     return ref
@@ -25,16 +26,16 @@ def sparsify(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.
 
 @task(name="merge", task_run_name="merge-{spec.method}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
 @uses_storage
-def merge(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], out_uri: str,
-          storage: StorageConfig, state: stages.ObjectRef | None, device: str,
-          statistics: dict[str, stages.ObjectRef] | None = None,
-          unlabeled: tuple[dict[str, tuple[stages.ObjectRef, stages.ObjectRef]], str, EvalConfig] | None = None,
-          ) -> tuple[stages.ObjectRef, dict[str, Any]]:
+def merge(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], out_uri: str,
+          storage: StorageConfig, state: ObjectRef | None, device: str,
+          statistics: dict[str, ObjectRef] | None = None,
+          unlabeled: tuple[dict[str, tuple[ObjectRef, ObjectRef]], str, EvalConfig] | None = None,
+          ) -> tuple[ObjectRef, dict[str, Any]]:
     """`unlabeled` = (task -> (dataset, head), split, evaluation settings) for methods that learn coefficients."""
     def run(on: str):
-        objective = stages.unlabeled_objective(base, unlabeled[0], unlabeled[1], unlabeled[2], storage, on) \
+        objective = merge_stage.unlabeled_objective(base, unlabeled[0], unlabeled[1], unlabeled[2], storage, on) \
             if unlabeled else None
-        return stages.merge_experts(spec, base, experts, out_uri, storage, state, on, statistics, objective)
+        return merge_stage.merge_experts(spec, base, experts, out_uri, storage, state, on, statistics, objective)
 
     return on_device_or_cpu(run, device, f"merge {spec.method}")
 
@@ -42,16 +43,16 @@ def merge(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.Obj
 @task(name="merge-part", task_run_name="merge-{spec.method}-part-{index}", timeout_seconds=TIMEOUTS["merge"],
       **IO_RETRIES)
 @uses_storage
-def merge_part(spec: MergeSpec, base: stages.ObjectRef, experts: dict[str, stages.ObjectRef], out_uri: str,
-               index: int, parts: int, storage: StorageConfig, state: stages.ObjectRef | None, device: str,
-               statistics: dict[str, stages.ObjectRef] | None = None) -> str:
+def merge_part(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], out_uri: str,
+               index: int, parts: int, storage: StorageConfig, state: ObjectRef | None, device: str,
+               statistics: dict[str, ObjectRef] | None = None) -> str:
     """One layer group of a merge split across tasks."""
-    return on_device_or_cpu(lambda on: stages.merge_part(spec, base, experts, out_uri, index, parts, storage, state,
+    return on_device_or_cpu(lambda on: merge_stage.merge_part(spec, base, experts, out_uri, index, parts, storage, state,
                                                          on, statistics), device, f"merge {spec.method} part {index}")
 
 
 @task(name="assemble-merge", task_run_name="assemble-{label}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
 @uses_storage
 def assemble_merge(label: str, part_uris: list[str], out_uri: str, storage: StorageConfig
-                   ) -> tuple[stages.ObjectRef, dict[str, Any]]:
-    return stages.assemble_merge(part_uris, out_uri, storage)
+                   ) -> tuple[ObjectRef, dict[str, Any]]:
+    return merge_stage.assemble_merge(part_uris, out_uri, storage)

@@ -6,7 +6,8 @@ from typing import Any
 
 from prefect import task
 
-from mergeflow import stages
+from mergeflow.stages import runs as runs_stage
+from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import MergeSpec, RunConfig, StorageConfig, TrackingConfig
 from mergeflow.evaluate import normalized_accuracy
 from mergeflow.stopping import Stopped
@@ -38,8 +39,8 @@ def start_tracking(config: RunConfig, flow_run_id: str, task_runner: str = "") -
 
 @task(name="record-merge", task_run_name="record-merge-{label}", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 @uses_storage
-def record_merge(label: str, spec: MergeSpec, merged: stages.ObjectRef, record: dict[str, Any],
-                 acc: dict[str, float], expert_acc: dict[str, float], datasets: dict[str, stages.ObjectRef],
+def record_merge(label: str, spec: MergeSpec, merged: ObjectRef, record: dict[str, Any],
+                 acc: dict[str, float], expert_acc: dict[str, float], datasets: dict[str, ObjectRef],
                  storage: StorageConfig, tracking: TrackingConfig, parent_run_id: str,
                  validation_acc: dict[str, float] | None = None,
                  expert_validation_acc: dict[str, float] | None = None) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def record_merge(label: str, spec: MergeSpec, merged: stages.ObjectRef, record: 
                "merge_seconds": record.get("seconds", 0.0)}
     model_id = None
     if tracking.log_merged_weights:
-        directory = stages.local_directory_of(merged, storage)
+        directory = runs_stage.local_directory_of(merged, storage)
         model_id = tracker.log_model(run_id, label, directory, params, metrics,
                                      {"mergeflow.uri": merged.uri, "mergeflow.sha256": merged.sha256,
                                       MANIFEST_TAG: sha256_file(directory / "mergeflow.json")})
@@ -136,7 +137,7 @@ def check_unchanged(name: str, digest: str, storage: StorageConfig, tracking: Tr
     says so in the log, a Prefect artifact and the parent MLflow run, and finishes that run."""
     from prefect.artifacts import create_markdown_artifact
 
-    last = stages.last_success(name, storage)
+    last = runs_stage.last_success(name, storage)
     if not last or last.get("inputs_digest") != digest:
         return None
     message = (f"Nothing changed since the last successful run of {name!r} (flow run {last.get('flow_run_id')}, "
@@ -154,4 +155,4 @@ def check_unchanged(name: str, digest: str, storage: StorageConfig, tracking: Tr
 @task(name="mark-success", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 @uses_storage
 def mark_success(name: str, record: dict[str, Any], storage: StorageConfig) -> None:
-    stages.record_success(name, storage, record)
+    runs_stage.record_success(name, storage, record)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prefect import task
 
-from mergeflow import stages
+from mergeflow.stages import statistics as statistics_stage
+from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import StatisticsConfig, StorageConfig, TrackingConfig
 from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
 from tasks.credentials import uses_storage
@@ -13,12 +14,12 @@ from tasks.tracking import MlflowTracker
 
 @task(name="statistics", task_run_name="statistics-{task_name}", timeout_seconds=TIMEOUTS["train"], **IO_RETRIES)
 @uses_storage
-def compute_statistics(task_name: str, base: stages.ObjectRef, expert: stages.ObjectRef, dataset: stages.ObjectRef,
-                       head: stages.ObjectRef, kinds: tuple[str, ...], settings: StatisticsConfig,
+def compute_statistics(task_name: str, base: ObjectRef, expert: ObjectRef, dataset: ObjectRef,
+                       head: ObjectRef, kinds: tuple[str, ...], settings: StatisticsConfig,
                        storage: StorageConfig, device: str, tracking: TrackingConfig,
-                       parent_run_id: str) -> stages.ObjectRef:
+                       parent_run_id: str) -> ObjectRef:
     ref, report = on_device_or_cpu(
-        lambda on: stages.compute_statistics(task_name, base, expert, dataset, head, kinds, settings, storage, on),
+        lambda on: statistics_stage.compute_statistics(task_name, base, expert, dataset, head, kinds, settings, storage, on),
         device, f"statistics {task_name}")
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"statistics-{task_name}", parent_run_id=parent_run_id,

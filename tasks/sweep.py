@@ -12,7 +12,8 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from mergeflow import stages
+from mergeflow.stages import sweep as sweep_stage
+from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import EvalConfig, MergeSpec, StorageConfig, TrackingConfig, TuningConfig
 from mergeflow.sweep import choose, plot_sweep, score_point
 from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
@@ -22,12 +23,12 @@ from tasks.tracking import MlflowTracker
 
 @task(name="sweep-point", task_run_name="sweep-{label}-{index}", timeout_seconds=TIMEOUTS["evaluate"], **IO_RETRIES)
 @uses_storage
-def sweep_point(label: str, index: int, method: str, params: dict[str, Any], base: stages.ObjectRef,
-                experts: dict[str, stages.ObjectRef], tasks: dict[str, tuple[stages.ObjectRef, stages.ObjectRef]],
+def sweep_point(label: str, index: int, method: str, params: dict[str, Any], base: ObjectRef,
+                experts: dict[str, ObjectRef], tasks: dict[str, tuple[ObjectRef, ObjectRef]],
                 tuning: TuningConfig, evaluation: EvalConfig, storage: StorageConfig, device: str,
                 tracking: TrackingConfig, parent_run_id: str) -> dict[str, float]:
     accuracy, reused = on_device_or_cpu(
-        lambda on: stages.sweep_point(method, params, base, experts, tasks, tuning, evaluation, storage, on), device,
+        lambda on: sweep_stage.sweep_point(method, params, base, experts, tasks, tuning, evaluation, storage, on), device,
         f"sweep point {label}-{index}")
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"sweep-{label}-{index}", parent_run_id=parent_run_id,

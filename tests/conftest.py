@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from factories import make_experts, tiny_state_dict
-from mergeflow.storage import ContentCache
+from mergeflow.content_cache import ContentCache
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def isolated_and_single_threaded(single_threaded, tmp_path_factory: pytest.TempP
 @pytest.fixture
 def split_reads(monkeypatch) -> list[tuple[str, str]]:
     """Every (task run name, split) a text task's data is read for during the test ("flow" outside a task)."""
-    import mergeflow.data.text_tasks as text_tasks
+    import mergeflow.families.text.data as text_tasks
     from prefect.context import TaskRunContext
 
     reads: list[tuple[str, str]] = []

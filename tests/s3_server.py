@@ -15,7 +15,7 @@ from pathlib import Path
 
 import boto3
 
-from mergeflow.stack import WEED_PORT_FLAGS as _STACK_FLAGS
+from mergeflow_app.stack import WEED_PORT_FLAGS as _STACK_FLAGS
 
 WEED_PORT_FLAGS = tuple(_STACK_FLAGS.values())  # every port `weed mini` binds, given explicitly
 
@@ -157,7 +157,7 @@ class MlflowServer:
 
 def stack_on_free_ports(state_dir: Path, **settings):
     """A `mergeflow stack` config whose twelve ports were all free a moment ago (none of the defaults)."""
-    from mergeflow import stack
+    from mergeflow_app import stack
 
     return stack.StackConfig(state_dir=state_dir, **dict(zip(stack.PORTS, free_ports(len(stack.PORTS)))),
                              **settings)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from factories import make_experts, tiny_state_dict
-from mergeflow.adamerging import learn_coefficients
-from mergeflow.adapters.hf_text import adamerging_objective_for, load_text_encoder, minilm_path
+from mergeflow.coefficients import learn_coefficients
+from mergeflow.families.text.encoder import entropy_objective, load_text_encoder, minilm_path
 from mergeflow.checkpoints import StateDictSource
-from mergeflow.data.text_tasks import SplitSizes, load_text_task
+from mergeflow.families.text.data import SplitSizes, load_text_task
 from mergeflow.errors import ConfigError
-from mergeflow.evaluate import encode_texts
+from mergeflow.families.text.evaluation import encode_texts
 from mergeflow.heads import fit_linear_probe
 from mergeflow.merge import merge_pool
 from mergeflow.methods.adamerging import AdaMerging
@@ -117,7 +117,7 @@ def test_entropy_objective_on_minilm_decreases_and_never_reads_labels(tmp_path_f
         features = encode_texts(encoder, tokenizer, probe.texts, max_length=16)
         head = fit_linear_probe(features, torch.tensor(probe.labels), len(task.class_names), steps=50)
         tasks[name] = (head, Unlabeled(task.splits["test"].texts))
-    objective = adamerging_objective_for(model_dir, tasks, batch_size=4, max_length=16)
+    objective = entropy_objective(*load_text_encoder(model_dir), tasks, batch_size=4, max_length=16)
 
     # The last block only (the rest keeps the pretrained weights, as DOGE AM learns on a subset), to stay fast.
     base = {k: v for k, v in encoder.backbone.state_dict().items() if k.startswith("encoder.layer.5.")}

@@ -23,31 +23,29 @@ import open_clip
 from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel,
                           CLIPVisionModelWithProjection)
 
-from mergeflow.adapters.clip_templates import TEMPLATES, templates_for
-from mergeflow.adapters.clip_vision import (
+from mergeflow.families.clip.templates import TEMPLATES, templates_for
+from mergeflow.families.clip.evaluation import (encode_images, entropy_objective, evaluate_image_encoder,
+                                                image_classification_statistics)
+from mergeflow.families.clip.vision import (
     CLIP_MEAN,
     CLIP_STD,
     ImageEncoder,
     clip_preprocess,
-    encode_images,
-    entropy_objective,
-    evaluate_image_encoder,
     hf_clip_image_encoder,
     hf_vision_state_dict,
-    image_classification_statistics,
     image_encoder_state_dict,
     open_clip_image_encoder,
     open_clip_visual_state_dict,
     save_open_clip_visual,
     save_state_dict,
 )
-from mergeflow.adapters.zeroshot import (
+from mergeflow.families.clip.zeroshot import (
     hf_zeroshot_head,
     open_clip_zeroshot_head,
     zeroshot_head,
     zeroshot_logits,
 )
-from mergeflow.data.image_tasks import (
+from mergeflow.families.clip.data import (
     DIGIT_CLASSES,
     ImageSplit,
     ImageSplitSizes,
@@ -517,7 +515,7 @@ def test_convert_round_trips_a_pickled_open_clip_module(oc_model, config_dir: Pa
     """The public task-vector checkpoints are whole pickled image encoders: `mergeflow convert` turns one into
     safetensors once, and the adapter then builds the same features from it (weights_only readers refuse it)."""
     from mergeflow.checkpoints import open_checkpoint
-    from mergeflow.cli import main
+    from mergeflow_app.cli import main
     from mergeflow.errors import UnsafeCheckpointError
 
     pickled = tmp_path / "finetuned.pt"
@@ -538,7 +536,8 @@ def test_the_production_trainer_fine_tunes_an_image_encoder_and_resumes(oc_model
     """`finetune_image_encoder`: the text trainer's recipe (AdamW, schedule, checkpoints, resume) on a CLIP vision
     tower under a frozen zero-shot head; a run interrupted after its checkpoint resumes to the same weights."""
     import mergeflow.finetune as finetune
-    from mergeflow.finetune import FinetuneSettings, finetune_image_encoder
+    from mergeflow.families.clip.training import finetune_image_encoder
+    from mergeflow.finetune import FinetuneSettings
 
     head = open_clip_zeroshot_head(oc_model, oc_tokenizer, DIGIT_CLASSES, templates_for("digits"))
     train = digits.splits["train"]

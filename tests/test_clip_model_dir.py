@@ -18,7 +18,7 @@ import mergeflow  # noqa: F401 - the torchvision fix runs before open_clip / tra
 import open_clip
 from transformers import AutoTokenizer
 
-from mergeflow.adapters.clip_model_dir import (
+from mergeflow.families.clip.model_dir import (
     check_clip_model_dir,
     clip_zeroshot_head,
     has_text_tower,
@@ -27,8 +27,8 @@ from mergeflow.adapters.clip_model_dir import (
     save_hf_clip_model_dir,
     save_open_clip_model_dir,
 )
-from mergeflow.adapters.clip_vision import hf_vision_state_dict, image_encoder_state_dict
-from mergeflow.adapters.zeroshot import hf_zeroshot_head, open_clip_zeroshot_head
+from mergeflow.families.clip.vision import hf_vision_state_dict, image_encoder_state_dict
+from mergeflow.families.clip.zeroshot import hf_zeroshot_head, open_clip_zeroshot_head
 from mergeflow.errors import CheckpointError, ConfigError
 from tiny_clip import (
     EOS,
@@ -151,8 +151,9 @@ def test_hf_dir_round_trip_equals_the_models_image_features(tmp_path: Path) -> N
 
 def test_hf_vision_only_layout_keeps_the_pretrained_projection_frozen(tmp_path: Path) -> None:
     """FusionBench's experts are CLIPVisionModel checkpoints: only `vision_model.*` is fine-tuned and merged."""
-    from mergeflow.data.image_tasks import ImageSplit
-    from mergeflow.finetune import FinetuneSettings, finetune_image_encoder
+    from mergeflow.families.clip.data import ImageSplit
+    from mergeflow.families.clip.training import finetune_image_encoder
+    from mergeflow.finetune import FinetuneSettings
 
     tokenizer = clip_word_tokenizer()
     model = tiny_hf_clip(len(tokenizer), seed=1)

@@ -14,7 +14,7 @@ import mergeflow  # noqa: F401 - the torchvision fix runs before open_clip is im
 import open_clip
 from safetensors.torch import load_file
 
-from mergeflow.cli import main
+from mergeflow_app.cli import main
 from mergeflow.errors import CheckpointError
 from mergeflow.heads import ClassificationHead
 

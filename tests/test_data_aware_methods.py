@@ -8,11 +8,12 @@ import torch
 
 from factories import make_experts, tiny_state_dict
 from mergeflow.checkpoints import StateDictSource, open_checkpoint
-from mergeflow.cli import main
+from mergeflow_app.cli import main
 from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.merge import merge_checkpoints, merge_state_dicts
 from mergeflow.methods import build_method
-from mergeflow.methods.mats import solve_linear
+from mergeflow.methods.base import recorded
+from mergeflow.methods.mats import SOLVES, solve_linear
 from mergeflow.statistics import Statistics, save_statistics
 from mergeflow.task_vectors import ExpertPool
 
@@ -206,10 +207,10 @@ def test_mats_engine_groups_equal_shapes_like_one_at_a_time(objective):
     grouped: dict[str, torch.Tensor] = {}
     from mergeflow.merge import merge_pool
 
-    merge_pool(method, pool, grouped.__setitem__)
+    state = merge_pool(method, pool, grouped.__setitem__)
     for k in base:
         _check(grouped[k], alone[k], atol=1e-6)
-        assert method.solves[k]["iterations"] >= 1
+        assert state[SOLVES][k]["iterations"] >= 1
     assert method.grouping({"covered": list(base)}, torch.device("cuda"))[1] == 1_000_000
 
 
@@ -223,8 +224,9 @@ def test_records_each_solve():
     assert FC1 in state["covered"] and "encoder.layer.0.mlp.fc1.bias" not in state["covered"]
     tvs = pool.task_vectors(FC1)
     method.merge_tensor(FC1, pool.base_tensor(FC1), tvs, state)
-    assert set(method.solves[FC1]) == {"iterations", "residual", "converged", "seconds"}
-    assert 1 <= method.solves[FC1]["iterations"] <= 100
+    assert set(state[SOLVES][FC1]) == {"iterations", "residual", "converged", "seconds"}
+    assert 1 <= state[SOLVES][FC1]["iterations"] <= 100
+    assert SOLVES not in recorded(state) and "_pool" not in recorded(state)  # run-only: never in a record
 
 
 def test_missing_statistics_are_clear_errors(models):

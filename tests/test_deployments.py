@@ -35,7 +35,7 @@ def test_prefect_yaml_deploys_the_nightly_config():
 
 
 def test_latest_checkpoint_is_the_newest_safetensors(tmp_path):
-    from mergeflow.stages import latest_checkpoint
+    from mergeflow.stages.fetch import latest_checkpoint
 
     storage = StorageConfig(root=str(tmp_path))
     prefix = tmp_path / "experts" / "election"
@@ -60,7 +60,7 @@ def _expert(base: dict, path: Path, seed: int, mtime: float) -> None:
 
 def test_unchanged_nightly_run_is_skipped(tmp_path, tmp_path_factory, prefect_harness):
     from flows.merge_flow import merge_flow
-    from mergeflow.adapters.hf_text import minilm_path
+    from mergeflow.families.text.encoder import minilm_path
 
     base = load_file(str(minilm_path() / "model.safetensors"))
     experts = tmp_path / "experts"
@@ -96,8 +96,8 @@ def test_a_dataset_changed_in_place_is_not_skipped(tmp_path, tmp_path_factory, p
     import pyarrow.parquet as pq
 
     from flows.merge_flow import merge_flow
-    from mergeflow.adapters.hf_text import minilm_path
-    from mergeflow.data.text_tasks import SplitSizes, TextTask, load_text_task, save_text_task
+    from mergeflow.families.text.encoder import minilm_path
+    from mergeflow.families.text.data import SplitSizes, TextTask, load_text_task, save_text_task
 
     base = load_file(str(minilm_path() / "model.safetensors"))
     _expert(base, tmp_path / "experts" / "tweets.safetensors", 1, 1_000)
@@ -143,7 +143,7 @@ def test_served_deployment_runs_a_triggered_run_against_the_stack(tmp_path, monk
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from mergeflow import stack
+    from mergeflow_app import stack
 
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
@@ -164,7 +164,7 @@ def test_served_deployment_runs_a_triggered_run_against_the_stack(tmp_path, monk
         }
         (tmp_path / "served.yaml").write_text(yaml.safe_dump(raw))
         server = subprocess.Popen(
-            [sys.executable, "-m", "mergeflow.cli", "serve", str(tmp_path / "served.yaml"), "--name", "stacktest",
+            [sys.executable, "-m", "mergeflow_app.cli", "serve", str(tmp_path / "served.yaml"), "--name", "stacktest",
              "--cron", "0 3 * * *", "--timezone", "Europe/Berlin"],
             cwd=ROOT, env={**os.environ, **env, "PREFECT_HOME": str(tmp_path / "prefect-client")},
             stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)

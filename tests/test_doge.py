@@ -16,7 +16,8 @@ from factories import make_experts, tiny_state_dict
 from mergeflow.checkpoints import open_checkpoint
 from mergeflow.errors import ConfigError
 from mergeflow.checkpoints.reader import TensorInfo
-from mergeflow.merge import merge_state_dicts, shape_groups
+from mergeflow.merge import merge_state_dicts
+from mergeflow.task_vectors import shape_groups
 from mergeflow.methods import build_method
 from mergeflow.methods.doge_ta import (DogeObjective, optimise_delta, shared_subspace, task_coefficients)
 

@@ -51,8 +51,8 @@ def test_dataset_layout_errors_say_what_was_expected(tmp_path: Path) -> None:
 
 
 def test_a_seq2seq_head_is_a_prompt_file(tmp_path: Path) -> None:
-    from mergeflow.adapters.seq2seq import glue_task
-    from mergeflow.families.seq2seq import save_prompt
+    from mergeflow.families.seq2seq.scoring import glue_task
+    from mergeflow.families.seq2seq.family import save_prompt
 
     family = get_family("seq2seq")
     save_prompt(glue_task("cola"), tmp_path / "cola.json")

@@ -8,16 +8,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from mergeflow.adapters.hf_text import encoder_state_dict, load_text_encoder, minilm_path
-from mergeflow.data.text_tasks import SplitSizes, TextSplit, TextTask, load_text_task
-from mergeflow.evaluate import (
-    accuracy,
-    encode_texts,
-    evaluate_encoder,
-    format_results_table,
-    normalized_accuracy,
-)
-from mergeflow.finetune import FinetuneSettings, finetune_encoder
+from mergeflow.families.text.encoder import encoder_state_dict, load_text_encoder, minilm_path
+from mergeflow.families.text.data import SplitSizes, TextSplit, TextTask, load_text_task
+from mergeflow.evaluate import accuracy, format_results_table, normalized_accuracy
+from mergeflow.families.text.evaluation import encode_texts, evaluate_encoder
+from mergeflow.families.text.training import finetune_encoder
+from mergeflow.finetune import FinetuneSettings
 from mergeflow.heads import ClassificationHead, fit_linear_probe
 
 TINY = FinetuneSettings(steps=3, batch_size=2, lr=1e-4, warmup_steps=1, max_length=16, seed=0)

@@ -22,9 +22,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
-from mergeflow.adapters.hf_text import TextEncoder, minilm_path
-from mergeflow.data.text_tasks import SplitSizes, TextSplit, load_text_task
-from mergeflow.finetune import CHECKPOINT_NAME, FinetuneResult, FinetuneSettings, finetune_encoder
+from mergeflow.families.text.encoder import TextEncoder, minilm_path
+from mergeflow.families.text.data import SplitSizes, TextSplit, load_text_task
+from mergeflow.families.text.training import finetune_encoder
+from mergeflow.finetune import CHECKPOINT_NAME, FinetuneResult, FinetuneSettings
 from mergeflow.heads import ClassificationHead
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,9 +125,10 @@ from pathlib import Path
 import mergeflow  # first: it makes transformers importable beside this environment's torchvision (mergeflow.compat)
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
-from mergeflow.adapters.hf_text import TextEncoder
-from mergeflow.data.text_tasks import TextSplit
-from mergeflow.finetune import FinetuneSettings, finetune_encoder
+from mergeflow.families.text.encoder import TextEncoder
+from mergeflow.families.text.data import TextSplit
+from mergeflow.families.text.training import finetune_encoder
+from mergeflow.finetune import FinetuneSettings
 from mergeflow.heads import ClassificationHead
 
 work = Path(sys.argv[1])

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.slow
 
-WORK = {"mergeflow.finetune": "finetune_encoder", "mergeflow.evaluate": "evaluate_encoder",
-        "mergeflow.merge": "merge_pool", "mergeflow.adapters.hf_text": "text_classification_statistics",
-        "mergeflow.heads": "fit_linear_probe", "mergeflow.stages": "sweep_weights"}
+WORK = {"mergeflow.families.text.training": "finetune_encoder", "mergeflow.families.text.evaluation": "evaluate_encoder",
+        "mergeflow.merge": "merge_pool", "mergeflow.families.text.encoder": "text_classification_statistics",
+        "mergeflow.heads": "fit_linear_probe", "mergeflow.stages.sweep": "sweep_weights"}
 
 
 def _config(tmp_path, cache, expert=None):

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mergeflow.config import RunConfig
-from mergeflow.data.text_tasks import SplitSizes, TextTask, load_text_task, save_text_task
+from mergeflow.families.text.data import SplitSizes, TextTask, load_text_task, save_text_task
 from mergeflow.errors import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def test_flow_uses_a_dataset_directory_in_place(tmp_path, tmp_path_factory, pref
 
 def test_malformed_datasets_are_named(tmp_path, tmp_path_factory, cache):
     from mergeflow.config import StorageConfig
-    from mergeflow.stages import prepare_dataset
+    from mergeflow.stages.data import prepare_dataset
 
     with pytest.raises(ValueError, match="'tweets' is not a built-in hf_text task"):
         RunConfig.model_validate({"tasks": [{"name": "tweets"}], "merges": [{"method": "average"}]})

@@ -30,7 +30,8 @@ def _config(tmp_path, cache, runner):
 
 
 def test_dask_cluster_gives_the_single_process_digests(tmp_path, tmp_path_factory, prefect_harness):
-    from flows.merge_flow import merge_flow, task_runner_for
+    from flows.merge_flow import merge_flow
+    from tasks.runners import task_runner_for
 
     import torch
 

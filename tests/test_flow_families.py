@@ -105,7 +105,7 @@ def _hand_accuracy(family: str, model, head, split) -> float:
 
     correct = 0
     if family == "seq2seq":
-        from mergeflow.adapters.seq2seq import score_label_words
+        from mergeflow.families.seq2seq.scoring import score_label_words
 
         scores = score_label_words(model.module, model.tokenizer, split.texts, head.label_words, max_length=32)
         for row, label in zip(scores.tolist(), split.labels):
@@ -146,8 +146,8 @@ def test_open_clip_flow_runs_every_method_of_the_vit_config(tmp_path, tmp_path_f
     _check_summary(summary, config, base_dir)
     datasets, heads = _stored(summary, config)
     assert all(h.endswith(".safetensors") for h in heads.values())
-    from mergeflow.adapters.clip_model_dir import clip_zeroshot_head
-    from mergeflow.adapters.clip_templates import templates_for
+    from mergeflow.families.clip.model_dir import clip_zeroshot_head
+    from mergeflow.families.clip.templates import templates_for
     from mergeflow.heads import ClassificationHead
 
     digits_head = ClassificationHead.load(Path(heads["digits"]))  # the zero-shot head of the task's own templates
@@ -171,9 +171,9 @@ def test_hf_clip_flow_with_vision_only_experts_a_given_head_and_an_image_folder_
     from PIL import Image
 
     from flows.merge_flow import merge_flow
-    from mergeflow.adapters.clip_model_dir import clip_zeroshot_head
+    from mergeflow.families.clip.model_dir import clip_zeroshot_head
     from mergeflow.config import RunConfig
-    from mergeflow.data.image_tasks import ImageSplitSizes, load_digits_task
+    from mergeflow.families.clip.data import ImageSplitSizes, load_digits_task
     from tiny_clip import tiny_hf_clip_dir
 
     base_dir = tiny_hf_clip_dir(tmp_path / "model", merge_projection=False)  # FusionBench's vision-only experts
@@ -204,10 +204,10 @@ def test_hf_clip_flow_with_vision_only_experts_a_given_head_and_an_image_folder_
 
 def test_seq2seq_flow_fine_tunes_merges_and_scores_label_words(tmp_path, tmp_path_factory, prefect_harness):
     from flows.merge_flow import merge_flow
-    from mergeflow.adapters.seq2seq import GlueTask
+    from mergeflow.families.seq2seq.scoring import GlueTask
     from mergeflow.config import RunConfig
-    from mergeflow.data.seq2seq_tasks import save_seq2seq_task
-    from mergeflow.data.text_tasks import SplitSizes, load_text_task
+    from mergeflow.families.seq2seq.data import save_seq2seq_task
+    from mergeflow.families.text.data import SplitSizes, load_text_task
     from tiny_t5 import tiny_t5_model_dir
 
     wheels = tmp_path_factory.mktemp("wheels")

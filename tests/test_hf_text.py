@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mergeflow.adapters.hf_text import TextEncoder, encoder_state_dict, load_text_encoder, minilm_path
+from mergeflow.families.text.encoder import TextEncoder, encoder_state_dict, load_text_encoder, minilm_path
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mergeflow.data.image_tasks import (
+from mergeflow.families.clip.data import (
     DIGIT_CLASSES,
     EncodedImages,
     ImageSplitSizes,

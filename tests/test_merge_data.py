@@ -10,9 +10,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mergeflow.adapters.hf_text import minilm_path
-from mergeflow.cli import main
-from mergeflow.data.text_tasks import SplitSizes, load_text_task, save_text_task
+from mergeflow.families.text.encoder import minilm_path
+from mergeflow_app.cli import main
+from mergeflow.families.text.data import SplitSizes, load_text_task, save_text_task
 from mergeflow.heads import ClassificationHead
 
 
@@ -99,7 +99,7 @@ def test_wrong_data_configs_are_named_before_any_model_runs(inputs, monkeypatch,
 
 
 def test_tune_picks_coefficients_on_validation_only(inputs, monkeypatch, tmp_path, capsys):
-    import mergeflow.data.text_tasks as text_tasks
+    import mergeflow.families.text.data as text_tasks
 
     root, base, experts, _ = inputs
     monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from mergeflow.checkpoints import open_checkpoint
 from mergeflow.errors import IntegrityError, ObjectExistsError, ObjectNotFoundError, StorageAccessError
 from mergeflow.merge import merge_checkpoints, merge_state_dicts
-from mergeflow.storage import ContentCache, sha256_file, upload_file
+from mergeflow.storage import sha256_file, upload_file
+from mergeflow.content_cache import ContentCache
 from tasks import is_transient
 
 
@@ -128,7 +129,7 @@ def test_flow_fetch_survives_the_server_stopping_midway(tmp_path, model_files, s
     from prefect import flow
 
     from mergeflow.config import StorageConfig
-    from mergeflow.storage import ContentCache as Cache
+    from mergeflow.content_cache import ContentCache as Cache
     from tasks.fetch import fetch_expert
 
     uris = _upload_models(model_files, s3_env)

@@ -10,7 +10,7 @@ import torch
 import mergeflow  # noqa: F401 - the torchvision fix runs before transformers is imported
 from transformers import T5Config, T5ForConditionalGeneration
 
-from mergeflow.adapters.seq2seq import (
+from mergeflow.families.seq2seq.scoring import (
     GLUE_TASKS,
     GlueTask,
     accuracy,

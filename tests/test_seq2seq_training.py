@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergeflow.adapters.seq2seq import (
+from mergeflow.families.seq2seq.scoring import (
     GLUE_TASKS,
     GlueTask,
     candidate_log_likelihoods,
@@ -23,7 +23,7 @@ from mergeflow.adapters.seq2seq import (
     score_label_words,
     sequence_log_likelihoods,
 )
-from mergeflow.adapters.seq2seq_model import (
+from mergeflow.families.seq2seq.model import (
     class_targets,
     evaluate_seq2seq,
     finetune_seq2seq,
@@ -33,8 +33,8 @@ from mergeflow.adapters.seq2seq_model import (
     seq2seq_state_dict,
     seq2seq_statistics,
 )
-from mergeflow.data.seq2seq_tasks import read_seq2seq_task, save_seq2seq_task
-from mergeflow.data.text_tasks import SplitSizes, load_text_task
+from mergeflow.families.seq2seq.data import read_seq2seq_task, save_seq2seq_task
+from mergeflow.families.text.data import SplitSizes, load_text_task
 from mergeflow.errors import CheckpointError, InputError
 from mergeflow.finetune import FinetuneSettings
 from mergeflow.statistics import FISHER, GRAM_IN, GRAM_OUT, split_statistic_key

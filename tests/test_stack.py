@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from mergeflow import stack
-from mergeflow.stack import StackConfig, StackError
+from mergeflow_app import stack
+from mergeflow_app.stack import StackConfig, StackError, config as stack_config, control, processes
 from s3_server import stack_on_free_ports
 
 
@@ -105,14 +105,14 @@ def test_every_port_is_configurable_and_defaults_avoid_the_ephemeral_range(monke
     default = StackConfig()
     assert len(set(default.ports().values())) == len(stack.PORTS) == 12
     assert all(port < min(low, 32768) for port in default.ports().values()), default.ports()
-    command = stack._command("s3", default, "mergeflow")
+    command = control._command("s3", default, "mergeflow")
     for field, flag in stack.WEED_PORT_FLAGS.items():
         assert f"-{flag}={getattr(default, field)}" in command
     moved = dict(zip(stack.PORTS, range(20001, 20013)))
     for field, port in moved.items():
         monkeypatch.setenv(stack.port_setting(field), str(port))
     assert StackConfig.from_env().ports() == moved
-    command = stack._command("s3", StackConfig.from_env(), "mergeflow")
+    command = control._command("s3", StackConfig.from_env(), "mergeflow")
     assert "-admin.port.grpc=20012" in command and "-s3.port.grpc=20004" in command
 
 
@@ -178,10 +178,10 @@ def test_port_taken_by_a_stranger_is_refused_before_starting_anything(config):
 
 
 def _record_for(config: StackConfig, pid: int, start_ticks: int) -> None:
-    record = stack.StackRecord(bucket=config.bucket)
-    record.services["prefect"] = stack.ProcessRecord(
+    record = processes.StackRecord(bucket=config.bucket)
+    record.services["prefect"] = processes.ProcessRecord(
         "prefect", pid, config.prefect_port, ["prefect", "server", "start"], "2020-01-01T00:00:00+00:00",
-        str(config.log_path("prefect")), start_ticks, stack._boot_id())
+        str(config.log_path("prefect")), start_ticks, processes.boot_id())
     record.save(config)
 
 
@@ -196,7 +196,7 @@ def test_down_stops_the_whole_process_group_not_just_its_leader(config, sleeper)
     # the shell does not pass SIGTERM on to its children: only a group-wide signal stops them
     leader, children = _group("sleep 60 & echo $!; sleep 60 & echo $!; wait")
     try:
-        _record_for(config, leader.pid, stack._proc_stat(leader.pid)[3])
+        _record_for(config, leader.pid, processes.proc_stat(leader.pid)[3])
         assert stack.status(config).services["prefect"].alive
         assert stack.down(dataclasses.replace(config, stop_timeout=2)) == {"prefect": "stopped"}
         assert leader.wait(timeout=5) is not None
@@ -211,7 +211,7 @@ def test_down_stops_the_whole_process_group_not_just_its_leader(config, sleeper)
 def test_down_stops_survivors_of_an_exited_leader(config, sleeper):
     leader, children = _group("sleep 60 & echo $!; sleep 60 & echo $!; exit 0")
     try:
-        ticks = stack._proc_stat(leader.pid)[3]
+        ticks = processes.proc_stat(leader.pid)[3]
         leader.wait(timeout=5)
         _record_for(config, leader.pid, ticks)
         assert all(_alive(pid) for pid in children)
@@ -241,7 +241,7 @@ def test_stale_record_with_a_dead_pid_is_cleaned_by_status_and_down(config):
 
 def test_down_leaves_a_reused_pid_alone(config, sleeper):
     """A record whose PID now belongs to another process (other start time) must not be signalled."""
-    real_ticks = stack._proc_stat(sleeper.pid)[3]
+    real_ticks = processes.proc_stat(sleeper.pid)[3]
     _record_for(config, sleeper.pid, real_ticks - 1)
     outcome = stack.down(config)
     assert "another process" in outcome["prefect"]
@@ -259,17 +259,17 @@ def test_failed_service_stops_what_up_started(config, monkeypatch, tmp_path):
     fake = tmp_path / "mlflow"
     fake.write_text("#!/bin/sh\necho 'boom: mlflow cannot start' >&2\nexit 3\n")
     fake.chmod(0o755)
-    real = stack.find_executable
-    monkeypatch.setattr(stack, "find_executable", lambda name: str(fake) if name == "mlflow" else real(name))
+    real = control.find_executable
+    monkeypatch.setattr(control, "find_executable", lambda name: str(fake) if name == "mlflow" else real(name))
     seen: dict[str, int] = {}
-    original_start = stack._start
+    original_start = control._start
 
     def spy(service, *args):
         record = original_start(service, *args)
         seen[service] = record.pid
         return record
 
-    monkeypatch.setattr(stack, "_start", spy)
+    monkeypatch.setattr(control, "_start", spy)
     try:
         with pytest.raises(StackError) as caught:
             stack.up(config)
@@ -321,7 +321,7 @@ def test_up_starts_three_healthy_servers(running):
     assert now.mlflow_ui == f"http://127.0.0.1:{config.mlflow_port}"
     assert now.s3_endpoint == f"http://127.0.0.1:{config.s3_port}"
     listening = _listening_ports(record["services"]["s3"]["pid"])
-    assert listening == set(stack._ports_needed("s3", config)), "SeaweedFS binds exactly the configured ports"
+    assert listening == set(control._ports_needed("s3", config)), "SeaweedFS binds exactly the configured ports"
     env = now.env()
     credentials = json.loads(config.credentials_path.read_text())
     assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{config.prefect_port}/api"
@@ -377,7 +377,7 @@ def test_mlflow_artifact_lands_in_the_bucket(running, tmp_path, monkeypatch):
 
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                       aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-    listed = s3.list_objects_v2(Bucket=config.bucket, Prefix=f"{stack.ARTIFACT_PREFIX}/")
+    listed = s3.list_objects_v2(Bucket=config.bucket, Prefix=f"{stack_config.ARTIFACT_PREFIX}/")
     keys = [item["Key"] for item in listed.get("Contents", [])]
     wanted = [key for key in keys if run.info.run_id in key and key.endswith("notes/note.txt")]
     assert wanted, f"artifact not in s3://{config.bucket}: {keys}"
@@ -457,7 +457,7 @@ def test_down_stops_exactly_the_recorded_processes(running, sleeper):
     assert set(outcome) == {"s3", "mlflow", "prefect"}
     for pid, members in groups.items():
         assert not any(_alive(member) for member in members), f"process group {pid} still has live members"
-    for port in (*stack._ports_needed("s3", config), config.mlflow_port, config.prefect_port):
+    for port in (*control._ports_needed("s3", config), config.mlflow_port, config.prefect_port):
         assert not _port_open(port), f"port {port} still open after down"
     assert sleeper.poll() is None, "down killed an unrelated process"
     assert not config.record_path.exists()

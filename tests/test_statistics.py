@@ -9,13 +9,13 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig
 
-from mergeflow.adapters.hf_text import TextEncoder, encoder_state_dict, minilm_path, text_classification_statistics
+from mergeflow.families.text.encoder import TextEncoder, encoder_state_dict, minilm_path, text_classification_statistics
 from mergeflow.checkpoints import StateDictSource
-from mergeflow.data.text_tasks import TextSplit
+from mergeflow.families.text.data import TextSplit
 from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.heads import ClassificationHead
 from mergeflow.selection import ParameterSelection
-from mergeflow.statistics import (compute_statistics, model_digest, open_statistics, save_statistics,
+from mergeflow.statistics import (collect_statistics, model_digest, open_statistics, save_statistics,
                                   validate_statistics)
 
 
@@ -72,7 +72,7 @@ def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], a
 
 def test_mlp_grams_and_empirical_fisher_match_direct_computation(mlp_data):
     model, batches, x, y = mlp_data
-    stats = compute_statistics(model, batches, lambda b: model(b["x"]))
+    stats = collect_statistics(model, batches, lambda b: model(b["x"]))
     _assert_close(stats.tensors, _direct_mlp(model, x, y))
     assert stats.metadata["examples"] == "8" and stats.metadata["fisher"] == "empirical"
     assert stats.metadata["model_digest"] == model_digest(model)
@@ -81,14 +81,14 @@ def test_mlp_grams_and_empirical_fisher_match_direct_computation(mlp_data):
 
 def test_example_cap_kinds_and_selection(mlp_data):
     model, batches, x, y = mlp_data
-    stats = compute_statistics(model, batches, lambda b: model(b["x"]), max_examples=5)
+    stats = collect_statistics(model, batches, lambda b: model(b["x"]), max_examples=5)
     _assert_close(stats.tensors, _direct_mlp(model, x[:5], y[:5]))
     assert stats.metadata["examples"] == "5" and stats.metadata["max_examples"] == "5"
-    grams = compute_statistics(model, batches, lambda b: model(b["x"]), kinds=("gram_in",),
+    grams = collect_statistics(model, batches, lambda b: model(b["x"]), kinds=("gram_in",),
                                selection=ParameterSelection(exclude=("fc2",)))
     assert set(grams.tensors) == {"fc1.weight::gram_in"}
     with pytest.raises(ValueError, match="kinds"):
-        compute_statistics(model, batches, lambda b: model(b["x"]), kinds=("hessian",))
+        collect_statistics(model, batches, lambda b: model(b["x"]), kinds=("hessian",))
 
 
 def test_sampled_fisher_draws_labels_from_the_model_with_a_seed(mlp_data):
@@ -97,11 +97,11 @@ def test_sampled_fisher_draws_labels_from_the_model_with_a_seed(mlp_data):
     with torch.no_grad():
         drawn = torch.cat([torch.multinomial(torch.softmax(model(x[i:i + 1]), -1), 1, generator=g)[:, 0]
                            for i in range(len(x))])
-    sampled = compute_statistics(model, batches, lambda b: model(b["x"]), fisher="sampled", seed=7)
+    sampled = collect_statistics(model, batches, lambda b: model(b["x"]), fisher="sampled", seed=7)
     direct = _direct_mlp(model, x, drawn)
     _assert_close({k: v for k, v in sampled.tensors.items() if k.endswith("::fisher")},
                   {k: v for k, v in direct.items() if k.endswith("::fisher")})
-    again = compute_statistics(model, batches, lambda b: model(b["x"]), fisher="sampled", seed=7)
+    again = collect_statistics(model, batches, lambda b: model(b["x"]), fisher="sampled", seed=7)
     assert all(torch.equal(again.tensors[k], v) for k, v in sampled.tensors.items())
     assert sampled.metadata["fisher"] == "sampled"
 
@@ -127,9 +127,9 @@ def test_bert_grams_leave_padding_out():
     ids = torch.randint(1, 100, (3, 6), generator=torch.Generator().manual_seed(2))
     mask = (torch.arange(6) < torch.tensor(lengths)[:, None]).long()
     labels = torch.tensor([0, 2, 1])
-    padded = compute_statistics(bert, [{"input_ids": ids * mask, "attention_mask": mask, "labels": labels}],
+    padded = collect_statistics(bert, [{"input_ids": ids * mask, "attention_mask": mask, "labels": labels}],
                                 logits_fn)
-    alone = compute_statistics(bert, [{"input_ids": ids[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n],
+    alone = collect_statistics(bert, [{"input_ids": ids[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n],
                                        "labels": labels[i:i + 1]} for i, n in enumerate(lengths)], logits_fn)
     _assert_close(padded.tensors, alone.tensors, atol=1e-5)
     # direct: the query projection reads the embedding output; its Gram averages over the 13 real tokens only
@@ -163,14 +163,14 @@ def test_text_classification_adapter_names_keys_as_the_checkpoint():
         inputs = tokenizer([split.texts[i]], truncation=True, max_length=64, return_tensors="pt")
         return {**inputs, "labels": torch.tensor([split.labels[i]])}
 
-    direct = compute_statistics(bert, [one_text(i) for i in range(4)],
+    direct = collect_statistics(bert, [one_text(i) for i in range(4)],
                                 lambda b: head.logits(encoder(b["input_ids"], b["attention_mask"])))
     _assert_close(stats.tensors, direct.tensors, atol=1e-5)
 
 
 def test_round_trip_through_safetensors(tmp_path, mlp_data):
     model, batches, _, _ = mlp_data
-    stats = compute_statistics(model, batches, lambda b: model(b["x"]))
+    stats = collect_statistics(model, batches, lambda b: model(b["x"]))
     path = tmp_path / "stats" / "expert.statistics.safetensors"
     digest = save_statistics(stats, path)
     with open_statistics(str(path)) as opened:

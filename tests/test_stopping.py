@@ -166,6 +166,10 @@ def test_ctrl_c_in_fine_tuning_stops_and_the_rerun_resumes(workdir):
 @pytest.mark.parametrize("stage,signum,merges,overrides", [
     ("statistics-election", signal.SIGTERM, [{"method": "fisher"}], {}),
     ("merge-doge_ta", signal.SIGINT, [{"method": "doge_ta", "params": {"steps": 100000}}], {}),
+    ("merge-doge_ta", signal.SIGTERM, [{"method": "doge_ta", "params": {"steps": 100000}}],
+     {"task_runner": "processes", "max_workers": 2}),
+    ("merge-doge_ta", signal.SIGINT, [{"method": "doge_ta", "params": {"steps": 100000}}],
+     {"task_runner": "dask", "max_workers": 2}),
     ("merge-adamerging", signal.SIGTERM, [{"method": "adamerging", "params": {"steps": 100000}}], {}),
     ("sweep-task_arithmetic-tuned-0", signal.SIGINT,
      [{"method": "task_arithmetic", "sweep": {"scaling": [0.1 * i for i in range(1, 11)]}}],
@@ -182,3 +186,65 @@ def test_a_signal_stops_each_long_stage_within_10_s(workdir, stage, signum, merg
     _wait_for(log, rf"start\s+{re.escape(stage)}\b", process)
     time.sleep(1.0)
     _check_stopped(workdir, log, process, _stop(process, signum, log), signum, stage)
+
+
+def test_a_stop_tells_listeners_once_and_a_scoped_stop_spares_other_runs():
+    stopping.reset()
+    heard = []
+    try:
+        with stopping.listening(heard.append):
+            stopping.request_stop("for run A", scope="A")
+            stopping.request_stop("again")  # already stopping: no second notice
+            deadline = time.monotonic() + 5
+            while not heard and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert heard == ["for run A"]
+        stopping.enter_scope("A")  # the run it was meant for still stops
+        assert stopping.stop_requested()
+        stopping.enter_scope("B")  # a long-lived worker's next run starts clean
+        assert not stopping.stop_requested()
+        stopping.request_stop("unscoped")  # a stop of this process is never forgotten
+        stopping.enter_scope("B")
+        assert stopping.stop_requested()
+    finally:
+        stopping.reset()
+
+
+def test_a_run_whose_prefect_server_dies_ends_instead_of_hanging(workdir):
+    """The temporary server killed in the middle of a merge: the command says so, stops the run (MLflow KILLED),
+    and exits 75 (try again) within the grace period instead of retrying the lost API for minutes."""
+    from mergeflow_app.prefect_server import EXIT_LOST_SERVER, LOST_SERVER_GRACE
+
+    if not any((workdir / "store").rglob("training.json")):
+        pytest.fail("needs the experts of test_ctrl_c_in_fine_tuning_stops_and_the_rerun_resumes (run the module)")
+    config = _config(workdir, "lostserver", [{"method": "doge_ta", "params": {"steps": 100000}}])
+    log = workdir / "lostserver.log"
+    process = _start(workdir, config, log)
+    _wait_for(log, r"start\s+merge-doge_ta\b", process)
+    servers = [pid for pid in _processes_with_home(workdir / "prefect")
+               if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(servers) == 1, servers
+    killed = time.monotonic()
+    os.kill(servers[0], signal.SIGKILL)
+    try:
+        process.wait(timeout=LOST_SERVER_GRACE + 30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"hung after its Prefect server died:\n{log.read_text(errors='replace')[-4000:]}")
+    seconds = time.monotonic() - killed
+    text = log.read_text(errors="replace")
+    assert process.returncode == EXIT_LOST_SERVER and seconds <= LOST_SERVER_GRACE + 10, (seconds, text[-4000:])
+    assert "the temporary Prefect server exited" in text, text[-4000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("stopping").experiment_id],
+                              order_by=["attributes.start_time DESC"])
+    parent = next(r for r in runs if r.data.tags.get("mergeflow.stage") == "flow")
+    assert parent.info.run_name == "lostserver" and parent.info.status == "KILLED"
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert not [p for p in (workdir / "store").rglob("*") if ".partial-" in p.name or p.name.endswith(".tmp")]
+    deadline = time.monotonic() + 5
+    while _processes_with_home(workdir / "prefect") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_with_home(workdir / "prefect"), "a process of the command outlived it"

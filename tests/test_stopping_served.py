@@ -45,7 +45,7 @@ def test_cancel_through_the_api_stops_a_served_run_in_a_merge(tmp_path):
         log = tmp_path / "serve.log"
         env = {**os.environ, "PREFECT_API_URL": server.api_url, "PREFECT_HOME": str(tmp_path / "prefect-client"),
                "OMP_NUM_THREADS": "1"}
-        serve = subprocess.Popen([sys.executable, "-m", "mergeflow.cli", "serve", str(tmp_path / "served.yaml"),
+        serve = subprocess.Popen([sys.executable, "-m", "mergeflow_app.cli", "serve", str(tmp_path / "served.yaml"),
                                   "--name", "canceltest", "--cron", ""], cwd=ROOT, env=env,
                                  stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):

@@ -62,11 +62,11 @@ def test_cache_downloads_an_unchanged_object_once(tmp_path, cache, s3, monkeypat
     client.upload_file(str(tmp_path / "a.safetensors"), bucket, "a.safetensors")
     uri = f"s3://{bucket}/a.safetensors"
     first = cache.fetch(uri, options)
-    import mergeflow.storage
+    import mergeflow.content_cache
 
     opened = []
-    real_download = mergeflow.storage._download
-    monkeypatch.setattr(mergeflow.storage, "_download", lambda *a: opened.append(a[1]) or real_download(*a))
+    real_download = mergeflow.content_cache._download
+    monkeypatch.setattr(mergeflow.content_cache, "_download", lambda *a: opened.append(a[1]) or real_download(*a))
     second = cache.fetch(uri, options)
     assert second.path == first.path and second.sha256 == first.sha256 == sha256_file(tmp_path / "a.safetensors")
     assert opened == []  # served from the cache: no download

@@ -88,11 +88,14 @@ def test_every_device_stage_falls_back_to_the_cpu_on_cuda_oom(stage, monkeypatch
     import tasks.merge
     import tasks.statistics
     import tasks.sweep
-    from mergeflow import stages
+    from mergeflow.stages import evaluate as evaluate_stage, merge as merge_stage, sparsify as sparsify_stage
+    from mergeflow.stages import statistics as statistics_stage, sweep as sweep_stage
+    from mergeflow.stages.refs import ObjectRef
     from mergeflow.config import EvalConfig, MergeSpec, StatisticsConfig, StorageConfig, TrackingConfig, TuningConfig
 
-    library = {"sparsify": "sparsify", "sweep_point": "sweep_point", "compute_statistics": "compute_statistics",
-               "merge": "merge_experts", "evaluate": "evaluate_stored"}[stage]
+    module, library = {"sparsify": (sparsify_stage, "sparsify"), "sweep_point": (sweep_stage, "sweep_point"),
+                       "compute_statistics": (statistics_stage, "compute_statistics"),
+                       "merge": (merge_stage, "merge_experts"), "evaluate": (evaluate_stage, "evaluate_stored")}[stage]
     results = {"sparsify": {}, "sweep_point": ({"a": 1.0}, False), "merge": ("ref", {}),
                "evaluate": ({"a": 1.0}, False)}
     devices: list[str] = []
@@ -104,10 +107,10 @@ def test_every_device_stage_falls_back_to_the_cpu_on_cuda_oom(stage, monkeypatch
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return results[stage]
 
-    monkeypatch.setattr(stages, library, stage_on)
-    for module in (tasks.statistics, tasks.sweep, tasks.merge, tasks.evaluate):
-        monkeypatch.setattr(module, "MlflowTracker", _NoTracker, raising=False)
-    storage, ref = StorageConfig(root=str(tmp_path)), stages.ObjectRef(uri=str(tmp_path / "x"), sha256="0" * 64)
+    monkeypatch.setattr(module, library, stage_on)
+    for task_module in (tasks.statistics, tasks.sweep, tasks.merge, tasks.evaluate):
+        monkeypatch.setattr(task_module, "MlflowTracker", _NoTracker, raising=False)
+    storage, ref = StorageConfig(root=str(tmp_path)), ObjectRef(uri=str(tmp_path / "x"), sha256="0" * 64)
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db")
     results["compute_statistics"] = (ref, {"reused": False, "examples": 1, "seconds": 0.0})
     results["sparsify"] = (ref, False)

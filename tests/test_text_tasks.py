@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mergeflow.data.text_tasks import (
+from mergeflow.families.text.data import (
     MAX_CHARS,
     SPLIT_NAMES,
     TEXT_TASKS,

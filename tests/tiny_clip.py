@@ -13,8 +13,8 @@ from open_clip.model import CLIP
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerFast
 
-from mergeflow.adapters.clip_model_dir import save_hf_clip_model_dir, save_open_clip_model_dir
-from mergeflow.adapters.clip_templates import TEMPLATES
+from mergeflow.families.clip.model_dir import save_hf_clip_model_dir, save_open_clip_model_dir
+from mergeflow.families.clip.templates import TEMPLATES
 
 OPEN_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 32,

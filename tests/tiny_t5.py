@@ -11,7 +11,7 @@ import mergeflow  # noqa: F401 - the torchvision fix runs before transformers is
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
-from mergeflow.adapters.seq2seq_model import save_seq2seq_model_dir
+from mergeflow.families.seq2seq.model import save_seq2seq_model_dir
 
 PAD, EOS, UNK = 0, 1, 2
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]

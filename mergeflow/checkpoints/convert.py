@@ -12,7 +12,8 @@ import torch
 from mergeflow.checkpoints.safetensors_format import save_safetensors
 
 from mergeflow.errors import CheckpointError
-from mergeflow.storage import ContentCache, exists, is_remote, local_path, publish_directory, staging_dir
+from mergeflow.storage import exists, is_remote, local_path, publish_directory, staging_dir
+from mergeflow.content_cache import ContentCache
 
 
 def _state_dict_of(obj: Any, source: str) -> dict[str, torch.Tensor]:

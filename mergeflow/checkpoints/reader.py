@@ -21,7 +21,8 @@ import torch
 
 from mergeflow.checkpoints.safetensors_format import DTYPES, decode_header, element_size
 from mergeflow.errors import CheckpointError, UnsafeCheckpointError
-from mergeflow.storage import ContentCache, LocalObject, filesystem, is_remote, join, storage_error
+from mergeflow.storage import filesystem, is_remote, join, storage_error
+from mergeflow.content_cache import ContentCache, LocalObject
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")

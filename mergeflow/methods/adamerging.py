@@ -1,6 +1,6 @@
 """AdaMerging (Yang et al., ICLR 2024): theta = theta_0 + sum_i lambda_i tau_i with the lambda learned by
 minimising the summed Shannon entropy of the merged model's predictions on unlabeled inputs (`ExpertPool.objective`,
-e.g. `mergeflow.adapters.hf_text.entropy_objective`). Fed test inputs, as in the paper, it is transductive: say so
+e.g. `mergeflow.families.text.encoder.entropy_objective`). Fed test inputs, as in the paper, it is transductive: say so
 when reporting its results.
 
 Variants: official = `clamp` True (lambda in [0, 1]), 500 steps; FusionBench = no clamp, 1000 steps. Both use
@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergeflow.adamerging import learn_coefficients
+from mergeflow.coefficients import learn_coefficients
 from mergeflow.errors import ConfigError
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.task_vectors import ExpertPool
@@ -41,7 +41,8 @@ class AdaMerging(MergeMethod):
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         if pool.objective is None:
             raise ConfigError(f"method {self.name!r} learns its coefficients on unlabeled data and needs an "
-                              "objective (e.g. mergeflow.adapters.hf_text.adamerging_objective_for); none was given")
+                              "objective: run it in a flow (its tasks' unlabeled inputs make one) or pass `objective=` "
+                              "(e.g. mergeflow.families.text.encoder.entropy_objective); none was given")
         base = {name: pool.base_tensor(name) for name in pool.float_keys()}
         task_vectors = {name: pool.task_vectors(name, tensor) for name, tensor in base.items()}
         p = self.params

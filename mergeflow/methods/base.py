@@ -4,7 +4,9 @@ A method declares its parameters once, as a frozen pydantic model (`Params`): ty
 descriptions there drive `mergeflow methods`, CLI validation, run configs and the Prefect UI form.
 Running a method is two calls on an `ExpertPool`:
   `prepare(pool)`  an optional global pass (e.g. TIES's model-wide top-k thresholds); returns a small
-                   JSON-serialisable state, so the flow can run and cache it as its own stage;
+                   JSON-serialisable state, so the flow can run and cache it as its own stage (keys that start
+                   with `RUN_ONLY` hold what lives only for this merge, e.g. tensors or the pool, and are never
+                   recorded); a method keeps no run state on itself;
   `merge_tensor(name, base, task_vectors, state)`  the merged fp32 tensor for one parameter.
 The engine streams tensors through `merge_tensor`, so memory stays at one tensor's worth of N task vectors.
 
@@ -24,6 +26,14 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from mergeflow.task_vectors import ExpertPool
+
+
+RUN_ONLY = "_"  # prefix of state keys that live only for one merge (never recorded)
+
+
+def recorded(state: dict[str, Any]) -> dict[str, Any]:
+    """The part of a method's state that is recorded with the merge (the run-only keys left out)."""
+    return {key: value for key, value in state.items() if not key.startswith(RUN_ONLY)}
 
 
 class MethodParams(BaseModel):

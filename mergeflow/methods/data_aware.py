@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mergeflow.errors import ConfigError
-from mergeflow.methods.base import MergeMethod
+from mergeflow.methods.base import RUN_ONLY, MergeMethod
 from mergeflow.statistics import SEPARATOR, split_statistic_key, statistic_key
 from mergeflow.task_vectors import ExpertPool
 
@@ -63,19 +63,17 @@ def shrink_off_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:
 class DataAwareMethod(MergeMethod):
     """A method that merges with per-expert statistics from the pool; uncovered parameters are averaged."""
 
-    pool: ExpertPool | None = None
-
     @abstractmethod
     def statistic_kinds(self) -> tuple[str, ...]:
         """The statistic kinds (`mergeflow.statistics.KINDS`) a parameter needs to be merged with statistics."""
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         covered = covered_parameters(pool, self.name, self.statistic_kinds())
-        self.pool = pool
-        return {"covered": covered}
+        return {"covered": covered, RUN_ONLY + "pool": pool}
 
-    def statistic(self, name: str, kind: str) -> torch.Tensor:
-        """[N, ...] statistic `kind` of parameter `name` for every expert, from the prepared pool."""
-        if self.pool is None:
+    def statistic(self, name: str, kind: str, state: dict[str, Any]) -> torch.Tensor:
+        """[N, ...] statistic `kind` of parameter `name` for every expert, from the pool `prepare` put in `state`."""
+        pool = state.get(RUN_ONLY + "pool")
+        if pool is None:
             raise ConfigError(f"method {self.name!r} reads statistics from its pool: call prepare(pool) first")
-        return self.pool.statistic(statistic_key(name, kind))
+        return pool.statistic(statistic_key(name, kind))

@@ -24,14 +24,17 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from mergeflow.adamerging import learn_coefficients
+from mergeflow.coefficients import learn_coefficients
 from mergeflow import stopping
 from mergeflow.errors import ConfigError
-from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.methods.base import RUN_ONLY, MergeMethod, MethodParams
 from mergeflow.methods.doge_ta import DogeObjective, shared_subspace, task_coefficients
 from mergeflow.selection import ParameterSelection
 from mergeflow.sparsify import global_topk_thresholds
-from mergeflow.task_vectors import ExpertPool
+from mergeflow.task_vectors import ExpertPool, shape_groups
+
+
+ADJUSTED = RUN_ONLY + "adjusted"  # state key: each selected layer's adjusted task vectors m_i (T_i + delta_i)
 
 
 class DogeAMParams(MethodParams):
@@ -108,11 +111,10 @@ class DogeAM(MergeMethod):
         return adjusted
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
-        from mergeflow.merge import shape_groups  # the engine imports the registry
-
         if pool.objective is None:
             raise ConfigError(f"method {self.name!r} learns its coefficients on unlabeled data and needs an "
-                              "objective (e.g. mergeflow.adapters.hf_text.adamerging_objective_for); none was given")
+                              "objective: run it in a flow (its tasks' unlabeled inputs make one) or pass `objective=` "
+                              "(e.g. mergeflow.families.text.encoder.entropy_objective); none was given")
         p = self.params
         infos = pool.infos()
         selected = ParameterSelection(include=p.include, exclude=p.exclude).select(infos)
@@ -132,16 +134,15 @@ class DogeAM(MergeMethod):
         bases = {name: bases[name] for name in selected}  # the learner keeps the checkpoint's order
         learned = learn_coefficients(bases, adjusted, pool.objective, granularity="layer", init=p.am_init,
                                      lr=p.am_lr, steps=p.am_steps, clamp=p.clamp, seed=p.seed, progress=progress)
-        self.adjusted = adjusted
         return {"selected": selected, "thresholds": thresholds, "coefficients": learned.coefficients,
-                "losses": learned.losses}
+                "losses": learned.losses, ADJUSTED: adjusted}
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:
         if name not in state["coefficients"]:
             return base + task_vectors.mean(dim=0) if self.params.unselected == "average" else base
-        if self.adjusted is not None and name in self.adjusted:
-            adjusted = self.adjusted[name].to(base.device)
+        if name in state.get(ADJUSTED, {}):
+            adjusted = state[ADJUSTED][name].to(base.device)
         else:  # a state from elsewhere: recompute this layer's deltas (deterministic)
             adjusted = self.adjusted_vectors(task_vectors[None], state["thresholds"])[0]
         coefficients = torch.tensor(state["coefficients"][name], dtype=torch.float32, device=base.device)

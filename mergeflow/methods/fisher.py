@@ -42,7 +42,7 @@ class FisherMerging(DataAwareMethod):
         if self.params.normalize_fisher_weight:
             squares = torch.zeros(len(pool.experts), dtype=torch.float64)
             for name in progress_bar(state["covered"], desc="Fisher norms", disable=not progress):
-                squares += self.statistic(name, FISHER).reshape(len(pool.experts), -1).double().square().sum(dim=1).cpu()
+                squares += self.statistic(name, FISHER, state).reshape(len(pool.experts), -1).double().square().sum(dim=1).cpu()
             inverse = [1.0 / (math.sqrt(s) + self.params.minimal_fisher_weight) for s in squares.tolist()]
             state["model_weights"] = [w / sum(inverse) for w in inverse]
         return state
@@ -51,7 +51,7 @@ class FisherMerging(DataAwareMethod):
                      state: dict[str, Any]) -> torch.Tensor:
         if name not in state["covered"]:
             return base + task_vectors.mean(dim=0)
-        weights = self.statistic(name, FISHER) + self.params.minimal_fisher_weight
+        weights = self.statistic(name, FISHER, state) + self.params.minimal_fisher_weight
         if self.params.normalize_fisher_weight:
             scale = torch.tensor(state["model_weights"], dtype=weights.dtype, device=weights.device)
             weights = weights * scale.reshape(-1, *([1] * base.dim()))

@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mergeflow.methods.base import MethodParams
+from mergeflow.methods.base import RUN_ONLY, MethodParams
 from mergeflow.methods.data_aware import DataAwareMethod, shrink_off_diagonal
 from mergeflow.solvers import CGResult, conjugate_gradient
 from mergeflow.statistics import FISHER, GRAM_IN, GRAM_OUT
@@ -72,6 +72,9 @@ def solve_linear(thetas: Tensor, grams_in: Tensor, grams_out: Tensor | None, x0:
     return result.x.transpose(-1, -2), result
 
 
+SOLVES = RUN_ONLY + "solves"  # state key: each solved tensor's iterations, residual, convergence, seconds
+
+
 class MatsParams(MethodParams):
     objective: Objective = Field("kfac", description="C_i: fisher_diag, regmean (input Gram) or kfac (A_i x G_i)")
     init: Literal["task_arithmetic", "average", "pretrained"] = Field(
@@ -91,10 +94,6 @@ class Mats(DataAwareMethod):
     name = "mats"
     summary = "Conjugate-gradient merge in each task's parameter subspace (needs statistics: see objective)."
     Params = MatsParams
-
-    def __init__(self, params: MethodParams | None = None):
-        super().__init__(params)
-        self.solves: dict[str, dict[str, Any]] = {}  # tensor -> iterations, residual, converged, seconds
 
     def statistic_kinds(self) -> tuple[str, ...]:
         return KINDS[self.params.objective]
@@ -128,7 +127,7 @@ class Mats(DataAwareMethod):
         x0 = torch.stack([self._start(b, tv) for b, tv in zip(bases, task_vectors)]).to(dtype)
 
         def stacked(kind: str) -> Tensor:
-            return torch.stack([self.statistic(name, kind) for name in names]).to(dtype)
+            return torch.stack([self.statistic(name, kind, state) for name in names]).to(dtype)
 
         if p.objective == "fisher_diag":
             merged, result = solve_fisher_diag(thetas, stacked(FISHER), x0, **cg)
@@ -137,8 +136,9 @@ class Mats(DataAwareMethod):
             grams_out = shrink_off_diagonal(stacked(GRAM_OUT), p.model_lambda) if p.objective == "kfac" else None
             merged, result = solve_linear(thetas, grams_in, grams_out, x0, **cg)
         seconds = (time.perf_counter() - started) / len(names)
+        solves = state.setdefault(SOLVES, {})  # tensor -> iterations, residual, converged, seconds
         for g, name in enumerate(names):
-            self.solves[name] = {"iterations": int(result.iterations[g]), "residual": float(result.residual[g]),
+            solves[name] = {"iterations": int(result.iterations[g]), "residual": float(result.residual[g]),
                                  "converged": bool(result.converged[g]), "seconds": seconds}
-            log.debug("mats %s %s: %s", p.objective, name, self.solves[name])
+            log.debug("mats %s %s: %s", p.objective, name, solves[name])
         return merged.to(torch.float32)

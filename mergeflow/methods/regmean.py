@@ -39,7 +39,7 @@ class RegMean(DataAwareMethod):
         if name not in state["covered"]:
             return average
         dtype = getattr(torch, self.params.precision)
-        grams = shrink_off_diagonal(self.statistic(name, GRAM_IN).to(dtype), self.params.reduce_non_diagonal_ratio)
+        grams = shrink_off_diagonal(self.statistic(name, GRAM_IN, state).to(dtype), self.params.reduce_non_diagonal_ratio)
         experts_t = (base + task_vectors).to(dtype).transpose(1, 2)  # [N, in, out]
         lhs = grams.sum(dim=0)
         rhs = (grams @ experts_t).sum(dim=0)

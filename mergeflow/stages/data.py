@@ -1,0 +1,61 @@
+"""Data stages: a task's dataset (a built-in task's real data stored once, or the user's directory checked and
+referenced by digest) and its frozen head (the user's file, or one made from the pretrained model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergeflow.config import DataConfig, EvalConfig, StorageConfig
+from mergeflow.errors import ConfigError, ObjectNotFoundError
+from mergeflow.families import get_family
+from mergeflow.stages.refs import ObjectRef, dataset_uri, family_of, head_uri
+from mergeflow.stages.store import Store
+from mergeflow.storage import directory_digest
+
+
+def prepare_dataset(task: str, data: DataConfig, storage: StorageConfig, dataset: str | None = None,
+                    family: str = "hf_text") -> ObjectRef:
+    """Read a built-in task's real data, split it, and store it in its family's layout; or check a user's dataset
+    directory (`dataset`, used where it is) and reference it by its content digest."""
+    reader = get_family(family)
+    store = Store.of(storage)
+    if dataset is not None:
+        field = f"tasks[{task}].dataset"
+        path, files = store.input_directory(dataset, field, recursive=True)
+        try:
+            reader.read_dataset(path, task, splits=[])  # the layout, before any model runs
+        except ConfigError as exc:
+            raise ConfigError(f"{field}: {dataset}: {exc}") from None
+        return ObjectRef(uri=dataset, sha256=directory_digest(files))
+    sizes = {"probe_per_class": data.probe_per_class, "train": data.train, "validation": data.validation,
+             "test": data.test}
+
+    def build(staged: Path) -> None:
+        reader.write_builtin_dataset(task, sizes, data.seed, store.cache.root / "wheels", staged)
+
+    return store.publish_or_reuse(build, dataset_uri(store.root, task, sizes, data.seed))
+
+
+def fit_head(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalConfig, storage: StorageConfig,
+             device: str = "auto", head: str | None = None) -> ObjectRef:
+    """The task's frozen head: the user's file `head` (checked against the task's classes), or one made from the
+    pretrained model by its family (a linear probe on the probe split, a CLIP zero-shot head, a seq2seq prompt)."""
+    from mergeflow.task_vectors import resolve_device
+
+    family = family_of(base)
+    store = Store.of(storage)
+    if head is not None:
+        field = f"tasks[{task}].head ({head})"
+        try:
+            local = store.fetch(head)
+        except (FileNotFoundError, ObjectNotFoundError):
+            raise ConfigError(f"tasks[{task}].head: {head} not found") from None
+        family.check_head(family.load_head(local.path, field), store.read_task(task, dataset, base, splits=[]), field)
+        return ObjectRef(uri=head, sha256=local.sha256)
+    uri = head_uri(store.root, task, base, dataset, evaluation.max_length, family.head_suffix)
+    if not store.exists(uri):
+        data = store.read_task(task, dataset, base)
+        model_dir = store.local_directory(base)
+        store.publish_file(uri, lambda path: family.build_head(data, model_dir, evaluation, resolve_device(device),
+                                                               path))
+    return store.file_ref(uri)

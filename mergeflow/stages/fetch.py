@@ -1,0 +1,55 @@
+"""Fetch stages: the pretrained model (a built-in one is put in the store once), an expert checkpoint by URI, or
+the newest checkpoint under a prefix."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mergeflow.config import ModelConfig, StorageConfig
+from mergeflow.errors import ObjectNotFoundError
+from mergeflow.families import get_family
+from mergeflow.stages.refs import ModelRef, ObjectRef, builtin_model_uri
+from mergeflow.stages.store import Store
+from mergeflow.storage import directory_digest, filesystem, is_remote, storage_error
+
+
+def materialize_pretrained(model: ModelConfig, storage: StorageConfig) -> ModelRef:
+    """Reference the pretrained model directory (checked against its family's layout); a built-in model is put
+    in the store once."""
+    family = get_family(model.family)
+    store = Store.of(storage)
+    if model.pretrained not in family.builtin_models:
+        path, files = store.input_directory(model.pretrained, "model.pretrained")
+        family.check_model_dir(path, f"model.pretrained ({model.pretrained})")
+        return ModelRef(uri=model.pretrained, sha256=directory_digest(files), family=model.family)
+    ref = store.publish_or_reuse(lambda staged: family.write_builtin_model(model.pretrained, staged),
+                                 builtin_model_uri(store.root, model.pretrained))
+    return ModelRef(uri=ref.uri, sha256=ref.sha256, family=model.family)
+
+
+def fetch_checkpoint(uri: str, storage: StorageConfig) -> ObjectRef:
+    """Fetch (through the content cache) and open a checkpoint: validates its format, returns its digest."""
+    return Store.of(storage).checkpoint_ref(uri)
+
+
+def _modified(info: Mapping[str, Any]) -> float:
+    value = info.get("LastModified", info.get("mtime", info.get("created", 0)))
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
+def latest_checkpoint(prefix: str, storage: StorageConfig) -> str:
+    """URI of the newest `*.safetensors` checkpoint under `prefix` (statistics files and partial uploads aside);
+    ties go to the larger name. ObjectNotFoundError naming the prefix when there is none."""
+    fs, path = filesystem(prefix, storage.options())
+    try:
+        found = fs.find(path, detail=True) if fs.exists(path) else {}
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(prefix, exc, "listing") from exc
+    candidates = {name: info for name, info in found.items()
+                  if name.endswith(".safetensors") and not name.rsplit("/", 1)[-1].startswith(("statistics-", "."))
+                  and ".partial" not in name}
+    if not candidates:
+        raise ObjectNotFoundError(f"{prefix}: no *.safetensors checkpoint under this prefix")
+    newest = max(candidates, key=lambda name: (_modified(candidates[name]), name))
+    return f"{prefix.split('://', 1)[0]}://{newest}" if is_remote(prefix) else newest

@@ -1,0 +1,92 @@
+"""Fine-tuning stages: an expert per task (stored under a fingerprint of everything that determines it, resumed
+from its last checkpoint after a failure) and one task's model of an ATM round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mergeflow.checkpoints.safetensors_format import save_safetensors
+from mergeflow.config import FinetuneConfig, StorageConfig
+from mergeflow.stages.refs import ObjectRef, atm_round_dir, checkpoints_uri, expert_uri, family_of
+from mergeflow.stages.store import Store
+from mergeflow.storage import join
+
+
+def _fingerprinted(settings: FinetuneConfig) -> dict[str, Any]:
+    """The settings that decide the trained weights (how often checkpoints are written does not)."""
+    return settings.model_dump(exclude={"checkpoint_every"})
+
+
+def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: ObjectRef, settings: FinetuneConfig,
+                    storage: StorageConfig, device: str = "auto", progress: bool = True
+                    ) -> tuple[ObjectRef, dict[str, Any]]:
+    """Fine-tune the encoder on the task's train split under its frozen head and store the expert.
+
+    Returns the expert's reference and a report (losses, seconds; `reused` when a stored expert with the same
+    fingerprint already existed and no training ran).
+    """
+    from mergeflow.finetune import FinetuneSettings
+
+    store = Store.of(storage)
+    uri = expert_uri(store.root, task, base, dataset, head, _fingerprinted(settings))
+    directory = uri.rsplit("/", 1)[0]
+    report_uri = join(directory, "training.json")
+    if store.exists(uri):
+        report = {"reused": True}
+        if store.exists(report_uri):
+            report.update(store.read_json(report_uri))
+            report["reused"] = True
+        return store.file_ref(uri), report
+    data = store.read_task(task, dataset, base, ["train"])
+    model = store.load_model(base, None, device)
+    checkpoints = checkpoints_uri(store.root, directory.rsplit("/", 1)[1])  # resumed by a retried task
+    family = family_of(base)
+    result = family.finetune(model, store.load_head(head, base), data.splits["train"],
+                             FinetuneSettings(**settings.model_dump()), progress=progress,
+                             checkpoint_dir=checkpoints if settings.checkpoint_every else None,
+                             storage_options=store.options)
+    report = {"losses": result.losses, "seconds": round(result.seconds, 2), "reused": False,
+              "train_examples": family.split_size(data.splits["train"]), "resumed_from": result.resumed_from}
+
+    def build(staged: Path) -> None:
+        save_safetensors(result.state_dict, staged / "model.safetensors",
+                         metadata={"format": "pt", "task": task, "base_sha256": base.sha256,
+                                   "dataset_sha256": dataset.sha256, "head_sha256": head.sha256,
+                                   "finetune": json.dumps(settings.model_dump())})
+        (staged / "training.json").write_text(json.dumps(report))
+
+    store.publish_or_reuse(build, directory)
+    if settings.checkpoint_every and store.exists(checkpoints):  # the expert is published: drop them
+        store.remove(checkpoints)
+    return store.file_ref(uri), report
+
+
+def atm_finetune(task: str, base: ObjectRef, start: ObjectRef | None, dataset: ObjectRef, head: ObjectRef,
+                 settings: FinetuneConfig, split: str, storage: StorageConfig, device: str = "auto",
+                 progress: bool = True) -> tuple[ObjectRef, dict[str, Any]]:
+    """One ATM round of one task: fine-tune from `start` (a merged model; None: theta_0) on `split` with
+    `settings` (the round's budget) and store the result (reused when every input is unchanged)."""
+    from mergeflow.finetune import FinetuneSettings
+
+    store = Store.of(storage)
+    directory, fp = atm_round_dir(store.root, task, base, start, dataset, head, split, _fingerprinted(settings))
+    uri = join(directory, "model.safetensors")
+    if store.exists(uri):
+        return store.file_ref(uri), {"reused": True}
+    data = store.read_task(task, dataset, base, [split])
+    model = store.load_model(base, start, device)
+    result = family_of(base).finetune(model, store.load_head(head, base), data.splits[split],
+                                      FinetuneSettings(**settings.model_dump()), progress=progress,
+                                      checkpoint_dir=checkpoints_uri(store.root, f"atm-{task}-{fp}")
+                                      if settings.checkpoint_every else None, storage_options=store.options)
+
+    def build(staged: Path) -> None:
+        save_safetensors(result.state_dict, staged / "model.safetensors",
+                         metadata={"format": "pt", "task": task, "start_sha256": start.sha256 if start else "",
+                                   "split": split, "finetune": json.dumps(settings.model_dump())})
+
+    store.publish_or_reuse(build, directory)
+    report = {"reused": False, "losses": result.losses, "seconds": round(result.seconds, 2)}
+    return store.file_ref(uri), report

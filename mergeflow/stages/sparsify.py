@@ -1,0 +1,44 @@
+"""The sparsify stage: a data-free method's global pass over the experts (TIES: per-expert top-k thresholds and
+the majority sign; DOGE TA: the selection and its thresholds), stored once per expert set and setting."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mergeflow.config import MergeSpec, StorageConfig
+from mergeflow.stages.refs import ObjectRef, sparsify_uri
+from mergeflow.stages.store import Store
+
+
+def sparsify(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], storage: StorageConfig,
+             device: str = "auto") -> tuple[ObjectRef, bool]:
+    """Stored as `sparsify/<method>-<fingerprint>/state.json`, keyed by the base's and experts' digests and the
+    params that pass reads, so a rerun or another scaling of the same density reuses it. Returns (its reference,
+    whether it was reused)."""
+    from mergeflow.methods import build_method
+    from mergeflow.methods.base import MergeMethod
+
+    store = Store.of(storage)
+    method = build_method(spec.method, spec.params)  # its params with the defaults filled in
+    params = method.params.model_dump(mode="json")
+    if type(method).prepare is MergeMethod.prepare:  # no global pass (TA, averaging, DARE): one empty state
+        read = {}
+    else:
+        read = params if method.prepare_params is None else {k: params[k] for k in method.prepare_params}
+    uri = sparsify_uri(store.root, spec.method, read, base, experts)
+    reused = store.exists(uri)
+
+    def build(staged: Path) -> None:
+        with store.expert_pool(base, experts, device) as pool:
+            state = method.prepare(pool)
+        (staged / "state.json").write_text(json.dumps({"method": spec.method, "params": read, "state": state}))
+
+    return store.publish_or_reuse(build, uri), reused
+
+
+def read_sparsified(ref: ObjectRef, store: Store) -> dict[str, Any]:
+    """The method state a sparsify stage stored, after checking its digest."""
+    return json.loads((store.local_directory(ref) / "state.json").read_text())["state"]

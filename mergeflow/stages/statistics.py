@@ -1,0 +1,48 @@
+"""The statistics stage: per-expert statistics (Gram matrices, Fisher diagonals, K-FAC factors) on its task's
+data, for the data-aware methods among a run's merges."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from mergeflow.config import MergeSpec, StatisticsConfig, StorageConfig
+from mergeflow.stages.refs import ObjectRef, family_of, statistics_uri
+from mergeflow.stages.store import Store
+
+
+def statistic_kinds(specs: list[MergeSpec]) -> tuple[str, ...]:
+    """The statistic kinds the data-aware methods among `specs` need (empty when none is data-aware)."""
+    from mergeflow.methods import build_method
+    from mergeflow.methods.data_aware import DataAwareMethod
+    from mergeflow.statistics import KINDS
+
+    wanted: set[str] = set()
+    for spec in specs:
+        method = build_method(spec.method, spec.params)
+        if isinstance(method, DataAwareMethod):
+            wanted.update(method.statistic_kinds())
+    return tuple(k for k in KINDS if k in wanted)
+
+
+def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: ObjectRef, head: ObjectRef,
+                       kinds: tuple[str, ...], settings: StatisticsConfig, storage: StorageConfig,
+                       device: str = "auto") -> tuple[ObjectRef, dict[str, Any]]:
+    """Per-expert statistics on its task's data, stored beside the expert checkpoint and reused when the expert,
+    data, head and settings are unchanged. Returns the reference and a report (examples, seconds, reused)."""
+    from mergeflow.statistics import save_statistics
+
+    store = Store.of(storage)
+    uri = statistics_uri(expert, dataset, head, kinds, settings.model_dump())
+    if store.exists(uri):
+        return store.file_ref(uri), {"reused": True}
+    started = time.perf_counter()
+    data = store.read_task(task, dataset, base, [settings.split])
+    model = store.load_model(base, expert, device)
+    stats = family_of(base).statistics(model, store.load_head(head, base), data.splits[settings.split], kinds,
+                                       settings)
+    stats.metadata.update({"task": task, "expert_sha256": expert.sha256, "dataset_sha256": dataset.sha256})
+    store.publish_file(uri, lambda path: save_statistics(stats, path))
+    report = {"reused": False, "examples": int(stats.metadata["examples"]),
+              "seconds": round(time.perf_counter() - started, 2)}
+    return store.file_ref(uri), report

@@ -1,0 +1,155 @@
+"""The store a stage works in, built once per stage call: root, storage options (credentials included) and the
+local content cache, with the few operations every stage needs (exists, references of stored objects, JSON
+records, atomic publishing) and the readers of stored inputs (task data, heads, models) verified by digest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergeflow.config import StorageConfig
+from mergeflow.errors import ConfigError, IntegrityError, ObjectNotFoundError
+from mergeflow.families import LoadedModel, TaskData
+from mergeflow.stages.refs import ObjectRef, base_weights, family_of
+from mergeflow.storage import directory_digest, exists, fetch_directory, filesystem, is_remote, local_path, publish_directory, staging_dir
+from mergeflow.content_cache import ContentCache
+
+if TYPE_CHECKING:
+    from mergeflow.task_vectors import ExpertPool
+
+
+@dataclass(frozen=True)
+class Store:
+    root: str
+    options: dict[str, Any]
+    cache: ContentCache
+
+    @classmethod
+    def of(cls, storage: StorageConfig) -> Store:
+        return cls(storage.root, storage.options(), ContentCache(Path(storage.cache_dir) if storage.cache_dir
+                                                                 else None))
+
+    def exists(self, uri: str) -> bool:
+        return exists(uri, self.options)
+
+    def fetch(self, uri: str, expected_sha256: str | None = None):
+        return self.cache.fetch(uri, self.options, expected_sha256=expected_sha256)
+
+    def file_ref(self, uri: str) -> ObjectRef:
+        """The reference of a stored file (fetched through the cache for its digest)."""
+        return ObjectRef(uri=uri, sha256=self.fetch(uri).sha256)
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.fetch(uri).path.read_text())
+
+    def remove(self, uri: str) -> None:
+        fs, path = filesystem(uri, self.options)
+        fs.rm(path, recursive=True)
+
+    def local_directory(self, ref: ObjectRef) -> Path:
+        """A local copy of a stored directory, verified against the reference's digest."""
+        path, files = fetch_directory(ref.uri, self.cache, self.options)
+        if directory_digest(files) != ref.sha256:
+            raise IntegrityError(f"{ref.uri}: content digest {directory_digest(files)} != expected {ref.sha256}")
+        return path
+
+    def local_file(self, ref: ObjectRef) -> Path:
+        return self.fetch(ref.uri, expected_sha256=ref.sha256).path
+
+    def input_directory(self, uri: str, field: str, recursive: bool = False) -> tuple[Path, dict[str, str]]:
+        """A user's directory named by config `field`: ConfigError naming both when it is missing or empty."""
+        try:
+            path, files = fetch_directory(uri, self.cache, self.options, recursive=recursive)
+        except (FileNotFoundError, ObjectNotFoundError):
+            raise ConfigError(f"{field}: directory {uri} not found") from None
+        if not files:
+            raise ConfigError(f"{field}: directory {uri} is empty or missing")
+        return path, files
+
+    def publish_or_reuse(self, build: Callable[[Path], None], final_uri: str) -> ObjectRef:
+        """The stored directory at `final_uri`, built in a staging directory and published atomically first if
+        it is not there."""
+        if not self.exists(final_uri):
+            staged = staging_dir(final_uri, self.cache)
+            try:
+                build(staged)
+                publish_directory(staged, final_uri, self.options)
+            except FileExistsError:  # published meanwhile by a concurrent run: use that one
+                pass
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+        _, files = fetch_directory(final_uri, self.cache, self.options)
+        return ObjectRef(uri=final_uri, sha256=directory_digest(files))
+
+    def publish_file(self, uri: str, write: Callable[[Path], None]) -> None:
+        """Write one file through a staging directory and publish it atomically next to its final name."""
+        parent, name = uri.rsplit("/", 1)
+        staged = staging_dir(uri, self.cache)
+        try:
+            write(staged / name)
+            if is_remote(uri):
+                publish_directory(staged, parent, self.options, overwrite=True)
+            else:
+                local_path(parent).mkdir(parents=True, exist_ok=True)
+                (staged / name).replace(local_path(uri))
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
+    def publish_json(self, uri: str, record: Any) -> None:
+        self.publish_file(uri, lambda path: path.write_text(json.dumps(record, indent=2)))
+
+    # ----------------------------------------------------------------------------------- stored inputs, read
+
+    def read_task(self, task: str, dataset: ObjectRef, base: ObjectRef, splits: Sequence[str] | None = None
+                  ) -> TaskData:
+        """Task `task`'s stored data (only `splits`), read by the base model's family."""
+        path = self.local_directory_recursive(dataset)
+        try:
+            return family_of(base).read_dataset(path, task, splits)
+        except ConfigError as exc:
+            raise ConfigError(f"{dataset.uri}: {exc}") from None
+
+    def local_directory_recursive(self, ref: ObjectRef) -> Path:
+        path, files = fetch_directory(ref.uri, self.cache, self.options, recursive=True)
+        if directory_digest(files) != ref.sha256:
+            raise IntegrityError(f"{ref.uri}: content digest {directory_digest(files)} != expected {ref.sha256}")
+        return path
+
+    def load_head(self, head: ObjectRef, base: ObjectRef) -> Any:
+        return family_of(base).load_head(self.local_file(head), head.uri)
+
+    def load_model(self, base: ObjectRef, weights: ObjectRef | None, device: str,
+                   state_dict: Mapping[str, Any] | None = None) -> LoadedModel:
+        """The base model's family model with `weights` (a stored checkpoint, verified), an in-memory
+        `state_dict`, or the pretrained weights."""
+        from mergeflow.checkpoints import open_checkpoint
+        from mergeflow.task_vectors import resolve_device
+
+        model_dir = self.local_directory(base)
+        if weights is not None:
+            with open_checkpoint(weights.uri, storage_options=self.options, cache=self.cache) as ckpt:
+                if ckpt.digest != weights.sha256:
+                    raise IntegrityError(f"{weights.uri}: digest {ckpt.digest} != expected {weights.sha256}")
+                state_dict = {k: ckpt.get(k) for k in ckpt.keys()}
+        return family_of(base).load(model_dir, state_dict, resolve_device(device))
+
+    def checkpoint_ref(self, uri: str) -> ObjectRef:
+        """Fetch (through the cache) and open a checkpoint: validates its format, returns its reference."""
+        from mergeflow.checkpoints import open_checkpoint
+
+        with open_checkpoint(uri, storage_options=self.options, cache=self.cache) as ckpt:
+            return ObjectRef(uri=uri, sha256=ckpt.digest)
+
+    @contextmanager
+    def expert_pool(self, base: ObjectRef, experts: Mapping[str, ObjectRef], device: str) -> Iterator[ExpertPool]:
+        """The base and experts' checkpoints opened (lazily, tensor by tensor) as one pool; closed on exit."""
+        from mergeflow.task_vectors import open_pool
+
+        with open_pool(base_weights(base), {name: ref.uri for name, ref in experts.items()}, device,
+                       storage_options=self.options, cache=self.cache) as pool:
+            yield pool

@@ -1,0 +1,78 @@
+"""The sweep stage: one grid point of a method scored on validation data, its weights never stored. Scaling
+methods share one update per setting of their other parameters (theta_0 + lambda U), kept in the local cache."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mergeflow.checkpoints.safetensors_format import save_safetensors
+from mergeflow.config import EvalConfig, StorageConfig, TuningConfig
+from mergeflow.stages.evaluate import evaluate_model
+from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, fingerprint, sweep_uri
+from mergeflow.stages.store import Store
+
+_UPDATE_LOCKS: dict[str, threading.Lock] = {}
+_UPDATE_LOCKS_GUARD = threading.Lock()
+
+
+def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                   store: Store, device: str) -> Path:
+    """A scaling method's update at lambda 1 (`mergeflow.sweep.scaled_update`), computed once per setting of its
+    other parameters and kept in the local cache (an intermediate, never published)."""
+    from mergeflow.sweep import scaled_update, update_key
+
+    fp = fingerprint(method, update_key(method, params), base.sha256, [e.sha256 for e in experts.values()])
+    path = store.cache.root / "updates" / f"{method}-{fp}.safetensors"
+    with _UPDATE_LOCKS_GUARD:
+        lock = _UPDATE_LOCKS.setdefault(str(path), threading.Lock())
+    with lock:
+        if not path.exists():
+            with store.expert_pool(base, experts, device) as pool:
+                update = scaled_update(method, params, pool)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+            save_safetensors(update, partial)
+            os.replace(partial, path)
+    return path
+
+
+def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                  storage: StorageConfig, device: str = "auto") -> dict[str, Any]:
+    """The merged state dict of one grid point, in memory (`mergeflow.sweep.merged_point`): theta_0 + lambda U
+    from the update shared through the local cache for scaling methods, a full in-memory merge otherwise."""
+    from safetensors.torch import load_file
+
+    from mergeflow.checkpoints import open_checkpoint
+    from mergeflow.methods import method_class
+    from mergeflow.sweep import merged_point
+
+    store = Store.of(storage)
+    if method_class(method).scaling_param is None:
+        with store.expert_pool(base, experts, device) as pool:
+            return merged_point(method, params, None, None, pool)
+    with open_checkpoint(base_weights(base), storage_options=store.options, cache=store.cache) as base_ckpt:
+        base_sd = {key: base_ckpt.get(key) for key in base_ckpt.keys()}
+    return merged_point(method, params, base_sd,
+                        lambda: load_file(str(_scaled_update(method, params, base, experts, store, device))), None)
+
+
+def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                tasks: TaskInputs, tuning: TuningConfig, evaluation: EvalConfig, storage: StorageConfig,
+                device: str = "auto") -> tuple[dict[str, float], bool]:
+    """Validation accuracy per task of one grid point (weights never published); the small score record is
+    stored under a key of every input digest, the method and its parameters, so a rerun or a grown grid scores
+    only new points. Returns (accuracy, reused)."""
+    store = Store.of(storage)
+    uri = sweep_uri(store.root, method, params, base, experts, tasks, tuning.max_examples, evaluation.model_dump())
+    if store.exists(uri):
+        return store.read_json(uri)["accuracy"], True
+    weights = sweep_weights(method, params, base, experts, storage, device)
+    accuracy = evaluate_model(None, base, tasks, evaluation, storage, device, split="validation",
+                              max_examples=tuning.max_examples, state_dict=weights)
+    store.publish_json(uri, {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy})
+    return accuracy, False

@@ -1,0 +1,358 @@
+"""The `mergeflow` command: merge checkpoints directly, list methods, convert legacy pickles, run a flow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergeflow.errors import MergeflowError
+
+
+def _parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MergeflowError(f"--param {pair!r}: expected key=value")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"endpoint_url": args.s3_endpoint} if args.s3_endpoint else {}
+
+
+def _data_inputs(args: argparse.Namespace, params: dict[str, Any]) -> tuple[list[str] | None, Any]:
+    """(statistics files, objective) for a data-aware method from `--data`; checks everything cheap first."""
+    from mergeflow.checkpoints import open_checkpoint
+    from mergeflow.config import MergeDataConfig, load_yaml_model
+    from mergeflow.merge_data import build_objective, expert_statistics, load_task_inputs
+    from mergeflow.methods import build_method
+    from mergeflow.methods.data_aware import DataAwareMethod
+    from mergeflow.content_cache import ContentCache
+    from mergeflow.task_vectors import resolve_device
+    from mergeflow.validation import validate_compatible
+
+    method = build_method(args.method, params)
+    statistics, objective = args.statistics, None
+    if not args.data:
+        return statistics, objective
+    wants_statistics = isinstance(method, DataAwareMethod) and not statistics
+    if not (wants_statistics or method.needs_objective):
+        raise MergeflowError(f"--data: method {args.method!r} reads no task data"
+                             + (" (its statistics were given with --statistics)" if statistics else ""))
+    config = load_yaml_model(args.data, MergeDataConfig)
+    options, cache = _storage_options(args), ContentCache()
+    if not args.overwrite:
+        from mergeflow.storage import exists
+
+        if exists(args.out, options):
+            raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
+    base = open_checkpoint(args.base, storage_options=options, cache=cache)
+    experts = [open_checkpoint(uri, storage_options=options, cache=cache) for uri in args.expert]
+    try:
+        validate_compatible(base, experts)
+    finally:
+        for ckpt in (base, *experts):
+            ckpt.close()
+    tasks = load_task_inputs(config, len(args.expert), cache, options)
+    device = resolve_device(args.device)
+    if wants_statistics:
+        statistics = expert_statistics(config, method.statistic_kinds(), args.expert, tasks, cache, options,
+                                       device=device, progress=True)
+    if method.needs_objective:
+        objective = build_objective(config, args.base, tasks, cache, options, device=device)
+    return statistics, objective
+
+
+def _tuned_params(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, Any]:
+    """`--tune DATA_CONFIG`: pick the method's coefficients on validation data (grid from --grid or the default)."""
+    from mergeflow.config import MergeDataConfig, load_yaml_model
+    from mergeflow.merge_data import load_task_inputs, tune
+    from mergeflow.content_cache import ContentCache
+    from mergeflow.sweep import default_grid
+    from mergeflow.task_vectors import resolve_device
+
+    grid = {}
+    for item in args.grid:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise MergeflowError(f"--grid {item!r}: expected key=v1,v2,...")
+        grid[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+    grid = grid or default_grid(args.method)
+    config = load_yaml_model(args.tune, MergeDataConfig)
+    options, cache = _storage_options(args), ContentCache()
+    tasks = load_task_inputs(config, len(args.expert), cache, options, splits=("validation",))
+    chosen, scores = tune(args.method, params, grid, args.base, args.expert, config, tasks, cache, options,
+                          device=resolve_device(args.device))
+    for score in scores:
+        mark = "  <- chosen" if score.params == chosen else ""
+        print(f"  {json.dumps({k: score.params[k] for k in grid})}: validation avg {100 * score.avg:.1f}%, "
+              f"norm. avg {100 * score.norm_avg:.1f}%{mark}")
+    return chosen
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from mergeflow.merge import merge_checkpoints
+
+    params = _parse_params(args.param)
+    if args.tune:
+        params = _tuned_params(args, params)
+    statistics, objective = _data_inputs(args, params)
+    result = merge_checkpoints(args.method, args.base, args.expert, args.out, params,
+                               device=args.device, shard_size=args.shard_size,
+                               storage_options=_storage_options(args), overwrite=args.overwrite, progress=True,
+                               statistics=statistics, objective=objective)
+    experts = sum(ref.role == "expert" for ref in result.inputs)
+    print(f"merged {experts} experts with {result.method} {json.dumps(result.params)} "
+          f"in {result.seconds:.1f} s")
+    for ref in result.inputs:
+        print(f"  {ref.role:10s} {ref.uri}  sha256:{ref.sha256[:16]}")
+    print(f"wrote {args.out}:")
+    for name, digest in result.files.items():
+        print(f"  {name}  sha256:{digest[:16]}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from mergeflow.methods import describe_methods
+
+    described = describe_methods()
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return 0
+    for method in described:
+        print(f"{method['name']}: {method['summary']}")
+        for p in method["params"]:
+            bounds = ", ".join(f"{k} {v}" for k, v in p["bounds"].items())
+            print(f"  --param {p['name']}=<{p['type']}>  default {p['default']!r}"
+                  f"{f' ({bounds})' if bounds else ''}  {p['description']}")
+        if not method["params"]:
+            print("  (no parameters)")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from mergeflow.checkpoints.convert import convert_legacy
+
+    convert_legacy(args.source, args.destination, storage_options=_storage_options(args), overwrite=args.overwrite,
+                   kind=args.kind)
+    print(f"wrote {args.destination} (loaded {args.source} as a trusted pickle)")
+    return 0
+
+
+def _load_flows() -> None:
+    """The flows' imports (Prefect, torch, transformers: seconds), done while a temporary server boots."""
+    import flows.atm_flow  # noqa: F401 - imports the merge flow too
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mergeflow.config import load_run_config
+    from mergeflow_app.prefect_server import prefect_api
+
+    load_run_config(args.config)  # a bad config fails before any server starts
+    with prefect_api(meanwhile=_load_flows):
+        from flows.merge_flow import run_config_file
+
+        run_config_file(args.config)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from mergeflow.config import load_run_config
+    from mergeflow_app.prefect_server import prefect_api
+
+    load_run_config(args.config)
+    with prefect_api(meanwhile=_load_flows):
+        from flows.merge_flow import run_config_file
+
+        run_config_file(args.config, only_swept=True)
+    return 0
+
+
+def cmd_atm(args: argparse.Namespace) -> int:
+    from mergeflow.config import load_run_config
+    from mergeflow_app.prefect_server import prefect_api
+
+    load_run_config(args.config)
+    with prefect_api(meanwhile=_load_flows):
+        from flows.atm_flow import run_atm_file
+
+        run_atm_file(args.config)
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from tasks.lineage import format_lineage, lineage
+
+    tree = lineage(args.tracking_uri, args.model)
+    print(json.dumps(tree, indent=2) if args.json else format_lineage(tree))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from tasks.lineage import pull
+
+    path = pull(args.tracking_uri, args.model, args.directory)
+    print(f"downloaded {args.model} to {path} (every file's sha256 verified)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.deployments import serve
+    from mergeflow.config import load_run_config
+
+    serve(load_run_config(args.config), name=args.name, cron=args.cron or None, timezone=args.timezone,
+          limit=args.limit)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deployments import deploy
+    from mergeflow.config import load_run_config
+
+    deployment_id = deploy(load_run_config(args.config), name=args.name, pool=args.pool, cron=args.cron or None,
+                           timezone=args.timezone, source=args.source)
+    print(f"deployment mergeflow-merge/{args.name} ({deployment_id}) on work pool {args.pool!r}; run it with a "
+          f"worker: prefect worker start --pool {args.pool} --type process")
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from mergeflow_app.stack import stack_command
+
+    return stack_command(args.action, args.state_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergeflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="merge checkpoints directly (no orchestration)")
+    merge.add_argument("--method", required=True, help="merge method (see `mergeflow methods`)")
+    merge.add_argument("--base", required=True, help="pretrained checkpoint: path, file:// or s3:// URI")
+    merge.add_argument("--expert", required=True, action="append", help="expert checkpoint (repeat per expert)")
+    merge.add_argument("--statistics", action="append", metavar="URI",
+                       help="statistics file of an expert, for data-aware methods (repeat per expert, same order)")
+    merge.add_argument("--data", metavar="YAML",
+                       help="task data of data-aware methods: each expert's dataset and head, the model directory "
+                            "(see MergeDataConfig); computes missing statistics, builds AdaMerging's objective")
+    merge.add_argument("--tune", metavar="YAML", help="pick the method's coefficients on each task's validation "
+                       "split first (a data config as for --data); the grid comes from --grid or the default")
+    merge.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="coefficient values for --tune (repeat per parameter)")
+    merge.add_argument("--out", required=True, help="output directory: path, file:// or s3:// URI")
+    merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
+    merge.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    merge.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 500MB, 2GB")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    merge.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    merge.set_defaults(func=cmd_merge)
+
+    methods = sub.add_parser("methods", help="list merge methods with their parameters and defaults")
+    methods.add_argument("--json", action="store_true")
+    methods.set_defaults(func=cmd_methods)
+
+    convert = sub.add_parser("convert", help="convert a TRUSTED legacy pickle (e.g. a whole nn.Module) to safetensors")
+    convert.add_argument("source")
+    convert.add_argument("destination", help="output .safetensors path or URI")
+    convert.add_argument("--overwrite", action="store_true")
+    convert.add_argument("--as", dest="kind", choices=("state_dict", "open_clip_visual", "head"), default="state_dict",
+                         help="what to write: the whole state dict; the visual tower of an open_clip model or "
+                              "task_vectors ImageEncoder (the open_clip family's expert); a task_vectors "
+                              "ClassificationHead as a Mergeflow head")
+    convert.add_argument("--s3-endpoint")
+    convert.set_defaults(func=cmd_convert)
+
+    run = sub.add_parser("run", help="run the Prefect merge flow on a YAML config")
+    run.add_argument("config", help="path to a run config, e.g. configs/demo.yaml")
+    run.set_defaults(func=cmd_run)
+
+    sweep = sub.add_parser("sweep", help="tune the config's swept merges on validation data and merge the chosen "
+                                          "points (the merges without `sweep:` are left out)")
+    sweep.add_argument("config", help="path to a run config whose merges have `sweep:` grids")
+    sweep.set_defaults(func=cmd_sweep)
+
+    atm = sub.add_parser("atm", help="run the ATM flow (alternating tuning and merging) on a config with `atm:`")
+    atm.add_argument("config", help="path to a run config, e.g. configs/atm.yaml")
+    atm.set_defaults(func=cmd_atm)
+    default_tracking = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    lineage = sub.add_parser("lineage", help="print which checkpoints, data and runs built a registered model")
+    lineage.add_argument("model", help="MODEL@alias, MODEL/version or MODEL")
+    lineage.add_argument("--tracking-uri", default=default_tracking, help="MLflow tracking URI")
+    lineage.add_argument("--json", action="store_true")
+    lineage.set_defaults(func=cmd_lineage)
+
+    pull = sub.add_parser("pull", help="download a registered merged model and verify its digests")
+    pull.add_argument("model", help="MODEL@alias, MODEL/version or MODEL")
+    pull.add_argument("directory")
+    pull.add_argument("--tracking-uri", default=default_tracking, help="MLflow tracking URI")
+    pull.set_defaults(func=cmd_pull)
+    for command, helptext in (("serve", "serve the merge flow as a scheduled deployment in this process"),
+                              ("deploy", "register the merge flow as a scheduled deployment on a work pool")):
+        p = sub.add_parser(command, help=helptext)
+        p.add_argument("config", help="run config, e.g. configs/nightly.yaml (the deployment's parameters)")
+        p.add_argument("--name", default="nightly", help="deployment name")
+        p.add_argument("--cron", default="0 2 * * *", help="schedule ('' for none: triggered runs only)")
+        p.add_argument("--timezone", default="UTC", help="IANA time zone of the cron schedule")
+        if command == "serve":
+            p.add_argument("--limit", type=int, help="flow runs at once")
+            p.set_defaults(func=cmd_serve)
+        else:
+            p.add_argument("--pool", default="mergeflow-process", help="work pool (process type)")
+            p.add_argument("--source", default=str(Path.cwd()),
+                           help="code location the workers pull: this checkout (default) or a git URL")
+            p.set_defaults(func=cmd_deploy)
+
+    stack = sub.add_parser("stack", help="start/stop/inspect a local Prefect + MLflow + S3 stack (no Docker, "
+                                          "127.0.0.1 only)")
+    stack.add_argument("action", choices=("up", "down", "status", "env"),
+                       help="up: start what is not running; down: stop exactly the recorded processes; status: "
+                            "health and UI addresses; env: export lines for using the stack")
+    stack.add_argument("--state-dir", help="where PIDs, logs, data and credentials live (default "
+                                           "MERGEFLOW_STACK_DIR or .mergeflow/stack)")
+    stack.set_defaults(func=cmd_stack)
+    return parser
+
+
+STOPPABLE = {"merge", "run", "sweep", "atm"}  # long work that Ctrl-C / SIGTERM stop cooperatively
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    except (MergeflowError, FileExistsError, ValueError) as exc:
+        print(f"mergeflow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mergeflow import stopping
+
+    args = build_parser().parse_args(argv)
+    if args.command not in STOPPABLE:
+        return _run_command(args)
+    with stopping.stop_on_signals():  # Ctrl-C / SIGTERM: stop after the current step, record it, exit
+        try:
+            return _run_command(args)
+        except BaseException as exc:  # a stop: Stopped, a cancelled flow run, a second Ctrl-C
+            if not (stopping.stop_requested() or isinstance(exc, KeyboardInterrupt)):
+                raise
+            why = stopping.reason() or "interrupted"
+            records = ("; the run's MLflow records end KILLED, its Prefect run Cancelled; run the command again "
+                       "to resume" if args.command != "merge" else "")
+            print(f"mergeflow: stopped ({why}). Nothing is half-written{records}.", file=sys.stderr)
+            if "SIGTERM" in why:
+                return 143
+            return 130 if "SIGINT" in why or isinstance(exc, KeyboardInterrupt) else 75  # 75: try again later
+
+
+if __name__ == "__main__":
+    sys.exit(main())
