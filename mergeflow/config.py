@@ -4,6 +4,7 @@ flow's one parameter, so the Prefect UI shows it as a validated form. Unknown ke
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,14 +31,17 @@ class StorageConfig(StrictModel):
                                           description="name of a Prefect 'mergeflow-s3-credentials' block holding "
                                           "the S3 key pair; empty: the AWS environment variables or a profile")
 
-    def options(self) -> dict[str, Any]:
-        """fsspec storage options. Credentials come from the AWS environment or a profile, or from the Prefect
-        block named by `credentials_block` (loaded into the process by the tasks), never from the config."""
-        from mergeflow.storage import registered_credentials
-
+    def options(self, credentials: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """fsspec storage options. Credentials come from the AWS environment or a profile, or, with
+        `credentials_block`, from that Prefect block: the caller loads it and passes its key pair as
+        `credentials` (s3fs keywords key, secret[, token]); they never come from the config."""
         options: dict[str, Any] = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
         if self.credentials_block:
-            options.update(registered_credentials(self.credentials_block))
+            if not credentials:
+                raise ConfigError(f"storage.credentials_block: the key pair of block {self.credentials_block!r} "
+                                  "was not given (the flow's tasks load it; outside a flow, pass credentials= or "
+                                  "use the AWS environment)")
+            options.update(credentials)
         if self.request_attempts and self.root.startswith("s3://"):
             options["config_kwargs"] = {"retries": {"max_attempts": self.request_attempts, "mode": "standard"},
                                         "connect_timeout": 5}

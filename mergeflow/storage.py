@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from mergeflow.errors import (ConfigError, MergeflowError, ObjectExistsError, ObjectNotFoundError, StorageAccessError,
+from mergeflow.errors import (MergeflowError, ObjectExistsError, ObjectNotFoundError, StorageAccessError,
                              TransientStorageError)
 
 if TYPE_CHECKING:
@@ -52,25 +52,6 @@ def join(uri: str, *parts: str) -> str:
         if part.startswith("/") or "\\" in part or any(seg in {"..", "."} for seg in part.split("/")):
             raise ValueError(f"unsafe object key part {part!r} (absolute or with '..' segments)")
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
-_CREDENTIALS: dict[str, dict[str, str]] = {}
-
-
-def register_credentials(name: str, key: str, secret: str, token: str | None = None) -> None:
-    """Make S3 credentials available to this process under `name` (e.g. loaded from a Prefect block by the
-    orchestration layer); configs then refer to the name only, so the secret never enters a config or a log."""
-    _CREDENTIALS[name] = {"key": key, "secret": secret, **({"token": token} if token else {})}
-
-
-def registered_credentials(name: str) -> dict[str, str]:
-    """s3fs keywords (key, secret[, token]) registered under `name`; ConfigError when none are."""
-    try:
-        return dict(_CREDENTIALS[name])
-    except KeyError:
-        raise ConfigError(f"storage.credentials_block: no credentials named {name!r} are loaded in this process "
-                          "(the flow's tasks load the Prefect block of that name; outside a flow, use "
-                          "mergeflow.storage.register_credentials or the AWS environment)") from None
 
 
 def _s3_env_options() -> dict[str, Any]:

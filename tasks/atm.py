@@ -12,7 +12,7 @@ from mergeflow.config import FinetuneConfig, MergeSpec, StorageConfig, TrackingC
 from mergeflow.evaluate import normalized_accuracy
 from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
 from tasks.artifacts import artifact_key
-from tasks.credentials import uses_storage
+from tasks.credentials import store_for, uses_storage
 from tasks.tracking import MlflowTracker
 
 
@@ -23,7 +23,8 @@ def atm_finetune(round_index: int, task_name: str, base: ObjectRef, start: Objec
                  dataset: ObjectRef, head: ObjectRef, settings: FinetuneConfig, split: str,
                  storage: StorageConfig, device: str, tracking: TrackingConfig, parent_run_id: str
                  ) -> ObjectRef:
-    ref, report = finetune_stage.atm_finetune(task_name, base, start, dataset, head, settings, split, storage, device)
+    store = store_for(storage)
+    ref, report = finetune_stage.atm_finetune(task_name, base, start, dataset, head, settings, split, store, device)
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"atm-{round_index}-{task_name}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "atm-finetune", "mergeflow.task": task_name,
@@ -46,7 +47,8 @@ def atm_finetune(round_index: int, task_name: str, base: ObjectRef, start: Objec
 def atm_merge(round_index: int, spec: MergeSpec, base: ObjectRef, current: ObjectRef | None,
               round_experts: dict[str, ObjectRef], out_uri: str, storage: StorageConfig,
               device: str) -> ObjectRef:
-    return on_device_or_cpu(lambda on: merge_stage.atm_merge(spec, base, current, round_experts, out_uri, storage, on),
+    store = store_for(storage)
+    return on_device_or_cpu(lambda on: merge_stage.atm_merge(spec, base, current, round_experts, out_uri, store, on),
                             device, f"ATM merge of round {round_index}")
 
 

@@ -1,6 +1,5 @@
 """S3 credentials from a Prefect block: `storage.credentials_block` names a `mergeflow-s3-credentials` block, and
-every task that touches storage loads it into the process (`mergeflow.storage.register_credentials`) before its
-work, so the key pair lives in Prefect's block store only: never in a config, a flow parameter, a log or MLflow.
+every task that touches storage loads it and builds its store with it (`store_for`) before its work, so the key pair lives in Prefect's block store only: never in a config, a flow parameter, a log or MLflow.
 
 Create one from Python (`S3Credentials(aws_access_key_id=..., aws_secret_access_key=...).save("my-s3")`) or in the
 Prefect UI (Blocks -> Mergeflow S3 Credentials) after `prefect block register -m tasks.credentials`.
@@ -9,7 +8,6 @@ Prefect UI (Blocks -> Mergeflow S3 Credentials) after `prefect block register -m
 from __future__ import annotations
 
 import functools
-import inspect
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -19,7 +17,7 @@ from pydantic import Field, SecretStr
 
 from mergeflow import stopping
 from mergeflow.config import StorageConfig
-from mergeflow.storage import register_credentials
+from mergeflow.stages.store import Store
 from tasks import progress
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,30 +35,31 @@ class S3Credentials(Block):
     aws_session_token: SecretStr | None = Field(None, description="session token of temporary credentials")
 
 
-def load_storage_credentials(storage: StorageConfig) -> None:
-    """Register the credentials of `storage.credentials_block` in this process (no-op without a block)."""
+def block_credentials(storage: StorageConfig) -> dict[str, str] | None:
+    """The key pair of `storage.credentials_block` as s3fs keywords (None without a block)."""
     if not storage.credentials_block:
-        return
+        return None
     block = S3Credentials.load(storage.credentials_block)
-    token = block.aws_session_token.get_secret_value() if block.aws_session_token else None
-    register_credentials(storage.credentials_block, block.aws_access_key_id,
-                         block.aws_secret_access_key.get_secret_value(), token)
+    credentials = {"key": block.aws_access_key_id, "secret": block.aws_secret_access_key.get_secret_value()}
+    if block.aws_session_token:
+        credentials["token"] = block.aws_session_token.get_secret_value()
+    return credentials
+
+
+def store_for(storage: StorageConfig) -> Store:
+    """The store a task works in, built once: root, options with the block's key pair, content cache."""
+    return Store.of(storage, block_credentials(storage))
 
 
 def uses_storage(fn: F) -> F:
     """A stage's entry (put it under `@task`): refuse to start once a stop was requested, let a worker process
-    stop on a forwarded signal, load the block of the call's `storage` argument, and print one line as the stage
-    starts and one as it ends (`tasks.progress`)."""
-    signature = inspect.signature(fn)
+    stop on a forwarded signal, and print one line as the stage starts and one as it ends (`tasks.progress`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         stopping.install_in_worker()
         stopping.enter_scope(_flow_run_id())
         stopping.check()
-        storage = signature.bind_partial(*args, **kwargs).arguments.get("storage")
-        if isinstance(storage, StorageConfig):
-            load_storage_credentials(storage)
         name = _task_run_name(fn.__name__)
         print(progress.CLOCK.started(fn.__name__, name))
         start = time.perf_counter()

@@ -8,7 +8,7 @@ from mergeflow.stages import evaluate as evaluate_stage
 from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import EvalConfig, StorageConfig, TrackingConfig
 from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
-from tasks.credentials import uses_storage
+from tasks.credentials import store_for, uses_storage
 from tasks.tracking import MlflowTracker
 
 
@@ -22,11 +22,12 @@ def evaluate(label: str, weights: ObjectRef | None, base: ObjectRef,
     """Accuracy per task of `weights` (None: the pretrained encoder) on `split`, recorded as the child run
     `evaluate-<label>` (model and data as inputs, accuracy per task and average as metrics) when `tracking` is
     given."""
+    store = store_for(storage)
     import time
 
     started = time.perf_counter()
     accuracy, reused = on_device_or_cpu(
-        lambda on: evaluate_stage.evaluate_stored(weights, base, tasks, evaluation, storage, on, split, max_examples),
+        lambda on: evaluate_stage.evaluate_stored(weights, base, tasks, evaluation, store, on, split, max_examples),
         device, f"evaluate {label}")
     if tracking is not None:
         tracker = MlflowTracker(tracking)

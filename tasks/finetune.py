@@ -8,7 +8,7 @@ from mergeflow.stages import data as data_stage, finetune as finetune_stage
 from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import EvalConfig, FinetuneConfig, StorageConfig, TrackingConfig
 from tasks import IO_RETRIES, TIMEOUTS
-from tasks.credentials import uses_storage
+from tasks.credentials import store_for, uses_storage
 from tasks.tracking import MlflowTracker
 
 
@@ -16,7 +16,8 @@ from tasks.tracking import MlflowTracker
 @uses_storage
 def fit_head(task_name: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalConfig,
              storage: StorageConfig, device: str, head: str | None = None) -> ObjectRef:
-    return data_stage.fit_head(task_name, base, dataset, evaluation, storage, device, head)
+    store = store_for(storage)
+    return data_stage.fit_head(task_name, base, dataset, evaluation, store, device, head)
 
 
 @task(name="finetune-expert", task_run_name="finetune-expert-{task_name}",
@@ -25,7 +26,8 @@ def fit_head(task_name: str, base: ObjectRef, dataset: ObjectRef, evaluation: Ev
 def finetune_expert(task_name: str, base: ObjectRef, dataset: ObjectRef, head: ObjectRef,
                     settings: FinetuneConfig, storage: StorageConfig, device: str, tracking: TrackingConfig,
                     parent_run_id: str) -> ObjectRef:
-    expert, report = finetune_stage.finetune_expert(task_name, base, dataset, head, settings, storage, device)
+    store = store_for(storage)
+    expert, report = finetune_stage.finetune_expert(task_name, base, dataset, head, settings, store, device)
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"expert-{task_name}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "finetune", "mergeflow.task": task_name,

@@ -10,7 +10,7 @@ from mergeflow.stages import merge as merge_stage, sparsify as sparsify_stage
 from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import EvalConfig, MergeSpec, StorageConfig
 from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
-from tasks.credentials import uses_storage
+from tasks.credentials import store_for, uses_storage
 
 
 @task(name="sparsify", task_run_name="sparsify-{spec.method}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
@@ -18,7 +18,8 @@ from tasks.credentials import uses_storage
 def sparsify(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], storage: StorageConfig,
              device: str) -> ObjectRef:
     """The method's global pass, stored and keyed by digests (`stages.sparsify`); returns its reference."""
-    ref, reused = on_device_or_cpu(lambda on: sparsify_stage.sparsify(spec, base, experts, storage, on), device,
+    store = store_for(storage)
+    ref, reused = on_device_or_cpu(lambda on: sparsify_stage.sparsify(spec, base, experts, store, on), device,
                                    f"sparsify {spec.method}")
     print(f"sparsify {spec.method}: {'reused' if reused else 'stored'} {ref.uri}")
     return ref
@@ -32,10 +33,11 @@ def merge(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], out_u
           unlabeled: tuple[dict[str, tuple[ObjectRef, ObjectRef]], str, EvalConfig] | None = None,
           ) -> tuple[ObjectRef, dict[str, Any]]:
     """`unlabeled` = (task -> (dataset, head), split, evaluation settings) for methods that learn coefficients."""
+    store = store_for(storage)
     def run(on: str):
-        objective = merge_stage.unlabeled_objective(base, unlabeled[0], unlabeled[1], unlabeled[2], storage, on) \
+        objective = merge_stage.unlabeled_objective(base, unlabeled[0], unlabeled[1], unlabeled[2], store, on) \
             if unlabeled else None
-        return merge_stage.merge_experts(spec, base, experts, out_uri, storage, state, on, statistics, objective)
+        return merge_stage.merge_experts(spec, base, experts, out_uri, store, state, on, statistics, objective)
 
     return on_device_or_cpu(run, device, f"merge {spec.method}")
 
@@ -47,7 +49,8 @@ def merge_part(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], 
                index: int, parts: int, storage: StorageConfig, state: ObjectRef | None, device: str,
                statistics: dict[str, ObjectRef] | None = None) -> str:
     """One layer group of a merge split across tasks."""
-    return on_device_or_cpu(lambda on: merge_stage.merge_part(spec, base, experts, out_uri, index, parts, storage, state,
+    store = store_for(storage)
+    return on_device_or_cpu(lambda on: merge_stage.merge_part(spec, base, experts, out_uri, index, parts, store, state,
                                                          on, statistics), device, f"merge {spec.method} part {index}")
 
 
@@ -55,4 +58,5 @@ def merge_part(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], 
 @uses_storage
 def assemble_merge(label: str, part_uris: list[str], out_uri: str, storage: StorageConfig
                    ) -> tuple[ObjectRef, dict[str, Any]]:
-    return merge_stage.assemble_merge(part_uris, out_uri, storage)
+    store = store_for(storage)
+    return merge_stage.assemble_merge(part_uris, out_uri, store)

@@ -13,7 +13,7 @@ from mergeflow.evaluate import normalized_accuracy
 from mergeflow.stopping import Stopped
 from mergeflow.storage import sha256_file
 from tasks import IO_RETRIES, TIMEOUTS
-from tasks.credentials import uses_storage
+from tasks.credentials import store_for, uses_storage
 from tasks.lineage import MANIFEST_TAG
 from tasks.tracking import MlflowTracker
 
@@ -47,6 +47,7 @@ def record_merge(label: str, spec: MergeSpec, merged: ObjectRef, record: dict[st
     """A child run for one merge: its inputs (base, experts, evaluation data) with digests, parameters, metrics
     (test, and `validation.*` when validation scores are given), and the merged checkpoint as an MLflow logged
     model. Returns the merge's record, whose `selection` metrics (validation only) decide registration."""
+    store = store_for(storage)
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"merge-{label}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "merge", "mergeflow.method": spec.method,
@@ -61,7 +62,7 @@ def record_merge(label: str, spec: MergeSpec, merged: ObjectRef, record: dict[st
                "merge_seconds": record.get("seconds", 0.0)}
     model_id = None
     if tracking.log_merged_weights:
-        directory = runs_stage.local_directory_of(merged, storage)
+        directory = runs_stage.local_directory_of(merged, store)
         model_id = tracker.log_model(run_id, label, directory, params, metrics,
                                      {"mergeflow.uri": merged.uri, "mergeflow.sha256": merged.sha256,
                                       MANIFEST_TAG: sha256_file(directory / "mergeflow.json")})
@@ -135,9 +136,10 @@ def check_unchanged(name: str, digest: str, storage: StorageConfig, tracking: Tr
                     parent_run_id: str) -> dict[str, Any] | None:
     """The last successful run's record when its inputs digest equals `digest` (the run can be skipped): then
     says so in the log, a Prefect artifact and the parent MLflow run, and finishes that run."""
+    store = store_for(storage)
     from prefect.artifacts import create_markdown_artifact
 
-    last = runs_stage.last_success(name, storage)
+    last = runs_stage.last_success(name, store)
     if not last or last.get("inputs_digest") != digest:
         return None
     message = (f"Nothing changed since the last successful run of {name!r} (flow run {last.get('flow_run_id')}, "
@@ -155,4 +157,5 @@ def check_unchanged(name: str, digest: str, storage: StorageConfig, tracking: Tr
 @task(name="mark-success", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 @uses_storage
 def mark_success(name: str, record: dict[str, Any], storage: StorageConfig) -> None:
-    runs_stage.record_success(name, storage, record)
+    store = store_for(storage)
+    runs_stage.record_success(name, store, record)

@@ -8,7 +8,7 @@ from mergeflow.stages import statistics as statistics_stage
 from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import StatisticsConfig, StorageConfig, TrackingConfig
 from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
-from tasks.credentials import uses_storage
+from tasks.credentials import store_for, uses_storage
 from tasks.tracking import MlflowTracker
 
 
@@ -18,8 +18,9 @@ def compute_statistics(task_name: str, base: ObjectRef, expert: ObjectRef, datas
                        head: ObjectRef, kinds: tuple[str, ...], settings: StatisticsConfig,
                        storage: StorageConfig, device: str, tracking: TrackingConfig,
                        parent_run_id: str) -> ObjectRef:
+    store = store_for(storage)
     ref, report = on_device_or_cpu(
-        lambda on: statistics_stage.compute_statistics(task_name, base, expert, dataset, head, kinds, settings, storage, on),
+        lambda on: statistics_stage.compute_statistics(task_name, base, expert, dataset, head, kinds, settings, store, on),
         device, f"statistics {task_name}")
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"statistics-{task_name}", parent_run_id=parent_run_id,

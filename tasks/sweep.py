@@ -17,7 +17,7 @@ from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import EvalConfig, MergeSpec, StorageConfig, TrackingConfig, TuningConfig
 from mergeflow.sweep import choose, plot_sweep, score_point
 from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
-from tasks.credentials import uses_storage
+from tasks.credentials import store_for, uses_storage
 from tasks.tracking import MlflowTracker
 
 
@@ -27,8 +27,9 @@ def sweep_point(label: str, index: int, method: str, params: dict[str, Any], bas
                 experts: dict[str, ObjectRef], tasks: dict[str, tuple[ObjectRef, ObjectRef]],
                 tuning: TuningConfig, evaluation: EvalConfig, storage: StorageConfig, device: str,
                 tracking: TrackingConfig, parent_run_id: str) -> dict[str, float]:
+    store = store_for(storage)
     accuracy, reused = on_device_or_cpu(
-        lambda on: sweep_stage.sweep_point(method, params, base, experts, tasks, tuning, evaluation, storage, on), device,
+        lambda on: sweep_stage.sweep_point(method, params, base, experts, tasks, tuning, evaluation, store, on), device,
         f"sweep point {label}-{index}")
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"sweep-{label}-{index}", parent_run_id=parent_run_id,

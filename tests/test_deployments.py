@@ -36,8 +36,9 @@ def test_prefect_yaml_deploys_the_nightly_config():
 
 def test_latest_checkpoint_is_the_newest_safetensors(tmp_path):
     from mergeflow.stages.fetch import latest_checkpoint
+    from mergeflow.stages.store import Store
 
-    storage = StorageConfig(root=str(tmp_path))
+    storage = Store.of(StorageConfig(root=str(tmp_path)))
     prefix = tmp_path / "experts" / "election"
     with pytest.raises(ObjectNotFoundError, match="no \\*.safetensors"):
         latest_checkpoint(str(prefix), storage)

@@ -50,12 +50,13 @@ def test_flow_uses_a_dataset_directory_in_place(tmp_path, tmp_path_factory, pref
 def test_malformed_datasets_are_named(tmp_path, tmp_path_factory, cache):
     from mergeflow.config import StorageConfig
     from mergeflow.stages.data import prepare_dataset
+    from mergeflow.stages.store import Store
 
     with pytest.raises(ValueError, match="'tweets' is not a built-in hf_text task"):
         RunConfig.model_validate({"tasks": [{"name": "tweets"}], "merges": [{"method": "average"}]})
     dataset = _custom(tmp_path_factory, tmp_path / "bad")
     pq.write_table(pa.table({"sentence": ["a"], "label": [0]}), dataset / "validation.parquet")
-    storage = StorageConfig(root=str(tmp_path / "store"), cache_dir=str(tmp_path / "c"))
+    storage = Store.of(StorageConfig(root=str(tmp_path / "store"), cache_dir=str(tmp_path / "c")))
     with pytest.raises(ConfigError, match=r"tasks\[tweets\].dataset: .*validation.parquet has no column text"):
         prepare_dataset("tweets", RunConfig.model_fields["data"].default_factory(), storage, str(dataset))
     (dataset / "test.parquet").unlink()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mergeflow.config import DataConfig, EvalConfig, StorageConfig
+from mergeflow.config import DataConfig, EvalConfig
 from mergeflow.errors import ConfigError, ObjectNotFoundError
 from mergeflow.families import get_family
 from mergeflow.stages.refs import ObjectRef, dataset_uri, family_of, head_uri
@@ -13,12 +13,11 @@ from mergeflow.stages.store import Store
 from mergeflow.storage import directory_digest
 
 
-def prepare_dataset(task: str, data: DataConfig, storage: StorageConfig, dataset: str | None = None,
+def prepare_dataset(task: str, data: DataConfig, store: Store, dataset: str | None = None,
                     family: str = "hf_text") -> ObjectRef:
     """Read a built-in task's real data, split it, and store it in its family's layout; or check a user's dataset
     directory (`dataset`, used where it is) and reference it by its content digest."""
     reader = get_family(family)
-    store = Store.of(storage)
     if dataset is not None:
         field = f"tasks[{task}].dataset"
         path, files = store.input_directory(dataset, field, recursive=True)
@@ -36,14 +35,13 @@ def prepare_dataset(task: str, data: DataConfig, storage: StorageConfig, dataset
     return store.publish_or_reuse(build, dataset_uri(store.root, task, sizes, data.seed))
 
 
-def fit_head(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalConfig, storage: StorageConfig,
+def fit_head(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalConfig, store: Store,
              device: str = "auto", head: str | None = None) -> ObjectRef:
     """The task's frozen head: the user's file `head` (checked against the task's classes), or one made from the
     pretrained model by its family (a linear probe on the probe split, a CLIP zero-shot head, a seq2seq prompt)."""
     from mergeflow.task_vectors import resolve_device
 
     family = family_of(base)
-    store = Store.of(storage)
     if head is not None:
         field = f"tasks[{task}].head ({head})"
         try:

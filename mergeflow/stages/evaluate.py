@@ -6,19 +6,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mergeflow.config import EvalConfig, StorageConfig
+from mergeflow.config import EvalConfig
 from mergeflow.stages.refs import ObjectRef, TaskInputs, evaluation_uri, family_of
 from mergeflow.stages.store import Store
 
 
 def evaluate_model(weights: ObjectRef | None, base: ObjectRef, tasks: TaskInputs, evaluation: EvalConfig,
-                   storage: StorageConfig, device: str = "auto", split: str = "test", max_examples: int | None = None,
+                   store: Store, device: str = "auto", split: str = "test", max_examples: int | None = None,
                    state_dict: Mapping[str, Any] | None = None) -> dict[str, float]:
     """The primary metric (accuracy for classification) on each task's `split` (only that split is read; at most
     `max_examples` per task) with that task's frozen head; `weights=None` scores the pretrained model, or the
     in-memory `state_dict` when given. `tasks` maps task name to (dataset, head)."""
     family = family_of(base)
-    store = Store.of(storage)
     model = store.load_model(base, weights, device, state_dict)
     splits = {}
     for name, (dataset, head) in tasks.items():
@@ -30,17 +29,16 @@ def evaluate_model(weights: ObjectRef | None, base: ObjectRef, tasks: TaskInputs
 
 
 def evaluate_stored(weights: ObjectRef | None, base: ObjectRef, tasks: TaskInputs, evaluation: EvalConfig,
-                    storage: StorageConfig, device: str = "auto", split: str = "test",
+                    store: Store, device: str = "auto", split: str = "test",
                     max_examples: int | None = None) -> tuple[dict[str, float], bool]:
     """`evaluate_model` of a stored model, with its scores kept under a key of the model's, every dataset's and
     head's digests and the settings (`evaluations/<fp>.json`), so an unchanged model is never scored twice.
     Returns (accuracy, reused)."""
-    store = Store.of(storage)
     model = weights or base
     uri = evaluation_uri(store.root, model, weights is None, tasks, evaluation.model_dump(), split, max_examples)
     if store.exists(uri):
         return store.read_json(uri)["accuracy"], True
-    accuracy = evaluate_model(weights, base, tasks, evaluation, storage, device, split, max_examples)
+    accuracy = evaluate_model(weights, base, tasks, evaluation, store, device, split, max_examples)
     store.publish_json(uri, {"model": model.model_dump(), "split": split, "max_examples": max_examples,
                              "accuracy": accuracy})
     return accuracy, False

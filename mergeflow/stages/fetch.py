@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mergeflow.config import ModelConfig, StorageConfig
+from mergeflow.config import ModelConfig
 from mergeflow.errors import ObjectNotFoundError
 from mergeflow.families import get_family
 from mergeflow.stages.refs import ModelRef, ObjectRef, builtin_model_uri
@@ -14,11 +14,10 @@ from mergeflow.stages.store import Store
 from mergeflow.storage import directory_digest, filesystem, is_remote, storage_error
 
 
-def materialize_pretrained(model: ModelConfig, storage: StorageConfig) -> ModelRef:
+def materialize_pretrained(model: ModelConfig, store: Store) -> ModelRef:
     """Reference the pretrained model directory (checked against its family's layout); a built-in model is put
     in the store once."""
     family = get_family(model.family)
-    store = Store.of(storage)
     if model.pretrained not in family.builtin_models:
         path, files = store.input_directory(model.pretrained, "model.pretrained")
         family.check_model_dir(path, f"model.pretrained ({model.pretrained})")
@@ -28,9 +27,9 @@ def materialize_pretrained(model: ModelConfig, storage: StorageConfig) -> ModelR
     return ModelRef(uri=ref.uri, sha256=ref.sha256, family=model.family)
 
 
-def fetch_checkpoint(uri: str, storage: StorageConfig) -> ObjectRef:
+def fetch_checkpoint(uri: str, store: Store) -> ObjectRef:
     """Fetch (through the content cache) and open a checkpoint: validates its format, returns its digest."""
-    return Store.of(storage).checkpoint_ref(uri)
+    return store.checkpoint_ref(uri)
 
 
 def _modified(info: Mapping[str, Any]) -> float:
@@ -38,10 +37,10 @@ def _modified(info: Mapping[str, Any]) -> float:
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
-def latest_checkpoint(prefix: str, storage: StorageConfig) -> str:
+def latest_checkpoint(prefix: str, store: Store) -> str:
     """URI of the newest `*.safetensors` checkpoint under `prefix` (statistics files and partial uploads aside);
     ties go to the larger name. ObjectNotFoundError naming the prefix when there is none."""
-    fs, path = filesystem(prefix, storage.options())
+    fs, path = filesystem(prefix, store.options)
     try:
         found = fs.find(path, detail=True) if fs.exists(path) else {}
     except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeflow.checkpoints.safetensors_format import save_safetensors
-from mergeflow.config import FinetuneConfig, StorageConfig
+from mergeflow.config import FinetuneConfig
 from mergeflow.stages.refs import ObjectRef, atm_round_dir, checkpoints_uri, expert_uri, family_of
 from mergeflow.stages.store import Store
 from mergeflow.storage import join
@@ -20,7 +20,7 @@ def _fingerprinted(settings: FinetuneConfig) -> dict[str, Any]:
 
 
 def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: ObjectRef, settings: FinetuneConfig,
-                    storage: StorageConfig, device: str = "auto", progress: bool = True
+                    store: Store, device: str = "auto", progress: bool = True
                     ) -> tuple[ObjectRef, dict[str, Any]]:
     """Fine-tune the encoder on the task's train split under its frozen head and store the expert.
 
@@ -29,7 +29,6 @@ def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: Object
     """
     from mergeflow.finetune import FinetuneSettings
 
-    store = Store.of(storage)
     uri = expert_uri(store.root, task, base, dataset, head, _fingerprinted(settings))
     directory = uri.rsplit("/", 1)[0]
     report_uri = join(directory, "training.json")
@@ -64,13 +63,12 @@ def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: Object
 
 
 def atm_finetune(task: str, base: ObjectRef, start: ObjectRef | None, dataset: ObjectRef, head: ObjectRef,
-                 settings: FinetuneConfig, split: str, storage: StorageConfig, device: str = "auto",
+                 settings: FinetuneConfig, split: str, store: Store, device: str = "auto",
                  progress: bool = True) -> tuple[ObjectRef, dict[str, Any]]:
     """One ATM round of one task: fine-tune from `start` (a merged model; None: theta_0) on `split` with
     `settings` (the round's budget) and store the result (reused when every input is unchanged)."""
     from mergeflow.finetune import FinetuneSettings
 
-    store = Store.of(storage)
     directory, fp = atm_round_dir(store.root, task, base, start, dataset, head, split, _fingerprinted(settings))
     uri = join(directory, "model.safetensors")
     if store.exists(uri):

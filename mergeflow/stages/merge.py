@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mergeflow.config import EvalConfig, MergeSpec, StorageConfig
+from mergeflow.config import EvalConfig, MergeSpec
 from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, family_of, part_uri, parts_prefix
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
@@ -22,9 +22,8 @@ def needs_objective(spec: MergeSpec) -> bool:
 
 
 def unlabeled_objective(base: ObjectRef, tasks: TaskInputs, split: str, evaluation: EvalConfig,
-                        storage: StorageConfig, device: str = "auto"):
+                        store: Store, device: str = "auto"):
     """The entropy objective over each task's unlabeled `split` inputs with its frozen head (labels never read)."""
-    store = Store.of(storage)
     splits = {name: (store.load_head(head, base), store.read_task(name, dataset, base, [split]).splits[split])
               for name, (dataset, head) in tasks.items()}
     return family_of(base).objective(store.load_model(base, None, device), splits, evaluation)
@@ -35,14 +34,13 @@ def _merge_record(store: Store, out_uri: str) -> dict[str, Any]:
 
 
 def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str,
-                  storage: StorageConfig, state: ObjectRef | None = None, device: str = "auto",
+                  store: Store, state: ObjectRef | None = None, device: str = "auto",
                   statistics: Mapping[str, ObjectRef] | None = None, objective=None
                   ) -> tuple[ObjectRef, dict[str, Any]]:
     """Merge the experts with one method into `out_uri` (with the sparsify stage's stored `state` when given);
     returns its reference and the engine's result record."""
     from mergeflow.merge import merge_checkpoints
 
-    store = Store.of(storage)
     if store.exists(out_uri):
         return store.checkpoint_ref(out_uri), _merge_record(store, out_uri)
     result = merge_checkpoints(spec.method, base_weights(base), [r.uri for r in experts.values()], out_uri,
@@ -54,12 +52,11 @@ def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
 
 
 def merge_part(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str, index: int,
-               parts: int, storage: StorageConfig, state: ObjectRef | None = None, device: str = "auto",
+               parts: int, store: Store, state: ObjectRef | None = None, device: str = "auto",
                statistics: Mapping[str, ObjectRef] | None = None) -> str:
     """Merge layer group `index` of `parts` into `<out_uri>.parts/<index>` (reused when present); returns its URI."""
     from mergeflow.merge import merge_checkpoints
 
-    store = Store.of(storage)
     uri = part_uri(out_uri, index)
     if not store.exists(out_uri) and not store.exists(uri):
         merge_checkpoints(spec.method, base_weights(base), [r.uri for r in experts.values()], uri, spec.params,
@@ -70,12 +67,11 @@ def merge_part(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef
     return uri
 
 
-def assemble_merge(part_uris: Sequence[str], out_uri: str, storage: StorageConfig
+def assemble_merge(part_uris: Sequence[str], out_uri: str, store: Store
                    ) -> tuple[ObjectRef, dict[str, Any]]:
     """Join the parts into the merged model at `out_uri` and remove them; returns its reference and record."""
     from mergeflow.merge import assemble_parts
 
-    store = Store.of(storage)
     if store.exists(out_uri):
         return store.checkpoint_ref(out_uri), _merge_record(store, out_uri)
     record = assemble_parts(part_uris, out_uri, storage_options=store.options, cache=store.cache).to_dict()
@@ -84,12 +80,11 @@ def assemble_merge(part_uris: Sequence[str], out_uri: str, storage: StorageConfi
 
 
 def atm_merge(spec: MergeSpec, base: ObjectRef, current: ObjectRef | None, round_experts: Mapping[str, ObjectRef],
-              out_uri: str, storage: StorageConfig, device: str = "auto") -> ObjectRef:
+              out_uri: str, store: Store, device: str = "auto") -> ObjectRef:
     """theta^(k): the rule `spec` applied to the round's updates theta_t^(k) - theta^(k-1), on top of theta^(k-1)
     (`current`; None: theta_0). Reused when already stored."""
     from mergeflow.merge import merge_checkpoints
 
-    store = Store.of(storage)
     if not store.exists(out_uri):
         merge_checkpoints(spec.method, current.uri if current else base_weights(base),
                           [ref.uri for ref in round_experts.values()], out_uri, spec.params, device=device,

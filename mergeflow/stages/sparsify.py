@@ -8,12 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mergeflow.config import MergeSpec, StorageConfig
+from mergeflow.config import MergeSpec
 from mergeflow.stages.refs import ObjectRef, sparsify_uri
 from mergeflow.stages.store import Store
 
 
-def sparsify(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], storage: StorageConfig,
+def sparsify(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], store: Store,
              device: str = "auto") -> tuple[ObjectRef, bool]:
     """Stored as `sparsify/<method>-<fingerprint>/state.json`, keyed by the base's and experts' digests and the
     params that pass reads, so a rerun or another scaling of the same density reuses it. Returns (its reference,
@@ -21,7 +21,6 @@ def sparsify(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef],
     from mergeflow.methods import build_method
     from mergeflow.methods.base import MergeMethod
 
-    store = Store.of(storage)
     method = build_method(spec.method, spec.params)  # its params with the defaults filled in
     params = method.params.model_dump(mode="json")
     if type(method).prepare is MergeMethod.prepare:  # no global pass (TA, averaging, DARE): one empty state

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mergeflow.config import MergeSpec, StatisticsConfig, StorageConfig
+from mergeflow.config import MergeSpec, StatisticsConfig
 from mergeflow.stages.refs import ObjectRef, family_of, statistics_uri
 from mergeflow.stages.store import Store
 
@@ -26,13 +26,12 @@ def statistic_kinds(specs: list[MergeSpec]) -> tuple[str, ...]:
 
 
 def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: ObjectRef, head: ObjectRef,
-                       kinds: tuple[str, ...], settings: StatisticsConfig, storage: StorageConfig,
+                       kinds: tuple[str, ...], settings: StatisticsConfig, store: Store,
                        device: str = "auto") -> tuple[ObjectRef, dict[str, Any]]:
     """Per-expert statistics on its task's data, stored beside the expert checkpoint and reused when the expert,
     data, head and settings are unchanged. Returns the reference and a report (examples, seconds, reused)."""
     from mergeflow.statistics import save_statistics
 
-    store = Store.of(storage)
     uri = statistics_uri(expert, dataset, head, kinds, settings.model_dump())
     if store.exists(uri):
         return store.file_ref(uri), {"reused": True}

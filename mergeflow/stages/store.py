@@ -1,4 +1,4 @@
-"""The store a stage works in, built once per stage call: root, storage options (credentials included) and the
+"""The store a stage works in, built once per task: root, storage options (credentials included) and the
 local content cache, with the few operations every stage needs (exists, references of stored objects, JSON
 records, atomic publishing) and the readers of stored inputs (task data, heads, models) verified by digest."""
 
@@ -30,9 +30,11 @@ class Store:
     cache: ContentCache
 
     @classmethod
-    def of(cls, storage: StorageConfig) -> Store:
-        return cls(storage.root, storage.options(), ContentCache(Path(storage.cache_dir) if storage.cache_dir
-                                                                 else None))
+    def of(cls, storage: StorageConfig, credentials: Mapping[str, str] | None = None) -> Store:
+        """The store of `storage`, with the S3 key pair of its `credentials_block` when it names one (s3fs
+        keywords: key, secret[, token]; the orchestration layer loads them)."""
+        return cls(storage.root, storage.options(credentials),
+                   ContentCache(Path(storage.cache_dir) if storage.cache_dir else None))
 
     def exists(self, uri: str) -> bool:
         return exists(uri, self.options)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeflow.checkpoints.safetensors_format import save_safetensors
-from mergeflow.config import EvalConfig, StorageConfig, TuningConfig
+from mergeflow.config import EvalConfig, TuningConfig
 from mergeflow.stages.evaluate import evaluate_model
 from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, fingerprint, sweep_uri
 from mergeflow.stages.store import Store
@@ -42,7 +42,7 @@ def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, expe
 
 
 def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
-                  storage: StorageConfig, device: str = "auto") -> dict[str, Any]:
+                  store: Store, device: str = "auto") -> dict[str, Any]:
     """The merged state dict of one grid point, in memory (`mergeflow.sweep.merged_point`): theta_0 + lambda U
     from the update shared through the local cache for scaling methods, a full in-memory merge otherwise."""
     from safetensors.torch import load_file
@@ -51,7 +51,6 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
     from mergeflow.methods import method_class
     from mergeflow.sweep import merged_point
 
-    store = Store.of(storage)
     if method_class(method).scaling_param is None:
         with store.expert_pool(base, experts, device) as pool:
             return merged_point(method, params, None, None, pool)
@@ -62,17 +61,16 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
 
 
 def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
-                tasks: TaskInputs, tuning: TuningConfig, evaluation: EvalConfig, storage: StorageConfig,
+                tasks: TaskInputs, tuning: TuningConfig, evaluation: EvalConfig, store: Store,
                 device: str = "auto") -> tuple[dict[str, float], bool]:
     """Validation accuracy per task of one grid point (weights never published); the small score record is
     stored under a key of every input digest, the method and its parameters, so a rerun or a grown grid scores
     only new points. Returns (accuracy, reused)."""
-    store = Store.of(storage)
     uri = sweep_uri(store.root, method, params, base, experts, tasks, tuning.max_examples, evaluation.model_dump())
     if store.exists(uri):
         return store.read_json(uri)["accuracy"], True
-    weights = sweep_weights(method, params, base, experts, storage, device)
-    accuracy = evaluate_model(None, base, tasks, evaluation, storage, device, split="validation",
+    weights = sweep_weights(method, params, base, experts, store, device)
+    accuracy = evaluate_model(None, base, tasks, evaluation, store, device, split="validation",
                               max_examples=tuning.max_examples, state_dict=weights)
     store.publish_json(uri, {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy})
     return accuracy, False
