@@ -53,7 +53,8 @@ def tracked_run(config: RunConfig, body: Callable[[str], Any]) -> Any:
         try:
             return body(parent)
         except BaseException as error:
-            if is_stop(error):
+            if is_stop(error):  # tell the workers first (a served run's cancel arrives here), then end them
+                stopping.request_stop(stopping.reason() or f"{type(error).__name__} received")
                 release_pool_workers(runner)
             return _end_stopped_or_raise(config, parent, error)
 

@@ -123,16 +123,21 @@ def stop_on_signals() -> Iterator[None]:
         _app_handlers = False
 
 
+WORKER_STOP_SIGNAL = signal.SIGUSR1  # what a command sends its process-pool workers to stop them after a step
+
+
 def install_in_worker() -> None:
-    """In a worker process of a process-pool task runner: a forwarded signal asks for a stop (main thread only)."""
+    """In a worker process of a process-pool task runner (main thread; idempotent): WORKER_STOP_SIGNAL asks for a
+    stop after the current step, and Ctrl-C's SIGINT, which a terminal sends the whole process group, is left to
+    the command (it forwards a stop). SIGTERM keeps its meaning: a worker whose group is terminated ends."""
     import multiprocessing
 
-    if multiprocessing.parent_process() is not None and threading.current_thread() is threading.main_thread():
-        current = signal.getsignal(signal.SIGTERM)
-        if current is not _handler:
-            for signum in STOP_SIGNALS:
-                signal.signal(signum, _worker_handler)
+    if multiprocessing.parent_process() is None or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(WORKER_STOP_SIGNAL) is not _worker_handler:
+        signal.signal(WORKER_STOP_SIGNAL, _worker_handler)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _worker_handler(signum: int, _frame: object) -> None:
-    request_stop(f"{_signal_name(signum)} received")
+def _worker_handler(_signum: int, _frame: object) -> None:
+    request_stop("the run is stopping")

@@ -4,7 +4,6 @@ the tasks it runs in other processes (`stopping_workers`)."""
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,7 +78,7 @@ def describe_runner(runner: Any) -> str:
 @contextmanager
 def stopping_workers(runner: Any, run_id: str) -> Iterator[None]:
     """While inside, a stop of this process reaches the tasks `runner` runs elsewhere: process-pool workers get
-    SIGTERM (each stops after its current step), Dask workers get the stop through the scheduler (scoped to
+    `stopping.WORKER_STOP_SIGNAL` (each stops after its current step), Dask workers get the stop through the scheduler (scoped to
     `run_id`, so a long-lived cluster's next run is not stopped). Threads share the flag and need nothing."""
     if _pool_processes(runner) is not None:
         listener = _signal_pool
@@ -118,7 +117,7 @@ def _pool_processes(runner: Any) -> list[Any] | None:
 def _signal_pool(runner: Any, _reason: str, _run_id: str) -> None:
     for process in _pool_processes(runner) or []:
         try:
-            os.kill(process.pid, signal.SIGTERM)
+            os.kill(process.pid, stopping.WORKER_STOP_SIGNAL)
         except (ProcessLookupError, TypeError):
             pass
 
