@@ -213,9 +213,14 @@ def test_served_deployment_runs_a_triggered_run_against_the_stack(tmp_path, monk
                 stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 worker_run = run_deployment("mergeflow-merge/pooled", timeout=420)
-            finally:
+            finally:  # cleanup: the worker's shutdown is not what this test checks (under the full suite's load a
+                # Prefect process worker has taken over 30 s to end on SIGTERM after its run)
                 os.killpg(worker.pid, 15)
-                worker.wait(timeout=30)
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.pid, 9)
+                    worker.wait(timeout=30)
             assert worker_run.state.is_completed(), (worker_run.state,
                                                       (tmp_path / "worker.log").read_text()[-3000:])
         assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
