@@ -15,14 +15,18 @@ from mergeflow.methods.dare import Dare
 from mergeflow.methods.doge_am import DogeAM
 from mergeflow.methods.doge_ta import DogeTA
 from mergeflow.methods.fisher import FisherMerging
+from mergeflow.methods.iso_c import IsoC
+from mergeflow.methods.iso_cts import IsoCts
 from mergeflow.methods.mats import Mats
 from mergeflow.methods.regmean import RegMean
 from mergeflow.methods.task_arithmetic import TaskArithmetic
 from mergeflow.methods.ties import Ties
+from mergeflow.methods.tsv import Tsv
+from mergeflow.methods.wudi import Wudi
 
 METHODS: dict[str, type[MergeMethod]] = {
     m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare, DogeTA, DogeAM, FisherMerging, RegMean, Mats,
-                        AdaMerging)
+                        AdaMerging, Tsv, IsoC, IsoCts, Wudi)
 }
 
 

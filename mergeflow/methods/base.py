@@ -18,6 +18,7 @@ other tensors have streamed through `merge_tensor`. Methods that do not override
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -50,6 +51,10 @@ class MergeMethod(ABC):
     # the params `prepare` reads (None: all of them): the sparsify stage's cache key, so e.g. TIES's thresholds
     # are computed once for every scaling of one density
     prepare_params: ClassVar[tuple[str, ...] | None] = None
+    # the stored per-layer factors the method can read (`stored_factors`): "task" (each task vector's top
+    # int(r / T) singular triplets) and/or "sum" (the thin SVD of the summed task vector), built once per expert
+    # set by the subspace stage; without them the method computes its own
+    subspaces: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else self.Params()
@@ -74,3 +79,27 @@ class MergeMethod(ABC):
         [G, N, *shape]. Default: `merge_tensor` on each."""
         return torch.stack([self.merge_tensor(name, base, tv, state)
                             for name, base, tv in zip(names, bases, task_vectors)])
+
+
+def matches_any(name: str, patterns: Sequence[str]) -> bool:
+    """Whether any regex in `patterns` is found in the tensor name `name`."""
+    return any(re.search(pattern, name) for pattern in patterns)
+
+
+def check_patterns(patterns: Sequence[str]) -> tuple[str, ...]:
+    """`patterns` as a tuple, after checking that each compiles (a clear error naming the bad one)."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid tensor-name pattern {pattern!r}: {exc}") from None
+    return tuple(patterns)
+
+
+SUBSPACE = "_subspace"  # run-only state key: {kind: reader of the subspace stage's stored factors}
+
+
+def stored_factors(state: dict[str, Any], kind: str, name: str) -> dict[str, torch.Tensor] | None:
+    """The subspace stage's stored factors of one layer (`kind`: "task" or "sum"), when the merge was given them."""
+    reader = state.get(SUBSPACE, {}).get(kind)
+    return None if reader is None else reader.factors(name)

@@ -1,0 +1,85 @@
+"""FusionBench 0.2.33's own implementations of TSV-M, Iso-C, Iso-CTS and WUDI, for parity checks and benchmarks.
+
+The wheel is fetched from the package index (`pip download --no-deps`, never installed, never a dependency of
+Mergeflow) into `benchmarks/out/fusion-bench/` and the four functions are loaded from its files as they are.
+The package's `__init__` pulls in Lightning, Hydra and more; the few names these files import from it (a timing
+context, type aliases, base classes used only by the classes around the functions) are given light stand-ins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+from typing import Any
+
+VERSION = "0.2.33"
+WHEEL = f"fusion_bench-{VERSION}-py3-none-any.whl"
+ROOT = Path(__file__).resolve().parent / "out" / "fusion-bench"
+FILES = {
+    "tsvm": "fusion_bench/method/task_singular_vector/utils/TSVM_utils.py",
+    "iso": "fusion_bench/method/isotropic_merging/iso_utils.py",
+    "wudi": "fusion_bench/method/wudi/wudi.py",
+}
+
+
+def wheel_path() -> Path:
+    """The downloaded wheel (fetched on first use)."""
+    wheel = ROOT / WHEEL
+    if not wheel.exists():
+        ROOT.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                               "--disable-pip-version-check", "-d", str(ROOT), f"fusion-bench=={VERSION}"],
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not wheel.exists():
+            raise RuntimeError(f"could not download fusion-bench=={VERSION} from the package index:\n{done.stderr}")
+    return wheel
+
+
+def _stand_ins() -> dict[str, types.ModuleType]:
+    def module(name: str, **names: Any) -> types.ModuleType:
+        mod = types.ModuleType(name)
+        mod.__dict__.update(names)
+        return mod
+
+    def base(name: str) -> type:  # BaseAlgorithm, BaseModelPool, LightningFabricMixin: only for unused classes
+        return type(name, (), {"__init__": lambda self, *args, **kwargs: None})
+
+    def sub(a: dict, b: dict) -> dict:
+        return {k: a[k] - b[k] for k in a}
+
+    def add(a: dict, b: dict) -> dict:
+        return {k: a[k] + b[k] for k in a}
+
+    return {
+        "fusion_bench": module("fusion_bench", BaseAlgorithm=base("BaseAlgorithm"), BaseModelPool=base("BaseModelPool"),
+                               auto_register_config=lambda cls: cls),
+        "fusion_bench.utils": module("fusion_bench.utils", timeit_context=lambda *a, **k: contextlib.nullcontext()),
+        "fusion_bench.utils.type": module("fusion_bench.utils.type", StateDictType=dict),
+        "fusion_bench.utils.state_dict_arithmetic": module("fusion_bench.utils.state_dict_arithmetic",
+                                                           state_dict_add=add, state_dict_sub=sub),
+        "fusion_bench.mixins": module("fusion_bench.mixins", LightningFabricMixin=base("LightningFabricMixin")),
+    }
+
+
+def load(which: str) -> types.ModuleType:
+    """FusionBench's module `which` ("tsvm", "iso" or "wudi"), executed from the wheel's file."""
+    source = zipfile.ZipFile(wheel_path()).read(FILES[which]).decode()
+    stand_ins = _stand_ins()
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        spec = importlib.util.spec_from_loader(f"fusionbench_{which}", loader=None)
+        mod = importlib.util.module_from_spec(spec)
+        exec(compile(source, f"{WHEEL}/{FILES[which]}", "exec"), mod.__dict__)
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+    return mod

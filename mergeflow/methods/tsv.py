@@ -1,0 +1,60 @@
+"""TSV-M (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025):
+per 2-D layer, each task keeps its top int(r / T) singular triplets; the stacked left and right bases are
+orthogonalised (polar factors, which removes the interference between tasks' directions) and recombined with
+the kept singular values: Delta = polar(U) diag(s) polar(Vh); merged = theta_0 + alpha * Delta.
+Other tensors (biases, norms, 4-D convolutions) and `exclude`d ones: theta_0 + alpha * mean tau.
+
+As FusionBench's `TaskSingularVectorMerging` (alpha 1, every 2-D tensor) and the authors' code; the paper picks
+alpha on validation from {0.1, ..., 3.0}. A layer with r < T keeps no triplet (Delta = 0), as the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+
+from mergeflow.methods.base import MergeMethod, MethodParams, check_patterns, matches_any, stored_factors
+from mergeflow.subspace import polar, top_singular, tsv_rank
+
+
+class TsvParams(MethodParams):
+    alpha: float = Field(1.0, ge=0.0, le=10.0, description="scales the whole update (1: FusionBench's default; "
+                         "the paper picks it on validation from 0.1-3.0)")
+    exclude: tuple[str, ...] = Field((), description="regexes of 2-D tensors to average instead (the reference's "
+                                     "exclude_keys)")
+
+    _patterns = field_validator("exclude")(check_patterns)
+
+
+def tsv_update(task_vectors: torch.Tensor, factors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Delta [m, n] of one layer's task vectors [T, m, n]: from each task's top int(r/T) triplets (computed, or
+    read from `factors`: stacked `u` [T, m, k], `s` [T, k], `vh` [T, k, n] of at least that rank)."""
+    tasks, m, n = task_vectors.shape
+    k = tsv_rank(min(m, n), tasks)
+    if k == 0:
+        return torch.zeros_like(task_vectors[0])
+    if factors is None:
+        triplets = [top_singular(tv, k) for tv in task_vectors]
+        u, s, vh = (torch.stack(part) for part in zip(*triplets))
+    else:
+        u, s, vh = factors["u"][..., :k], factors["s"][..., :k], factors["vh"][..., :k, :]
+    u = u.to(task_vectors.device).transpose(0, 1).reshape(m, tasks * k)  # task i in columns [i k, (i+1) k)
+    vh = vh.to(task_vectors.device).reshape(tasks * k, n)
+    return (polar(u) * s.to(task_vectors.device).reshape(-1)) @ polar(vh)
+
+
+class Tsv(MergeMethod):
+    name = "tsv"
+    summary = "TSV-M: per-layer top task singular vectors, orthogonalised, recombined (data-free)."
+    Params = TsvParams
+    scaling_param = "alpha"
+    subspaces = ("task",)
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
+                     state: dict[str, Any]) -> torch.Tensor:
+        if task_vectors.dim() != 3 or matches_any(name, self.params.exclude):
+            return base + self.params.alpha * task_vectors.mean(dim=0)
+        return base + self.params.alpha * tsv_update(task_vectors, stored_factors(state, "task", name))
+

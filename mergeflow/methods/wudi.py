@@ -1,0 +1,99 @@
+"""WUDI merging (Cheng et al., "Whoever Started the Interference Should End It: Guiding Data-Free Model Merging
+via Task Vectors", ICML 2025): per 2-D layer, the merged task vector tau_m minimises the interference on each
+task's own inputs, with the task vector's rows standing in for them,
+    L(tau_m) = sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2,
+by `steps` Adam steps (lr 1e-5) from tau_m = sum_i tau_i, as the reference code does (it stops well before the
+minimiser). merged = theta_0 + scaling * tau_m; other tensors and `exclude`d ones: theta_0 + scaling * mean tau.
+
+`solver`:
+- "gram" (default): the same Adam on the same loss, with its gradient in closed form,
+  2 (tau_m G - B), G = sum_i tau_i^T tau_i / c_i, B = sum_i tau_i tau_i^T tau_i / c_i, formed once per layer:
+  a step costs m n^2 instead of autograd's ~6 T m^2 n (16x less on ViT-B/32). Not bitwise the reference: where a
+  gradient entry is at rounding-noise level, Adam's first steps (about lr * sign(g)) can differ by ~1e-5.
+- "autograd": FusionBench's loop replayed (stacked task vectors, the loss as written, autograd, torch Adam).
+
+As FusionBench's `WUDIMerging` (every 2-D tensor; `iter_num` 400 in its config, 300 in the authors' code, which
+also keeps theta_0 outside the attention and MLP weights). Neither applies a scaling (1.0 here); it is there for
+sweeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from mergeflow import stopping
+from mergeflow.methods.base import MergeMethod, MethodParams, check_patterns, matches_any
+
+
+class WudiParams(MethodParams):
+    steps: int = Field(400, ge=0, le=100_000, description="Adam steps per layer (400: FusionBench's config; the "
+                       "authors' code uses 300)")
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="Adam learning rate (default betas and eps)")
+    scaling: float = Field(1.0, ge=0.0, le=10.0, description="scales the merged task vector (the references: 1)")
+    solver: Literal["gram", "autograd"] = Field(
+        "gram", description="closed-form gradient from per-layer Gram matrices (fast), or FusionBench's autograd "
+        "loop replayed")
+    exclude: tuple[str, ...] = Field((), description="regexes of 2-D tensors to average instead")
+
+    _patterns = field_validator("exclude")(check_patterns)
+
+
+def _adam(initial: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.optim.Adam]:
+    merged = torch.nn.Parameter(initial)
+    return merged, torch.optim.Adam([merged], lr=lr, weight_decay=0)
+
+
+def wudi_autograd(task_vectors: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    """tau_m [m, n] of one layer's task vectors [T, m, n], by the reference's own loop."""
+    merged, adam = _adam(torch.sum(task_vectors, dim=0), lr)
+    norms = torch.square(torch.norm(task_vectors.reshape(task_vectors.shape[0], -1), p=2, dim=-1))
+    with torch.enable_grad():
+        for _ in range(steps):
+            stopping.check()
+            product = torch.matmul(merged.unsqueeze(0) - task_vectors, task_vectors.transpose(1, 2))
+            loss = torch.sum(torch.square(product) / norms.unsqueeze(-1).unsqueeze(-1))
+            adam.zero_grad()
+            loss.backward()
+            adam.step()
+    return merged.detach()
+
+
+def wudi_gram(task_vectors: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    """tau_m [m, n] of one layer's task vectors [T, m, n]: the same Adam steps, the gradient 2 (tau_m G - B) in
+    closed form (G and B accumulated in float64, then used in fp32)."""
+    tasks, m, n = task_vectors.shape
+    gram = torch.zeros(n, n, dtype=torch.float64, device=task_vectors.device)
+    target = torch.zeros(m, n, dtype=torch.float64, device=task_vectors.device)
+    for tv in task_vectors:
+        t = tv.double()
+        weight = 1.0 / t.square().sum().clamp(min=torch.finfo(torch.float64).tiny)
+        tt = t.mT @ t
+        gram.add_(tt, alpha=weight)
+        target.add_(t @ tt, alpha=weight)
+    gram, target = 2 * gram.float(), 2 * target.float()
+    merged, adam = _adam(torch.sum(task_vectors, dim=0), lr)
+    merged.grad = torch.empty_like(merged)
+    with torch.no_grad():
+        for _ in range(steps):
+            stopping.check()
+            torch.addmm(target, merged, gram, beta=-1, out=merged.grad)
+            adam.step()
+    return merged.detach()
+
+
+class Wudi(MergeMethod):
+    name = "wudi"
+    summary = "WUDI: per-layer merged task vector that minimises interference on the tasks' own rows (data-free)."
+    Params = WudiParams
+    scaling_param = "scaling"
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
+                     state: dict[str, Any]) -> torch.Tensor:
+        p = self.params
+        if task_vectors.dim() != 3 or matches_any(name, p.exclude):
+            return base + p.scaling * task_vectors.mean(dim=0)
+        solve = wudi_gram if p.solver == "gram" else wudi_autograd
+        return base + p.scaling * solve(task_vectors, p.steps, p.lr)
