@@ -1,4 +1,5 @@
-"""The merge flow: fetch -> fine-tune missing experts -> statistics -> sweep -> merge -> evaluate -> record.
+"""The merge flow: fetch -> fine-tune missing experts -> statistics -> subspace -> sweep -> sparsify -> merge ->
+evaluate -> record.
 
 (No `from __future__ import annotations` here: Prefect builds the parameter model from the signature in a
 process that loads this file by path, where string annotations cannot be resolved.)
@@ -20,13 +21,14 @@ from mergeflow import stopping
 from mergeflow.config import MergeSpec, RunConfig, load_run_config
 from mergeflow.errors import ConfigError
 from mergeflow.evaluate import format_results_table
-from mergeflow.stages import merge as merge_stage, statistics as statistics_stage
+from mergeflow.stages import (merge as merge_stage, sparsify as sparsify_stage, statistics as statistics_stage,
+                              subspace as subspace_stage)
 from mergeflow.stages.refs import ModelRef, ObjectRef, merged_uri, run_inputs_digest
 from tasks.artifacts import publish_artifacts
 from tasks.evaluate import evaluate
 from tasks.fetch import fetch_expert, fetch_latest_expert, fetch_pretrained, prepare_dataset
 from tasks.finetune import finetune_expert, fit_head
-from tasks.merge import assemble_merge, merge, merge_part, sparsify
+from tasks.merge import assemble_merge, build_subspace, merge, merge_part, sparsify
 from tasks.progress import CLOCK
 from tasks.runners import (configured_task_runner, describe_runner, release_pool_workers, stopping_workers,
                            task_runner_for)
@@ -81,10 +83,18 @@ def planned_stages(config: RunConfig) -> dict[str, int]:
     return {"fetch_pretrained": 1, "prepare_dataset": tasks, "fit_head": tasks, **experts,
             "compute_statistics": tasks if data_aware else 0,
             "sweep_point": sum(len(spec.grid_points()) for spec in sweeps),
-            "sparsify": merges - data_aware - learned, "merge": whole, "merge_part": (merges - whole) *
+            "build_subspace": len(subspace_stage.subspace_kinds(config.merges)),
+            "sparsify": sum(_sparsifies(spec) for spec in config.merges), "merge": whole, "merge_part": (merges - whole) *
             config.merge_parts, "assemble_merge": merges - whole,
             "evaluate": 1 + tasks + merges + (tasks if sweeps or registers else 0) + (merges if registers else 0),
             "record_merge": merges, "mark_success": 1}
+
+
+def _sparsifies(spec: MergeSpec) -> bool:
+    """Whether a merge runs the sparsify stage: a data-free method with a global pass (data-aware and learned
+    methods prepare on the pool they merge)."""
+    return (sparsify_stage.has_global_pass(spec) and not statistics_stage.statistic_kinds([spec])
+            and not merge_stage.needs_objective(spec))
 
 
 def _run(config: RunConfig, parent: str) -> dict[str, Any]:
@@ -108,13 +118,18 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
                    for n in names}
         statistics = {n: f.result() for n, f in futures.items()}
 
+    # the per-layer factors the subspace methods read (merges and sweep points alike), built once per kind
+    subspaces = {kind: build_subspace.submit(kind, base, experts, storage, device, config.tracking, parent)
+                 for kind in subspace_stage.subspace_kinds(config.merges)}
+
     plan = dict(zip(config.merge_labels(), config.merges))
     registers = bool(config.tracking.registered_model)
     # validation scores of the experts: the reference of every choice (sweeps, the model to register and promote)
     expert_val = (_score_on_validation(config, parent, base, experts, eval_inputs)
                   if registers or any(spec.sweep is not None for spec in plan.values()) else {})
-    plan.update(_tune(config, parent, plan, base, experts, eval_inputs, expert_val))
-    merged_futures = {label: (spec, _submit_merge(config, label, spec, base, experts, eval_inputs, statistics))
+    plan.update(_tune(config, parent, plan, base, experts, eval_inputs, expert_val, subspaces))
+    merged_futures = {label: (spec, _submit_merge(config, label, spec, base, experts, eval_inputs, statistics,
+                                                  subspaces))
                       for label, spec in plan.items()}
 
     def score(label: str, weights: ObjectRef | None):
@@ -185,9 +200,10 @@ def _experts(config: RunConfig, base: ObjectRef, datasets, heads, parent: str) -
 
 
 def _submit_merge(config: RunConfig, label: str, spec: MergeSpec, base: ObjectRef,
-                  experts: dict[str, ObjectRef], eval_inputs, statistics: dict[str, ObjectRef]):
+                  experts: dict[str, ObjectRef], eval_inputs, statistics: dict[str, ObjectRef], subspaces):
     """Submit one merge (its global pass, the merge itself or its layer-group parts and assembly) into a
-    location keyed by everything it reads; returns the future of (reference, record)."""
+    location keyed by everything it reads, with the futures of the subspaces its method reads; returns the future
+    of (reference, record)."""
     storage, device = config.storage, config.device
     data_aware = bool(statistics_stage.statistic_kinds([spec]))
     learns = merge_stage.needs_objective(spec)
@@ -196,13 +212,18 @@ def _submit_merge(config: RunConfig, label: str, spec: MergeSpec, base: ObjectRe
                          statistics if data_aware else None,
                          (eval_inputs, config.statistics.unlabeled_split) if learns else None)
     stats = statistics if data_aware else None
+    reads = {kind: subspaces[kind] for kind in subspace_stage.subspace_kinds([spec])} or None
     # methods that read statistics or data in prepare() prepare on the pool they merge: no separate stage
-    state = None if data_aware or learns else sparsify.submit(spec, base, experts, storage, device)
+    if _sparsifies(spec):
+        state = sparsify.submit(spec, base, experts, storage, device)
+    else:
+        state = None
+        print(f"sparsify: skipped for {label} ({spec.method} has no separate global pass)")
     if config.merge_parts > 1 and not learns:  # layer groups as separate tasks, then one assembly
-        parts = [merge_part.submit(spec, base, experts, out_uri, i, config.merge_parts, storage, state, device, stats)
-                 for i in range(config.merge_parts)]
+        parts = [merge_part.submit(spec, base, experts, out_uri, i, config.merge_parts, storage, state, device, stats,
+                                   reads) for i in range(config.merge_parts)]
         return assemble_merge.submit(label, parts, out_uri, storage)
-    return merge.submit(spec, base, experts, out_uri, storage, state, device, stats, unlabeled)
+    return merge.submit(spec, base, experts, out_uri, storage, state, device, stats, unlabeled, reads)
 
 
 def _score_on_validation(config: RunConfig, parent: str, base, models: dict[str, ObjectRef], eval_inputs,
@@ -217,16 +238,18 @@ def _score_on_validation(config: RunConfig, parent: str, base, models: dict[str,
             for name, model in models.items()}
 
 
-def _tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, experts, eval_inputs, expert_val
-          ) -> dict[str, MergeSpec]:
+def _tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, experts, eval_inputs, expert_val,
+          subspaces) -> dict[str, MergeSpec]:
     """Sweep every spec with a grid on validation data (one task per point) and return the chosen specs."""
     swept = {label: spec for label, spec in plan.items() if spec.sweep is not None}
     if not swept:
         return {}
     storage, device, tuning = config.storage, config.device, config.tuning
-    futures = {label: [(params, sweep_point.submit(label, i, spec.method, params, base, experts, eval_inputs, tuning,
-                                                   config.evaluation, storage, device, config.tracking, parent))
-                       for i, params in enumerate(spec.grid_points())] for label, spec in swept.items()}
+    futures = {label: [(params, sweep_point.submit(
+        label, i, spec.method, params, base, experts, eval_inputs, tuning, config.evaluation, storage, device,
+        config.tracking, parent, {kind: subspaces[kind] for kind in subspace_stage.subspace_kinds(
+            [MergeSpec(method=spec.method, params=params)])} or None))
+        for i, params in enumerate(spec.grid_points())] for label, spec in swept.items()}
     expert_acc = {n: f.result()[n] for n, f in expert_val.items()}
     chosen = {}
     for label, spec in swept.items():

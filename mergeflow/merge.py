@@ -13,7 +13,7 @@ import shutil
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -24,9 +24,10 @@ from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, ope
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.errors import IntegrityError
 from mergeflow.methods import MergeMethod, build_method
-from mergeflow.methods.base import recorded
+from mergeflow.methods.base import recorded, with_subspaces
 from mergeflow.selection import is_float
 from mergeflow.statistics import open_statistics, validate_statistics
+from mergeflow.subspace import SubspaceReader, expert_identities
 from mergeflow.storage import exists, publish_directory, sha256_file, staging_dir
 from mergeflow.content_cache import ContentCache
 from mergeflow.task_vectors import ExpertPool, Objective, resolve_device, shape_groups
@@ -96,6 +97,7 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     """
     if state is None:
         state = method.prepare(pool, progress=progress)
+    run_state = with_subspaces(state, pool.subspaces)
     infos = [info for info in pool.infos() if only is None or info.name in only]
     names, max_bytes = method.grouping(state, pool.device)
     batched = set(names).intersection(info.name for info in infos if is_float(info.dtype))
@@ -107,7 +109,7 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
             write(info.name, pool.base.get(info.name))
         else:
             base = pool.base_tensor(info.name)
-            merged = method.merge_tensor(info.name, base, pool.task_vectors(info.name, base), state)
+            merged = method.merge_tensor(info.name, base, pool.task_vectors(info.name, base), run_state)
             write(info.name, merged.to("cpu", info.dtype))
         bar.update()
     for group in shape_groups([info for info in infos if info.name in batched], len(pool.experts), max_bytes):
@@ -116,7 +118,7 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
                                    device=pool.device)
         for g, info in enumerate(group):
             task_vectors[g] = pool.task_vectors(info.name, bases[g])
-        merged = method.merge_group([info.name for info in group], bases, task_vectors, state)
+        merged = method.merge_group([info.name for info in group], bases, task_vectors, run_state)
         del task_vectors
         for info, tensor in zip(group, merged):
             write(info.name, tensor.to("cpu", info.dtype))
@@ -154,10 +156,13 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                       overwrite: bool = False, progress: bool = False,
                       extra_metadata: Mapping[str, str] | None = None,
                       statistics: Sequence[str] | None = None, objective: Objective | None = None,
-                      part: tuple[int, int] | None = None) -> MergeResult:
+                      part: tuple[int, int] | None = None, subspaces: Mapping[str, str | Path] | None = None,
+                      expected_digests: Sequence[str] | None = None) -> MergeResult:
     """Merge stored checkpoints into a new sharded safetensors directory at `out` (local path or fsspec URL).
 
-    Data-aware methods read `statistics`: one statistics file per expert, in the experts' order.
+    Data-aware methods read `statistics`: one statistics file per expert, in the experts' order. Subspace methods
+    read the stored factors in `subspaces` (kind -> local directory of `mergeflow.subspace.write_subspace`) when
+    given. `expected_digests` (base, experts, then statistics) are checked against the checkpoints read.
 
     Everything that can be checked is checked before compute (method and parameters, output not already
     present, every file readable and complete, keys/shapes/dtypes, NaN/Inf); the output is built in a
@@ -177,6 +182,11 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         open_statistics(uri, storage_options=storage_options, cache=cache) for uri in statistics]
     checkpoints: list[TensorSource] = [base_ckpt, *expert_ckpts, *(stats_ckpts or ())]
     try:
+        if expected_digests is not None:
+            for uri, ckpt, digest in zip([base, *experts, *(statistics or ())], checkpoints, expected_digests,
+                                         strict=True):
+                if ckpt.digest != digest:
+                    raise IntegrityError(f"{uri}: content digest {ckpt.digest} != expected {digest}")
         validate_compatible(base_ckpt, expert_ckpts)
         if stats_ckpts is not None:
             validate_statistics(base_ckpt, stats_ckpts, len(expert_ckpts))
@@ -190,6 +200,8 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
             InputRef("expert", n, uri, c.digest) for n, uri, c in zip(names, experts, expert_ckpts)] + [
             InputRef("statistics", n, uri, c.digest) for n, uri, c in zip(names, statistics or (), stats_ckpts or ())]
         pool = ExpertPool(base_ckpt, expert_ckpts, names, resolve_device(device), stats_ckpts, objective)
+        pool.subspaces = {kind: SubspaceReader(path, expert_identities(pool))
+                          for kind, path in (subspaces or {}).items()}
         if state is None:
             state = merge_method.prepare(pool, progress=progress)
         provenance = {

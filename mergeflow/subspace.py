@@ -4,12 +4,19 @@ triplets, polar factors and the subspace sizes the reference code uses.
 Singular triplets come from the eigendecomposition of the min(m, n)-sized Gram matrix in float64: exact to fp32
 rounding (LAPACK's fp32 thin SVD loses ~1e-4 on the trailing vectors of a gapless spectrum) and about 2x faster
 at ViT sizes. Where a kept singular value is numerically zero (a rank-deficient layer), the null-space vectors
-are arbitrary in every implementation; there the fp32 SVD is used, as the reference code does.
+are arbitrary in every implementation; there the float64 SVD is used.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
 import torch
+
+from mergeflow import stopping
 
 _RANK_TOLERANCE = 1e-12  # an eigenvalue of the Gram below this fraction of the largest counts as zero
 
@@ -23,8 +30,8 @@ def top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     values, vectors = torch.linalg.eigh(a @ a.mT if m <= n else a.mT @ a)
     values, vectors = values[small - k:].flip(-1), vectors[:, small - k:].flip(-1)
     if k and values[-1] <= _RANK_TOLERANCE * values[0].clamp(min=torch.finfo(torch.float64).tiny):
-        u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
-        return u[:, :k].contiguous(), s[:k].contiguous(), vh[:k].contiguous()
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return u[:, :k].float(), s[:k].float(), vh[:k].float()
     s = values.sqrt()
     if m <= n:
         return vectors.float(), s.float(), (vectors.mT @ a / s[:, None]).float()
@@ -64,3 +71,117 @@ def iso_cts_sizes(r: int, tasks: int, common_fraction: float) -> tuple[int, int]
 def assemble_isotropic(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
     """mean(s) * polar(U) @ polar(Vh): Iso-CTS's update from its stacked bases."""
     return s.mean() * (polar(u) @ polar(vh))
+
+
+# ------------------------------------------------------------------------------------- stored factors, per layer
+#
+# A subspace directory holds, for every 2-D float tensor of a set of experts, the factors one kind of consumer
+# reads, in safetensors files of about `group_bytes` each (so one part of a merge reads only its layers' file):
+#   "task"        each task vector's top int(r/T) triplets: u [T, m, k], s [T, k], vh [T, k, n]   (TSV-M)
+#   "sum"         the thin SVD of the summed task vector: u [m, r], s [r], vh [r, n]          (Iso-C, Iso-CTS)
+#   "shared-<d>"  DOGE's shared basis q [m, r // d] of the tasks' top r // T left vectors     (DOGE TA)
+# and `index.json`: kind, the experts in order (content digests; names for in-memory sources), and the file of
+# each layer.
+
+INDEX = "index.json"
+FORMAT_VERSION = 1
+
+
+def check_kind(kind: str) -> str:
+    """`kind` if it names a stored factor set, else ValueError."""
+    if kind in ("task", "sum") or (kind.startswith("shared-") and kind[7:].isdigit() and int(kind[7:]) > 0):
+        return kind
+    raise ValueError(f"unknown subspace kind {kind!r}: 'task', 'sum' or 'shared-<divisor>'")
+
+
+def layer_factors(kind: str, task_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The factors of `kind` for one layer's task vectors [T, m, n]."""
+    tasks, m, n = task_vectors.shape
+    r = min(m, n)
+    if kind == "task":
+        triplets = [top_singular(tv, tsv_rank(r, tasks)) for tv in task_vectors]
+        return {key: torch.stack(part) for key, part in zip(("u", "s", "vh"), zip(*triplets))}
+    if kind == "sum":
+        return dict(zip(("u", "s", "vh"), top_singular(task_vectors.sum(dim=0), r)))
+    return {"q": shared_basis(task_vectors, int(check_kind(kind)[7:]))}
+
+
+def top_left(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-`k` left singular vectors [m, k] of `matrix` [m, n] (fp32)."""
+    return top_singular(matrix, k)[0]
+
+
+def shared_basis(task_vectors: torch.Tensor, divisor: int) -> torch.Tensor:
+    """DOGE's shared subspace Q [m, r // divisor] of one layer's task vectors [T, m, n]: the top left singular
+    vectors of [U_1[:, :r//T] | ... | U_T[:, :r//T]]."""
+    tasks, m, n = task_vectors.shape
+    r = min(m, n)
+    per_task = torch.cat([top_left(tv, r // tasks) for tv in task_vectors], dim=1)
+    return top_left(per_task, r // divisor)
+
+
+def write_subspace(pool, kind: str, directory: Path, group_bytes: int = 256_000_000,
+                   progress: bool = False) -> dict[str, Any]:
+    """Compute the factors of `kind` for every 2-D float tensor of `pool` (an ExpertPool) into `directory`;
+    returns the index written."""
+    from mergeflow.checkpoints.safetensors_format import save_safetensors
+    from mergeflow.progress import progress_bar
+
+    check_kind(kind)
+    layers = [info.name for info in pool.infos() if info.dtype.is_floating_point and len(info.shape) == 2]
+    index: dict[str, Any] = {"format": FORMAT_VERSION, "kind": kind, "experts": expert_identities(pool),
+                             "layers": {}}
+    group: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        name = f"factors-{len(set(index['layers'].values())) + 1:05d}.safetensors"
+        save_safetensors(group, directory / name)
+        for key in group:
+            index["layers"].setdefault(key.split("::", 1)[0], name)
+        group.clear()
+
+    for layer in progress_bar(layers, desc=f"subspace {kind}", disable=not progress):
+        stopping.check()
+        for key, tensor in layer_factors(kind, pool.task_vectors(layer)).items():
+            group[f"{layer}::{key}"] = tensor.to("cpu").contiguous()
+        if sum(t.numel() * t.element_size() for t in group.values()) >= group_bytes:
+            flush()
+    if group:
+        flush()
+    (directory / INDEX).write_text(json.dumps(index, indent=1))
+    return index
+
+
+def expert_identities(pool) -> list[str]:
+    """Who the pool's experts are, in order: each checkpoint's content digest (its label for in-memory sources)."""
+    return [getattr(source, "digest", None) or name for source, name in zip(pool.experts, pool.names)]
+
+
+class SubspaceReader:
+    """The stored factors of one subspace directory, read layer by layer (files opened lazily). `experts` (see
+    `expert_identities`): refuse factors of other experts or another order."""
+
+    def __init__(self, directory: str | Path, experts: Sequence[str] | None = None):
+        self.directory = Path(directory)
+        self.index = json.loads((self.directory / INDEX).read_text())
+        if experts is not None and list(experts) != self.index["experts"]:
+            raise ValueError(f"{self.directory}: these factors are of other experts (or another order): "
+                             f"{self.index['experts']}, not {list(experts)}")
+        self._files: dict[str, Any] = {}
+
+    @property
+    def kind(self) -> str:
+        return self.index["kind"]
+
+    def factors(self, layer: str) -> dict[str, torch.Tensor] | None:
+        """The factors of `layer`, or None when the directory has none for it."""
+        from safetensors import safe_open
+
+        file = self.index["layers"].get(layer)
+        if file is None:
+            return None
+        if file not in self._files:
+            self._files[file] = safe_open(str(self.directory / file), framework="pt")
+        handle = self._files[file]
+        prefix = f"{layer}::"
+        return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}

@@ -21,6 +21,7 @@ import torch
 
 from mergeflow.errors import ConfigError
 from mergeflow.methods import build_method, method_class
+from mergeflow.methods.base import with_subspaces
 from mergeflow.selection import is_float
 from mergeflow.task_vectors import ExpertPool
 
@@ -75,7 +76,7 @@ def scaled_update(method: str, params: Mapping[str, Any], pool: ExpertPool) -> d
     if scaling is None:
         raise ConfigError(f"method {method!r} has no scaling-only coefficient to sweep by rescaling")
     merge = build_method(method, {**update_key(method, params), scaling: 1.0})
-    state = merge.prepare(pool)
+    state = with_subspaces(merge.prepare(pool), pool.subspaces)
     update = {}
     for name in pool.float_keys():
         base = pool.base_tensor(name)

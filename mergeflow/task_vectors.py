@@ -33,7 +33,8 @@ class ExpertPool:
     Every method receives one of these (the FusionBench `run(pool)` contract): data-free methods read task
     vectors from it; data-aware methods also read each expert's statistics (`mergeflow.statistics`), one
     source per expert in the experts' order, keyed `<parameter>::<kind>`; methods that learn their coefficients
-    (AdaMerging) minimise `objective`.
+    (AdaMerging) minimise `objective`; subspace methods read the stored per-layer factors in `subspaces`, when the
+    subspace stage built them.
     """
 
     base: TensorSource
@@ -42,6 +43,7 @@ class ExpertPool:
     device: torch.device = torch.device("cpu")
     statistics: Sequence[TensorSource] | None = None
     objective: Objective | None = None
+    subspaces: Mapping[str, Any] | None = None  # kind -> stored per-layer factors (mergeflow.subspace.SubspaceReader)
 
     def infos(self) -> list[TensorInfo]:
         return [self.base.info(k) for k in self.base.keys()]

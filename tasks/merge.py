@@ -1,4 +1,5 @@
-"""Sparsify and merge stages: a method's global pass (e.g. TIES top-k thresholds), then the streaming merge."""
+"""Sparsify, subspace and merge stages: a method's global pass (e.g. TIES top-k thresholds), the stored per-layer
+factors of the subspace methods, then the streaming merge."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ from typing import Any
 
 from prefect import task
 
-from mergeflow.stages import merge as merge_stage, sparsify as sparsify_stage
+from mergeflow.stages import merge as merge_stage, sparsify as sparsify_stage, subspace as subspace_stage
 from mergeflow.stages.refs import ObjectRef
-from mergeflow.config import EvalConfig, MergeSpec, StorageConfig
+from mergeflow.config import EvalConfig, MergeSpec, StorageConfig, TrackingConfig
 from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
 from tasks.credentials import store_for, uses_storage
+from tasks.tracking import MlflowTracker
 
 
 @task(name="sparsify", task_run_name="sparsify-{spec.method}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
@@ -25,19 +27,42 @@ def sparsify(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], st
     return ref
 
 
+@task(name="subspace", task_run_name="subspace-{kind}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
+@uses_storage
+def build_subspace(kind: str, base: ObjectRef, experts: dict[str, ObjectRef], storage: StorageConfig, device: str,
+                   tracking: TrackingConfig, parent_run_id: str) -> ObjectRef:
+    """The per-layer factors of `kind` for these experts, stored once and keyed by digests (`stages.subspace`);
+    a child MLflow run with its time and size."""
+    store = store_for(storage)
+    ref, reused, report = on_device_or_cpu(
+        lambda on: subspace_stage.build_subspace(kind, base, experts, store, on), device, f"subspace {kind}")
+    print(f"subspace {kind}: {'reused' if reused else 'stored'} {ref.uri} ({report['bytes'] / 1e6:.1f} MB"
+          + ("" if reused else f", {report['seconds']:.1f} s") + ")")
+    tracker = MlflowTracker(tracking)
+    run_id = tracker.start_run(f"subspace-{kind}", parent_run_id=parent_run_id,
+                               tags={"mergeflow.stage": "subspace", "mergeflow.reused": str(reused).lower()})
+    tracker.log_input_refs(run_id, [("base", "base", base.uri, base.sha256)] +
+                           [(name, "expert", ref_.uri, ref_.sha256) for name, ref_ in experts.items()])
+    tracker.log_params(run_id, {"kind": kind, "subspace_uri": ref.uri, "subspace_sha256": ref.sha256})
+    tracker.log_metrics(run_id, {"bytes": report["bytes"], **({} if reused else {"seconds": report["seconds"]})})
+    tracker.end_run(run_id)
+    return ref
+
+
 @task(name="merge", task_run_name="merge-{spec.method}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
 @uses_storage
 def merge(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], out_uri: str,
           storage: StorageConfig, state: ObjectRef | None, device: str,
           statistics: dict[str, ObjectRef] | None = None,
           unlabeled: tuple[dict[str, tuple[ObjectRef, ObjectRef]], str, EvalConfig] | None = None,
-          ) -> tuple[ObjectRef, dict[str, Any]]:
+          subspaces: dict[str, ObjectRef] | None = None) -> tuple[ObjectRef, dict[str, Any]]:
     """`unlabeled` = (task -> (dataset, head), split, evaluation settings) for methods that learn coefficients."""
     store = store_for(storage)
     def run(on: str):
         objective = merge_stage.unlabeled_objective(base, unlabeled[0], unlabeled[1], unlabeled[2], store, on) \
             if unlabeled else None
-        return merge_stage.merge_experts(spec, base, experts, out_uri, store, state, on, statistics, objective)
+        return merge_stage.merge_experts(spec, base, experts, out_uri, store, state, on, statistics, objective,
+                                         subspaces)
 
     return on_device_or_cpu(run, device, f"merge {spec.method}")
 
@@ -47,11 +72,13 @@ def merge(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], out_u
 @uses_storage
 def merge_part(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], out_uri: str,
                index: int, parts: int, storage: StorageConfig, state: ObjectRef | None, device: str,
-               statistics: dict[str, ObjectRef] | None = None) -> str:
+               statistics: dict[str, ObjectRef] | None = None, subspaces: dict[str, ObjectRef] | None = None
+               ) -> str:
     """One layer group of a merge split across tasks."""
     store = store_for(storage)
     return on_device_or_cpu(lambda on: merge_stage.merge_part(spec, base, experts, out_uri, index, parts, store, state,
-                                                         on, statistics), device, f"merge {spec.method} part {index}")
+                                                              on, statistics, subspaces),
+                            device, f"merge {spec.method} part {index}")
 
 
 @task(name="assemble-merge", task_run_name="assemble-{label}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)

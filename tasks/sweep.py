@@ -26,11 +26,12 @@ from tasks.tracking import MlflowTracker
 def sweep_point(label: str, index: int, method: str, params: dict[str, Any], base: ObjectRef,
                 experts: dict[str, ObjectRef], tasks: dict[str, tuple[ObjectRef, ObjectRef]],
                 tuning: TuningConfig, evaluation: EvalConfig, storage: StorageConfig, device: str,
-                tracking: TrackingConfig, parent_run_id: str) -> dict[str, float]:
+                tracking: TrackingConfig, parent_run_id: str, subspaces: dict[str, ObjectRef] | None = None
+                ) -> dict[str, float]:
     store = store_for(storage)
     accuracy, reused = on_device_or_cpu(
-        lambda on: sweep_stage.sweep_point(method, params, base, experts, tasks, tuning, evaluation, store, on), device,
-        f"sweep point {label}-{index}")
+        lambda on: sweep_stage.sweep_point(method, params, base, experts, tasks, tuning, evaluation, store, on,
+                                           subspaces), device, f"sweep point {label}-{index}")
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"sweep-{label}-{index}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "sweep", "mergeflow.method": method,

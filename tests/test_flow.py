@@ -25,7 +25,8 @@ def _config(tmp_path: Path, cache: Path):
                    {"method": "ties"}, {"method": "regmean"},
                    {"method": "adamerging", "params": {"granularity": "task", "steps": 2}},
                    {"method": "doge_ta", "params": {"steps": 5}},
-                   {"method": "doge_am", "params": {"steps": 3, "am_steps": 2}}],
+                   {"method": "doge_am", "params": {"steps": 3, "am_steps": 2}},
+                   {"method": "tsv"}, {"method": "iso_c", "params": {"alpha": 1.5}}],
         "statistics": {"max_examples": 4},
         "storage": {"root": str(tmp_path / "store"), "cache_dir": str(cache)},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tiny",
@@ -48,7 +49,7 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
 
     assert set(first["accuracy"]) == {"pretrained", "expert:election", "expert:rotten_tomatoes", "average",
                                       "task_arithmetic", "ties", "regmean", "adamerging",
-                                      "doge_ta", "doge_am"}
+                                      "doge_ta", "doge_am", "tsv", "iso_c"}
     for row in first["accuracy"].values():
         assert set(row) == {"election", "rotten_tomatoes"} and all(0.0 <= v <= 1.0 for v in row.values())
     assert "| ties" in first["table"] and "norm. avg" in first["table"]
@@ -75,6 +76,7 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     assert sorted(i.tags[0].value for i in ties_eval.inputs.dataset_inputs) == ["evaluation", "evaluation", "model"]
     assert set(by_name) - evaluations == {"expert-election", "expert-rotten_tomatoes", "merge-average", "merge-task_arithmetic",
                             "merge-ties", "merge-regmean", "merge-adamerging", "merge-doge_ta", "merge-doge_am",
+                            "merge-tsv", "merge-iso_c", "subspace-shared-6", "subspace-task", "subspace-sum",
                             "statistics-election",
                             "statistics-rotten_tomatoes"}
     regmean_inputs = {i.tags[0].value for i in by_name["merge-regmean"].inputs.dataset_inputs}
@@ -83,7 +85,11 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     assert ties.data.params["param.density"] == "0.2" and "norm_acc.avg" in ties.data.metrics
     assert ties.data.tags["mergeflow.model_sha256"] == first["merged"]["ties"]["sha256"]
     models = {m.name: m for m in client.search_logged_models([parent.info.experiment_id])}
-    assert set(models) == {"average", "task_arithmetic", "ties", "regmean", "adamerging", "doge_ta", "doge_am"}
+    assert set(models) == {"average", "task_arithmetic", "ties", "regmean", "adamerging", "doge_ta", "doge_am", "tsv",
+                           "iso_c"}
+    subspace = by_name["subspace-task"]
+    assert subspace.data.params["kind"] == "task" and subspace.data.metrics["bytes"] > 0
+    assert "/subspace/task-" in subspace.data.params["subspace_uri"]
     assert models["ties"].tags["mergeflow.sha256"] == first["merged"]["ties"]["sha256"]
     assert models["ties"].source_run_id == ties.info.run_id and str(models["ties"].status).endswith("READY")
     contexts = sorted(i.tags[0].value for i in ties.inputs.dataset_inputs)
@@ -127,6 +133,7 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     reruns = client.search_runs([parent.info.experiment_id],
                                 f"tags.mlflow.parentRunId = '{second['mlflow_run_id']}'")
     assert {r.data.tags["mergeflow.reused"] for r in reruns if r.info.run_name.startswith("expert-")} == {"true"}
+    assert {r.data.tags["mergeflow.reused"] for r in reruns if r.info.run_name.startswith("subspace-")} == {"true"}
     assert second["registration"]["version"] == "2" and not second["registration"]["promoted"]
     assert str(client.get_model_version_by_alias("tiny-merged", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("tiny-merged", "candidate").version) == "2"

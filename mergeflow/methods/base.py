@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -51,13 +51,15 @@ class MergeMethod(ABC):
     # the params `prepare` reads (None: all of them): the sparsify stage's cache key, so e.g. TIES's thresholds
     # are computed once for every scaling of one density
     prepare_params: ClassVar[tuple[str, ...] | None] = None
-    # the stored per-layer factors the method can read (`stored_factors`): "task" (each task vector's top
-    # int(r / T) singular triplets) and/or "sum" (the thin SVD of the summed task vector), built once per expert
-    # set by the subspace stage; without them the method computes its own
-    subspaces: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else self.Params()
+
+    def subspace_kinds(self) -> tuple[str, ...]:
+        """The stored per-layer factors this method reads (`mergeflow.subspace`: "task", "sum", "shared-<d>"),
+        built once per expert set by the subspace stage and read through `stored_factors`; without them the
+        method computes its own. Default: none."""
+        return ()
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         """Global statistics needed before any tensor is merged (default: none)."""
@@ -97,6 +99,11 @@ def check_patterns(patterns: Sequence[str]) -> tuple[str, ...]:
 
 
 SUBSPACE = "_subspace"  # run-only state key: {kind: reader of the subspace stage's stored factors}
+
+
+def with_subspaces(state: dict[str, Any], subspaces: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`state` with the subspace readers a merge was given (kind -> `mergeflow.subspace.SubspaceReader`)."""
+    return {**state, SUBSPACE: dict(subspaces)} if subspaces else state
 
 
 def stored_factors(state: dict[str, Any], kind: str, name: str) -> dict[str, torch.Tensor] | None:

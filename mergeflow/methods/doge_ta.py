@@ -26,9 +26,10 @@ from pydantic import Field, model_validator
 
 from mergeflow import stopping
 from mergeflow.errors import ConfigError
-from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.methods.base import MergeMethod, MethodParams, stored_factors
 from mergeflow.selection import ParameterSelection
 from mergeflow.sparsify import global_topk_thresholds
+from mergeflow.subspace import shared_basis as shared_subspace
 from mergeflow.task_vectors import ExpertPool
 
 
@@ -63,34 +64,6 @@ def task_coefficients(task_vectors: torch.Tensor, eta: float) -> torch.Tensor:
     """lambda [..., N] = eta / ||T_i||_F of task vectors [..., N, d_out, d_in]; 0 for an all-zero task vector."""
     norms = torch.linalg.vector_norm(task_vectors, dim=(-2, -1))
     return torch.where(norms > 0, eta / norms, torch.zeros_like(norms))
-
-
-def _top_left_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-`rank` left singular vectors [m, rank] of a matrix [m, n], as fp32.
-
-    Computed from the eigendecomposition of the min(m, n)-sized Gram matrix in float64: about 2x faster than
-    LAPACK's fp32 thin SVD at ViT sizes and exact to fp32 rounding, where the fp32 SVD's trailing vectors are
-    off by ~1e-4 when the spectrum has no gap. A tall matrix with a (numerically) zero singular value among the
-    top `rank` takes the SVD instead, whose completion of the null space is as arbitrary as the reference's."""
-    m, n = matrix.shape
-    rank = min(rank, m, n)
-    a = matrix.double()
-    if m <= n:
-        return torch.linalg.eigh(a @ a.mT)[1][:, m - rank:].flip(-1).float()
-    values, vectors = torch.linalg.eigh(a.mT @ a)
-    values, vectors = values[n - rank:].flip(-1), vectors[:, n - rank:].flip(-1)
-    if rank and values[-1] <= 1e-12 * values[0]:
-        return torch.linalg.svd(a, full_matrices=False)[0][:, :rank].float()
-    return (a @ vectors / values.sqrt()).float()
-
-
-def shared_subspace(task_vectors: torch.Tensor, divisor: int) -> torch.Tensor:
-    """Orthonormal basis Q [d_out, floor(r / divisor)] of the output directions shared by one layer's task
-    vectors [N, d_out, d_in]: the top left singular vectors of [U_1[:, :r//N] | ... | U_N[:, :r//N]]."""
-    n, d_out, d_in = task_vectors.shape
-    r = min(d_out, d_in)
-    per_task = torch.cat([_top_left_vectors(tv, r // n) for tv in task_vectors], dim=1)
-    return _top_left_vectors(per_task, r // divisor)
 
 
 class DogeObjective:
@@ -145,6 +118,9 @@ class DogeTA(MergeMethod):
     Params = DogeTAParams
     prepare_params = ("keep", "include", "exclude")
 
+    def subspace_kinds(self) -> tuple[str, ...]:
+        return (f"shared-{self.params.subspace_divisor}",)
+
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         p = self.params
         infos = pool.infos()
@@ -165,7 +141,10 @@ class DogeTA(MergeMethod):
                     state: dict[str, Any]) -> torch.Tensor:
         p = self.params
         lam = task_coefficients(task_vectors, p.eta)
-        basis = torch.stack([shared_subspace(tvs, p.subspace_divisor) for tvs in task_vectors])
+        kind = f"shared-{p.subspace_divisor}"
+        stored = [stored_factors(state, kind, name) for name in names]
+        basis = torch.stack([shared_subspace(tvs, p.subspace_divisor) if factors is None else
+                             factors["q"].to(tvs.device) for tvs, factors in zip(task_vectors, stored)])
         delta = optimise_delta(task_vectors, lam, basis, p.steps, p.lr)
         merged = bases.clone()
         for i, threshold in enumerate(state["thresholds"]):

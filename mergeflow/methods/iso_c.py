@@ -46,7 +46,9 @@ class IsoC(MergeMethod):
     summary = "Iso-C: the summed task vector with a flat (isotropic) spectrum, per layer (data-free)."
     Params = IsoParams
     scaling_param = "alpha"
-    subspaces = ("sum",)
+
+    def subspace_kinds(self) -> tuple[str, ...]:
+        return ("sum",)
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:

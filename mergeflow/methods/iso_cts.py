@@ -47,7 +47,9 @@ class IsoCts(MergeMethod):
     summary = "Iso-CTS: common plus task-specific subspaces with a flat spectrum, per layer (data-free)."
     Params = IsoCtsParams
     scaling_param = "alpha"
-    subspaces = ("sum",)
+
+    def subspace_kinds(self) -> tuple[str, ...]:
+        return ("sum",)
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:

@@ -50,7 +50,9 @@ class Tsv(MergeMethod):
     summary = "TSV-M: per-layer top task singular vectors, orthogonalised, recombined (data-free)."
     Params = TsvParams
     scaling_param = "alpha"
-    subspaces = ("task",)
+
+    def subspace_kinds(self) -> tuple[str, ...]:
+        return ("task",)
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:

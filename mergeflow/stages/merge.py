@@ -11,6 +11,7 @@ from mergeflow.config import EvalConfig, MergeSpec
 from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, family_of, part_uri, parts_prefix
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
+from mergeflow.stages.subspace import local_subspaces
 from mergeflow.storage import join
 
 
@@ -35,10 +36,11 @@ def _merge_record(store: Store, out_uri: str) -> dict[str, Any]:
 
 def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str,
                   store: Store, state: ObjectRef | None = None, device: str = "auto",
-                  statistics: Mapping[str, ObjectRef] | None = None, objective=None
-                  ) -> tuple[ObjectRef, dict[str, Any]]:
-    """Merge the experts with one method into `out_uri` (with the sparsify stage's stored `state` when given);
-    returns its reference and the engine's result record."""
+                  statistics: Mapping[str, ObjectRef] | None = None, objective=None,
+                  subspaces: Mapping[str, ObjectRef] | None = None) -> tuple[ObjectRef, dict[str, Any]]:
+    """Merge the experts with one method into `out_uri` (with the sparsify stage's stored `state` and the subspace
+    stage's factors when given; every input's digest checked where it is read); returns its reference and the
+    engine's result record."""
     from mergeflow.merge import merge_checkpoints
 
     if store.exists(out_uri):
@@ -47,13 +49,15 @@ def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
                                spec.params, device=device, storage_options=store.options, cache=store.cache,
                                state=read_sparsified(state, store) if state is not None else None, progress=True,
                                statistics=[statistics[n].uri for n in experts] if statistics else None,
-                               objective=objective)
+                               objective=objective, subspaces=local_subspaces(subspaces, store),
+                               expected_digests=store.input_digests(base, experts, statistics))
     return store.checkpoint_ref(out_uri), result.to_dict()
 
 
 def merge_part(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str, index: int,
                parts: int, store: Store, state: ObjectRef | None = None, device: str = "auto",
-               statistics: Mapping[str, ObjectRef] | None = None) -> str:
+               statistics: Mapping[str, ObjectRef] | None = None,
+               subspaces: Mapping[str, ObjectRef] | None = None) -> str:
     """Merge layer group `index` of `parts` into `<out_uri>.parts/<index>` (reused when present); returns its URI."""
     from mergeflow.merge import merge_checkpoints
 
@@ -63,7 +67,8 @@ def merge_part(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef
                           device=device, storage_options=store.options, cache=store.cache,
                           state=read_sparsified(state, store) if state is not None else None,
                           statistics=[statistics[n].uri for n in experts] if statistics else None,
-                          part=(index, parts))
+                          part=(index, parts), subspaces=local_subspaces(subspaces, store),
+                          expected_digests=store.input_digests(base, experts, statistics))
     return uri
 
 

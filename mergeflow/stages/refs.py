@@ -122,6 +122,14 @@ def sparsify_uri(root: str, method: str, read_params: Mapping[str, Any], base: O
     return join(root, "sparsify", f"{method}-{key}")
 
 
+def subspace_uri(root: str, kind: str, base: ObjectRef, experts: Mapping[str, ObjectRef]) -> str:
+    """The stored per-layer factors of `kind` for these experts (in this order) over this base."""
+    from mergeflow.subspace import FORMAT_VERSION
+
+    key = fingerprint(kind, FORMAT_VERSION, base.sha256, [(name, ref.sha256) for name, ref in experts.items()])
+    return join(root, "subspace", f"{kind}-{key}")
+
+
 def merged_uri(root: str, run: str, label: str, spec: Mapping[str, Any], base: ObjectRef,
                experts: Mapping[str, ObjectRef], statistics: Mapping[str, ObjectRef] | None = None,
                unlabeled: tuple[TaskInputs, str] | None = None) -> str:

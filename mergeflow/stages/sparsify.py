@@ -13,6 +13,15 @@ from mergeflow.stages.refs import ObjectRef, sparsify_uri
 from mergeflow.stages.store import Store
 
 
+def has_global_pass(spec: MergeSpec) -> bool:
+    """Whether the method has a global pass to store (TIES, DOGE TA); Task Arithmetic, averaging, DARE and the
+    per-layer subspace methods have none, so the flow skips the stage for them."""
+    from mergeflow.methods import method_class
+    from mergeflow.methods.base import MergeMethod
+
+    return method_class(spec.method).prepare is not MergeMethod.prepare
+
+
 def sparsify(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], store: Store,
              device: str = "auto") -> tuple[ObjectRef, bool]:
     """Stored as `sparsify/<method>-<fingerprint>/state.json`, keyed by the base's and experts' digests and the

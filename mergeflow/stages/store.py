@@ -60,6 +60,17 @@ class Store:
             raise IntegrityError(f"{ref.uri}: content digest {directory_digest(files)} != expected {ref.sha256}")
         return path
 
+    def input_digests(self, base: ObjectRef, experts: Mapping[str, ObjectRef],
+                      statistics: Mapping[str, ObjectRef] | None = None) -> list[str]:
+        """The content digests a merge of `experts` over `base` must find where it reads them: the base's weights
+        file (from its directory, verified against the base's reference), each expert's, then each expert's
+        statistics' when given."""
+        _, files = fetch_directory(base.uri, self.cache, self.options)
+        if directory_digest(files) != base.sha256:
+            raise IntegrityError(f"{base.uri}: content digest {directory_digest(files)} != expected {base.sha256}")
+        return [files["model.safetensors"], *(ref.sha256 for ref in experts.values()),
+                *(statistics[name].sha256 for name in experts if statistics)]
+
     def local_file(self, ref: ObjectRef) -> Path:
         return self.fetch(ref.uri, expected_sha256=ref.sha256).path
 
@@ -148,10 +159,21 @@ class Store:
             return ObjectRef(uri=uri, sha256=ckpt.digest)
 
     @contextmanager
-    def expert_pool(self, base: ObjectRef, experts: Mapping[str, ObjectRef], device: str) -> Iterator[ExpertPool]:
-        """The base and experts' checkpoints opened (lazily, tensor by tensor) as one pool; closed on exit."""
+    def expert_pool(self, base: ObjectRef, experts: Mapping[str, ObjectRef], device: str,
+                    subspaces: Mapping[str, ObjectRef] | None = None) -> Iterator[ExpertPool]:
+        """The base and experts' checkpoints opened (lazily, tensor by tensor) as one pool, each checked against
+        its reference's digest, with the stored `subspaces` (kind -> reference, verified) it may read; closed on
+        exit."""
+        from mergeflow.subspace import SubspaceReader, expert_identities
         from mergeflow.task_vectors import open_pool
 
+        expected = self.input_digests(base, experts)
         with open_pool(base_weights(base), {name: ref.uri for name, ref in experts.items()}, device,
                        storage_options=self.options, cache=self.cache) as pool:
+            for uri, source, digest in zip([base_weights(base), *(r.uri for r in experts.values())],
+                                           [pool.base, *pool.experts], expected):
+                if source.digest != digest:
+                    raise IntegrityError(f"{uri}: content digest {source.digest} != expected {digest}")
+            pool.subspaces = {kind: SubspaceReader(self.local_directory(ref), expert_identities(pool))
+                              for kind, ref in (subspaces or {}).items()}
             yield pool

@@ -21,7 +21,7 @@ _UPDATE_LOCKS_GUARD = threading.Lock()
 
 
 def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
-                   store: Store, device: str) -> Path:
+                   store: Store, device: str, subspaces: Mapping[str, ObjectRef] | None) -> Path:
     """A scaling method's update at lambda 1 (`mergeflow.sweep.scaled_update`), computed once per setting of its
     other parameters and kept in the local cache (an intermediate, never published)."""
     from mergeflow.sweep import scaled_update, update_key
@@ -32,7 +32,7 @@ def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, expe
         lock = _UPDATE_LOCKS.setdefault(str(path), threading.Lock())
     with lock:
         if not path.exists():
-            with store.expert_pool(base, experts, device) as pool:
+            with store.expert_pool(base, experts, device, subspaces) as pool:
                 update = scaled_update(method, params, pool)
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
@@ -42,9 +42,11 @@ def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, expe
 
 
 def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
-                  store: Store, device: str = "auto") -> dict[str, Any]:
+                  store: Store, device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None
+                  ) -> dict[str, Any]:
     """The merged state dict of one grid point, in memory (`mergeflow.sweep.merged_point`): theta_0 + lambda U
-    from the update shared through the local cache for scaling methods, a full in-memory merge otherwise."""
+    from the update shared through the local cache for scaling methods, a full in-memory merge otherwise; both
+    read the subspace stage's stored factors when given."""
     from safetensors.torch import load_file
 
     from mergeflow.checkpoints import open_checkpoint
@@ -52,24 +54,26 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
     from mergeflow.sweep import merged_point
 
     if method_class(method).scaling_param is None:
-        with store.expert_pool(base, experts, device) as pool:
+        with store.expert_pool(base, experts, device, subspaces) as pool:
             return merged_point(method, params, None, None, pool)
     with open_checkpoint(base_weights(base), storage_options=store.options, cache=store.cache) as base_ckpt:
         base_sd = {key: base_ckpt.get(key) for key in base_ckpt.keys()}
     return merged_point(method, params, base_sd,
-                        lambda: load_file(str(_scaled_update(method, params, base, experts, store, device))), None)
+                        lambda: load_file(str(_scaled_update(method, params, base, experts, store, device,
+                                                             subspaces))), None)
 
 
 def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
                 tasks: TaskInputs, tuning: TuningConfig, evaluation: EvalConfig, store: Store,
-                device: str = "auto") -> tuple[dict[str, float], bool]:
+                device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None
+                ) -> tuple[dict[str, float], bool]:
     """Validation accuracy per task of one grid point (weights never published); the small score record is
     stored under a key of every input digest, the method and its parameters, so a rerun or a grown grid scores
     only new points. Returns (accuracy, reused)."""
     uri = sweep_uri(store.root, method, params, base, experts, tasks, tuning.max_examples, evaluation.model_dump())
     if store.exists(uri):
         return store.read_json(uri)["accuracy"], True
-    weights = sweep_weights(method, params, base, experts, store, device)
+    weights = sweep_weights(method, params, base, experts, store, device, subspaces)
     accuracy = evaluate_model(None, base, tasks, evaluation, store, device, split="validation",
                               max_examples=tuning.max_examples, state_dict=weights)
     store.publish_json(uri, {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy})

@@ -1,0 +1,168 @@
+"""The subspace stage: per-layer factors computed once per expert set, stored sharded, verified by digest where
+they are read, and read by every merge and sweep point of the subspace methods instead of a new SVD."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from factories import make_experts, tiny_state_dict
+from mergeflow.checkpoints import StateDictSource
+from mergeflow.config import MergeSpec
+from mergeflow.content_cache import ContentCache
+from mergeflow.errors import IntegrityError
+from mergeflow.merge import merge_pool
+from mergeflow.methods import build_method
+from mergeflow.stages.merge import merge_experts
+from mergeflow.stages.refs import ObjectRef
+from mergeflow.stages.store import Store
+from mergeflow.stages.subspace import build_subspace, subspace_kinds
+from mergeflow.subspace import SubspaceReader, write_subspace
+from mergeflow.sweep import merged_point, scaled_update
+from mergeflow.task_vectors import ExpertPool
+
+METHODS = [("tsv", {}), ("iso_c", {}), ("iso_cts", {}), ("doge_ta", {"steps": 5})]
+
+
+def _pool(base, experts, subspaces=None) -> ExpertPool:
+    return ExpertPool(StateDictSource(base), [StateDictSource(e) for e in experts], [f"e{i}" for i in range(len(experts))],
+                      subspaces=subspaces)
+
+
+@pytest.fixture
+def models():
+    base = tiny_state_dict()
+    return base, make_experts(base, 3)
+
+
+@pytest.fixture
+def stored(tmp_path, models):
+    """kind -> SubspaceReader of every kind the four methods read, written in small files (several per kind)."""
+    base, experts = models
+    readers = {}
+    for kind in ("task", "sum", "shared-6"):
+        directory = tmp_path / kind
+        directory.mkdir()
+        index = write_subspace(_pool(base, experts), kind, directory, group_bytes=1)
+        assert len(set(index["layers"].values())) == len(index["layers"]) > 1  # one file per layer group
+        readers[kind] = SubspaceReader(directory, ["e0", "e1", "e2"])
+    return readers
+
+
+class SvdCounter:
+    """Counts torch.linalg.eigh / svd calls (every SVD-like factorisation the methods make)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for name in ("eigh", "svd"):
+            original = getattr(torch.linalg, name)
+
+            def counted(*args, _original=original, **kwargs):
+                self.calls += 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(torch.linalg, name, counted)
+
+
+@pytest.mark.parametrize("method, params", METHODS)
+def test_stored_factors_give_the_same_merge(models, stored, method, params):
+    base, experts = models
+    merger = build_method(method, params)
+    plain, with_stored = {}, {}
+    merge_pool(merger, _pool(base, experts), plain.__setitem__)
+    merge_pool(merger, _pool(base, experts, {k: stored[k] for k in merger.subspace_kinds()}), with_stored.__setitem__)
+    for name in plain:
+        assert torch.equal(plain[name], with_stored[name]), name
+
+
+def test_a_doge_eta_sweep_on_the_stored_subspace_makes_no_svd(models, stored, monkeypatch):
+    base, experts = models
+    counter = SvdCounter(monkeypatch)
+    for eta in (0.03, 0.07, 0.15):
+        merged_point("doge_ta", {"eta": eta, "steps": 3}, None, None, _pool(base, experts, {"shared-6": stored["shared-6"]}))
+    assert counter.calls == 0
+    merged_point("doge_ta", {"eta": 0.3, "steps": 3}, None, None, _pool(base, experts))  # the counter counts
+    assert counter.calls > 0
+
+
+@pytest.mark.parametrize("method, kind", [("tsv", "task"), ("iso_c", "sum"), ("iso_cts", "sum")])
+def test_an_alpha_sweep_computes_one_update_and_no_task_svd(models, stored, monkeypatch, method, kind):
+    base, experts = models
+    matrices = sum(t.dim() == 2 and t.is_floating_point() for t in base.values())
+    counter = SvdCounter(monkeypatch)
+    update = scaled_update(method, {}, _pool(base, experts, {kind: stored[kind]}))
+    for alpha in (0.5, 1.0, 1.5):
+        merged_point(method, {"alpha": alpha}, base, lambda: update, None)
+    # what is left per matrix is the method's own orthogonalisation: TSV's two polar factors, Iso-CTS's task-
+    # specific residual SVDs (3 tasks) and two polar factors; Iso-C reads everything
+    per_matrix = {"tsv": 2, "iso_c": 0, "iso_cts": 3 + 2}[method]
+    assert counter.calls == per_matrix * matrices
+
+
+def test_reader_refuses_other_experts(stored):
+    with pytest.raises(ValueError, match="other experts"):
+        SubspaceReader(stored["task"].directory, ["e1", "e0", "e2"])
+
+
+def test_kinds_follow_the_methods_and_their_grids():
+    specs = [MergeSpec(method="task_arithmetic"), MergeSpec(method="iso_c"), MergeSpec(method="iso_cts"),
+             MergeSpec(method="doge_ta", sweep={"subspace_divisor": [4, 6]}), MergeSpec(method="tsv")]
+    assert subspace_kinds(specs) == ["sum", "shared-4", "shared-6", "task"]
+    assert subspace_kinds([MergeSpec(method="ties")]) == []
+
+
+@pytest.fixture
+def store_and_refs(tmp_path):
+    base = tiny_state_dict()
+    experts = make_experts(base, 3)
+    model_dir = tmp_path / "models" / "base"
+    model_dir.mkdir(parents=True)
+    save_file(base, str(model_dir / "model.safetensors"))
+    (model_dir / "config.json").write_text("{}")
+    store = Store(str(tmp_path / "store"), {}, ContentCache(tmp_path / "cache"))
+    from mergeflow.storage import directory_digest, fetch_directory
+
+    _, files = fetch_directory(str(model_dir), store.cache)
+    base_ref = ObjectRef(uri=str(model_dir), sha256=directory_digest(files))
+    refs = {}
+    for i, sd in enumerate(experts):
+        path = tmp_path / "models" / f"e{i}.safetensors"
+        save_file(sd, str(path))
+        refs[f"e{i}"] = store.checkpoint_ref(str(path))
+    return store, base_ref, refs
+
+
+def test_stage_stores_once_and_the_merge_reads_it_verified(store_and_refs, monkeypatch):
+    store, base, experts = store_and_refs
+    ref, reused, report = build_subspace("task", base, experts, store, "cpu")
+    assert not reused and report["bytes"] > 0 and ref.uri.startswith(store.root + "/subspace/task-")
+    again, reused, _ = build_subspace("task", base, experts, store, "cpu")
+    assert reused and again == ref
+    counter = SvdCounter(monkeypatch)
+    out, record = merge_experts(MergeSpec(method="tsv"), base, experts, store.root + "/merged/tsv", store,
+                                device="cpu", subspaces={"task": ref})
+    matrices = len(json.loads((Path(ref.uri) / "index.json").read_text())["layers"])
+    assert counter.calls == 2 * matrices  # the polar factors only
+    assert record["method"] == "tsv"
+    # a subspace whose content changed after it was referenced is refused where the merge reads it
+    directory = Path(ref.uri)
+    victim = sorted(directory.glob("factors-*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(IntegrityError, match="subspace"):
+        merge_experts(MergeSpec(method="tsv", params={"alpha": 0.5}), base, experts, store.root + "/merged/tsv2", store,
+                      device="cpu", subspaces={"task": ref})
+
+
+def test_merge_refuses_an_expert_changed_after_its_reference(store_and_refs):
+    store, base, experts = store_and_refs
+    path = Path(experts["e1"].uri)
+    tensors = tiny_state_dict(seed=9)
+    save_file(tensors, str(path))
+    with pytest.raises(IntegrityError, match="e1.safetensors"):
+        merge_experts(MergeSpec(method="task_arithmetic"), base, experts, store.root + "/merged/ta", store,
+                      device="cpu")
+    assert not Path(store.root, "merged", "ta").exists()
