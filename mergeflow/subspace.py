@@ -27,8 +27,7 @@ def top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     k = min(k, m, n)
     a = matrix.double()
     small = min(m, n)
-    values, vectors = torch.linalg.eigh(a @ a.mT if m <= n else a.mT @ a)
-    values, vectors = values[small - k:].flip(-1), vectors[:, small - k:].flip(-1)
+    values, vectors = _top_eigenpairs(a @ a.mT if m <= n else a.mT @ a, k)
     if k and values[-1] <= _RANK_TOLERANCE * values[0].clamp(min=torch.finfo(torch.float64).tiny):
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
         return u[:, :k].float(), s[:k].float(), vh[:k].float()
@@ -36,6 +35,23 @@ def top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     if m <= n:
         return vectors.float(), s.float(), (vectors.mT @ a / s[:, None]).float()
     return (a @ vectors / s).float(), s.float(), vectors.mT.float().contiguous()
+
+
+def _top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` largest eigenvalues (descending) and their eigenvectors [n, k] of a symmetric float64 matrix. On
+    the CPU, when k is at most half of n, LAPACK's MRRR driver computes only those (scipy's `subset_by_index`):
+    2-4x faster than the full decomposition for TSV-M's k = r / T."""
+    n = gram.shape[0]
+    if gram.device.type == "cpu" and 0 < k <= n // 2:
+        try:
+            from scipy.linalg import eigh
+        except ImportError:  # scipy is a dependency; without it the full decomposition does the same
+            eigh = None
+        if eigh is not None:
+            values, vectors = eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr")
+            return torch.from_numpy(values).flip(-1), torch.from_numpy(vectors).flip(-1)
+    values, vectors = torch.linalg.eigh(gram)
+    return values[n - k:].flip(-1), vectors[:, n - k:].flip(-1)
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:

@@ -54,18 +54,20 @@ def stored(tmp_path, models):
 
 
 class SvdCounter:
-    """Counts torch.linalg.eigh / svd calls (every SVD-like factorisation the methods make)."""
+    """Counts torch.linalg.eigh / svd and scipy.linalg.eigh calls (every SVD-like factorisation the methods make)."""
 
     def __init__(self, monkeypatch):
+        import scipy.linalg
+
         self.calls = 0
-        for name in ("eigh", "svd"):
-            original = getattr(torch.linalg, name)
+        for module, name in ((torch.linalg, "eigh"), (torch.linalg, "svd"), (scipy.linalg, "eigh")):
+            original = getattr(module, name)
 
             def counted(*args, _original=original, **kwargs):
                 self.calls += 1
                 return _original(*args, **kwargs)
 
-            monkeypatch.setattr(torch.linalg, name, counted)
+            monkeypatch.setattr(module, name, counted)
 
 
 @pytest.mark.parametrize("method, params", METHODS)
