@@ -8,6 +8,7 @@ Its one parameter is the pydantic `RunConfig` (a validated form in the Prefect U
 never tensors, pass between tasks.
 """
 
+import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -84,7 +85,9 @@ def planned_stages(config: RunConfig) -> dict[str, int]:
             "compute_statistics": tasks if data_aware else 0,
             "sweep_point": sum(len(spec.grid_points()) for spec in sweeps),
             "build_subspace": len(subspace_stage.subspace_kinds(config.merges)),
-            "sparsify": sum(_sparsifies(spec) for spec in config.merges), "merge": whole, "merge_part": (merges - whole) *
+            "sparsify": sum(_sparsifies(spec) for spec in config.merges) + sum(
+                len({_pass_key(MergeSpec(method=spec.method, params=p)) for p in spec.grid_points()} - {None})
+                for spec in sweeps), "merge": whole, "merge_part": (merges - whole) *
             config.merge_parts, "assemble_merge": merges - whole,
             "evaluate": 1 + tasks + merges + (tasks if sweeps or registers else 0) + (merges if registers else 0),
             "record_merge": merges, "mark_success": 1}
@@ -95,6 +98,13 @@ def _sparsifies(spec: MergeSpec) -> bool:
     methods prepare on the pool they merge)."""
     return (sparsify_stage.has_global_pass(spec) and not statistics_stage.statistic_kinds([spec])
             and not merge_stage.needs_objective(spec))
+
+
+def _pass_key(spec: MergeSpec) -> str | None:
+    """What identifies a merge's sparsify stage (None: it has none): grid points with equal keys share one."""
+    if not _sparsifies(spec):
+        return None
+    return json.dumps([spec.method, sparsify_stage.pass_settings(spec)], sort_keys=True)
 
 
 def _run(config: RunConfig, parent: str) -> dict[str, Any]:
@@ -128,8 +138,8 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     expert_val = (_score_on_validation(config, parent, base, experts, eval_inputs)
                   if registers or any(spec.sweep is not None for spec in plan.values()) else {})
     plan.update(_tune(config, parent, plan, base, experts, eval_inputs, expert_val, subspaces))
-    merged_futures = {label: (spec, _submit_merge(config, label, spec, base, experts, eval_inputs, statistics,
-                                                  subspaces))
+    merged_futures = {label: (spec, _submit_merge(config, parent, label, spec, base, experts, eval_inputs,
+                                                  statistics, subspaces))
                       for label, spec in plan.items()}
 
     def score(label: str, weights: ObjectRef | None):
@@ -199,7 +209,7 @@ def _experts(config: RunConfig, base: ObjectRef, datasets, heads, parent: str) -
     return {n: f.result() for n, f in pending.items()}
 
 
-def _submit_merge(config: RunConfig, label: str, spec: MergeSpec, base: ObjectRef,
+def _submit_merge(config: RunConfig, parent: str, label: str, spec: MergeSpec, base: ObjectRef,
                   experts: dict[str, ObjectRef], eval_inputs, statistics: dict[str, ObjectRef], subspaces):
     """Submit one merge (its global pass, the merge itself or its layer-group parts and assembly) into a
     location keyed by everything it reads, with the futures of the subspaces its method reads; returns the future
@@ -215,7 +225,7 @@ def _submit_merge(config: RunConfig, label: str, spec: MergeSpec, base: ObjectRe
     reads = {kind: subspaces[kind] for kind in subspace_stage.subspace_kinds([spec])} or None
     # methods that read statistics or data in prepare() prepare on the pool they merge: no separate stage
     if _sparsifies(spec):
-        state = sparsify.submit(spec, base, experts, storage, device)
+        state = sparsify.submit(spec, base, experts, storage, device, config.tracking, parent)
     else:
         state = None
         print(f"sparsify: skipped for {label} ({spec.method} has no separate global pass)")
@@ -245,11 +255,25 @@ def _tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, expe
     if not swept:
         return {}
     storage, device, tuning = config.storage, config.device, config.tuning
-    futures = {label: [(params, sweep_point.submit(
-        label, i, spec.method, params, base, experts, eval_inputs, tuning, config.evaluation, storage, device,
-        config.tracking, parent, {kind: subspaces[kind] for kind in subspace_stage.subspace_kinds(
-            [MergeSpec(method=spec.method, params=params)])} or None))
-        for i, params in enumerate(spec.grid_points())] for label, spec in swept.items()}
+    passes: dict[str, Any] = {}  # one sparsify stage per distinct global pass among the grid points
+
+    def reads(method: str, params: dict[str, Any]) -> tuple[dict[str, Any] | None, Any]:
+        """(the subspaces, the future of the sparsify stage) one grid point reads."""
+        point = MergeSpec(method=method, params=params)
+        kinds = {kind: subspaces[kind] for kind in subspace_stage.subspace_kinds([point])} or None
+        key = _pass_key(point)
+        if key is None:
+            return kinds, None
+        if key not in passes:
+            passes[key] = sparsify.submit(point, base, experts, storage, device, config.tracking, parent)
+        return kinds, passes[key]
+
+    futures = {}
+    for label, spec in swept.items():
+        futures[label] = [(params, sweep_point.submit(label, i, spec.method, params, base, experts, eval_inputs,
+                                                      tuning, config.evaluation, storage, device, config.tracking,
+                                                      parent, *reads(spec.method, params)))
+                          for i, params in enumerate(spec.grid_points())]
     expert_acc = {n: f.result()[n] for n, f in expert_val.items()}
     chosen = {}
     for label, spec in swept.items():

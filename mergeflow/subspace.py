@@ -26,7 +26,6 @@ def top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     m, n = matrix.shape
     k = min(k, m, n)
     a = matrix.double()
-    small = min(m, n)
     values, vectors = _top_eigenpairs(a @ a.mT if m <= n else a.mT @ a, k)
     if k and values[-1] <= _RANK_TOLERANCE * values[0].clamp(min=torch.finfo(torch.float64).tiny):
         u, s, vh = torch.linalg.svd(a, full_matrices=False)

@@ -71,13 +71,15 @@ def update_key(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k != scaling}
 
 
-def scaled_update(method: str, params: Mapping[str, Any], pool: ExpertPool) -> dict[str, torch.Tensor]:
-    """U = merged - theta_0 at scaling 1 for every float tensor (fp32, CPU), for a method with `scaling_param`."""
+def scaled_update(method: str, params: Mapping[str, Any], pool: ExpertPool,
+                  state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """U = merged - theta_0 at scaling 1 for every float tensor (fp32, CPU), for a method with `scaling_param`;
+    `state`: the method's global pass when already computed (the sparsify stage's)."""
     scaling = method_class(method).scaling_param
     if scaling is None:
         raise ConfigError(f"method {method!r} has no scaling-only coefficient to sweep by rescaling")
     merge = build_method(method, {**update_key(method, params), scaling: 1.0})
-    state = with_subspaces(merge.prepare(pool), pool.subspaces)
+    state = with_subspaces(merge.prepare(pool) if state is None else state, pool.subspaces)
     update = {}
     for name in pool.float_keys():
         base = pool.base_tensor(name)
@@ -98,18 +100,19 @@ def apply_update(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Te
 
 
 def merged_point(method: str, params: Mapping[str, Any], base: Mapping[str, torch.Tensor] | None,
-                 shared_update: Callable[[], Mapping[str, torch.Tensor]] | None, pool: ExpertPool | None
-                 ) -> dict[str, torch.Tensor]:
+                 shared_update: Callable[[], Mapping[str, torch.Tensor]] | None, pool: ExpertPool | None,
+                 state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The merged state dict of one grid point, in memory: theta_0 (`base`) + lambda U for a method with a
     scaling-only coefficient (U from `shared_update()`, computed once per setting of the other parameters by the
-    caller), else a full merge of `pool`. The flow's sweep stage and `mergeflow merge --tune` both call this."""
+    caller), else a full merge of `pool` (with the method's global pass `state` when already computed). The flow's
+    sweep stage and `mergeflow merge --tune` both call this."""
     from mergeflow.merge import merge_pool
 
     chosen = build_method(method, params)
     scaling = method_class(method).scaling_param
     if scaling is None:
         out: dict[str, torch.Tensor] = {}
-        merge_pool(chosen, pool, out.__setitem__)
+        merge_pool(chosen, pool, out.__setitem__, state=state)
         return out
     return apply_update(base, shared_update(), float(chosen.params.model_dump()[scaling]))
 

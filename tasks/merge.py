@@ -3,6 +3,7 @@ factors of the subspace methods, then the streaming merge."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import task
@@ -18,12 +19,24 @@ from tasks.tracking import MlflowTracker
 @task(name="sparsify", task_run_name="sparsify-{spec.method}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
 @uses_storage
 def sparsify(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], storage: StorageConfig,
-             device: str) -> ObjectRef:
-    """The method's global pass, stored and keyed by digests (`stages.sparsify`); returns its reference."""
+             device: str, tracking: TrackingConfig, parent_run_id: str) -> ObjectRef:
+    """The method's global pass, stored and keyed by digests (`stages.sparsify`), an MLflow child run named after
+    the stored object; returns its reference."""
     store = store_for(storage)
+    started = time.perf_counter()
     ref, reused = on_device_or_cpu(lambda on: sparsify_stage.sparsify(spec, base, experts, store, on), device,
                                    f"sparsify {spec.method}")
     print(f"sparsify {spec.method}: {'reused' if reused else 'stored'} {ref.uri}")
+    tracker = MlflowTracker(tracking)
+    run_id = tracker.start_run("sparsify-" + ref.uri.rstrip("/").rsplit("/", 1)[-1], parent_run_id=parent_run_id,
+                               tags={"mergeflow.stage": "sparsify", "mergeflow.method": spec.method,
+                                     "mergeflow.reused": str(reused).lower()})
+    tracker.log_params(run_id, {"method": spec.method, **{f"param.{k}": v for k, v in
+                                                          sparsify_stage.pass_settings(spec).items()},
+                                "sparsify_uri": ref.uri, "sparsify_sha256": ref.sha256})
+    if not reused:
+        tracker.log_metrics(run_id, {"seconds": round(time.perf_counter() - started, 3)})
+    tracker.end_run(run_id)
     return ref
 
 

@@ -26,12 +26,13 @@ from tasks.tracking import MlflowTracker
 def sweep_point(label: str, index: int, method: str, params: dict[str, Any], base: ObjectRef,
                 experts: dict[str, ObjectRef], tasks: dict[str, tuple[ObjectRef, ObjectRef]],
                 tuning: TuningConfig, evaluation: EvalConfig, storage: StorageConfig, device: str,
-                tracking: TrackingConfig, parent_run_id: str, subspaces: dict[str, ObjectRef] | None = None
-                ) -> dict[str, float]:
+                tracking: TrackingConfig, parent_run_id: str, subspaces: dict[str, ObjectRef] | None = None,
+                state: ObjectRef | None = None) -> dict[str, float]:
+    """`subspaces` and `state`: the stored factors and global pass (sparsify stage) the point's method reads."""
     store = store_for(storage)
     accuracy, reused = on_device_or_cpu(
         lambda on: sweep_stage.sweep_point(method, params, base, experts, tasks, tuning, evaluation, store, on,
-                                           subspaces), device, f"sweep point {label}-{index}")
+                                           subspaces, state), device, f"sweep point {label}-{index}")
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"sweep-{label}-{index}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "sweep", "mergeflow.method": method,

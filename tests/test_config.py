@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_shipped_configs_are_valid():
     config = load_run_config(ROOT / "configs" / "demo.yaml")
-    assert {"average", "task_arithmetic", "ties", "doge_ta", "regmean"} == {m.method for m in config.merges}
+    assert {"average", "task_arithmetic", "ties", "doge_ta", "tsv", "regmean"} == {m.method for m in config.merges}
     assert len(config.tasks) >= 4
     full = load_run_config(ROOT / "configs" / "demo-full.yaml")  # every method of the catalogue but DARE
     from mergeflow.methods import METHODS

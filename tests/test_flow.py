@@ -74,7 +74,11 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     ties_eval = by_name["evaluate-ties"]
     assert ties_eval.data.metrics["acc.election"] == first["accuracy"]["ties"]["election"]
     assert sorted(i.tags[0].value for i in ties_eval.inputs.dataset_inputs) == ["evaluation", "evaluation", "model"]
-    assert set(by_name) - evaluations == {"expert-election", "expert-rotten_tomatoes", "merge-average", "merge-task_arithmetic",
+    sparsify_runs = {name for name in by_name if name.startswith("sparsify-")}
+    assert {name.rsplit("-", 1)[0] for name in sparsify_runs} == {"sparsify-ties", "sparsify-doge_ta"}
+    ties_pass = next(by_name[name] for name in sparsify_runs if name.startswith("sparsify-ties-"))
+    assert ties_pass.data.params["param.density"] == "0.2" and "/sparsify/ties-" in ties_pass.data.params["sparsify_uri"]
+    assert set(by_name) - evaluations - sparsify_runs == {"expert-election", "expert-rotten_tomatoes", "merge-average", "merge-task_arithmetic",
                             "merge-ties", "merge-regmean", "merge-adamerging", "merge-doge_ta", "merge-doge_am",
                             "merge-tsv", "merge-iso_c", "subspace-shared-6", "subspace-task", "subspace-sum",
                             "statistics-election",

@@ -22,6 +22,7 @@ SHORT = {  # the reproduction configs' methods with budgets cut to seconds
     "doge_ta": {"steps": 4},
     "doge_am": {"steps": 3, "am_steps": 2},
     "mats": {"max_iter": 5},
+    "wudi": {"steps": 20},
 }
 
 
@@ -35,7 +36,9 @@ def _from_reproduction(file_name: str, tmp_path: Path, cache: Path, model: dict,
             continue
         spec = {**spec, "params": {**spec.get("params", {}), **SHORT.get(spec["method"], {})}}
         if "sweep" in spec:
-            spec["sweep"] = {"scaling": [0.3, 1.0]}
+            from mergeflow.methods import method_class
+
+            spec["sweep"] = {method_class(spec["method"]).scaling_param: [0.3, 1.0]}
         merges.append(spec)
     raw.update({
         "name": f"tiny-{raw['model']['family']}",

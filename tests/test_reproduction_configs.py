@@ -30,7 +30,14 @@ def test_reproduction_config_follows_the_literature(file_name: str) -> None:
     assert plain["ties"] == {"density": 0.2, "merge": "sum", "scaling": 0.3}
     assert plain["task_arithmetic"] == {"scaling": 0.3}
     assert plain["doge_ta"]["eta"] == eta and plain["doge_am"]["eta"] == eta
-    assert {spec.method for spec in config.merges if spec.sweep is not None} == {"task_arithmetic", "ties"}
+    assert plain["wudi"].get("steps", 400) == 400 and plain["iso_cts"].get("common_space_fraction", 0.8) == 0.8
+    swept = {spec.method: spec.grid() for spec in config.merges if spec.sweep is not None}
+    if family == "open_clip":  # the frontier papers pick alpha on validation from 0.1-3.0
+        assert set(swept) == {"task_arithmetic", "ties", "tsv", "iso_c", "iso_cts"}
+        assert all(swept[m]["alpha"] == [round(0.1 * i, 1) for i in range(1, 31)] for m in ("tsv", "iso_c", "iso_cts"))
+        assert plain["iso_c"]["alpha"] == plain["iso_cts"]["alpha"] == 1.5 and plain["tsv"] == {}
+    else:
+        assert set(swept) == {"task_arithmetic", "ties"}
     assert config.statistics.unlabeled_split == "test" and config.statistics.max_examples == 1000
     assert config.statistics.split == "validation" and config.tuning.rule == "norm_acc.avg"
 

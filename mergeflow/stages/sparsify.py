@@ -22,20 +22,27 @@ def has_global_pass(spec: MergeSpec) -> bool:
     return method_class(spec.method).prepare is not MergeMethod.prepare
 
 
+def pass_settings(spec: MergeSpec) -> dict[str, Any]:
+    """The parameters the method's global pass reads (its defaults filled in; none without a pass): the stage's
+    cache key, so every scaling of one TIES density, or every DOGE eta, shares one stored pass."""
+    from mergeflow.methods import build_method
+
+    method = build_method(spec.method, spec.params)
+    if not has_global_pass(spec):
+        return {}
+    params = method.params.model_dump(mode="json")
+    return params if method.prepare_params is None else {k: params[k] for k in method.prepare_params}
+
+
 def sparsify(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], store: Store,
              device: str = "auto") -> tuple[ObjectRef, bool]:
     """Stored as `sparsify/<method>-<fingerprint>/state.json`, keyed by the base's and experts' digests and the
     params that pass reads, so a rerun or another scaling of the same density reuses it. Returns (its reference,
     whether it was reused)."""
     from mergeflow.methods import build_method
-    from mergeflow.methods.base import MergeMethod
 
-    method = build_method(spec.method, spec.params)  # its params with the defaults filled in
-    params = method.params.model_dump(mode="json")
-    if type(method).prepare is MergeMethod.prepare:  # no global pass (TA, averaging, DARE): one empty state
-        read = {}
-    else:
-        read = params if method.prepare_params is None else {k: params[k] for k in method.prepare_params}
+    method = build_method(spec.method, spec.params)
+    read = pass_settings(spec)
     uri = sparsify_uri(store.root, spec.method, read, base, experts)
     reused = store.exists(uri)
 

@@ -14,6 +14,7 @@ from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.config import EvalConfig, TuningConfig
 from mergeflow.stages.evaluate import evaluate_model
 from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, fingerprint, sweep_uri
+from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
 
 _UPDATE_LOCKS: dict[str, threading.Lock] = {}
@@ -21,7 +22,8 @@ _UPDATE_LOCKS_GUARD = threading.Lock()
 
 
 def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
-                   store: Store, device: str, subspaces: Mapping[str, ObjectRef] | None) -> Path:
+                   store: Store, device: str, subspaces: Mapping[str, ObjectRef] | None,
+                   state: ObjectRef | None) -> Path:
     """A scaling method's update at lambda 1 (`mergeflow.sweep.scaled_update`), computed once per setting of its
     other parameters and kept in the local cache (an intermediate, never published)."""
     from mergeflow.sweep import scaled_update, update_key
@@ -33,7 +35,8 @@ def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, expe
     with lock:
         if not path.exists():
             with store.expert_pool(base, experts, device, subspaces) as pool:
-                update = scaled_update(method, params, pool)
+                update = scaled_update(method, params, pool,
+                                       read_sparsified(state, store) if state is not None else None)
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
             save_safetensors(update, partial)
@@ -42,11 +45,11 @@ def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, expe
 
 
 def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
-                  store: Store, device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None
-                  ) -> dict[str, Any]:
+                  store: Store, device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None,
+                  state: ObjectRef | None = None) -> dict[str, Any]:
     """The merged state dict of one grid point, in memory (`mergeflow.sweep.merged_point`): theta_0 + lambda U
     from the update shared through the local cache for scaling methods, a full in-memory merge otherwise; both
-    read the subspace stage's stored factors when given."""
+    read the sparsify stage's stored global pass (`state`) and the subspace stage's factors when given."""
     from safetensors.torch import load_file
 
     from mergeflow.checkpoints import open_checkpoint
@@ -55,25 +58,26 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
 
     if method_class(method).scaling_param is None:
         with store.expert_pool(base, experts, device, subspaces) as pool:
-            return merged_point(method, params, None, None, pool)
+            return merged_point(method, params, None, None, pool,
+                                read_sparsified(state, store) if state is not None else None)
     with open_checkpoint(base_weights(base), storage_options=store.options, cache=store.cache) as base_ckpt:
         base_sd = {key: base_ckpt.get(key) for key in base_ckpt.keys()}
     return merged_point(method, params, base_sd,
                         lambda: load_file(str(_scaled_update(method, params, base, experts, store, device,
-                                                             subspaces))), None)
+                                                             subspaces, state))), None)
 
 
 def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
                 tasks: TaskInputs, tuning: TuningConfig, evaluation: EvalConfig, store: Store,
-                device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None
-                ) -> tuple[dict[str, float], bool]:
+                device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None,
+                state: ObjectRef | None = None) -> tuple[dict[str, float], bool]:
     """Validation accuracy per task of one grid point (weights never published); the small score record is
     stored under a key of every input digest, the method and its parameters, so a rerun or a grown grid scores
     only new points. Returns (accuracy, reused)."""
     uri = sweep_uri(store.root, method, params, base, experts, tasks, tuning.max_examples, evaluation.model_dump())
     if store.exists(uri):
         return store.read_json(uri)["accuracy"], True
-    weights = sweep_weights(method, params, base, experts, store, device, subspaces)
+    weights = sweep_weights(method, params, base, experts, store, device, subspaces, state)
     accuracy = evaluate_model(None, base, tasks, evaluation, store, device, split="validation",
                               max_examples=tuning.max_examples, state_dict=weights)
     store.publish_json(uri, {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy})
