@@ -78,9 +78,10 @@ class _NoTracker:
         return lambda *args, **kwargs: "run-id"
 
 
-@pytest.mark.parametrize("stage", ["sparsify", "sweep_point", "compute_statistics", "merge", "evaluate"])
+@pytest.mark.parametrize("stage", ["sparsify", "build_subspace", "sweep_point", "compute_statistics", "merge",
+                                   "evaluate"])
 def test_every_device_stage_falls_back_to_the_cpu_on_cuda_oom(stage, monkeypatch, tmp_path):
-    """Sparsify, sweep points, statistics, merge and evaluation each run again on the CPU after a CUDA OOM
+    """Sparsify, subspace, sweep points, statistics, merge and evaluation each run again on the CPU after a CUDA OOM
     (fine-tuning does not: the README says so)."""
     import torch
 
@@ -89,11 +90,12 @@ def test_every_device_stage_falls_back_to_the_cpu_on_cuda_oom(stage, monkeypatch
     import tasks.statistics
     import tasks.sweep
     from mergeflow.stages import evaluate as evaluate_stage, merge as merge_stage, sparsify as sparsify_stage
-    from mergeflow.stages import statistics as statistics_stage, sweep as sweep_stage
+    from mergeflow.stages import statistics as statistics_stage, subspace as subspace_stage, sweep as sweep_stage
     from mergeflow.stages.refs import ObjectRef
     from mergeflow.config import EvalConfig, MergeSpec, StatisticsConfig, StorageConfig, TrackingConfig, TuningConfig
 
     module, library = {"sparsify": (sparsify_stage, "sparsify"), "sweep_point": (sweep_stage, "sweep_point"),
+                       "build_subspace": (subspace_stage, "build_subspace"),
                        "compute_statistics": (statistics_stage, "compute_statistics"),
                        "merge": (merge_stage, "merge_experts"), "evaluate": (evaluate_stage, "evaluate_stored")}[stage]
     results = {"sparsify": {}, "sweep_point": ({"a": 1.0}, False), "merge": ("ref", {}),
@@ -101,8 +103,8 @@ def test_every_device_stage_falls_back_to_the_cpu_on_cuda_oom(stage, monkeypatch
     devices: list[str] = []
 
     def stage_on(*args):
-        devices.append(args[-1] if stage in ("sparsify", "compute_statistics", "sweep_point") else
-                       args[6] if stage == "merge" else args[5])
+        devices.append(args[-1] if stage in ("sparsify", "compute_statistics", "build_subspace") else
+                       args[8] if stage == "sweep_point" else args[6] if stage == "merge" else args[5])
         if devices[-1] != "cpu":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return results[stage]
@@ -114,9 +116,12 @@ def test_every_device_stage_falls_back_to_the_cpu_on_cuda_oom(stage, monkeypatch
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db")
     results["compute_statistics"] = (ref, {"reused": False, "examples": 1, "seconds": 0.0})
     results["sparsify"] = (ref, False)
+    results["build_subspace"] = (ref, False, {"seconds": 0.0, "bytes": 1.0})
     spec = MergeSpec(method="ties")
     calls = {
-        "sparsify": lambda: tasks.merge.sparsify.fn(spec, ref, {"a": ref}, storage, "cuda"),
+        "sparsify": lambda: tasks.merge.sparsify.fn(spec, ref, {"a": ref}, storage, "cuda", tracking, "p"),
+        "build_subspace": lambda: tasks.merge.build_subspace.fn("task", ref, {"a": ref}, storage, "cuda", tracking,
+                                                                "p"),
         "sweep_point": lambda: tasks.sweep.sweep_point.fn("ties", 0, "ties", {}, ref, {"a": ref}, {"a": (ref, ref)},
                                                           TuningConfig(), EvalConfig(), storage, "cuda", tracking, "p"),
         "compute_statistics": lambda: tasks.statistics.compute_statistics.fn(
