@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergeflow.task_vectors import ExpertPool
 
@@ -39,6 +39,30 @@ def recorded(state: dict[str, Any]) -> dict[str, Any]:
 
 class MethodParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def matches_any(name: str, patterns: Sequence[str]) -> bool:
+    """Whether any regex in `patterns` is found in the tensor name `name`."""
+    return any(re.search(pattern, name) for pattern in patterns)
+
+
+def check_patterns(patterns: Sequence[str]) -> tuple[str, ...]:
+    """`patterns` as a tuple, after checking that each compiles (a clear error naming the bad one)."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid tensor-name pattern {pattern!r}: {exc}") from None
+    return tuple(patterns)
+
+
+class ExcludeParams(MethodParams):
+    """Parameters of a per-layer method: regexes of 2-D tensors it averages instead of merging."""
+
+    exclude: tuple[str, ...] = Field((), description="regexes of 2-D tensors to average instead (the reference's "
+                                     "exclude_keys)")
+
+    _patterns = field_validator("exclude")(check_patterns)
 
 
 class MergeMethod(ABC):
@@ -83,21 +107,6 @@ class MergeMethod(ABC):
                             for name, base, tv in zip(names, bases, task_vectors)])
 
 
-def matches_any(name: str, patterns: Sequence[str]) -> bool:
-    """Whether any regex in `patterns` is found in the tensor name `name`."""
-    return any(re.search(pattern, name) for pattern in patterns)
-
-
-def check_patterns(patterns: Sequence[str]) -> tuple[str, ...]:
-    """`patterns` as a tuple, after checking that each compiles (a clear error naming the bad one)."""
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"invalid tensor-name pattern {pattern!r}: {exc}") from None
-    return tuple(patterns)
-
-
 SUBSPACE = "_subspace"  # run-only state key: {kind: reader of the subspace stage's stored factors}
 
 
@@ -110,3 +119,21 @@ def stored_factors(state: dict[str, Any], kind: str, name: str) -> dict[str, tor
     """The subspace stage's stored factors of one layer (`kind`: "task" or "sum"), when the merge was given them."""
     reader = state.get(SUBSPACE, {}).get(kind)
     return None if reader is None else reader.factors(name)
+
+
+class PerLayerMethod(MergeMethod):
+    """A method that merges each 2-D tensor on its own (TSV-M, Iso-C, Iso-CTS, WUDI): merged = theta_0 + scaling *
+    `layer_update`; every other tensor, and a 2-D one matching `exclude`, gets theta_0 + scaling * mean tau."""
+
+    Params: ClassVar[type[ExcludeParams]] = ExcludeParams
+
+    @abstractmethod
+    def layer_update(self, name: str, task_vectors: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """The unscaled update [m, n] of one 2-D tensor from its task vectors [T, m, n]."""
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
+                     state: dict[str, Any]) -> torch.Tensor:
+        scaling = getattr(self.params, self.scaling_param)
+        if task_vectors.dim() != 3 or matches_any(name, self.params.exclude):
+            return base + scaling * task_vectors.mean(dim=0)
+        return base + scaling * self.layer_update(name, task_vectors, state)

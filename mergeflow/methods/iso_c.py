@@ -12,19 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from mergeflow.methods.base import MergeMethod, MethodParams, check_patterns, matches_any, stored_factors
+from mergeflow.methods.base import ExcludeParams, PerLayerMethod, stored_factors
 from mergeflow.subspace import top_singular
 
 
-class IsoParams(MethodParams):
+class IsoParams(ExcludeParams):
     alpha: float = Field(1.0, ge=0.0, le=10.0, description="scales the whole update (1: FusionBench's config; "
                          "its docs use 1.5 on ViT-B/32; the paper picks it on validation from 0.1-3.0)")
-    exclude: tuple[str, ...] = Field((), description="regexes of 2-D tensors to average instead (the reference's "
-                                     "exclude_keys)")
-
-    _patterns = field_validator("exclude")(check_patterns)
 
 
 def sum_factors(task_vectors: torch.Tensor, factors: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
@@ -41,7 +37,7 @@ def iso_c_update(task_vectors: torch.Tensor, factors: dict[str, torch.Tensor] | 
     return s.mean() * (u @ vh)
 
 
-class IsoC(MergeMethod):
+class IsoC(PerLayerMethod):
     name = "iso_c"
     summary = "Iso-C: the summed task vector with a flat (isotropic) spectrum, per layer (data-free)."
     Params = IsoParams
@@ -50,8 +46,5 @@ class IsoC(MergeMethod):
     def subspace_kinds(self) -> tuple[str, ...]:
         return ("sum",)
 
-    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
-                     state: dict[str, Any]) -> torch.Tensor:
-        if task_vectors.dim() != 3 or matches_any(name, self.params.exclude):
-            return base + self.params.alpha * task_vectors.mean(dim=0)
-        return base + self.params.alpha * iso_c_update(task_vectors, stored_factors(state, "sum", name))
+    def layer_update(self, name: str, task_vectors: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        return iso_c_update(task_vectors, stored_factors(state, "sum", name))

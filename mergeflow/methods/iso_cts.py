@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from mergeflow.methods.base import MergeMethod, matches_any, stored_factors
+from mergeflow.methods.base import PerLayerMethod, stored_factors
 from mergeflow.methods.iso_c import IsoParams, sum_factors
 from mergeflow.subspace import assemble_isotropic, iso_cts_sizes, top_singular
 
@@ -42,7 +42,7 @@ def iso_cts_update(task_vectors: torch.Tensor, common_fraction: float,
     return assemble_isotropic(torch.cat(u_all, dim=1), torch.cat(s_all), torch.cat(vh_all))
 
 
-class IsoCts(MergeMethod):
+class IsoCts(PerLayerMethod):
     name = "iso_cts"
     summary = "Iso-CTS: common plus task-specific subspaces with a flat spectrum, per layer (data-free)."
     Params = IsoCtsParams
@@ -51,10 +51,5 @@ class IsoCts(MergeMethod):
     def subspace_kinds(self) -> tuple[str, ...]:
         return ("sum",)
 
-    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
-                     state: dict[str, Any]) -> torch.Tensor:
-        p = self.params
-        if task_vectors.dim() != 3 or matches_any(name, p.exclude):
-            return base + p.alpha * task_vectors.mean(dim=0)
-        return base + p.alpha * iso_cts_update(task_vectors, p.common_space_fraction,
-                                               stored_factors(state, "sum", name))
+    def layer_update(self, name: str, task_vectors: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        return iso_cts_update(task_vectors, self.params.common_space_fraction, stored_factors(state, "sum", name))

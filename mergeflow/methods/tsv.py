@@ -13,19 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from mergeflow.methods.base import MergeMethod, MethodParams, check_patterns, matches_any, stored_factors
+from mergeflow.methods.base import ExcludeParams, PerLayerMethod, stored_factors
 from mergeflow.subspace import polar, top_singular, tsv_rank
 
 
-class TsvParams(MethodParams):
+class TsvParams(ExcludeParams):
     alpha: float = Field(1.0, ge=0.0, le=10.0, description="scales the whole update (1: FusionBench's default; "
                          "the paper picks it on validation from 0.1-3.0)")
-    exclude: tuple[str, ...] = Field((), description="regexes of 2-D tensors to average instead (the reference's "
-                                     "exclude_keys)")
-
-    _patterns = field_validator("exclude")(check_patterns)
 
 
 def tsv_update(task_vectors: torch.Tensor, factors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -45,7 +41,7 @@ def tsv_update(task_vectors: torch.Tensor, factors: dict[str, torch.Tensor] | No
     return (polar(u) * s.to(task_vectors.device).reshape(-1)) @ polar(vh)
 
 
-class Tsv(MergeMethod):
+class Tsv(PerLayerMethod):
     name = "tsv"
     summary = "TSV-M: per-layer top task singular vectors, orthogonalised, recombined (data-free)."
     Params = TsvParams
@@ -54,9 +50,5 @@ class Tsv(MergeMethod):
     def subspace_kinds(self) -> tuple[str, ...]:
         return ("task",)
 
-    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
-                     state: dict[str, Any]) -> torch.Tensor:
-        if task_vectors.dim() != 3 or matches_any(name, self.params.exclude):
-            return base + self.params.alpha * task_vectors.mean(dim=0)
-        return base + self.params.alpha * tsv_update(task_vectors, stored_factors(state, "task", name))
-
+    def layer_update(self, name: str, task_vectors: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        return tsv_update(task_vectors, stored_factors(state, "task", name))

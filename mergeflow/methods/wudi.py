@@ -22,13 +22,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from mergeflow import stopping
-from mergeflow.methods.base import MergeMethod, MethodParams, check_patterns, matches_any
+from mergeflow.methods.base import ExcludeParams, PerLayerMethod
 
 
-class WudiParams(MethodParams):
+class WudiParams(ExcludeParams):
     steps: int = Field(400, ge=0, le=100_000, description="Adam steps per layer (400: FusionBench's config; the "
                        "authors' code uses 300)")
     lr: float = Field(1e-5, gt=0.0, le=1.0, description="Adam learning rate (default betas and eps)")
@@ -36,9 +36,6 @@ class WudiParams(MethodParams):
     solver: Literal["gram", "autograd"] = Field(
         "gram", description="closed-form gradient from per-layer Gram matrices (fast), or FusionBench's autograd "
         "loop replayed")
-    exclude: tuple[str, ...] = Field((), description="regexes of 2-D tensors to average instead")
-
-    _patterns = field_validator("exclude")(check_patterns)
 
 
 def _adam(initial: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.optim.Adam]:
@@ -84,16 +81,12 @@ def wudi_gram(task_vectors: torch.Tensor, steps: int, lr: float) -> torch.Tensor
     return merged.detach()
 
 
-class Wudi(MergeMethod):
+class Wudi(PerLayerMethod):
     name = "wudi"
     summary = "WUDI: per-layer merged task vector that minimises interference on the tasks' own rows (data-free)."
     Params = WudiParams
     scaling_param = "scaling"
 
-    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
-                     state: dict[str, Any]) -> torch.Tensor:
-        p = self.params
-        if task_vectors.dim() != 3 or matches_any(name, p.exclude):
-            return base + p.scaling * task_vectors.mean(dim=0)
-        solve = wudi_gram if p.solver == "gram" else wudi_autograd
-        return base + p.scaling * solve(task_vectors, p.steps, p.lr)
+    def layer_update(self, name: str, task_vectors: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        solve = wudi_gram if self.params.solver == "gram" else wudi_autograd
+        return solve(task_vectors, self.params.steps, self.params.lr)
