@@ -9,6 +9,7 @@ never tensors, pass between tasks.
 """
 
 import json
+import math
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
 from mergeflow import stopping
-from mergeflow.config import MergeSpec, RunConfig, load_run_config
+from mergeflow.config import AUTO, MergeSpec, RunConfig, load_run_config
 from mergeflow.errors import ConfigError
 from mergeflow.evaluate import format_results_table
 from mergeflow.stages import (merge as merge_stage, sparsify as sparsify_stage, statistics as statistics_stage,
@@ -34,6 +35,7 @@ from tasks.progress import CLOCK
 from tasks.runners import (configured_task_runner, describe_runner, release_pool_workers, stopping_workers,
                            task_runner_for)
 from tasks.statistics import compute_statistics
+from tasks.search import open_search, record_search
 from tasks.sweep import select_point, sweep_point
 from tasks.record import (check_unchanged, fail_tracking, is_stop, mark_success, record_merge, record_results,
                           register_best, start_tracking)
@@ -78,18 +80,22 @@ def planned_stages(config: RunConfig) -> dict[str, int]:
     data_aware = sum(bool(statistics_stage.statistic_kinds([spec])) for spec in config.merges)
     whole = merges if config.merge_parts == 1 else learned
     sweeps = [spec for spec in config.merges if spec.sweep is not None]
+    searches = [spec for spec in config.merges if spec.method == AUTO]
     registers = bool(config.tracking.registered_model)
     experts = Counter("fetch_expert" if t.expert else "fetch_latest_expert" if t.latest else "finetune_expert"
                       for t in config.tasks)
     return {"fetch_pretrained": 1, "prepare_dataset": tasks, "fit_head": tasks, **experts,
             "compute_statistics": tasks if data_aware else 0,
-            "sweep_point": sum(len(spec.grid_points()) for spec in sweeps),
+            "sweep_point": sum(len(spec.grid_points()) for spec in sweeps) + sum(
+                planned_points(spec, config.tuning.max_examples) for spec in searches),
+            "open_search": len(searches), "record_search": len(searches),
             "build_subspace": len(subspace_stage.subspace_kinds(config.merges)),
             "sparsify": sum(_sparsifies(spec) for spec in config.merges) + sum(
                 len({_pass_key(MergeSpec(method=spec.method, params=p)) for p in spec.grid_points()} - {None})
                 for spec in sweeps), "merge": whole, "merge_part": (merges - whole) *
             config.merge_parts, "assemble_merge": merges - whole,
-            "evaluate": 1 + tasks + merges + (tasks if sweeps or registers else 0) + (merges if registers else 0),
+            "evaluate": 1 + tasks + merges + (tasks if sweeps or searches or registers else 0) + (
+                merges if registers else 0),
             "record_merge": merges, "mark_success": 1}
 
 
@@ -136,8 +142,9 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     registers = bool(config.tracking.registered_model)
     # validation scores of the experts: the reference of every choice (sweeps, the model to register and promote)
     expert_val = (_score_on_validation(config, parent, base, experts, eval_inputs)
-                  if registers or any(spec.sweep is not None for spec in plan.values()) else {})
-    plan.update(_tune(config, parent, plan, base, experts, eval_inputs, expert_val, subspaces))
+                  if registers or any(spec.sweep is not None or spec.method == AUTO for spec in plan.values())
+                  else {})
+    plan.update(_tune(config, parent, plan, base, experts, eval_inputs, expert_val, subspaces, statistics))
     merged_futures = {label: (spec, _submit_merge(config, parent, label, spec, base, experts, eval_inputs,
                                                   statistics, subspaces))
                       for label, spec in plan.items()}
@@ -249,10 +256,12 @@ def _score_on_validation(config: RunConfig, parent: str, base, models: dict[str,
 
 
 def _tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, experts, eval_inputs, expert_val,
-          subspaces) -> dict[str, MergeSpec]:
-    """Sweep every spec with a grid on validation data (one task per point) and return the chosen specs."""
+          subspaces, statistics) -> dict[str, MergeSpec]:
+    """Sweep every spec with a grid, and search every `auto` spec, on validation data (one task per point) and
+    return the chosen specs."""
     swept = {label: spec for label, spec in plan.items() if spec.sweep is not None}
-    if not swept:
+    searched = {label: spec for label, spec in plan.items() if spec.method == AUTO}
+    if not swept and not searched:
         return {}
     storage, device, tuning = config.storage, config.device, config.tuning
     passes: dict[str, Any] = {}  # one sparsify stage per distinct global pass among the grid points
@@ -275,13 +284,64 @@ def _tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, expe
                                                       parent, *reads(spec.method, params)))
                           for i, params in enumerate(spec.grid_points())]
     expert_acc = {n: f.result()[n] for n, f in expert_val.items()}
-    chosen = {}
+    chosen = {label: _search(config, parent, label, spec, base, experts, eval_inputs, expert_acc, reads, statistics)
+              for label, spec in searched.items()}
     for label, spec in swept.items():
         points = [params for params, _ in futures[label]]
         accuracies = [future.result() for _, future in futures[label]]
         params = select_point(label, spec, points, accuracies, expert_acc, tuning, config.tracking, parent)
         chosen[label] = MergeSpec(method=spec.method, params=params)
     return chosen
+
+
+def planned_points(spec: MergeSpec, max_examples: int) -> int:
+    """Grid points an `auto` search scores when it runs every rung (the progress lines' estimate)."""
+    from mergeflow.search import rung_sizes
+
+    search = spec.search_settings()
+    alive, total = len(search.candidates()), 0
+    for _ in rung_sizes(search.min_examples, max_examples, search.eta):
+        total += alive
+        alive = max(1, math.ceil(alive / search.eta))
+    return total
+
+
+def _search(config: RunConfig, parent: str, label: str, spec: MergeSpec, base, experts, eval_inputs,
+            expert_acc: dict[str, float], reads, statistics) -> MergeSpec:
+    """Successive halving over the `auto` spec's candidates (`mergeflow.search`): each rung's candidates are
+    sweep points (tasks, scored on the first n validation examples of every task and cached by that n), so a
+    rerun or a grown budget scores only what is new; returns the winner's spec."""
+    from mergeflow.search import rung_sizes, successive_halving
+
+    search, tuning = spec.search_settings(), config.tuning
+    pool = search.candidates()
+    sizes = rung_sizes(search.min_examples, tuning.max_examples, search.eta)
+    run_id = open_search(label, search, len(pool), sizes, tuning, config.tracking, parent)
+
+    def score_rung(rung: int, examples: int, candidates) -> list[dict[str, float]]:
+        at = tuning.model_copy(update={"max_examples": examples})
+        futures = []
+        for i, c in enumerate(candidates):
+            point = MergeSpec(method=c.method, params=c.params)
+            stats = statistics if statistics_stage.statistic_kinds([point]) else None
+            futures.append(sweep_point.submit(f"{label}-r{rung}", i, c.method, c.params, base, experts, eval_inputs,
+                                              at, config.evaluation, config.storage, config.device, config.tracking,
+                                              run_id, *reads(c.method, c.params), stats,
+                                              {"mergeflow.rung": str(rung), "mergeflow.candidate": c.name}))
+        accuracies = [f.result() for f in futures]
+        print(f"search {label}: rung {rung} scored {len(candidates)} candidates on {examples} validation examples "
+              "per task")
+        return accuracies
+
+    result = successive_halving(pool, score_rung, expert_acc, min_examples=search.min_examples,
+                                max_examples=tuning.max_examples, eta=search.eta, rule=tuning.rule,
+                                floor=tuning.floor, max_evaluations=search.max_evaluations,
+                                max_seconds=search.max_seconds)
+    chosen = record_search(label, result, config.tracking, parent, run_id)
+    print(f"search {label}: chose {result.winner.name} (validation norm. avg "
+          f"{100 * result.winner_score.norm_avg:.1f}%) from {len(pool)} candidates in {result.seconds:.0f} s"
+          + (f"; stopped early: {result.stopped}" if result.stopped else ""))
+    return MergeSpec(method=chosen["method"], params=chosen["params"])
 
 
 def describe_locations(config: RunConfig, summary: dict[str, Any]) -> str:
@@ -310,13 +370,13 @@ def describe_locations(config: RunConfig, summary: dict[str, Any]) -> str:
 
 
 def run_config_file(path: str, only_swept: bool = False) -> dict[str, Any]:
-    """Validate a YAML config, run the flow on it (`only_swept`: its swept merges only), and print the results
+    """Validate a YAML config, run the flow on it (`only_swept`: its swept and `auto` merges only), and print the results
     and where everything is."""
     config = load_run_config(path)
     if only_swept:
-        swept = [spec for spec in config.merges if spec.sweep is not None]
+        swept = [spec for spec in config.merges if spec.sweep is not None or spec.method == AUTO]
         if not swept:
-            raise ConfigError(f"{path}: no merge has a `sweep:` grid")
+            raise ConfigError(f"{path}: no merge has a `sweep:` grid or method auto")
         config = config.model_copy(update={"merges": swept})
     summary = merge_flow.with_options(task_runner=task_runner_for(config))(config)
     print(describe_locations(config, summary))

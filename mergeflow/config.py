@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mergeflow.errors import ConfigError
 from mergeflow.methods import METHODS, build_method
 
-MethodName = Literal[tuple(sorted(METHODS))]  # a dropdown in the Prefect UI
+AUTO = "auto"  # not a method: a search across them (`mergeflow.search`)
+MethodName = Literal[tuple(sorted(METHODS)) + (AUTO,)]  # a dropdown in the Prefect UI
 
 
 class StrictModel(BaseModel):
@@ -160,26 +161,69 @@ class StatisticsConfig(StrictModel):
                             "transductive, as in the AdaMerging papers")
 
 
+class SearchConfig(StrictModel):
+    """`method: auto`: successive halving over every candidate (method x grid point) on validation data."""
+
+    methods: list[str] | None = Field(None, description="methods to search (default: every applicable one: the "
+                                      "data-free methods, and the data-aware ones with statistics of each task's "
+                                      "validation split; never the learned AdaMerging / DOGE AM)")
+    grids: dict[str, dict[str, list[Any]]] = Field(default_factory=dict, description="per-method grid overrides "
+                                                   "{method: {param: [values]}} (default: mergeflow.search.AUTO_GRIDS)")
+    min_examples: int = Field(10, ge=1, description="validation examples per task at the first rung")
+    eta: int = Field(3, ge=2, le=10, description="each rung keeps the best 1/eta and scores eta times as many "
+                     "examples, up to tuning.max_examples")
+    max_evaluations: int | None = Field(None, ge=1, description="budget: validation examples scored per task over "
+                                        "every candidate and rung; the search stops at the last whole rung it "
+                                        "covers (empty: no limit)")
+    max_seconds: float | None = Field(None, gt=0, description="budget: no new rung starts after this many seconds "
+                                      "of search (empty: no limit)")
+
+    def candidates(self, data_aware: bool = True):
+        """The searched candidates (`mergeflow.search.Candidate`), each validated."""
+        from mergeflow.search import candidates
+
+        return candidates(self.methods, self.grids, data_aware)
+
+
 class MergeSpec(StrictModel):
-    method: MethodName = Field(description="merge method from the registry")
+    method: MethodName = Field(description="merge method from the registry, or 'auto': the best of every "
+                               "applicable method and coefficient, searched on validation data (see `search`)")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters (see `mergeflow methods`)")
     sweep: dict[str, list[Any]] | Literal["default"] | None = Field(
         None, description="tune on validation data: a grid {param: [values]} or 'default' (the method's default "
         "grid); the best point is merged, tested and recorded as '<method>-tuned'")
+    search: SearchConfig | None = Field(None, description="method 'auto' only: what is searched and the budget")
 
     @model_validator(mode="after")
     def _valid_params(self) -> MergeSpec:
         try:
-            build_method(self.method, self.params)
-            self.grid_points()
+            if self.method == AUTO:
+                if self.params or self.sweep is not None:
+                    raise ConfigError("method 'auto' takes no params or sweep: it searches every method's grid "
+                                      "(narrow it with search.methods / search.grids)")
+                self.search_settings().candidates()
+            elif self.search is not None:
+                raise ConfigError(f"search: only method 'auto' searches (method is {self.method!r})")
+            else:
+                build_method(self.method, self.params)
+                self.grid_points()
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return self
 
+    def search_settings(self) -> SearchConfig:
+        return self.search or SearchConfig()
+
+    def searched(self) -> list[MergeSpec]:
+        """The specs a run must be ready to merge: this one, or, for 'auto', one per candidate."""
+        if self.method != AUTO:
+            return [self]
+        return [MergeSpec(method=c.method, params=c.params) for c in self.search_settings().candidates()]
+
     def grid(self) -> dict[str, list[Any]]:
         from mergeflow.sweep import default_grid
 
-        if self.sweep is None:
+        if self.sweep is None or self.method == AUTO:
             return {}
         return default_grid(self.method) if self.sweep == "default" else dict(self.sweep)
 
@@ -187,7 +231,7 @@ class MergeSpec(StrictModel):
         """Every validated parameter set of the sweep (empty without one)."""
         from mergeflow.sweep import grid_points
 
-        return grid_points(self.method, self.grid(), self.params) if self.sweep is not None else []
+        return grid_points(self.method, self.grid(), self.params) if self.sweep is not None and self.method != AUTO else []
 
 
 class TuningConfig(StrictModel):

@@ -27,16 +27,18 @@ def sweep_point(label: str, index: int, method: str, params: dict[str, Any], bas
                 experts: dict[str, ObjectRef], tasks: dict[str, tuple[ObjectRef, ObjectRef]],
                 tuning: TuningConfig, evaluation: EvalConfig, storage: StorageConfig, device: str,
                 tracking: TrackingConfig, parent_run_id: str, subspaces: dict[str, ObjectRef] | None = None,
-                state: ObjectRef | None = None) -> dict[str, float]:
-    """`subspaces` and `state`: the stored factors and global pass (sparsify stage) the point's method reads."""
+                state: ObjectRef | None = None, statistics: dict[str, ObjectRef] | None = None,
+                tags: dict[str, str] | None = None) -> dict[str, float]:
+    """`subspaces`, `state` and `statistics`: the stored factors, global pass (sparsify stage) and the experts'
+    statistics the point's method reads; `tags`: extra tags of its MLflow run (a search's rung)."""
     store = store_for(storage)
     accuracy, reused = on_device_or_cpu(
         lambda on: sweep_stage.sweep_point(method, params, base, experts, tasks, tuning, evaluation, store, on,
-                                           subspaces, state), device, f"sweep point {label}-{index}")
+                                           subspaces, state, statistics), device, f"sweep point {label}-{index}")
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"sweep-{label}-{index}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "sweep", "mergeflow.method": method,
-                                     "mergeflow.reused": str(reused).lower()})
+                                     "mergeflow.reused": str(reused).lower(), **(tags or {})})
     tracker.log_params(run_id, {"method": method, **{f"param.{k}": v for k, v in params.items()},
                                 "split": "validation", "max_examples": tuning.max_examples})
     tracker.log_metrics(run_id, {**{f"val_acc.{t}": v for t, v in accuracy.items()},

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mergeflow.config import EvalConfig, MergeSpec
+from mergeflow.config import AUTO, EvalConfig, MergeSpec
 from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, family_of, part_uri, parts_prefix
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
@@ -16,10 +16,10 @@ from mergeflow.storage import join
 
 
 def needs_objective(spec: MergeSpec) -> bool:
-    """Whether a method learns coefficients from unlabeled data (AdaMerging, DOGE AM)."""
+    """Whether a method learns coefficients from unlabeled data (AdaMerging, DOGE AM; never `auto`'s candidates)."""
     from mergeflow.methods import method_class
 
-    return method_class(spec.method).needs_objective
+    return spec.method != AUTO and method_class(spec.method).needs_objective
 
 
 def unlabeled_objective(base: ObjectRef, tasks: TaskInputs, split: str, evaluation: EvalConfig,

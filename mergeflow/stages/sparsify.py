@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mergeflow.config import MergeSpec
+from mergeflow.config import AUTO, MergeSpec
 from mergeflow.stages.refs import ObjectRef, sparsify_uri
 from mergeflow.stages.store import Store
 
@@ -19,7 +19,7 @@ def has_global_pass(spec: MergeSpec) -> bool:
     from mergeflow.methods import method_class
     from mergeflow.methods.base import MergeMethod
 
-    return method_class(spec.method).prepare is not MergeMethod.prepare
+    return spec.method != AUTO and method_class(spec.method).prepare is not MergeMethod.prepare
 
 
 def pass_settings(spec: MergeSpec) -> dict[str, Any]:

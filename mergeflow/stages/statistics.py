@@ -12,13 +12,14 @@ from mergeflow.stages.store import Store
 
 
 def statistic_kinds(specs: list[MergeSpec]) -> tuple[str, ...]:
-    """The statistic kinds the data-aware methods among `specs` need (empty when none is data-aware)."""
+    """The statistic kinds the data-aware methods among `specs` (and the candidates of `auto`) need (empty when
+    none is data-aware)."""
     from mergeflow.methods import build_method
     from mergeflow.methods.data_aware import DataAwareMethod
     from mergeflow.statistics import KINDS
 
     wanted: set[str] = set()
-    for spec in specs:
+    for spec in (one for given in specs for one in given.searched()):
         method = build_method(spec.method, spec.params)
         if isinstance(method, DataAwareMethod):
             wanted.update(method.statistic_kinds())

@@ -15,11 +15,11 @@ from mergeflow.stages.store import Store
 
 
 def subspace_kinds(specs: Iterable[MergeSpec]) -> list[str]:
-    """The factor kinds the given merges (and their sweep points) read, in first-use order."""
+    """The factor kinds the given merges (their sweep points, the candidates of `auto`) read, in first-use order."""
     from mergeflow.methods import build_method
 
     kinds: list[str] = []
-    for spec in specs:
+    for spec in (one for given in specs for one in given.searched()):
         for params in spec.grid_points() or [spec.params]:
             for kind in build_method(spec.method, params).subspace_kinds():
                 if kind not in kinds:

@@ -46,10 +46,12 @@ def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, expe
 
 def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
                   store: Store, device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None,
-                  state: ObjectRef | None = None) -> dict[str, Any]:
+                  state: ObjectRef | None = None, statistics: Mapping[str, ObjectRef] | None = None
+                  ) -> dict[str, Any]:
     """The merged state dict of one grid point, in memory (`mergeflow.sweep.merged_point`): theta_0 + lambda U
     from the update shared through the local cache for scaling methods, a full in-memory merge otherwise; both
-    read the sparsify stage's stored global pass (`state`) and the subspace stage's factors when given."""
+    read the sparsify stage's stored global pass (`state`) and the subspace stage's factors when given, a
+    data-aware method the experts' `statistics`."""
     from safetensors.torch import load_file
 
     from mergeflow.checkpoints import open_checkpoint
@@ -57,7 +59,7 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
     from mergeflow.sweep import merged_point
 
     if method_class(method).scaling_param is None:
-        with store.expert_pool(base, experts, device, subspaces) as pool:
+        with store.expert_pool(base, experts, device, subspaces, statistics) as pool:
             return merged_point(method, params, None, None, pool,
                                 read_sparsified(state, store) if state is not None else None)
     with open_checkpoint(base_weights(base), storage_options=store.options, cache=store.cache) as base_ckpt:
@@ -70,14 +72,17 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
 def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
                 tasks: TaskInputs, tuning: TuningConfig, evaluation: EvalConfig, store: Store,
                 device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None,
-                state: ObjectRef | None = None) -> tuple[dict[str, float], bool]:
-    """Validation accuracy per task of one grid point (weights never published); the small score record is
-    stored under a key of every input digest, the method and its parameters, so a rerun or a grown grid scores
-    only new points. Returns (accuracy, reused)."""
-    uri = sweep_uri(store.root, method, params, base, experts, tasks, tuning.max_examples, evaluation.model_dump())
+                state: ObjectRef | None = None, statistics: Mapping[str, ObjectRef] | None = None
+                ) -> tuple[dict[str, float], bool]:
+    """Validation accuracy per task of one grid point on the first `tuning.max_examples` validation examples of
+    each task (weights never published); the small score record is stored under a key of every input digest, the
+    method, its parameters and that count, so a rerun, a grown grid or a search's deeper rung scores only what is
+    new. Returns (accuracy, reused)."""
+    uri = sweep_uri(store.root, method, params, base, experts, tasks, tuning.max_examples, evaluation.model_dump(),
+                    statistics)
     if store.exists(uri):
         return store.read_json(uri)["accuracy"], True
-    weights = sweep_weights(method, params, base, experts, store, device, subspaces, state)
+    weights = sweep_weights(method, params, base, experts, store, device, subspaces, state, statistics)
     accuracy = evaluate_model(None, base, tasks, evaluation, store, device, split="validation",
                               max_examples=tuning.max_examples, state_dict=weights)
     store.publish_json(uri, {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy})

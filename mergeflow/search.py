@@ -1,0 +1,224 @@
+"""`method: auto`: the best merge across methods, by successive halving on validation data.
+
+Every method that applies to the inputs is a set of candidates, one per point of its grid (`AUTO_GRIDS`, or the
+config's own). Rung 0 scores every candidate on the first few validation examples of each task; each later rung
+keeps the best 1/eta of the previous one and scores it on eta times as many examples, up to the full validation
+cap, where the winner is chosen. A budget (examples scored, seconds) stops the search early at the last whole rung.
+The scores are those of `mergeflow.sweep` (validation only); the caller evaluates the winner on test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergeflow.errors import ConfigError
+from mergeflow.sweep import DEFAULT_GRIDS, PointScore, Rule, grid_points, score_point
+
+# Per method, the grid `auto` searches by default: the sweeps' default grids, with fewer points where each point is
+# a full merge (DOGE TA), and the data-aware methods' own coefficients.
+AUTO_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "average": {},
+    **{m: DEFAULT_GRIDS[m] for m in ("task_arithmetic", "ties", "dare", "tsv", "iso_c", "iso_cts", "wudi")},
+    "doge_ta": {"eta": [0.07, 0.15, 0.3]},
+    "regmean": {"reduce_non_diagonal_ratio": [0.5, 0.8, 0.95, 1.0]},
+    "fisher": {"minimal_fisher_weight": [1e-6, 1e-3]},
+    "mats": {"init_scaling": [0.3, 0.5, 1.0]},
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    method: str
+    params: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.method}({shown})" if shown else self.method
+
+
+def applicable_methods(data_aware: bool) -> list[str]:
+    """Methods `auto` may search: data-free always, data-aware when statistics can be computed; never the
+    learned ones (AdaMerging, DOGE AM: each candidate would be a training run on the objective)."""
+    from mergeflow.methods import method_class
+    from mergeflow.methods.data_aware import DataAwareMethod
+
+    out = []
+    for method in AUTO_GRIDS:
+        cls = method_class(method)
+        if cls.needs_objective or (issubclass(cls, DataAwareMethod) and not data_aware):
+            continue
+        out.append(method)
+    return out
+
+
+def candidates(methods: Sequence[str] | None = None, grids: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
+               data_aware: bool = True) -> list[Candidate]:
+    """One candidate per grid point of each method (`methods`: default every applicable one, in `AUTO_GRIDS`
+    order; `grids`: per-method overrides of `AUTO_GRIDS`), each validated."""
+    grids = dict(grids or {})
+    allowed = applicable_methods(data_aware)
+    chosen = list(methods) if methods else allowed
+    for method in [*chosen, *grids]:
+        if method not in allowed:
+            why = "has no grid for auto or learns from an objective" if method not in AUTO_GRIDS or data_aware \
+                else "needs statistics, which these inputs do not give"
+            raise ConfigError(f"search.methods: {method!r} cannot be searched ({why}); searchable: "
+                              f"{', '.join(allowed)}")
+    out: list[Candidate] = []
+    for method in chosen:
+        grid = grids.get(method, AUTO_GRIDS[method])
+        points = grid_points(method, grid) if grid else [{}]
+        out += [Candidate(method, point) for point in points]
+    if not out:
+        raise ConfigError("search: no candidate to search")
+    return out
+
+
+def rung_sizes(min_examples: int, max_examples: int, eta: int) -> list[int]:
+    """Validation examples per task at each rung: min_examples * eta^i, then max_examples (a rung within a factor
+    sqrt(eta) of the cap joins the last: 10, 30, 100 for eta 3 and a cap of 100, not 10, 30, 90, 100)."""
+    if min_examples < 1 or eta < 2:
+        raise ConfigError("search: min_examples must be >= 1 and eta >= 2")
+    sizes, n = [], min_examples
+    while n * math.sqrt(eta) < max_examples:
+        sizes.append(n)
+        n *= eta
+    return sizes + [max_examples]
+
+
+@dataclass
+class Entry:
+    """One candidate scored at one rung."""
+
+    rung: int
+    examples: int
+    candidate: Candidate
+    score: PointScore
+    promoted: bool = False
+
+
+@dataclass
+class SearchResult:
+    winner: Candidate
+    winner_score: PointScore
+    entries: list[Entry]
+    rungs_done: int
+    rungs_planned: int
+    stopped: str | None  # why the search stopped before its last rung (None: it ran them all)
+    examples_scored: int  # validation examples per task, over every candidate and rung
+    seconds: float
+    timings: list[float] = field(default_factory=list)  # seconds per rung
+
+    def leaderboard(self) -> list[dict[str, Any]]:
+        """One row per candidate: its score at every rung it reached (best first: deepest rung, then score)."""
+        rows: dict[str, dict[str, Any]] = {}
+        for e in self.entries:
+            row = rows.setdefault(e.candidate.name, {"candidate": e.candidate.name, "method": e.candidate.method,
+                                                     "params": json.dumps(e.candidate.params, sort_keys=True),
+                                                     "rung": e.rung})
+            row["rung"] = max(row["rung"], e.rung)
+            row[f"rung {e.rung} ({e.examples}/task)"] = round(100 * e.score.norm_avg, 2)
+            row["last score"] = e.score.score
+        ordered = sorted(rows.values(), key=lambda r: (-r["rung"], -r["last score"]))
+        for row in ordered:
+            row["chosen"] = "yes" if row["candidate"] == self.winner.name else ""
+            row.pop("last score")
+        return ordered
+
+
+Scorer = Callable[[int, int, Sequence[Candidate]], Sequence[Mapping[str, float]]]
+
+
+def rank(scored: Sequence[tuple[int, PointScore]]) -> list[int]:
+    """Candidate indices best first: by score, ties to the earlier candidate."""
+    return [i for i, _ in sorted(scored, key=lambda item: (-item[1].score, item[0]))]
+
+
+def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_accuracy: Mapping[str, float], *,
+                       min_examples: int, max_examples: int, eta: int = 3, rule: Rule = "norm_acc.avg",
+                       floor: float = 0.0, max_evaluations: int | None = None, max_seconds: float | None = None,
+                       clock: Callable[[], float] = time.monotonic) -> SearchResult:
+    """Run the search: `score_rung(rung, examples, candidates)` returns each candidate's validation accuracy per
+    task on the first `examples` validation examples of every task (the caller scores a rung's candidates at once,
+    in parallel if it can). Normalized accuracy divides by `expert_accuracy` (each expert on its own task).
+
+    `max_evaluations` bounds the validation examples scored per task over every candidate and rung; a rung that
+    would pass it, or that starts after `max_seconds`, is not run and the best of the last whole rung wins. The
+    first rung must fit the budget (else a ConfigError, before any work)."""
+    sizes = rung_sizes(min_examples, max_examples, eta)
+    if max_evaluations is not None and len(pool) * sizes[0] > max_evaluations:
+        raise ConfigError(f"search: the budget of {max_evaluations} validation examples per task does not cover the "
+                          f"first rung ({len(pool)} candidates x {sizes[0]} examples = {len(pool) * sizes[0]}); "
+                          "raise search.max_evaluations or search fewer methods")
+    started = clock()
+    survivors = list(range(len(pool)))
+    entries: list[Entry] = []
+    spent, stopped, timings = 0, None, []
+    best: tuple[int, PointScore] | None = None
+    for rung, examples in enumerate(sizes):
+        if rung and max_evaluations is not None and spent + len(survivors) * examples > max_evaluations:
+            stopped = f"budget: rung {rung} needs {len(survivors) * examples} more examples per task, " \
+                      f"{max_evaluations - spent} left of {max_evaluations}"
+            break
+        if rung and max_seconds is not None and clock() - started >= max_seconds:
+            stopped = f"time: {clock() - started:.0f} s spent of {max_seconds:.0f} s before rung {rung}"
+            break
+        rung_started = clock()
+        accuracies = score_rung(rung, examples, [pool[i] for i in survivors])
+        spent += len(survivors) * examples
+        scored = [(i, score_point(pool[i].params, acc, expert_accuracy, rule, floor))
+                  for i, acc in zip(survivors, accuracies, strict=True)]
+        rung_entries = {i: Entry(rung, examples, pool[i], s) for i, s in scored}
+        entries += rung_entries.values()
+        order = rank(scored)
+        best = (order[0], dict(scored)[order[0]])
+        survivors = order[:max(1, math.ceil(len(order) / eta))] if rung < len(sizes) - 1 else order[:1]
+        for i in survivors:
+            rung_entries[i].promoted = True
+        timings.append(round(clock() - rung_started, 2))
+    assert best is not None
+    return SearchResult(pool[best[0]], best[1], entries, len(timings), len(sizes), stopped, spent,
+                        round(clock() - started, 2), timings)
+
+
+def plot_search(result: SearchResult, path: Path, title: str) -> Path:
+    """Normalized validation accuracy of every candidate at each rung it reached (lines join a candidate's rungs;
+    one colour per method; the winner in black)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_candidate: dict[str, list[Entry]] = {}
+    for e in result.entries:
+        by_candidate.setdefault(e.candidate.name, []).append(e)
+    methods = list(dict.fromkeys(e.candidate.method for e in result.entries))
+    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, path_entries in by_candidate.items():
+        method = path_entries[0].candidate.method
+        winner = name == result.winner.name
+        ax.plot([e.rung for e in path_entries], [100 * e.score.norm_avg for e in path_entries],
+                marker="o", markersize=3, linewidth=2.5 if winner else 0.8,
+                color="black" if winner else colours[method], alpha=1.0 if winner else 0.7)
+    for m in methods:
+        ax.plot([], [], color=colours[m], label=m)
+    ax.plot([], [], color="black", linewidth=2.5, label=f"chosen: {result.winner.name}")
+    sizes = sorted({(e.rung, e.examples) for e in result.entries})
+    ax.set_xticks([r for r, _ in sizes], [f"rung {r}\n{n}/task" for r, n in sizes])
+    ax.set_ylabel("validation norm. accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,118 @@
+"""`method: auto`'s search: candidates, rung sizes, successive halving, budgets and the leaderboard."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mergeflow.errors import ConfigError
+from mergeflow.search import Candidate, candidates, rung_sizes, successive_halving
+
+EXPERTS = {"a": 0.8, "b": 0.5}
+
+
+def test_rung_sizes_grow_by_eta_up_to_the_cap():
+    assert rung_sizes(10, 100, 3) == [10, 30, 100]
+    assert rung_sizes(25, 200, 3) == [25, 75, 200]
+    assert rung_sizes(10, 1000, 2) == [10, 20, 40, 80, 160, 320, 640, 1000]
+    assert rung_sizes(50, 40, 3) == [40]  # a first rung above the cap is the cap
+    with pytest.raises(ConfigError):
+        rung_sizes(0, 100, 3)
+
+
+def test_candidates_cover_every_applicable_method_and_name_refusals():
+    every = candidates()
+    methods = {c.method for c in every}
+    assert {"task_arithmetic", "ties", "dare", "tsv", "iso_c", "iso_cts", "wudi", "doge_ta", "average",
+            "regmean", "fisher", "mats"} == methods
+    assert not {"adamerging", "doge_am"} & methods  # learned: every candidate would be a training run
+    assert sum(c.method == "ties" for c in every) == 12
+    free = candidates(data_aware=False)
+    assert not {"regmean", "fisher", "mats"} & {c.method for c in free}
+    narrowed = candidates(["tsv", "regmean"], {"tsv": {"alpha": [1.0, 2.0]}})
+    assert [c.name for c in narrowed] == ["tsv(alpha=1.0)", "tsv(alpha=2.0)", "regmean(reduce_non_diagonal_ratio=0.5)",
+                                          "regmean(reduce_non_diagonal_ratio=0.8)",
+                                          "regmean(reduce_non_diagonal_ratio=0.95)",
+                                          "regmean(reduce_non_diagonal_ratio=1.0)"]
+    with pytest.raises(ConfigError, match="adamerging"):
+        candidates(["adamerging"])
+    with pytest.raises(ConfigError, match="needs statistics"):
+        candidates(["regmean"], data_aware=False)
+    with pytest.raises(ConfigError, match="scaling"):  # a bad grid value is named before any work
+        candidates(["task_arithmetic"], {"task_arithmetic": {"scaling": [-1.0]}})
+
+
+def _pool(n: int) -> list[Candidate]:
+    return [Candidate("task_arithmetic", {"scaling": round(0.1 * (i + 1), 1)}) for i in range(n)]
+
+
+class Scorer:
+    """Accuracy = a quality per candidate plus noise that fades with more examples; records every call."""
+
+    def __init__(self, quality):
+        self.quality, self.calls = quality, []
+
+    def __call__(self, rung, examples, chosen):
+        self.calls.append((rung, examples, [c.params["scaling"] for c in chosen]))
+        out = []
+        for c in chosen:
+            q = self.quality(c.params["scaling"])
+            noise = 0.3 * math.sin(97 * c.params["scaling"]) / examples
+            out.append({"a": 0.8 * (q + noise), "b": 0.5 * (q + noise)})
+        return out
+
+
+def test_halving_keeps_the_best_third_and_finds_the_best_candidate():
+    scorer = Scorer(lambda s: 1 - abs(s - 0.7))
+    result = successive_halving(_pool(10), scorer, EXPERTS, min_examples=10, max_examples=100, eta=3)
+    assert [(r, n, len(c)) for r, n, c in scorer.calls] == [(0, 10, 10), (1, 30, 4), (2, 100, 2)]
+    assert result.winner.params == {"scaling": 0.7}
+    assert result.rungs_done == result.rungs_planned == 3 and result.stopped is None
+    assert result.examples_scored == 10 * 10 + 4 * 30 + 2 * 100
+    rows = result.leaderboard()
+    assert rows[0]["candidate"] == "task_arithmetic(scaling=0.7)" and rows[0]["chosen"] == "yes"
+    assert len(rows) == 10 and sum(r["chosen"] == "yes" for r in rows) == 1
+    assert "rung 2 (100/task)" in rows[0] and "rung 1 (30/task)" not in rows[-1]
+    promoted = [e for e in result.entries if e.rung == 0 and e.promoted]
+    assert len(promoted) == 4
+
+
+def test_ties_go_to_the_earlier_candidate():
+    flat = successive_halving(_pool(5), lambda r, n, chosen: [{"a": 0.4, "b": 0.25}] * len(chosen), EXPERTS,
+                              min_examples=5, max_examples=5, eta=3)
+    assert flat.winner.params == {"scaling": 0.1}
+
+
+def test_an_evaluation_budget_stops_at_the_last_whole_rung():
+    scorer = Scorer(lambda s: s)
+    result = successive_halving(_pool(9), scorer, EXPERTS, min_examples=10, max_examples=100, eta=3,
+                                max_evaluations=9 * 10 + 3 * 30)  # rungs 0 and 1, not the 100-example rung
+    assert [n for _, n, _ in scorer.calls] == [10, 30]
+    assert result.rungs_done == 2 and result.rungs_planned == 3 and "budget" in result.stopped
+    assert result.winner.params == {"scaling": 0.9} and result.examples_scored == 180
+
+
+def test_a_budget_below_the_first_rung_fails_before_any_scoring():
+    scorer = Scorer(lambda s: s)
+    with pytest.raises(ConfigError, match="first rung"):
+        successive_halving(_pool(9), scorer, EXPERTS, min_examples=10, max_examples=100, max_evaluations=50)
+    assert scorer.calls == []
+
+
+def test_a_time_budget_starts_no_rung_after_it_is_spent():
+    ticks = iter(range(0, 1000, 40))  # each clock reading 40 s later
+    scorer = Scorer(lambda s: s)
+    result = successive_halving(_pool(9), scorer, EXPERTS, min_examples=10, max_examples=100, eta=3,
+                                max_seconds=60, clock=lambda: next(ticks))
+    assert len(scorer.calls) == 1 and "time" in result.stopped and result.winner.params == {"scaling": 0.9}
+
+
+def test_floor_rule_drops_candidates_that_miss_a_task():
+    def lopsided(rung, examples, chosen):  # scaling 0.1: best average, but task b far below its expert
+        return [{"a": 0.9, "b": 0.2} if c.params["scaling"] == 0.1 else {"a": 0.6, "b": 0.4} for c in chosen]
+
+    assert successive_halving(_pool(3), lopsided, EXPERTS, min_examples=5, max_examples=5,
+                              rule="acc.avg").winner.params == {"scaling": 0.1}
+    assert successive_halving(_pool(3), lopsided, EXPERTS, min_examples=5, max_examples=5, rule="floor",
+                              floor=0.5).winner.params == {"scaling": 0.2}
