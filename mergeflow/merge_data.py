@@ -128,38 +128,112 @@ def expert_statistics(config: MergeDataConfig, kinds: Sequence[str], experts: Se
     return paths
 
 
+class ValidationScorer:
+    """Merged state dicts of grid points scored in memory on the first examples of each task's validation split
+    (never its test split), over one open pool of the base, the experts and, for data-aware methods, their
+    statistics; the update of a scaling-only coefficient is computed once per setting of the others."""
+
+    def __init__(self, config: MergeDataConfig, tasks: Sequence[TaskInputs], pool: Any, cache: ContentCache,
+                 options: Mapping[str, Any] | None, device: str | torch.device):
+        self.config, self.tasks, self.pool, self.device = config, list(tasks), pool, device
+        self.family = get_family(config.family)
+        self.model_dir = model_directory(config, cache, options)
+        self.base = {key: pool.base.get(key) for key in pool.base.keys()}
+        self.updates: dict[str, dict[str, torch.Tensor]] = {}
+
+    def accuracy(self, state_dict: Mapping[str, torch.Tensor], examples: int, only: str | None = None
+                 ) -> dict[str, float]:
+        model = _load(self.config, self.model_dir, state_dict, self.device)
+        splits = {t.name: (t.head, self.family.first(t.task.splits["validation"], examples)) for t in self.tasks
+                  if only is None or t.name == only}
+        return self.family.evaluate(model, splits, self.config)
+
+    def expert_accuracy(self, experts: Sequence[str], cache: ContentCache, options: Mapping[str, Any] | None,
+                        examples: int) -> dict[str, float]:
+        """Each expert on its own task: the reference of normalized accuracy."""
+        return {t.name: self.accuracy(_state_dict(uri, cache, options), examples, t.name)[t.name]
+                for uri, t in zip(experts, self.tasks)}
+
+    def merged(self, method: str, point: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        from mergeflow.sweep import merged_point, scaled_update, update_key
+
+        key = json.dumps([method, update_key(method, point)], sort_keys=True)
+
+        def shared_update() -> dict[str, torch.Tensor]:
+            if key not in self.updates:
+                self.updates[key] = scaled_update(method, point, self.pool)
+            return self.updates[key]
+
+        return merged_point(method, point, self.base, shared_update, self.pool)
+
+    def score(self, method: str, point: Mapping[str, Any], examples: int) -> dict[str, float]:
+        return self.accuracy(self.merged(method, point), examples)
+
+
+def _open_scorer(base: str, experts: Sequence[str], config: MergeDataConfig, tasks: Sequence[TaskInputs],
+                 cache: ContentCache, options: Mapping[str, Any] | None, device: str | torch.device,
+                 statistics: Sequence[str] | None = None):
+    """A context manager yielding a `ValidationScorer` over the opened inputs (statistics: one file per expert)."""
+    from contextlib import contextmanager
+
+    from mergeflow.statistics import open_statistics, validate_statistics
+    from mergeflow.task_vectors import open_pool
+
+    @contextmanager
+    def opened():
+        stats = [open_statistics(uri, storage_options=options, cache=cache) for uri in statistics or ()]
+        try:
+            with open_pool(base, {t.name: uri for uri, t in zip(experts, tasks)}, device, options, cache) as pool:
+                if stats:
+                    validate_statistics(pool.base, stats, len(pool.experts))
+                    pool.statistics = stats
+                yield ValidationScorer(config, tasks, pool, cache, options, device)
+        finally:
+            for source in stats:
+                source.close()
+
+    return opened()
+
+
 def tune(method: str, params: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], base: str,
          experts: Sequence[str], config: MergeDataConfig, tasks: Sequence[TaskInputs], cache: ContentCache,
          options: Mapping[str, Any] | None = None, *, rule: str = "norm_acc.avg", floor: float = 0.0,
          max_examples: int = 200, device: str | torch.device = "cpu") -> tuple[dict[str, Any], list[Any]]:
     """Score every point of `grid` on each task's validation split (never its test split) and return (chosen
     parameters, all point scores). Scaling-only coefficients are applied to one shared update."""
-    from mergeflow.sweep import choose, grid_points, merged_point, scaled_update, score_point, update_key
-    from mergeflow.task_vectors import open_pool
+    from mergeflow.sweep import choose, grid_points, score_point
 
-    family = get_family(config.family)
     points = grid_points(method, grid, params)
-    model_dir = model_directory(config, cache, options)
-    splits = {t.name: (t.head, family.first(t.task.splits["validation"], max_examples)) for t in tasks}
-
-    def accuracy(state_dict: Mapping[str, torch.Tensor], only: str | None = None) -> dict[str, float]:
-        model = _load(config, model_dir, state_dict, device)
-        return family.evaluate(model, {only: splits[only]} if only else splits, config)
-
-    expert_accuracy = {t.name: accuracy(_state_dict(uri, cache, options), t.name)[t.name]
-                       for uri, t in zip(experts, tasks)}
-    updates: dict[str, dict[str, torch.Tensor]] = {}
-    scores = []
-    with open_pool(base, {t.name: uri for uri, t in zip(experts, tasks)}, device, options, cache) as pool:
-        base_sd = {key: pool.base.get(key) for key in pool.base.keys()}
-        for point in points:
-            key = json.dumps(update_key(method, point), sort_keys=True)
-
-            def shared_update(point: Mapping[str, Any] = point, key: str = key) -> dict[str, torch.Tensor]:
-                if key not in updates:
-                    updates[key] = scaled_update(method, point, pool)
-                return updates[key]
-
-            merged = merged_point(method, point, base_sd, shared_update, pool)
-            scores.append(score_point(point, accuracy(merged), expert_accuracy, rule, floor))
+    with _open_scorer(base, experts, config, tasks, cache, options, device) as scorer:
+        expert_accuracy = scorer.expert_accuracy(experts, cache, options, max_examples)
+        scores = [score_point(point, scorer.score(method, point, max_examples), expert_accuracy, rule, floor)
+                  for point in points]
     return choose(scores, list(grid)).params, scores
+
+
+def search(settings: Any, base: str, experts: Sequence[str], config: MergeDataConfig, tasks: Sequence[TaskInputs],
+           cache: ContentCache, options: Mapping[str, Any] | None = None, *, rule: str = "norm_acc.avg",
+           floor: float = 0.0, max_examples: int = 200, device: str | torch.device = "cpu",
+           progress: bool = False) -> Any:
+    """`--method auto`: successive halving (`mergeflow.search`) over the candidates of `settings` (a
+    `SearchConfig`) on each task's validation split; data-aware candidates read statistics of each expert on
+    `config.statistics.split`, computed once for every kind they need. Returns the `SearchResult`."""
+    from mergeflow.config import MergeSpec
+    from mergeflow.search import successive_halving
+    from mergeflow.stages.statistics import statistic_kinds
+
+    pool = settings.candidates()
+    kinds = statistic_kinds([MergeSpec(method=c.method, params=c.params) for c in pool])
+    statistics = expert_statistics(config, kinds, experts, tasks, cache, options, device, progress) if kinds else None
+    with _open_scorer(base, experts, config, tasks, cache, options, device, statistics) as scorer:
+        expert_accuracy = scorer.expert_accuracy(experts, cache, options, max_examples)
+
+        def score_rung(rung: int, examples: int, chosen: Sequence[Any]) -> list[dict[str, float]]:
+            out = [scorer.score(c.method, c.params, examples) for c in chosen]
+            if progress:
+                print(f"  rung {rung}: {len(chosen)} candidates scored on {examples} validation examples per task")
+            return out
+
+        return successive_halving(pool, score_rung, expert_accuracy, min_examples=settings.min_examples,
+                                  max_examples=max_examples, eta=settings.eta, rule=rule, floor=floor,
+                                  max_evaluations=settings.max_evaluations, max_seconds=settings.max_seconds)

@@ -62,7 +62,9 @@ def _data_inputs(args: argparse.Namespace, params: dict[str, Any]) -> tuple[list
     finally:
         for ckpt in (base, *experts):
             ckpt.close()
-    tasks = load_task_inputs(config, len(args.expert), cache, options)
+    needed = ({config.statistics.split} if wants_statistics else set()) | (
+        {config.unlabeled_split} if method.needs_objective else set())
+    tasks = load_task_inputs(config, len(args.expert), cache, options, splits=sorted(needed))
     device = resolve_device(args.device)
     if wants_statistics:
         statistics = expert_statistics(config, method.statistic_kinds(), args.expert, tasks, cache, options,
@@ -99,11 +101,55 @@ def _tuned_params(args: argparse.Namespace, params: dict[str, Any]) -> dict[str,
     return chosen
 
 
+def _searched_method(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """`--method auto --tune DATA_CONFIG`: the best method and coefficients by successive halving on validation
+    data (`mergeflow.search`), with the leaderboard printed."""
+    from mergeflow.config import MergeDataConfig, SearchConfig, load_yaml_model
+    from mergeflow.content_cache import ContentCache
+    from mergeflow.merge_data import load_task_inputs, search
+    from mergeflow.task_vectors import resolve_device
+
+    if not args.tune:
+        raise MergeflowError("--method auto searches on validation data: give --tune DATA_CONFIG")
+    if args.param or args.grid or args.statistics or args.data:
+        raise MergeflowError("--method auto takes no --param, --grid, --statistics or --data (narrow the search with "
+                             "--candidates; --tune's data config gives the statistics)")
+    settings = SearchConfig(methods=[m.strip() for m in args.candidates.split(",")] if args.candidates else None,
+                            max_evaluations=args.budget, max_seconds=args.max_seconds)
+    settings.candidates()  # a bad method name fails before any data is read
+    config = load_yaml_model(args.tune, MergeDataConfig)
+    options, cache = _storage_options(args), ContentCache()
+    tasks = load_task_inputs(config, len(args.expert), cache, options,
+                             splits=sorted({"validation", config.statistics.split}))
+    result = search(settings, args.base, args.expert, config, tasks, cache, options,
+                    device=resolve_device(args.device), progress=True)
+    print(f"search: {result.rungs_done} of {result.rungs_planned} rungs, {result.examples_scored} validation "
+          f"examples per task, {result.seconds:.1f} s" + (f"; stopped early: {result.stopped}" if result.stopped
+                                                          else ""))
+    for row in result.leaderboard():
+        scores = ", ".join(f"{k}: {v}" for k, v in row.items() if k.startswith("rung "))
+        print(f"  {row['candidate']:48s} {scores}{'  <- chosen' if row['chosen'] else ''}")
+    if result.winner.method != "average" and _is_data_aware(result.winner.method):
+        args.data = args.tune  # the winner's statistics: the same cached files
+    return result.winner.method, dict(result.winner.params)
+
+
+def _is_data_aware(method: str) -> bool:
+    from mergeflow.methods import method_class
+    from mergeflow.methods.data_aware import DataAwareMethod
+
+    return issubclass(method_class(method), DataAwareMethod)
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergeflow.merge import merge_checkpoints
 
     params = _parse_params(args.param)
-    if args.tune:
+    if args.method == "auto":
+        args.method, params = _searched_method(args)
+    elif args.candidates or args.budget or args.max_seconds:
+        raise MergeflowError("--candidates, --budget and --max-seconds belong to --method auto")
+    elif args.tune:
         params = _tuned_params(args, params)
     statistics, objective = _data_inputs(args, params)
     result = merge_checkpoints(args.method, args.base, args.expert, args.out, params,
@@ -236,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="merge checkpoints directly (no orchestration)")
-    merge.add_argument("--method", required=True, help="merge method (see `mergeflow methods`)")
+    merge.add_argument("--method", required=True, help="merge method (see `mergeflow methods`), or auto: the best "
+                       "method and coefficients, searched on validation data (needs --tune)")
     merge.add_argument("--base", required=True, help="pretrained checkpoint: path, file:// or s3:// URI")
     merge.add_argument("--expert", required=True, action="append", help="expert checkpoint (repeat per expert)")
     merge.add_argument("--statistics", action="append", metavar="URI",
@@ -248,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "split first (a data config as for --data); the grid comes from --grid or the default")
     merge.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                        help="coefficient values for --tune (repeat per parameter)")
+    merge.add_argument("--candidates", metavar="M1,M2", help="--method auto: the methods to search (default: every "
+                       "applicable one)")
+    merge.add_argument("--budget", type=int, metavar="N", help="--method auto: validation examples scored per task "
+                       "over all candidates and rungs; the search stops at the last whole rung within it")
+    merge.add_argument("--max-seconds", type=float, metavar="S", help="--method auto: start no rung after S seconds")
     merge.add_argument("--out", required=True, help="output directory: path, file:// or s3:// URI")
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     merge.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")

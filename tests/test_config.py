@@ -66,7 +66,7 @@ def test_every_field_of_the_flow_parameter_is_described_and_methods_are_a_dropdo
     undescribed = [f"{model}.{field}" for model, definition in models.items()
                    for field, spec in definition.get("properties", {}).items() if "description" not in spec]
     assert not undescribed, undescribed
-    assert set(models["MergeSpec"]["properties"]["method"]["enum"]) == set(METHODS)
+    assert set(models["MergeSpec"]["properties"]["method"]["enum"]) == set(METHODS) | {"auto"}
 
 
 def test_builtin_tasks_table_matches_the_families() -> None:

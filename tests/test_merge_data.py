@@ -121,3 +121,43 @@ def test_tune_picks_coefficients_on_validation_only(inputs, monkeypatch, tmp_pat
     chosen_line = next(line for line in out.splitlines() if "<- chosen" in line)
     assert manifest["params"]["scaling"] in (0.2, 1.0)
     assert chosen_line.strip().startswith(f'{{"scaling": {manifest["params"]["scaling"]}}}')
+
+
+def test_auto_searches_methods_on_validation_only(inputs, monkeypatch, tmp_path, capsys):
+    import mergeflow.families.text.data as text_tasks
+
+    root, base, experts, _ = inputs
+    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
+    original = text_tasks.read_split
+
+    def validation_only(directory, split):
+        assert split != "test", "the search opened a test split"
+        return original(directory, split)
+
+    monkeypatch.setattr(text_tasks, "read_split", validation_only)
+    argv = ["merge", "--method", "auto", "--candidates", "task_arithmetic,tsv,regmean", "--base", base, "--out",
+            str(tmp_path / "auto"), "--device", "cpu", "--tune", str(root / "data.yaml")]
+    for expert in experts:
+        argv += ["--expert", expert]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    board = [line for line in out.splitlines() if line.startswith("  task_arithmetic(") or
+             line.startswith("  tsv(") or line.startswith("  regmean(")]
+    assert len(board) == 10 + 6 + 4 and sum("<- chosen" in line for line in board) == 1  # every candidate listed
+    assert "rung 0: 20 candidates" in out
+    manifest = json.loads((tmp_path / "auto" / "mergeflow.json").read_text())
+    chosen = next(line for line in board if "<- chosen" in line).split()[0]
+    assert chosen.startswith(manifest["method"] + "(")
+    if manifest["method"] == "regmean":  # a data-aware winner is merged with the statistics the search used
+        assert any(ref["role"] == "statistics" for ref in manifest["inputs"])
+
+
+def test_auto_needs_validation_data_and_names_bad_candidates(inputs, tmp_path, capsys):
+    root, base, experts, _ = inputs
+    common = ["merge", "--base", base, "--out", str(tmp_path / "x"), "--expert", experts[0], "--expert", experts[1]]
+    assert main([*common, "--method", "auto"]) != 0
+    assert "--tune" in capsys.readouterr().err
+    assert main([*common, "--method", "auto", "--candidates", "adamerging", "--tune", str(root / "data.yaml")]) != 0
+    assert "adamerging" in capsys.readouterr().err
+    assert main([*common, "--method", "ties", "--budget", "10"]) != 0
+    assert "--method auto" in capsys.readouterr().err
