@@ -157,7 +157,8 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                       extra_metadata: Mapping[str, str] | None = None,
                       statistics: Sequence[str] | None = None, objective: Objective | None = None,
                       part: tuple[int, int] | None = None, subspaces: Mapping[str, str | Path] | None = None,
-                      expected_digests: Sequence[str] | None = None) -> MergeResult:
+                      expected_digests: Sequence[str] | None = None,
+                      precomputed: Mapping[str, torch.Tensor] | None = None) -> MergeResult:
     """Merge stored checkpoints into a new sharded safetensors directory at `out` (local path or fsspec URL).
 
     Data-aware methods read `statistics`: one statistics file per expert, in the experts' order. Subspace methods
@@ -170,6 +171,9 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
 
     `part=(i, n)` merges only the i-th of `plan_parts(.., n)` into a single file `part_name(i, n)` (with its own
     manifest); `assemble_parts` joins the n part outputs into one model.
+
+    `precomputed`: the merged tensors of exactly this method, parameters and inputs, computed before (a sweep
+    point kept in the local cache): every input is still checked, then they are written instead of merged again.
     """
     started = time.perf_counter()
     merge_method = build_method(method, params)
@@ -203,7 +207,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         pool.subspaces = {kind: SubspaceReader(path, expert_identities(pool))
                           for kind, path in (subspaces or {}).items()}
         if state is None:
-            state = merge_method.prepare(pool, progress=progress)
+            state = {} if precomputed is not None else merge_method.prepare(pool, progress=progress)
         provenance = {
             "format": "pt",
             "mergeflow_version": mergeflow.__version__,
@@ -218,7 +222,10 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
             writer = ShardedSafetensorsWriter(staged, plan, shard_size=shard_size if part is None else 2**62,
                                               metadata=provenance)
             try:
-                merge_pool(merge_method, pool, writer.write, state=state, progress=progress, only=only)
+                if precomputed is None:
+                    merge_pool(merge_method, pool, writer.write, state=state, progress=progress, only=only)
+                else:
+                    _write_precomputed(precomputed, plan, writer.write, out)
             except BaseException:
                 writer.abort()
                 raise
@@ -238,6 +245,16 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         for ckpt in (base_ckpt, *expert_ckpts, *(stats_ckpts or ())):
             ckpt.close()
     return result
+
+
+def _write_precomputed(tensors: Mapping[str, torch.Tensor], plan: Sequence[TensorInfo],
+                       write: Callable[[str, torch.Tensor], None], out: str) -> None:
+    for info in plan:
+        tensor = tensors.get(info.name)
+        if tensor is None or tuple(tensor.shape) != tuple(info.shape):
+            raise IntegrityError(f"{out}: the precomputed merge has no tensor {info.name!r} of shape "
+                                 f"{tuple(info.shape)}")
+        write(info.name, tensor.to("cpu", info.dtype))
 
 
 def assemble_parts(parts: Sequence[str], out: str, *, storage_options: Mapping[str, Any] | None = None,

@@ -128,3 +128,32 @@ def split_reads(monkeypatch) -> list[tuple[str, str]]:
 
     monkeypatch.setattr(text_tasks, "read_split", recording)
     return reads
+
+
+@pytest.fixture
+def store_and_refs(tmp_path):
+    """A Store in tmp_path, the reference of a tiny base model directory and of three experts near it."""
+    from safetensors.torch import save_file
+
+    from factories import make_experts, tiny_state_dict
+    from mergeflow.content_cache import ContentCache
+    from mergeflow.stages.refs import ObjectRef
+    from mergeflow.stages.store import Store
+
+    base = tiny_state_dict()
+    experts = make_experts(base, 3)
+    model_dir = tmp_path / "models" / "base"
+    model_dir.mkdir(parents=True)
+    save_file(base, str(model_dir / "model.safetensors"))
+    (model_dir / "config.json").write_text("{}")
+    store = Store(str(tmp_path / "store"), {}, ContentCache(tmp_path / "cache"))
+    from mergeflow.storage import directory_digest, fetch_directory
+
+    _, files = fetch_directory(str(model_dir), store.cache)
+    base_ref = ObjectRef(uri=str(model_dir), sha256=directory_digest(files))
+    refs = {}
+    for i, sd in enumerate(experts):
+        path = tmp_path / "models" / f"e{i}.safetensors"
+        save_file(sd, str(path))
+        refs[f"e{i}"] = store.checkpoint_ref(str(path))
+    return store, base_ref, refs

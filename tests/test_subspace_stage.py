@@ -13,13 +13,10 @@ from safetensors.torch import save_file
 from factories import make_experts, tiny_state_dict
 from mergeflow.checkpoints import StateDictSource
 from mergeflow.config import MergeSpec
-from mergeflow.content_cache import ContentCache
 from mergeflow.errors import IntegrityError
 from mergeflow.merge import merge_pool
 from mergeflow.methods import build_method
 from mergeflow.stages.merge import merge_experts
-from mergeflow.stages.refs import ObjectRef
-from mergeflow.stages.store import Store
 from mergeflow.stages.subspace import build_subspace, subspace_kinds
 from mergeflow.subspace import SubspaceReader, write_subspace
 from mergeflow.sweep import merged_point, scaled_update
@@ -115,27 +112,6 @@ def test_kinds_follow_the_methods_and_their_grids():
              MergeSpec(method="doge_ta", sweep={"subspace_divisor": [4, 6]}), MergeSpec(method="tsv")]
     assert subspace_kinds(specs) == ["sum", "shared-4", "shared-6", "task"]
     assert subspace_kinds([MergeSpec(method="ties")]) == []
-
-
-@pytest.fixture
-def store_and_refs(tmp_path):
-    base = tiny_state_dict()
-    experts = make_experts(base, 3)
-    model_dir = tmp_path / "models" / "base"
-    model_dir.mkdir(parents=True)
-    save_file(base, str(model_dir / "model.safetensors"))
-    (model_dir / "config.json").write_text("{}")
-    store = Store(str(tmp_path / "store"), {}, ContentCache(tmp_path / "cache"))
-    from mergeflow.storage import directory_digest, fetch_directory
-
-    _, files = fetch_directory(str(model_dir), store.cache)
-    base_ref = ObjectRef(uri=str(model_dir), sha256=directory_digest(files))
-    refs = {}
-    for i, sd in enumerate(experts):
-        path = tmp_path / "models" / f"e{i}.safetensors"
-        save_file(sd, str(path))
-        refs[f"e{i}"] = store.checkpoint_ref(str(path))
-    return store, base_ref, refs
 
 
 def test_stage_stores_once_and_the_merge_reads_it_verified(store_and_refs, monkeypatch):

@@ -12,6 +12,7 @@ from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, family_of
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
 from mergeflow.stages.subspace import local_subspaces
+from mergeflow.stages.sweep import cached_point
 from mergeflow.storage import join
 
 
@@ -45,12 +46,16 @@ def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
 
     if store.exists(out_uri):
         return store.checkpoint_ref(out_uri), _merge_record(store, out_uri)
+    # a point a sweep or search computed here is written, not merged again (bit-identical)
+    precomputed = None if objective is not None else cached_point(spec.method, spec.params, base, experts, store,
+                                                                  statistics)
     result = merge_checkpoints(spec.method, base_weights(base), [r.uri for r in experts.values()], out_uri,
                                spec.params, device=device, storage_options=store.options, cache=store.cache,
                                state=read_sparsified(state, store) if state is not None else None, progress=True,
                                statistics=[statistics[n].uri for n in experts] if statistics else None,
                                objective=objective, subspaces=local_subspaces(subspaces, store),
-                               expected_digests=store.input_digests(base, experts, statistics))
+                               expected_digests=store.input_digests(base, experts, statistics),
+                               precomputed=precomputed)
     return store.checkpoint_ref(out_uri), result.to_dict()
 
 

@@ -1,18 +1,20 @@
-"""The sweep stage: one grid point of a method scored on validation data, its weights never stored. Scaling
-methods share one update per setting of their other parameters (theta_0 + lambda U), kept in the local cache."""
+"""The sweep stage: one grid point of a method scored on validation data, its weights never published. Scaling
+methods share one update per setting of their other parameters (theta_0 + lambda U), other points keep their merged
+weights, both in the local cache: a search's deeper rung, and the merge of the chosen point, reuse them."""
 
 from __future__ import annotations
 
 import os
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.config import EvalConfig, TuningConfig
 from mergeflow.stages.evaluate import evaluate_model
+from mergeflow.methods import build_method
 from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, fingerprint, sweep_uri
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
@@ -21,27 +23,86 @@ _UPDATE_LOCKS: dict[str, threading.Lock] = {}
 _UPDATE_LOCKS_GUARD = threading.Lock()
 
 
-def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
-                   store: Store, device: str, subspaces: Mapping[str, ObjectRef] | None,
-                   state: ObjectRef | None) -> Path:
-    """A scaling method's update at lambda 1 (`mergeflow.sweep.scaled_update`), computed once per setting of its
-    other parameters and kept in the local cache (an intermediate, never published)."""
-    from mergeflow.sweep import scaled_update, update_key
-
-    fp = fingerprint(method, update_key(method, params), base.sha256, [e.sha256 for e in experts.values()])
-    path = store.cache.root / "updates" / f"{method}-{fp}.safetensors"
+def _cached(path: Path, compute: Callable[[], Mapping[str, Any]]) -> Path:
+    """`compute()`'s tensors kept at `path` in the local cache (an intermediate, never published): computed once,
+    by one thread, written whole or not at all."""
     with _UPDATE_LOCKS_GUARD:
         lock = _UPDATE_LOCKS.setdefault(str(path), threading.Lock())
     with lock:
         if not path.exists():
-            with store.expert_pool(base, experts, device, subspaces) as pool:
-                update = scaled_update(method, params, pool,
-                                       read_sparsified(state, store) if state is not None else None)
+            tensors = compute()
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-            save_safetensors(update, partial)
+            save_safetensors(dict(tensors), partial)
             os.replace(partial, path)
     return path
+
+
+def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                   store: Store, device: str, subspaces: Mapping[str, ObjectRef] | None,
+                   state: ObjectRef | None) -> Path:
+    """A scaling method's update at lambda 1 (`mergeflow.sweep.scaled_update`), computed once per setting of its
+    other parameters and kept in the local cache."""
+    from mergeflow.sweep import scaled_update
+
+    def compute() -> Mapping[str, Any]:
+        with store.expert_pool(base, experts, device, subspaces) as pool:
+            return scaled_update(method, params, pool, read_sparsified(state, store) if state is not None else None)
+
+    return _cached(_update_path(method, params, base, experts, store), compute)
+
+
+def _merged_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                    store: Store, device: str, subspaces: Mapping[str, ObjectRef] | None, state: ObjectRef | None,
+                    statistics: Mapping[str, ObjectRef] | None) -> Path:
+    """The merged weights of a point whose every coefficient needs its own merge (DOGE's eta, the data-aware
+    methods'), kept in the local cache, so a search's deeper rung scores them without merging again."""
+    from mergeflow.sweep import merged_point
+
+    def compute() -> Mapping[str, Any]:
+        with store.expert_pool(base, experts, device, subspaces, statistics) as pool:
+            return merged_point(method, params, None, None, pool,
+                                read_sparsified(state, store) if state is not None else None)
+
+    return _cached(_point_path(method, params, base, experts, store, statistics), compute)
+
+
+def _update_path(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                 store: Store) -> Path:
+    from mergeflow.sweep import update_key
+
+    fp = fingerprint(method, update_key(method, params), base.sha256, [e.sha256 for e in experts.values()])
+    return store.cache.root / "updates" / f"{method}-{fp}.safetensors"
+
+
+def _point_path(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                store: Store, statistics: Mapping[str, ObjectRef] | None) -> Path:
+    fp = fingerprint(method, dict(params), base.sha256, [e.sha256 for e in experts.values()],
+                     *([[r.sha256 for r in statistics.values()]] if statistics else []))
+    return store.cache.root / "points" / f"{method}-{fp}.safetensors"
+
+
+def cached_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                 store: Store, statistics: Mapping[str, ObjectRef] | None = None) -> dict[str, Any] | None:
+    """The merged tensors of a point a sweep or search already computed (theta_0 + lambda U from the cached update,
+    or the cached merged weights), bit-identical to merging it again; None when it was never computed here."""
+    from safetensors.torch import load_file
+
+    from mergeflow.checkpoints import open_checkpoint
+    from mergeflow.methods import method_class
+    from mergeflow.sweep import apply_update
+
+    scaling = method_class(method).scaling_param
+    if scaling is None:
+        path = _point_path(method, params, base, experts, store, statistics)
+        return load_file(str(path)) if path.exists() else None
+    path = _update_path(method, params, base, experts, store)
+    if not path.exists():
+        return None
+    with open_checkpoint(base_weights(base), storage_options=store.options, cache=store.cache) as base_ckpt:
+        base_sd = {key: base_ckpt.get(key) for key in base_ckpt.keys()}
+    value = build_method(method, params).params.model_dump()[scaling]
+    return apply_update(base_sd, load_file(str(path)), float(value))
 
 
 def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
@@ -59,9 +120,8 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
     from mergeflow.sweep import merged_point
 
     if method_class(method).scaling_param is None:
-        with store.expert_pool(base, experts, device, subspaces, statistics) as pool:
-            return merged_point(method, params, None, None, pool,
-                                read_sparsified(state, store) if state is not None else None)
+        return load_file(str(_merged_weights(method, params, base, experts, store, device, subspaces, state,
+                                             statistics)))
     with open_checkpoint(base_weights(base), storage_options=store.options, cache=store.cache) as base_ckpt:
         base_sd = {key: base_ckpt.get(key) for key in base_ckpt.keys()}
     return merged_point(method, params, base_sd,

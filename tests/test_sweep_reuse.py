@@ -1,0 +1,57 @@
+"""A point a sweep or search computed is reused, never merged again: a search's deeper rung reads the cached
+weights, and the merge of the chosen point writes them, bit-identical to a fresh merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mergeflow.merge as engine
+from mergeflow.config import MergeSpec
+from mergeflow.errors import IntegrityError
+from mergeflow.merge import merge_checkpoints
+from mergeflow.stages.merge import merge_experts
+from mergeflow.stages.refs import base_weights
+from mergeflow.stages.sweep import cached_point, sweep_weights
+
+POINTS = [("doge_ta", {"eta": 0.1, "steps": 3}), ("wudi", {"steps": 3, "scaling": 1.5}), ("ties", {"scaling": 0.7})]
+
+
+def _fresh(store, base, experts, method, params, out):
+    merge_checkpoints(method, base_weights(base), [r.uri for r in experts.values()], out, params, device="cpu")
+    return load_file(f"{out}/model.safetensors")
+
+
+@pytest.mark.parametrize("method, params", POINTS)
+def test_the_chosen_point_is_written_from_the_sweep_not_merged_again(store_and_refs, monkeypatch, tmp_path,
+                                                                     method, params):
+    store, base, experts = store_and_refs
+    assert cached_point(method, params, base, experts, store) is None  # nothing computed yet
+    swept = sweep_weights(method, params, base, experts, store, "cpu")
+    calls = []
+    original = engine.merge_pool
+    monkeypatch.setattr(engine, "merge_pool", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = sweep_weights(method, params, base, experts, store, "cpu")  # a deeper rung: read, not merged
+    ref, record = merge_experts(MergeSpec(method=method, params=params), base, experts, store.root + "/merged/x",
+                                store, device="cpu")
+    assert calls == [] and record["method"] == method
+    written = load_file(f"{ref.uri}/model.safetensors")
+    monkeypatch.setattr(engine, "merge_pool", original)
+    fresh = _fresh(store, base, experts, method, params, str(tmp_path / "fresh"))
+    assert set(written) == set(fresh) == set(swept)
+    for name in fresh:
+        assert torch.equal(written[name], fresh[name]), name
+        assert torch.equal(again[name].to(fresh[name].dtype), fresh[name]), name
+
+
+def test_a_precomputed_merge_missing_a_tensor_is_refused_and_nothing_is_published(store_and_refs, tmp_path):
+    store, base, experts = store_and_refs
+    weights = sweep_weights("task_arithmetic", {"scaling": 0.5}, base, experts, store, "cpu")
+    victim = sorted(weights)[0]
+    del weights[victim]
+    out = tmp_path / "out"
+    with pytest.raises(IntegrityError, match=victim):
+        merge_checkpoints("task_arithmetic", base_weights(base), [r.uri for r in experts.values()], str(out),
+                          {"scaling": 0.5}, device="cpu", precomputed=weights)
+    assert not out.exists()
