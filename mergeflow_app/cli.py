@@ -116,6 +116,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
                   f"{f' ({bounds})' if bounds else ''}  {p['description']}")
         if not method["params"]:
             print("  (no parameters)")
+    print("auto: not a method: the best method and coefficients, searched on validation data (--method auto --tune "
+          "DATA, or method: auto in a run config)")
     return 0
 
 
