@@ -21,6 +21,7 @@ from mergeflow.progress import progress_bar
 
 import mergeflow
 from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, open_checkpoint
+from mergeflow.checkpoints.lora import LoraExpert, open_expert
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.errors import IntegrityError
 from mergeflow.methods import MergeMethod, build_method
@@ -181,7 +182,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
     cache = cache or ContentCache()
     base_ckpt = open_checkpoint(base, storage_options=storage_options, cache=cache)
-    expert_ckpts = [open_checkpoint(uri, storage_options=storage_options, cache=cache) for uri in experts]
+    expert_ckpts = [open_expert(uri, base_ckpt, storage_options=storage_options, cache=cache) for uri in experts]
     stats_ckpts = None if statistics is None else [
         open_statistics(uri, storage_options=storage_options, cache=cache) for uri in statistics]
     checkpoints: list[TensorSource] = [base_ckpt, *expert_ckpts, *(stats_ckpts or ())]
@@ -197,6 +198,9 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         only = None if part is None else set(
             plan_parts([base_ckpt.info(k) for k in base_ckpt.keys()], part[1])[part[0]])
         for ckpt in checkpoints:
+            if isinstance(ckpt, LoraExpert):  # the adapter's own tensors (its deltas are finite if they are)
+                check_finite(ckpt.adapter, progress=progress)
+                continue
             check_finite(ckpt, progress=progress, keys=None if only is None else
                          only | {k for k in ckpt.keys() if k.split("::", 1)[0] in only})
         names = [expert_name(uri) for uri in experts]

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from mergeflow.checkpoints.lora import LoraExpert
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.errors import ConfigError
 from mergeflow.selection import is_float
@@ -59,7 +60,10 @@ class ExpertPool:
         base = self.base_tensor(name) if base is None else base
         out = torch.empty((len(self.experts), *base.shape), dtype=torch.float32, device=self.device)
         for i, expert in enumerate(self.experts):
-            torch.sub(expert.get(name).to(self.device, torch.float32), base, out=out[i])
+            if isinstance(expert, LoraExpert):  # scale * B @ A itself, not (W0 + delta) - W0
+                out[i] = expert.task_vector(name, base)
+            else:
+                torch.sub(expert.get(name).to(self.device, torch.float32), base, out=out[i])
         return out
 
     def statistic(self, key: str) -> torch.Tensor:
@@ -79,11 +83,13 @@ def open_pool(base_uri: str, experts: Mapping[str, str], device: str | torch.dev
     """Open the base and each expert checkpoint (name -> URI; lazily, tensor by tensor) as one pool, and close
     every checkpoint opened on exit, also when a later one fails to open."""
     from mergeflow.checkpoints import open_checkpoint
+    from mergeflow.checkpoints.lora import open_expert
 
     opened = []
     try:
-        for uri in (base_uri, *experts.values()):
-            opened.append(open_checkpoint(uri, storage_options=storage_options, cache=cache))
+        opened.append(open_checkpoint(base_uri, storage_options=storage_options, cache=cache))
+        for uri in experts.values():  # a checkpoint, or a LoRA adapter directory read over the base
+            opened.append(open_expert(uri, opened[0], storage_options=storage_options, cache=cache))
         yield ExpertPool(opened[0], opened[1:], list(experts), resolve_device(device))
     finally:
         for checkpoint in opened:
