@@ -237,6 +237,8 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
             if part is not None:
                 (staged / "model.safetensors").rename(staged / part_name(*part))
                 files = {part_name(*part): files["model.safetensors"]}
+            else:
+                files.update(copy_model_files(base, staged, storage_options, cache))
             result = MergeResult(out, merge_method.name, merge_method.params.model_dump(), inputs, files,
                                  round(time.perf_counter() - started, 3), recorded(state))
             manifest = {**result.to_dict(), "mergeflow_version": mergeflow.__version__}
@@ -249,6 +251,33 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         for ckpt in (base_ckpt, *expert_ckpts, *(stats_ckpts or ())):
             ckpt.close()
     return result
+
+
+# What makes a weights directory a Hugging Face model directory: copied from the base's, so the merge loads with
+# `from_pretrained` (configs and tokenizers; never weights).
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+               "tokenizer.model", "chat_template.jinja", "preprocessor_config.json")
+
+
+def copy_model_files(base: str, directory: Path, storage_options: Mapping[str, Any] | None,
+                     cache: ContentCache) -> dict[str, str]:
+    """Copy the base's model files (`MODEL_FILES`, when a config.json lies beside its weights) into `directory`;
+    returns {name: sha256} of those copied."""
+    from mergeflow.storage import filesystem, join
+
+    folder = base if not base.lower().endswith((".safetensors", ".json", ".bin", ".pt", ".pth")) \
+        else (base.rsplit("/", 1)[0] if "/" in base else ".")
+    fs, path = filesystem(folder, storage_options)
+    if not fs.exists(f"{path.rstrip('/')}/config.json"):
+        return {}
+    copied = {}
+    for name in MODEL_FILES:
+        if fs.exists(f"{path.rstrip('/')}/{name}"):
+            local = cache.fetch(join(folder, name), storage_options)
+            shutil.copyfile(local.path, directory / name)
+            copied[name] = local.sha256
+    return copied
 
 
 def _write_precomputed(tensors: Mapping[str, torch.Tensor], plan: Sequence[TensorInfo],
