@@ -85,6 +85,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise MergeflowError("--candidates, --budget and --max-seconds belong to --method auto")
     elif args.tune:
         params = tuned_params(args, params, _storage_options(args))
+    if args.as_adapter:
+        from mergeflow.checkpoints.lora import merge_adapters
+
+        record = merge_adapters(args.method, params, args.base, args.expert, args.out,
+                                storage_options=_storage_options(args), overwrite=args.overwrite)
+        print(f"merged {len(args.expert)} LoRA adapters with {args.method} into one adapter at {args.out} "
+              f"(rank per module: {min(record['ranks'].values(), default=0)}-{max(record['ranks'].values(), default=0)})")
+        return 0
     statistics, objective = _data_inputs(args, params)
     result = merge_checkpoints(args.method, args.base, args.expert, args.out, params,
                                device=args.device, shard_size=args.shard_size,
@@ -241,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     merge.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 500MB, 2GB")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    merge.add_argument("--as-adapter", action="store_true", help="experts are LoRA adapters and the method linear "
+                       "(task_arithmetic, average): write the merge as one LoRA adapter, exactly (ranks add up)")
     merge.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     merge.set_defaults(func=cmd_merge)
 

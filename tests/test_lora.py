@@ -169,3 +169,46 @@ def test_an_adapter_that_does_not_fit_the_base_is_named(bert, tmp_path):
         merge_checkpoints("task_arithmetic", str(root / "base.safetensors"), [stray], str(tmp_path / "out"),
                           device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_linear_merge_of_adapters_is_written_as_an_adapter_exactly(tmp_path):
+    from mergeflow.checkpoints.lora import merge_adapters
+    from mergeflow.errors import ConfigError
+
+    _save_state(_bert(), tmp_path / "base.safetensors")
+    configs = [peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]),
+               peft.LoraConfig(r=2, lora_alpha=2, use_rslora=True, target_modules=["query", "word_embeddings"])]
+    for i, config in enumerate(configs):
+        _adapter(_bert, config, tmp_path / f"a{i}", seed=20 + i)
+    experts = [str(tmp_path / "a0"), str(tmp_path / "a1")]
+    record = merge_adapters("task_arithmetic", {"scaling": 0.7}, str(tmp_path / "base.safetensors"), experts,
+                            str(tmp_path / "merged-adapter"))
+    assert record["ranks"]["encoder.layer.0.attention.self.query"] == 6  # 4 + 2: both adapters target it
+    assert record["ranks"]["embeddings.word_embeddings"] == 2
+    dense = merge_checkpoints("task_arithmetic", str(tmp_path / "base.safetensors"), experts,
+                              str(tmp_path / "dense"), {"scaling": 0.7}, device="cpu")
+    assert dense.method == "task_arithmetic"
+    expected = load_file(str(tmp_path / "dense" / "model.safetensors"))
+    loaded = peft.PeftModel.from_pretrained(_bert(), str(tmp_path / "merged-adapter")).merge_and_unload()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.allclose(tensor, expected[name], atol=1e-5), name
+    with pytest.raises(ConfigError, match="not linear"):
+        merge_adapters("ties", {}, str(tmp_path / "base.safetensors"), experts, str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="not a LoRA adapter"):
+        merge_adapters("average", {}, str(tmp_path / "base.safetensors"), [experts[0], str(tmp_path / "base.safetensors")],
+                       str(tmp_path / "y"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_merges_adapters_into_an_adapter(bert, tmp_path):
+    from mergeflow_app.cli import main
+
+    root, _ = bert
+    out = tmp_path / "cli-adapter"
+    assert main(["merge", "--method", "average", "--base", str(root / "base.safetensors"), "--expert",
+                 str(root / "adapter0"), "--expert", str(root / "adapter1"), "--out", str(out), "--as-adapter"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 8 and sorted(config["target_modules"]) == ["query", "value"]
+    with open_checkpoint(str(root / "base.safetensors")) as base, open_adapter(str(out), base) as merged:
+        assert set(merged.lora) == {f"encoder.layer.{i}.attention.self.{m}.weight" for i in (0, 1)
+                                    for m in ("query", "value")}
