@@ -269,11 +269,12 @@ def copy_model_files(base: str, directory: Path, storage_options: Mapping[str, A
     folder = base if not base.lower().endswith((".safetensors", ".json", ".bin", ".pt", ".pth")) \
         else (base.rsplit("/", 1)[0] if "/" in base else ".")
     fs, path = filesystem(folder, storage_options)
-    if not fs.exists(f"{path.rstrip('/')}/config.json"):
+    present = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
+    if "config.json" not in present:
         return {}
     copied = {}
     for name in MODEL_FILES:
-        if fs.exists(f"{path.rstrip('/')}/{name}"):
+        if name in present:
             local = cache.fetch(join(folder, name), storage_options)
             shutil.copyfile(local.path, directory / name)
             copied[name] = local.sha256

@@ -21,7 +21,7 @@ from mergeflow.errors import ConfigError
 from mergeflow.families import Family, LoadedModel, TaskData, get_family
 from mergeflow.storage import directory_digest, fetch_directory
 from mergeflow.content_cache import ContentCache
-from mergeflow.task_vectors import Objective
+from mergeflow.task_vectors import Objective, open_pool
 
 
 @dataclass(frozen=True)
@@ -170,31 +170,6 @@ class ValidationScorer:
         return self.accuracy(self.merged(method, point), examples)
 
 
-def _open_scorer(base: str, experts: Sequence[str], config: MergeDataConfig, tasks: Sequence[TaskInputs],
-                 cache: ContentCache, options: Mapping[str, Any] | None, device: str | torch.device,
-                 statistics: Sequence[str] | None = None):
-    """A context manager yielding a `ValidationScorer` over the opened inputs (statistics: one file per expert)."""
-    from contextlib import contextmanager
-
-    from mergeflow.statistics import open_statistics, validate_statistics
-    from mergeflow.task_vectors import open_pool
-
-    @contextmanager
-    def opened():
-        stats = [open_statistics(uri, storage_options=options, cache=cache) for uri in statistics or ()]
-        try:
-            with open_pool(base, {t.name: uri for uri, t in zip(experts, tasks)}, device, options, cache) as pool:
-                if stats:
-                    validate_statistics(pool.base, stats, len(pool.experts))
-                    pool.statistics = stats
-                yield ValidationScorer(config, tasks, pool, cache, options, device)
-        finally:
-            for source in stats:
-                source.close()
-
-    return opened()
-
-
 def tune(method: str, params: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], base: str,
          experts: Sequence[str], config: MergeDataConfig, tasks: Sequence[TaskInputs], cache: ContentCache,
          options: Mapping[str, Any] | None = None, *, rule: str = "norm_acc.avg", floor: float = 0.0,
@@ -204,7 +179,8 @@ def tune(method: str, params: Mapping[str, Any], grid: Mapping[str, Sequence[Any
     from mergeflow.sweep import choose, grid_points, score_point
 
     points = grid_points(method, grid, params)
-    with _open_scorer(base, experts, config, tasks, cache, options, device) as scorer:
+    with open_pool(base, {t.name: uri for uri, t in zip(experts, tasks)}, device, options, cache) as pool:
+        scorer = ValidationScorer(config, tasks, pool, cache, options, device)
         expert_accuracy = scorer.expert_accuracy(experts, cache, options, max_examples)
         scores = [score_point(point, scorer.score(method, point, max_examples), expert_accuracy, rule, floor)
                   for point in points]
@@ -222,10 +198,12 @@ def search(settings: Any, base: str, experts: Sequence[str], config: MergeDataCo
     from mergeflow.search import successive_halving
     from mergeflow.stages.statistics import statistic_kinds
 
-    pool = settings.candidates()
-    kinds = statistic_kinds([MergeSpec(method=c.method, params=c.params) for c in pool])
+    candidates = settings.candidates()
+    kinds = statistic_kinds([MergeSpec(method=c.method, params=c.params) for c in candidates])
     statistics = expert_statistics(config, kinds, experts, tasks, cache, options, device, progress) if kinds else None
-    with _open_scorer(base, experts, config, tasks, cache, options, device, statistics) as scorer:
+    with open_pool(base, {t.name: uri for uri, t in zip(experts, tasks)}, device, options, cache,
+                   statistics) as pool:
+        scorer = ValidationScorer(config, tasks, pool, cache, options, device)
         expert_accuracy = scorer.expert_accuracy(experts, cache, options, max_examples)
 
         def score_rung(rung: int, examples: int, chosen: Sequence[Any]) -> list[dict[str, float]]:
@@ -234,6 +212,6 @@ def search(settings: Any, base: str, experts: Sequence[str], config: MergeDataCo
                 print(f"  rung {rung}: {len(chosen)} candidates scored on {examples} validation examples per task")
             return out
 
-        return successive_halving(pool, score_rung, expert_accuracy, min_examples=settings.min_examples,
+        return successive_halving(candidates, score_rung, expert_accuracy, min_examples=settings.min_examples,
                                   max_examples=max_examples, eta=settings.eta, rule=rule, floor=floor,
                                   max_evaluations=settings.max_evaluations, max_seconds=settings.max_seconds)

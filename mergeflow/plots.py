@@ -6,6 +6,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (PNG, 110 dpi, parent folders made) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy_bars(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str], path: Path,
                        title: str = "accuracy per task") -> Path:
     """Grouped bars: one group per task plus the average, one bar per model (PNG)."""
@@ -28,8 +39,4 @@ def plot_accuracy_bars(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

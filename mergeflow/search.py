@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeflow.errors import ConfigError
+from mergeflow.plots import save_figure
 from mergeflow.sweep import DEFAULT_GRIDS, PointScore, Rule, grid_points, score_point
 
 # Per method, the grid `auto` searches by default: the sweeps' default grids, with fewer points where each point is
@@ -219,8 +220,4 @@ def plot_search(result: SearchResult, path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

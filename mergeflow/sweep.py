@@ -22,6 +22,7 @@ import torch
 from mergeflow.errors import ConfigError
 from mergeflow.methods import build_method, method_class
 from mergeflow.methods.base import with_subspaces
+from mergeflow.plots import save_figure
 from mergeflow.selection import is_float
 from mergeflow.task_vectors import ExpertPool
 
@@ -178,8 +179,4 @@ def plot_sweep(points: Sequence[PointScore], swept: Sequence[str], path: Path, t
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -79,18 +79,28 @@ class ExpertPool:
 
 @contextmanager
 def open_pool(base_uri: str, experts: Mapping[str, str], device: str | torch.device = "auto",
-              storage_options: Mapping[str, Any] | None = None, cache: Any = None) -> Iterator[ExpertPool]:
-    """Open the base and each expert checkpoint (name -> URI; lazily, tensor by tensor) as one pool, and close
-    every checkpoint opened on exit, also when a later one fails to open."""
+              storage_options: Mapping[str, Any] | None = None, cache: Any = None,
+              statistics: Sequence[str] | None = None) -> Iterator[ExpertPool]:
+    """Open the base and each expert checkpoint (name -> URI; lazily, tensor by tensor; an expert may be a LoRA
+    adapter directory) and, for data-aware methods, each expert's `statistics` file (in the experts' order,
+    checked against the base) as one pool; close every file opened on exit, also when a later one fails."""
     from mergeflow.checkpoints import open_checkpoint
     from mergeflow.checkpoints.lora import open_expert
+    from mergeflow.statistics import open_statistics, validate_statistics
 
     opened = []
     try:
         opened.append(open_checkpoint(base_uri, storage_options=storage_options, cache=cache))
-        for uri in experts.values():  # a checkpoint, or a LoRA adapter directory read over the base
+        for uri in experts.values():
             opened.append(open_expert(uri, opened[0], storage_options=storage_options, cache=cache))
-        yield ExpertPool(opened[0], opened[1:], list(experts), resolve_device(device))
+        stats = []
+        for uri in statistics or ():
+            stats.append(open_statistics(uri, storage_options=storage_options, cache=cache))
+            opened.append(stats[-1])
+        if statistics is not None:
+            validate_statistics(opened[0], stats, len(experts))
+        yield ExpertPool(opened[0], opened[1:len(experts) + 1], list(experts), resolve_device(device),
+                         stats if statistics is not None else None)
     finally:
         for checkpoint in opened:
             checkpoint.close()

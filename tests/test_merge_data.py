@@ -98,18 +98,23 @@ def test_wrong_data_configs_are_named_before_any_model_runs(inputs, monkeypatch,
     assert "tasks.0.name" in run_with({**config, "tasks": [{"dataset": "x", "head": "y"}] * 2})
 
 
-def test_tune_picks_coefficients_on_validation_only(inputs, monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def validation_only(monkeypatch, tmp_path):
+    """A fresh content cache, and a text-data reader that fails the test when a test split is opened."""
     import mergeflow.families.text.data as text_tasks
 
-    root, base, experts, _ = inputs
     monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
     original = text_tasks.read_split
 
-    def validation_only(directory, split):
-        assert split != "test", "tuning opened a test split"
+    def reading(directory, split):
+        assert split != "test", "selection opened a test split"
         return original(directory, split)
 
-    monkeypatch.setattr(text_tasks, "read_split", validation_only)
+    monkeypatch.setattr(text_tasks, "read_split", reading)
+
+
+def test_tune_picks_coefficients_on_validation_only(inputs, validation_only, tmp_path, capsys):
+    root, base, experts, _ = inputs
     argv = ["merge", "--method", "task_arithmetic", "--base", base, "--out", str(tmp_path / "tuned"), "--device",
             "cpu", "--tune", str(root / "data.yaml"), "--grid", "scaling=0.2,1.0"]
     for expert in experts:
@@ -123,18 +128,8 @@ def test_tune_picks_coefficients_on_validation_only(inputs, monkeypatch, tmp_pat
     assert chosen_line.strip().startswith(f'{{"scaling": {manifest["params"]["scaling"]}}}')
 
 
-def test_auto_searches_methods_on_validation_only(inputs, monkeypatch, tmp_path, capsys):
-    import mergeflow.families.text.data as text_tasks
-
+def test_auto_searches_methods_on_validation_only(inputs, validation_only, tmp_path, capsys):
     root, base, experts, _ = inputs
-    monkeypatch.setenv("MERGEFLOW_CACHE", str(tmp_path / "cache"))
-    original = text_tasks.read_split
-
-    def validation_only(directory, split):
-        assert split != "test", "the search opened a test split"
-        return original(directory, split)
-
-    monkeypatch.setattr(text_tasks, "read_split", validation_only)
     argv = ["merge", "--method", "auto", "--candidates", "task_arithmetic,tsv,regmean", "--base", base, "--out",
             str(tmp_path / "auto"), "--device", "cpu", "--tune", str(root / "data.yaml")]
     for expert in experts:

@@ -54,7 +54,6 @@ class LoraExpert:
         self.uri = self.label = uri
         self.base, self.config, self.adapter = base, dict(config), adapter
         self.files = {ADAPTER_CONFIG: config_sha256, **{n: o.sha256 for n, o in adapter.files.items()}}
-        self.metadata: dict[str, str] = {}
         self.lora: dict[str, tuple[str, str, float, bool]] = {}  # base tensor -> (A key, B key, scale, embedding)
         self.whole: dict[str, str] = {}  # base tensor -> adapter key of its replacement
         self._index()
@@ -122,7 +121,7 @@ class LoraExpert:
             self.lora[target] = (a_key, b_key, float(scale), embedding)
         if not self.lora and not self.whole:
             raise CheckpointError(self.adapter.uri, "the adapter holds no LoRA tensors")
-        self._transposed = fan_in_fan_out
+        self.fan_in_fan_out = fan_in_fan_out
 
     def keys(self) -> list[str]:
         return self.base.keys()
@@ -138,7 +137,7 @@ class LoraExpert:
         a = self.adapter.get(a_key).to(device, torch.float32)
         b = self.adapter.get(b_key).to(device, torch.float32)
         product = b @ a
-        if embedding or self._transposed:
+        if embedding or self.fan_in_fan_out:
             product = product.T
         return (product * scale).contiguous()
 
@@ -243,7 +242,7 @@ def merge_adapters(method: str, params: Mapping[str, Any], base: str, experts: l
             if not is_adapter(uri, storage_options):
                 raise ConfigError(f"--as-adapter: {uri} is not a LoRA adapter directory (every expert must be one)")
             adapters.append(open_adapter(uri, base_ckpt, storage_options=storage_options, cache=cache))
-        if len({a._transposed for a in adapters}) > 1:
+        if len({a.fan_in_fan_out for a in adapters}) > 1:
             raise ConfigError("--as-adapter: the adapters disagree on fan_in_fan_out")
         tensors: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}

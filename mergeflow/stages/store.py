@@ -165,27 +165,18 @@ class Store:
         """The base and experts' checkpoints opened (lazily, tensor by tensor) as one pool, each checked against
         its reference's digest, with the stored `subspaces` (kind -> reference, verified) and the experts'
         `statistics` (name -> reference, verified) it may read; closed on exit."""
-        from mergeflow.statistics import open_statistics, validate_statistics
         from mergeflow.subspace import SubspaceReader, expert_identities
         from mergeflow.task_vectors import open_pool
 
         expected = self.input_digests(base, experts, statistics)
-        stats = [] if statistics is None else [
-            open_statistics(statistics[name].uri, storage_options=self.options, cache=self.cache) for name in experts]
-        try:
-            with open_pool(base_weights(base), {name: ref.uri for name, ref in experts.items()}, device,
-                           storage_options=self.options, cache=self.cache) as pool:
-                uris = [base_weights(base), *(r.uri for r in experts.values()),
-                        *(statistics[name].uri for name in experts if statistics is not None)]
-                for uri, source, digest in zip(uris, [pool.base, *pool.experts, *stats], expected, strict=True):
-                    if source.digest != digest:
-                        raise IntegrityError(f"{uri}: content digest {source.digest} != expected {digest}")
-                if statistics is not None:
-                    validate_statistics(pool.base, stats, len(pool.experts))
-                    pool.statistics = stats
-                pool.subspaces = {kind: SubspaceReader(self.local_directory(ref), expert_identities(pool))
-                                  for kind, ref in (subspaces or {}).items()}
-                yield pool
-        finally:
-            for source in stats:
-                source.close()
+        stats = None if statistics is None else [statistics[name].uri for name in experts]
+        with open_pool(base_weights(base), {name: ref.uri for name, ref in experts.items()}, device,
+                       storage_options=self.options, cache=self.cache, statistics=stats) as pool:
+            uris = [base_weights(base), *(r.uri for r in experts.values()), *(stats or ())]
+            for uri, source, digest in zip(uris, [pool.base, *pool.experts, *(pool.statistics or ())], expected,
+                                           strict=True):
+                if source.digest != digest:
+                    raise IntegrityError(f"{uri}: content digest {source.digest} != expected {digest}")
+            pool.subspaces = {kind: SubspaceReader(self.local_directory(ref), expert_identities(pool))
+                              for kind, ref in (subspaces or {}).items()}
+            yield pool

@@ -88,7 +88,6 @@ def cached_point(method: str, params: Mapping[str, Any], base: ObjectRef, expert
     or the cached merged weights), bit-identical to merging it again; None when it was never computed here."""
     from safetensors.torch import load_file
 
-    from mergeflow.checkpoints import open_checkpoint
     from mergeflow.methods import method_class
     from mergeflow.sweep import apply_update
 
@@ -99,10 +98,15 @@ def cached_point(method: str, params: Mapping[str, Any], base: ObjectRef, expert
     path = _update_path(method, params, base, experts, store)
     if not path.exists():
         return None
-    with open_checkpoint(base_weights(base), storage_options=store.options, cache=store.cache) as base_ckpt:
-        base_sd = {key: base_ckpt.get(key) for key in base_ckpt.keys()}
     value = build_method(method, params).params.model_dump()[scaling]
-    return apply_update(base_sd, load_file(str(path)), float(value))
+    return apply_update(_base_state(base, store), load_file(str(path)), float(value))
+
+
+def _base_state(base: ObjectRef, store: Store) -> dict[str, Any]:
+    from mergeflow.checkpoints import open_checkpoint
+
+    with open_checkpoint(base_weights(base), storage_options=store.options, cache=store.cache) as base_ckpt:
+        return {key: base_ckpt.get(key) for key in base_ckpt.keys()}
 
 
 def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
@@ -115,16 +119,13 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
     data-aware method the experts' `statistics`."""
     from safetensors.torch import load_file
 
-    from mergeflow.checkpoints import open_checkpoint
     from mergeflow.methods import method_class
     from mergeflow.sweep import merged_point
 
     if method_class(method).scaling_param is None:
         return load_file(str(_merged_weights(method, params, base, experts, store, device, subspaces, state,
                                              statistics)))
-    with open_checkpoint(base_weights(base), storage_options=store.options, cache=store.cache) as base_ckpt:
-        base_sd = {key: base_ckpt.get(key) for key in base_ckpt.keys()}
-    return merged_point(method, params, base_sd,
+    return merged_point(method, params, _base_state(base, store),
                         lambda: load_file(str(_scaled_update(method, params, base, experts, store, device,
                                                              subspaces, state))), None)
 
