@@ -21,17 +21,18 @@ from mergeflow.progress import progress_bar
 
 import mergeflow
 from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, open_checkpoint
+from mergeflow.checkpoints.writer import parse_size
 from mergeflow.checkpoints.lora import LoraExpert, open_expert
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.errors import IntegrityError
 from mergeflow.methods import MergeMethod, build_method
-from mergeflow.methods.base import recorded, with_subspaces
+from mergeflow.methods.base import SUBSPACE, recorded, with_subspaces
 from mergeflow.selection import is_float
 from mergeflow.statistics import open_statistics, validate_statistics
 from mergeflow.subspace import SubspaceReader, expert_identities
 from mergeflow.storage import exists, publish_directory, sha256_file, staging_dir
 from mergeflow.content_cache import ContentCache
-from mergeflow.task_vectors import ExpertPool, Objective, resolve_device, shape_groups
+from mergeflow.task_vectors import DEFAULT_WINDOW, ExpertPool, Objective, resolve_device, shape_groups
 from mergeflow.validation import check_finite, validate_compatible
 
 MANIFEST = "mergeflow.json"
@@ -87,32 +88,42 @@ def part_name(index: int, parts: int) -> str:
     return f"model-{index + 1:05d}-of-{parts:05d}.safetensors"
 
 
+Patch = Callable[[str, torch.Tensor, torch.Tensor], None]  # (tensor, flat indices, values in its dtype)
+
+
 def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torch.Tensor], None], *,
                state: dict[str, Any] | None = None, progress: bool = False,
-               only: Collection[str] | None = None) -> dict[str, Any]:
-    """Run `method` over `pool`, handing each output tensor (in the base's dtype, on CPU) to `write`.
+               only: Collection[str] | None = None, patch: Patch | None = None) -> dict[str, Any]:
+    """Run `method` over `pool`, handing each output tensor (in the base's dtype, on CPU) to `write`; returns the
+    method's state (with what the merge pass settled, e.g. TIES's majority sign).
 
     Non-float tensors (e.g. integer position ids) are carried through from the base unchanged. Tensors the
     method asks to batch (`MergeMethod.grouping`) are merged last, in same-shape groups. `only` restricts the
-    output to those tensors (one part of a merge split across tasks).
+    output to those tensors (one part of a merge split across tasks). Float tensors stream in through
+    `ExpertPool.stream` (read ahead on another thread). With `patch`, a whole merge runs the method's lighter
+    `prepare_merge` and corrects tensors already written through `patch` once the pass has settled them.
     """
     if state is None:
-        state = method.prepare(pool, progress=progress)
-    run_state = with_subspaces(state, pool.subspaces)
+        whole = only is None and patch is not None
+        state = (method.prepare_merge if whole else method.prepare)(pool, progress=progress)
+    run_state = dict(with_subspaces(state, pool.subspaces))  # this merge's own copy (accumulators go here)
     infos = [info for info in pool.infos() if only is None or info.name in only]
     names, max_bytes = method.grouping(state, pool.device)
     batched = set(names).intersection(info.name for info in infos if is_float(info.dtype))
     bar = progress_bar(total=len(infos), desc=f"merging ({method.name})", disable=not progress)
-    for info in infos:
-        if info.name in batched:
-            continue
-        if not is_float(info.dtype):
-            write(info.name, pool.base.get(info.name))
-        else:
-            base = pool.base_tensor(info.name)
-            merged = method.merge_tensor(info.name, base, pool.task_vectors(info.name, base), run_state)
-            write(info.name, merged.to("cpu", info.dtype))
-        bar.update()
+    streamed = pool.stream([info.name for info in infos if info.name not in batched and is_float(info.dtype)])
+    try:
+        for info in infos:
+            if info.name in batched:
+                continue
+            if not is_float(info.dtype):
+                write(info.name, pool.base.get(info.name))
+            else:
+                name, base, task_vectors = next(streamed)
+                write(name, method.merge_tensor(name, base, task_vectors, run_state).to("cpu", info.dtype))
+            bar.update()
+    finally:
+        streamed.close()
     for group in shape_groups([info for info in infos if info.name in batched], len(pool.experts), max_bytes):
         bases = torch.stack([pool.base_tensor(info.name) for info in group])
         task_vectors = torch.empty((len(group), len(pool.experts), *bases.shape[1:]), dtype=torch.float32,
@@ -125,7 +136,21 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
             write(info.name, tensor.to("cpu", info.dtype))
         bar.update(len(group))
     bar.close()
-    return state
+    corrections = method.finish(run_state)
+    if corrections and patch is None:
+        raise RuntimeError(f"{method.name}: the merge pass left corrections, but no patch callback was given")
+    dtypes = {info.name: info.dtype for info in infos}
+    for name, (index, values) in corrections.items():
+        patch(name, index, values.to("cpu", dtypes[name]))
+    return {key: value for key, value in run_state.items() if key != SUBSPACE}
+
+
+def patch_dict(out: dict[str, torch.Tensor]) -> Patch:
+    """`merge_pool`'s patch for output collected in a dict (write=`out.__setitem__`)."""
+    def patch(name: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        out[name] = out[name].clone()
+        out[name].view(-1)[index] = values
+    return patch
 
 
 def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
@@ -146,7 +171,7 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor], experts: Se
         check_finite(source)
     pool = ExpertPool(base_source, sources, [s.label for s in sources], resolve_device(device), stats, objective)
     out: dict[str, torch.Tensor] = {}
-    merge_pool(merge_method, pool, out.__setitem__, state=state)
+    merge_pool(merge_method, pool, out.__setitem__, state=state, patch=patch_dict(out))
     return out
 
 
@@ -159,7 +184,8 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                       statistics: Sequence[str] | None = None, objective: Objective | None = None,
                       part: tuple[int, int] | None = None, subspaces: Mapping[str, str | Path] | None = None,
                       expected_digests: Sequence[str] | None = None,
-                      precomputed: Mapping[str, torch.Tensor] | None = None) -> MergeResult:
+                      precomputed: Mapping[str, torch.Tensor] | None = None,
+                      window: int | str = DEFAULT_WINDOW) -> MergeResult:
     """Merge stored checkpoints into a new sharded safetensors directory at `out` (local path or fsspec URL).
 
     Data-aware methods read `statistics`: one statistics file per expert, in the experts' order. Subspace methods
@@ -172,6 +198,9 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
 
     `part=(i, n)` merges only the i-th of `plan_parts(.., n)` into a single file `part_name(i, n)` (with its own
     manifest); `assemble_parts` joins the n part outputs into one model.
+
+    `window`: bytes of inputs (as fp32) read ahead of the merge, e.g. "1GB"; with one tensor at a time it bounds
+    the engine's memory, whatever the number of experts.
 
     `precomputed`: the merged tensors of exactly this method, parameters and inputs, computed before (a sweep
     point kept in the local cache): every input is still checked, then they are written instead of merged again.
@@ -197,21 +226,21 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
             validate_statistics(base_ckpt, stats_ckpts, len(expert_ckpts))
         only = None if part is None else set(
             plan_parts([base_ckpt.info(k) for k in base_ckpt.keys()], part[1])[part[0]])
+        inline = merge_method.checks_inline and precomputed is None  # checked as they stream in
         for ckpt in checkpoints:
             if isinstance(ckpt, LoraExpert):  # the adapter's own tensors (its deltas are finite if they are)
                 check_finite(ckpt.adapter, progress=progress)
-                continue
-            check_finite(ckpt, progress=progress, keys=None if only is None else
-                         only | {k for k in ckpt.keys() if k.split("::", 1)[0] in only})
+            elif not (inline and ckpt in (base_ckpt, *expert_ckpts)):
+                check_finite(ckpt, progress=progress, keys=None if only is None else
+                             only | {k for k in ckpt.keys() if k.split("::", 1)[0] in only})
         names = [expert_name(uri) for uri in experts]
         inputs = [InputRef("base", expert_name(base), base, base_ckpt.digest)] + [
             InputRef("expert", n, uri, c.digest) for n, uri, c in zip(names, experts, expert_ckpts)] + [
             InputRef("statistics", n, uri, c.digest) for n, uri, c in zip(names, statistics or (), stats_ckpts or ())]
-        pool = ExpertPool(base_ckpt, expert_ckpts, names, resolve_device(device), stats_ckpts, objective)
+        pool = ExpertPool(base_ckpt, expert_ckpts, names, resolve_device(device), stats_ckpts, objective,
+                          check_finite=inline, window=parse_size(window))
         pool.subspaces = {kind: SubspaceReader(path, expert_identities(pool))
                           for kind, path in (subspaces or {}).items()}
-        if state is None:
-            state = {} if precomputed is not None else merge_method.prepare(pool, progress=progress)
         provenance = {
             "format": "pt",
             "mergeflow_version": mergeflow.__version__,
@@ -227,9 +256,11 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                                               metadata=provenance)
             try:
                 if precomputed is None:
-                    merge_pool(merge_method, pool, writer.write, state=state, progress=progress, only=only)
+                    state = merge_pool(merge_method, pool, writer.write, state=state, progress=progress, only=only,
+                                       patch=writer.patch)
                 else:
                     _write_precomputed(precomputed, plan, writer.write, out)
+                    state = state or {}
             except BaseException:
                 writer.abort()
                 raise

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from mergeflow.progress import progress_bar
 
+from mergeflow.parallel import parallel_map
 from mergeflow.task_vectors import ExpertPool
 
 _HIGH_BINS = 1 << 15  # |x| has sign bit 0, so the top 16 bits of its float32 pattern take 2**15 values
@@ -42,11 +43,12 @@ def topk_mask(values: torch.Tensor, density: float) -> torch.Tensor:
 def global_topk_thresholds(pool: ExpertPool, density: float, keys: Sequence[str] | None = None,
                            *, progress: bool = False) -> list[float]:
     """Per-task magnitude thresholds of the top-`density` fraction over all `keys` (default: every float tensor),
-    exactly equal to `topk_threshold` on the concatenated task vector, in two streaming passes.
+    exactly equal to `topk_threshold` on the concatenated task vector, in two streaming passes (a thread per task).
 
     The float32 bit pattern of a non-negative number orders like the number, so the k-th smallest |value| is
     found by a histogram of the high 16 bits (which bin holds rank k) and then one of the low 16 bits inside
-    that bin. Memory: two small histograms per task, whatever the model size.
+    that bin (little-endian: the odd and even int16 halves of the fp32 pattern). Memory: two small histograms
+    per task, whatever the model size.
     """
     keys = list(pool.float_keys() if keys is None else keys)
     n = len(pool.experts)
@@ -59,25 +61,30 @@ def global_topk_thresholds(pool: ExpertPool, density: float, keys: Sequence[str]
     k = _kth_rank(total, density)
     if k <= 0 or total == 0:
         return [0.0] * n
-    rows = torch.arange(n, dtype=torch.int32, device=pool.device).unsqueeze(1)  # int32 index math: half the memory
 
-    high = torch.zeros(n * _HIGH_BINS, dtype=torch.int64, device=pool.device)
-    for _, tv in progress_bar(pool.iter_task_vectors(keys), total=len(keys), desc="top-k pass 1/2", disable=not progress):
-        bits = tv.reshape(n, -1).abs().view(torch.int32)
-        high += torch.bincount(((bits >> 16) + rows * _HIGH_BINS).reshape(-1), minlength=n * _HIGH_BINS)
-    cumulative = high.reshape(n, _HIGH_BINS).cumsum(1)
+    def high_counts(row: torch.Tensor) -> torch.Tensor:  # the top 16 bits of |x|: the odd int16 halves, sign off
+        return torch.bincount(row.view(torch.int16)[1::2] & 0x7FFF, minlength=_HIGH_BINS)
+
+    high = torch.zeros((n, _HIGH_BINS), dtype=torch.int64, device=pool.device)
+    for _, _, tv in progress_bar(pool.stream(keys), total=len(keys), desc="top-k pass 1/2", disable=not progress):
+        high += torch.stack(parallel_map(high_counts, tv.reshape(n, -1)))
+    cumulative = high.cumsum(1)
     target = torch.full((n, 1), k, dtype=torch.int64, device=pool.device)
     bin_high = torch.searchsorted(cumulative, target).squeeze(1)  # first bin whose cumulative count reaches k
     below = torch.where(bin_high > 0, cumulative.gather(1, (bin_high - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
     k_low = (k - below).unsqueeze(1)
+    wanted = bin_high.tolist()
 
-    low = torch.zeros(n * _LOW_BINS, dtype=torch.int64, device=pool.device)
-    for _, tv in progress_bar(pool.iter_task_vectors(keys), total=len(keys), desc="top-k pass 2/2", disable=not progress):
-        bits = tv.reshape(n, -1).abs().view(torch.int32)
-        inside = (bits >> 16) == bin_high.unsqueeze(1)
-        slots = ((bits & 0xFFFF) + rows * _LOW_BINS)[inside]
-        low += torch.bincount(slots, minlength=n * _LOW_BINS)
-    bin_low = torch.searchsorted(low.reshape(n, _LOW_BINS).cumsum(1), k_low).squeeze(1)
+    def low_counts(task: tuple[int, torch.Tensor]) -> torch.Tensor:  # low 16 bits of the entries in the found bin
+        i, row = task
+        halves = row.view(torch.int16)
+        inside = (halves[1::2] & 0x7FFF) == wanted[i]
+        return torch.bincount(halves[0::2][inside].to(torch.int32) & 0xFFFF, minlength=_LOW_BINS)
+
+    low = torch.zeros((n, _LOW_BINS), dtype=torch.int64, device=pool.device)
+    for _, _, tv in progress_bar(pool.stream(keys), total=len(keys), desc="top-k pass 2/2", disable=not progress):
+        low += torch.stack(parallel_map(low_counts, enumerate(tv.reshape(n, -1))))
+    bin_low = torch.searchsorted(low.cumsum(1), k_low).squeeze(1)
     pattern = ((bin_high << 16) | bin_low).to(torch.int32)
     return pattern.view(torch.float32).tolist()
 

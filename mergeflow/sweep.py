@@ -82,9 +82,8 @@ def scaled_update(method: str, params: Mapping[str, Any], pool: ExpertPool,
     merge = build_method(method, {**update_key(method, params), scaling: 1.0})
     state = with_subspaces(merge.prepare(pool) if state is None else state, pool.subspaces)
     update = {}
-    for name in pool.float_keys():
-        base = pool.base_tensor(name)
-        update[name] = merge.merge_tensor(name, torch.zeros_like(base), pool.task_vectors(name, base), state).cpu()
+    for name, base, task_vectors in pool.stream():
+        update[name] = merge.merge_tensor(name, torch.zeros_like(base), task_vectors, state).cpu()
     return update
 
 

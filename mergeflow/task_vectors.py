@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,7 +14,10 @@ import torch
 from mergeflow.checkpoints.lora import LoraExpert
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.errors import ConfigError
+from mergeflow.parallel import parallel_map, read_ahead
 from mergeflow.selection import is_float
+
+DEFAULT_WINDOW = 1 << 28  # bytes of fp32 tensors read ahead of the merge (base + N task vectors each)
 
 # An unsupervised objective over merged tensors (name -> tensor), called once per optimisation step with the step
 # number; differentiable w.r.t. the tensors. AdaMerging's is the prediction entropy on unlabeled inputs.
@@ -45,6 +49,13 @@ class ExpertPool:
     statistics: Sequence[TensorSource] | None = None
     objective: Objective | None = None
     subspaces: Mapping[str, Any] | None = None  # kind -> stored per-layer factors (mergeflow.subspace.SubspaceReader)
+    # reject NaN/Inf in each tensor the first time `stream` reads it (the engine sets this instead of a pass of
+    # its own for methods that read the inputs once); `window`: bytes `stream` may hold ahead of its consumer
+    check_finite: bool = False
+    window: int = DEFAULT_WINDOW
+    _checked: set[str] = field(default_factory=set, repr=False)
+    _spares: list[torch.Tensor] = field(default_factory=list, repr=False)  # task-vector buffers `stream` reuses
+    _spares_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def infos(self) -> list[TensorInfo]:
         return [self.base.info(k) for k in self.base.keys()]
@@ -53,17 +64,28 @@ class ExpertPool:
         return [info.name for info in self.infos() if is_float(info.dtype)]
 
     def base_tensor(self, name: str) -> torch.Tensor:
-        return self.base.get(name).to(self.device, torch.float32)
+        return self._on_device(self.base.get(name))
 
-    def task_vectors(self, name: str, base: torch.Tensor | None = None) -> torch.Tensor:
-        """Stacked [N, *shape] fp32 task vectors of one tensor, on the pool's device."""
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # CUDA only: from pinned memory, asynchronous on the current stream
+            return tensor.pin_memory().to(self.device, torch.float32, non_blocking=True)
+        return tensor.to(self.device, torch.float32)
+
+    def task_vectors(self, name: str, base: torch.Tensor | None = None, out: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """Stacked [N, *shape] fp32 task vectors of one tensor, on the pool's device (into `out` when given)."""
         base = self.base_tensor(name) if base is None else base
-        out = torch.empty((len(self.experts), *base.shape), dtype=torch.float32, device=self.device)
-        for i, expert in enumerate(self.experts):
+        if out is None:
+            out = torch.empty((len(self.experts), *base.shape), dtype=torch.float32, device=self.device)
+
+        def one(i: int) -> None:
+            expert = self.experts[i]
             if isinstance(expert, LoraExpert):  # scale * B @ A itself, not (W0 + delta) - W0
                 out[i] = expert.task_vector(name, base)
             else:
-                torch.sub(expert.get(name).to(self.device, torch.float32), base, out=out[i])
+                torch.sub(self._on_device(expert.get(name)), base, out=out[i])
+
+        parallel_map(one, range(len(self.experts)))  # reads and subtractions of several experts at once
         return out
 
     def statistic(self, key: str) -> torch.Tensor:
@@ -72,9 +94,56 @@ class ExpertPool:
             raise ConfigError(f"statistic {key!r} is needed, but no statistics were given for the experts")
         return torch.stack([source.get(key).to(self.device, torch.float32) for source in self.statistics])
 
-    def iter_task_vectors(self, keys: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.float_keys() if keys is None else keys:
-            yield name, self.task_vectors(name)
+    def stream(self, keys: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, base fp32, task vectors [N, *shape] fp32) for each of `keys` (default: every float tensor), in
+        order; a background thread reads and subtracts the next tensors while the caller works on this one, within
+        `window` bytes. The task vectors are valid until the caller asks for the next tensor: their buffers are
+        reused (fresh pages cost more than the subtraction that fills them)."""
+        keys = self.float_keys() if keys is None else list(keys)
+        per_value = 4 * (len(self.experts) + 1)
+        return read_ahead(self._read, keys, lambda name: per_value * math.prod(self.base.info(name).shape),
+                          self.window, release=lambda item: self._recycle(item[2]))
+
+    def _read(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor]:
+        if self.device.type == "cuda":  # CUDA only: this thread's copies run on a stream of their own, so they
+            # overlap the merge's kernels on the default stream, which then owns the tensors
+            copies = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(copies):
+                read = self._read_on_device(name)
+            copies.synchronize()
+            for tensor in read[1:]:
+                tensor.record_stream(torch.cuda.default_stream(self.device))
+            return read
+        return self._read_on_device(name)
+
+    def _read_on_device(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor]:
+        base = self.base_tensor(name)
+        size = len(self.experts) * base.numel()
+        with self._spares_lock:
+            fits = [i for i, spare in enumerate(self._spares) if spare.numel() >= size]
+            spare = self._spares.pop(min(fits, key=lambda i: self._spares[i].numel())) if fits else None
+        out = None if spare is None else spare[:size].view(len(self.experts), *base.shape)
+        task_vectors = self.task_vectors(name, base, out)
+        if self.check_finite and name not in self._checked:
+            # NaN and Inf in the base or an expert reach the task vectors, and a sum: one reduction proves them
+            # finite; only a non-finite sum (or an overflow) looks for the file at fault
+            if not bool(torch.isfinite(task_vectors.sum())):
+                from mergeflow.validation import require_finite
+                for source in (self.base, *self.experts):
+                    require_finite(source, name)
+            self._checked.add(name)
+        return name, base, task_vectors
+
+    def _recycle(self, task_vectors: torch.Tensor) -> None:
+        """Keep the two largest buffers `stream` has handed out, for the next tensors (on the CPU: CUDA's caching
+        allocator does this itself)."""
+        if task_vectors.device.type == "cuda":
+            return
+        buffer = task_vectors if task_vectors._base is None else task_vectors._base
+        with self._spares_lock:
+            self._spares.append(buffer.reshape(-1))
+            self._spares.sort(key=lambda t: t.numel(), reverse=True)
+            del self._spares[2:]
 
 
 @contextmanager

@@ -45,12 +45,17 @@ def check_finite(source: TensorSource, *, progress: bool = False, keys: Collecti
         info = source.info(name)
         if not is_float(info.dtype):
             continue
-        tensor = source.get(name)
-        # NaN and Inf propagate through a sum, so a finite sum proves a finite tensor (one fast reduction);
-        # only a non-finite sum (a real NaN/Inf, or an overflow) needs the element-wise check.
-        if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
-            continue
-        if not bool(torch.isfinite(tensor).all()):
-            nans = int(torch.isnan(tensor).sum())
-            infs = int(torch.isinf(tensor).sum())
-            raise CheckpointError(source.label, f"{nans} NaN and {infs} Inf value(s)", tensor=name)
+        require_finite(source, name)
+
+
+def require_finite(source: TensorSource, name: str) -> None:
+    """Raise `CheckpointError` naming `source` and `name` if that tensor holds NaN or Inf."""
+    tensor = source.get(name)
+    # NaN and Inf propagate through a sum, so a finite sum proves a finite tensor (one fast reduction); only a
+    # non-finite sum (a real NaN/Inf, or an overflow) needs the element-wise check.
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+        return
+    if not bool(torch.isfinite(tensor).all()):
+        nans = int(torch.isnan(tensor).sum())
+        infs = int(torch.isinf(tensor).sum())
+        raise CheckpointError(source.label, f"{nans} NaN and {infs} Inf value(s)", tensor=name)

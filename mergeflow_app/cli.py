@@ -97,7 +97,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     result = merge_checkpoints(args.method, args.base, args.expert, args.out, params,
                                device=args.device, shard_size=args.shard_size,
                                storage_options=_storage_options(args), overwrite=args.overwrite, progress=True,
-                               statistics=statistics, objective=objective)
+                               statistics=statistics, objective=objective, window=args.window)
     experts = sum(ref.role == "expert" for ref in result.inputs)
     print(f"merged {experts} experts with {result.method} {json.dumps(result.params)} "
           f"in {result.seconds:.1f} s")
@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     merge.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     merge.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 500MB, 2GB")
+    merge.add_argument("--window", default="256MB",
+                       help="inputs (as fp32) read ahead of the merge, e.g. 256MB, 1GB: with the tensor being merged, "
+                            "this bounds the engine's memory whatever the number of experts (default 256MB)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
     merge.add_argument("--as-adapter", action="store_true", help="experts are LoRA adapters and the method linear "
                        "(task_arithmetic, average): write the merge as one LoRA adapter, exactly (ranks add up)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import threading
 from collections.abc import Mapping
@@ -85,7 +86,7 @@ class Checkpoint:
         self._infos = infos
         self._locations = locations
         self._torch_tensors = torch_tensors
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, int] = {}  # file -> OS descriptor
         self._lock = threading.Lock()
 
     @property
@@ -106,28 +107,37 @@ class Checkpoint:
             raise CheckpointError(self.uri, "no such tensor", tensor=name) from None
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor `name`, read with one positional read straight into its own memory (thread-safe: no shared
+        file position, so read-ahead threads may call it concurrently)."""
         info = self.info(name)
         if self._torch_tensors is not None:
             return self._torch_tensors[name]
         loc = self._locations[name]
         nbytes = loc.end - loc.start
-        if nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        buffer = bytearray(nbytes)
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view, got = memoryview(out.numpy()), 0
+            fd = self._descriptor(loc.file)
+            while got < nbytes:  # a single read returns at most ~2 GiB
+                step = os.preadv(fd, [view[got:]], loc.start + got)
+                if step == 0:
+                    raise CheckpointError(self.files[loc.file].uri, f"read {got} of {nbytes} bytes (truncated?)",
+                                          name)
+                got += step
+        return out.view(info.dtype).reshape(info.shape)
+
+    def _descriptor(self, file: str) -> int:
         with self._lock:
-            handle = self._handles.get(loc.file)
-            if handle is None:
-                handle = self._handles[loc.file] = open(self.files[loc.file].path, "rb")
-            handle.seek(loc.start)
-            got = handle.readinto(buffer)
-        if got != nbytes:
-            raise CheckpointError(self.files[loc.file].uri, f"read {got} of {nbytes} bytes (truncated?)", name)
-        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+            fd = self._handles.get(file)
+            if fd is None:
+                fd = self._handles[file] = os.open(self.files[file].path, os.O_RDONLY)
+            return fd
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
+        with self._lock:
+            for fd in self._handles.values():
+                os.close(fd)
+            self._handles.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -69,7 +69,7 @@ class ShardedSafetensorsWriter:
                                       "data_offsets": [offset, offset + size]}
                 offset += size
             header = encode_header(entries, metadata)
-            handle = open(self.directory / shard, "wb")
+            handle = open(self.directory / shard, "w+b")
             handle.write(header)
             handle.truncate(len(header) + offset)
             self._files.append(handle)
@@ -93,6 +93,20 @@ class ShardedSafetensorsWriter:
         if data.numel():
             handle.write(memoryview(data.view(torch.uint8).numpy()))
         self._written.add(name)
+
+    def patch(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite the entries at flat `index` of a tensor already written with `values` (in its dtype)."""
+        if name not in self._written:
+            raise KeyError(f"tensor {name!r} has not been written, so it cannot be patched")
+        shard, offset, info = self._slots[name]
+        data = torch.empty(_nbytes(info), dtype=torch.uint8)
+        handle = self._files[shard]
+        handle.seek(offset)
+        if handle.readinto(memoryview(data.numpy())) != data.numel():
+            raise OSError(f"{self.directory / self.shard_names[shard]}: could not read back {name!r}")
+        data.view(info.dtype)[index] = values.to(info.dtype)
+        handle.seek(offset)
+        handle.write(memoryview(data.numpy()))
 
     def close(self) -> dict[str, str]:
         """Finish the shards (and index); returns {file name: sha256} of everything written."""

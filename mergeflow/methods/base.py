@@ -8,6 +8,8 @@ Running a method is two calls on an `ExpertPool`:
                    with `RUN_ONLY` hold what lives only for this merge, e.g. tensors or the pool, and are never
                    recorded); a method keeps no run state on itself;
   `merge_tensor(name, base, task_vectors, state)`  the merged fp32 tensor for one parameter.
+A whole merge calls `prepare_merge` instead of `prepare`: a method may leave a model-wide result to the merge pass
+itself (TIES's majority sign) and settle the tensors that depend on it in `finish`.
 The engine streams tensors through `merge_tensor`, so memory stays at one tensor's worth of N task vectors.
 
 Optional batching, for methods whose per-tensor work is heavy (DOGE optimises every linear layer): `grouping`
@@ -75,6 +77,9 @@ class MergeMethod(ABC):
     # the params `prepare` reads (None: all of them): the sparsify stage's cache key, so e.g. TIES's thresholds
     # are computed once for every scaling of one density
     prepare_params: ClassVar[tuple[str, ...] | None] = None
+    # merging costs about one read of the inputs: NaN/Inf are checked as the tensors stream in (in `prepare`'s
+    # first pass or the merge's), not in a pass of their own before (which methods with heavy per-tensor work keep)
+    checks_inline: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else self.Params()
@@ -89,10 +94,21 @@ class MergeMethod(ABC):
         """Global statistics needed before any tensor is merged (default: none)."""
         return {}
 
+    def prepare_merge(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
+        """The global pass of one whole merge: `prepare`'s, less what the merge pass can compute as it goes and
+        `finish` settles (default: `prepare`)."""
+        return self.prepare(pool, progress=progress)
+
     @abstractmethod
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:
-        """Merged value of one float tensor. `base` is fp32 [*shape]; `task_vectors` fp32 [N, *shape]."""
+        """Merged value of one float tensor. `base` is fp32 [*shape]; `task_vectors` fp32 [N, *shape]. `state` is
+        this merge's own copy: a method may keep run-only accumulators in it for `finish`."""
+
+    def finish(self, state: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """After every tensor: corrections {name: (flat indices, fp32 values)} to tensors already merged, once a
+        model-wide result computed during the pass is known (it may add recorded keys to `state`). Default: none."""
+        return {}
 
     def grouping(self, state: dict[str, Any], device: torch.device) -> tuple[Sequence[str], int]:
         """(names, max_bytes): tensors to hand to `merge_group` and the cap on one group's task vectors, for a

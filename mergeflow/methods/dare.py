@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 
 from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.parallel import parallel_map
 from mergeflow.sparsify import dare_keep_mask
 
 
@@ -25,14 +26,16 @@ class Dare(MergeMethod):
     summary = "Random drop with rescale, then Task Arithmetic (data-free)."
     Params = DareParams
     scaling_param = "scaling"
+    checks_inline = True
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:
         p = self.params
+        masks = parallel_map(lambda i: dare_keep_mask(base.shape, p.drop_rate, p.seed, i, name),
+                             range(len(task_vectors)))  # the random draws dominate: one task per core
         total = torch.zeros_like(base)
-        for i, tv in enumerate(task_vectors):
-            keep = dare_keep_mask(tv.shape, p.drop_rate, p.seed, i, name).to(tv.device)
-            total += tv * keep
+        for tv, keep in zip(task_vectors, masks):
+            total += tv * keep.to(tv.device)
         if p.rescale and p.drop_rate > 0:
             total /= 1.0 - p.drop_rate
         return base + p.scaling * total

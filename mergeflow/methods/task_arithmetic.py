@@ -20,6 +20,7 @@ class TaskArithmetic(MergeMethod):
     summary = "theta_0 + lambda * sum of task vectors (data-free)."
     Params = TaskArithmeticParams
     scaling_param = "scaling"
+    checks_inline = True
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:

@@ -6,7 +6,8 @@ Two variants, chosen by `merge`:
   familiar 72.4 on ViT-B/32 TA8): theta_0 + 0.3 * disjoint SUM. This is the default.
 - "mean" with scaling ~1: the paper's disjoint MEAN (average of the agreeing entries).
 Elected sign: sign of the sum of trimmed vectors; coordinates where that sum is exactly 0 take the model-wide
-majority sign (the reference resolution), which `prepare` computes in a streaming pass.
+majority sign (the reference resolution), which `prepare` computes in a streaming pass of its own and a whole
+merge elects as it goes (`finish` then settles the coordinates that needed it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from pydantic import Field
 from mergeflow.progress import progress_bar
 
-from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.methods.base import RUN_ONLY, MergeMethod, MethodParams
 from mergeflow.sparsify import global_topk_thresholds
 from mergeflow.task_vectors import ExpertPool
 
@@ -31,9 +32,10 @@ class TiesParams(MethodParams):
 
 
 def _trim(task_vectors: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """Zero the entries of each task below its threshold (whole tensors: the sign election's pass)."""
     shape = (len(thresholds),) + (1,) * (task_vectors.dim() - 1)
     limit = torch.tensor(thresholds, dtype=task_vectors.dtype, device=task_vectors.device).reshape(shape)
-    return task_vectors * (task_vectors.abs() >= limit)
+    return task_vectors.masked_fill(task_vectors.abs() < limit, 0.0)
 
 
 class Ties(MergeMethod):
@@ -42,22 +44,67 @@ class Ties(MergeMethod):
     Params = TiesParams
     scaling_param = "scaling"
     prepare_params = ("density",)
+    checks_inline = True
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
-        thresholds = global_topk_thresholds(pool, self.params.density, progress=progress)
+        """Thresholds and the model-wide majority sign (a pass of its own: what a merge split into parts needs)."""
+        state = self.prepare_merge(pool, progress=progress)
         sign_total = 0
-        for _, tv in progress_bar(pool.iter_task_vectors(), total=len(pool.float_keys()), desc="sign election",
-                          disable=not progress):
-            sign_total += int(torch.sign(_trim(tv, thresholds).sum(dim=0)).sum().item())
-        return {"thresholds": thresholds, "majority_sign": (sign_total > 0) - (sign_total < 0)}
+        for _, _, tv in progress_bar(pool.stream(), total=len(pool.float_keys()), desc="sign election",
+                                     disable=not progress):
+            sign_total += int(torch.sign(_trim(tv, state["thresholds"]).sum(dim=0)).sum().item())
+        return {**state, "majority_sign": (sign_total > 0) - (sign_total < 0)}
+
+    def prepare_merge(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
+        """Thresholds only: a whole merge elects the majority sign as it goes and settles the few coordinates that
+        need it at the end (`finish`), a pass over the inputs fewer."""
+        return {"thresholds": global_topk_thresholds(pool, self.params.density, progress=progress)}
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:
-        trimmed = _trim(task_vectors, state["thresholds"])
+        n = len(task_vectors)
+        limit = torch.tensor(state["thresholds"], dtype=torch.float32, device=base.device).reshape(n, 1)
+        flat_tv, flat_base = task_vectors.reshape(n, -1), base.reshape(-1)
+        merged = torch.empty_like(flat_base)
+        for start in range(0, flat_base.numel(), _CHUNK):  # a chunk's temporaries stay in the CPU cache
+            part = slice(start, start + _CHUNK)
+            merged[part] = self._merge_chunk(name, start, flat_base[part], flat_tv[:, part], limit, state)
+        return merged.reshape(base.shape)
+
+    def _merge_chunk(self, name: str, start: int, base: torch.Tensor, task_vectors: torch.Tensor,
+                     limit: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        trimmed = task_vectors.masked_fill(task_vectors.abs() < limit, 0.0)
         sign = torch.sign(trimmed.sum(dim=0))
-        sign[sign == 0] = state["majority_sign"]
-        selected = trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)
-        merged = selected.sum(dim=0)
+        positive, negative = trimmed.clamp(min=0).sum(dim=0), trimmed.clamp(max=0).sum(dim=0)
         if self.params.merge == "mean":
-            merged = merged / (selected != 0).sum(dim=0).clamp(min=1)
-        return base + self.params.scaling * merged
+            positive /= (trimmed > 0).sum(dim=0).clamp(min=1)
+            negative /= (trimmed < 0).sum(dim=0).clamp(min=1)
+        cancelled = sign == 0  # the trimmed entries sum to exactly 0: the model-wide majority sign decides
+        majority = state.get("majority_sign")
+        if majority is None:  # elected in this pass: take +, remember what - would give (`finish`)
+            state[_SIGN_TOTAL] = state.get(_SIGN_TOTAL, 0) + int(sign.sum(dtype=torch.int64))
+            undecided = (cancelled & (negative != 0)).nonzero().squeeze(1)
+            if undecided.numel():
+                alternative = base[undecided] + self.params.scaling * negative[undecided]
+                state.setdefault(_PENDING, []).append((name, (undecided + start).cpu(), alternative.cpu()))
+            majority = 1
+        keep_positive = (sign > 0) | (cancelled & (majority > 0))
+        return base + self.params.scaling * torch.where(keep_positive, positive, negative)
+
+    def finish(self, state: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if _SIGN_TOTAL not in state:
+            return {}
+        total = state[_SIGN_TOTAL]
+        state["majority_sign"] = (total > 0) - (total < 0)
+        if state["majority_sign"] > 0:
+            return {}
+        corrections: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for name, index, values in state.get(_PENDING, []):
+            corrections.setdefault(name, ([], []))[0].append(index)
+            corrections[name][1].append(values)
+        return {name: (torch.cat(index), torch.cat(values)) for name, (index, values) in corrections.items()}
+
+
+_CHUNK = 1 << 15  # coordinates merged at a time
+_SIGN_TOTAL = RUN_ONLY + "sign_total"  # run-only state of a merge that elects the majority sign as it goes
+_PENDING = RUN_ONLY + "pending"  # [(tensor, flat indices, merged values if the majority is not +)]

@@ -1,0 +1,161 @@
+"""The engine reads each input once per pass, on every core: read-ahead bounded by a window, NaN/Inf checked as
+tensors stream in, TIES electing its majority sign in the merge pass (corrections patched into the output)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mergeflow.checkpoints import open_checkpoint
+from mergeflow.checkpoints.reader import Checkpoint, StateDictSource, TensorInfo
+from mergeflow.checkpoints.writer import ShardedSafetensorsWriter
+from mergeflow.errors import CheckpointError
+from mergeflow.merge import merge_checkpoints, merge_state_dicts
+from mergeflow.methods import build_method
+from mergeflow.parallel import read_ahead
+from mergeflow.task_vectors import ExpertPool
+
+
+def test_read_ahead_keeps_order_window_and_releases():
+    flight, peak, released = [0], [0], []
+    lock = threading.Lock()
+
+    def produce(x: int) -> int:
+        with lock:
+            flight[0] += x
+            peak[0] = max(peak[0], flight[0])
+        return x
+
+    def release(x: int) -> None:
+        with lock:
+            flight[0] -= x
+        released.append(x)
+
+    items = [3, 1, 4, 1, 5, 9, 2, 6]
+    got = []
+    for x in read_ahead(produce, items, cost=lambda x: x, window=10, release=release):
+        time.sleep(0.005)  # a slow consumer: the producer runs ahead up to the window
+        got.append(x)
+    assert got == items and released == items[:-1]
+    assert peak[0] <= max(10, max(a + b for a, b in zip(items, items[1:])))  # two items are always allowed
+
+
+def test_read_ahead_raises_at_the_failing_item_and_stops_on_close():
+    def produce(x: int) -> int:
+        if x == 3:
+            raise ValueError("bad item 3")
+        return x
+
+    got = []
+    with pytest.raises(ValueError, match="bad item 3"):
+        for x in read_ahead(produce, [1, 2, 3, 4], cost=lambda x: 1, window=100):
+            got.append(x)
+    assert got == [1, 2]
+    before = threading.active_count()
+    stream = read_ahead(lambda x: x, list(range(1000)), cost=lambda x: 1, window=4)
+    assert next(stream) == 0
+    stream.close()  # as on Ctrl-C in the consumer: the thread ends
+    assert threading.active_count() <= before
+
+
+def _models(tmp_path, tensors: int = 6):
+    """Base and 3 experts whose coordinate 0 of tensor w0 cancels exactly, and whose other coordinates vote
+    mostly negative: the model-wide majority sign is -, known only after the last tensor."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(64, 32, generator=g) for i in range(tensors)}
+    base["ids"] = torch.arange(5)
+    base["w0"][0, 0] = 0.0  # so that +2 and -2 are exact task-vector entries
+    experts = []
+    for e in range(3):
+        expert = {k: v.clone() for k, v in base.items()}
+        for i in range(tensors):
+            expert[f"w{i}"] += -0.5 * torch.rand(64, 32, generator=g) - 0.01
+        experts.append(expert)
+    experts[0]["w0"][0, 0], experts[1]["w0"][0, 0], experts[2]["w0"][0, 0] = 2.0, -2.0, 0.0
+    paths = []
+    for name, sd in [("base", base)] + [(f"e{i}", sd) for i, sd in enumerate(experts)]:
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+        paths.append(str(tmp_path / f"{name}.safetensors"))
+    return base, experts, paths
+
+
+def test_ties_elects_the_majority_in_the_merge_pass_and_patches_what_it_decides(tmp_path, cache, monkeypatch):
+    base, experts, paths = _models(tmp_path)
+    params = {"density": 0.5, "scaling": 1.0}
+    reads = []
+    original = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, name: reads.append(name) or original(self, name))
+    result = merge_checkpoints("ties", paths[0], paths[1:], str(tmp_path / "out"), params, cache=cache)
+    monkeypatch.undo()
+    assert result.state["majority_sign"] == -1
+    merged = open_checkpoint(str(tmp_path / "out"), cache=cache)
+    # the cancelled coordinate takes the negative entry, as the two-pass reference (prepare) decides
+    assert float(merged.get("w0")[0, 0]) == -2.0
+    two_pass = merge_state_dicts("ties", base, experts, params,
+                                 state=build_method("ties", params).prepare(_pool(base, experts)))
+    assert all(torch.equal(merged.get(k), two_pass[k]) for k in two_pass)
+    # 3 passes over the 6 float tensors of 4 inputs (2 top-k + the merge; no check or sign pass of their own)
+    assert reads.count("w3") == 3 * 4
+
+
+def _pool(base, experts):
+    return ExpertPool(StateDictSource(base), [StateDictSource(e) for e in experts], ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare", "average"])
+def test_single_pass_methods_read_each_input_tensor_once(tmp_path, cache, monkeypatch, method):
+    _, _, paths = _models(tmp_path)
+    reads = []
+    original = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, name: reads.append((self.uri, name)) or original(self, name))
+    merge_checkpoints(method, paths[0], paths[1:], str(tmp_path / "out"), cache=cache)
+    assert len(reads) == len(set(reads)) == 4 * 6 + 1  # every float tensor of 4 inputs once, the ids once
+
+
+def test_nan_found_while_streaming_names_file_and_tensor_and_writes_nothing(tmp_path, cache):
+    base, experts, paths = _models(tmp_path)
+    experts[2]["w5"][3, 3] = float("nan")  # the last tensor: found in the merge pass itself
+    save_file(experts[2], paths[3])
+    with pytest.raises(CheckpointError, match="1 NaN") as info:
+        merge_checkpoints("task_arithmetic", paths[0], paths[1:], str(tmp_path / "out"), cache=cache)
+    assert info.value.file == paths[3] and info.value.tensor == "w5"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_small_window_gives_the_same_merge(tmp_path, cache):
+    _, _, paths = _models(tmp_path)
+    merge_checkpoints("ties", paths[0], paths[1:], str(tmp_path / "a"), cache=cache)
+    merge_checkpoints("ties", paths[0], paths[1:], str(tmp_path / "b"), cache=cache, window=1)
+    a, b = open_checkpoint(str(tmp_path / "a"), cache=cache), open_checkpoint(str(tmp_path / "b"), cache=cache)
+    assert all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
+
+
+def test_writer_patches_a_written_tensor(tmp_path):
+    plan = [TensorInfo("a", (4,), torch.bfloat16), TensorInfo("b", (2, 3), torch.float32)]
+    writer = ShardedSafetensorsWriter(tmp_path / "w", plan)
+    writer.write("a", torch.zeros(4, dtype=torch.bfloat16))
+    with pytest.raises(KeyError, match="not been written"):
+        writer.patch("b", torch.tensor([0]), torch.tensor([1.0]))
+    writer.write("b", torch.ones(2, 3))
+    writer.patch("b", torch.tensor([1, 5]), torch.tensor([7.0, 8.0]))
+    writer.patch("a", torch.tensor([2]), torch.tensor([3.0]))
+    writer.close()
+    got = open_checkpoint(str(tmp_path / "w" / "model.safetensors"))
+    assert torch.equal(got.get("b"), torch.tensor([[1.0, 7.0, 1.0], [1.0, 1.0, 8.0]]))
+    assert torch.equal(got.get("a"), torch.tensor([0.0, 0.0, 3.0, 0.0], dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_merge_equals_the_cpu_merge(tmp_path, cache):
+    _, _, paths = _models(tmp_path)
+    for method in ("task_arithmetic", "ties", "dare"):
+        merge_checkpoints(method, paths[0], paths[1:], str(tmp_path / f"{method}-cpu"), cache=cache, device="cpu")
+        merge_checkpoints(method, paths[0], paths[1:], str(tmp_path / f"{method}-cuda"), cache=cache, device="cuda")
+        cpu = open_checkpoint(str(tmp_path / f"{method}-cpu"), cache=cache)
+        gpu = open_checkpoint(str(tmp_path / f"{method}-cuda"), cache=cache)
+        for k in cpu.keys():
+            assert torch.allclose(cpu.get(k).double(), gpu.get(k).double(), atol=1e-6), (method, k)
