@@ -1,7 +1,8 @@
-"""FusionBench 0.2.33's own implementations of TSV-M, Iso-C, Iso-CTS and WUDI, for parity checks and benchmarks.
+"""FusionBench 0.2.33's own implementations of TSV-M, Iso-C, Iso-CTS and WUDI, and the TIES, DARE and state-dict
+arithmetic utilities its Task Arithmetic, TIES and DARE algorithms use, for parity checks and benchmarks.
 
 The wheel is fetched from the package index (`pip download --no-deps`, never installed, never a dependency of
-Mergeflow) into `benchmarks/out/fusion-bench/` and the four functions are loaded from its files as they are.
+Mergeflow) into `benchmarks/out/fusion-bench/` and these modules are loaded from its files as they are.
 The package's `__init__` pulls in Lightning, Hydra and more; the few names these files import from it (a timing
 context, type aliases, base classes used only by the classes around the functions) are given light stand-ins.
 """
@@ -13,9 +14,10 @@ import importlib.util
 import subprocess
 import sys
 import types
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 VERSION = "0.2.33"
 WHEEL = f"fusion_bench-{VERSION}-py3-none-any.whl"
@@ -24,6 +26,9 @@ FILES = {
     "tsvm": "fusion_bench/method/task_singular_vector/utils/TSVM_utils.py",
     "iso": "fusion_bench/method/isotropic_merging/iso_utils.py",
     "wudi": "fusion_bench/method/wudi/wudi.py",
+    "ties": "fusion_bench/method/ties_merging/ties_merging_utils.py",
+    "dare": "fusion_bench/method/dare/utils.py",
+    "arithmetic": "fusion_bench/utils/state_dict_arithmetic.py",
 }
 
 
@@ -59,7 +64,8 @@ def _stand_ins() -> dict[str, types.ModuleType]:
         "fusion_bench": module("fusion_bench", BaseAlgorithm=base("BaseAlgorithm"), BaseModelPool=base("BaseModelPool"),
                                auto_register_config=lambda cls: cls),
         "fusion_bench.utils": module("fusion_bench.utils", timeit_context=lambda *a, **k: contextlib.nullcontext()),
-        "fusion_bench.utils.type": module("fusion_bench.utils.type", StateDictType=dict),
+        "fusion_bench.utils.type": module("fusion_bench.utils.type", StateDictType=dict, BoolStateDictType=dict,
+                                          TorchModelType=TypeVar("TorchModelType")),
         "fusion_bench.utils.state_dict_arithmetic": module("fusion_bench.utils.state_dict_arithmetic",
                                                            state_dict_add=add, state_dict_sub=sub),
         "fusion_bench.mixins": module("fusion_bench.mixins", LightningFabricMixin=base("LightningFabricMixin")),
@@ -67,7 +73,7 @@ def _stand_ins() -> dict[str, types.ModuleType]:
 
 
 def load(which: str) -> types.ModuleType:
-    """FusionBench's module `which` ("tsvm", "iso" or "wudi"), executed from the wheel's file."""
+    """FusionBench's module `which` (a key of FILES), executed from the wheel's file."""
     source = zipfile.ZipFile(wheel_path()).read(FILES[which]).decode()
     stand_ins = _stand_ins()
     saved = {name: sys.modules.get(name) for name in stand_ins}
@@ -75,7 +81,10 @@ def load(which: str) -> types.ModuleType:
     try:
         spec = importlib.util.spec_from_loader(f"fusionbench_{which}", loader=None)
         mod = importlib.util.module_from_spec(spec)
-        exec(compile(source, f"{WHEEL}/{FILES[which]}", "exec"), mod.__dict__)
+        mod.__package__ = FILES[which].rsplit("/", 1)[0].replace("/", ".")  # relative imports reach the stand-ins
+        with warnings.catch_warnings():  # __package__ is not the spec's parent: Python says so with an ImportWarning
+            warnings.simplefilter("ignore", ImportWarning)
+            exec(compile(source, f"{WHEEL}/{FILES[which]}", "exec"), mod.__dict__)
     finally:
         for name, previous in saved.items():
             if previous is None:

@@ -11,7 +11,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -23,10 +23,11 @@ import mergeflow
 from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, open_checkpoint
 from mergeflow.checkpoints.writer import parse_size
 from mergeflow.checkpoints.lora import LoraExpert, open_expert
+from mergeflow.checkpoints.model_files import copy_model_files
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.errors import IntegrityError
 from mergeflow.methods import MergeMethod, build_method
-from mergeflow.methods.base import SUBSPACE, recorded, with_subspaces
+from mergeflow.methods.base import BLOCK_OFFSET, SUBSPACE, recorded, with_subspaces
 from mergeflow.selection import is_float
 from mergeflow.statistics import open_statistics, validate_statistics
 from mergeflow.subspace import SubspaceReader, expert_identities
@@ -93,7 +94,8 @@ Patch = Callable[[str, torch.Tensor, torch.Tensor], None]  # (tensor, flat indic
 
 def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torch.Tensor], None], *,
                state: dict[str, Any] | None = None, progress: bool = False,
-               only: Collection[str] | None = None, patch: Patch | None = None) -> dict[str, Any]:
+               only: Collection[str] | None = None, patch: Patch | None = None,
+               write_rows: Callable[[str, int, torch.Tensor], None] | None = None) -> dict[str, Any]:
     """Run `method` over `pool`, handing each output tensor (in the base's dtype, on CPU) to `write`; returns the
     method's state (with what the merge pass settled, e.g. TIES's majority sign).
 
@@ -102,6 +104,8 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     output to those tensors (one part of a merge split across tasks). Float tensors stream in through
     `ExpertPool.stream` (read ahead on another thread). With `patch`, a whole merge runs the method's lighter
     `prepare_merge` and corrects tensors already written through `patch` once the pass has settled them.
+    Elementwise methods receive tensors larger than half the pool's window in blocks of rows, written through
+    `write_rows` (name, first row, rows) when given, so memory stays within the window whatever N.
     """
     if state is None:
         whole = only is None and patch is not None
@@ -111,7 +115,9 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     names, max_bytes = method.grouping(state, pool.device)
     batched = set(names).intersection(info.name for info in infos if is_float(info.dtype))
     bar = progress_bar(total=len(infos), desc=f"merging ({method.name})", disable=not progress)
-    streamed = pool.stream([info.name for info in infos if info.name not in batched and is_float(info.dtype)])
+    keys = [info.name for info in infos if info.name not in batched and is_float(info.dtype)]
+    streamed = pool.blocks(keys) if method.elementwise else (
+        (name, 0, base, task_vectors) for name, base, task_vectors in pool.stream(keys))
     try:
         for info in infos:
             if info.name in batched:
@@ -119,8 +125,7 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
             if not is_float(info.dtype):
                 write(info.name, pool.base.get(info.name))
             else:
-                name, base, task_vectors = next(streamed)
-                write(name, method.merge_tensor(name, base, task_vectors, run_state).to("cpu", info.dtype))
+                _merge_blocks(method, info, streamed, run_state, write, write_rows)
             bar.update()
     finally:
         streamed.close()
@@ -143,6 +148,30 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     for name, (index, values) in corrections.items():
         patch(name, index, values.to("cpu", dtypes[name]))
     return {key: value for key, value in run_state.items() if key != SUBSPACE}
+
+
+def _merge_blocks(method: MergeMethod, info: TensorInfo,
+                  streamed: Iterator[tuple[str, int, torch.Tensor, torch.Tensor]],
+                  state: dict[str, Any], write: Callable[[str, torch.Tensor], None],
+                  write_rows: Callable[[str, int, torch.Tensor], None] | None) -> None:
+    """Merge one float tensor from the stream, whole or block by block of rows (elementwise methods on tensors
+    larger than half the window), written as they come with `write_rows`, else joined first."""
+    rows = info.shape[0] if info.shape else 1
+    done, parts = 0, []
+    while done < rows:
+        name, start, base, task_vectors = next(streamed)
+        state[BLOCK_OFFSET] = start * math.prod(info.shape[1:])
+        merged = method.merge_tensor(name, base, task_vectors, state).to("cpu", info.dtype)
+        if start == 0 and tuple(merged.shape) == info.shape:
+            write(name, merged)
+            return
+        if write_rows is not None:
+            write_rows(name, start, merged)
+        else:
+            parts.append(merged)
+        done += len(merged)
+    if parts:
+        write(info.name, torch.cat(parts))
 
 
 def patch_dict(out: dict[str, torch.Tensor]) -> Patch:
@@ -257,7 +286,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
             try:
                 if precomputed is None:
                     state = merge_pool(merge_method, pool, writer.write, state=state, progress=progress, only=only,
-                                       patch=writer.patch)
+                                       patch=writer.patch, write_rows=writer.write_rows)
                 else:
                     _write_precomputed(precomputed, plan, writer.write, out)
                     state = state or {}
@@ -282,34 +311,6 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         for ckpt in (base_ckpt, *expert_ckpts, *(stats_ckpts or ())):
             ckpt.close()
     return result
-
-
-# What makes a weights directory a Hugging Face model directory: copied from the base's, so the merge loads with
-# `from_pretrained` (configs and tokenizers; never weights).
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
-               "tokenizer.model", "chat_template.jinja", "preprocessor_config.json")
-
-
-def copy_model_files(base: str, directory: Path, storage_options: Mapping[str, Any] | None,
-                     cache: ContentCache) -> dict[str, str]:
-    """Copy the base's model files (`MODEL_FILES`, when a config.json lies beside its weights) into `directory`;
-    returns {name: sha256} of those copied."""
-    from mergeflow.storage import filesystem, join
-
-    folder = base if not base.lower().endswith((".safetensors", ".json", ".bin", ".pt", ".pth")) \
-        else (base.rsplit("/", 1)[0] if "/" in base else ".")
-    fs, path = filesystem(folder, storage_options)
-    present = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
-    if "config.json" not in present:
-        return {}
-    copied = {}
-    for name in MODEL_FILES:
-        if name in present:
-            local = cache.fetch(join(folder, name), storage_options)
-            shutil.copyfile(local.path, directory / name)
-            copied[name] = local.sha256
-    return copied
 
 
 def _write_precomputed(tensors: Mapping[str, torch.Tensor], plan: Sequence[TensorInfo],

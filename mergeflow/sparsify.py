@@ -95,9 +95,24 @@ def seeded_generator(seed: int, *context: object) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def dare_keep_mask(shape: Sequence[int], drop_rate: float, seed: int, task_index: int, name: str) -> torch.Tensor:
-    """DARE: keep each entry with probability 1 - drop_rate (on CPU, so every device gets the same mask)."""
+_DARE_BLOCK = 1 << 18  # DARE's masks are drawn per block of this many coordinates of the flattened tensor
+
+
+def dare_keep_mask(shape: Sequence[int], drop_rate: float, seed: int, task_index: int, name: str,
+                   offset: int = 0) -> torch.Tensor:
+    """DARE: keep each entry with probability 1 - drop_rate (on CPU, so every device gets the same mask), for the
+    coordinates [offset, offset + prod(shape)) of the flattened tensor `name`. Each block of `_DARE_BLOCK`
+    coordinates has a generator of its own, so a block of rows gets the same mask as it has in the whole tensor."""
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"drop rate must be in [0, 1), got {drop_rate}")
-    generator = seeded_generator(seed, task_index, name)
-    return torch.rand(tuple(shape), generator=generator) >= drop_rate
+    count = 1
+    for dim in shape:
+        count *= dim
+    parts, position, stop = [], offset, offset + count
+    while position < stop:
+        block = position // _DARE_BLOCK
+        end = min(stop, (block + 1) * _DARE_BLOCK)
+        draws = torch.rand(end - block * _DARE_BLOCK, generator=seeded_generator(seed, task_index, name, block))
+        parts.append(draws[position - block * _DARE_BLOCK:] >= drop_rate)
+        position = end
+    return (torch.cat(parts) if len(parts) != 1 else parts[0]).reshape(tuple(shape))

@@ -49,11 +49,10 @@ class ExpertPool:
     statistics: Sequence[TensorSource] | None = None
     objective: Objective | None = None
     subspaces: Mapping[str, Any] | None = None  # kind -> stored per-layer factors (mergeflow.subspace.SubspaceReader)
-    # reject NaN/Inf in each tensor the first time `stream` reads it (the engine sets this instead of a pass of
-    # its own for methods that read the inputs once); `window`: bytes `stream` may hold ahead of its consumer
+    # reject NaN/Inf in each tensor `stream` reads (the engine sets this instead of a pass of its own for methods
+    # that read the inputs once); `window`: bytes `stream` may hold ahead of its consumer
     check_finite: bool = False
     window: int = DEFAULT_WINDOW
-    _checked: set[str] = field(default_factory=set, repr=False)
     _spares: list[torch.Tensor] = field(default_factory=list, repr=False)  # task-vector buffers `stream` reuses
     _spares_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -63,27 +62,30 @@ class ExpertPool:
     def float_keys(self) -> list[str]:
         return [info.name for info in self.infos() if is_float(info.dtype)]
 
-    def base_tensor(self, name: str) -> torch.Tensor:
-        return self._on_device(self.base.get(name))
+    def base_tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The base's tensor `name` (its `rows` [start, stop) when given) in fp32 on the pool's device."""
+        return self._on_device(self.base.get(name) if rows is None else self.base.get_rows(name, *rows))
 
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":  # CUDA only: from pinned memory, asynchronous on the current stream
             return tensor.pin_memory().to(self.device, torch.float32, non_blocking=True)
         return tensor.to(self.device, torch.float32)
 
-    def task_vectors(self, name: str, base: torch.Tensor | None = None, out: torch.Tensor | None = None
-                     ) -> torch.Tensor:
-        """Stacked [N, *shape] fp32 task vectors of one tensor, on the pool's device (into `out` when given)."""
-        base = self.base_tensor(name) if base is None else base
+    def task_vectors(self, name: str, base: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                     rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Stacked [N, *shape] fp32 task vectors of one tensor (of its `rows` [start, stop) when given; `base`:
+        the same rows of the base in fp32), on the pool's device (into `out` when given)."""
+        base = self.base_tensor(name, rows) if base is None else base
         if out is None:
             out = torch.empty((len(self.experts), *base.shape), dtype=torch.float32, device=self.device)
 
         def one(i: int) -> None:
             expert = self.experts[i]
             if isinstance(expert, LoraExpert):  # scale * B @ A itself, not (W0 + delta) - W0
-                out[i] = expert.task_vector(name, base)
+                out[i] = expert.task_vector(name, base, rows)
             else:
-                torch.sub(self._on_device(expert.get(name)), base, out=out[i])
+                tensor = expert.get(name) if rows is None else expert.get_rows(name, *rows)
+                torch.sub(self._on_device(tensor), base, out=out[i])
 
         parallel_map(one, range(len(self.experts)))  # reads and subtractions of several experts at once
         return out
@@ -100,50 +102,83 @@ class ExpertPool:
         `window` bytes. The task vectors are valid until the caller asks for the next tensor: their buffers are
         reused (fresh pages cost more than the subtraction that fills them)."""
         keys = self.float_keys() if keys is None else list(keys)
-        per_value = 4 * (len(self.experts) + 1)
-        return read_ahead(self._read, keys, lambda name: per_value * math.prod(self.base.info(name).shape),
-                          self.window, release=lambda item: self._recycle(item[2]))
+        for name, _, base, task_vectors in self._read_ahead([(name, None) for name in keys]):
+            yield name, base, task_vectors
 
-    def _read(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor]:
+    def blocks(self, keys: Sequence[str]) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
+        """As `stream`, but a tensor whose base and task vectors would take more than half the window comes in
+        blocks of rows: (name, first row, base rows, task vectors [N, rows, ...]). Memory then stays within the
+        window whatever the number of experts (for methods that merge each coordinate on its own)."""
+        per_value = 4 * (len(self.experts) + 1)
+        items: list[tuple[str, tuple[int, int] | None]] = []
+        for name in keys:
+            shape = self.base.info(name).shape
+            rows, row_cost = (shape[0], per_value * math.prod(shape[1:])) if shape else (1, per_value)
+            step = max(1, self.window // 2 // row_cost)
+            items += [(name, None)] if step >= rows else [(name, (r, min(r + step, rows)))
+                                                          for r in range(0, rows, step)]
+        for name, rows, base, task_vectors in self._read_ahead(items):
+            yield name, 0 if rows is None else rows[0], base, task_vectors
+
+    def _read_ahead(self, items: list[tuple[str, tuple[int, int] | None]]
+                    ) -> Iterator[tuple[str, tuple[int, int] | None, torch.Tensor, torch.Tensor]]:
+        per_value = 4 * (len(self.experts) + 1)
+
+        def cost(item: tuple[str, tuple[int, int] | None]) -> int:
+            shape = self.base.info(item[0]).shape
+            rows = item[1][1] - item[1][0] if item[1] is not None else (shape[0] if shape else 1)
+            return per_value * rows * math.prod(shape[1:])
+
+        stream = read_ahead(self._read, items, cost, self.window, release=lambda item: self._recycle(item[3]))
+        try:
+            yield from stream
+        finally:
+            stream.close()
+
+    def _read(self, item: tuple[str, tuple[int, int] | None]
+              ) -> tuple[str, tuple[int, int] | None, torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda":  # CUDA only: this thread's copies run on a stream of their own, so they
             # overlap the merge's kernels on the default stream, which then owns the tensors
             copies = torch.cuda.Stream(self.device)
             with torch.cuda.stream(copies):
-                read = self._read_on_device(name)
+                read = self._read_on_device(*item)
             copies.synchronize()
-            for tensor in read[1:]:
+            for tensor in read[2:]:
                 tensor.record_stream(torch.cuda.default_stream(self.device))
             return read
-        return self._read_on_device(name)
+        return self._read_on_device(*item)
 
-    def _read_on_device(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor]:
-        base = self.base_tensor(name)
+    def _read_on_device(self, name: str, rows: tuple[int, int] | None
+                        ) -> tuple[str, tuple[int, int] | None, torch.Tensor, torch.Tensor]:
+        base = self.base_tensor(name, rows)
         size = len(self.experts) * base.numel()
         with self._spares_lock:
             fits = [i for i, spare in enumerate(self._spares) if spare.numel() >= size]
             spare = self._spares.pop(min(fits, key=lambda i: self._spares[i].numel())) if fits else None
         out = None if spare is None else spare[:size].view(len(self.experts), *base.shape)
-        task_vectors = self.task_vectors(name, base, out)
-        if self.check_finite and name not in self._checked:
+        task_vectors = self.task_vectors(name, base, out, rows)
+        if self.check_finite:
             # NaN and Inf in the base or an expert reach the task vectors, and a sum: one reduction proves them
             # finite; only a non-finite sum (or an overflow) looks for the file at fault
             if not bool(torch.isfinite(task_vectors.sum())):
                 from mergeflow.validation import require_finite
                 for source in (self.base, *self.experts):
                     require_finite(source, name)
-            self._checked.add(name)
-        return name, base, task_vectors
+        return name, rows, base, task_vectors
 
     def _recycle(self, task_vectors: torch.Tensor) -> None:
-        """Keep the two largest buffers `stream` has handed out, for the next tensors (on the CPU: CUDA's caching
-        allocator does this itself)."""
+        """Keep the largest buffers `stream` has handed out, two at most and within the window, for the next
+        tensors (on the CPU: CUDA's caching allocator does this itself)."""
         if task_vectors.device.type == "cuda":
             return
         buffer = task_vectors if task_vectors._base is None else task_vectors._base
         with self._spares_lock:
-            self._spares.append(buffer.reshape(-1))
-            self._spares.sort(key=lambda t: t.numel(), reverse=True)
-            del self._spares[2:]
+            kept, used = [], 0
+            for spare in sorted([*self._spares, buffer.reshape(-1)], key=lambda t: t.numel(), reverse=True):
+                if len(kept) < 2 and used + 4 * spare.numel() <= self.window:
+                    kept.append(spare)
+                    used += 4 * spare.numel()
+            self._spares[:] = kept
 
 
 @contextmanager

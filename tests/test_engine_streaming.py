@@ -98,6 +98,7 @@ def test_ties_elects_the_majority_in_the_merge_pass_and_patches_what_it_decides(
     two_pass = merge_state_dicts("ties", base, experts, params,
                                  state=build_method("ties", params).prepare(_pool(base, experts)))
     assert all(torch.equal(merged.get(k), two_pass[k]) for k in two_pass)
+    assert result.state["majority_sign"] == -1
     # 3 passes over the 6 float tensors of 4 inputs (2 top-k + the merge; no check or sign pass of their own)
     assert reads.count("w3") == 3 * 4
 
@@ -126,12 +127,25 @@ def test_nan_found_while_streaming_names_file_and_tensor_and_writes_nothing(tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_a_small_window_gives_the_same_merge(tmp_path, cache):
-    _, _, paths = _models(tmp_path)
-    merge_checkpoints("ties", paths[0], paths[1:], str(tmp_path / "a"), cache=cache)
-    merge_checkpoints("ties", paths[0], paths[1:], str(tmp_path / "b"), cache=cache, window=1)
-    a, b = open_checkpoint(str(tmp_path / "a"), cache=cache), open_checkpoint(str(tmp_path / "b"), cache=cache)
-    assert all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "average"])
+def test_a_small_window_merges_in_blocks_of_rows_with_the_same_result(tmp_path, cache, monkeypatch, method):
+    base, experts, paths = _models(tmp_path)
+    monkeypatch.setattr("mergeflow.sparsify._DARE_BLOCK", 100)  # DARE's mask blocks straddle the row blocks
+    merge_checkpoints(method, paths[0], paths[1:], str(tmp_path / "whole"), cache=cache)
+    rows_read = []
+    original = Checkpoint.get_rows
+    monkeypatch.setattr(Checkpoint, "get_rows",
+                        lambda self, name, start, stop: rows_read.append(stop - start) or original(self, name, start, stop))
+    # 4 inputs x 32 fp32 values a row: a 2 KB window holds 2 rows of each block
+    result = merge_checkpoints(method, paths[0], paths[1:], str(tmp_path / "blocks"), cache=cache, window=2048)
+    assert rows_read and max(rows_read) <= 2
+    whole = open_checkpoint(str(tmp_path / "whole"), cache=cache)
+    blocks = open_checkpoint(str(tmp_path / "blocks"), cache=cache)
+    assert all(torch.equal(whole.get(k), blocks.get(k)) for k in whole.keys())
+    in_memory = merge_state_dicts(method, base, experts)  # the dict path joins its blocks the same way
+    assert all(torch.equal(in_memory[k], blocks.get(k)) for k in in_memory)
+    if method == "ties":
+        assert result.state["majority_sign"] == -1 and float(blocks.get("w0")[0, 0]) == pytest.approx(-0.6)
 
 
 def test_writer_patches_a_written_tensor(tmp_path):

@@ -72,6 +72,7 @@ def test_an_adapter_reads_as_peft_merges_it(bert):
         name = "encoder.layer.1.attention.self.value.weight"
         w0 = base.get(name)
         assert torch.allclose(lora.task_vector(name, w0), full[0][name] - w0, atol=1e-6)
+        assert torch.allclose(lora.task_vector(name, w0[3:9], rows=(3, 9)), (full[0][name] - w0)[3:9], atol=1e-6)
         assert not lora.task_vector("encoder.layer.0.output.dense.weight", base.get(
             "encoder.layer.0.output.dense.weight")).any()  # not a target: a zero task vector
 
@@ -118,6 +119,21 @@ def test_fan_in_fan_out_rslora_and_alpha_pattern(tmp_path):
                                                            "h.1.attn.c_attn.weight": 2.0}
         for name in base.keys():
             assert torch.allclose(lora.get(name), full[name], atol=1e-6), name
+        for name in lora.lora:  # rows of (B @ A)^T: columns of A
+            assert torch.allclose(lora.delta(name, rows=(2, 7)), lora.delta(name)[2:7], atol=1e-6), name
+
+
+def test_adapters_merge_in_blocks_of_rows_as_a_whole(bert, tmp_path):
+    root, full = bert
+    save_file(full[1], str(tmp_path / "full1.safetensors"))
+    experts = [str(root / "adapter0"), str(tmp_path / "full1.safetensors")]
+    merge_checkpoints("ties", str(root / "base.safetensors"), experts, str(tmp_path / "whole"), device="cpu")
+    merge_checkpoints("ties", str(root / "base.safetensors"), experts, str(tmp_path / "blocks"), device="cpu",
+                      window=4096)  # a few rows at a time
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "blocks" / "model.safetensors"))
+    # a block's delta is B[rows] @ A: the whole product's rows up to the fp32 rounding of another matmul shape
+    assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
+    assert sum(not torch.equal(a[k], b[k]) for k in a) <= 4  # at most the 4 LoRA targets
 
 
 def test_a_task_model_adapter_over_a_bare_encoder_and_modules_to_save(tmp_path):

@@ -129,26 +129,35 @@ class LoraExpert:
     def info(self, name: str) -> TensorInfo:
         return self.base.info(name)
 
-    def delta(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """scale * B @ A of a target module (fp32, on `device`), None for other tensors."""
+    def delta(self, name: str, device: torch.device | str = "cpu",
+              rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """scale * B @ A of a target module (fp32, on `device`; only `rows` [start, stop) when given), None for
+        other tensors."""
         if name not in self.lora:
             return None
         a_key, b_key, scale, embedding = self.lora[name]
         a = self.adapter.get(a_key).to(device, torch.float32)
         b = self.adapter.get(b_key).to(device, torch.float32)
-        product = b @ a
-        if embedding or self.fan_in_fan_out:
-            product = product.T
+        part = slice(*rows) if rows is not None else slice(None)
+        if embedding or self.fan_in_fan_out:  # the weight is (B @ A)^T: its rows are columns of A
+            product = (b @ a[:, part]).T
+        else:
+            product = b[part] @ a
         return (product * scale).contiguous()
 
-    def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor:
-        """The expert's task vector of one tensor, exact for LoRA targets (`base`: W0 in fp32)."""
-        delta = self.delta(name, base.device)
+    def task_vector(self, name: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The expert's task vector of one tensor (of its `rows` [start, stop) when given; `base`: W0, or those
+        rows of it, in fp32), exact for LoRA targets."""
+        delta = self.delta(name, base.device, rows)
         if delta is not None:
             return delta
         if name in self.whole:
-            return self.adapter.get(self.whole[name]).to(base.device, torch.float32) - base
+            whole = self.adapter.get(self.whole[name])
+            return (whole if rows is None else whole[rows[0]:rows[1]]).to(base.device, torch.float32) - base
         return torch.zeros_like(base)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.get(name)[start:stop]
 
     def get(self, name: str) -> torch.Tensor:
         info = self.base.info(name)

@@ -47,6 +47,9 @@ class TensorSource(Protocol):
 
     def get(self, name: str) -> torch.Tensor: ...
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor's first dimension."""
+
 
 class StateDictSource:
     """An in-memory state dict seen as a `TensorSource`."""
@@ -64,6 +67,9 @@ class StateDictSource:
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._tensors[name][start:stop]
 
 
 @dataclass(frozen=True)
@@ -112,19 +118,31 @@ class Checkpoint:
         info = self.info(name)
         if self._torch_tensors is not None:
             return self._torch_tensors[name]
+        return self._read(name, 0, info.shape[0] if info.shape else 1)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (its first dimension), reading only their bytes."""
+        if self._torch_tensors is not None:
+            return self._torch_tensors[name][start:stop]
+        return self._read(name, start, stop)
+
+    def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        info = self.info(name)
         loc = self._locations[name]
-        nbytes = loc.end - loc.start
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        row_bytes = (loc.end - loc.start) // max(info.shape[0], 1) if info.shape else loc.end - loc.start
+        nbytes, offset = row_bytes * (stop - start), loc.start + row_bytes * start
         out = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view, got = memoryview(out.numpy()), 0
             fd = self._descriptor(loc.file)
             while got < nbytes:  # a single read returns at most ~2 GiB
-                step = os.preadv(fd, [view[got:]], loc.start + got)
+                step = os.preadv(fd, [view[got:]], offset + got)
                 if step == 0:
                     raise CheckpointError(self.files[loc.file].uri, f"read {got} of {nbytes} bytes (truncated?)",
                                           name)
                 got += step
-        return out.view(info.dtype).reshape(info.shape)
+        return out.view(info.dtype).reshape(shape)
 
     def _descriptor(self, file: str) -> int:
         with self._lock:

@@ -77,6 +77,7 @@ class ShardedSafetensorsWriter:
                 start = entries[info.name]["data_offsets"][0]
                 self._slots[info.name] = (index, len(header) + start, info)
         self._written: set[str] = set()
+        self._rows: dict[str, int] = {}  # rows written so far of tensors written in blocks
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._slots:
@@ -93,6 +94,24 @@ class ShardedSafetensorsWriter:
         if data.numel():
             handle.write(memoryview(data.view(torch.uint8).numpy()))
         self._written.add(name)
+
+    def write_rows(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Write rows [start, start + len(tensor)) of a planned tensor (blocks of one tensor, in any order)."""
+        if name not in self._slots:
+            raise KeyError(f"tensor {name!r} is not in the output plan")
+        index, offset, info = self._slots[name]
+        if not info.shape or tuple(tensor.shape[1:]) != info.shape[1:] or tensor.dtype != info.dtype \
+                or start < 0 or start + len(tensor) > info.shape[0]:
+            raise ValueError(f"tensor {name!r}: rows {start}+{tuple(tensor.shape)} {tensor.dtype} do not fit "
+                             f"the planned {info.shape} {info.dtype}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        handle = self._files[index]
+        handle.seek(offset + start * (_nbytes(info) // info.shape[0]))
+        if data.numel():
+            handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self._rows[name] = self._rows.get(name, 0) + len(tensor)
+        if self._rows[name] >= info.shape[0]:
+            self._written.add(name)
 
     def patch(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite the entries at flat `index` of a tensor already written with `values` (in its dtype)."""

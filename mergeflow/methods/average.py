@@ -13,6 +13,7 @@ class SimpleAverage(MergeMethod):
     name = "average"
     summary = "Mean of the experts' weights (data-free)."
     checks_inline = True
+    elementwise = True
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:

@@ -32,6 +32,7 @@ from mergeflow.task_vectors import ExpertPool
 
 
 RUN_ONLY = "_"  # prefix of state keys that live only for one merge (never recorded)
+BLOCK_OFFSET = RUN_ONLY + "offset"  # run-only: flat index of the first coordinate `merge_tensor` receives
 
 
 def recorded(state: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +81,9 @@ class MergeMethod(ABC):
     # merging costs about one read of the inputs: NaN/Inf are checked as the tensors stream in (in `prepare`'s
     # first pass or the merge's), not in a pass of their own before (which methods with heavy per-tensor work keep)
     checks_inline: ClassVar[bool] = False
+    # each coordinate merges on its own (given the state): the engine may hand `merge_tensor` blocks of rows of a
+    # large tensor, with the flat index of the block's first coordinate in state[BLOCK_OFFSET]
+    elementwise: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else self.Params()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.methods.base import BLOCK_OFFSET, MergeMethod, MethodParams
 from mergeflow.parallel import parallel_map
 from mergeflow.sparsify import dare_keep_mask
 
@@ -27,11 +27,13 @@ class Dare(MergeMethod):
     Params = DareParams
     scaling_param = "scaling"
     checks_inline = True
+    elementwise = True
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:
         p = self.params
-        masks = parallel_map(lambda i: dare_keep_mask(base.shape, p.drop_rate, p.seed, i, name),
+        offset = state.get(BLOCK_OFFSET, 0)
+        masks = parallel_map(lambda i: dare_keep_mask(base.shape, p.drop_rate, p.seed, i, name, offset),
                              range(len(task_vectors)))  # the random draws dominate: one task per core
         total = torch.zeros_like(base)
         for tv, keep in zip(task_vectors, masks):

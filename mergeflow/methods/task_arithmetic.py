@@ -21,6 +21,7 @@ class TaskArithmetic(MergeMethod):
     Params = TaskArithmeticParams
     scaling_param = "scaling"
     checks_inline = True
+    elementwise = True
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 from mergeflow.progress import progress_bar
 
-from mergeflow.methods.base import RUN_ONLY, MergeMethod, MethodParams
+from mergeflow.methods.base import BLOCK_OFFSET, RUN_ONLY, MergeMethod, MethodParams
 from mergeflow.sparsify import global_topk_thresholds
 from mergeflow.task_vectors import ExpertPool
 
@@ -45,6 +45,7 @@ class Ties(MergeMethod):
     scaling_param = "scaling"
     prepare_params = ("density",)
     checks_inline = True
+    elementwise = True
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         """Thresholds and the model-wide majority sign (a pass of its own: what a merge split into parts needs)."""
@@ -65,10 +66,10 @@ class Ties(MergeMethod):
         n = len(task_vectors)
         limit = torch.tensor(state["thresholds"], dtype=torch.float32, device=base.device).reshape(n, 1)
         flat_tv, flat_base = task_vectors.reshape(n, -1), base.reshape(-1)
-        merged = torch.empty_like(flat_base)
+        merged, offset = torch.empty_like(flat_base), state.get(BLOCK_OFFSET, 0)
         for start in range(0, flat_base.numel(), _CHUNK):  # a chunk's temporaries stay in the CPU cache
             part = slice(start, start + _CHUNK)
-            merged[part] = self._merge_chunk(name, start, flat_base[part], flat_tv[:, part], limit, state)
+            merged[part] = self._merge_chunk(name, offset + start, flat_base[part], flat_tv[:, part], limit, state)
         return merged.reshape(base.shape)
 
     def _merge_chunk(self, name: str, start: int, base: torch.Tensor, task_vectors: torch.Tensor,

@@ -1,0 +1,589 @@
+"""Task Arithmetic, TIES and DARE: Mergeflow's whole CLI beside mergekit 0.1.5 and FusionBench 0.2.33, same inputs.
+
+Inputs, generated once from a seed and reused while their recorded description matches:
+  vit    merge_memory.py's ViT-B/32-shaped visual tower (open_clip key names, fp32, single-file safetensors;
+         12 blocks, ~88 M parameters) and 8 experts, in benchmarks/out/merge_memory/ (shared with merge_memory.py)
+  llama  a Llama-shaped causal LM in the Hugging Face sharded layout (config.json, model.safetensors.index.json,
+         bf16 shards; 16 layers, hidden 2048, intermediate 8192, vocab 32000, 32 heads, 8 KV heads: ~1.1 B
+         parameters) and 4 experts (base + a seeded gaussian task vector), in benchmarks/out/engine_llama/
+Methods: ta (theta_0 + 0.3 sum tau), ties (top 20% per task vector, elected signs, disjoint sum, lambda 0.3),
+dare (drop 0.5 with rescale, lambda 0.3). Tools, each run a FRESH process timed by /usr/bin/time (wall time and
+peak RSS of the whole command: interpreter start, imports, load, merge, write):
+  mergeflow    `mergeflow merge --method ... --device cpu` (MERGEFLOW_CACHE holds the input digests, computed
+               once before any timed run)
+  mergekit     `mergekit-yaml CONFIG OUT`, mergekit 0.1.5 pip-installed with --no-deps (plus immutables, the one
+               module it needs that the project venv lacks) into benchmarks/out/peers/mergekit, run by the project
+               venv's Python; arithmetic in float32 (`dtype: float32`), output in the input dtype
+  fusionbench  FusionBench 0.2.33's own code (state_dict_arithmetic, ties_merging_utils, dare/utils, loaded from its
+               wheel by fusionbench_code.py) run as its algorithm classes run it: models loaded whole
+               (safetensors load_file), task vectors as state dicts, the merged state dict written with safetensors
+Then Mergeflow's output is compared tensor by tensor with each peer's. Prints a markdown table per input, Mergeflow's
+Llama throughput with a projection to 7B x 8 experts, and the goals as met/missed lines. Exits 1 if a run failed.
+
+    python benchmarks/engine_speed.py                  # full size (inputs: ~3 GB ViT, ~11 GB Llama)
+    python benchmarks/engine_speed.py --blocks 2 --experts 3 --layers 2 --hidden 256 --intermediate 512 \\
+        --vocab 1000 --llama-experts 2 --workdir /tmp/es/vit --llama-workdir /tmp/es/llama   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import fusionbench_code
+import merge_memory
+from vit_models import generator, model_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"
+GB = 1e9
+SCALING, DENSITY, DROP = 0.3, 0.2, 0.5
+METHODS = ("ta", "ties", "dare")
+TOOLS = ("mergeflow", "mergekit", "fusionbench")
+TOOL_NAMES = {"mergeflow": "Mergeflow", "mergekit": "mergekit 0.1.5", "fusionbench": "FusionBench 0.2.33"}
+MERGEFLOW = {"ta": ("task_arithmetic", {"scaling": SCALING}),
+             "ties": ("ties", {"density": DENSITY, "scaling": SCALING, "merge": "sum"}),
+             "dare": ("dare", {"drop_rate": DROP, "scaling": SCALING})}
+MERGEKIT = {"ta": ("task_arithmetic", {}), "ties": ("ties", {"density": DENSITY}),
+            "dare": ("dare_linear", {"density": 1 - DROP})}  # dare_linear keeps `density` (rescale: on by default)
+PEER_PACKAGES = ("mergekit==0.1.5", "immutables==0.21")
+# The venv's torchvision wheel cannot load beside the CPU torch (see mergeflow/compat.py) and mergekit does not use
+# it: hidden, transformers sees it as absent.
+MERGEKIT_MAIN = ("import runpy, sys; sys.modules['torchvision'] = None; sys.argv[0] = 'mergekit-yaml'; "
+                 "runpy.run_module('mergekit.scripts.run_yaml', run_name='__main__')")
+# FusionBench's peak RSS: (a * experts + b) model sizes + the interpreter, by input dtype (measured with
+# /usr/bin/time on small inputs with 2 and 6 experts, rounded up; TIES's bool masks weigh more beside bf16).
+FUSIONBENCH_MODELS = {"float32": {"ta": (0, 6), "ties": (8, 3), "dare": (2.5, 3)},
+                      "bfloat16": {"ta": (0, 6), "ties": (11, 3), "dare": (2.5, 3)}}
+INTERPRETER_BYTES = 0.3e9
+VIT_GOALS = {"ta": (6.0, 1.5), "ties": (20.0, 2.5), "dare": (8.0, None)}  # Mergeflow: seconds, peak GB
+LLAMA_SPEC_VERSION = 1
+LLAMA_SHARD_BYTES = 2e9  # shards of the generated models: at most this, balanced
+PROJECTION_BYTES = 7e9 * 2 * (8 + 1)  # 7B parameters in bf16, base + 8 experts
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """One benchmark input: what each tool is given, and where its runs write."""
+
+    kind: str  # "vit" or "llama"
+    title: str
+    base: Path  # a file or a model directory, as Mergeflow and FusionBench take it
+    experts: tuple[Path, ...]
+    mergekit_models: tuple[Path, ...]  # base first: model directories mergekit accepts
+    scratch: Path  # outputs and mergekit configs
+    cache: Path  # MERGEFLOW_CACHE
+    dtype: str  # the inputs' dtype, mergekit's out_dtype
+    mergeflow_shard: str | None
+    mergekit_shard: str | None
+
+    def files(self) -> list[Path]:
+        """Every input file (the safetensors files and, for model directories, their JSON files)."""
+        return [f for p in (self.base, *self.experts) for f in ([p] if p.is_file() else sorted(p.iterdir()))]
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files() if f.suffix == ".safetensors")
+
+
+@dataclass(frozen=True)
+class Run:
+    wall_s: float = 0.0
+    peak: int = 0  # bytes
+    error: str | None = None  # failed, or not run: why
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Mergeflow's output (a) against a peer's (b), over every tensor."""
+
+    identical: bool = False
+    merged: float = 0.0  # max ||a - b|| / ||b||
+    update: float = 0.0  # max ||a - b|| / ||b - theta_0||
+    problem: str | None = None  # the outputs do not hold the same tensors
+
+    def describe(self, by_design: bool) -> str:
+        if self.problem or self.identical:
+            return self.problem or "bit-identical"
+        if by_design:
+            return f"differs by design; update rel. err {self.update:.1e} (sanity figure)"
+        return f"max rel. err {self.merged:.1e} (update {self.update:.1e})"
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def vit_inputs(args: argparse.Namespace) -> Inputs:
+    """merge_memory.py's files; for mergekit, a directory per model with a config.json it can read (an unknown
+    architecture: mergekit then infers the layout from the tensor names) and model.safetensors linked to the file."""
+    workdir = Path(args.workdir).absolute()
+    base, experts = merge_memory.ensure_models(workdir, args.seed, args.blocks, args.experts)
+    scratch = workdir / "engine_speed"
+    views = []
+    for path in (base, *experts):
+        view = scratch / "mergekit-inputs" / path.stem
+        view.mkdir(parents=True, exist_ok=True)
+        (view / "config.json").write_text(json.dumps(
+            {"architectures": ["OpenCLIPVisionTower"], "model_type": "clip_vision_model"}))
+        (view / "model.safetensors").unlink(missing_ok=True)
+        (view / "model.safetensors").symlink_to(path)
+        views.append(view)
+    params = sum(math.prod(shape) for _, shape in model_spec(args.blocks))
+    title = (f"ViT-B/32-shaped visual tower: {args.blocks} blocks, {args.experts} experts, fp32, "
+             f"{params / 1e6:.1f} M parameters per model")
+    return Inputs("vit", title, base, tuple(experts), tuple(views), scratch, workdir / "cache", "float32", None, None)
+
+
+def llama_config(args: argparse.Namespace) -> dict[str, object]:
+    heads = max(1, args.hidden // 64)
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
+            "intermediate_size": args.intermediate, "num_hidden_layers": args.layers, "num_attention_heads": heads,
+            "num_key_value_heads": max(1, heads // 4), "vocab_size": args.vocab, "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+            "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2}
+
+
+def llama_spec(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Hugging Face Llama tensor names and shapes, in the order of LlamaForCausalLM's state dict."""
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    spec = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        spec += [(p + "self_attn.q_proj.weight", (q, hidden)), (p + "self_attn.k_proj.weight", (kv, hidden)),
+                 (p + "self_attn.v_proj.weight", (kv, hidden)), (p + "self_attn.o_proj.weight", (hidden, q)),
+                 (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
+                 (p + "mlp.down_proj.weight", (hidden, inter)), (p + "input_layernorm.weight", (hidden,)),
+                 (p + "post_attention_layernorm.weight", (hidden,))]
+    return spec + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
+def llama_tensor(seed: int, expert: int | None, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """theta_0: N(0, 0.02) (norm weights 1 + N(0, 0.02)); an expert adds a gaussian task vector of std
+    (0.5-2.5) x 5% of the weights' scale (~1e-3 on the matrices), large enough to survive the cast to bf16."""
+    scale = 1.0 if name.endswith("norm.weight") else 0.02
+    theta = (1.0 if scale == 1.0 else 0.0) + 0.02 * torch.randn(shape, generator=generator(seed, "llama", name))
+    if expert is not None:
+        g = generator(seed, "llama-expert", expert, name)
+        std = 0.05 * scale * (0.5 + 2.0 * torch.rand((), generator=g).item())
+        theta.add_(torch.randn(shape, generator=g), alpha=std)
+    return theta.to(torch.bfloat16)
+
+
+def write_llama(directory: Path, config: dict, seed: int, expert: int | None) -> None:
+    """One model directory, one shard in memory at a time, written under a temporary name then renamed."""
+    spec = llama_spec(config)
+    sizes = [math.prod(shape) * 2 for _, shape in spec]
+    shards = max(1, math.ceil(sum(sizes) / LLAMA_SHARD_BYTES))
+    target, start, shard_of = sum(sizes) / shards, 0, []
+    for size in sizes:  # balanced: tensor i goes to the shard its first byte falls in
+        shard_of.append(min(shards - 1, int(start // target)))
+        start += size
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map = {}
+    for shard in range(shards):
+        file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {n: llama_tensor(seed, expert, n, s) for (n, s), j in zip(spec, shard_of) if j == shard}
+        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        del tensors
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2))
+    tmp.rename(directory)
+
+
+def llama_inputs(args: argparse.Namespace) -> Inputs:
+    """The Llama-shaped base and experts (regenerated when the recorded description changes)."""
+    workdir = Path(args.llama_workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = llama_config(args)
+    wanted = {"version": LLAMA_SPEC_VERSION, "seed": args.seed, "config": config}
+    spec_file = workdir / "models.json"
+    if spec_file.exists() and json.loads(spec_file.read_text()) != wanted:
+        for old in [*workdir.glob("base*"), *workdir.glob("expert_*")]:
+            shutil.rmtree(old)
+    spec_file.write_text(json.dumps(wanted))
+    params = sum(math.prod(shape) for _, shape in llama_spec(config))
+    base, experts = workdir / "base", [workdir / f"expert_{i}" for i in range(args.llama_experts)]
+    for index, directory in [(None, base), *enumerate(experts)]:
+        if not (directory / "model.safetensors.index.json").exists():
+            print(f"generating {directory.name} ({params / 1e9:.3f} B params, bf16)", flush=True)
+            write_llama(directory, config, args.seed, index)
+    title = (f"Llama-shaped causal LM (HF sharded layout, bf16): {args.layers} layers, hidden {args.hidden}, "
+             f"intermediate {args.intermediate}, vocab {args.vocab}, {config['num_attention_heads']} heads, "
+             f"{config['num_key_value_heads']} KV heads: {params / 1e9:.3f} B parameters per model; "
+             f"{args.llama_experts} experts")
+    return Inputs("llama", title, base, tuple(experts), (base, *experts), workdir / "engine_speed",
+                  workdir / "cache", "bfloat16", "2GB", "1B")  # mergekit's shard size counts parameters
+
+
+# ---------------------------------------------------------------------------------------------------- tools
+
+
+def ensure_mergekit() -> Path:
+    """mergekit 0.1.5 and immutables, pip-installed without dependencies into their own folder (never torch)."""
+    target = OUT / "peers" / "mergekit"
+    if not all((target / f"{p.replace('==', '-')}.dist-info").exists() for p in PEER_PACKAGES):
+        print(f"installing {', '.join(PEER_PACKAGES)} into {target.relative_to(ROOT)} (--no-deps)", flush=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade",
+                               "--target", str(target), *PEER_PACKAGES], capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"could not install {PEER_PACKAGES}:\n{done.stderr[-4000:]}")
+    return target
+
+
+def mergeflow_command(inputs: Inputs, method: str, out: Path) -> tuple[list[str], dict[str, str]]:
+    name, params = MERGEFLOW[method]
+    cmd = [str(Path(sys.executable).with_name("mergeflow")), "merge", "--method", name, "--base", str(inputs.base),
+           *[a for e in inputs.experts for a in ("--expert", str(e))], "--out", str(out), "--overwrite",
+           "--device", "cpu", *[a for k, v in params.items() for a in ("--param", f"{k}={v}")]]
+    if inputs.mergeflow_shard:
+        cmd += ["--shard-size", inputs.mergeflow_shard]
+    return cmd, {"MERGEFLOW_CACHE": str(inputs.cache)}
+
+
+def mergekit_command(inputs: Inputs, method: str, out: Path, peers: Path) -> tuple[list[str], dict[str, str]]:
+    """A config per method (JSON, which YAML reads): weight 1 per expert, lambda 0.3, normalize off, so that the
+    merge is theta_0 + 0.3 * sum of the (sparsified) task vectors."""
+    name, per_model = MERGEKIT[method]
+    base, *experts = inputs.mergekit_models
+    config = {"merge_method": name, "base_model": str(base),
+              "models": [{"model": str(e), "parameters": {"weight": 1.0, **per_model}} for e in experts],
+              "parameters": {"lambda": SCALING, "normalize": False}, "dtype": "float32", "out_dtype": inputs.dtype}
+    path = inputs.scratch / f"mergekit-{method}.yml"
+    path.write_text(json.dumps(config, indent=2))
+    cmd = [sys.executable, "-c", MERGEKIT_MAIN, str(path), str(out), "--no-copy-tokenizer", "--random-seed", "0"]
+    if inputs.mergekit_shard:
+        cmd += ["--out-shard-size", inputs.mergekit_shard]
+    return cmd, {"PYTHONPATH": str(peers), "HF_HUB_OFFLINE": "1"}
+
+
+def command(tool: str, inputs: Inputs, method: str, out: Path, peers: Path) -> tuple[list[str], dict[str, str]]:
+    """The command line of one run and the environment variables it adds."""
+    if tool == "mergeflow":
+        return mergeflow_command(inputs, method, out)
+    if tool == "mergekit":
+        return mergekit_command(inputs, method, out, peers)
+    return [sys.executable, __file__, "--child", method, str(inputs.base), str(out), *map(str, inputs.experts)], {}
+
+
+def fusionbench_skip(inputs: Inputs, method: str) -> str | None:
+    """Why FusionBench is not run (every model in memory: its estimated peak past 80% of MemTotal), or None."""
+    a, b = FUSIONBENCH_MODELS[inputs.dtype][method]
+    model = inputs.nbytes() / (1 + len(inputs.experts))
+    estimate = (a * len(inputs.experts) + b) * model + INTERPRETER_BYTES
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total = int(meminfo["MemTotal"].split()[0]) * 1024
+    if estimate > 0.8 * total:
+        return (f"skipped: every model in memory, est. {estimate / GB:.0f} GB ({a:g} x experts + {b} model sizes) "
+                f"> 80% of MemTotal {total / GB:.0f} GB")
+    return None
+
+
+def timed(cmd: list[str], env: dict[str, str], log: Path) -> Run:
+    """Wall time and peak RSS of one fresh process, from /usr/bin/time; its output goes to `log`."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as measured, log.open("w") as out:
+        done = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", measured.name, *cmd], stdout=out,
+                              stderr=subprocess.STDOUT, env={**os.environ, **env})
+        wall, peak_kb = measured.read().split()[-2:]
+    if done.returncode != 0:
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        return Run(float(wall), int(peak_kb) * 1024, f"failed ({lines[-1][:160] if lines else 'no output'})")
+    return Run(float(wall), int(peak_kb) * 1024)
+
+
+# ---------------------------------------------------------------------------------------------------- FusionBench
+
+
+def load_model(path: Path) -> dict[str, torch.Tensor]:
+    """A whole model as a state dict: one safetensors file, or every shard of a model directory."""
+    state: dict[str, torch.Tensor] = {}
+    for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
+
+
+def fusionbench_merge(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Tensor]:
+    """FusionBench's TaskArithmeticAlgorithm / TiesMergingAlgorithm / DareTaskArithmetic `run`, step by step, on
+    state dicts (its model pool would give modules), with its own functions; the merge ends in the pretrained
+    model's tensors, as `load_state_dict` puts it there."""
+    arithmetic = fusionbench_code.load("arithmetic")
+    pretrained = load_model(base)
+    if method == "ta":
+        task_vector = None
+        for path in experts:
+            model = load_model(path)
+            tv = arithmetic.state_dict_sub(model, pretrained)
+            task_vector = tv if task_vector is None else arithmetic.state_dict_add(task_vector, tv)
+        task_vector = arithmetic.state_dict_mul(task_vector, SCALING, keep_dtype_when_zero=True)
+        merged = arithmetic.state_dict_add(pretrained, task_vector)
+    elif method == "ties":
+        ties = fusionbench_code.load("ties")
+        ft_checks = [load_model(path) for path in experts]
+        flat_ft = torch.vstack([ties.state_dict_to_vector(check, []) for check in ft_checks])
+        flat_ptm = ties.state_dict_to_vector(pretrained, [])
+        merged_tv = ties.ties_merging(flat_ft - flat_ptm, reset_thresh=DENSITY * 100, merge_func="sum")
+        merged = ties.vector_to_state_dict(flat_ptm + SCALING * merged_tv, pretrained, remove_keys=[])
+    else:
+        dare = fusionbench_code.load("dare")
+        torch.manual_seed(0)
+        # trainable_only=False: plain tensors do not require grad; every parameter of its modules does
+        task_vectors = [dare.module_sub_(load_model(path), pretrained, trainable_only=False) for path in experts]
+        for tv in task_vectors:
+            dare.module_random_drop_(tv, DROP, rescale=True)
+        merged = {}
+        for name, delta in arithmetic.state_dict_sum(task_vectors).items():
+            merged[name] = pretrained[name].add_(delta * SCALING)
+    for name, tensor in merged.items():
+        if tensor is not pretrained[name]:
+            pretrained[name].copy_(tensor)
+    return pretrained
+
+
+def fusionbench_child(method: str, base: str, out: str, experts: list[str]) -> None:
+    merged = fusionbench_merge(method, Path(base), [Path(e) for e in experts])
+    Path(out).mkdir(parents=True)
+    save_file(merged, str(Path(out) / "model.safetensors"), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------------- comparison
+
+
+@contextlib.contextmanager
+def open_tensors(path: Path) -> Iterator[dict[str, Callable[[], torch.Tensor]]]:
+    """{name: loader} over a safetensors file or every safetensors file of a directory."""
+    with contextlib.ExitStack() as stack:
+        loaders = {}
+        for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
+            handle = stack.enter_context(safe_open(str(file), "pt"))
+            loaders.update({k: functools.partial(handle.get_tensor, k) for k in handle.keys()})
+        yield loaders
+
+
+def compare(ours: Path, theirs: Path, base: Path) -> Comparison:
+    """Tensor by tensor: equal (torch.equal, same dtype), and the largest relative Frobenius errors."""
+    with open_tensors(ours) as a, open_tensors(theirs) as b, open_tensors(base) as theta0:
+        if a.keys() != b.keys():
+            return Comparison(problem=f"different tensor names ({len(a.keys() ^ b.keys())} not in both)")
+        identical, merged, update = True, 0.0, 0.0
+        for name in a:
+            x, y = a[name](), b[name]()
+            if x.shape != y.shape:
+                return Comparison(problem=f"different shapes ({name})")
+            identical &= x.dtype == y.dtype and torch.equal(x, y)
+            diff = float((x.double() - y.double()).norm())
+            merged = max(merged, diff / max(float(y.double().norm()), 1e-30))
+            moved = float((y.double() - theta0[name]().double()).norm())
+            update = max(update, diff / moved if moved else (math.inf if diff else 0.0))
+    return Comparison(identical, merged, update)
+
+
+# ---------------------------------------------------------------------------------------------------- benchmark
+
+
+def benchmark(inputs: Inputs, args: argparse.Namespace, peers: Path
+              ) -> tuple[dict[tuple[str, str], list[Run]], dict[tuple[str, str], str]]:
+    """Every (method, tool) run `args.rounds` times, the tools' order reversed every other round; Mergeflow's
+    first-round output compared with each peer's. Outputs are deleted once used."""
+    inputs.scratch.mkdir(parents=True, exist_ok=True)
+    runs: dict[tuple[str, str], list[Run]] = {}
+    comparisons: dict[tuple[str, str], str] = {}
+    for round_ in range(args.rounds):
+        for method in args.methods:
+            outs = {}
+            for tool in args.tools if round_ % 2 == 0 else args.tools[::-1]:
+                out = inputs.scratch / f"{tool}-{method}"
+                shutil.rmtree(out, ignore_errors=True)
+                skip = fusionbench_skip(inputs, method) if tool == "fusionbench" else None
+                run = Run(error=skip) if skip else timed(*command(tool, inputs, method, out, peers),
+                                                         inputs.scratch / f"{tool}-{method}.log")
+                runs.setdefault((method, tool), []).append(run)
+                print(f"{inputs.kind} {method} round {round_ + 1} {tool}: " + (
+                    run.error or f"{run.wall_s:.1f} s, {run.peak / GB:.2f} GB"), flush=True)
+                if run.error is None:
+                    outs[tool] = out
+                else:
+                    shutil.rmtree(out, ignore_errors=True)
+            if round_ == 0 and "mergeflow" in outs:
+                for tool in ("fusionbench", "mergekit"):
+                    if tool in outs:  # DARE's masks, mergekit's per-tensor TIES: not the same merge
+                        by_design = method == "dare" or (method, tool) == ("ties", "mergekit")
+                        comparisons[method, tool] = compare(outs["mergeflow"], outs[tool], inputs.base).describe(
+                            by_design)
+            for out in outs.values():
+                shutil.rmtree(out, ignore_errors=True)
+    return runs, comparisons
+
+
+def best(runs: list[Run]) -> Run | None:
+    """The fastest successful round's wall time with the largest peak RSS of all rounds; None if none ran."""
+    ok = [r for r in runs if r.error is None]
+    return Run(min(r.wall_s for r in ok), max(r.peak for r in ok)) if ok else None
+
+
+def print_table(inputs: Inputs, args: argparse.Namespace, runs: dict, comparisons: dict) -> None:
+    rounds = [""] if args.rounds == 1 else [f" r{i + 1}" for i in range(args.rounds)]
+    header = ["method"] + [f"{TOOL_NAMES[t]}{r}" for t in args.tools for r in rounds]
+    peers = [t for t in ("mergekit", "fusionbench") if t in args.tools and "mergeflow" in args.tools]
+    header += [f"{TOOL_NAMES[t].split()[0]}/Mergeflow (time)" for t in peers]
+    header += [f"Mergeflow vs {TOOL_NAMES[t].split()[0]}" for t in peers]
+    print(f"\n### {inputs.title}\n\nwall s / peak RSS GB of the whole command (GB = 1e9 bytes); "
+          f"{inputs.nbytes() / GB:.2f} GB of input\n")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for method in args.methods:
+        cells = [method]
+        for tool in args.tools:
+            cells += [r.error or f"{r.wall_s:.1f} s / {r.peak / GB:.2f} GB" for r in runs[method, tool]]
+        ours = best(runs[method, "mergeflow"]) if "mergeflow" in args.tools else None
+        for tool in peers:
+            theirs = best(runs[method, tool])
+            cells.append(f"{theirs.wall_s / ours.wall_s:.1f}x" if ours and theirs and ours.wall_s else "-")
+        cells += [comparisons.get((method, tool), "-") for tool in peers]
+        print("| " + " | ".join(cells) + " |")
+    print("\nRatios: the fastest round of each. Errors: the largest over tensors of ||a - b|| / ||b|| (a: Mergeflow, "
+          "b: the peer) and, for the update, ||a - b|| / ||b - theta_0||. TIES: mergekit trims each tensor to its own "
+          "top 20%, Mergeflow and FusionBench the whole task vector (global top-k). DARE: every tool draws its own "
+          "random masks (mergekit also rescales by the L1 norm, not 1/(1-p)). mergekit computes in float32 "
+          "(`dtype: float32`) as Mergeflow does; FusionBench in the inputs' dtype" +
+          (" (bf16 arithmetic here)." if inputs.dtype == "bfloat16" else "."))
+
+
+def print_throughput(inputs: Inputs, args: argparse.Namespace, runs: dict) -> None:
+    """Mergeflow's input GB/s on the Llama inputs and the time it projects for 7B x 8 experts in bf16."""
+    for method in args.methods:
+        ours = best(runs[method, "mergeflow"])
+        if ours:
+            rate = inputs.nbytes() / GB / ours.wall_s
+            print(f"Mergeflow {method} throughput: {rate:.3g} GB of input per second; projection (not measured) for "
+                  f"7B x 8 experts, bf16 ({PROJECTION_BYTES / GB:.0f} GB of input) at this rate: "
+                  f"{PROJECTION_BYTES / GB / rate:.0f} s")
+
+
+def goal_lines(inputs: Inputs, args: argparse.Namespace, runs: dict) -> list[str]:
+    """The issue's goals, each as 'goal ...: met|MISSED (measured)' or 'not measured (why)'."""
+    lines = []
+
+    def check(text: str, tools: dict[str, Run | None], met: Callable[..., bool], measured: Callable[..., str]) -> None:
+        if missing := [t for t, r in tools.items() if r is None]:
+            why = "; ".join(f"{TOOL_NAMES[t]}: {reason(runs.get((method, t)))}" for t in missing)
+            lines.append(f"goal {inputs.kind} {method}: {text}: not measured ({why})")
+            return
+        verdict = "met" if met(*tools.values()) else "MISSED"
+        lines.append(f"goal {inputs.kind} {method}: {text}: {verdict} ({measured(*tools.values())})")
+
+    for method in args.methods:
+        ours, mergekit, fusionbench = (best(runs.get((method, t), [])) for t in TOOLS)
+        if inputs.kind == "vit":
+            seconds, peak_gb = VIT_GOALS[method]
+            check(f"Mergeflow <= {seconds:g} s", {"mergeflow": ours}, lambda a: a.wall_s <= seconds,
+                  lambda a: f"{a.wall_s:.1f} s")
+            if peak_gb:
+                check(f"Mergeflow peak RSS <= {peak_gb:g} GB", {"mergeflow": ours},
+                      lambda a: a.peak / GB <= peak_gb, lambda a: f"{a.peak / GB:.2f} GB")
+            check(">= 2x faster than mergekit", {"mergeflow": ours, "mergekit": mergekit},
+                  lambda a, b: b.wall_s >= 2 * a.wall_s, lambda a, b: f"{b.wall_s / a.wall_s:.1f}x")
+            check("faster than FusionBench", {"mergeflow": ours, "fusionbench": fusionbench},
+                  lambda a, b: b.wall_s > a.wall_s, lambda a, b: f"{b.wall_s / a.wall_s:.1f}x")
+        else:
+            check("Mergeflow peak RSS <= mergekit's", {"mergeflow": ours, "mergekit": mergekit},
+                  lambda a, b: a.peak <= b.peak, lambda a, b: f"{a.peak / GB:.2f} vs {b.peak / GB:.2f} GB")
+            check("Mergeflow time <= mergekit's", {"mergeflow": ours, "mergekit": mergekit},
+                  lambda a, b: a.wall_s <= b.wall_s, lambda a, b: f"{a.wall_s:.1f} vs {b.wall_s:.1f} s")
+    return lines
+
+
+def reason(runs: list[Run] | None) -> str:
+    """Why a tool has no measurement: its first error, or that it was not asked for."""
+    return next((r.error for r in runs or [] if r.error), "not in --tools")
+
+
+def digest(inputs: Inputs) -> None:
+    """Mergeflow's content digests of every input file, computed once so that no timed run pays for hashing."""
+    from mergeflow.content_cache import ContentCache
+
+    cache = ContentCache(inputs.cache)
+    for file in inputs.files():
+        cache.fetch(str(file))
+    print(f"{inputs.kind}: input digests computed before timing (MERGEFLOW_CACHE={inputs.cache}); "
+          "inputs read from the page cache in every run", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=["vit", "llama"], help="one input (default: both)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated, from: " + ", ".join(TOOLS))
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every (method, tool), tools alternating")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--blocks", type=int, default=12, help="ViT residual blocks")
+    parser.add_argument("--experts", type=int, default=8, help="ViT experts")
+    parser.add_argument("--layers", type=int, default=16, help="Llama decoder layers")
+    parser.add_argument("--hidden", type=int, default=2048, help="Llama hidden size (heads: hidden / 64)")
+    parser.add_argument("--intermediate", type=int, default=8192, help="Llama MLP size")
+    parser.add_argument("--vocab", type=int, default=32000, help="Llama vocabulary")
+    parser.add_argument("--llama-experts", type=int, default=4)
+    parser.add_argument("--workdir", default=str(OUT / "merge_memory"), help="ViT inputs (shared with merge_memory.py)")
+    parser.add_argument("--llama-workdir", default=str(OUT / "engine_llama"), help="Llama inputs")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # METHOD BASE OUT EXPERT...: FusionBench run
+    args = parser.parse_args()
+    if args.child:
+        return args
+    for name, known in (("methods", METHODS), ("tools", TOOLS)):
+        chosen = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
+        if unknown := sorted(set(chosen) - set(known)):
+            parser.error(f"unknown {name} {unknown}; choose from {', '.join(known)}")
+        setattr(args, name, [x for x in known if x in chosen])
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        method, base, out, *experts = args.child
+        return fusionbench_child(method, base, out, experts)
+    peers = ensure_mergekit() if "mergekit" in args.tools else OUT / "peers" / "mergekit"
+    if "fusionbench" in args.tools:
+        fusionbench_code.wheel_path()
+    inputs = [make(args) for kind, make in (("vit", vit_inputs), ("llama", llama_inputs))
+              if args.only in (None, kind)]
+    for each in inputs:
+        digest(each)
+    results = [(each, *benchmark(each, args, peers)) for each in inputs]
+    print(f"\nCPU, {os.cpu_count()} cores; torch {torch.__version__}; peak RSS and wall time from /usr/bin/time; "
+          f"{args.rounds} round(s)")
+    goals, failed = [], False
+    for each, runs, comparisons in results:
+        print_table(each, args, runs, comparisons)
+        if each.kind == "llama" and "mergeflow" in args.tools:
+            print()
+            print_throughput(each, args, runs)
+        goals += goal_lines(each, args, runs)
+        failed |= any(r.error and r.error.startswith("failed") for rs in runs.values() for r in rs)
+    if goals:
+        print("\nGoals (stated for the full size: ViT 12 blocks x 8 experts, Llama ~1.1 B x 4 experts; Mergeflow: "
+              "fastest round, largest peak):\n" + "\n".join(goals))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
