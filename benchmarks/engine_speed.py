@@ -250,11 +250,11 @@ def ensure_mergekit() -> Path:
     return target
 
 
-def mergeflow_command(inputs: Inputs, method: str, out: Path) -> tuple[list[str], dict[str, str]]:
+def mergeflow_command(inputs: Inputs, method: str, out: Path, device: str) -> tuple[list[str], dict[str, str]]:
     name, params = MERGEFLOW[method]
     cmd = [str(Path(sys.executable).with_name("mergeflow")), "merge", "--method", name, "--base", str(inputs.base),
            *[a for e in inputs.experts for a in ("--expert", str(e))], "--out", str(out), "--overwrite",
-           "--device", "cpu", *[a for k, v in params.items() for a in ("--param", f"{k}={v}")]]
+           "--device", device, *[a for k, v in params.items() for a in ("--param", f"{k}={v}")]]
     if inputs.mergeflow_shard:
         cmd += ["--shard-size", inputs.mergeflow_shard]
     return cmd, {"MERGEFLOW_CACHE": str(inputs.cache)}
@@ -276,10 +276,11 @@ def mergekit_command(inputs: Inputs, method: str, out: Path, peers: Path) -> tup
     return cmd, {"PYTHONPATH": str(peers), "HF_HUB_OFFLINE": "1"}
 
 
-def command(tool: str, inputs: Inputs, method: str, out: Path, peers: Path) -> tuple[list[str], dict[str, str]]:
+def command(tool: str, inputs: Inputs, method: str, out: Path, peers: Path, device: str
+            ) -> tuple[list[str], dict[str, str]]:
     """The command line of one run and the environment variables it adds."""
     if tool == "mergeflow":
-        return mergeflow_command(inputs, method, out)
+        return mergeflow_command(inputs, method, out, device)
     if tool == "mergekit":
         return mergekit_command(inputs, method, out, peers)
     return [sys.executable, __file__, "--child", method, str(inputs.base), str(out), *map(str, inputs.experts)], {}
@@ -413,7 +414,7 @@ def benchmark(inputs: Inputs, args: argparse.Namespace, peers: Path
                 out = inputs.scratch / f"{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
                 skip = fusionbench_skip(inputs, method) if tool == "fusionbench" else None
-                run = Run(error=skip) if skip else timed(*command(tool, inputs, method, out, peers),
+                run = Run(error=skip) if skip else timed(*command(tool, inputs, method, out, peers, args.device),
                                                          inputs.scratch / f"{tool}-{method}.log")
                 runs.setdefault((method, tool), []).append(run)
                 print(f"{inputs.kind} {method} round {round_ + 1} {tool}: " + (
@@ -542,6 +543,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--llama-experts", type=int, default=4)
     parser.add_argument("--workdir", default=str(OUT / "merge_memory"), help="ViT inputs (shared with merge_memory.py)")
     parser.add_argument("--llama-workdir", default=str(OUT / "engine_llama"), help="Llama inputs")
+    parser.add_argument("--device", default="cpu", help="Mergeflow's device (cuda: the GPU path; the throughput "
+                        "lines then give its GB/s of input); the peers run on the CPU")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # METHOD BASE OUT EXPERT...: FusionBench run
     args = parser.parse_args()
     if args.child:

@@ -33,6 +33,10 @@ class ConfigError(InputError):
     """An unknown method, an unknown parameter or an invalid value."""
 
 
+class OverflowInMergeError(ConfigError):
+    """Finite inputs merged into values the output dtype cannot hold (coefficients too large for them)."""
+
+
 class StorageAccessError(InputError):
     """The store refused access (wrong credentials or permissions)."""
 

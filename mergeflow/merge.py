@@ -125,7 +125,7 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
             if not is_float(info.dtype):
                 write(info.name, pool.base.get(info.name))
             else:
-                _merge_blocks(method, info, streamed, run_state, write, write_rows)
+                _merge_blocks(method, pool, info, streamed, run_state, write, write_rows)
             bar.update()
     finally:
         streamed.close()
@@ -150,7 +150,7 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     return {key: value for key, value in run_state.items() if key != SUBSPACE}
 
 
-def _merge_blocks(method: MergeMethod, info: TensorInfo,
+def _merge_blocks(method: MergeMethod, pool: ExpertPool, info: TensorInfo,
                   streamed: Iterator[tuple[str, int, torch.Tensor, torch.Tensor]],
                   state: dict[str, Any], write: Callable[[str, torch.Tensor], None],
                   write_rows: Callable[[str, int, torch.Tensor], None] | None) -> None:
@@ -162,6 +162,7 @@ def _merge_blocks(method: MergeMethod, info: TensorInfo,
         name, start, base, task_vectors = next(streamed)
         state[BLOCK_OFFSET] = start * math.prod(info.shape[1:])
         merged = method.merge_tensor(name, base, task_vectors, state).to("cpu", info.dtype)
+        pool.check_merged(name, merged)  # as it is written (half the bytes to read for a bf16 model)
         if start == 0 and tuple(merged.shape) == info.shape:
             write(name, merged)
             return
@@ -255,7 +256,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
             validate_statistics(base_ckpt, stats_ckpts, len(expert_ckpts))
         only = None if part is None else set(
             plan_parts([base_ckpt.info(k) for k in base_ckpt.keys()], part[1])[part[0]])
-        inline = merge_method.checks_inline and precomputed is None  # checked as they stream in
+        inline = merge_method.checks_inline and precomputed is None  # checked in the merged output
         for ckpt in checkpoints:
             if isinstance(ckpt, LoraExpert):  # the adapter's own tensors (its deltas are finite if they are)
                 check_finite(ckpt.adapter, progress=progress)

@@ -66,7 +66,8 @@ def global_topk_thresholds(pool: ExpertPool, density: float, keys: Sequence[str]
         return torch.bincount(row.view(torch.int16)[1::2] & 0x7FFF, minlength=_HIGH_BINS)
 
     high = torch.zeros((n, _HIGH_BINS), dtype=torch.int64, device=pool.device)
-    for _, _, tv in progress_bar(pool.stream(keys), total=len(keys), desc="top-k pass 1/2", disable=not progress):
+    for _, _, _, tv in progress_bar(pool.blocks(keys), total=len(pool.plan_blocks(keys)), desc="top-k pass 1/2",
+                                    disable=not progress):
         high += torch.stack(parallel_map(high_counts, tv.reshape(n, -1)))
     cumulative = high.cumsum(1)
     target = torch.full((n, 1), k, dtype=torch.int64, device=pool.device)
@@ -82,7 +83,8 @@ def global_topk_thresholds(pool: ExpertPool, density: float, keys: Sequence[str]
         return torch.bincount(halves[0::2][inside].to(torch.int32) & 0xFFFF, minlength=_LOW_BINS)
 
     low = torch.zeros((n, _LOW_BINS), dtype=torch.int64, device=pool.device)
-    for _, _, tv in progress_bar(pool.stream(keys), total=len(keys), desc="top-k pass 2/2", disable=not progress):
+    for _, _, _, tv in progress_bar(pool.blocks(keys), total=len(pool.plan_blocks(keys)), desc="top-k pass 2/2",
+                                    disable=not progress):
         low += torch.stack(parallel_map(low_counts, enumerate(tv.reshape(n, -1))))
     bin_low = torch.searchsorted(low.cumsum(1), k_low).squeeze(1)
     pattern = ((bin_high << 16) | bin_low).to(torch.int32)
@@ -98,13 +100,23 @@ def seeded_generator(seed: int, *context: object) -> torch.Generator:
 _DARE_BLOCK = 1 << 18  # DARE's masks are drawn per block of this many coordinates of the flattened tensor
 
 
+def _uniform16(count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` independent uniform 16-bit draws, as int16 shifted by -32768 (so they order like the draws): three
+    from the low 48 bits of each random int64 (its top bit is always 0), a quarter of the generator calls of
+    one float per coordinate."""
+    draws = torch.empty(-(-count // 3), dtype=torch.int64).random_(generator=generator)
+    return (draws.view(torch.int16).reshape(-1, 4)[:, :3].reshape(-1)[:count]) ^ -32768
+
+
 def dare_keep_mask(shape: Sequence[int], drop_rate: float, seed: int, task_index: int, name: str,
                    offset: int = 0) -> torch.Tensor:
-    """DARE: keep each entry with probability 1 - drop_rate (on CPU, so every device gets the same mask), for the
-    coordinates [offset, offset + prod(shape)) of the flattened tensor `name`. Each block of `_DARE_BLOCK`
-    coordinates has a generator of its own, so a block of rows gets the same mask as it has in the whole tensor."""
+    """DARE: keep each entry with probability 1 - drop_rate (drop_rate taken to the nearest 1/65536; on CPU, so
+    every device gets the same mask), for the coordinates [offset, offset + prod(shape)) of the flattened tensor
+    `name`. Each block of `_DARE_BLOCK` coordinates has a generator of its own, so a block of rows gets the same
+    mask as it has in the whole tensor."""
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"drop rate must be in [0, 1), got {drop_rate}")
+    threshold = round(drop_rate * 65536) - 32768  # keep a draw u (0..65535) when u >= drop_rate * 65536
     count = 1
     for dim in shape:
         count *= dim
@@ -112,7 +124,7 @@ def dare_keep_mask(shape: Sequence[int], drop_rate: float, seed: int, task_index
     while position < stop:
         block = position // _DARE_BLOCK
         end = min(stop, (block + 1) * _DARE_BLOCK)
-        draws = torch.rand(end - block * _DARE_BLOCK, generator=seeded_generator(seed, task_index, name, block))
-        parts.append(draws[position - block * _DARE_BLOCK:] >= drop_rate)
+        draws = _uniform16(end - block * _DARE_BLOCK, seeded_generator(seed, task_index, name, block))
+        parts.append(draws[position - block * _DARE_BLOCK:] >= threshold)
         position = end
     return (torch.cat(parts) if len(parts) != 1 else parts[0]).reshape(tuple(shape))

@@ -13,7 +13,7 @@ import torch
 
 from mergeflow.checkpoints.lora import LoraExpert
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
-from mergeflow.errors import ConfigError
+from mergeflow.errors import ConfigError, OverflowInMergeError
 from mergeflow.parallel import parallel_map, read_ahead
 from mergeflow.selection import is_float
 
@@ -49,8 +49,8 @@ class ExpertPool:
     statistics: Sequence[TensorSource] | None = None
     objective: Objective | None = None
     subspaces: Mapping[str, Any] | None = None  # kind -> stored per-layer factors (mergeflow.subspace.SubspaceReader)
-    # reject NaN/Inf in each tensor `stream` reads (the engine sets this instead of a pass of its own for methods
-    # that read the inputs once); `window`: bytes `stream` may hold ahead of its consumer
+    # reject NaN/Inf found in the merged tensors (`check_merged`; the engine sets this instead of a pass of its own
+    # for methods that read the inputs once); `window`: bytes `stream` may hold ahead of its consumer
     check_finite: bool = False
     window: int = DEFAULT_WINDOW
     _spares: list[torch.Tensor] = field(default_factory=list, repr=False)  # task-vector buffers `stream` reuses
@@ -85,7 +85,9 @@ class ExpertPool:
                 out[i] = expert.task_vector(name, base, rows)
             else:
                 tensor = expert.get(name) if rows is None else expert.get_rows(name, *rows)
-                torch.sub(self._on_device(tensor), base, out=out[i])
+                if self.device.type != "cpu" or not tensor.is_floating_point():
+                    tensor = self._on_device(tensor)
+                torch.sub(tensor, base, out=out[i])  # a bf16/fp16 expert is widened inside the subtraction
 
         parallel_map(one, range(len(self.experts)))  # reads and subtractions of several experts at once
         return out
@@ -109,6 +111,11 @@ class ExpertPool:
         """As `stream`, but a tensor whose base and task vectors would take more than half the window comes in
         blocks of rows: (name, first row, base rows, task vectors [N, rows, ...]). Memory then stays within the
         window whatever the number of experts (for methods that merge each coordinate on its own)."""
+        for name, rows, base, task_vectors in self._read_ahead(self.plan_blocks(keys)):
+            yield name, 0 if rows is None else rows[0], base, task_vectors
+
+    def plan_blocks(self, keys: Sequence[str]) -> list[tuple[str, tuple[int, int] | None]]:
+        """The items of `blocks`: (name, None) for a whole tensor, (name, (first row, stop row)) for a block."""
         per_value = 4 * (len(self.experts) + 1)
         items: list[tuple[str, tuple[int, int] | None]] = []
         for name in keys:
@@ -117,8 +124,7 @@ class ExpertPool:
             step = max(1, self.window // 2 // row_cost)
             items += [(name, None)] if step >= rows else [(name, (r, min(r + step, rows)))
                                                           for r in range(0, rows, step)]
-        for name, rows, base, task_vectors in self._read_ahead(items):
-            yield name, 0 if rows is None else rows[0], base, task_vectors
+        return items
 
     def _read_ahead(self, items: list[tuple[str, tuple[int, int] | None]]
                     ) -> Iterator[tuple[str, tuple[int, int] | None, torch.Tensor, torch.Tensor]]:
@@ -156,15 +162,19 @@ class ExpertPool:
             fits = [i for i, spare in enumerate(self._spares) if spare.numel() >= size]
             spare = self._spares.pop(min(fits, key=lambda i: self._spares[i].numel())) if fits else None
         out = None if spare is None else spare[:size].view(len(self.experts), *base.shape)
-        task_vectors = self.task_vectors(name, base, out, rows)
-        if self.check_finite:
-            # NaN and Inf in the base or an expert reach the task vectors, and a sum: one reduction proves them
-            # finite; only a non-finite sum (or an overflow) looks for the file at fault
-            if not bool(torch.isfinite(task_vectors.sum())):
-                from mergeflow.validation import require_finite
-                for source in (self.base, *self.experts):
-                    require_finite(source, name)
-        return name, rows, base, task_vectors
+        return name, rows, base, self.task_vectors(name, base, out, rows)
+
+    def check_merged(self, name: str, merged: torch.Tensor) -> None:
+        """With `check_finite`: a non-finite merged tensor (or block) names the input file and tensor at fault.
+        The methods that check inline carry every NaN and Inf of their inputs into the output (through sums,
+        masks that keep them, products with 0), so one reduction over the output checks N + 1 inputs."""
+        if not self.check_finite or bool(torch.isfinite(merged.sum())) or bool(torch.isfinite(merged).all()):
+            return
+        from mergeflow.validation import require_finite
+        for source in (self.base, *self.experts):
+            require_finite(source, name)
+        raise OverflowInMergeError(f"merging tensor {name!r} gives values beyond float32 (every input is finite: "
+                                   "are the coefficients too large?)")
 
     def _recycle(self, task_vectors: torch.Tensor) -> None:
         """Keep the largest buffers `stream` has handed out, two at most and within the window, for the next

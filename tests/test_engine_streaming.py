@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from mergeflow.checkpoints import open_checkpoint
 from mergeflow.checkpoints.reader import Checkpoint, StateDictSource, TensorInfo
 from mergeflow.checkpoints.writer import ShardedSafetensorsWriter
-from mergeflow.errors import CheckpointError
+from mergeflow.errors import CheckpointError, OverflowInMergeError
 from mergeflow.merge import merge_checkpoints, merge_state_dicts
 from mergeflow.methods import build_method
 from mergeflow.parallel import read_ahead
@@ -124,6 +124,17 @@ def test_nan_found_while_streaming_names_file_and_tensor_and_writes_nothing(tmp_
     with pytest.raises(CheckpointError, match="1 NaN") as info:
         merge_checkpoints("task_arithmetic", paths[0], paths[1:], str(tmp_path / "out"), cache=cache)
     assert info.value.file == paths[3] and info.value.tensor == "w5"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_overflowing_merge_of_finite_inputs_says_so(tmp_path, cache):
+    base = {"w": torch.zeros(4)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file({"w": torch.full((4,), 3e38)}, str(tmp_path / "e.safetensors"))
+    paths = [str(tmp_path / f"{n}.safetensors") for n in ("base", "e", "e")]
+    with pytest.raises(OverflowInMergeError, match="'w' gives values beyond float32"):
+        merge_checkpoints("task_arithmetic", paths[0], paths[1:], str(tmp_path / "out"), {"scaling": 1.0},
+                          cache=cache)
     assert not (tmp_path / "out").exists()
 
 

@@ -8,8 +8,11 @@ time, whatever the model size. One shard is written as `model.safetensors`; more
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,10 +43,15 @@ def _nbytes(info: TensorInfo) -> int:
 
 
 class ShardedSafetensorsWriter:
-    """Write the planned tensors (in any order) into shards of at most `shard_size` bytes each."""
+    """Write the planned tensors (in any order) into shards of at most `shard_size` bytes each.
+
+    Writes happen on a background thread (at most `pending` bytes queued), so the disk works while the caller
+    computes the next tensor; a shard written front to back is hashed as it is written, others are hashed again at
+    `close`. An error of a background write is raised by the next call.
+    """
 
     def __init__(self, directory: Path, plan: Sequence[TensorInfo], *, shard_size: int | str = "2GB",
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, pending: int = 256 << 20):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         limit = parse_size(shard_size)
@@ -61,6 +69,7 @@ class ShardedSafetensorsWriter:
                             else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self._slots: dict[str, tuple[int, int, TensorInfo]] = {}  # name -> (shard index, absolute offset, info)
         self._files = []
+        self._hashes = []  # per shard: sha256 of its bytes written in order so far, and where that prefix ends
         for index, (shard, group) in enumerate(zip(self.shard_names, groups)):
             entries, offset = {}, 0
             for info in group:
@@ -73,11 +82,15 @@ class ShardedSafetensorsWriter:
             handle.write(header)
             handle.truncate(len(header) + offset)
             self._files.append(handle)
+            self._hashes.append([hashlib.sha256(header), len(header)])
             for info in group:
                 start = entries[info.name]["data_offsets"][0]
                 self._slots[info.name] = (index, len(header) + start, info)
         self._written: set[str] = set()
         self._rows: dict[str, int] = {}  # rows written so far of tensors written in blocks
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mergeflow-writer")
+        self._queue: deque[tuple[Future, int]] = deque()
+        self._pending, self._limit = 0, pending
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._slots:
@@ -88,11 +101,7 @@ class ShardedSafetensorsWriter:
         if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
             raise ValueError(f"tensor {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, "
                              f"planned {info.shape} {info.dtype}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        handle = self._files[index]
-        handle.seek(offset)
-        if data.numel():
-            handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self._submit(index, offset, tensor)
         self._written.add(name)
 
     def write_rows(self, name: str, start: int, tensor: torch.Tensor) -> None:
@@ -104,19 +113,43 @@ class ShardedSafetensorsWriter:
                 or start < 0 or start + len(tensor) > info.shape[0]:
             raise ValueError(f"tensor {name!r}: rows {start}+{tuple(tensor.shape)} {tensor.dtype} do not fit "
                              f"the planned {info.shape} {info.dtype}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        handle = self._files[index]
-        handle.seek(offset + start * (_nbytes(info) // info.shape[0]))
-        if data.numel():
-            handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self._submit(index, offset + start * (_nbytes(info) // info.shape[0]), tensor)
         self._rows[name] = self._rows.get(name, 0) + len(tensor)
         if self._rows[name] >= info.shape[0]:
             self._written.add(name)
+
+    def _submit(self, index: int, offset: int, tensor: torch.Tensor) -> None:
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        while self._queue and (self._pending + data.numel() > self._limit or self._queue[0][0].done()):
+            done, size = self._queue.popleft()
+            done.result()  # a failed write raises here
+            self._pending -= size
+        self._queue.append((self._pool.submit(self._write_at, index, offset, data), data.numel()))
+        self._pending += data.numel()
+
+    def _write_at(self, index: int, offset: int, data: torch.Tensor) -> None:
+        handle, digest = self._files[index], self._hashes[index]
+        handle.seek(offset)
+        if data.numel():
+            view = memoryview(data.numpy())
+            handle.write(view)
+            if digest[1] == offset:  # the shard's next bytes in order: hashed now, not read again at close
+                digest[0].update(view)
+                digest[1] += data.numel()
+            else:
+                digest[1] = -1
+
+    def _drain(self) -> None:
+        while self._queue:
+            done, size = self._queue.popleft()
+            self._pending -= size
+            done.result()
 
     def patch(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite the entries at flat `index` of a tensor already written with `values` (in its dtype)."""
         if name not in self._written:
             raise KeyError(f"tensor {name!r} has not been written, so it cannot be patched")
+        self._drain()
         shard, offset, info = self._slots[name]
         data = torch.empty(_nbytes(info), dtype=torch.uint8)
         handle = self._files[shard]
@@ -126,23 +159,35 @@ class ShardedSafetensorsWriter:
         data.view(info.dtype)[index] = values.to(info.dtype)
         handle.seek(offset)
         handle.write(memoryview(data.numpy()))
+        self._hashes[shard][1] = -1  # changed after hashing: hashed again at close
 
     def close(self) -> dict[str, str]:
         """Finish the shards (and index); returns {file name: sha256} of everything written."""
-        for handle in self._files:
-            handle.close()
+        try:
+            self._drain()
+        finally:
+            self._pool.shutdown()
+            for handle in self._files:
+                handle.close()
         missing = set(self._slots) - self._written
         if missing:
             raise ValueError(f"{len(missing)} planned tensors were never written, e.g. {sorted(missing)[0]!r}")
-        names = list(self.shard_names)
+        digests = {}
+        for shard, (digest, hashed) in zip(self.shard_names, self._hashes):
+            whole = hashed == (self.directory / shard).stat().st_size
+            digests[shard] = digest.hexdigest() if whole else sha256_file(self.directory / shard)
         if len(self.shard_names) > 1:
             total = sum(_nbytes(info) for _, _, info in self._slots.values())
             weight_map = {name: self.shard_names[index] for name, (index, _, _) in self._slots.items()}
             index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index_doc, indent=2))
-            names.append(SAFETENSORS_INDEX)
-        return {name: sha256_file(self.directory / name) for name in names}
+            digests[SAFETENSORS_INDEX] = sha256_file(self.directory / SAFETENSORS_INDEX)
+        return digests
 
     def abort(self) -> None:
+        for done, _ in self._queue:
+            done.cancel()
+        self._pool.shutdown(wait=True)
+        self._queue.clear()
         for handle in self._files:
             handle.close()

@@ -17,4 +17,4 @@ class SimpleAverage(MergeMethod):
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:
-        return base + task_vectors.mean(dim=0)
+        return task_vectors.mean(dim=0).add_(base)

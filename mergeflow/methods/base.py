@@ -78,8 +78,9 @@ class MergeMethod(ABC):
     # the params `prepare` reads (None: all of them): the sparsify stage's cache key, so e.g. TIES's thresholds
     # are computed once for every scaling of one density
     prepare_params: ClassVar[tuple[str, ...] | None] = None
-    # merging costs about one read of the inputs: NaN/Inf are checked as the tensors stream in (in `prepare`'s
-    # first pass or the merge's), not in a pass of their own before (which methods with heavy per-tensor work keep)
+    # merging costs about one read of the inputs, and the merged values carry every NaN/Inf of the inputs: the
+    # engine checks the output as it goes (`ExpertPool.check_merged`) instead of reading the inputs in a pass of
+    # their own first (which methods with heavy per-tensor work keep, to fail before that work)
     checks_inline: ClassVar[bool] = False
     # each coordinate merges on its own (given the state): the engine may hand `merge_tensor` blocks of rows of a
     # large tensor, with the flat index of the block's first coordinate in state[BLOCK_OFFSET]

@@ -25,4 +25,4 @@ class TaskArithmetic(MergeMethod):
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:
-        return base + self.params.scaling * task_vectors.sum(dim=0)
+        return task_vectors.sum(dim=0).mul_(self.params.scaling).add_(base)  # = base + lambda * sum, in place

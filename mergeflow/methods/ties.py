@@ -51,8 +51,9 @@ class Ties(MergeMethod):
         """Thresholds and the model-wide majority sign (a pass of its own: what a merge split into parts needs)."""
         state = self.prepare_merge(pool, progress=progress)
         sign_total = 0
-        for _, _, tv in progress_bar(pool.stream(), total=len(pool.float_keys()), desc="sign election",
-                                     disable=not progress):
+        keys = pool.float_keys()
+        for _, _, _, tv in progress_bar(pool.blocks(keys), total=len(pool.plan_blocks(keys)), desc="sign election",
+                                        disable=not progress):
             sign_total += int(torch.sign(_trim(tv, state["thresholds"]).sum(dim=0)).sum().item())
         return {**state, "majority_sign": (sign_total > 0) - (sign_total < 0)}
 
