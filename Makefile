@@ -30,6 +30,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/merge_memory.py
+	$(BIN)/python benchmarks/engine_speed.py
 
 lock: install
 	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' > requirements.lock.new

@@ -67,14 +67,24 @@ class Ties(MergeMethod):
         n = len(task_vectors)
         limit = torch.tensor(state["thresholds"], dtype=torch.float32, device=base.device).reshape(n, 1)
         flat_tv, flat_base = task_vectors.reshape(n, -1), base.reshape(-1)
-        merged, offset = torch.empty_like(flat_base), state.get(BLOCK_OFFSET, 0)
+        merged = torch.empty_like(flat_base)
+        electing = "majority_sign" not in state  # elected in this pass: take +, remember what - would give
+        undecided = torch.zeros_like(flat_base, dtype=torch.bool) if electing else None
+        alternative = torch.empty_like(flat_base) if electing else None
         for start in range(0, flat_base.numel(), _CHUNK):  # a chunk's temporaries stay in the CPU cache
             part = slice(start, start + _CHUNK)
-            merged[part] = self._merge_chunk(name, offset + start, flat_base[part], flat_tv[:, part], limit, state)
+            merged[part] = self._merge_chunk(flat_base[part], flat_tv[:, part], limit, state,
+                                             None if undecided is None else undecided[part],
+                                             None if alternative is None else alternative[part])
+        if electing and bool(undecided.any()):  # one record per tensor or block: no heap of small pieces
+            index = undecided.nonzero().squeeze(1)
+            state.setdefault(_PENDING, []).append(
+                (name, (index + state.get(BLOCK_OFFSET, 0)).cpu(), alternative[index].cpu()))
         return merged.reshape(base.shape)
 
-    def _merge_chunk(self, name: str, start: int, base: torch.Tensor, task_vectors: torch.Tensor,
-                     limit: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+    def _merge_chunk(self, base: torch.Tensor, task_vectors: torch.Tensor, limit: torch.Tensor,
+                     state: dict[str, Any], undecided: torch.Tensor | None,
+                     alternative: torch.Tensor | None) -> torch.Tensor:
         trimmed = task_vectors.masked_fill(task_vectors.abs() < limit, 0.0)
         sign = torch.sign(trimmed.sum(dim=0))
         positive, negative = trimmed.clamp(min=0).sum(dim=0), trimmed.clamp(max=0).sum(dim=0)
@@ -82,14 +92,11 @@ class Ties(MergeMethod):
             positive /= (trimmed > 0).sum(dim=0).clamp(min=1)
             negative /= (trimmed < 0).sum(dim=0).clamp(min=1)
         cancelled = sign == 0  # the trimmed entries sum to exactly 0: the model-wide majority sign decides
-        majority = state.get("majority_sign")
-        if majority is None:  # elected in this pass: take +, remember what - would give (`finish`)
+        majority = state.get("majority_sign", 1)
+        if undecided is not None:  # electing: sign total so far, and the coordinates a - majority would change
             state[_SIGN_TOTAL] = state.get(_SIGN_TOTAL, 0) + int(sign.sum(dtype=torch.int64))
-            undecided = (cancelled & (negative != 0)).nonzero().squeeze(1)
-            if undecided.numel():
-                alternative = base[undecided] + self.params.scaling * negative[undecided]
-                state.setdefault(_PENDING, []).append((name, (undecided + start).cpu(), alternative.cpu()))
-            majority = 1
+            torch.logical_and(cancelled, negative != 0, out=undecided)
+            alternative.copy_(base + self.params.scaling * negative)
         keep_positive = (sign > 0) | (cancelled & (majority > 0))
         return base + self.params.scaling * torch.where(keep_positive, positive, negative)
 
