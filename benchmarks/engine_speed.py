@@ -43,11 +43,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import fusionbench_code
+import llama_models
 import merge_memory
-from vit_models import generator, model_spec
+from vit_models import model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
@@ -72,8 +73,6 @@ FUSIONBENCH_MODELS = {"float32": {"ta": (0, 6), "ties": (8, 3), "dare": (2.5, 3)
                       "bfloat16": {"ta": (0, 6), "ties": (11, 3), "dare": (2.5, 3)}}
 INTERPRETER_BYTES = 0.3e9
 VIT_GOALS = {"ta": (6.0, 1.5), "ties": (20.0, 2.5), "dare": (8.0, None)}  # Mergeflow: seconds, peak GB
-LLAMA_SPEC_VERSION = 1
-LLAMA_SHARD_BYTES = 2e9  # shards of the generated models: at most this, balanced
 PROJECTION_BYTES = 7e9 * 2 * (8 + 1)  # 7B parameters in bf16, base + 8 experts
 
 
@@ -148,85 +147,12 @@ def vit_inputs(args: argparse.Namespace) -> Inputs:
     return Inputs("vit", title, base, tuple(experts), tuple(views), scratch, workdir / "cache", "float32", None, None)
 
 
-def llama_config(args: argparse.Namespace) -> dict[str, object]:
-    heads = max(1, args.hidden // 64)
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
-            "intermediate_size": args.intermediate, "num_hidden_layers": args.layers, "num_attention_heads": heads,
-            "num_key_value_heads": max(1, heads // 4), "vocab_size": args.vocab, "tie_word_embeddings": False,
-            "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
-            "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2}
-
-
-def llama_spec(config: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """Hugging Face Llama tensor names and shapes, in the order of LlamaForCausalLM's state dict."""
-    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    head_dim = hidden // config["num_attention_heads"]
-    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
-    spec = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        spec += [(p + "self_attn.q_proj.weight", (q, hidden)), (p + "self_attn.k_proj.weight", (kv, hidden)),
-                 (p + "self_attn.v_proj.weight", (kv, hidden)), (p + "self_attn.o_proj.weight", (hidden, q)),
-                 (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
-                 (p + "mlp.down_proj.weight", (hidden, inter)), (p + "input_layernorm.weight", (hidden,)),
-                 (p + "post_attention_layernorm.weight", (hidden,))]
-    return spec + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-
-
-def llama_tensor(seed: int, expert: int | None, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """theta_0: N(0, 0.02) (norm weights 1 + N(0, 0.02)); an expert adds a gaussian task vector of std
-    (0.5-2.5) x 5% of the weights' scale (~1e-3 on the matrices), large enough to survive the cast to bf16."""
-    scale = 1.0 if name.endswith("norm.weight") else 0.02
-    theta = (1.0 if scale == 1.0 else 0.0) + 0.02 * torch.randn(shape, generator=generator(seed, "llama", name))
-    if expert is not None:
-        g = generator(seed, "llama-expert", expert, name)
-        std = 0.05 * scale * (0.5 + 2.0 * torch.rand((), generator=g).item())
-        theta.add_(torch.randn(shape, generator=g), alpha=std)
-    return theta.to(torch.bfloat16)
-
-
-def write_llama(directory: Path, config: dict, seed: int, expert: int | None) -> None:
-    """One model directory, one shard in memory at a time, written under a temporary name then renamed."""
-    spec = llama_spec(config)
-    sizes = [math.prod(shape) * 2 for _, shape in spec]
-    shards = max(1, math.ceil(sum(sizes) / LLAMA_SHARD_BYTES))
-    target, start, shard_of = sum(sizes) / shards, 0, []
-    for size in sizes:  # balanced: tensor i goes to the shard its first byte falls in
-        shard_of.append(min(shards - 1, int(start // target)))
-        start += size
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weight_map = {}
-    for shard in range(shards):
-        file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
-        tensors = {n: llama_tensor(seed, expert, n, s) for (n, s), j in zip(spec, shard_of) if j == shard}
-        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file))
-        del tensors
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2))
-    tmp.rename(directory)
-
-
 def llama_inputs(args: argparse.Namespace) -> Inputs:
-    """The Llama-shaped base and experts (regenerated when the recorded description changes)."""
+    """The Llama-shaped base and experts (`llama_models`)."""
     workdir = Path(args.llama_workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = llama_config(args)
-    wanted = {"version": LLAMA_SPEC_VERSION, "seed": args.seed, "config": config}
-    spec_file = workdir / "models.json"
-    if spec_file.exists() and json.loads(spec_file.read_text()) != wanted:
-        for old in [*workdir.glob("base*"), *workdir.glob("expert_*")]:
-            shutil.rmtree(old)
-    spec_file.write_text(json.dumps(wanted))
-    params = sum(math.prod(shape) for _, shape in llama_spec(config))
-    base, experts = workdir / "base", [workdir / f"expert_{i}" for i in range(args.llama_experts)]
-    for index, directory in [(None, base), *enumerate(experts)]:
-        if not (directory / "model.safetensors.index.json").exists():
-            print(f"generating {directory.name} ({params / 1e9:.3f} B params, bf16)", flush=True)
-            write_llama(directory, config, args.seed, index)
+    config = llama_models.llama_config(args.layers, args.hidden, args.intermediate, args.vocab)
+    base, experts = llama_models.ensure_models(workdir, args.seed, config, args.llama_experts)
+    params = sum(math.prod(shape) for _, shape in llama_models.llama_spec(config))
     title = (f"Llama-shaped causal LM (HF sharded layout, bf16): {args.layers} layers, hidden {args.hidden}, "
              f"intermediate {args.intermediate}, vocab {args.vocab}, {config['num_attention_heads']} heads, "
              f"{config['num_key_value_heads']} KV heads: {params / 1e9:.3f} B parameters per model; "
@@ -314,53 +240,9 @@ def timed(cmd: list[str], env: dict[str, str], log: Path) -> Run:
 # ---------------------------------------------------------------------------------------------------- FusionBench
 
 
-def load_model(path: Path) -> dict[str, torch.Tensor]:
-    """A whole model as a state dict: one safetensors file, or every shard of a model directory."""
-    state: dict[str, torch.Tensor] = {}
-    for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    return state
-
-
-def fusionbench_merge(method: str, base: Path, experts: list[Path]) -> dict[str, torch.Tensor]:
-    """FusionBench's TaskArithmeticAlgorithm / TiesMergingAlgorithm / DareTaskArithmetic `run`, step by step, on
-    state dicts (its model pool would give modules), with its own functions; the merge ends in the pretrained
-    model's tensors, as `load_state_dict` puts it there."""
-    arithmetic = fusionbench_code.load("arithmetic")
-    pretrained = load_model(base)
-    if method == "ta":
-        task_vector = None
-        for path in experts:
-            model = load_model(path)
-            tv = arithmetic.state_dict_sub(model, pretrained)
-            task_vector = tv if task_vector is None else arithmetic.state_dict_add(task_vector, tv)
-        task_vector = arithmetic.state_dict_mul(task_vector, SCALING, keep_dtype_when_zero=True)
-        merged = arithmetic.state_dict_add(pretrained, task_vector)
-    elif method == "ties":
-        ties = fusionbench_code.load("ties")
-        ft_checks = [load_model(path) for path in experts]
-        flat_ft = torch.vstack([ties.state_dict_to_vector(check, []) for check in ft_checks])
-        flat_ptm = ties.state_dict_to_vector(pretrained, [])
-        merged_tv = ties.ties_merging(flat_ft - flat_ptm, reset_thresh=DENSITY * 100, merge_func="sum")
-        merged = ties.vector_to_state_dict(flat_ptm + SCALING * merged_tv, pretrained, remove_keys=[])
-    else:
-        dare = fusionbench_code.load("dare")
-        torch.manual_seed(0)
-        # trainable_only=False: plain tensors do not require grad; every parameter of its modules does
-        task_vectors = [dare.module_sub_(load_model(path), pretrained, trainable_only=False) for path in experts]
-        for tv in task_vectors:
-            dare.module_random_drop_(tv, DROP, rescale=True)
-        merged = {}
-        for name, delta in arithmetic.state_dict_sum(task_vectors).items():
-            merged[name] = pretrained[name].add_(delta * SCALING)
-    for name, tensor in merged.items():
-        if tensor is not pretrained[name]:
-            pretrained[name].copy_(tensor)
-    return pretrained
-
-
 def fusionbench_child(method: str, base: str, out: str, experts: list[str]) -> None:
-    merged = fusionbench_merge(method, Path(base), [Path(e) for e in experts])
+    merged = fusionbench_code.merge_as_algorithms(method, Path(base), [Path(e) for e in experts], SCALING, DENSITY,
+                                                  DROP)
     Path(out).mkdir(parents=True)
     save_file(merged, str(Path(out) / "model.safetensors"), metadata={"format": "pt"})
 

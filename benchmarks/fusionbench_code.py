@@ -19,6 +19,9 @@ import zipfile
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+from safetensors.torch import load_file
+
 VERSION = "0.2.33"
 WHEEL = f"fusion_bench-{VERSION}-py3-none-any.whl"
 ROOT = Path(__file__).resolve().parent / "out" / "fusion-bench"
@@ -92,3 +95,50 @@ def load(which: str) -> types.ModuleType:
             else:
                 sys.modules[name] = previous
     return mod
+
+
+def load_model(path: Path) -> dict[str, torch.Tensor]:
+    """A whole model as a state dict: one safetensors file, or every shard of a model directory."""
+    state: dict[str, torch.Tensor] = {}
+    for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
+
+
+def merge_as_algorithms(method: str, base: Path, experts: list[Path], scaling: float, density: float,
+                        drop: float) -> dict[str, torch.Tensor]:
+    """FusionBench's TaskArithmeticAlgorithm / TiesMergingAlgorithm / DareTaskArithmetic `run` ("ta", "ties",
+    "dare"), step by step, on
+    state dicts (its model pool would give modules), with its own functions; the merge ends in the pretrained
+    model's tensors, as `load_state_dict` puts it there."""
+    arithmetic = load("arithmetic")
+    pretrained = load_model(base)
+    if method == "ta":
+        task_vector = None
+        for path in experts:
+            model = load_model(path)
+            tv = arithmetic.state_dict_sub(model, pretrained)
+            task_vector = tv if task_vector is None else arithmetic.state_dict_add(task_vector, tv)
+        task_vector = arithmetic.state_dict_mul(task_vector, scaling, keep_dtype_when_zero=True)
+        merged = arithmetic.state_dict_add(pretrained, task_vector)
+    elif method == "ties":
+        ties = load("ties")
+        ft_checks = [load_model(path) for path in experts]
+        flat_ft = torch.vstack([ties.state_dict_to_vector(check, []) for check in ft_checks])
+        flat_ptm = ties.state_dict_to_vector(pretrained, [])
+        merged_tv = ties.ties_merging(flat_ft - flat_ptm, reset_thresh=density * 100, merge_func="sum")
+        merged = ties.vector_to_state_dict(flat_ptm + scaling * merged_tv, pretrained, remove_keys=[])
+    else:
+        dare = load("dare")
+        torch.manual_seed(0)
+        # trainable_only=False: plain tensors do not require grad; every parameter of its modules does
+        task_vectors = [dare.module_sub_(load_model(path), pretrained, trainable_only=False) for path in experts]
+        for tv in task_vectors:
+            dare.module_random_drop_(tv, drop, rescale=True)
+        merged = {}
+        for name, delta in arithmetic.state_dict_sum(task_vectors).items():
+            merged[name] = pretrained[name].add_(delta * scaling)
+    for name, tensor in merged.items():
+        if tensor is not pretrained[name]:
+            pretrained[name].copy_(tensor)
+    return pretrained

@@ -55,6 +55,7 @@ class ExpertPool:
     window: int = DEFAULT_WINDOW
     _spares: list[torch.Tensor] = field(default_factory=list, repr=False)  # task-vector buffers `stream` reuses
     _spares_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _copies: Any = field(default=None, repr=False)  # CUDA only: the read-ahead thread's copy stream
 
     def infos(self) -> list[TensorInfo]:
         return [self.base.info(k) for k in self.base.keys()]
@@ -145,10 +146,10 @@ class ExpertPool:
               ) -> tuple[str, tuple[int, int] | None, torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda":  # CUDA only: this thread's copies run on a stream of their own, so they
             # overlap the merge's kernels on the default stream, which then owns the tensors
-            copies = torch.cuda.Stream(self.device)
-            with torch.cuda.stream(copies):
+            self._copies = self._copies or torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self._copies):
                 read = self._read_on_device(*item)
-            copies.synchronize()
+            self._copies.synchronize()
             for tensor in read[2:]:
                 tensor.record_stream(torch.cuda.default_stream(self.device))
             return read
