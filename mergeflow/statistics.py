@@ -32,6 +32,7 @@ from mergeflow.progress import progress_bar
 
 from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.checkpoints import Checkpoint, TensorInfo, TensorSource, open_checkpoint
+from mergeflow import per_example
 from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.selection import ParameterSelection
 from mergeflow.storage import sha256_file
@@ -91,6 +92,7 @@ class _GramHooks:
         self.counts: dict[str, dict[str, int]] = {GRAM_IN: {}, GRAM_OUT: {}}
         self.mask: Tensor | None = None
         self.want_out = want_out
+        self.enabled = True
         self.handles = [module.register_forward_hook(self._forward(name)) for name, module in layers.items()]
 
     def _add(self, kind: str, name: str, rows: Tensor) -> None:
@@ -104,6 +106,8 @@ class _GramHooks:
 
     def _forward(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if not self.enabled:
+                return
             mask = self.mask
             self._add(GRAM_IN, name, _rows(inputs[0], mask))
             if self.want_out and output.requires_grad:
@@ -159,8 +163,11 @@ def collect_statistics(model: nn.Module, batches: Iterable[Batch], logits_fn: Ca
 
     `logits_fn(batch)` runs the model (and whatever head sits on it) and returns [B, C] logits; the loss is the
     negative log-likelihood of `batch[labels_key]` (or of sampled labels). Every batch value is a tensor with the
-    batch as its first dimension. With `fisher` among `kinds`, examples are processed one at a time; otherwise
-    whole batches are (per-example output gradients are then still exact, the loss being a sum over examples).
+    batch as its first dimension. Whole batches run at once (per-example output gradients are exact, the loss being
+    a sum over examples); the Fisher needs per-example parameter gradients, which hooks take from the batch's
+    backward pass where every trainable parameter sits on a Linear, Embedding or LayerNorm
+    (`mergeflow.per_example`). The first batch is also run one example at a time and the two Fishers compared;
+    a model the hooks cannot split (or a mismatch) runs one example at a time throughout.
     Parameters that never receive a gradient get a zero Fisher; layers no gradient reaches get no `gram_out`.
     """
     unknown = set(kinds) - set(KINDS)
@@ -168,51 +175,112 @@ def collect_statistics(model: nn.Module, batches: Iterable[Batch], logits_fn: Ca
         raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
     if max_examples < 1:
         raise ValueError(f"max_examples must be at least 1, got {max_examples}")
-    backward = GRAM_OUT in kinds or FISHER in kinds
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    squares = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()} \
-        if FISHER in kinds else {}
-    generator = torch.Generator().manual_seed(seed)
-    hooks = _GramHooks(linear_layers(model, selection) if GRAM_IN in kinds or GRAM_OUT in kinds else {},
-                       want_out=GRAM_OUT in kinds)
+    run = _Run(model, params, logits_fn, kinds, fisher, seed, labels_key, mask_key, selection)
     was_training = model.training
     model.eval()
-    examples = 0
     try:
-        for batch in progress_bar(_examples(batches, max_examples, FISHER in kinds), desc="statistics",
-                          disable=not progress):
-            hooks.mask = batch.get(mask_key)
-            with torch.set_grad_enabled(backward):
-                logits = logits_fn(batch)
-            examples += logits.shape[0]
-            if not backward:
-                continue
-            if fisher == "sampled":
-                probs = torch.softmax(logits.detach().float(), dim=-1).cpu()
-                labels = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+        for index, batch in enumerate(progress_bar(_examples(batches, max_examples, False), desc="statistics",
+                                                   disable=not progress)):
+            if index == 0 and FISHER in kinds:
+                run.first_batch(batch)
             else:
-                labels = batch[labels_key].to(logits.device)
-            for p in params.values():
-                p.grad = None
-            F.cross_entropy(logits.float(), labels, reduction="sum").backward()
-            for name, total in squares.items():
-                grad = params[name].grad
-                if grad is not None:
-                    grad = grad.detach().float()
-                    total.addcmul_(grad, grad)
+                run.batch(batch)
     finally:
-        hooks.remove()
-        for p in params.values():
-            p.grad = None
+        run.close()
         model.train(was_training)
-    if examples == 0:
+    if run.examples == 0:
         raise ValueError("no examples to compute statistics on")
-    tensors = {key: value for key, value in hooks.results().items() if split_statistic_key(key)[1] in kinds}
-    tensors.update({statistic_key(name, FISHER): total / examples for name, total in squares.items()})
+    tensors = {key: value for key, value in run.grams.results().items() if split_statistic_key(key)[1] in kinds}
+    tensors.update({statistic_key(name, FISHER): total / run.examples for name, total in run.squares.items()})
     metadata = {"format": FORMAT, "kinds": ",".join(k for k in KINDS if k in kinds), "fisher": fisher,
-                "examples": str(examples), "max_examples": str(max_examples), "seed": str(seed),
+                "examples": str(run.examples), "max_examples": str(max_examples), "seed": str(seed),
                 "model_digest": model_digest(model)}
     return Statistics({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, metadata)
+
+
+class _Run:
+    """One statistics pass: Gram hooks, Fisher accumulators and how the Fisher is taken (hooks or per example)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, Tensor], logits_fn: Callable[[Batch], Tensor],
+                 kinds: Sequence[str], fisher: FisherLabels, seed: int, labels_key: str, mask_key: str,
+                 selection: ParameterSelection | None):
+        self.model, self.params, self.logits_fn = model, params, logits_fn
+        self.fisher, self.labels_key, self.mask_key = fisher, labels_key, mask_key
+        self.backward = GRAM_OUT in kinds or FISHER in kinds
+        self.squares = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()} \
+            if FISHER in kinds else {}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.grams = _GramHooks(linear_layers(model, selection) if GRAM_IN in kinds or GRAM_OUT in kinds else {},
+                                want_out=GRAM_OUT in kinds)
+        self.hooked: per_example.SquaredGradients | None = None  # the Fisher from hooks, once the first batch agrees
+        self.examples = 0
+
+    def _loss(self, batch: Batch, generator: torch.Generator) -> Tensor | None:
+        """Forward (Grams by hook); the summed NLL to differentiate, or None when nothing needs a backward."""
+        self.grams.mask = batch.get(self.mask_key)
+        with torch.set_grad_enabled(self.backward):
+            logits = self.logits_fn(batch)
+        self.examples += logits.shape[0]
+        if not self.backward:
+            return None
+        if self.fisher == "sampled":  # one draw per example, in order, whatever the batching
+            probs = torch.softmax(logits.detach().float(), dim=-1).cpu()
+            labels = torch.cat([torch.multinomial(row[None], 1, generator=generator)[:, 0] for row in probs])
+            labels = labels.to(logits.device)
+        else:
+            labels = batch[self.labels_key].to(logits.device)
+        for p in self.params.values():
+            p.grad = None
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+    def batch(self, batch: Batch) -> None:
+        if self.squares and self.hooked is None:  # the Fisher one example at a time, from .grad
+            for one in _examples([batch], _batch_size(batch), True):
+                self._loss(one, self.generator).backward()
+                for name, total in self.squares.items():
+                    grad = self.params[name].grad
+                    if grad is not None:
+                        total.addcmul_(grad.detach().float(), grad.detach().float())
+            return
+        if self.hooked is not None:
+            self.hooked.next_batch(_batch_size(batch))
+        loss = self._loss(batch, self.generator)
+        if loss is not None:
+            self.hooked.backward(loss) if self.hooked is not None else loss.backward()
+
+    def first_batch(self, batch: Batch) -> None:
+        """The Fisher of the first batch by hooks (Grams off, labels from a copy of the generator), then one example
+        at a time as the reference; later batches use the hooks when both agree."""
+        trial = self._hooked_trial(batch)
+        self.batch(batch)
+        if trial is not None and all(torch.allclose(trial[k], v, rtol=1e-3, atol=1e-6 * float(v.abs().max()) + 1e-12)
+                                     for k, v in self.squares.items()):
+            self.hooked = per_example.SquaredGradients(self.model, self.squares)
+
+    def _hooked_trial(self, batch: Batch) -> dict[str, Tensor] | None:
+        if not per_example.supported(self.model):
+            return None
+        squares = {name: torch.zeros_like(total) for name, total in self.squares.items()}
+        hooks = per_example.SquaredGradients(self.model, squares)
+        generator = torch.Generator().set_state(self.generator.get_state())
+        examples, self.grams.enabled = self.examples, False
+        try:
+            hooks.next_batch(_batch_size(batch))
+            hooks.backward(self._loss(batch, generator))
+            return squares
+        except per_example.Unsupported:
+            return None
+        finally:
+            hooks.remove()
+            self.examples, self.grams.enabled = examples, True
+
+    def close(self) -> None:
+        self.grams.remove()
+        if self.hooked is not None:
+            self.hooked.remove()
+        for p in self.params.values():
+            p.grad = None
 
 
 def save_statistics(stats: Statistics, path: str | Path) -> str:

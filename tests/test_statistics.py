@@ -199,3 +199,103 @@ def test_open_and_validate_reject_what_is_not_a_fit(tmp_path, mlp_data):
     with pytest.raises(CheckpointError, match="2-D weight"):
         validate_statistics(base, [StateDictSource({"fc1.bias::gram_in": torch.ones(1, 1)}, "s")], 1)
 
+
+
+def _bert_batches(batches: int = 3, size: int = 4, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batches):
+        lengths = torch.randint(2, 9, (size,), generator=g)
+        mask = (torch.arange(8) < lengths[:, None]).long()
+        ids = torch.randint(1, 100, (size, 8), generator=g) * mask  # id 0 (BERT's padding_idx) on padding
+        ids[0, 1] = ids[0, 0]  # a token twice in one example: its embedding row's gradient sums both positions
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (size,), generator=g)})
+    return out
+
+
+def _count_hooked_backwards(monkeypatch) -> list[int]:
+    from mergeflow import per_example
+
+    calls = [0]
+    original = per_example.SquaredGradients.backward
+
+    def counted(self, loss):
+        calls[0] += 1
+        return original(self, loss)
+
+    monkeypatch.setattr(per_example.SquaredGradients, "backward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_batched_fisher_equals_one_example_at_a_time(monkeypatch, fisher):
+    """Embeddings (repeated ids, padding_idx, position embeddings broadcast over the batch), LayerNorms, Linears
+    and biases: the Fisher taken by hooks from whole batches equals one backward per example."""
+    from mergeflow import per_example
+
+    bert, logits_fn = _tiny_bert()
+    batches = _bert_batches()
+    calls = _count_hooked_backwards(monkeypatch)
+    fast = collect_statistics(bert, batches, logits_fn, fisher=fisher, seed=3)
+    assert calls[0] == 3  # the first batch's trial, then the two later batches
+    monkeypatch.setattr(per_example, "supported", lambda model: False)
+    slow = collect_statistics(bert, batches, logits_fn, fisher=fisher, seed=3)
+    assert calls[0] == 3
+    _assert_close(fast.tensors, slow.tensors, atol=1e-6)
+    assert fast.tensors["embeddings.word_embeddings.weight::fisher"][0].eq(0).all()  # padding_idx: no gradient
+    assert fast.tensors["embeddings.position_embeddings.weight::fisher"][:8].gt(0).all()
+    assert fast.metadata == slow.metadata
+
+
+def test_models_the_hooks_cannot_split_run_one_example_at_a_time(monkeypatch, mlp_data):
+    """A layer called twice per forward, and a parameter outside Linear/Embedding/LayerNorm: exact all the same."""
+    from mergeflow import per_example
+
+    model, batches, x, y = mlp_data
+    calls = _count_hooked_backwards(monkeypatch)
+
+    class Twice(MLP):
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x))) + self.fc2(torch.relu(self.fc1(x))) * 0.5
+
+    twice = Twice()
+    twice.load_state_dict(model.state_dict())
+    stats = collect_statistics(twice, batches, lambda b: twice(b["x"]), kinds=("fisher",))
+    assert calls[0] == 0  # the trial's forward raised Unsupported: every batch one example at a time
+    params = dict(twice.named_parameters())
+    for name, p in params.items():
+        want = sum(torch.autograd.grad(F.cross_entropy(twice(x[i:i + 1]), y[i:i + 1]), [p])[0].square()
+                   for i in range(len(x))) / len(x)
+        assert torch.allclose(stats.tensors[f"{name}::fisher"], want, atol=1e-6, rtol=1e-5), name
+
+    class Scaled(MLP):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return super().forward(x) * self.scale
+
+    scaled = Scaled()
+    assert not per_example.supported(scaled) and per_example.supported(model)
+    stats = collect_statistics(scaled, batches, lambda b: scaled(b["x"]), kinds=("fisher",))
+    assert calls[0] == 0 and stats.tensors["scale::fisher"] > 0
+
+
+def test_a_weight_used_outside_its_module_is_caught_by_the_first_batch_check(monkeypatch, mlp_data):
+    """The hooks see only the module's own call; the first batch's comparison with one example at a time finds the
+    difference and the whole pass runs one example at a time."""
+    model, batches, x, y = mlp_data
+    calls = _count_hooked_backwards(monkeypatch)
+
+    class Reused(MLP):
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x))) + F.linear(x, self.fc1.weight)[:, :3]
+
+    reused = Reused()
+    stats = collect_statistics(reused, batches, lambda b: reused(b["x"]), kinds=("fisher",))
+    assert calls[0] == 1  # the trial only
+    weight = reused.fc1.weight
+    want = sum(torch.autograd.grad(F.cross_entropy(reused(x[i:i + 1]), y[i:i + 1]), [weight])[0].square()
+               for i in range(len(x))) / len(x)
+    assert torch.allclose(stats.tensors["fc1.weight::fisher"], want, atol=1e-6, rtol=1e-5)
