@@ -38,9 +38,9 @@ class WudiParams(ExcludeParams):
         "loop replayed")
 
 
-def _adam(initial: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.optim.Adam]:
+def _adam(initial: torch.Tensor, lr: float, fused: bool = False) -> tuple[torch.Tensor, torch.optim.Adam]:
     merged = torch.nn.Parameter(initial)
-    return merged, torch.optim.Adam([merged], lr=lr, weight_decay=0)
+    return merged, torch.optim.Adam([merged], lr=lr, weight_decay=0, fused=fused or None)
 
 
 def wudi_autograd(task_vectors: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
@@ -71,7 +71,7 @@ def wudi_gram(task_vectors: torch.Tensor, steps: int, lr: float) -> torch.Tensor
         gram.add_(tt, alpha=weight)
         target.add_(t @ tt, alpha=weight)
     gram, target = 2 * gram.float(), 2 * target.float()
-    merged, adam = _adam(torch.sum(task_vectors, dim=0), lr)
+    merged, adam = _adam(torch.sum(task_vectors, dim=0), lr, fused=task_vectors.device.type in ("cpu", "cuda"))
     merged.grad = torch.empty_like(merged)
     with torch.no_grad():
         for _ in range(steps):
