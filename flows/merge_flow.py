@@ -244,14 +244,15 @@ def _submit_merge(config: RunConfig, parent: str, label: str, spec: MergeSpec, b
 
 
 def _score_on_validation(config: RunConfig, parent: str, base, models: dict[str, ObjectRef], eval_inputs,
-                         all_tasks: bool = False) -> dict[str, Any]:
-    """Futures of validation accuracy (at most `tuning.max_examples` per task): of each expert on its own task, or
-    (`all_tasks`) of each model on every task; child runs `evaluate-<name>-validation`."""
+                         all_tasks: bool = False, examples: int | None = None) -> dict[str, Any]:
+    """Futures of validation accuracy (on the first `examples`, default `tuning.max_examples`, per task): of each
+    expert on its own task, or (`all_tasks`) of each model on every task; child runs `evaluate-<name>-validation`
+    (`-<examples>` when given)."""
     storage, device, tuning = config.storage, config.device, config.tuning
-    label = "{}-validation" if all_tasks else "expert-{}-validation"
+    label = ("{}-validation" if all_tasks else "expert-{}-validation") + (f"-{examples}" if examples else "")
     return {name: evaluate.submit(label.format(name), model, base, eval_inputs if all_tasks else
                                   {name: eval_inputs[name]}, config.evaluation, storage, device, config.tracking,
-                                  parent, "validation", tuning.max_examples)
+                                  parent, "validation", examples or tuning.max_examples)
             for name, model in models.items()}
 
 
@@ -333,7 +334,13 @@ def _search(config: RunConfig, parent: str, label: str, spec: MergeSpec, base, e
               "per task")
         return accuracies
 
-    result = successive_halving(pool, score_rung, expert_acc, min_examples=search.min_examples,
+    def experts_at(examples: int) -> dict[str, float]:  # normalised scores divide by the experts on the same texts
+        if examples == tuning.max_examples:
+            return expert_acc
+        futures = _score_on_validation(config, parent, base, experts, eval_inputs, examples=examples)
+        return {name: future.result()[name] for name, future in futures.items()}
+
+    result = successive_halving(pool, score_rung, experts_at, min_examples=search.min_examples,
                                 max_examples=tuning.max_examples, eta=search.eta, rule=tuning.rule,
                                 floor=tuning.floor, max_evaluations=search.max_evaluations,
                                 max_seconds=search.max_seconds)

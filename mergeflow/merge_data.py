@@ -204,7 +204,8 @@ def search(settings: Any, base: str, experts: Sequence[str], config: MergeDataCo
     with open_pool(base, {t.name: uri for uri, t in zip(experts, tasks)}, device, options, cache,
                    statistics) as pool:
         scorer = ValidationScorer(config, tasks, pool, cache, options, device)
-        expert_accuracy = scorer.expert_accuracy(experts, cache, options, max_examples)
+        def expert_accuracy(examples: int) -> dict[str, float]:  # on the rung's examples, as the candidates
+            return scorer.expert_accuracy(experts, cache, options, examples)
 
         def score_rung(rung: int, examples: int, chosen: Sequence[Any]) -> list[dict[str, float]]:
             out = [scorer.score(c.method, c.params, examples) for c in chosen]

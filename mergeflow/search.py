@@ -144,13 +144,17 @@ def rank(scored: Sequence[tuple[int, PointScore]]) -> list[int]:
     return [i for i, _ in sorted(scored, key=lambda item: (-item[1].score, item[0]))]
 
 
-def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_accuracy: Mapping[str, float], *,
+ExpertAccuracy = Mapping[str, float] | Callable[[int], Mapping[str, float]]
+
+
+def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_accuracy: ExpertAccuracy, *,
                        min_examples: int, max_examples: int, eta: int = 3, rule: Rule = "norm_acc.avg",
                        floor: float = 0.0, max_evaluations: int | None = None, max_seconds: float | None = None,
                        clock: Callable[[], float] = time.monotonic) -> SearchResult:
     """Run the search: `score_rung(rung, examples, candidates)` returns each candidate's validation accuracy per
     task on the first `examples` validation examples of every task (the caller scores a rung's candidates at once,
-    in parallel if it can). Normalized accuracy divides by `expert_accuracy` (each expert on its own task).
+    in parallel if it can). Normalized accuracy divides by each expert's accuracy on its own task, on the same
+    examples: `expert_accuracy(examples)` (a mapping instead serves every rung, e.g. when all rungs share them).
 
     `max_evaluations` bounds the validation examples scored per task over every candidate and rung; a rung that
     would pass it, or that starts after `max_seconds`, is not run and the best of the last whole rung wins. The
@@ -176,7 +180,8 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
         rung_started = clock()
         accuracies = score_rung(rung, examples, [pool[i] for i in survivors])
         spent += len(survivors) * examples
-        scored = [(i, score_point(pool[i].params, acc, expert_accuracy, rule, floor))
+        experts = expert_accuracy(examples) if callable(expert_accuracy) else expert_accuracy
+        scored = [(i, score_point(pool[i].params, acc, experts, rule, floor))
                   for i, acc in zip(survivors, accuracies, strict=True)]
         rung_entries = {i: Entry(rung, examples, pool[i], s) for i, s in scored}
         entries += rung_entries.values()

@@ -116,3 +116,25 @@ def test_floor_rule_drops_candidates_that_miss_a_task():
                               rule="acc.avg").winner.params == {"scaling": 0.1}
     assert successive_halving(_pool(3), lopsided, EXPERTS, min_examples=5, max_examples=5, rule="floor",
                               floor=0.5).winner.params == {"scaling": 0.2}
+
+
+def test_each_rung_normalises_by_the_experts_on_its_own_examples():
+    """Task b's expert scores 1.0 on the first 10 examples and 0.5 on more: dividing rung 0's b scores by 0.5 would
+    double b's weight and rank the candidate strong on b first; on its own examples the one strong on a wins."""
+    quality = {0.1: {"a": 0.8, "b": 0.1}, 0.2: {"a": 0.4, "b": 0.4}}
+    asked = []
+
+    def experts(examples):
+        asked.append(examples)
+        return {"a": 0.8, "b": 1.0 if examples == 10 else 0.5}
+
+    def score(rung, examples, chosen):
+        return [quality[c.params["scaling"]] for c in chosen]
+
+    result = successive_halving(_pool(2), score, experts, min_examples=10, max_examples=100, eta=3)
+    assert asked == [10, 30, 100]
+    rung0 = {e.candidate.params["scaling"]: e.score.norm_avg for e in result.entries if e.rung == 0}
+    assert rung0 == pytest.approx({0.1: (1.0 + 0.1) / 2, 0.2: (0.5 + 0.4) / 2})
+    assert [e.candidate.params["scaling"] for e in result.entries if e.rung == 0 and e.promoted] == [0.1]
+    with_cap = successive_halving(_pool(2), score, {"a": 0.8, "b": 0.5}, min_examples=10, max_examples=100, eta=3)
+    assert [e.candidate.params["scaling"] for e in with_cap.entries if e.rung == 0 and e.promoted] == [0.2]
