@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mergeflow.compat import skip_weight_init
 from mergeflow.families.text.data import TextSplit
 from mergeflow.heads import ClassificationHead
 from mergeflow.selection import ParameterSelection
@@ -65,7 +66,8 @@ def load_text_encoder(
     """Build the encoder from `model_dir/config.json` with the weights of `model_dir/model.safetensors`, or with
     `state_dict` (loaded strictly: a missing or unexpected key is a ValueError naming it). Returned in eval mode."""
     model_dir = Path(model_dir)
-    backbone = AutoModel.from_config(AutoConfig.from_pretrained(model_dir))
+    with skip_weight_init():  # every weight is loaded strictly below
+        backbone = AutoModel.from_config(AutoConfig.from_pretrained(model_dir))
     weights = load_file(model_dir / "model.safetensors") if state_dict is None else state_dict
     expected = _expected_keys(backbone)
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
