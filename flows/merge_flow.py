@@ -224,10 +224,12 @@ def _submit_merge(config: RunConfig, parent: str, label: str, spec: MergeSpec, b
     storage, device = config.storage, config.device
     data_aware = bool(statistics_stage.statistic_kinds([spec]))
     learns = merge_stage.needs_objective(spec)
-    unlabeled = (eval_inputs, config.statistics.unlabeled_split, config.evaluation) if learns else None
+    # a learned method chosen by `auto` learned on the validation inputs: its merge does too (the cached point)
+    searched = getattr(dict(zip(config.merge_labels(), config.merges)).get(label), "method", None) == AUTO
+    split = "validation" if searched else config.statistics.unlabeled_split
+    unlabeled = (eval_inputs, split, config.evaluation) if learns else None
     out_uri = merged_uri(storage.root, config.name, label, spec.model_dump(), base, experts,
-                         statistics if data_aware else None,
-                         (eval_inputs, config.statistics.unlabeled_split) if learns else None)
+                         statistics if data_aware else None, (eval_inputs, split) if learns else None)
     stats = statistics if data_aware else None
     reads = {kind: subspaces[kind] for kind in subspace_stage.subspace_kinds([spec])} or None
     # methods that read statistics or data in prepare() prepare on the pool they merge: no separate stage
@@ -325,10 +327,12 @@ def _search(config: RunConfig, parent: str, label: str, spec: MergeSpec, base, e
         for i, c in enumerate(candidates):
             point = MergeSpec(method=c.method, params=c.params)
             stats = statistics if statistics_stage.statistic_kinds([point]) else None
+            learn_on = "validation" if merge_stage.needs_objective(point) else None  # inputs only, never labels
             futures.append(sweep_point.submit(f"{label}-r{rung}", i, c.method, c.params, base, experts, eval_inputs,
                                               at, config.evaluation, config.storage, config.device, config.tracking,
                                               run_id, *reads(c.method, c.params), stats,
-                                              {"mergeflow.rung": str(rung), "mergeflow.candidate": c.name}))
+                                              {"mergeflow.rung": str(rung), "mergeflow.candidate": c.name},
+                                              learn_on))
         accuracies = [f.result() for f in futures]
         print(f"search {label}: rung {rung} scored {len(candidates)} candidates on {examples} validation examples "
               "per task")

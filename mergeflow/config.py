@@ -166,7 +166,8 @@ class SearchConfig(StrictModel):
 
     methods: list[str] | None = Field(None, description="methods to search (default: every applicable one: the "
                                       "data-free methods, and the data-aware ones with statistics of each task's "
-                                      "validation split; never the learned AdaMerging / DOGE AM)")
+                                      "validation split; the learned AdaMerging / DOGE AM only when named: each "
+                                      "point is a training run on the entropy of the validation inputs)")
     grids: dict[str, dict[str, list[Any]]] = Field(default_factory=dict, description="per-method grid overrides "
                                                    "{method: {param: [values]}} (default: mergeflow.search.AUTO_GRIDS)")
     min_examples: int = Field(10, ge=1, description="validation examples per task at the first rung")
@@ -178,11 +179,11 @@ class SearchConfig(StrictModel):
     max_seconds: float | None = Field(None, gt=0, description="budget: no new rung starts after this many seconds "
                                       "of search (empty: no limit)")
 
-    def candidates(self, data_aware: bool = True):
+    def candidates(self, data_aware: bool = True, learned: bool = True):
         """The searched candidates (`mergeflow.search.Candidate`), each validated."""
         from mergeflow.search import candidates
 
-        return candidates(self.methods, self.grids, data_aware)
+        return candidates(self.methods, self.grids, data_aware, learned)
 
 
 class MergeSpec(StrictModel):

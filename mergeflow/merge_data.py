@@ -198,7 +198,7 @@ def search(settings: Any, base: str, experts: Sequence[str], config: MergeDataCo
     from mergeflow.search import successive_halving
     from mergeflow.stages.statistics import statistic_kinds
 
-    candidates = settings.candidates()
+    candidates = settings.candidates(learned=False)
     kinds = statistic_kinds([MergeSpec(method=c.method, params=c.params) for c in candidates])
     statistics = expert_statistics(config, kinds, experts, tasks, cache, options, device, progress) if kinds else None
     with open_pool(base, {t.name: uri for uri, t in zip(experts, tasks)}, device, options, cache,

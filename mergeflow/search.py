@@ -32,6 +32,9 @@ AUTO_GRIDS: dict[str, dict[str, list[Any]]] = {
     "regmean": {"reduce_non_diagonal_ratio": [0.5, 0.8, 0.95, 1.0]},
     "fisher": {"minimal_fisher_weight": [1e-6, 1e-3]},
     "mats": {},
+    # learned: searched only when named in search.methods (each point is a training run on an entropy objective)
+    "adamerging": {"steps": [100, 500]},
+    "doge_am": {},
 }
 
 
@@ -46,32 +49,39 @@ class Candidate:
         return f"{self.method}({shown})" if shown else self.method
 
 
-def applicable_methods(data_aware: bool) -> list[str]:
-    """Methods `auto` may search: data-free always, data-aware when statistics can be computed; never the
-    learned ones (AdaMerging, DOGE AM: each candidate would be a training run on the objective)."""
+def applicable_methods(data_aware: bool, learned: bool = False) -> list[str]:
+    """Methods `auto` may search: data-free always, data-aware when statistics can be computed, learned ones
+    (AdaMerging, DOGE AM) when an objective can be made from the tasks' unlabeled validation inputs."""
     from mergeflow.methods import method_class
     from mergeflow.methods.data_aware import DataAwareMethod
 
     out = []
     for method in AUTO_GRIDS:
         cls = method_class(method)
-        if cls.needs_objective or (issubclass(cls, DataAwareMethod) and not data_aware):
+        if (cls.needs_objective and not learned) or (issubclass(cls, DataAwareMethod) and not data_aware):
             continue
         out.append(method)
     return out
 
 
 def candidates(methods: Sequence[str] | None = None, grids: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
-               data_aware: bool = True) -> list[Candidate]:
-    """One candidate per grid point of each method (`methods`: default every applicable one, in `AUTO_GRIDS`
-    order; `grids`: per-method overrides of `AUTO_GRIDS`), each validated."""
+               data_aware: bool = True, learned: bool = True) -> list[Candidate]:
+    """One candidate per grid point of each method (`methods`: default every applicable one that learns nothing,
+    in `AUTO_GRIDS` order, a learned one only when named; `grids`: per-method overrides of `AUTO_GRIDS`), each
+    validated. `learned`: whether an objective can be made (the flow's search: yes; the CLI's: no)."""
+    from mergeflow.methods import method_class
+
     grids = dict(grids or {})
-    allowed = applicable_methods(data_aware)
-    chosen = list(methods) if methods else allowed
+    allowed = applicable_methods(data_aware, learned)
+    chosen = list(methods) if methods else [m for m in allowed if not method_class(m).needs_objective]
     for method in [*chosen, *grids]:
         if method not in allowed:
-            why = "has no grid for auto or learns from an objective" if method not in AUTO_GRIDS or data_aware \
-                else "needs statistics, which these inputs do not give"
+            if method not in AUTO_GRIDS:
+                why = "it has no grid for auto"
+            elif method_class(method).needs_objective:
+                why = "it learns from unlabeled inputs: only the flow's search makes its objective"
+            else:
+                why = "it needs statistics, which these inputs do not give"
             raise ConfigError(f"search.methods: {method!r} cannot be searched ({why}); searchable: "
                               f"{', '.join(allowed)}")
     out: list[Candidate] = []

@@ -72,9 +72,7 @@ def merge(spec: MergeSpec, base: ObjectRef, experts: dict[str, ObjectRef], out_u
     """`unlabeled` = (task -> (dataset, head), split, evaluation settings) for methods that learn coefficients."""
     store = store_for(storage)
     def run(on: str):
-        objective = merge_stage.unlabeled_objective(base, unlabeled[0], unlabeled[1], unlabeled[2], store, on) \
-            if unlabeled else None
-        return merge_stage.merge_experts(spec, base, experts, out_uri, store, state, on, statistics, objective,
+        return merge_stage.merge_experts(spec, base, experts, out_uri, store, state, on, statistics, unlabeled,
                                          subspaces)
 
     return on_device_or_cpu(run, device, f"merge {spec.method}")

@@ -28,19 +28,22 @@ def sweep_point(label: str, index: int, method: str, params: dict[str, Any], bas
                 tuning: TuningConfig, evaluation: EvalConfig, storage: StorageConfig, device: str,
                 tracking: TrackingConfig, parent_run_id: str, subspaces: dict[str, ObjectRef] | None = None,
                 state: ObjectRef | None = None, statistics: dict[str, ObjectRef] | None = None,
-                tags: dict[str, str] | None = None) -> dict[str, float]:
+                tags: dict[str, str] | None = None, learn_on: str | None = None) -> dict[str, float]:
     """`subspaces`, `state` and `statistics`: the stored factors, global pass (sparsify stage) and the experts'
-    statistics the point's method reads; `tags`: extra tags of its MLflow run (a search's rung)."""
+    statistics the point's method reads; `tags`: extra tags of its MLflow run (a search's rung); `learn_on`: the
+    split whose unlabeled inputs a learned method's objective reads."""
     store = store_for(storage)
     accuracy, reused = on_device_or_cpu(
         lambda on: sweep_stage.sweep_point(method, params, base, experts, tasks, tuning, evaluation, store, on,
-                                           subspaces, state, statistics), device, f"sweep point {label}-{index}")
+                                           subspaces, state, statistics, learn_on), device,
+        f"sweep point {label}-{index}")
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"sweep-{label}-{index}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "sweep", "mergeflow.method": method,
                                      "mergeflow.reused": str(reused).lower(), **(tags or {})})
     tracker.log_params(run_id, {"method": method, **{f"param.{k}": v for k, v in params.items()},
-                                "split": "validation", "max_examples": tuning.max_examples})
+                                "split": "validation", "max_examples": tuning.max_examples,
+                                **({"learn_on": learn_on} if learn_on else {})})
     tracker.log_metrics(run_id, {**{f"val_acc.{t}": v for t, v in accuracy.items()},
                                  "val_acc.avg": sum(accuracy.values()) / len(accuracy)})
     tracker.end_run(run_id)

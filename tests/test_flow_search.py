@@ -82,3 +82,31 @@ def test_auto_searches_on_validation_only_and_a_larger_budget_scores_only_new_ru
     assert {p.data.tags["mergeflow.rung"] for p in fresh} == {"1"} and len(fresh) == 3
     assert client.get_run(second["mlflow_run_id"]).data.params["tune.auto.method"] in {
         "task_arithmetic", "ties", "tsv", "regmean"}
+
+
+def test_a_learned_candidate_learns_on_validation_inputs_and_its_point_is_what_gets_merged(
+        tmp_path, tmp_path_factory, prefect_harness, split_reads):
+    """AdaMerging named in search.methods: each point learns its coefficients on the unlabeled validation inputs
+    (a test split is read only by the final evaluation), and the winner's merge writes the searched point instead
+    of learning again (its merge task reads no data)."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.merge_flow import merge_flow
+
+    config = _config(tmp_path, tmp_path_factory.mktemp("cache"), max_evaluations=None)
+    spec = config.merges[0].model_copy(update={"search": config.merges[0].search.model_copy(update={
+        "methods": ["adamerging"], "grids": {"adamerging": {"steps": [1, 2], "granularity": ["task"]}}})})
+    result = merge_flow(config.model_copy(update={"merges": [spec]}))
+
+    reads = [(name, split) for name, split in split_reads if name.startswith("sweep-")]
+    assert reads and all(split == "validation" for _, split in reads), reads
+    assert not [name for name, _ in split_reads if name.startswith("merge-")]  # the cached point, not learned again
+    assert "evaluate-auto" in {name for name, split in split_reads if split == "test"}
+    assert not [name for name, split in split_reads if split == "test" and name.startswith(("sweep-", "merge-"))]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.params["tune.auto.method"] == "adamerging"
+    _, points = _search_points(client, parent.info.experiment_id, parent.info.run_id)
+    assert {p.data.params["learn_on"] for p in points} == {"validation"}
+    merged = json.loads((Path(result["merged"]["auto"]["uri"]) / "mergeflow.json").read_text())
+    assert merged["method"] == "adamerging"

@@ -26,7 +26,7 @@ def test_candidates_cover_every_applicable_method_and_name_refusals():
     methods = {c.method for c in every}
     assert {"task_arithmetic", "ties", "dare", "tsv", "iso_c", "iso_cts", "wudi", "doge_ta", "average",
             "regmean", "fisher", "mats"} == methods
-    assert not {"adamerging", "doge_am"} & methods  # learned: every candidate would be a training run
+    assert not {"adamerging", "doge_am"} & methods  # learned: searched only when named (each a training run)
     assert sum(c.method == "ties" for c in every) == 12
     free = candidates(data_aware=False)
     assert not {"regmean", "fisher", "mats"} & {c.method for c in free}
@@ -35,8 +35,9 @@ def test_candidates_cover_every_applicable_method_and_name_refusals():
                                           "regmean(reduce_non_diagonal_ratio=0.8)",
                                           "regmean(reduce_non_diagonal_ratio=0.95)",
                                           "regmean(reduce_non_diagonal_ratio=1.0)"]
-    with pytest.raises(ConfigError, match="adamerging"):
-        candidates(["adamerging"])
+    assert [c.name for c in candidates(["adamerging"])] == ["adamerging(steps=100)", "adamerging(steps=500)"]
+    with pytest.raises(ConfigError, match="'adamerging' cannot be searched .it learns from unlabeled"):
+        candidates(["adamerging"], learned=False)
     with pytest.raises(ConfigError, match="needs statistics"):
         candidates(["regmean"], data_aware=False)
     with pytest.raises(ConfigError, match="scaling"):  # a bad grid value is named before any work

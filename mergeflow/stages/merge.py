@@ -12,7 +12,7 @@ from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, family_of
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
 from mergeflow.stages.subspace import local_subspaces
-from mergeflow.stages.sweep import cached_point
+from mergeflow.stages.sweep import Unlabeled, cached_point
 from mergeflow.storage import join
 
 
@@ -37,18 +37,18 @@ def _merge_record(store: Store, out_uri: str) -> dict[str, Any]:
 
 def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str,
                   store: Store, state: ObjectRef | None = None, device: str = "auto",
-                  statistics: Mapping[str, ObjectRef] | None = None, objective=None,
+                  statistics: Mapping[str, ObjectRef] | None = None, unlabeled: Unlabeled | None = None,
                   subspaces: Mapping[str, ObjectRef] | None = None) -> tuple[ObjectRef, dict[str, Any]]:
-    """Merge the experts with one method into `out_uri` (with the sparsify stage's stored `state` and the subspace
-    stage's factors when given; every input's digest checked where it is read); returns its reference and the
-    engine's result record."""
+    """Merge the experts with one method into `out_uri` (with the sparsify stage's stored `state`, the subspace
+    stage's factors, and for a learned method the objective over `unlabeled` = (tasks, split, evaluation settings);
+    every input's digest checked where it is read); returns its reference and the engine's result record."""
     from mergeflow.merge import merge_checkpoints
 
     if store.exists(out_uri):
         return store.checkpoint_ref(out_uri), _merge_record(store, out_uri)
     # a point a sweep or search computed here is written, not merged again (bit-identical)
-    precomputed = None if objective is not None else cached_point(spec.method, spec.params, base, experts, store,
-                                                                  statistics)
+    precomputed = cached_point(spec.method, spec.params, base, experts, store, statistics, unlabeled)
+    objective = unlabeled_objective(base, *unlabeled, store, device) if unlabeled and precomputed is None else None
     result = merge_checkpoints(spec.method, base_weights(base), [r.uri for r in experts.values()], out_uri,
                                spec.params, device=device, storage_options=store.options, cache=store.cache,
                                state=read_sparsified(state, store) if state is not None else None, progress=True,

@@ -15,9 +15,11 @@ from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.config import EvalConfig, TuningConfig
 from mergeflow.stages.evaluate import evaluate_model
 from mergeflow.methods import build_method
-from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, fingerprint, sweep_uri
+from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, fingerprint, sweep_uri, task_digests
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
+
+Unlabeled = tuple[TaskInputs, str, EvalConfig]  # a learned method's objective: tasks, split, evaluation settings
 
 _UPDATE_LOCKS: dict[str, threading.Lock] = {}
 _UPDATE_LOCKS_GUARD = threading.Lock()
@@ -54,17 +56,27 @@ def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, expe
 
 def _merged_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
                     store: Store, device: str, subspaces: Mapping[str, ObjectRef] | None, state: ObjectRef | None,
-                    statistics: Mapping[str, ObjectRef] | None) -> Path:
+                    statistics: Mapping[str, ObjectRef] | None, unlabeled: Unlabeled | None = None) -> Path:
     """The merged weights of a point whose every coefficient needs its own merge (DOGE's eta, the data-aware
-    methods'), kept in the local cache, so a search's deeper rung scores them without merging again."""
+    methods', the learned ones' on the `unlabeled` objective), kept in the local cache, so a search's deeper rung
+    scores them without merging again."""
+    from mergeflow.stages.merge import unlabeled_objective
     from mergeflow.sweep import merged_point
 
     def compute() -> Mapping[str, Any]:
         with store.expert_pool(base, experts, device, subspaces, statistics) as pool:
+            if unlabeled is not None:
+                pool.objective = unlabeled_objective(base, *unlabeled, store, device)
             return merged_point(method, params, None, None, pool,
                                 read_sparsified(state, store) if state is not None else None)
 
-    return _cached(_point_path(method, params, base, experts, store, statistics), compute)
+    return _cached(_point_path(method, params, base, experts, store, statistics, unlabeled), compute)
+
+
+def unlabeled_key(unlabeled: Unlabeled) -> list[Any]:
+    """What a learned point's objective depends on: each task's data and head digests, the split, the settings."""
+    tasks, split, evaluation = unlabeled
+    return [task_digests(tasks), split, evaluation.model_dump()]
 
 
 def _update_path(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
@@ -76,14 +88,16 @@ def _update_path(method: str, params: Mapping[str, Any], base: ObjectRef, expert
 
 
 def _point_path(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
-                store: Store, statistics: Mapping[str, ObjectRef] | None) -> Path:
+                store: Store, statistics: Mapping[str, ObjectRef] | None, unlabeled: Unlabeled | None = None) -> Path:
     fp = fingerprint(method, dict(params), base.sha256, [e.sha256 for e in experts.values()],
-                     *([[r.sha256 for r in statistics.values()]] if statistics else []))
+                     *([[r.sha256 for r in statistics.values()]] if statistics else []),
+                     *([unlabeled_key(unlabeled)] if unlabeled else []))
     return store.cache.root / "points" / f"{method}-{fp}.safetensors"
 
 
 def cached_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
-                 store: Store, statistics: Mapping[str, ObjectRef] | None = None) -> dict[str, Any] | None:
+                 store: Store, statistics: Mapping[str, ObjectRef] | None = None,
+                 unlabeled: Unlabeled | None = None) -> dict[str, Any] | None:
     """The merged tensors of a point a sweep or search already computed (theta_0 + lambda U from the cached update,
     or the cached merged weights), bit-identical to merging it again; None when it was never computed here."""
     from safetensors.torch import load_file
@@ -93,7 +107,7 @@ def cached_point(method: str, params: Mapping[str, Any], base: ObjectRef, expert
 
     scaling = method_class(method).scaling_param
     if scaling is None:
-        path = _point_path(method, params, base, experts, store, statistics)
+        path = _point_path(method, params, base, experts, store, statistics, unlabeled)
         return load_file(str(path)) if path.exists() else None
     path = _update_path(method, params, base, experts, store)
     if not path.exists():
@@ -111,8 +125,8 @@ def _base_state(base: ObjectRef, store: Store) -> dict[str, Any]:
 
 def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
                   store: Store, device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None,
-                  state: ObjectRef | None = None, statistics: Mapping[str, ObjectRef] | None = None
-                  ) -> dict[str, Any]:
+                  state: ObjectRef | None = None, statistics: Mapping[str, ObjectRef] | None = None,
+                  unlabeled: Unlabeled | None = None) -> dict[str, Any]:
     """The merged state dict of one grid point, in memory (`mergeflow.sweep.merged_point`): theta_0 + lambda U
     from the update shared through the local cache for scaling methods, a full in-memory merge otherwise; both
     read the sparsify stage's stored global pass (`state`) and the subspace stage's factors when given, a
@@ -124,7 +138,7 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
 
     if method_class(method).scaling_param is None:
         return load_file(str(_merged_weights(method, params, base, experts, store, device, subspaces, state,
-                                             statistics)))
+                                             statistics, unlabeled)))
     return merged_point(method, params, _base_state(base, store),
                         lambda: load_file(str(_scaled_update(method, params, base, experts, store, device,
                                                              subspaces, state))), None)
@@ -133,17 +147,19 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
 def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
                 tasks: TaskInputs, tuning: TuningConfig, evaluation: EvalConfig, store: Store,
                 device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None,
-                state: ObjectRef | None = None, statistics: Mapping[str, ObjectRef] | None = None
-                ) -> tuple[dict[str, float], bool]:
+                state: ObjectRef | None = None, statistics: Mapping[str, ObjectRef] | None = None,
+                learn_on: str | None = None) -> tuple[dict[str, float], bool]:
     """Validation accuracy per task of one grid point on the first `tuning.max_examples` validation examples of
     each task (weights never published); the small score record is stored under a key of every input digest, the
     method, its parameters and that count, so a rerun, a grown grid or a search's deeper rung scores only what is
-    new. Returns (accuracy, reused)."""
-    uri = sweep_uri(store.root, method, params, base, experts, tasks, tuning.max_examples, evaluation.model_dump(),
-                    statistics)
+    new. A learned method learns on the unlabeled inputs of split `learn_on` (labels never read). Returns
+    (accuracy, reused)."""
+    unlabeled = (tasks, learn_on, evaluation) if learn_on else None
+    uri = sweep_uri(store.root, method, {**params, **({"learn_on": learn_on} if learn_on else {})}, base, experts,
+                    tasks, tuning.max_examples, evaluation.model_dump(), statistics)
     if store.exists(uri):
         return store.read_json(uri)["accuracy"], True
-    weights = sweep_weights(method, params, base, experts, store, device, subspaces, state, statistics)
+    weights = sweep_weights(method, params, base, experts, store, device, subspaces, state, statistics, unlabeled)
     accuracy = evaluate_model(None, base, tasks, evaluation, store, device, split="validation",
                               max_examples=tuning.max_examples, state_dict=weights)
     store.publish_json(uri, {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy})
