@@ -95,6 +95,7 @@ def assemble_isotropic(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> to
 #   "task"        each task vector's top int(r/T) triplets: u [T, m, k], s [T, k], vh [T, k, n]   (TSV-M)
 #   "sum"         the thin SVD of the summed task vector: u [m, r], s [r], vh [r, n]          (Iso-C, Iso-CTS)
 #   "shared-<d>"  DOGE's shared basis q [m, r // d] of the tasks' top r // T left vectors     (DOGE TA)
+#   "shared-tasks" the same with d = T, the number of experts                                  (DOGE AM)
 # and `index.json`: kind, the experts in order (content digests; names for in-memory sources), and the file of
 # each layer.
 
@@ -104,9 +105,10 @@ FORMAT_VERSION = 1
 
 def check_kind(kind: str) -> str:
     """`kind` if it names a stored factor set, else ValueError."""
-    if kind in ("task", "sum") or (kind.startswith("shared-") and kind[7:].isdigit() and int(kind[7:]) > 0):
+    if kind in ("task", "sum", "shared-tasks") or (kind.startswith("shared-") and kind[7:].isdigit()
+                                                    and int(kind[7:]) > 0):
         return kind
-    raise ValueError(f"unknown subspace kind {kind!r}: 'task', 'sum' or 'shared-<divisor>'")
+    raise ValueError(f"unknown subspace kind {kind!r}: 'task', 'sum', 'shared-<divisor>' or 'shared-tasks'")
 
 
 def layer_factors(kind: str, task_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -118,7 +120,8 @@ def layer_factors(kind: str, task_vectors: torch.Tensor) -> dict[str, torch.Tens
         return {key: torch.stack(part) for key, part in zip(("u", "s", "vh"), zip(*triplets))}
     if kind == "sum":
         return dict(zip(("u", "s", "vh"), top_singular(task_vectors.sum(dim=0), r)))
-    return {"q": shared_basis(task_vectors, int(check_kind(kind)[7:]))}
+    divisor = tasks if check_kind(kind) == "shared-tasks" else int(kind[7:])
+    return {"q": shared_basis(task_vectors, divisor)}
 
 
 def top_left(matrix: torch.Tensor, k: int) -> torch.Tensor:

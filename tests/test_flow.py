@@ -81,6 +81,7 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     assert set(by_name) - evaluations - sparsify_runs == {"expert-election", "expert-rotten_tomatoes", "merge-average", "merge-task_arithmetic",
                             "merge-ties", "merge-regmean", "merge-adamerging", "merge-doge_ta", "merge-doge_am",
                             "merge-tsv", "merge-iso_c", "subspace-shared-6", "subspace-task", "subspace-sum",
+                            "subspace-shared-tasks",
                             "statistics-election",
                             "statistics-rotten_tomatoes"}
     regmean_inputs = {i.tags[0].value for i in by_name["merge-regmean"].inputs.dataset_inputs}

@@ -144,3 +144,31 @@ def test_merge_refuses_an_expert_changed_after_its_reference(store_and_refs):
         merge_experts(MergeSpec(method="task_arithmetic"), base, experts, store.root + "/merged/ta", store,
                       device="cpu")
     assert not Path(store.root, "merged", "ta").exists()
+
+
+def test_doge_am_reads_its_shared_basis_from_the_stage(tmp_path, models, monkeypatch):
+    """`shared-tasks` (the r/N basis, N the number of experts): a DOGE AM merge on the stored factors equals the one
+    computing its own, and makes no SVD."""
+    base, experts = models
+    directory = tmp_path / "shared-tasks"
+    directory.mkdir()
+    write_subspace(_pool(base, experts), "shared-tasks", directory, group_bytes=1)
+    reader = SubspaceReader(directory, ["e0", "e1", "e2"])
+    target = {k: v for k, v in experts[0].items()}
+
+    def objective(merged, step):
+        return sum(((merged[k] - target[k]) ** 2).sum() for k in merged)
+
+    merger = build_method("doge_am", {"steps": 5, "am_steps": 3})
+    assert merger.subspace_kinds() == ("shared-tasks",)
+    plain, with_stored = {}, {}
+    pool = _pool(base, experts)
+    pool.objective = objective
+    merge_pool(merger, pool, plain.__setitem__)
+    counter = SvdCounter(monkeypatch)
+    pool = _pool(base, experts, {"shared-tasks": reader})
+    pool.objective = objective
+    merge_pool(build_method("doge_am", {"steps": 5, "am_steps": 3}), pool, with_stored.__setitem__)
+    assert counter.calls == 0
+    for name in plain:
+        assert torch.equal(plain[name], with_stored[name]), name

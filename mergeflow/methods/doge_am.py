@@ -3,7 +3,8 @@
 on the adjusted task vectors. Per selected linear layer:
 
 1. lambda_i = eta / ||tau_i||_F (they only weigh the loss: the learned coefficients replace them in the merge);
-2. the shared subspace Q of size floor(r / N) (DOGE TA: r / 6);
+2. the shared subspace Q of size floor(r / N) (DOGE TA: r / 6), read from the subspace stage's `shared-tasks`
+   factors when the merge has them;
 3. per-task deltas minimise DOGE's loss with M = sum_i lambda_i (T_i + delta_i): dL/d delta_i = lambda_i g(M),
    each projected off span(Q), all updated by one Adam (400 steps, lr 1e-4);
 4. adjusted vectors m_i * (T_i + delta_i), m_i the top-`keep` mask of the ORIGINAL tau_i, global over the layers;
@@ -27,7 +28,7 @@ from pydantic import Field, model_validator
 from mergeflow.coefficients import learn_coefficients
 from mergeflow import stopping
 from mergeflow.errors import ConfigError
-from mergeflow.methods.base import RUN_ONLY, MergeMethod, MethodParams
+from mergeflow.methods.base import RUN_ONLY, MergeMethod, MethodParams, stored_factors
 from mergeflow.methods.doge_ta import DogeObjective, shared_subspace, task_coefficients
 from mergeflow.selection import ParameterSelection
 from mergeflow.sparsify import global_topk_thresholds
@@ -99,12 +100,19 @@ class DogeAM(MergeMethod):
 
     adjusted: dict[str, torch.Tensor] | None = None
 
-    def adjusted_vectors(self, task_vectors: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
-        """m_i * (T_i + delta_i) [G, N, d_out, d_in] of G equal-shape layers' task vectors."""
+    def subspace_kinds(self) -> tuple[str, ...]:
+        return ("shared-tasks",)
+
+    def adjusted_vectors(self, task_vectors: torch.Tensor, thresholds: Sequence[float],
+                         stored: Sequence[dict[str, torch.Tensor] | None] | None = None) -> torch.Tensor:
+        """m_i * (T_i + delta_i) [G, N, d_out, d_in] of G equal-shape layers' task vectors (`stored`: each layer's
+        factors from the subspace stage, or None to compute its shared basis here)."""
         p = self.params
         n = task_vectors.shape[1]
         lam = task_coefficients(task_vectors, p.eta)
-        basis = torch.stack([shared_subspace(tvs, n) for tvs in task_vectors])
+        stored = stored or [None] * len(task_vectors)
+        basis = torch.stack([shared_subspace(tvs, n) if factors is None else factors["q"].to(tvs.device)
+                             for tvs, factors in zip(task_vectors, stored)])
         adjusted = optimise_task_deltas(task_vectors, lam, basis, p.steps, p.lr).add_(task_vectors)
         for i, threshold in enumerate(thresholds):
             adjusted[:, i].mul_(task_vectors[:, i].abs() >= threshold)
@@ -128,7 +136,9 @@ class DogeAM(MergeMethod):
         cap = 0 if pool.device.type == "cpu" else 256_000_000
         for group in shape_groups([info for info in infos if info.name in chosen], len(pool.experts), cap):
             stacked = torch.stack([pool.task_vectors(info.name) for info in group])
-            for info, vectors in zip(group, self.adjusted_vectors(stacked, thresholds)):
+            reader = (pool.subspaces or {}).get("shared-tasks")
+            stored = [None if reader is None else reader.factors(info.name) for info in group]
+            for info, vectors in zip(group, self.adjusted_vectors(stacked, thresholds, stored)):
                 adjusted[info.name] = vectors
                 bases[info.name] = pool.base_tensor(info.name)
         bases = {name: bases[name] for name in selected}  # the learner keeps the checkpoint's order
@@ -144,6 +154,7 @@ class DogeAM(MergeMethod):
         if name in state.get(ADJUSTED, {}):
             adjusted = state[ADJUSTED][name].to(base.device)
         else:  # a state from elsewhere: recompute this layer's deltas (deterministic)
-            adjusted = self.adjusted_vectors(task_vectors[None], state["thresholds"])[0]
+            adjusted = self.adjusted_vectors(task_vectors[None], state["thresholds"],
+                                             [stored_factors(state, "shared-tasks", name)])[0]
         coefficients = torch.tensor(state["coefficients"][name], dtype=torch.float32, device=base.device)
         return base + torch.tensordot(coefficients, adjusted, dims=1)
