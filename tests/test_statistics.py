@@ -299,3 +299,12 @@ def test_a_weight_used_outside_its_module_is_caught_by_the_first_batch_check(mon
     want = sum(torch.autograd.grad(F.cross_entropy(reused(x[i:i + 1]), y[i:i + 1]), [weight])[0].square()
                for i in range(len(x))) / len(x)
     assert torch.allclose(stats.tensors["fc1.weight::fisher"], want, atol=1e-6, rtol=1e-5)
+
+
+def test_the_first_batch_check_ignores_rounding_noise_but_not_differences():
+    from mergeflow.statistics import fishers_agree
+
+    reference = {"w": torch.tensor([1e-2, 3e-3]), "key_bias": torch.tensor([1e-20, 0.0])}
+    assert fishers_agree({"w": reference["w"] * (1 + 1e-5), "key_bias": torch.tensor([3e-20, 1e-21])}, reference)
+    assert not fishers_agree({"w": torch.tensor([1e-2, 2e-3]), "key_bias": reference["key_bias"]}, reference)
+    assert not fishers_agree({"w": reference["w"], "key_bias": torch.tensor([1e-6, 0.0])}, reference)
