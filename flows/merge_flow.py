@@ -75,6 +75,8 @@ def _end_stopped_or_raise(config: RunConfig, parent: str, error: BaseException) 
 
 def planned_stages(config: RunConfig) -> dict[str, int]:
     """How many stages of each kind (task function name) a run of `config` does: the progress lines' estimate."""
+    from mergeflow.search import rung_sizes
+
     tasks, merges = len(config.tasks), len(config.merges)
     learned = sum(merge_stage.needs_objective(spec) for spec in config.merges)
     data_aware = sum(bool(statistics_stage.statistic_kinds([spec])) for spec in config.merges)
@@ -95,7 +97,8 @@ def planned_stages(config: RunConfig) -> dict[str, int]:
                 for spec in sweeps), "merge": whole, "merge_part": (merges - whole) *
             config.merge_parts, "assemble_merge": merges - whole,
             "evaluate": 1 + tasks + merges + (tasks if sweeps or searches or registers else 0) + (
-                merges if registers else 0),
+                merges if registers else 0) + tasks * sum(len(rung_sizes(spec.search_settings().min_examples,
+                config.tuning.max_examples, spec.search_settings().eta)) - 1 for spec in searches),
             "record_merge": merges, "mark_success": 1}
 
 
