@@ -205,6 +205,13 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor], experts: Se
     return out
 
 
+def _subspace_reader(source: str | Path | SubspaceReader, experts: Sequence[str]) -> SubspaceReader:
+    if isinstance(source, SubspaceReader):
+        source.check_experts(experts)
+        return source
+    return SubspaceReader(source, experts)
+
+
 def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                       params: Mapping[str, Any] | None = None, *, device: str | torch.device = "auto",
                       shard_size: int | str = "2GB", storage_options: Mapping[str, Any] | None = None,
@@ -212,15 +219,16 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                       overwrite: bool = False, progress: bool = False,
                       extra_metadata: Mapping[str, str] | None = None,
                       statistics: Sequence[str] | None = None, objective: Objective | None = None,
-                      part: tuple[int, int] | None = None, subspaces: Mapping[str, str | Path] | None = None,
+                      part: tuple[int, int] | None = None,
+                      subspaces: Mapping[str, str | Path | SubspaceReader] | None = None,
                       expected_digests: Sequence[str] | None = None,
                       precomputed: Mapping[str, torch.Tensor] | None = None,
                       window: int | str = DEFAULT_WINDOW) -> MergeResult:
     """Merge stored checkpoints into a new sharded safetensors directory at `out` (local path or fsspec URL).
 
     Data-aware methods read `statistics`: one statistics file per expert, in the experts' order. Subspace methods
-    read the stored factors in `subspaces` (kind -> local directory of `mergeflow.subspace.write_subspace`) when
-    given. `expected_digests` (base, experts, then statistics) are checked against the checkpoints read.
+    read the stored factors in `subspaces` (kind -> local directory of `mergeflow.subspace.write_subspace`, or a
+    reader of a stored one) when given; a factor file is read only if a layer merged here is in it. `expected_digests` (base, experts, then statistics) are checked against the checkpoints read.
 
     Everything that can be checked is checked before compute (method and parameters, output not already
     present, every file readable and complete, keys/shapes/dtypes, NaN/Inf); the output is built in a
@@ -269,8 +277,8 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
             InputRef("statistics", n, uri, c.digest) for n, uri, c in zip(names, statistics or (), stats_ckpts or ())]
         pool = ExpertPool(base_ckpt, expert_ckpts, names, resolve_device(device), stats_ckpts, objective,
                           check_finite=inline, window=parse_size(window))
-        pool.subspaces = {kind: SubspaceReader(path, expert_identities(pool))
-                          for kind, path in (subspaces or {}).items()}
+        pool.subspaces = {kind: _subspace_reader(source, expert_identities(pool))
+                          for kind, source in (subspaces or {}).items()}
         provenance = {
             "format": "pt",
             "mergeflow_version": mergeflow.__version__,

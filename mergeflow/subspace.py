@@ -10,7 +10,7 @@ are arbitrary in every implementation; there the float64 SVD is used.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +96,12 @@ def assemble_isotropic(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> to
 #   "sum"         the thin SVD of the summed task vector: u [m, r], s [r], vh [r, n]          (Iso-C, Iso-CTS)
 #   "shared-<d>"  DOGE's shared basis q [m, r // d] of the tasks' top r // T left vectors     (DOGE TA)
 #   "shared-tasks" the same with d = T, the number of experts                                  (DOGE AM)
-# and `index.json`: kind, the experts in order (content digests; names for in-memory sources), and the file of
-# each layer.
+# and `index.json`: kind, the experts in order (content digests; names for in-memory sources), the file of each
+# layer, and each file's sha256 and size. A stored subspace's digest is its index's sha256: a reader fetches and
+# verifies only the files of the layers it reads (a merge part, its own layer groups).
 
 INDEX = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def check_kind(kind: str) -> str:
@@ -144,6 +145,7 @@ def write_subspace(pool, kind: str, directory: Path, group_bytes: int = 256_000_
     returns the index written."""
     from mergeflow.checkpoints.safetensors_format import save_safetensors
     from mergeflow.progress import progress_bar
+    from mergeflow.storage import sha256_file
 
     check_kind(kind)
     layers = [info.name for info in pool.infos() if info.dtype.is_floating_point and len(info.shape) == 2]
@@ -151,9 +153,12 @@ def write_subspace(pool, kind: str, directory: Path, group_bytes: int = 256_000_
                              "layers": {}}
     group: dict[str, torch.Tensor] = {}
 
+    index["files"] = {}
+
     def flush() -> None:
-        name = f"factors-{len(set(index['layers'].values())) + 1:05d}.safetensors"
+        name = f"factors-{len(index['files']) + 1:05d}.safetensors"
         save_safetensors(group, directory / name)
+        index["files"][name] = {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
         for key in group:
             index["layers"].setdefault(key.split("::", 1)[0], name)
         group.clear()
@@ -176,30 +181,67 @@ def expert_identities(pool) -> list[str]:
 
 
 class SubspaceReader:
-    """The stored factors of one subspace directory, read layer by layer (files opened lazily). `experts` (see
-    `expert_identities`): refuse factors of other experts or another order."""
+    """The stored factors of one subspace, read layer by layer: each factor file is opened, and verified against
+    the sha256 its index records, only when a layer in it is first read. `experts` (see `expert_identities`): refuse
+    factors of other experts or another order."""
 
     def __init__(self, directory: str | Path, experts: Sequence[str] | None = None):
+        """A local directory written by `write_subspace`."""
         self.directory = Path(directory)
-        self.index = json.loads((self.directory / INDEX).read_text())
-        if experts is not None and list(experts) != self.index["experts"]:
-            raise ValueError(f"{self.directory}: these factors are of other experts (or another order): "
-                             f"{self.index['experts']}, not {list(experts)}")
+        self._init(json.loads((self.directory / INDEX).read_text()), str(self.directory), self._local_file)
+        self.check_experts(experts)
+
+    @classmethod
+    def stored(cls, index: dict[str, Any], label: str, open_file: Callable[[str, str], Path],
+               experts: Sequence[str] | None = None) -> SubspaceReader:
+        """Factors whose `index` was read (and verified) elsewhere; `open_file(name, sha256)` returns a local copy
+        of one factor file, verified against that digest (a store fetches it then, and only then)."""
+        reader = cls.__new__(cls)
+        reader.directory = None
+        reader._init(index, label, open_file)
+        reader.check_experts(experts)
+        return reader
+
+    def _init(self, index: dict[str, Any], label: str, open_file: Callable[[str, str], Path]) -> None:
+        if index.get("format") != FORMAT_VERSION or "files" not in index:
+            raise ValueError(f"{label}: subspace format {index.get('format')}, this version reads {FORMAT_VERSION} "
+                             "(build the subspace again)")
+        self.index, self.label, self._open_file = index, label, open_file
         self._files: dict[str, Any] = {}
+
+    def _local_file(self, name: str, sha256: str) -> Path:
+        from mergeflow.errors import IntegrityError
+        from mergeflow.storage import sha256_file
+
+        path = self.directory / name
+        if (found := sha256_file(path)) != sha256:
+            raise IntegrityError(f"{path}: sha256 {found} does not match the {sha256} its subspace index records")
+        return path
+
+    def check_experts(self, experts: Sequence[str] | None) -> None:
+        if experts is not None and list(experts) != self.index["experts"]:
+            raise ValueError(f"{self.label}: these factors are of other experts (or another order): "
+                             f"{self.index['experts']}, not {list(experts)}")
 
     @property
     def kind(self) -> str:
         return self.index["kind"]
 
+    @property
+    def files_read(self) -> list[str]:
+        """The factor files opened so far."""
+        return sorted(self._files)
+
     def factors(self, layer: str) -> dict[str, torch.Tensor] | None:
-        """The factors of `layer`, or None when the directory has none for it."""
+        """The factors of `layer`, or None when the subspace has none for it."""
         from safetensors import safe_open
 
         file = self.index["layers"].get(layer)
         if file is None:
             return None
         if file not in self._files:
-            self._files[file] = safe_open(str(self.directory / file), framework="pt")
+            path = self._open_file(file, self.index["files"][file]["sha256"])
+            self._files[file] = safe_open(str(path), framework="pt")
         handle = self._files[file]
         prefix = f"{layer}::"
         return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from factories import make_experts, tiny_state_dict
-from mergeflow.checkpoints import StateDictSource
+from mergeflow.checkpoints import StateDictSource, open_checkpoint
 from mergeflow.config import MergeSpec
 from mergeflow.errors import IntegrityError
 from mergeflow.merge import merge_pool
@@ -133,6 +133,29 @@ def test_stage_stores_once_and_the_merge_reads_it_verified(store_and_refs, monke
     with pytest.raises(IntegrityError, match="subspace"):
         merge_experts(MergeSpec(method="tsv", params={"alpha": 0.5}), base, experts, store.root + "/merged/tsv2", store,
                       device="cpu", subspaces={"task": ref})
+
+
+def test_a_merge_part_fetches_and_verifies_only_the_factor_files_of_its_layers(store_and_refs, monkeypatch):
+    from mergeflow.merge import plan_parts
+    from mergeflow.stages.merge import merge_part
+    from mergeflow.stages.store import Store
+    from mergeflow.storage import sha256_file
+
+    store, base, experts = store_and_refs
+    ref, _, _ = build_subspace("task", base, experts, store, "cpu", group_bytes=1)  # a file per layer
+    index = json.loads((Path(ref.uri) / "index.json").read_text())
+    assert ref.sha256 == sha256_file(Path(ref.uri) / "index.json")  # the index records every file's digest
+    fetched = []
+    original = Store.fetch
+    monkeypatch.setattr(Store, "fetch", lambda self, uri, expected_sha256=None: (
+        fetched.append(uri), original(self, uri, expected_sha256))[1])
+    base_ckpt = open_checkpoint(str(Path(base.uri) / "model.safetensors"))
+    part = plan_parts([base_ckpt.info(k) for k in base_ckpt.keys()], 2)[0]
+    merge_part(MergeSpec(method="tsv"), base, experts, store.root + "/merged/tsv", 0, 2, store,
+               device="cpu", subspaces={"task": ref})
+    read = {uri.rsplit("/", 1)[1] for uri in fetched if uri.startswith(ref.uri + "/factors-")}
+    mine = {index["layers"][name] for name in part if name in index["layers"]}
+    assert read == mine and 0 < len(read) < len(index["files"])
 
 
 def test_merge_refuses_an_expert_changed_after_its_reference(store_and_refs):

@@ -11,7 +11,7 @@ from mergeflow.config import AUTO, EvalConfig, MergeSpec
 from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, family_of, part_uri, parts_prefix
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
-from mergeflow.stages.subspace import local_subspaces
+from mergeflow.stages.subspace import stored_subspaces
 from mergeflow.stages.sweep import Unlabeled, cached_point
 from mergeflow.storage import join
 
@@ -53,7 +53,7 @@ def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
                                spec.params, device=device, storage_options=store.options, cache=store.cache,
                                state=read_sparsified(state, store) if state is not None else None, progress=True,
                                statistics=[statistics[n].uri for n in experts] if statistics else None,
-                               objective=objective, subspaces=local_subspaces(subspaces, store),
+                               objective=objective, subspaces=stored_subspaces(subspaces, store),
                                expected_digests=store.input_digests(base, experts, statistics),
                                precomputed=precomputed)
     return store.checkpoint_ref(out_uri), result.to_dict()
@@ -72,7 +72,7 @@ def merge_part(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef
                           device=device, storage_options=store.options, cache=store.cache,
                           state=read_sparsified(state, store) if state is not None else None,
                           statistics=[statistics[n].uri for n in experts] if statistics else None,
-                          part=(index, parts), subspaces=local_subspaces(subspaces, store),
+                          part=(index, parts), subspaces=stored_subspaces(subspaces, store),
                           expected_digests=store.input_digests(base, experts, statistics))
     return uri
 

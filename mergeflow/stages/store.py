@@ -16,10 +16,12 @@ from mergeflow.config import StorageConfig
 from mergeflow.errors import ConfigError, IntegrityError, ObjectNotFoundError
 from mergeflow.families import LoadedModel, TaskData
 from mergeflow.stages.refs import ObjectRef, base_weights, family_of
-from mergeflow.storage import directory_digest, exists, fetch_directory, filesystem, is_remote, local_path, publish_directory, staging_dir
+from mergeflow.storage import (directory_digest, exists, fetch_directory, filesystem, is_remote, join, local_path,
+                               publish_directory, staging_dir)
 from mergeflow.content_cache import ContentCache
 
 if TYPE_CHECKING:
+    from mergeflow.subspace import SubspaceReader
     from mergeflow.task_vectors import ExpertPool
 
 
@@ -60,6 +62,15 @@ class Store:
             raise IntegrityError(f"{ref.uri}: content digest {directory_digest(files)} != expected {ref.sha256}")
         return path
 
+    def subspace(self, ref: ObjectRef, experts: Sequence[str] | None = None) -> SubspaceReader:
+        """A stored subspace (`mergeflow.subspace`): its index fetched and verified against the reference's digest
+        now, each factor file fetched and verified against the index when a layer in it is first read."""
+        from mergeflow.subspace import INDEX, SubspaceReader
+
+        index = json.loads(self.fetch(join(ref.uri, INDEX), expected_sha256=ref.sha256).path.read_text())
+        return SubspaceReader.stored(
+            index, ref.uri, lambda name, sha256: self.fetch(join(ref.uri, name), expected_sha256=sha256).path, experts)
+
     def input_digests(self, base: ObjectRef, experts: Mapping[str, ObjectRef],
                       statistics: Mapping[str, ObjectRef] | None = None) -> list[str]:
         """The content digests a merge of `experts` over `base` must find where it reads them: the base's weights
@@ -84,9 +95,11 @@ class Store:
             raise ConfigError(f"{field}: directory {uri} is empty or missing")
         return path, files
 
-    def publish_or_reuse(self, build: Callable[[Path], None], final_uri: str) -> ObjectRef:
+    def publish_or_reuse(self, build: Callable[[Path], None], final_uri: str, digest_of: str | None = None
+                         ) -> ObjectRef:
         """The stored directory at `final_uri`, built in a staging directory and published atomically first if
-        it is not there."""
+        it is not there. Its digest is that of all its files, or with `digest_of` that of this one file (an index
+        that records the others' digests, so a reader fetches only what it reads)."""
         if not self.exists(final_uri):
             staged = staging_dir(final_uri, self.cache)
             try:
@@ -96,6 +109,8 @@ class Store:
                 pass
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
+        if digest_of is not None:
+            return ObjectRef(uri=final_uri, sha256=self.fetch(join(final_uri, digest_of)).sha256)
         _, files = fetch_directory(final_uri, self.cache, self.options)
         return ObjectRef(uri=final_uri, sha256=directory_digest(files))
 
@@ -165,7 +180,7 @@ class Store:
         """The base and experts' checkpoints opened (lazily, tensor by tensor) as one pool, each checked against
         its reference's digest, with the stored `subspaces` (kind -> reference, verified) and the experts'
         `statistics` (name -> reference, verified) it may read; closed on exit."""
-        from mergeflow.subspace import SubspaceReader, expert_identities
+        from mergeflow.subspace import expert_identities
         from mergeflow.task_vectors import open_pool
 
         expected = self.input_digests(base, experts, statistics)
@@ -177,6 +192,6 @@ class Store:
                                            strict=True):
                 if source.digest != digest:
                     raise IntegrityError(f"{uri}: content digest {source.digest} != expected {digest}")
-            pool.subspaces = {kind: SubspaceReader(self.local_directory(ref), expert_identities(pool))
+            pool.subspaces = {kind: self.subspace(ref, expert_identities(pool))
                               for kind, ref in (subspaces or {}).items()}
             yield pool

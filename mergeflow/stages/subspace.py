@@ -8,10 +8,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergeflow.config import MergeSpec
 from mergeflow.stages.refs import ObjectRef, subspace_uri
 from mergeflow.stages.store import Store
+
+if TYPE_CHECKING:
+    from mergeflow.subspace import SubspaceReader
 
 
 def subspace_kinds(specs: Iterable[MergeSpec]) -> list[str]:
@@ -35,10 +39,12 @@ def spec_subspaces(spec: MergeSpec, built: Mapping[str, ObjectRef]) -> dict[str,
 
 
 def build_subspace(kind: str, base: ObjectRef, experts: Mapping[str, ObjectRef], store: Store,
-                   device: str = "auto") -> tuple[ObjectRef, bool, dict[str, float]]:
-    """Stored at `subspace/<kind>-<fingerprint>/` (keyed by the base's and experts' digests); reused when there.
+                   device: str = "auto", group_bytes: int = 256_000_000
+                   ) -> tuple[ObjectRef, bool, dict[str, float]]:
+    """Stored at `subspace/<kind>-<fingerprint>/` (keyed by the base's and experts' digests), in files of about
+    `group_bytes` of consecutive layers; reused when there. Its digest is its index's, which records each file's.
     Returns (its reference, whether it was reused, {seconds, bytes})."""
-    from mergeflow.subspace import write_subspace
+    from mergeflow.subspace import INDEX, write_subspace
 
     uri = subspace_uri(store.root, kind, base, experts)
     reused = store.exists(uri)
@@ -46,13 +52,14 @@ def build_subspace(kind: str, base: ObjectRef, experts: Mapping[str, ObjectRef],
 
     def build(staged: Path) -> None:
         with store.expert_pool(base, experts, device) as pool:
-            write_subspace(pool, kind, staged, progress=True)
+            write_subspace(pool, kind, staged, group_bytes=group_bytes, progress=True)
 
-    ref = store.publish_or_reuse(build, uri)
-    size = sum(p.stat().st_size for p in store.local_directory(ref).iterdir())
+    ref = store.publish_or_reuse(build, uri, digest_of=INDEX)
+    size = sum(f["bytes"] for f in store.subspace(ref).index["files"].values())
     return ref, reused, {"seconds": round(time.perf_counter() - started, 3), "bytes": float(size)}
 
 
-def local_subspaces(refs: Mapping[str, ObjectRef] | None, store: Store) -> dict[str, Path]:
-    """Local copies (kind -> directory) of stored subspaces, each verified against its reference's digest."""
-    return {kind: store.local_directory(ref) for kind, ref in (refs or {}).items()}
+def stored_subspaces(refs: Mapping[str, ObjectRef] | None, store: Store) -> dict[str, SubspaceReader]:
+    """Readers (kind -> `SubspaceReader`) of stored subspaces: each index verified against its reference's digest
+    now, each factor file fetched and verified when a merge (part) first reads a layer in it."""
+    return {kind: store.subspace(ref) for kind, ref in (refs or {}).items()}
