@@ -11,7 +11,7 @@ Store layout under `storage.root`:
                                 beside it
   checkpoints/<expert-dir>/     fine-tuning checkpoints of an expert not yet published
   atm/<task>-<fp>/              one ATM round's fine-tuned model of a task
-  sparsify/<method>-<fp>/       a method's global pass (state.json)
+  sparsify/<method>-<fp>/       a method's global pass (state.safetensors)
   merged/<run>/<label>-<fp>/    merged checkpoints with provenance (and <...>.parts/<i> while split in parts)
   sweeps/<method>-<fp>.json     validation scores of one grid point (its weights are never stored)
   evaluations/<fp>.json         scores of one stored model on one split

@@ -1,5 +1,8 @@
 """The sparsify stage: a data-free method's global pass over the experts (TIES: per-expert top-k thresholds and
-the majority sign; DOGE TA: the selection and its thresholds), stored once per expert set and setting."""
+the majority sign; DOGE TA: the selection and its thresholds), stored once per expert set and setting as
+safetensors: each numeric list of the pass's state a float64 tensor (every Python float exactly), the rest
+(names, signs, the method and its settings) in the file's metadata. (DARE's drop masks are regenerated from its
+seed per tensor, bit for bit, where they are applied: nothing to store.)"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from mergeflow.config import AUTO, MergeSpec
 from mergeflow.stages.refs import ObjectRef, sparsify_uri
@@ -34,26 +39,53 @@ def pass_settings(spec: MergeSpec) -> dict[str, Any]:
     return params if method.prepare_params is None else {k: params[k] for k in method.prepare_params}
 
 
+STATE_FILE = "state.safetensors"
+FORMAT_VERSION = 2
+
+
 def sparsify(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], store: Store,
              device: str = "auto") -> tuple[ObjectRef, bool]:
-    """Stored as `sparsify/<method>-<fingerprint>/state.json`, keyed by the base's and experts' digests and the
-    params that pass reads, so a rerun or another scaling of the same density reuses it. Returns (its reference,
-    whether it was reused)."""
+    """Stored as `sparsify/<method>-<fingerprint>/state.safetensors`, keyed by the base's and experts' digests and
+    the params that pass reads, so a rerun or another scaling of the same density reuses it. Returns (its
+    reference, whether it was reused)."""
     from mergeflow.methods import build_method
 
     method = build_method(spec.method, spec.params)
     read = pass_settings(spec)
-    uri = sparsify_uri(store.root, spec.method, read, base, experts)
+    uri = sparsify_uri(store.root, spec.method, {**read, "format": FORMAT_VERSION}, base, experts)
     reused = store.exists(uri)
 
     def build(staged: Path) -> None:
         with store.expert_pool(base, experts, device) as pool:
             state = method.prepare(pool)
-        (staged / "state.json").write_text(json.dumps({"method": spec.method, "params": read, "state": state}))
+        write_state(state, staged / STATE_FILE, {"method": spec.method, "params": read})
 
     return store.publish_or_reuse(build, uri), reused
 
 
+def _numeric_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+def write_state(state: Mapping[str, Any], path: Path, about: Mapping[str, Any]) -> None:
+    """A global pass's state as safetensors (see the module's docstring); `about` goes to the metadata too."""
+    from mergeflow.checkpoints.safetensors_format import save_safetensors
+
+    tensors = {key: torch.tensor(value, dtype=torch.float64) for key, value in state.items() if _numeric_list(value)}
+    rest = {key: value for key, value in state.items() if key not in tensors}
+    save_safetensors(tensors, path, {"state": json.dumps(rest), **{k: json.dumps(v) for k, v in about.items()}})
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        state = json.loads(handle.metadata()["state"])
+        state.update({key: handle.get_tensor(key).tolist() for key in handle.keys()})
+    return state
+
+
 def read_sparsified(ref: ObjectRef, store: Store) -> dict[str, Any]:
     """The method state a sparsify stage stored, after checking its digest."""
-    return json.loads((store.local_directory(ref) / "state.json").read_text())["state"]
+    return read_state(store.local_directory(ref) / STATE_FILE)
