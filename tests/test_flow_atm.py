@@ -8,7 +8,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _config(tmp_path, cache, atm):
+def _config(tmp_path, cache, atm, merges=({"method": "ties"},)):
     from mergeflow.config import RunConfig
 
     return RunConfig.model_validate({
@@ -17,7 +17,7 @@ def _config(tmp_path, cache, atm):
         "data": {"probe_per_class": 2, "train": 16, "validation": 8, "test": 16},
         "finetune": {"steps": 4, "batch_size": 4, "max_length": 16, "warmup_steps": 1},
         "evaluation": {"max_length": 16},
-        "merges": [{"method": "ties"}],
+        "merges": list(merges),
         "atm": atm,
         "storage": {"root": str(tmp_path / "store"), "cache_dir": str(cache)},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "atm"},
@@ -71,3 +71,28 @@ def test_posthoc_needs_a_merge_of_the_config():
     with pytest.raises(ValueError, match="data-free rule"):
         RunConfig.model_validate({"tasks": [{"name": "election"}], "merges": [{"method": "ties"}],
                                   "atm": {"merge": {"method": "regmean"}}})
+
+
+def test_posthoc_atm_refines_the_winner_of_an_auto_search_on_training_data(tmp_path, tmp_path_factory,
+                                                                         prefect_harness):
+    """`method: auto` then post-hoc ATM from its winner, the rounds fine-tuned on the train split (the search chose
+    on validation; test only reports)."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.atm_flow import atm_flow
+
+    search = {"methods": ["task_arithmetic", "ties"], "grids": {"task_arithmetic": {"scaling": [0.3, 1.0]},
+                                                               "ties": {"scaling": [0.5]}}, "min_examples": 2}
+    config = _config(tmp_path, tmp_path_factory.mktemp("cache"), {
+        "variant": "posthoc", "start": "auto", "split": "train", "rounds": 1, "steps_per_round": 2},
+        merges=[{"method": "auto", "search": search}])
+    summary = atm_flow(config)
+    assert "auto (start)" in summary["table"] and len(summary["rounds"]) == 1
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("atm").experiment_id
+    rounds = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}' and "
+                                "tags.`mergeflow.stage` = 'atm-finetune'")
+    contexts = {i.tags[0].value for r in rounds for i in r.inputs.dataset_inputs}
+    assert "train" in contexts and "validation" not in contexts  # rounds learn on train only
+    start = client.search_runs([experiment], "tags.mlflow.runName = 'atm-start'")
+    assert start, "the auto search ran as the start's merge flow"
