@@ -128,18 +128,35 @@ def expert_statistics(config: MergeDataConfig, kinds: Sequence[str], experts: Se
     return paths
 
 
+def kept_merge_name(method: str, point: Mapping[str, Any]) -> str:
+    """The file name under which `ValidationScorer` keeps the merge of one point."""
+    key = json.dumps([method, dict(point)], sort_keys=True, default=str)
+    return f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+
 class ValidationScorer:
     """Merged state dicts of grid points scored in memory on the first examples of each task's validation split
     (never its test split), over one open pool of the base, the experts and, for data-aware methods, their
-    statistics; the update of a scaling-only coefficient is computed once per setting of the others."""
+    statistics; the update of a scaling-only coefficient is computed once per setting of the others. With
+    `merged_dir`, a point that needs a merge of its own (DOGE, the data-aware and learned methods) is merged once
+    and kept there, so a later rung, or the final merge, reads it instead of merging (or learning) again."""
 
     def __init__(self, config: MergeDataConfig, tasks: Sequence[TaskInputs], pool: Any, cache: ContentCache,
-                 options: Mapping[str, Any] | None, device: str | torch.device):
+                 options: Mapping[str, Any] | None, device: str | torch.device, merged_dir: Path | None = None):
         self.config, self.tasks, self.pool, self.device = config, list(tasks), pool, device
         self.family = get_family(config.family)
         self.model_dir = model_directory(config, cache, options)
         self.base = {key: pool.base.get(key) for key in pool.base.keys()}
         self.updates: dict[str, dict[str, torch.Tensor]] = {}
+        self.merged_dir = merged_dir
+
+    def merged_file(self, method: str, point: Mapping[str, Any]) -> Path | None:
+        """Where a point that needs its own merge is kept (None without `merged_dir` or for a rescaled update)."""
+        from mergeflow.methods import method_class
+
+        if self.merged_dir is None or method_class(method).scaling_param is not None:
+            return None
+        return self.merged_dir / kept_merge_name(method, point)
 
     def accuracy(self, state_dict: Mapping[str, torch.Tensor], examples: int, only: str | None = None
                  ) -> dict[str, float]:
@@ -164,7 +181,17 @@ class ValidationScorer:
                 self.updates[key] = scaled_update(method, point, self.pool)
             return self.updates[key]
 
-        return merged_point(method, point, self.base, shared_update, self.pool)
+        kept = self.merged_file(method, point)
+        if kept is not None and kept.exists():
+            from safetensors.torch import load_file
+
+            return load_file(str(kept))
+        merged = merged_point(method, point, self.base, shared_update, self.pool)
+        if kept is not None:
+            from mergeflow.checkpoints.safetensors_format import save_safetensors
+
+            save_safetensors({k: v.contiguous() for k, v in merged.items()}, kept)
+        return merged
 
     def score(self, method: str, point: Mapping[str, Any], examples: int) -> dict[str, float]:
         return self.accuracy(self.merged(method, point), examples)
@@ -190,20 +217,26 @@ def tune(method: str, params: Mapping[str, Any], grid: Mapping[str, Sequence[Any
 def search(settings: Any, base: str, experts: Sequence[str], config: MergeDataConfig, tasks: Sequence[TaskInputs],
            cache: ContentCache, options: Mapping[str, Any] | None = None, *, rule: str = "norm_acc.avg",
            floor: float = 0.0, max_examples: int = 200, device: str | torch.device = "cpu",
-           progress: bool = False) -> Any:
+           progress: bool = False, merged_dir: Path | None = None) -> Any:
     """`--method auto`: successive halving (`mergeflow.search`) over the candidates of `settings` (a
     `SearchConfig`) on each task's validation split; data-aware candidates read statistics of each expert on
-    `config.statistics.split`, computed once for every kind they need. Returns the `SearchResult`."""
+    `config.statistics.split`, computed once for every kind they need; learned ones (AdaMerging, DOGE AM, only
+    when named) minimise the entropy of the tasks' validation inputs, whatever `unlabeled_split` says. Points that
+    need a merge of their own are kept in `merged_dir` (`ValidationScorer`). Returns the `SearchResult`."""
     from mergeflow.config import MergeSpec
+    from mergeflow.methods import method_class
     from mergeflow.search import successive_halving
     from mergeflow.stages.statistics import statistic_kinds
 
-    candidates = settings.candidates(learned=False)
+    candidates = settings.candidates()
     kinds = statistic_kinds([MergeSpec(method=c.method, params=c.params) for c in candidates])
     statistics = expert_statistics(config, kinds, experts, tasks, cache, options, device, progress) if kinds else None
     with open_pool(base, {t.name: uri for uri, t in zip(experts, tasks)}, device, options, cache,
                    statistics) as pool:
-        scorer = ValidationScorer(config, tasks, pool, cache, options, device)
+        if any(method_class(c.method).needs_objective for c in candidates):
+            pool.objective = build_objective(config.model_copy(update={"unlabeled_split": "validation"}), base,
+                                             tasks, cache, options, device)
+        scorer = ValidationScorer(config, tasks, pool, cache, options, device, merged_dir)
         def expert_accuracy(examples: int) -> dict[str, float]:  # on the rung's examples, as the candidates
             return scorer.expert_accuracy(experts, cache, options, examples)
 

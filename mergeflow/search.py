@@ -22,9 +22,9 @@ from mergeflow.plots import save_figure
 from mergeflow.sweep import DEFAULT_GRIDS, PointScore, Rule, grid_points, score_point
 
 # Per method, the grid `auto` searches by default: the sweeps' default grids, with fewer points where each point is
-# a full merge (DOGE TA), and the data-aware methods' own coefficients. MaTS runs at its defaults only: its conjugate
-# gradient converges to the same solution from every start, so a grid over its initialisation scored identically
-# (measured on the demo's tasks) at about 85 s of CG per point.
+# a full merge (DOGE TA), and the data-aware methods' own coefficients. MaTS runs at its defaults only: a grid over
+# its initialisation scored identically on the demo's tasks, at about 85 s of CG per point (its 100 iterations stop
+# well short of the exact solution: the start does move the result, not the scores measured).
 AUTO_GRIDS: dict[str, dict[str, list[Any]]] = {
     "average": {},
     **{m: DEFAULT_GRIDS[m] for m in ("task_arithmetic", "ties", "dare", "tsv", "iso_c", "iso_cts", "wudi")},
@@ -68,7 +68,7 @@ def candidates(methods: Sequence[str] | None = None, grids: Mapping[str, Mapping
                data_aware: bool = True, learned: bool = True) -> list[Candidate]:
     """One candidate per grid point of each method (`methods`: default every applicable one that learns nothing,
     in `AUTO_GRIDS` order, a learned one only when named; `grids`: per-method overrides of `AUTO_GRIDS`), each
-    validated. `learned`: whether an objective can be made (the flow's search: yes; the CLI's: no)."""
+    validated. `learned`: whether an objective can be made from the tasks' validation inputs."""
     from mergeflow.methods import method_class
 
     grids = dict(grids or {})
@@ -79,7 +79,7 @@ def candidates(methods: Sequence[str] | None = None, grids: Mapping[str, Mapping
             if method not in AUTO_GRIDS:
                 why = "it has no grid for auto"
             elif method_class(method).needs_objective:
-                why = "it learns from unlabeled inputs: only the flow's search makes its objective"
+                why = "it learns from unlabeled inputs, and no task inputs are given"
             else:
                 why = "it needs statistics, which these inputs do not give"
             raise ConfigError(f"search.methods: {method!r} cannot be searched ({why}); searchable: "

@@ -78,9 +78,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from mergeflow.merge import merge_checkpoints
     from mergeflow_app.tuning import searched_method, tuned_params
 
-    params = _parse_params(args.param)
+    params, precomputed = _parse_params(args.param), None
     if args.method == "auto":
-        args.method, params = searched_method(args, _storage_options(args))
+        args.method, params, precomputed = searched_method(args, _storage_options(args))
     elif args.candidates or args.budget or args.max_seconds:
         raise MergeflowError("--candidates, --budget and --max-seconds belong to --method auto")
     elif args.tune:
@@ -97,7 +97,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     result = merge_checkpoints(args.method, args.base, args.expert, args.out, params,
                                device=args.device, shard_size=args.shard_size,
                                storage_options=_storage_options(args), overwrite=args.overwrite, progress=True,
-                               statistics=statistics, objective=objective, window=args.window)
+                               statistics=statistics, objective=objective, window=args.window,
+                               precomputed=precomputed)
     experts = sum(ref.role == "expert" for ref in result.inputs)
     print(f"merged {experts} experts with {result.method} {json.dumps(result.params)} "
           f"in {result.seconds:.1f} s")

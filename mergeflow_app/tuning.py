@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -39,9 +40,12 @@ def tuned_params(args: argparse.Namespace, params: dict[str, Any], options: dict
     return chosen
 
 
-def searched_method(args: argparse.Namespace, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def searched_method(args: argparse.Namespace, options: dict[str, Any]
+                    ) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
     """`--method auto --tune DATA_CONFIG`: the best method and coefficients by successive halving on validation
-    data (`mergeflow.search`), with the leaderboard printed."""
+    data (`mergeflow.search`), with the leaderboard printed; and, for a winner that needed a merge of its own (DOGE,
+    data-aware, learned), its merged tensors as the search computed them, for the merge to write (not redo)."""
+    import tempfile
     from mergeflow.config import MergeDataConfig, SearchConfig, load_yaml_model
     from mergeflow.content_cache import ContentCache
     from mergeflow.merge_data import load_task_inputs, search
@@ -59,8 +63,10 @@ def searched_method(args: argparse.Namespace, options: dict[str, Any]) -> tuple[
     cache = ContentCache()
     tasks = load_task_inputs(config, len(args.expert), cache, options,
                              splits=sorted({"validation", config.statistics.split}))
-    result = search(settings, args.base, args.expert, config, tasks, cache, options,
-                    device=resolve_device(args.device), progress=True)
+    with tempfile.TemporaryDirectory(prefix="mergeflow-search-") as merged_dir:
+        result = search(settings, args.base, args.expert, config, tasks, cache, options,
+                        device=resolve_device(args.device), progress=True, merged_dir=Path(merged_dir))
+        winner = _kept_merge(Path(merged_dir), result.winner.method, result.winner.params)
     print(f"search: {result.rungs_done} of {result.rungs_planned} rungs, {result.examples_scored} validation "
           f"examples per task, {result.seconds:.1f} s" + (f"; stopped early: {result.stopped}" if result.stopped
                                                           else ""))
@@ -69,7 +75,16 @@ def searched_method(args: argparse.Namespace, options: dict[str, Any]) -> tuple[
         print(f"  {row['candidate']:48s} {scores}{'  <- chosen' if row['chosen'] else ''}")
     if result.winner.method != "average" and _is_data_aware(result.winner.method):
         args.data = args.tune  # the winner's statistics: the same cached files
-    return result.winner.method, dict(result.winner.params)
+    return result.winner.method, dict(result.winner.params), winner
+
+
+def _kept_merge(merged_dir: Path, method: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    from safetensors.torch import load_file
+
+    from mergeflow.merge_data import kept_merge_name
+
+    path = merged_dir / kept_merge_name(method, params)
+    return load_file(str(path)) if path.exists() else None
 
 
 def _is_data_aware(method: str) -> bool:

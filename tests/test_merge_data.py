@@ -147,12 +147,57 @@ def test_auto_searches_methods_on_validation_only(inputs, validation_only, tmp_p
         assert any(ref["role"] == "statistics" for ref in manifest["inputs"])
 
 
+def test_auto_searches_a_learned_method_on_validation_inputs_and_writes_the_searched_point(
+        inputs, validation_only, tmp_path, capsys, monkeypatch):
+    """AdaMerging as a candidate of the CLI's search: it learns once (on the validation inputs; the test split is
+    never opened), its merge is kept for the later rungs and is what the output holds, bit for bit."""
+    from safetensors.torch import load_file
+
+    import mergeflow.merge_data as merge_data
+    import mergeflow.search as search
+    import mergeflow.sweep as sweep
+
+    root, base, experts, _ = inputs
+    merges = []
+    merged_point = sweep.merged_point
+
+    def counted(method, *args, **kwargs):
+        merges.append(method)
+        return merged_point(method, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "merged_point", counted)
+    monkeypatch.setitem(search.AUTO_GRIDS, "adamerging", {"steps": [2, 4]})  # two short learning runs
+    kept = {}
+    original = merge_data.ValidationScorer.merged
+
+    def remember(self, method, point):
+        kept[(method, str(point))] = out = original(self, method, point)
+        return out
+
+    monkeypatch.setattr(merge_data.ValidationScorer, "merged", remember)
+    argv = ["merge", "--method", "auto", "--candidates", "adamerging", "--base", base, "--out", str(tmp_path / "a"),
+            "--device", "cpu", "--tune", str(root / "data.yaml")]
+    for expert in experts:
+        argv += ["--expert", expert]
+    assert main(argv) == 0
+    assert merges.count("adamerging") == 2  # one learning run per grid point, whatever the rungs
+    out = capsys.readouterr().out
+    chosen = next(line for line in out.splitlines() if "<- chosen" in line).split()[0]
+    manifest = json.loads((tmp_path / "a" / "mergeflow.json").read_text())
+    assert manifest["method"] == "adamerging" and chosen.startswith("adamerging(")
+    searched = kept[("adamerging", str({"steps": manifest["params"]["steps"]}))]
+    written = {}
+    for shard in sorted((tmp_path / "a").glob("*.safetensors")):
+        written.update(load_file(str(shard)))
+    assert written.keys() == searched.keys() and all(written[k].equal(searched[k]) for k in written)
+
+
 def test_auto_needs_validation_data_and_names_bad_candidates(inputs, tmp_path, capsys):
     root, base, experts, _ = inputs
     common = ["merge", "--base", base, "--out", str(tmp_path / "x"), "--expert", experts[0], "--expert", experts[1]]
     assert main([*common, "--method", "auto"]) != 0
     assert "--tune" in capsys.readouterr().err
-    assert main([*common, "--method", "auto", "--candidates", "adamerging", "--tune", str(root / "data.yaml")]) != 0
-    assert "adamerging" in capsys.readouterr().err
+    assert main([*common, "--method", "auto", "--candidates", "nonsense", "--tune", str(root / "data.yaml")]) != 0
+    assert "nonsense" in capsys.readouterr().err
     assert main([*common, "--method", "ties", "--budget", "10"]) != 0
     assert "--method auto" in capsys.readouterr().err
