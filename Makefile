@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine with Python 3.11 and make:
-#   make demo   create .venv, install (~3.5 min), run the demo merge (configs/demo.yaml, ~9.5 min on 2 idle cores)
+#   make demo   create .venv, install (~3 min), run the demo merge (configs/demo.yaml, 7-10 min on 2 idle cores)
 #   make test   create .venv, install, run the whole test suite
 # and `make demo-full` runs every method and ATM on the demo's tasks at the full budget (configs/demo-full.yaml,
 # configs/atm.yaml; 20-27 min).
