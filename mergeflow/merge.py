@@ -228,7 +228,8 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
 
     Data-aware methods read `statistics`: one statistics file per expert, in the experts' order. Subspace methods
     read the stored factors in `subspaces` (kind -> local directory of `mergeflow.subspace.write_subspace`, or a
-    reader of a stored one) when given; a factor file is read only if a layer merged here is in it. `expected_digests` (base, experts, then statistics) are checked against the checkpoints read.
+    reader of a stored one) when given; a factor file is read only if a layer merged here is in it.
+    `expected_digests` (base, experts, then statistics) are checked against the checkpoints read.
 
     Everything that can be checked is checked before compute (method and parameters, output not already
     present, every file readable and complete, keys/shapes/dtypes, NaN/Inf); the output is built in a
