@@ -83,6 +83,20 @@ def iso_cts_sizes(r: int, tasks: int, common_fraction: float) -> tuple[int, int]
     return common, int((r - common) / tasks)
 
 
+def iso_cts_bases(task_vectors: torch.Tensor, common_fraction: float) -> tuple[torch.Tensor, ...]:
+    """Iso-CTS's stacked bases of one layer's task vectors [T, m, n], before orthogonalisation: (u [m, r], s [r],
+    vh [r, n]) = each task's top n_t triplets of its task vector with the common subspace (the summed task vector's
+    top c left singular vectors) projected out, then the c common triplets."""
+    tasks, m, n = task_vectors.shape
+    r = min(m, n)
+    common, per_task = iso_cts_sizes(r, tasks, common_fraction)
+    u, s, vh = top_singular(task_vectors.sum(dim=0), r)
+    uc = u[:, :common]
+    parts = [top_singular(tv - uc @ (uc.mT @ tv), per_task) for tv in task_vectors]
+    parts.append((uc, s[:common], vh[:common]))
+    return tuple(torch.cat(pieces, dim=dim) for pieces, dim in zip(zip(*parts), (1, 0, 0)))
+
+
 def assemble_isotropic(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
     """mean(s) * polar(U) @ polar(Vh): Iso-CTS's update from its stacked bases."""
     return s.mean() * (polar(u) @ polar(vh))
@@ -96,6 +110,7 @@ def assemble_isotropic(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> to
 #   "sum"         the thin SVD of the summed task vector: u [m, r], s [r], vh [r, n]          (Iso-C, Iso-CTS)
 #   "shared-<d>"  DOGE's shared basis q [m, r // d] of the tasks' top r // T left vectors     (DOGE TA)
 #   "shared-tasks" the same with d = T, the number of experts                                  (DOGE AM)
+#   "cts-<f>"     Iso-CTS's stacked bases for common fraction f (`iso_cts_bases`): u [m, r], s [r], vh [r, n]
 # and `index.json`: kind, the experts in order (content digests; names for in-memory sources), the file of each
 # layer, and each file's sha256 and size. A stored subspace's digest is its index's sha256: a reader fetches and
 # verifies only the files of the layers it reads (a merge part, its own layer groups).
@@ -107,9 +122,25 @@ FORMAT_VERSION = 2
 def check_kind(kind: str) -> str:
     """`kind` if it names a stored factor set, else ValueError."""
     if kind in ("task", "sum", "shared-tasks") or (kind.startswith("shared-") and kind[7:].isdigit()
-                                                    and int(kind[7:]) > 0):
+                                                    and int(kind[7:]) > 0) or _cts_fraction(kind) is not None:
         return kind
-    raise ValueError(f"unknown subspace kind {kind!r}: 'task', 'sum', 'shared-<divisor>' or 'shared-tasks'")
+    raise ValueError(f"unknown subspace kind {kind!r}: 'task', 'sum', 'shared-<divisor>', 'shared-tasks' or "
+                     "'cts-<fraction>'")
+
+
+def cts_kind(common_fraction: float) -> str:
+    """The stored kind of Iso-CTS's bases for this common fraction."""
+    return f"cts-{common_fraction:g}"
+
+
+def _cts_fraction(kind: str) -> float | None:
+    if not kind.startswith("cts-"):
+        return None
+    try:
+        fraction = float(kind[4:])
+    except ValueError:
+        return None
+    return fraction if 0.0 < fraction <= 1.0 and cts_kind(fraction) == kind else None
 
 
 def layer_factors(kind: str, task_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -121,6 +152,8 @@ def layer_factors(kind: str, task_vectors: torch.Tensor) -> dict[str, torch.Tens
         return {key: torch.stack(part) for key, part in zip(("u", "s", "vh"), zip(*triplets))}
     if kind == "sum":
         return dict(zip(("u", "s", "vh"), top_singular(task_vectors.sum(dim=0), r)))
+    if (fraction := _cts_fraction(kind)) is not None:
+        return dict(zip(("u", "s", "vh"), iso_cts_bases(task_vectors, fraction)))
     divisor = tasks if check_kind(kind) == "shared-tasks" else int(kind[7:])
     return {"q": shared_basis(task_vectors, divisor)}
 

@@ -41,7 +41,7 @@ def stored(tmp_path, models):
     """kind -> SubspaceReader of every kind the four methods read, written in small files (several per kind)."""
     base, experts = models
     readers = {}
-    for kind in ("task", "sum", "shared-6"):
+    for kind in ("task", "sum", "shared-6", "cts-0.8"):
         directory = tmp_path / kind
         directory.mkdir()
         index = write_subspace(_pool(base, experts), kind, directory, group_bytes=1)
@@ -88,7 +88,7 @@ def test_a_doge_eta_sweep_on_the_stored_subspace_makes_no_svd(models, stored, mo
     assert counter.calls > 0
 
 
-@pytest.mark.parametrize("method, kind", [("tsv", "task"), ("iso_c", "sum"), ("iso_cts", "sum")])
+@pytest.mark.parametrize("method, kind", [("tsv", "task"), ("iso_c", "sum"), ("iso_cts", "cts-0.8")])
 def test_an_alpha_sweep_computes_one_update_and_no_task_svd(models, stored, monkeypatch, method, kind):
     base, experts = models
     matrices = sum(t.dim() == 2 and t.is_floating_point() for t in base.values())
@@ -96,9 +96,9 @@ def test_an_alpha_sweep_computes_one_update_and_no_task_svd(models, stored, monk
     update = scaled_update(method, {}, _pool(base, experts, {kind: stored[kind]}))
     for alpha in (0.5, 1.0, 1.5):
         merged_point(method, {"alpha": alpha}, base, lambda: update, None)
-    # what is left per matrix is the method's own orthogonalisation: TSV's two polar factors, Iso-CTS's task-
-    # specific residual SVDs (3 tasks) and two polar factors; Iso-C reads everything
-    per_matrix = {"tsv": 2, "iso_c": 0, "iso_cts": 3 + 2}[method]
+    # what is left per matrix is the method's own orthogonalisation: TSV's and Iso-CTS's two polar factors (the
+    # stage stored Iso-CTS's task-specific residual triplets too); Iso-C reads everything
+    per_matrix = {"tsv": 2, "iso_c": 0, "iso_cts": 2}[method]
     assert counter.calls == per_matrix * matrices
 
 
@@ -110,7 +110,9 @@ def test_reader_refuses_other_experts(stored):
 def test_kinds_follow_the_methods_and_their_grids():
     specs = [MergeSpec(method="task_arithmetic"), MergeSpec(method="iso_c"), MergeSpec(method="iso_cts"),
              MergeSpec(method="doge_ta", sweep={"subspace_divisor": [4, 6]}), MergeSpec(method="tsv")]
-    assert subspace_kinds(specs) == ["sum", "shared-4", "shared-6", "task"]
+    assert subspace_kinds(specs) == ["sum", "cts-0.8", "shared-4", "shared-6", "task"]
+    iso_cts_grid = [MergeSpec(method="iso_cts", sweep={"common_space_fraction": [0.5, 0.8]})]
+    assert subspace_kinds(iso_cts_grid) == ["cts-0.5", "cts-0.8"]
     assert subspace_kinds([MergeSpec(method="ties")]) == []
 
 

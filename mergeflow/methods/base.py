@@ -90,9 +90,9 @@ class MergeMethod(ABC):
         self.params = params if params is not None else self.Params()
 
     def subspace_kinds(self) -> tuple[str, ...]:
-        """The stored per-layer factors this method reads (`mergeflow.subspace`: "task", "sum", "shared-<d>"),
-        built once per expert set by the subspace stage and read through `stored_factors`; without them the
-        method computes its own. Default: none."""
+        """The stored per-layer factors this method reads (`mergeflow.subspace`: "task", "sum", "cts-<f>",
+        "shared-<d>"), built once per expert set by the subspace stage and read through `stored_factors`; without
+        them the method computes its own. Default: none."""
         return ()
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
@@ -137,7 +137,8 @@ def with_subspaces(state: dict[str, Any], subspaces: Mapping[str, Any] | None) -
 
 
 def stored_factors(state: dict[str, Any], kind: str, name: str) -> dict[str, torch.Tensor] | None:
-    """The subspace stage's stored factors of one layer (`kind`: "task" or "sum"), when the merge was given them."""
+    """The subspace stage's stored factors of one layer (`kind`: see `mergeflow.subspace`), when the merge was
+    given them."""
     reader = state.get(SUBSPACE, {}).get(kind)
     return None if reader is None else reader.factors(name)
 

@@ -16,8 +16,8 @@ import torch
 from pydantic import Field
 
 from mergeflow.methods.base import PerLayerMethod, stored_factors
-from mergeflow.methods.iso_c import IsoParams, sum_factors
-from mergeflow.subspace import assemble_isotropic, iso_cts_sizes, top_singular
+from mergeflow.methods.iso_c import IsoParams
+from mergeflow.subspace import assemble_isotropic, cts_kind, iso_cts_bases
 
 
 class IsoCtsParams(IsoParams):
@@ -27,19 +27,13 @@ class IsoCtsParams(IsoParams):
 
 def iso_cts_update(task_vectors: torch.Tensor, common_fraction: float,
                    factors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Delta [m, n] of one layer's task vectors [T, m, n]."""
-    tasks, m, n = task_vectors.shape
-    r = min(m, n)
-    common, per_task = iso_cts_sizes(r, tasks, common_fraction)
-    u, s, vh = sum_factors(task_vectors, factors)
-    uc = u[:, :common]
-    u_all, s_all, vh_all = [], [], []
-    for tv in task_vectors:
-        residual = tv - uc @ (uc.mT @ tv)
-        ui, si, vi = top_singular(residual, per_task)
-        u_all.append(ui), s_all.append(si), vh_all.append(vi)
-    u_all.append(uc), s_all.append(s[:common]), vh_all.append(vh[:common])
-    return assemble_isotropic(torch.cat(u_all, dim=1), torch.cat(s_all), torch.cat(vh_all))
+    """Delta [m, n] of one layer's task vectors [T, m, n], from its stacked bases (`factors`: the subspace stage's
+    kind `cts-<fraction>`, else computed here)."""
+    if factors is None:
+        u, s, vh = iso_cts_bases(task_vectors, common_fraction)
+    else:
+        u, s, vh = (factors[key].to(task_vectors.device) for key in ("u", "s", "vh"))
+    return assemble_isotropic(u, s, vh)
 
 
 class IsoCts(PerLayerMethod):
@@ -49,7 +43,8 @@ class IsoCts(PerLayerMethod):
     scaling_param = "alpha"
 
     def subspace_kinds(self) -> tuple[str, ...]:
-        return ("sum",)
+        return (cts_kind(self.params.common_space_fraction),)
 
     def layer_update(self, name: str, task_vectors: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        return iso_cts_update(task_vectors, self.params.common_space_fraction, stored_factors(state, "sum", name))
+        fraction = self.params.common_space_fraction
+        return iso_cts_update(task_vectors, fraction, stored_factors(state, cts_kind(fraction), name))
