@@ -8,8 +8,6 @@ Its one parameter is the pydantic `RunConfig` (a validated form in the Prefect U
 never tensors, pass between tasks.
 """
 
-import json
-import math
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +21,9 @@ from mergeflow import stopping
 from mergeflow.config import AUTO, MergeSpec, RunConfig, load_run_config
 from mergeflow.errors import ConfigError
 from mergeflow.evaluate import format_results_table
-from mergeflow.stages import (merge as merge_stage, sparsify as sparsify_stage, statistics as statistics_stage,
-                              subspace as subspace_stage)
+from mergeflow.stages import merge as merge_stage, statistics as statistics_stage, subspace as subspace_stage
 from mergeflow.stages.refs import ModelRef, ObjectRef, merged_uri, run_inputs_digest
+from flows.selection import pass_key, planned_points, score_on_validation, sparsifies, tune
 from tasks.artifacts import publish_artifacts
 from tasks.evaluate import evaluate
 from tasks.fetch import fetch_expert, fetch_latest_expert, fetch_pretrained, prepare_dataset
@@ -35,8 +33,6 @@ from tasks.progress import CLOCK
 from tasks.runners import (configured_task_runner, describe_runner, release_pool_workers, stopping_workers,
                            task_runner_for)
 from tasks.statistics import compute_statistics
-from tasks.search import open_search, record_search
-from tasks.sweep import select_point, sweep_point
 from tasks.record import (check_unchanged, fail_tracking, is_stop, mark_success, record_merge, record_results,
                           register_best, start_tracking)
 
@@ -92,28 +88,14 @@ def planned_stages(config: RunConfig) -> dict[str, int]:
                 planned_points(spec, config.tuning.max_examples) for spec in searches),
             "open_search": len(searches), "record_search": len(searches),
             "build_subspace": len(subspace_stage.subspace_kinds(config.merges)),
-            "sparsify": sum(_sparsifies(spec) for spec in config.merges) + sum(
-                len({_pass_key(MergeSpec(method=spec.method, params=p)) for p in spec.grid_points()} - {None})
+            "sparsify": sum(sparsifies(spec) for spec in config.merges) + sum(
+                len({pass_key(MergeSpec(method=spec.method, params=p)) for p in spec.grid_points()} - {None})
                 for spec in sweeps), "merge": whole, "merge_part": (merges - whole) *
             config.merge_parts, "assemble_merge": merges - whole,
             "evaluate": 1 + tasks + merges + (tasks if sweeps or searches or registers else 0) + (
                 merges if registers else 0) + tasks * sum(len(rung_sizes(spec.search_settings().min_examples,
                 config.tuning.max_examples, spec.search_settings().eta)) - 1 for spec in searches),
             "record_merge": merges, "mark_success": 1}
-
-
-def _sparsifies(spec: MergeSpec) -> bool:
-    """Whether a merge runs the sparsify stage: a data-free method with a global pass (data-aware and learned
-    methods prepare on the pool they merge)."""
-    return (sparsify_stage.has_global_pass(spec) and not statistics_stage.statistic_kinds([spec])
-            and not merge_stage.needs_objective(spec))
-
-
-def _pass_key(spec: MergeSpec) -> str | None:
-    """What identifies a merge's sparsify stage (None: it has none): grid points with equal keys share one."""
-    if not _sparsifies(spec):
-        return None
-    return json.dumps([spec.method, sparsify_stage.pass_settings(spec)], sort_keys=True)
 
 
 def _run(config: RunConfig, parent: str) -> dict[str, Any]:
@@ -144,10 +126,10 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     plan = dict(zip(config.merge_labels(), config.merges))
     registers = bool(config.tracking.registered_model)
     # validation scores of the experts: the reference of every choice (sweeps, the model to register and promote)
-    expert_val = (_score_on_validation(config, parent, base, experts, eval_inputs)
+    expert_val = (score_on_validation(config, parent, base, experts, eval_inputs)
                   if registers or any(spec.sweep is not None or spec.method == AUTO for spec in plan.values())
                   else {})
-    plan.update(_tune(config, parent, plan, base, experts, eval_inputs, expert_val, subspaces, statistics))
+    plan.update(tune(config, parent, plan, base, experts, eval_inputs, expert_val, subspaces, statistics))
     merged_futures = {label: (spec, _submit_merge(config, parent, label, spec, base, experts, eval_inputs,
                                                   statistics, subspaces))
                       for label, spec in plan.items()}
@@ -163,8 +145,8 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     for label, (spec, (ref, _)) in merged.items():
         scored[label] = score(label, ref)
     # the registered model is chosen, and promoted, on validation scores; test scores only report
-    validation = (_score_on_validation(config, parent, base, {label: ref for label, (_, (ref, _)) in merged.items()},
-                                       eval_inputs, all_tasks=True) if registers else {})
+    validation = (score_on_validation(config, parent, base, {label: ref for label, (_, (ref, _)) in merged.items()},
+                                      eval_inputs, all_tasks=True) if registers else {})
     rows = {model: future.result() for model, future in scored.items()}
     expert_acc = {n: rows[f"expert:{n}"][n] for n in names}
     expert_val_acc = {n: f.result()[n] for n, f in expert_val.items()}
@@ -236,7 +218,7 @@ def _submit_merge(config: RunConfig, parent: str, label: str, spec: MergeSpec, b
     stats = statistics if data_aware else None
     reads = {kind: subspaces[kind] for kind in subspace_stage.subspace_kinds([spec])} or None
     # methods that read statistics or data in prepare() prepare on the pool they merge: no separate stage
-    if _sparsifies(spec):
+    if sparsifies(spec):
         state = sparsify.submit(spec, base, experts, storage, device, config.tracking, parent)
     else:
         state = None
@@ -246,116 +228,6 @@ def _submit_merge(config: RunConfig, parent: str, label: str, spec: MergeSpec, b
                                    reads) for i in range(config.merge_parts)]
         return assemble_merge.submit(label, parts, out_uri, storage)
     return merge.submit(spec, base, experts, out_uri, storage, state, device, stats, unlabeled, reads)
-
-
-def _score_on_validation(config: RunConfig, parent: str, base, models: dict[str, ObjectRef], eval_inputs,
-                         all_tasks: bool = False, examples: int | None = None) -> dict[str, Any]:
-    """Futures of validation accuracy (on the first `examples`, default `tuning.max_examples`, per task): of each
-    expert on its own task, or (`all_tasks`) of each model on every task; child runs `evaluate-<name>-validation`
-    (`-<examples>` when given)."""
-    storage, device, tuning = config.storage, config.device, config.tuning
-    label = ("{}-validation" if all_tasks else "expert-{}-validation") + (f"-{examples}" if examples else "")
-    return {name: evaluate.submit(label.format(name), model, base, eval_inputs if all_tasks else
-                                  {name: eval_inputs[name]}, config.evaluation, storage, device, config.tracking,
-                                  parent, "validation", examples or tuning.max_examples)
-            for name, model in models.items()}
-
-
-def _tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, experts, eval_inputs, expert_val,
-          subspaces, statistics) -> dict[str, MergeSpec]:
-    """Sweep every spec with a grid, and search every `auto` spec, on validation data (one task per point) and
-    return the chosen specs."""
-    swept = {label: spec for label, spec in plan.items() if spec.sweep is not None}
-    searched = {label: spec for label, spec in plan.items() if spec.method == AUTO}
-    if not swept and not searched:
-        return {}
-    storage, device, tuning = config.storage, config.device, config.tuning
-    passes: dict[str, Any] = {}  # one sparsify stage per distinct global pass among the grid points
-
-    def reads(method: str, params: dict[str, Any]) -> tuple[dict[str, Any] | None, Any]:
-        """(the subspaces, the future of the sparsify stage) one grid point reads."""
-        point = MergeSpec(method=method, params=params)
-        kinds = {kind: subspaces[kind] for kind in subspace_stage.subspace_kinds([point])} or None
-        key = _pass_key(point)
-        if key is None:
-            return kinds, None
-        if key not in passes:
-            passes[key] = sparsify.submit(point, base, experts, storage, device, config.tracking, parent)
-        return kinds, passes[key]
-
-    futures = {}
-    for label, spec in swept.items():
-        futures[label] = [(params, sweep_point.submit(label, i, spec.method, params, base, experts, eval_inputs,
-                                                      tuning, config.evaluation, storage, device, config.tracking,
-                                                      parent, *reads(spec.method, params)))
-                          for i, params in enumerate(spec.grid_points())]
-    expert_acc = {n: f.result()[n] for n, f in expert_val.items()}
-    chosen = {label: _search(config, parent, label, spec, base, experts, eval_inputs, expert_acc, reads, statistics)
-              for label, spec in searched.items()}
-    for label, spec in swept.items():
-        points = [params for params, _ in futures[label]]
-        accuracies = [future.result() for _, future in futures[label]]
-        params = select_point(label, spec, points, accuracies, expert_acc, tuning, config.tracking, parent)
-        chosen[label] = MergeSpec(method=spec.method, params=params)
-    return chosen
-
-
-def planned_points(spec: MergeSpec, max_examples: int) -> int:
-    """Grid points an `auto` search scores when it runs every rung (the progress lines' estimate)."""
-    from mergeflow.search import rung_sizes
-
-    search = spec.search_settings()
-    alive, total = len(search.candidates()), 0
-    for _ in rung_sizes(search.min_examples, max_examples, search.eta):
-        total += alive
-        alive = max(1, math.ceil(alive / search.eta))
-    return total
-
-
-def _search(config: RunConfig, parent: str, label: str, spec: MergeSpec, base, experts, eval_inputs,
-            expert_acc: dict[str, float], reads, statistics) -> MergeSpec:
-    """Successive halving over the `auto` spec's candidates (`mergeflow.search`): each rung's candidates are
-    sweep points (tasks, scored on the first n validation examples of every task and cached by that n), so a
-    rerun or a grown budget scores only what is new; returns the winner's spec."""
-    from mergeflow.search import rung_sizes, successive_halving
-
-    search, tuning = spec.search_settings(), config.tuning
-    pool = search.candidates()
-    sizes = rung_sizes(search.min_examples, tuning.max_examples, search.eta)
-    run_id = open_search(label, search, len(pool), sizes, tuning, config.tracking, parent)
-
-    def score_rung(rung: int, examples: int, candidates) -> list[dict[str, float]]:
-        at = tuning.model_copy(update={"max_examples": examples})
-        futures = []
-        for i, c in enumerate(candidates):
-            point = MergeSpec(method=c.method, params=c.params)
-            stats = statistics if statistics_stage.statistic_kinds([point]) else None
-            learn_on = "validation" if merge_stage.needs_objective(point) else None  # inputs only, never labels
-            futures.append(sweep_point.submit(f"{label}-r{rung}", i, c.method, c.params, base, experts, eval_inputs,
-                                              at, config.evaluation, config.storage, config.device, config.tracking,
-                                              run_id, *reads(c.method, c.params), stats,
-                                              {"mergeflow.rung": str(rung), "mergeflow.candidate": c.name},
-                                              learn_on))
-        accuracies = [f.result() for f in futures]
-        print(f"search {label}: rung {rung} scored {len(candidates)} candidates on {examples} validation examples "
-              "per task")
-        return accuracies
-
-    def experts_at(examples: int) -> dict[str, float]:  # normalised scores divide by the experts on the same texts
-        if examples == tuning.max_examples:
-            return expert_acc
-        futures = _score_on_validation(config, parent, base, experts, eval_inputs, examples=examples)
-        return {name: future.result()[name] for name, future in futures.items()}
-
-    result = successive_halving(pool, score_rung, experts_at, min_examples=search.min_examples,
-                                max_examples=tuning.max_examples, eta=search.eta, rule=tuning.rule,
-                                floor=tuning.floor, max_evaluations=search.max_evaluations,
-                                max_seconds=search.max_seconds)
-    chosen = record_search(label, result, config.tracking, parent, run_id)
-    print(f"search {label}: chose {result.winner.name} (validation norm. avg "
-          f"{100 * result.winner_score.norm_avg:.1f}%) from {len(pool)} candidates in {result.seconds:.0f} s"
-          + (f"; stopped early: {result.stopped}" if result.stopped else ""))
-    return MergeSpec(method=chosen["method"], params=chosen["params"])
 
 
 def describe_locations(config: RunConfig, summary: dict[str, Any]) -> str:
