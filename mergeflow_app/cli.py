@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                        help="coefficient values for --tune (repeat per parameter)")
     merge.add_argument("--candidates", metavar="M1,M2", help="--method auto: the methods to search (default: every "
-                       "applicable one)")
+                       "applicable one that learns nothing; name adamerging or doge_am to add them: they learn on "
+                       "--tune's validation inputs)")
     merge.add_argument("--budget", type=int, metavar="N", help="--method auto: validation examples scored per task "
                        "over all candidates and rungs; the search stops at the last whole rung within it")
     merge.add_argument("--max-seconds", type=float, metavar="S", help="--method auto: start no rung after S seconds")
