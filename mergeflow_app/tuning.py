@@ -63,7 +63,8 @@ def searched_method(args: argparse.Namespace, options: dict[str, Any]
     cache = ContentCache()
     tasks = load_task_inputs(config, len(args.expert), cache, options,
                              splits=sorted({"validation", config.statistics.split}))
-    with tempfile.TemporaryDirectory(prefix="mergeflow-search-") as merged_dir:
+    # merges kept for later rungs sit in the content cache's folder (MERGEFLOW_CACHE), which has room for models
+    with tempfile.TemporaryDirectory(prefix="search-", dir=cache.root) as merged_dir:
         result = search(settings, args.base, args.expert, config, tasks, cache, options,
                         device=resolve_device(args.device), progress=True, merged_dir=Path(merged_dir))
         winner = _kept_merge(Path(merged_dir), result.winner.method, result.winner.params)
