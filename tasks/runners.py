@@ -3,6 +3,7 @@ the tasks it runs in other processes (`stopping_workers`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -123,6 +124,9 @@ def _signal_pool(runner: Any, _reason: str, _run_id: str) -> None:
 
 
 def _stop_dask_workers(runner: Any, reason: str, run_id: str) -> None:
+    # a local cluster torn down after a stop logs each closed worker connection at INFO with its traceback
+    # (distributed.batched, "Batched Comm Closed"): expected then, and only noise after the user's Ctrl-C
+    logging.getLogger("distributed.batched").setLevel(logging.WARNING)
     try:
         runner.client.run(stopping.request_stop, reason, run_id)
     except Exception as error:  # noqa: BLE001 - a cluster already gone has nothing left to stop

@@ -63,3 +63,27 @@ def test_dask_cluster_gives_the_single_process_digests(tmp_path, tmp_path_factor
     manifest = json.loads((Path(scaled["merged"]["ties"]["uri"]) / "mergeflow.json").read_text())  # two layer groups
     assert sorted(f for f in manifest["files"] if f.startswith("model-")) == [
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
+def test_a_stop_quiets_the_local_clusters_teardown_tracebacks():
+    """After a stop, the local cluster's teardown logs each closed worker connection at INFO with a traceback
+    (distributed.batched); the stop raises that logger to WARNING so a Ctrl-C ends with the stop message only."""
+    import logging
+
+    from tasks.runners import _stop_dask_workers
+
+    class Client:
+        def run(self, *args):
+            raise OSError("cluster already closed")
+
+    class Runner:
+        client = Client()
+
+    logger = logging.getLogger("distributed.batched")
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        _stop_dask_workers(Runner(), "SIGINT received", "run-1")
+        assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+    finally:
+        logger.setLevel(previous)
