@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, as one short run (about 8 minutes on one H200) for a session lent one.
+# The checks that need a CUDA GPU, prepared as one short job for a session lent one (not yet run on a GPU; its
+# steps were run on a CPU in a bare venv holding only packages the GPU image has, plus the carried wheels).
 #
 #   bash benchmarks/gpu_checks.sh prepare   # here, where pip reaches PyPI: the wheels the GPU image lacks, into
 #                                           # .whl/ (git-ignored): pydantic and its parts, for its Python 3.12
