@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from mergeflow.statistics import Statistics, save_statistics
 
 
 def tiny_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -32,3 +36,37 @@ def make_experts(base: dict[str, torch.Tensor], n: int, seed: int = 1, scale: fl
             for k, v in base.items()
         })
     return experts
+
+
+def _gram(d: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(2 * d + 3, d, generator=g)
+    return x.T @ x / len(x)
+
+
+def random_statistics(base, n, kinds=("gram_in", "gram_out", "fisher"), seed=10):
+    """Positive Fishers for every float tensor, full-rank input and output Grams for every 2-D one."""
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(seed + i)
+        stats = {}
+        for name, value in base.items():
+            if not value.is_floating_point():
+                continue
+            if "fisher" in kinds:
+                stats[f"{name}::fisher"] = torch.rand(value.shape, generator=g) + 0.1
+            if value.dim() == 2 and "gram_in" in kinds:
+                stats[f"{name}::gram_in"] = _gram(value.shape[1], g)
+            if value.dim() == 2 and "gram_out" in kinds:
+                stats[f"{name}::gram_out"] = _gram(value.shape[0], g)
+        out.append(stats)
+    return out
+
+
+def write_statistics(root: Path, stats: list[dict[str, torch.Tensor]]) -> list[str]:
+    """Each expert's statistics as a statistics file `root/expert<i>.statistics.safetensors`; their paths."""
+    paths = []
+    for i, tensors in enumerate(stats):
+        path = root / f"expert{i}.statistics.safetensors"
+        save_statistics(Statistics(tensors, {"format": "mergeflow-statistics"}), path)
+        paths.append(str(path))
+    return paths

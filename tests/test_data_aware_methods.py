@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factories import make_experts, tiny_state_dict
+from factories import make_experts, random_statistics, tiny_state_dict, write_statistics
 from mergeflow.checkpoints import StateDictSource, open_checkpoint
 from mergeflow_app.cli import main
 from mergeflow.errors import CheckpointError, ConfigError
@@ -14,34 +14,9 @@ from mergeflow.merge import merge_checkpoints, merge_state_dicts
 from mergeflow.methods import build_method
 from mergeflow.methods.base import recorded
 from mergeflow.methods.mats import SOLVES, solve_linear
-from mergeflow.statistics import Statistics, save_statistics
 from mergeflow.task_vectors import ExpertPool
 
 FC1 = "encoder.layer.0.mlp.fc1.weight"
-
-
-def _gram(d: int, g: torch.Generator) -> torch.Tensor:
-    x = torch.randn(2 * d + 3, d, generator=g)
-    return x.T @ x / len(x)
-
-
-def random_statistics(base, n, kinds=("gram_in", "gram_out", "fisher"), seed=10):
-    """Positive Fishers for every float tensor, full-rank input and output Grams for every 2-D one."""
-    out = []
-    for i in range(n):
-        g = torch.Generator().manual_seed(seed + i)
-        stats = {}
-        for name, value in base.items():
-            if not value.is_floating_point():
-                continue
-            if "fisher" in kinds:
-                stats[f"{name}::fisher"] = torch.rand(value.shape, generator=g) + 0.1
-            if value.dim() == 2 and "gram_in" in kinds:
-                stats[f"{name}::gram_in"] = _gram(value.shape[1], g)
-            if value.dim() == 2 and "gram_out" in kinds:
-                stats[f"{name}::gram_out"] = _gram(value.shape[0], g)
-        out.append(stats)
-    return out
 
 
 @pytest.fixture
@@ -245,20 +220,11 @@ def test_missing_statistics_are_clear_errors(models):
         merge_state_dicts("fisher", base, experts, statistics=partial)
 
 
-def _write_statistics(tmp_path, stats):
-    paths = []
-    for i, tensors in enumerate(stats):
-        path = tmp_path / "stats" / f"expert{i}.statistics.safetensors"
-        save_statistics(Statistics(tensors, {"format": "mergeflow-statistics"}), path)
-        paths.append(str(path))
-    return paths
-
-
 @pytest.mark.parametrize("method,params", [("fisher", {}), ("regmean", {}), ("mats", {"objective": "kfac"})])
 def test_statistics_files_through_merge_checkpoints(tmp_path, cache, model_files, method, params):
     base_path, expert_paths, base, experts = model_files
     stats = random_statistics(base, 3)
-    stat_paths = _write_statistics(tmp_path, stats)
+    stat_paths = write_statistics(tmp_path / "stats", stats)
     out = tmp_path / "out"
     result = merge_checkpoints(method, base_path, expert_paths, str(out), params, shard_size=500, cache=cache,
                                device="cpu", statistics=stat_paths)
@@ -273,7 +239,7 @@ def test_bad_statistics_files_fail_before_compute(tmp_path, cache, model_files):
     base_path, expert_paths, base, _ = model_files
     stats = random_statistics(base, 3)
     stats[1]["nope.weight::fisher"] = torch.ones(2)
-    paths = _write_statistics(tmp_path, stats)
+    paths = write_statistics(tmp_path / "stats", stats)
     with pytest.raises(CheckpointError, match="expert1.statistics.safetensors.*'nope.weight'"):
         merge_checkpoints("fisher", base_path, expert_paths, str(tmp_path / "out"), cache=cache, statistics=paths)
     with pytest.raises(ConfigError, match="'fisher' needs statistics"):
@@ -284,7 +250,7 @@ def test_bad_statistics_files_fail_before_compute(tmp_path, cache, model_files):
 def test_cli_merge_with_statistics(tmp_path, model_files, capsys):
     base_path, expert_paths, base, experts = model_files
     stats = random_statistics(base, 3)
-    stat_paths = _write_statistics(tmp_path, stats)
+    stat_paths = write_statistics(tmp_path / "stats", stats)
     args = ["merge", "--method", "mats", "--base", base_path, "--out", str(tmp_path / "out"), "--device", "cpu",
             "--param", "objective=regmean", "--param", "init=average"]
     for expert, stat in zip(expert_paths, stat_paths):
