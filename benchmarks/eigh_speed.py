@@ -1,15 +1,14 @@
-"""The symmetric eigendecomposition behind every subspace method (TSV-M, Iso-C, Iso-CTS, DOGE): the float64 Gram
-of a layer's task vector, decomposed by each candidate CPU routine, in one run, the routines alternating.
+"""The symmetric eigendecomposition behind every subspace method (TSV-M, Iso-C, Iso-CTS, DOGE), timed alone and
+inside a TSV-M layer, in one run.
 
-  torch        torch.linalg.eigh (MKL in the PyPI CPU wheel): what Mergeflow uses for every eigenpair (Iso-C, the
-               polar factors) and on a GPU
-  scipy evr    scipy.linalg.eigh(driver="evr", subset_by_index=...): MRRR for the top n/8 eigenpairs only, what
-               Mergeflow uses on the CPU for TSV-M's and DOGE's per-task bases (k = r / T)
-  scipy evd    scipy.linalg.eigh(driver="evd"): divide and conquer in scipy's own LAPACK, all eigenpairs; measured,
-               not used (faster than torch's below n = 768, not at 768 and above, on these VMs)
-
-Prints the median milliseconds per decomposition at each size and the ratios to torch's, and checks that the
-three agree on the eigenvalues.
+Alone: the float64 Gram of a random matrix decomposed by each CPU routine, each timed right after a warm-up call
+of its own (so that no other library's threads are running):
+  torch        torch.linalg.eigh (MKL in the PyPI CPU wheel): what Mergeflow uses
+  scipy evr    scipy.linalg.eigh(driver="evr", subset_by_index=...): MRRR for the top n/8 eigenpairs only
+  scipy evd    scipy.linalg.eigh(driver="evd"): divide and conquer in scipy's own LAPACK (OpenBLAS), all of them
+In a TSV-M layer: `mergeflow.subspace.layer_factors("task", ...)` on 8 random task vectors (768 x 768 and
+3072 x 768), with torch's decomposition against scipy's MRRR, alternating. scipy's OpenBLAS threads keep spinning
+after each call and slow the torch products that come next, which the routines timed alone do not show.
 
     python benchmarks/eigh_speed.py                 # n = 384, 768, 1024 (MiniLM, ViT-B/32, ViT-L/14 widths)
     python benchmarks/eigh_speed.py --sizes 768 --repeats 9
@@ -19,14 +18,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from scipy.linalg import eigh
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing mergeflow
+
 
 def _timed(call, repeats: int) -> float:
-    call()
+    call()  # warm-up: this routine's threads awake, the others' idle
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -65,6 +68,38 @@ def main() -> None:
         med = {key: statistics.median(values) for key, values in ms.items()}
         print(f"{n:>6} {med['torch']:>9.1f} {med['evd']:>10.1f} {med['evr']:>18.1f} "
               f"{med['torch'] / med['evd']:>12.2f}x {med['torch'] / med['evr']:>12.2f}x")
+
+    print_in_layer(args.repeats)
+
+
+def print_in_layer(repeats: int) -> None:
+    """Seconds of one TSV-M layer's factors (8 tasks) with torch's and with scipy's MRRR top-k decomposition."""
+    from mergeflow import subspace
+
+    torch_top = subspace._top_eigenpairs
+
+    def scipy_top(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = gram.shape[0]
+        values, vectors = eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr")
+        return torch.from_numpy(values).flip(-1), torch.from_numpy(vectors).flip(-1)
+
+    print("\nTSV-M factors of one layer, 8 tasks (median seconds):")
+    generator = torch.Generator().manual_seed(1)
+    for m, n in ((768, 768), (3072, 768)):
+        task_vectors = torch.randn(8, m, n, generator=generator) * torch.logspace(0, -2, n)
+        seconds = {"torch": [], "scipy MRRR": []}
+        try:
+            for _ in range(repeats):
+                for name, top in (("torch", torch_top), ("scipy MRRR", scipy_top)):
+                    subspace._top_eigenpairs = top
+                    started = time.perf_counter()
+                    subspace.layer_factors("task", task_vectors)
+                    seconds[name].append(time.perf_counter() - started)
+        finally:
+            subspace._top_eigenpairs = torch_top
+        med = {name: statistics.median(values) for name, values in seconds.items()}
+        print(f"  {m} x {n}: torch {med['torch']:.3f} s, scipy MRRR {med['scipy MRRR']:.3f} s "
+              f"({med['scipy MRRR'] / med['torch']:.2f}x torch's time)")
 
 
 if __name__ == "__main__":

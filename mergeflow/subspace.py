@@ -38,19 +38,11 @@ def top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `k` largest eigenvalues (descending) and their eigenvectors [n, k] of a symmetric float64 matrix. On
-    the CPU, when k is at most half of n, LAPACK's MRRR driver computes only those (scipy's `subset_by_index`):
-    for TSV-M's k = n / 8, 1.35x faster than the full decomposition at n = 768 and 1.5-2.4x at n = 384, 1024 and
-    1536 (`python benchmarks/eigh_speed.py`, 2 cores)."""
+    """The `k` largest eigenvalues (descending) and their eigenvectors [n, k] of a symmetric float64 matrix, from
+    torch's full decomposition. (scipy's MRRR driver computes only the top k, 1.4x faster measured alone at
+    n = 768, but its OpenBLAS threads keep spinning after each call and slow the torch products that follow: a
+    TSV-M layer's factors took 1.5x longer with it; `python benchmarks/eigh_speed.py`.)"""
     n = gram.shape[0]
-    if gram.device.type == "cpu" and 0 < k <= n // 2:
-        try:
-            from scipy.linalg import eigh
-        except ImportError:  # scipy is a dependency; without it the full decomposition does the same
-            eigh = None
-        if eigh is not None:
-            values, vectors = eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr")
-            return torch.from_numpy(values).flip(-1), torch.from_numpy(vectors).flip(-1)
     values, vectors = torch.linalg.eigh(gram)
     return values[n - k:].flip(-1), vectors[:, n - k:].flip(-1)
 
