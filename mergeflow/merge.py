@@ -190,6 +190,7 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor], experts: Se
                       objective: Objective | None = None) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with the same engine and checks as `merge_checkpoints`."""
     merge_method = build_method(method, params)
+    merge_method.check_expert_count(len(experts))
     base_source = StateDictSource(base, "base")
     sources = [StateDictSource(sd, f"expert {i}") for i, sd in enumerate(experts)]
     stats = None if statistics is None else [
@@ -246,6 +247,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
     """
     started = time.perf_counter()
     merge_method = build_method(method, params)
+    merge_method.check_expert_count(len(experts))
     if not overwrite and exists(out, storage_options):
         raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
     cache = cache or ContentCache()

@@ -70,3 +70,11 @@ def write_statistics(root: Path, stats: list[dict[str, torch.Tensor]]) -> list[s
         save_statistics(Statistics(tensors, {"format": "mergeflow-statistics"}), path)
         paths.append(str(path))
     return paths
+
+
+def fit_experts(method: str, experts: list):
+    """`experts` cut to as many as `method` merges (SLERP takes one): generic tests run every method on them."""
+    from mergeflow.methods import method_class
+
+    high = method_class(method).expert_count[1]
+    return experts if high is None else experts[:high]

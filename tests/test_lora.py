@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from factories import fit_experts
 from mergeflow.checkpoints import open_checkpoint
 from mergeflow.checkpoints.lora import is_adapter, open_adapter
 from mergeflow.errors import CheckpointError
@@ -84,12 +85,12 @@ def test_every_data_free_method_merges_adapters_beside_a_full_checkpoint(bert, t
     save_file(full[1], str(tmp_path / "full1.safetensors"))
     params = {"steps": 20} if method in ("wudi", "doge_ta") else {}
     mixed = merge_checkpoints(method, str(root / "base.safetensors"),
-                              [str(root / "adapter0"), str(tmp_path / "full1.safetensors")], str(tmp_path / "mixed"),
-                              params, device="cpu")
+                              fit_experts(method, [str(root / "adapter0"), str(tmp_path / "full1.safetensors")]),
+                              str(tmp_path / "mixed"), params, device="cpu")
     save_file(full[0], str(tmp_path / "full0.safetensors"))
     merge_checkpoints(method, str(root / "base.safetensors"),
-                              [str(tmp_path / "full0.safetensors"), str(tmp_path / "full1.safetensors")],
-                              str(tmp_path / "dense"), params, device="cpu")
+                      fit_experts(method, [str(tmp_path / "full0.safetensors"), str(tmp_path / "full1.safetensors")]),
+                      str(tmp_path / "dense"), params, device="cpu")
     a, b = load_file(str(tmp_path / "mixed" / "model.safetensors")), load_file(str(tmp_path / "dense" / "model.safetensors"))
     base = load_file(str(root / "base.safetensors"))
     assert set(a) == set(b) == set(base)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from factories import fit_experts
 from mergeflow.checkpoints import open_checkpoint
 from mergeflow.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from mergeflow.merge import MANIFEST, merge_checkpoints, merge_state_dicts
@@ -26,6 +27,7 @@ def _read_all(uri, cache):
                                            if not issubclass(cls, DataAwareMethod) and not cls.needs_objective))
 def test_streaming_equals_in_memory_with_sharded_output(tmp_path, cache, model_files, method):
     base_path, expert_paths, base, experts = model_files
+    expert_paths, experts = fit_experts(method, expert_paths), fit_experts(method, experts)
     out = tmp_path / f"merged-{method}"
     result = merge_checkpoints(method, base_path, expert_paths, str(out), shard_size=500, cache=cache)
     streamed, ckpt = _read_all(str(out), cache)
@@ -37,7 +39,7 @@ def test_streaming_equals_in_memory_with_sharded_output(tmp_path, cache, model_f
     meta = ckpt.metadata
     assert meta["merge_method"] == method and meta["mergeflow_version"]
     inputs = json.loads(meta["inputs"])
-    assert [i["role"] for i in inputs] == ["base", "expert", "expert", "expert"]
+    assert [i["role"] for i in inputs] == ["base"] + ["expert"] * len(expert_paths)
     assert inputs[1]["sha256"] == sha256_file(expert_paths[0]) and inputs[1]["uri"] == expert_paths[0]
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["method"] == method and manifest["files"] == result.files

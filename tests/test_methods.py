@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factories import make_experts, tiny_state_dict
+from factories import fit_experts, make_experts, tiny_state_dict
 from mergeflow.errors import ConfigError
 from mergeflow.merge import merge_state_dicts
 from mergeflow.methods import METHODS, build_method, describe_methods
@@ -137,7 +137,7 @@ def test_bf16_inputs_give_bf16_outputs_computed_in_fp32():
 def test_non_float_buffers_pass_through_unchanged(models):
     base, experts = models
     for method in DATA_FREE:
-        assert torch.equal(merge_state_dicts(method, base, experts)["embeddings.position_ids"],
+        assert torch.equal(merge_state_dicts(method, base, fit_experts(method, experts))["embeddings.position_ids"],
                            base["embeddings.position_ids"])
 
 

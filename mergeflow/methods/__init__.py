@@ -11,22 +11,32 @@ from mergeflow.errors import ConfigError
 from mergeflow.methods.adamerging import AdaMerging
 from mergeflow.methods.average import SimpleAverage
 from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from mergeflow.methods.dare import Dare
+from mergeflow.methods.dare_ties import DareLinear, DareTies
+from mergeflow.methods.della import Della, DellaLinear
 from mergeflow.methods.doge_am import DogeAM
 from mergeflow.methods.doge_ta import DogeTA
 from mergeflow.methods.fisher import FisherMerging
 from mergeflow.methods.iso_c import IsoC
 from mergeflow.methods.iso_cts import IsoCts
 from mergeflow.methods.mats import Mats
+from mergeflow.methods.model_stock import ModelStock
 from mergeflow.methods.regmean import RegMean
+from mergeflow.methods.slerp import Slerp
 from mergeflow.methods.task_arithmetic import TaskArithmetic
+from mergeflow.methods.task_arithmetic_weighted import TaskArithmeticWeighted
 from mergeflow.methods.ties import Ties
+from mergeflow.methods.ties_per_tensor import TiesPerTensor
 from mergeflow.methods.tsv import Tsv
 from mergeflow.methods.wudi import Wudi
 
 METHODS: dict[str, type[MergeMethod]] = {
     m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare, DogeTA, DogeAM, FisherMerging, RegMean, Mats,
-                        AdaMerging, Tsv, IsoC, IsoCts, Wudi)
+                        AdaMerging, Tsv, IsoC, IsoCts, Wudi,
+                        # mergekit's methods, with its per-tensor meaning and per-expert parameters
+                        Slerp, ModelStock, TaskArithmeticWeighted, TiesPerTensor, DareTies, DareLinear, Della,
+                        DellaLinear, Breadcrumbs, BreadcrumbsTies)
 }
 
 
@@ -56,7 +66,8 @@ def describe_methods() -> list[dict[str, Any]]:
         for field_name, schema in cls.Params.model_json_schema().get("properties", {}).items():
             bounds = {key: schema[key] for key in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum",
                                                     "enum") if key in schema}
-            params.append({"name": field_name, "type": schema.get("type", "string"),
+            kind = schema.get("type") or ("number or list" if "anyOf" in schema else "string")
+            params.append({"name": field_name, "type": kind,
                            "default": schema.get("default"), "description": schema.get("description", ""),
                            "bounds": bounds})
         described.append({"name": name, "summary": cls.summary, "params": params})

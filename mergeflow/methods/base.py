@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mergeflow.errors import ConfigError
 from mergeflow.task_vectors import ExpertPool
 
 
@@ -85,9 +86,19 @@ class MergeMethod(ABC):
     # each coordinate merges on its own (given the state): the engine may hand `merge_tensor` blocks of rows of a
     # large tensor, with the flat index of the block's first coordinate in state[BLOCK_OFFSET]
     elementwise: ClassVar[bool] = False
+    # how many experts the method merges: (fewest, most or None); SLERP takes exactly one, Model Stock two or more
+    expert_count: ClassVar[tuple[int, int | None]] = (1, None)
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else self.Params()
+
+    def check_expert_count(self, count: int) -> None:
+        """A ConfigError naming the method when it cannot merge `count` experts (checked before any work)."""
+        low, high = self.expert_count
+        if count < low or (high is not None and count > high):
+            wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            raise ConfigError(f"method {self.name!r} merges {wanted} expert{'s' if wanted != 'exactly 1' else ''}; "
+                              f"got {count}")
 
     def subspace_kinds(self) -> tuple[str, ...]:
         """The stored per-layer factors this method reads (`mergeflow.subspace`: "task", "sum", "cts-<f>",
