@@ -12,7 +12,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,8 +25,10 @@ from mergeflow.checkpoints.writer import parse_size
 from mergeflow.checkpoints.lora import LoraExpert, open_expert
 from mergeflow.checkpoints.model_files import copy_model_files
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
-from mergeflow.errors import IntegrityError
+from mergeflow.errors import ConfigError, IntegrityError
+from mergeflow.mergekit_config import to_mergekit
 from mergeflow.methods import MergeMethod, build_method
+from mergeflow.model_card import CARD, model_card
 from mergeflow.methods.base import BLOCK_OFFSET, SUBSPACE, recorded, with_subspaces
 from mergeflow.selection import is_float
 from mergeflow.statistics import open_statistics, validate_statistics
@@ -95,7 +97,8 @@ Patch = Callable[[str, torch.Tensor, torch.Tensor], None]  # (tensor, flat indic
 def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torch.Tensor], None], *,
                state: dict[str, Any] | None = None, progress: bool = False,
                only: Collection[str] | None = None, patch: Patch | None = None,
-               write_rows: Callable[[str, int, torch.Tensor], None] | None = None) -> dict[str, Any]:
+               write_rows: Callable[[str, int, torch.Tensor], None] | None = None,
+               out_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Run `method` over `pool`, handing each output tensor (in the base's dtype, on CPU) to `write`; returns the
     method's state (with what the merge pass settled, e.g. TIES's majority sign).
 
@@ -106,12 +109,13 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     `prepare_merge` and corrects tensors already written through `patch` once the pass has settled them.
     Elementwise methods receive tensors larger than half the pool's window in blocks of rows, written through
     `write_rows` (name, first row, rows) when given, so memory stays within the window whatever N.
+    `out_dtype`: the float tensors' output dtype (default: the base's).
     """
     if state is None:
         whole = only is None and patch is not None
         state = (method.prepare_merge if whole else method.prepare)(pool, progress=progress)
     run_state = dict(with_subspaces(state, pool.subspaces))  # this merge's own copy (accumulators go here)
-    infos = [info for info in pool.infos() if only is None or info.name in only]
+    infos = output_plan([info for info in pool.infos() if only is None or info.name in only], out_dtype)
     names, max_bytes = method.grouping(state, pool.device)
     batched = set(names).intersection(info.name for info in infos if is_float(info.dtype))
     bar = progress_bar(total=len(infos), desc=f"merging ({method.name})", disable=not progress)
@@ -148,6 +152,12 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     for name, (index, values) in corrections.items():
         patch(name, index, values.to("cpu", dtypes[name]))
     return {key: value for key, value in run_state.items() if key != SUBSPACE}
+
+
+def output_plan(infos: Sequence[TensorInfo], out_dtype: torch.dtype | None) -> list[TensorInfo]:
+    """The output's tensors: the base's, float ones in `out_dtype` when given."""
+    return [replace(info, dtype=out_dtype) if out_dtype is not None and is_float(info.dtype) else info
+            for info in infos]
 
 
 def _merge_blocks(method: MergeMethod, pool: ExpertPool, info: TensorInfo,
@@ -224,7 +234,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                       subspaces: Mapping[str, str | Path | SubspaceReader] | None = None,
                       expected_digests: Sequence[str] | None = None,
                       precomputed: Mapping[str, torch.Tensor] | None = None,
-                      window: int | str = DEFAULT_WINDOW) -> MergeResult:
+                      window: int | str = DEFAULT_WINDOW, out_dtype: str | None = None) -> MergeResult:
     """Merge stored checkpoints into a new sharded safetensors directory at `out` (local path or fsspec URL).
 
     Data-aware methods read `statistics`: one statistics file per expert, in the experts' order. Subspace methods
@@ -244,10 +254,14 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
 
     `precomputed`: the merged tensors of exactly this method, parameters and inputs, computed before (a sweep
     point kept in the local cache): every input is still checked, then they are written instead of merged again.
+
+    `out_dtype` ("float32", "float16" or "bfloat16"): the merged float tensors' dtype (default: the base's); the
+    merge itself computes in fp32 either way.
     """
     started = time.perf_counter()
     merge_method = build_method(method, params)
     merge_method.check_expert_count(len(experts))
+    dtype = _out_dtype(out_dtype)
     if not overwrite and exists(out, storage_options):
         raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
     cache = cache or ContentCache()
@@ -292,13 +306,13 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         }
         staged = staging_dir(out, cache)
         try:
-            plan = [info for info in pool.infos() if only is None or info.name in only]
+            plan = output_plan([info for info in pool.infos() if only is None or info.name in only], dtype)
             writer = ShardedSafetensorsWriter(staged, plan, shard_size=shard_size if part is None else 2**62,
                                               metadata=provenance)
             try:
                 if precomputed is None:
                     state = merge_pool(merge_method, pool, writer.write, state=state, progress=progress, only=only,
-                                       patch=writer.patch, write_rows=writer.write_rows)
+                                       patch=writer.patch, write_rows=writer.write_rows, out_dtype=dtype)
                 else:
                     _write_precomputed(precomputed, plan, writer.write, out)
                     state = state or {}
@@ -311,6 +325,8 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                 files = {part_name(*part): files["model.safetensors"]}
             else:
                 files.update(copy_model_files(base, staged, storage_options, cache))
+                files[CARD] = write_card(staged, merge_method.name, merge_method.params.model_dump(), inputs,
+                                         "config.json" in files, out_dtype)
             result = MergeResult(out, merge_method.name, merge_method.params.model_dump(), inputs, files,
                                  round(time.perf_counter() - started, 3), recorded(state))
             manifest = {**result.to_dict(), "mergeflow_version": mergeflow.__version__}
@@ -323,6 +339,30 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         for ckpt in (base_ckpt, *expert_ckpts, *(stats_ckpts or ())):
             ckpt.close()
     return result
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _out_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ConfigError(f"out_dtype {name!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def write_card(directory: Path, method: str, params: Mapping[str, Any], inputs: Sequence[InputRef],
+               transformers: bool, out_dtype: str | None = None,
+               scores: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """Write the merge's model card (README.md) into `directory`; returns its sha256."""
+    refs = [asdict(ref) for ref in inputs]
+    mergekit = to_mergekit(method, params, next(r["uri"] for r in refs if r["role"] == "base"),
+                           [r["uri"] for r in refs if r["role"] == "expert"], out_dtype)
+    text = model_card(method, params, refs, library_name="transformers" if transformers else "safetensors",
+                      scores=scores, mergekit_yaml=mergekit, version=mergeflow.__version__)
+    (directory / CARD).write_text(text)
+    return sha256_file(directory / CARD)
 
 
 def _write_precomputed(tensors: Mapping[str, torch.Tensor], plan: Sequence[TensorInfo],
@@ -374,6 +414,8 @@ def assemble_parts(parts: Sequence[str], out: str, *, storage_options: Mapping[s
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (staged / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         files["model.safetensors.index.json"] = sha256_file(staged / "model.safetensors.index.json")
+        files[CARD] = write_card(staged, first["method"], first["params"], [InputRef(**i) for i in first["inputs"]],
+                                 False)
         result = MergeResult(out, first["method"], first["params"], [InputRef(**i) for i in first["inputs"]], files,
                              round(sum(m["seconds"] for m in manifests), 3),
                              {"parts": [m.get("state", {}) for m in manifests]})

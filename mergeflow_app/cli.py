@@ -78,7 +78,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from mergeflow.merge import merge_checkpoints
     from mergeflow_app.tuning import searched_method, tuned_params
 
-    params, precomputed = _parse_params(args.param), None
+    from mergeflow_app.mergekit_args import apply_mergekit_config, print_mergekit
+
+    apply_mergekit_config(args)
+    params, precomputed = getattr(args, "mergekit_params", None) or _parse_params(args.param), None
+    if args.print_mergekit:
+        return print_mergekit(args, params)
     if args.method == "auto":
         args.method, params, precomputed = searched_method(args, _storage_options(args))
     elif args.candidates or args.budget or args.max_seconds:
@@ -98,7 +103,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                device=args.device, shard_size=args.shard_size,
                                storage_options=_storage_options(args), overwrite=args.overwrite, progress=True,
                                statistics=statistics, objective=objective, window=args.window,
-                               precomputed=precomputed)
+                               precomputed=precomputed, out_dtype=args.out_dtype)
     experts = sum(ref.role == "expert" for ref in result.inputs)
     print(f"merged {experts} experts with {result.method} {json.dumps(result.params)} "
           f"in {result.seconds:.1f} s")
@@ -227,10 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="merge checkpoints directly (no orchestration)")
-    merge.add_argument("--method", required=True, help="merge method (see `mergeflow methods`), or auto: the best "
+    merge.add_argument("--config", metavar="MERGEKIT_YAML", help="a mergekit merge config: its method, parameters, "
+                       "base and models, with mergekit's meaning (unsupported fields fail naming the field)")
+    merge.add_argument("--print-mergekit", action="store_true", help="print the merge's equivalent mergekit YAML and "
+                       "exit (nothing is merged)")
+    merge.add_argument("--out-dtype", choices=("float32", "float16", "bfloat16"),
+                       help="dtype of the merged float tensors (default: the base's; mergekit's out_dtype)")
+    merge.add_argument("--method", help="merge method (see `mergeflow methods`), or auto: the best "
                        "method and coefficients, searched on validation data (needs --tune)")
-    merge.add_argument("--base", required=True, help="pretrained checkpoint: path, file:// or s3:// URI")
-    merge.add_argument("--expert", required=True, action="append", help="expert checkpoint (repeat per expert)")
+    merge.add_argument("--base", help="pretrained checkpoint: path, file:// or s3:// URI")
+    merge.add_argument("--expert", action="append", help="expert checkpoint (repeat per expert)")
     merge.add_argument("--statistics", action="append", metavar="URI",
                        help="statistics file of an expert, for data-aware methods (repeat per expert, same order)")
     merge.add_argument("--data", metavar="YAML",
@@ -246,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--budget", type=int, metavar="N", help="--method auto: validation examples scored per task "
                        "over all candidates and rungs; the search stops at the last whole rung within it")
     merge.add_argument("--max-seconds", type=float, metavar="S", help="--method auto: start no rung after S seconds")
-    merge.add_argument("--out", required=True, help="output directory: path, file:// or s3:// URI")
+    merge.add_argument("--out", help="output directory: path, file:// or s3:// URI")
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     merge.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     merge.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 500MB, 2GB")

@@ -20,6 +20,7 @@ from mergeflow.methods.doge_ta import DogeTA
 from mergeflow.methods.fisher import FisherMerging
 from mergeflow.methods.iso_c import IsoC
 from mergeflow.methods.iso_cts import IsoCts
+from mergeflow.methods.linear import Linear
 from mergeflow.methods.mats import Mats
 from mergeflow.methods.model_stock import ModelStock
 from mergeflow.methods.regmean import RegMean
@@ -35,7 +36,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare, DogeTA, DogeAM, FisherMerging, RegMean, Mats,
                         AdaMerging, Tsv, IsoC, IsoCts, Wudi,
                         # mergekit's methods, with its per-tensor meaning and per-expert parameters
-                        Slerp, ModelStock, TaskArithmeticWeighted, TiesPerTensor, DareTies, DareLinear, Della,
+                        Linear, Slerp, ModelStock, TaskArithmeticWeighted, TiesPerTensor, DareTies, DareLinear, Della,
                         DellaLinear, Breadcrumbs, BreadcrumbsTies)
 }
 

@@ -50,11 +50,11 @@ class ExpertSettings(MethodParams):
         return check_range(value, "gamma/epsilon", lambda v: 0.0 <= v < 1.0, "[0, 1)")
 
 
-class GtaParams(MethodParams):
+class WeightParams(MethodParams):
+    """Weights per expert: method-wide, overridden per expert."""
+
     weight: Setting = Field(1.0, description="each expert's weight w_i (a number, a layer gradient [a, b, ..] or "
                                              "name filters [{filter: s, value: v}]); per_expert overrides it")
-    scaling: float = Field(1.0, ge=0.0, le=10.0, description="lambda applied to the mixed update (mergekit's lambda)")
-    normalize: bool = Field(False, description="divide by the sum of the weights (of the entries kept)")
     per_expert: tuple[ExpertSettings, ...] = Field(
         (), description="one entry per expert, in the experts' order: {weight, density, gamma, epsilon}")
 
@@ -64,12 +64,17 @@ class GtaParams(MethodParams):
         return check_range(value, "weight", lambda v: -1e6 < v < 1e6, "(-1e6, 1e6)")
 
     @model_validator(mode="after")
-    def _own_values(self) -> "GtaParams":
+    def _own_values(self) -> "WeightParams":
         for i, own in enumerate(self.per_expert):
             for key in own.model_fields_set:
                 if getattr(own, key) is not None and key not in type(self).model_fields:
                     raise ValueError(f"per_expert[{i}].{key}: this method takes no {key}")
         return self
+
+
+class GtaParams(WeightParams):
+    scaling: float = Field(1.0, ge=0.0, le=10.0, description="lambda applied to the mixed update (mergekit's lambda)")
+    normalize: bool = Field(False, description="divide by the sum of the weights (of the entries kept)")
 
 
 class SparseParams(GtaParams):
@@ -93,7 +98,7 @@ class RandomParams(SparseParams):
 class GeneralizedTaskArithmetic(MergeMethod):
     """The core: a variant sets `sparsification`, `consensus` and its Params' defaults."""
 
-    Params: ClassVar[type[GtaParams]] = GtaParams
+    Params: ClassVar[type[WeightParams]] = GtaParams
     sparsification: ClassVar[Sparsification] = None
     consensus: ClassVar[bool] = False
     scaling_param = "scaling"
