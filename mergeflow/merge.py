@@ -325,8 +325,8 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                 files = {part_name(*part): files["model.safetensors"]}
             else:
                 files.update(copy_model_files(base, staged, storage_options, cache))
-                files[CARD] = write_card(staged, merge_method.name, merge_method.params.model_dump(), inputs,
-                                         "config.json" in files, out_dtype)
+                files[CARD] = write_card(staged, merge_method.name, merge_method.params.model_dump(), inputs, files,
+                                         out_dtype)
             result = MergeResult(out, merge_method.name, merge_method.params.model_dump(), inputs, files,
                                  round(time.perf_counter() - started, 3), recorded(state))
             manifest = {**result.to_dict(), "mergeflow_version": mergeflow.__version__}
@@ -352,16 +352,20 @@ def _out_dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-def write_card(directory: Path, method: str, params: Mapping[str, Any], inputs: Sequence[InputRef],
-               transformers: bool, out_dtype: str | None = None,
-               scores: Mapping[str, Mapping[str, float]] | None = None) -> str:
-    """Write the merge's model card (README.md) into `directory`; returns its sha256."""
-    refs = [asdict(ref) for ref in inputs]
-    mergekit = to_mergekit(method, params, next(r["uri"] for r in refs if r["role"] == "base"),
-                           [r["uri"] for r in refs if r["role"] == "expert"], out_dtype)
-    text = model_card(method, params, refs, library_name="transformers" if transformers else "safetensors",
+def card_text(method: str, params: Mapping[str, Any], inputs: Sequence[Mapping[str, str]], files: Collection[str],
+              out_dtype: str | None = None, scores: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """The model card of a merge (`mergeflow.model_card`): `inputs` as recorded ({role, name, uri, sha256}), `files`
+    the output's file names (a config.json makes it a transformers model), `scores` {split: {metric: value}}."""
+    mergekit = to_mergekit(method, params, next(r["uri"] for r in inputs if r["role"] == "base"),
+                           [r["uri"] for r in inputs if r["role"] == "expert"], out_dtype)
+    return model_card(method, params, inputs, library_name="transformers" if "config.json" in files else "safetensors",
                       scores=scores, mergekit_yaml=mergekit, version=mergeflow.__version__)
-    (directory / CARD).write_text(text)
+
+
+def write_card(directory: Path, method: str, params: Mapping[str, Any], inputs: Sequence[InputRef],
+               files: Collection[str], out_dtype: str | None = None) -> str:
+    """Write the merge's model card (README.md) into `directory`; returns its sha256."""
+    (directory / CARD).write_text(card_text(method, params, [asdict(ref) for ref in inputs], files, out_dtype))
     return sha256_file(directory / CARD)
 
 
@@ -415,7 +419,7 @@ def assemble_parts(parts: Sequence[str], out: str, *, storage_options: Mapping[s
         (staged / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         files["model.safetensors.index.json"] = sha256_file(staged / "model.safetensors.index.json")
         files[CARD] = write_card(staged, first["method"], first["params"], [InputRef(**i) for i in first["inputs"]],
-                                 False)
+                                 files)
         result = MergeResult(out, first["method"], first["params"], [InputRef(**i) for i in first["inputs"]], files,
                              round(sum(m["seconds"] for m in manifests), 3),
                              {"parts": [m.get("state", {}) for m in manifests]})

@@ -10,6 +10,8 @@ from mergeflow.stages import runs as runs_stage
 from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import MergeSpec, RunConfig, StorageConfig, TrackingConfig
 from mergeflow.evaluate import normalized_accuracy
+from mergeflow.merge import card_text
+from mergeflow.model_card import CARD
 from mergeflow.stopping import Stopped
 from mergeflow.storage import sha256_file
 from tasks import IO_RETRIES, TIMEOUTS
@@ -60,6 +62,9 @@ def record_merge(label: str, spec: MergeSpec, merged: ObjectRef, record: dict[st
     selection = accuracy_metrics(validation_acc, expert_validation_acc) if validation_acc else {}
     metrics = {**accuracy_metrics(acc, expert_acc), **{f"validation.{k}": v for k, v in selection.items()},
                "merge_seconds": record.get("seconds", 0.0)}
+    scores = {"test": accuracy_metrics(acc, expert_acc), **({"validation": selection} if selection else {})}
+    tracker.log_text(run_id, card_text(spec.method, record["params"], record["inputs"], record.get("files", {}),
+                                       scores=scores), CARD)  # the output's card, with the scores measured
     model_id = None
     if tracking.log_merged_weights:
         directory = runs_stage.local_directory_of(merged, store)

@@ -88,6 +88,13 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
     assert "statistics" in regmean_inputs
     ties = by_name["merge-ties"]
     assert ties.data.params["param.density"] == "0.2" and "norm_acc.avg" in ties.data.metrics
+    # the model card: in the merged output (no scores yet) and logged with the run, with the scores measured
+    card = client.download_artifacts(ties.info.run_id, "README.md", str(tmp_path / "card"))
+    text = Path(card).read_text()
+    assert "tags:\n- merge\n- mergeflow" in text and first["merged"]["ties"]["sha256"] not in text
+    assert f"| test | norm_acc.avg | {ties.data.metrics['norm_acc.avg']:.4g} |" in text
+    assert "| validation | norm_acc.avg |" in text and "no equivalent of Mergeflow's `ties`" in text
+    assert "## Scores" not in (Path(first["merged"]["ties"]["uri"].removeprefix("file://")) / "README.md").read_text()
     assert ties.data.tags["mergeflow.model_sha256"] == first["merged"]["ties"]["sha256"]
     models = {m.name: m for m in client.search_logged_models([parent.info.experiment_id])}
     assert set(models) == {"average", "task_arithmetic", "ties", "regmean", "adamerging", "doge_ta", "doge_am", "tsv",
