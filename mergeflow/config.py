@@ -194,6 +194,8 @@ class MergeSpec(StrictModel):
         None, description="tune on validation data: a grid {param: [values]} or 'default' (the method's default "
         "grid); the best point is merged, tested and recorded as '<method>-tuned'")
     search: SearchConfig | None = Field(None, description="method 'auto' only: what is searched and the budget")
+    mergekit: str | None = Field(None, description="a mergekit YAML file giving this merge's method and parameters "
+                                 "(its models name the run's tasks; see the README)")
 
     @model_validator(mode="after")
     def _valid_params(self) -> MergeSpec:
@@ -306,6 +308,13 @@ class RunConfig(StrictModel):
         "max_workers worker processes, or the cluster at dask_address)")
     dask_address: str | None = Field(None, description="scheduler address of an existing Dask cluster, e.g. "
                                      "tcp://10.0.0.5:8786 (task_runner: dask)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mergekit_files(cls, data: Any) -> Any:
+        from mergeflow.mergekit_config import expand_run_merges
+
+        return expand_run_merges(data)
 
     @model_validator(mode="after")
     def _distinct(self) -> RunConfig:

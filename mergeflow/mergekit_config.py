@@ -14,7 +14,7 @@ else `dtype`, else the base's dtype.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,8 +122,12 @@ def _setting(value: Any, where: str) -> Any:
     raise _fail(where, f"expected a number, a gradient or filters, got {value!r}")
 
 
-def read_mergekit(path: str | Path, data: Mapping[str, Any] | None = None) -> MergekitMerge:
-    """The Mergeflow merge a mergekit YAML file describes (`data`: its parsed contents, when already read)."""
+def read_mergekit(path: str | Path, data: Mapping[str, Any] | None = None,
+                  tasks: Sequence[str] | None = None) -> MergekitMerge:
+    """The Mergeflow merge a mergekit YAML file describes (`data`: its parsed contents, when already read).
+
+    With `tasks` (a run config's merge): each model names one of the run's tasks, every task once, the base is the
+    run's model (`base_model: base` or none), and the experts and their parameters come in the tasks' order."""
     where = str(path)
     if data is None:
         try:
@@ -152,10 +156,14 @@ def read_mergekit(path: str | Path, data: Mapping[str, Any] | None = None) -> Me
             raise _fail(f"{where}: {key}", f"{data[key]!r} is not one of {', '.join(DTYPES)}")
     if data.get("models") and data.get("slices"):
         raise _fail(f"{where}: slices", "give models or slices, not both")
+    if tasks is not None and data.get("slices"):
+        raise _fail(f"{where}: slices", "a run config's mergekit file lists its tasks under models")
     models = data.get("models") or (_models_of_slices(data["slices"], f"{where}: slices") if data.get("slices")
                                     else None)
     if not models:
         raise _fail(f"{where}: models", "no models to merge")
+    if tasks is not None:
+        return _for_tasks(name, data, models, list(tasks), where)
     base_ref = data.get("base_model")
     if not base_ref and name != "linear":
         raise _fail(f"{where}: base_model", "Mergeflow merges task vectors over a base model: give base_model")
@@ -226,6 +234,38 @@ def _parameters(name: str, shared: dict[str, Any], own: list[tuple[str, dict[str
     if any(per_expert):
         params["per_expert"] = per_expert
     return params
+
+
+def _for_tasks(name: str, data: Mapping[str, Any], models: list[Any], tasks: list[str], where: str
+               ) -> MergekitMerge:
+    """A mergekit config whose models name a run's tasks, as that run's merge (experts in the tasks' order)."""
+    if data.get("out_dtype") is not None:
+        raise _fail(f"{where}: out_dtype", "a run's merges keep the base's dtype")
+    if data.get("base_model") not in (None, "base"):
+        raise _fail(f"{where}: base_model", f"{data['base_model']!r}: in a run config the base is the run's model "
+                                            "(write base_model: base, or leave it out)")
+    own: dict[str, tuple[str, dict[str, Any]]] = {}
+    base_own = None
+    for i, entry in enumerate(models):
+        here = f"{where}: models[{i}]"
+        if not isinstance(entry, Mapping) or "model" not in entry or set(entry) - {"model", "parameters"}:
+            raise _fail(here, "expected {model: TASK, parameters: {...}}")
+        task = str(entry["model"])
+        if task == "base":
+            base_own = (here, dict(entry.get("parameters") or {}))
+            continue
+        if task not in tasks:
+            raise _fail(f"{here}.model", f"{task!r} is not a task of this run (tasks: {', '.join(tasks)})")
+        if task in own:
+            raise _fail(f"{here}.model", f"task {task!r} is listed twice")
+        own[task] = (here, dict(entry.get("parameters") or {}))
+    if missing := [t for t in tasks if t not in own]:
+        raise _fail(f"{where}: models", f"every task of the run is merged: add {', '.join(missing)}")
+    ordered = [own[t] for t in tasks]
+    shared = dict(data.get("parameters") or {})
+    params = _linear(shared, ordered, base_own, where) if name == "linear" else _parameters(name, shared, ordered, where)
+    return MergekitMerge(GTA[name][0] if name in GTA else OTHER[name], params, "base", list(tasks),
+                         data.get("out_dtype") or data.get("dtype"), where)
 
 
 def _linear(shared: dict[str, Any], own: list[tuple[str, dict[str, Any]]],
@@ -315,3 +355,33 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items() if v is not None}
     return value
+
+
+def expand_run_merges(data: Any) -> Any:
+    """A run config's raw data with each `merges` entry that names a `mergekit` file given that file's method and
+    parameters (for the run's tasks, in their order). An entry that already carries a method or params (a config
+    dumped after validation) must agree with the file. Errors are ValueErrors naming `merges.<i>.mergekit`."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("merges"), list):
+        return data
+    from mergeflow.methods import build_method
+
+    tasks = [t.get("name") if isinstance(t, Mapping) else getattr(t, "name", None) for t in data.get("tasks") or []]
+    merges = []
+    for i, entry in enumerate(data["merges"]):
+        if not isinstance(entry, Mapping) or not entry.get("mergekit"):
+            merges.append(entry)
+            continue
+        where = f"merges.{i}.mergekit"
+        try:
+            merge = read_mergekit(str(entry["mergekit"]), tasks=[str(t) for t in tasks])
+            method = build_method(merge.method, merge.params)
+            method.check_expert_count(len(tasks))
+            if entry.get("method") not in (None, merge.method) or (
+                    "params" in entry and build_method(merge.method, entry["params"]).params != method.params):
+                raise ConfigError(f"the file gives method {merge.method!r} with its parameters: drop method and "
+                                  "params from this entry")
+        except ConfigError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        merges.append({**entry, "method": merge.method, "params": merge.params})
+    return {**data, "merges": merges}
+

@@ -17,9 +17,17 @@ def test_shipped_configs_are_valid():
     assert {"average", "task_arithmetic", "ties", "doge_ta", "tsv", "regmean"} == {m.method for m in config.merges}
     assert len(config.tasks) >= 4
     full = load_run_config(ROOT / "configs" / "demo-full.yaml")  # every method of the catalogue but DARE
-    from mergeflow.methods import METHODS
+    from mergeflow.mergekit_config import GTA, OTHER
+    from mergeflow.methods import METHODS, method_class
 
-    assert set(METHODS) - {"dare"} <= {m.method for m in full.merges}
+    mergekits = {name for name, _, _ in GTA.values()} | set(OTHER.values())
+    assert set(METHODS) - {"dare"} - mergekits <= {m.method for m in full.merges}
+    # mergekit's methods, from mergekit files: every one that merges the demo's four experts
+    demo_mergekit = load_run_config(ROOT / "configs" / "demo-mergekit.yaml")
+    four = {m for m in mergekits if (method_class(m).expert_count[1] or 4) >= 4} - {"dare_linear", "della_linear",
+                                                                                    "breadcrumbs_ties"}
+    assert four <= {m.method for m in demo_mergekit.merges}
+    assert [t.name for t in demo_mergekit.tasks] == [t.name for t in full.tasks]
     atm = load_run_config(ROOT / "configs" / "atm.yaml")
     assert atm.atm is not None and [t.name for t in atm.tasks] == [t.name for t in full.tasks]
 

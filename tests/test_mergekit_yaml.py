@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,8 +39,8 @@ def llamas(tmp_path_factory):
     return paths
 
 
-def _write(tmp_path, config) -> str:
-    path = tmp_path / "merge.yml"
+def _write(tmp_path, config, name: str = "merge.yml") -> str:
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return str(path)
 
@@ -161,3 +162,57 @@ def test_config_and_method_flags_do_not_mix(llamas, tmp_path, capsys):
                              "base_model": base})
     assert main(["merge", "--config", path, "--method", "ties", "--out", str(tmp_path / "o")]) != 0
     assert "drop --method" in capsys.readouterr().err
+
+
+def _run_config(tmp_path, merges):
+    return {"name": "mk", "tasks": [{"name": "election"}, {"name": "rotten_tomatoes"}],
+            "data": {"probe_per_class": 2, "train": 16, "validation": 4, "test": 24},
+            "finetune": {"steps": 3, "batch_size": 4, "max_length": 16, "warmup_steps": 1, "checkpoint_every": 1},
+            "evaluation": {"max_length": 16}, "merges": merges,
+            "storage": {"root": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "mk"}, "device": "cpu"}
+
+
+def test_a_run_config_points_at_a_mergekit_file_whose_models_name_its_tasks(tmp_path):
+    from mergeflow.config import RunConfig
+
+    mergekit = {"merge_method": "dare_ties", "base_model": "base",
+                "models": [{"model": "rotten_tomatoes", "parameters": {"weight": 0.4, "density": 0.7}},
+                           {"model": "election", "parameters": {"weight": [1, 0.5], "density": 0.5}}],
+                "parameters": {"normalize": True}}
+    path = _write(tmp_path, mergekit)
+    config = RunConfig.model_validate(_run_config(tmp_path, [{"mergekit": path}]))
+    spec = config.merges[0]
+    assert spec.method == "dare_ties" and spec.mergekit == path and config.merge_labels() == ["dare_ties"]
+    assert spec.params["per_expert"] == [{"weight": [1, 0.5], "density": 0.5}, {"weight": 0.4, "density": 0.7}]
+    assert RunConfig.model_validate(config.model_dump()).merges[0] == spec  # dumped and read again: the same
+
+    for change, field in [({"models": mergekit["models"][:1]}, "add election"),
+                          ({"base_model": "/some/model"}, "base_model"),
+                          ({"out_dtype": "bfloat16"}, "out_dtype"),
+                          ({"models": mergekit["models"] + [{"model": "newsgroups", "parameters": {"weight": 1}}]},
+                           "'newsgroups' is not a task of this run"),
+                          ({"merge_method": "slerp", "parameters": {"t": 0.5},
+                            "models": [{"model": "election"}, {"model": "rotten_tomatoes"}]}, "exactly 1 expert")]:
+        bad = _write(tmp_path, {**mergekit, **change}, "bad.yml")
+        with pytest.raises(Exception, match=re.escape(field)) as info:
+            RunConfig.model_validate(_run_config(tmp_path, [{"mergekit": bad}]))
+        assert "merges.0.mergekit" in str(info.value)
+    with pytest.raises(Exception, match="drop method and params"):
+        RunConfig.model_validate(_run_config(tmp_path, [{"mergekit": path, "method": "ties"}]))
+
+
+@pytest.mark.slow
+def test_the_flow_runs_a_mergekit_merge(tmp_path, prefect_harness):
+    from mergeflow.config import RunConfig
+    from flows.merge_flow import merge_flow
+
+    path = _write(tmp_path, {"merge_method": "ties", "base_model": "base", "parameters": {"normalize": True},
+                             "models": [{"model": "election", "parameters": {"weight": 1.0, "density": 0.3}},
+                                        {"model": "rotten_tomatoes", "parameters": {"weight": 0.5, "density": 0.6}}]})
+    result = merge_flow(RunConfig.model_validate(_run_config(tmp_path, [{"mergekit": path}])))
+    merged = result["merged"]["ties_per_tensor"]
+    manifest = json.loads((Path(merged["uri"]) / "mergeflow.json").read_text())
+    assert manifest["method"] == "ties_per_tensor" and manifest["params"]["per_expert"][1]["density"] == 0.6
+    assert "merge_method: ties" in (Path(merged["uri"]) / "README.md").read_text()
+    assert set(result["accuracy"]["ties_per_tensor"]) == {"election", "rotten_tomatoes"}
