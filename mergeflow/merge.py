@@ -12,7 +12,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,14 +21,13 @@ from mergeflow.progress import progress_bar
 
 import mergeflow
 from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, open_checkpoint
-from mergeflow.checkpoints.writer import parse_size
+from mergeflow.checkpoints.writer import output_plan, parse_dtype, parse_size
 from mergeflow.checkpoints.lora import LoraExpert, open_expert
 from mergeflow.checkpoints.model_files import copy_model_files
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
-from mergeflow.errors import ConfigError, IntegrityError
-from mergeflow.mergekit_config import to_mergekit
+from mergeflow.errors import IntegrityError
 from mergeflow.methods import MergeMethod, build_method
-from mergeflow.model_card import CARD, model_card
+from mergeflow.model_card import CARD, write_card
 from mergeflow.methods.base import BLOCK_OFFSET, SUBSPACE, recorded, with_subspaces
 from mergeflow.selection import is_float
 from mergeflow.statistics import open_statistics, validate_statistics
@@ -154,12 +153,6 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     return {key: value for key, value in run_state.items() if key != SUBSPACE}
 
 
-def output_plan(infos: Sequence[TensorInfo], out_dtype: torch.dtype | None) -> list[TensorInfo]:
-    """The output's tensors: the base's, float ones in `out_dtype` when given."""
-    return [replace(info, dtype=out_dtype) if out_dtype is not None and is_float(info.dtype) else info
-            for info in infos]
-
-
 def _merge_blocks(method: MergeMethod, pool: ExpertPool, info: TensorInfo,
                   streamed: Iterator[tuple[str, int, torch.Tensor, torch.Tensor]],
                   state: dict[str, Any], write: Callable[[str, torch.Tensor], None],
@@ -261,7 +254,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
     started = time.perf_counter()
     merge_method = build_method(method, params)
     merge_method.check_expert_count(len(experts))
-    dtype = _out_dtype(out_dtype)
+    dtype = parse_dtype(out_dtype)
     if not overwrite and exists(out, storage_options):
         raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
     cache = cache or ContentCache()
@@ -325,8 +318,8 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                 files = {part_name(*part): files["model.safetensors"]}
             else:
                 files.update(copy_model_files(base, staged, storage_options, cache))
-                files[CARD] = write_card(staged, merge_method.name, merge_method.params.model_dump(), inputs, files,
-                                         out_dtype)
+                files[CARD] = write_card(staged, merge_method.name, merge_method.params.model_dump(),
+                                         [asdict(ref) for ref in inputs], files, out_dtype)
             result = MergeResult(out, merge_method.name, merge_method.params.model_dump(), inputs, files,
                                  round(time.perf_counter() - started, 3), recorded(state))
             manifest = {**result.to_dict(), "mergeflow_version": mergeflow.__version__}
@@ -339,34 +332,6 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
         for ckpt in (base_ckpt, *expert_ckpts, *(stats_ckpts or ())):
             ckpt.close()
     return result
-
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _out_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in _DTYPES:
-        raise ConfigError(f"out_dtype {name!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def card_text(method: str, params: Mapping[str, Any], inputs: Sequence[Mapping[str, str]], files: Collection[str],
-              out_dtype: str | None = None, scores: Mapping[str, Mapping[str, float]] | None = None) -> str:
-    """The model card of a merge (`mergeflow.model_card`): `inputs` as recorded ({role, name, uri, sha256}), `files`
-    the output's file names (a config.json makes it a transformers model), `scores` {split: {metric: value}}."""
-    mergekit = to_mergekit(method, params, next(r["uri"] for r in inputs if r["role"] == "base"),
-                           [r["uri"] for r in inputs if r["role"] == "expert"], out_dtype)
-    return model_card(method, params, inputs, library_name="transformers" if "config.json" in files else "safetensors",
-                      scores=scores, mergekit_yaml=mergekit, version=mergeflow.__version__)
-
-
-def write_card(directory: Path, method: str, params: Mapping[str, Any], inputs: Sequence[InputRef],
-               files: Collection[str], out_dtype: str | None = None) -> str:
-    """Write the merge's model card (README.md) into `directory`; returns its sha256."""
-    (directory / CARD).write_text(card_text(method, params, [asdict(ref) for ref in inputs], files, out_dtype))
-    return sha256_file(directory / CARD)
 
 
 def _write_precomputed(tensors: Mapping[str, torch.Tensor], plan: Sequence[TensorInfo],
@@ -418,8 +383,7 @@ def assemble_parts(parts: Sequence[str], out: str, *, storage_options: Mapping[s
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (staged / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         files["model.safetensors.index.json"] = sha256_file(staged / "model.safetensors.index.json")
-        files[CARD] = write_card(staged, first["method"], first["params"], [InputRef(**i) for i in first["inputs"]],
-                                 files)
+        files[CARD] = write_card(staged, first["method"], first["params"], first["inputs"], files)
         result = MergeResult(out, first["method"], first["params"], [InputRef(**i) for i in first["inputs"]], files,
                              round(sum(m["seconds"] for m in manifests), 3),
                              {"parts": [m.get("state", {}) for m in manifests]})

@@ -6,10 +6,15 @@ gives the same card, byte for byte."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+import mergeflow
+from mergeflow.mergekit_config import to_mergekit
+from mergeflow.storage import sha256_file
 
 CARD = "README.md"
 
@@ -39,3 +44,20 @@ def model_card(method: str, params: Mapping[str, Any], inputs: Sequence[Mapping[
     else:
         lines += [f"mergekit has no equivalent of Mergeflow's `{method}` with these parameters."]
     return "\n".join(lines) + "\n"
+
+
+def card_text(method: str, params: Mapping[str, Any], inputs: Sequence[Mapping[str, str]], files: Collection[str],
+              out_dtype: str | None = None, scores: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """The card of a merge: `inputs` as recorded ({role, name, uri, sha256}), `files` the output's file names (a
+    config.json makes it a transformers model), `scores` {split: {metric: value}}."""
+    mergekit = to_mergekit(method, params, next(r["uri"] for r in inputs if r["role"] == "base"),
+                           [r["uri"] for r in inputs if r["role"] == "expert"], out_dtype)
+    return model_card(method, params, inputs, library_name="transformers" if "config.json" in files else "safetensors",
+                      scores=scores, mergekit_yaml=mergekit, version=mergeflow.__version__)
+
+
+def write_card(directory: Path, method: str, params: Mapping[str, Any], inputs: Sequence[Mapping[str, str]],
+               files: Collection[str], out_dtype: str | None = None) -> str:
+    """Write the merge's card (README.md) into `directory`; returns its sha256."""
+    (directory / CARD).write_text(card_text(method, params, inputs, files, out_dtype))
+    return sha256_file(directory / CARD)

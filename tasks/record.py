@@ -10,8 +10,7 @@ from mergeflow.stages import runs as runs_stage
 from mergeflow.stages.refs import ObjectRef
 from mergeflow.config import MergeSpec, RunConfig, StorageConfig, TrackingConfig
 from mergeflow.evaluate import normalized_accuracy
-from mergeflow.merge import card_text
-from mergeflow.model_card import CARD
+from mergeflow.model_card import CARD, card_text
 from mergeflow.stopping import Stopped
 from mergeflow.storage import sha256_file
 from tasks import IO_RETRIES, TIMEOUTS

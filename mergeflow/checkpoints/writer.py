@@ -14,12 +14,15 @@ import re
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from mergeflow.checkpoints.reader import SAFETENSORS_INDEX, TensorInfo
 from mergeflow.checkpoints.safetensors_format import DTYPE_NAMES, element_size, encode_header
+from mergeflow.errors import ConfigError
+from mergeflow.selection import is_float
 from mergeflow.storage import sha256_file
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -191,3 +194,21 @@ class ShardedSafetensorsWriter:
         self._queue.clear()
         for handle in self._files:
             handle.close()
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """An output dtype by name ("float32", "float16", "bfloat16"); None stays None (the base's dtype)."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"out_dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def output_plan(infos: Sequence[TensorInfo], out_dtype: torch.dtype | None) -> list[TensorInfo]:
+    """The output's tensors: the base's, float ones in `out_dtype` when given."""
+    return [replace(info, dtype=out_dtype) if out_dtype is not None and is_float(info.dtype) else info
+            for info in infos]
