@@ -86,6 +86,8 @@ class MergeMethod(ABC):
     # each coordinate merges on its own (given the state): the engine may hand `merge_tensor` blocks of rows of a
     # large tensor, with the flat index of the block's first coordinate in state[BLOCK_OFFSET]
     elementwise: ClassVar[bool] = False
+    # `prepare` only reads tensor names and counts (layer depths for gradients): no sparsify stage of its own
+    prepare_is_cheap: ClassVar[bool] = False
     # how many experts the method merges: (fewest, most or None); SLERP takes exactly one, Model Stock two or more
     expert_count: ClassVar[tuple[int, int | None]] = (1, None)
 

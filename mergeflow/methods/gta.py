@@ -103,6 +103,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
     consensus: ClassVar[bool] = False
     scaling_param = "scaling"
     checks_inline = True
+    prepare_is_cheap = True
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         """The layer count of each stack (for gradients), after checking `per_expert` against the experts."""

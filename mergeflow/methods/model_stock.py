@@ -38,6 +38,7 @@ class ModelStock(MergeMethod):
     summary = "Interpolate the experts' mean toward the base by the angle between task vectors (data-free)."
     Params = ModelStockParams
     checks_inline = True
+    prepare_is_cheap = True
     expert_count = (2, None)
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:

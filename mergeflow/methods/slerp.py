@@ -49,6 +49,7 @@ class Slerp(MergeMethod):
     summary = "Spherical interpolation between the base and one expert, t per tensor (data-free, two models)."
     Params = SlerpParams
     checks_inline = True
+    prepare_is_cheap = True
     expert_count = (1, 1)
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:

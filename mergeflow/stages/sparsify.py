@@ -19,12 +19,13 @@ from mergeflow.stages.store import Store
 
 
 def has_global_pass(spec: MergeSpec) -> bool:
-    """Whether the method has a global pass to store (TIES, DOGE TA); Task Arithmetic, averaging, DARE and the
-    per-layer subspace methods have none, so the flow skips the stage for them."""
+    """Whether the method has a global pass to store (TIES, DOGE TA); Task Arithmetic, averaging, DARE, the
+    per-layer subspace methods and those whose pass only reads names (mergekit's) have none: no stage for them."""
     from mergeflow.methods import method_class
     from mergeflow.methods.base import MergeMethod
 
-    return spec.method != AUTO and method_class(spec.method).prepare is not MergeMethod.prepare
+    cls = method_class(spec.method) if spec.method != AUTO else None
+    return cls is not None and cls.prepare is not MergeMethod.prepare and not cls.prepare_is_cheap
 
 
 def pass_settings(spec: MergeSpec) -> dict[str, Any]:
