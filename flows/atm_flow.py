@@ -14,7 +14,7 @@ from prefect import flow
 from flows.merge_flow import merge_flow, submit_task_inputs, tracked_run
 from mergeflow.config import RunConfig
 from mergeflow.evaluate import format_results_table
-from mergeflow.stages.refs import ObjectRef, atm_merged_uri
+from mergeflow.stages.refs import ObjectRef
 from tasks.atm import atm_finetune, atm_merge, record_atm_round, record_atm_table
 from tasks.evaluate import evaluate
 from tasks.fetch import fetch_pretrained
@@ -55,9 +55,7 @@ def _rounds(config: RunConfig, parent: str, start_summary: dict[str, Any] | None
         futures = {n: atm_finetune.submit(k, n, base, current, *eval_inputs[n], settings, atm.round_split(),
                                           storage, device, config.tracking, parent) for n in names}
         round_experts = {n: f.result() for n, f in futures.items()}
-        out_uri = atm_merged_uri(storage.root, config.name, k, atm.merge.model_dump(), current or base,
-                                 round_experts)
-        current = atm_merge(k, atm.merge, base, current, round_experts, out_uri, storage, device)
+        current = atm_merge(k, atm.merge, base, current, round_experts, config.name, storage, device)
         accuracy = evaluate(f"atm-round-{k}", current, base, eval_inputs, config.evaluation, storage, device,
                             config.tracking, parent)
         rows[f"atm round {k}"] = accuracy

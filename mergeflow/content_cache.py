@@ -17,8 +17,8 @@ import fsspec
 
 from mergeflow.errors import CheckpointError, IntegrityError
 from mergeflow.progress import progress_bar
-from mergeflow.storage import (DOWNLOAD_BLOCK, DOWNLOAD_PARALLEL, PROGRESS_FROM, _recorded_sha256, filesystem,
-                               is_remote, local_path, sha256_file, storage_error)
+from mergeflow.storage import (DOWNLOAD_BLOCK, DOWNLOAD_PARALLEL, PROGRESS_FROM, _recorded_sha256, default_cache_dir,
+                               filesystem, is_remote, local_path, sha256_file, storage_error)
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,6 @@ class LocalObject:
     path: Path
     sha256: str
     size: int
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MERGEFLOW_CACHE", Path.home() / ".cache" / "mergeflow"))
 
 
 class ContentCache:

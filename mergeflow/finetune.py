@@ -27,12 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import fsspec
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mergeflow.errors import TransientStorageError
 from mergeflow.heads import ClassificationHead
 from mergeflow.progress import progress_bar
 from mergeflow.storage import exists, filesystem, is_remote, join, local_path, storage_error, upload_file
@@ -127,9 +125,8 @@ def checkpoint_uri(checkpoint_dir: str) -> str:
 
 def write_checkpoint(payload: Mapping[str, Any], uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write `payload` with torch.save so that `uri` is replaced all at once: locally through a temporary file in the
-    same folder and os.replace; remotely staged in a local temporary file, then published with `upload_file` (stores
-    with object metadata, e.g. S3) or through a verified temporary key (others, e.g. memory://). A crash mid-write
-    leaves the previous checkpoint in place."""
+    same folder and os.replace; remotely staged in a local temporary file, then published with `upload_file` (a
+    verified temporary key, then the final one). A crash mid-write leaves the previous checkpoint in place."""
     if not is_remote(uri):
         final = local_path(uri).absolute()
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -148,29 +145,9 @@ def write_checkpoint(payload: Mapping[str, Any], uri: str, storage_options: Mapp
     staged = Path(name)
     try:
         torch.save(dict(payload), staged)
-        fs, path = filesystem(uri, storage_options)
-        if hasattr(fs, "metadata"):  # stores that keep object metadata (S3): upload_file also verifies the digest
-            upload_file(staged, uri, storage_options, overwrite=True)
-        else:
-            _publish_by_size(fs, staged, path, uri)
+        upload_file(staged, uri, storage_options, overwrite=True)
     finally:
         staged.unlink(missing_ok=True)
-
-
-def _publish_by_size(fs: fsspec.AbstractFileSystem, staged: Path, path: str, uri: str) -> None:
-    """`upload_file` for stores without object metadata (memory://, ...): a temporary key, its size verified, then
-    copied to the final key."""
-    tmp = f"{path}.partial-{uuid.uuid4().hex}"
-    try:
-        fs.put_file(str(staged), tmp)
-        if fs.info(tmp)["size"] != staged.stat().st_size:
-            raise TransientStorageError(f"{uri}: the uploaded temporary object has the wrong size; not published")
-        fs.copy(tmp, path)
-    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
-        raise storage_error(uri, exc, "uploading the checkpoint") from exc
-    finally:
-        with contextlib.suppress(Exception):  # best effort: a leftover temporary key is never under the final name
-            fs.rm(tmp)
 
 
 def read_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:

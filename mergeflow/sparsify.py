@@ -35,11 +35,6 @@ def topk_threshold(values: torch.Tensor, density: float) -> float:
     return 0.0 if k <= 0 else float(flat.kthvalue(k).values)
 
 
-def topk_mask(values: torch.Tensor, density: float) -> torch.Tensor:
-    """Per-tensor top-k magnitude mask."""
-    return values.abs() >= topk_threshold(values, density)
-
-
 def global_topk_thresholds(pool: ExpertPool, density: float, keys: Sequence[str] | None = None,
                            *, progress: bool = False) -> list[float]:
     """Per-task magnitude thresholds of the top-`density` fraction over all `keys` (default: every float tensor),

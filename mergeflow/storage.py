@@ -15,7 +15,7 @@ import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -23,13 +23,26 @@ from fsspec.core import url_to_fs
 from mergeflow.errors import (MergeflowError, ObjectExistsError, ObjectNotFoundError, StorageAccessError,
                              TransientStorageError)
 
-if TYPE_CHECKING:
-    from mergeflow.content_cache import ContentCache
-
 CHUNK = 8 * 1024 * 1024
 DOWNLOAD_BLOCK = 16 * 1024 * 1024
 DOWNLOAD_PARALLEL = 8
 PROGRESS_FROM = 64 * 1024 * 1024  # downloads at least this large show a progress bar
+
+
+class LocalCache(Protocol):
+    """What this module needs of the local content cache (`mergeflow.content_cache.ContentCache`, built on this
+    module): its folder, and an object made available in it with its digest (`LocalObject`: path, sha256)."""
+
+    root: Path
+
+    def fetch(self, uri: str, storage_options: Mapping[str, Any] | None = None,
+              expected_sha256: str | None = None) -> Any: ...
+
+
+def default_cache_dir() -> Path:
+    """The local folder of the content cache and of remote outputs' staging: $MERGEFLOW_CACHE, or
+    ~/.cache/mergeflow."""
+    return Path(os.environ.get("MERGEFLOW_CACHE", Path.home() / ".cache" / "mergeflow"))
 
 
 def is_remote(uri: str) -> bool:
@@ -150,9 +163,10 @@ def _recorded_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
 
 def upload_file(local: Path, uri: str, storage_options: Mapping[str, Any] | None = None, *,
                 overwrite: bool = False, sha256: str | None = None) -> str:
-    """Upload one file atomically: to a temporary key, verified (size and recorded digest), then copied to its
-    final key. An identical object already there is left alone; a different one is an error unless `overwrite`.
-    Returns the content sha256 (also stored in the object's metadata for later verification)."""
+    """Upload one file atomically: to a temporary key, verified (its size, and its recorded digest on stores that
+    keep object metadata, e.g. S3; the size alone on others, e.g. memory://), then copied to its final key. An
+    identical object already there is left alone; a different one is an error unless `overwrite`. Returns the
+    content sha256 (also stored in the object's metadata, where the store keeps it, for later verification)."""
     sha = sha256 or sha256_file(local)
     size = local.stat().st_size
     fs, path = filesystem(uri, storage_options)
@@ -164,7 +178,7 @@ def upload_file(local: Path, uri: str, storage_options: Mapping[str, Any] | None
             if not overwrite:
                 raise ObjectExistsError(f"{uri} already exists with different content (not overwritten)")
         fs.put_file(str(local), tmp, Metadata={"sha256": sha})
-        if fs.info(tmp)["size"] != size or _recorded_sha256(fs, tmp) != sha:
+        if fs.info(tmp)["size"] != size or (hasattr(fs, "metadata") and _recorded_sha256(fs, tmp) != sha):
             raise TransientStorageError(f"{uri}: the uploaded temporary object does not verify; not published")
         fs.copy(tmp, path)
     except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
@@ -177,15 +191,13 @@ def upload_file(local: Path, uri: str, storage_options: Mapping[str, Any] | None
     return sha
 
 
-def staging_dir(final_uri: str, cache: ContentCache | None = None) -> Path:
+def staging_dir(final_uri: str, cache: LocalCache | None = None) -> Path:
     """A fresh directory to build an output in before `publish_directory` moves it to `final_uri`."""
     if not is_remote(final_uri):
         final = local_path(final_uri).absolute()
         final.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    from mergeflow.content_cache import ContentCache
-
-    root = (cache or ContentCache()).root / "staging"
+    root = (cache.root if cache is not None else default_cache_dir()) / "staging"
     root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix="out-", dir=root))
 
@@ -226,7 +238,7 @@ def directory_digest(files: Mapping[str, str]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def fetch_directory(uri: str, cache: ContentCache, storage_options: Mapping[str, Any] | None = None,
+def fetch_directory(uri: str, cache: LocalCache, storage_options: Mapping[str, Any] | None = None,
                     *, recursive: bool = False) -> tuple[Path, dict[str, str]]:
     """Make a stored directory available locally with its file names; returns (local dir, {name: sha256}).
 

@@ -254,11 +254,6 @@ class SubspaceReader:
     def kind(self) -> str:
         return self.index["kind"]
 
-    @property
-    def files_read(self) -> list[str]:
-        """The factor files opened so far."""
-        return sorted(self._files)
-
     def factors(self, layer: str) -> dict[str, torch.Tensor] | None:
         """The factors of `layer`, or None when the subspace has none for it."""
         from safetensors import safe_open

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mergeflow.checkpoints.lora import LoraExpert
+from mergeflow.checkpoints.adapter import LoraExpert
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.errors import ConfigError, OverflowInMergeError
 from mergeflow.parallel import parallel_map, read_ahead
@@ -200,7 +200,7 @@ def open_pool(base_uri: str, experts: Mapping[str, str], device: str | torch.dev
     adapter directory) and, for data-aware methods, each expert's `statistics` file (in the experts' order,
     checked against the base) as one pool; close every file opened on exit, also when a later one fails."""
     from mergeflow.checkpoints import open_checkpoint
-    from mergeflow.checkpoints.lora import open_expert
+    from mergeflow.checkpoints.adapter import open_expert
     from mergeflow.statistics import open_statistics, validate_statistics
 
     opened = []

@@ -14,6 +14,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from mergeflow.config import TrackingConfig
 from mergeflow.evaluate import normalized_accuracy
 from mergeflow.plots import plot_accuracy_bars
+from tasks import TIMEOUTS
 from tasks.tracking import MlflowTracker
 
 
@@ -22,7 +23,7 @@ def artifact_key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
-@task(name="publish-artifacts")
+@task(name="publish-artifacts", timeout_seconds=TIMEOUTS["record"])
 def publish_artifacts(run_name: str, rows: dict[str, dict[str, float]], tasks: list[str],
                       expert_acc: dict[str, float], table: str, tracking: TrackingConfig, parent_run_id: str,
                       registration: dict[str, Any] | None) -> None:

@@ -7,7 +7,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from mergeflow.stages import finetune as finetune_stage, merge as merge_stage
-from mergeflow.stages.refs import ObjectRef
+from mergeflow.stages.refs import ObjectRef, atm_merged_uri
 from mergeflow.config import FinetuneConfig, MergeSpec, StorageConfig, TrackingConfig
 from mergeflow.evaluate import normalized_accuracy
 from tasks import IO_RETRIES, TIMEOUTS, on_device_or_cpu
@@ -45,14 +45,17 @@ def atm_finetune(round_index: int, task_name: str, base: ObjectRef, start: Objec
 @task(name="atm-merge", task_run_name="atm-merge-{round_index}", timeout_seconds=TIMEOUTS["merge"], **IO_RETRIES)
 @uses_storage
 def atm_merge(round_index: int, spec: MergeSpec, base: ObjectRef, current: ObjectRef | None,
-              round_experts: dict[str, ObjectRef], out_uri: str, storage: StorageConfig,
+              round_experts: dict[str, ObjectRef], run: str, storage: StorageConfig,
               device: str) -> ObjectRef:
+    """theta^(k) of run `run`, stored under a location keyed by the rule, theta^(k-1) and the round's experts."""
     store = store_for(storage)
+    out_uri = atm_merged_uri(store.root, run, round_index, spec.model_dump(), current or base, round_experts)
     return on_device_or_cpu(lambda on: merge_stage.atm_merge(spec, base, current, round_experts, out_uri, store, on),
                             device, f"ATM merge of round {round_index}")
 
 
-@task(name="record-atm-round", task_run_name="record-atm-round-{round_index}", **IO_RETRIES)
+@task(name="record-atm-round", task_run_name="record-atm-round-{round_index}", timeout_seconds=TIMEOUTS["record"],
+      **IO_RETRIES)
 def record_atm_round(round_index: int, model: ObjectRef, accuracy: dict[str, float],
                      expert_accuracy: dict[str, float], tracking: TrackingConfig, parent_run_id: str) -> None:
     """The round's test accuracy (per task, average, normalised average) and its model on the parent run."""
@@ -66,7 +69,7 @@ def record_atm_round(round_index: int, model: ObjectRef, accuracy: dict[str, flo
                                        f"atm.round.{round_index}.sha256": model.sha256})
 
 
-@task(name="record-atm-table", **IO_RETRIES)
+@task(name="record-atm-table", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 def record_atm_table(rows: dict[str, dict[str, float]], names: list[str], table: str, run_name: str,
                      tracking: TrackingConfig, parent_run_id: str) -> None:
     """The rounds' table as a Prefect table artifact and an MLflow text file; ends the parent run."""

@@ -114,19 +114,32 @@ def isolated_and_single_threaded(single_threaded, tmp_path_factory: pytest.TempP
 
 @pytest.fixture
 def split_reads(monkeypatch) -> list[tuple[str, str]]:
-    """Every (task run name, split) a text task's data is read for during the test ("flow" outside a task)."""
+    """Every (task run name, split) a task's data is read for during the test ("flow" outside a task), by every
+    family's split reader: text, CLIP (parquet files and image folders) and seq2seq."""
+    import mergeflow.families.clip.data as clip_data
+    import mergeflow.families.seq2seq.data as seq2seq_data
     import mergeflow.families.text.data as text_tasks
     from prefect.context import TaskRunContext
 
     reads: list[tuple[str, str]] = []
-    original = text_tasks.read_split
 
-    def recording(directory, split):
-        context = TaskRunContext.get()
-        reads.append((context.task_run.name if context else "flow", split))
-        return original(directory, split)
+    def spy(module, name: str, split_of) -> None:
+        original = getattr(module, name)
 
-    monkeypatch.setattr(text_tasks, "read_split", recording)
+        def recording(*args, **kwargs):
+            context = TaskRunContext.get()
+            reads.append((context.task_run.name if context else "flow", split_of(*args)))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recording)
+
+    def parquet_split(source: str, *_) -> str:  # <dataset>/<split>.parquet
+        return source.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+
+    spy(text_tasks, "read_split", lambda directory, split: split)
+    spy(clip_data, "_read_split", parquet_split)
+    spy(clip_data, "_read_folder_split", lambda fs, root, uri, split, *_: split)
+    spy(seq2seq_data, "_read_split", parquet_split)
     return reads
 
 

@@ -12,6 +12,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _pip_installs(text: str) -> list[list[str]]:
+    """The arguments of every `pip install` the Dockerfile's RUN instructions run (comments are not read)."""
+    joined = re.sub(r"\\\n", " ", text)
+    commands = [part for run in re.findall(r"^RUN\s+(.+)$", joined, flags=re.MULTILINE) for part in run.split("&&")]
+    return [command.split()[command.split().index("install") + 1:] for command in commands
+            if re.search(r"\bpip\s+install\b", command)]
+
+
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
 def test_dockerfiles_copy_existing_paths_and_install_the_lock(dockerfile):
     text = (ROOT / "docker" / dockerfile).read_text()
@@ -20,7 +28,18 @@ def test_dockerfiles_copy_existing_paths_and_install_the_lock(dockerfile):
     for sources in copied:
         for source in sources.split():
             assert (ROOT / source).exists(), f"{dockerfile} copies {source}, which does not exist"
-    assert "requirements.lock" in text and "torch==2.13.0" in text or "-r requirements.lock" in text
+    assert any("requirements.lock" in sources.split() for sources in copied)
+    # torch is installed at the lock's pinned version: named with exactly that pin, or from the lock itself
+    locked = dict(re.findall(r"^(torch|torchvision)==(\S+)$", (ROOT / "requirements.lock").read_text(),
+                             flags=re.MULTILINE))
+    assert set(locked) == {"torch", "torchvision"}, "requirements.lock pins no torch / torchvision"
+    installs = _pip_installs(text)
+    named = [arg for install in installs for arg in install if re.match(r"torch(vision)?\b", arg)]
+    if named:
+        assert sorted(named) == [f"{name}=={version}" for name, version in sorted(locked.items())], named
+    else:
+        assert any(pair == ("-r", "requirements.lock") for install in installs for pair in zip(install, install[1:])), \
+            f"{dockerfile} installs torch neither pinned nor from the lock"
     assert 'ENTRYPOINT ["mergeflow"]' in text
 
 

@@ -51,12 +51,12 @@ def test_dataset_layout_errors_say_what_was_expected(tmp_path: Path) -> None:
 
 
 def test_a_seq2seq_head_is_a_prompt_file(tmp_path: Path) -> None:
-    from mergeflow.families.seq2seq.scoring import glue_task
+    from mergeflow.families.seq2seq.scoring import GLUE_TASKS
     from mergeflow.families.seq2seq.family import save_prompt
 
     family = get_family("seq2seq")
-    save_prompt(glue_task("cola"), tmp_path / "cola.json")
-    assert family.load_head(tmp_path / "cola.json", "h") == glue_task("cola")
+    save_prompt(GLUE_TASKS["cola"], tmp_path / "cola.json")
+    assert family.load_head(tmp_path / "cola.json", "h") == GLUE_TASKS["cola"]
     (tmp_path / "bad.json").write_text(json.dumps({"name": "cola"}))
     with pytest.raises(ConfigError, match=r"^tasks\[cola\].head: not a seq2seq task prompt"):
         family.load_head(tmp_path / "bad.json", "tasks[cola].head")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from factories import fit_experts
 from mergeflow.checkpoints import open_checkpoint
-from mergeflow.checkpoints.lora import is_adapter, open_adapter
+from mergeflow.checkpoints.adapter import is_adapter, open_adapter
 from mergeflow.errors import CheckpointError
 from mergeflow.merge import merge_checkpoints
 from mergeflow.methods import METHODS, method_class

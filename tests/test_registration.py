@@ -1,5 +1,6 @@
 """Registration decides on validation scores only: a merge that is best on test but not on validation is not the
-candidate, and the champion gate compares validation scores."""
+candidate, and the champion gate compares validation scores: in a real MLflow registry, a candidate replaces the
+champion only when it beats it by more than `promotion_margin`."""
 
 from __future__ import annotations
 
@@ -58,3 +59,50 @@ def test_merges_without_validation_scores_are_not_registered(monkeypatch) -> Non
     unscored = {**_logged("test_only", 0.0, 0.99), "selection": {}}
     assert record.register_best.fn(tracking, "parent", [unscored]) is None
     assert not RecordingTracker.calls
+
+
+def _gate(tmp_path, margin: float):
+    """A real MLflow registry (sqlite in `tmp_path`) and a `register(label, validation)` that logs a merged model
+    in a child run and hands it to `register_best` alone, as a run with one merge does."""
+    import tasks.record as record
+    from tasks.tracking import MlflowTracker
+
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="gate",
+                              registered_model="merged", promotion_margin=margin)
+    tracker = MlflowTracker(tracking)
+    parent = tracker.start_run("gate")
+
+    def register(label: str, validation: float) -> dict[str, Any]:
+        run_id = tracker.start_run(f"merge-{label}", parent_run_id=parent)
+        folder = tmp_path / label
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(label.encode())
+        model_id = tracker.log_model(run_id, label, folder, {"method": label}, {}, {})
+        logged = {**_logged(label, validation, test=0.5), "run_id": run_id, "model_id": model_id}
+        return record.register_best.fn(tracking, parent, [logged])
+
+    return register, tracker.client
+
+
+def test_champion_gate_replaces_the_champion_with_a_candidate_better_by_more_than_the_margin(tmp_path) -> None:
+    register, client = _gate(tmp_path, margin=0.02)
+    first = register("first", 0.80)
+    assert first["promoted"] and first["champion_version"] is None  # no champion yet: the first one is
+    better = register("better", 0.85)  # 0.05 above the champion, margin 0.02
+    assert better["promoted"] and better["champion_version"] == first["version"]
+    assert better["champion_score"] == 0.80 and better["candidate_score"] == 0.85
+    assert str(client.get_model_version_by_alias("merged", "champion").version) == better["version"]
+    assert str(client.get_model_version_by_alias("merged", "candidate").version) == better["version"]
+
+
+def test_champion_gate_keeps_the_champion_against_a_candidate_better_by_less_than_the_margin(tmp_path) -> None:
+    register, client = _gate(tmp_path, margin=0.02)
+    first = register("first", 0.80)
+    close = register("close", 0.81)  # better, but by 0.01 < margin 0.02
+    assert not close["promoted"] and close["champion_version"] == first["version"]
+    worse = register("worse", 0.70)
+    assert not worse["promoted"]
+    assert str(client.get_model_version_by_alias("merged", "champion").version) == first["version"]
+    assert str(client.get_model_version_by_alias("merged", "candidate").version) == worse["version"]
+    tags = client.get_model_version("merged", close["version"]).tags
+    assert tags["gate.promoted"] == "False" and tags["gate.margin"] == "0.02"

@@ -46,7 +46,7 @@ def test_reproduction_config_follows_the_literature(file_name: str) -> None:
 
 def test_vision_tasks_have_their_clip_templates_and_glue_tasks_their_prompts() -> None:
     from mergeflow.families.clip.templates import templates_for
-    from mergeflow.families.seq2seq.scoring import glue_task
+    from mergeflow.families.seq2seq.scoring import GLUE_TASKS
 
     assert all(len(templates_for(task)) >= 1 for task in VISION)
-    assert [glue_task(task).metric for task in GLUE] == ["matthews"] + ["accuracy"] * 6 + ["spearman"]
+    assert [GLUE_TASKS[task].metric for task in GLUE] == ["matthews"] + ["accuracy"] * 6 + ["spearman"]

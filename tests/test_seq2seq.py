@@ -16,9 +16,7 @@ from mergeflow.families.seq2seq.scoring import (
     accuracy,
     average_ranks,
     classify,
-    evaluate_glue_task,
     glue_metrics,
-    glue_task,
     matthews_corrcoef,
     pearson,
     predictions_from_scores,
@@ -128,11 +126,13 @@ def test_classify_picks_the_word_the_model_was_taught(trained) -> None:
 
 
 def test_glue_evaluation_end_to_end(trained) -> None:
+    from mergeflow.families.seq2seq.model import evaluate_seq2seq
+
     task = GlueTask("sst2", "{sentence}", ("negative", "positive"), "accuracy")
-    examples = [{"sentence": t, "idx": i} for i, t in enumerate(TEXTS)]
-    assert evaluate_glue_task(trained, WordTokenizer(), task, examples, SENTIMENT) == {"accuracy": 1.0, "score": 1.0}
+    texts = [task.format({"sentence": t, "idx": i}) for i, t in enumerate(TEXTS)]
+    assert evaluate_seq2seq(trained, WordTokenizer(), {"sst2": (task, texts, SENTIMENT)}) == {"sst2": 1.0}
     flipped = [1 - y for y in SENTIMENT]
-    assert evaluate_glue_task(trained, WordTokenizer(), task, examples, flipped)["score"] == 0.0
+    assert evaluate_seq2seq(trained, WordTokenizer(), {"sst2": (task, texts, flipped)}) == {"sst2": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -180,19 +180,17 @@ def test_metrics_agree_with_scipy_and_sklearn_when_installed() -> None:
 
 def test_glue_tasks_templates_and_metrics() -> None:
     assert sorted(GLUE_TASKS) == ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"]
-    mnli = glue_task("mnli")
+    mnli = GLUE_TASKS["mnli"]
     assert mnli.fields == ("hypothesis", "premise")
     assert mnli.format({"premise": "It rains.", "hypothesis": "It is wet.", "label": 0}) == \
         "mnli hypothesis: It is wet. premise: It rains."
     with pytest.raises(InputError, match="no field 'sentence2'"):
-        glue_task("rte").format({"sentence1": "a"})
-    with pytest.raises(ConfigError, match="unknown GLUE task 'wnli'"):
-        glue_task("wnli")
+        GLUE_TASKS["rte"].format({"sentence1": "a"})
 
-    cola = glue_metrics(glue_task("cola"), [1, 1, 0, 0, 1, 0], [1, 0, 0, 0, 1, 1])
+    cola = glue_metrics(GLUE_TASKS["cola"], [1, 1, 0, 0, 1, 0], [1, 0, 0, 0, 1, 1])
     assert cola == {"accuracy": pytest.approx(4 / 6), "matthews": pytest.approx(1 / 3), "score": pytest.approx(1 / 3)}
-    assert glue_metrics(glue_task("qqp"), [0, 1], [0, 0]) == {"accuracy": 0.5, "score": 0.5}
-    stsb = glue_metrics(glue_task("stsb"), [1, 2, 2, 3], [1.0, 3.5, 2.0, 4.2])
+    assert glue_metrics(GLUE_TASKS["qqp"], [0, 1], [0, 0]) == {"accuracy": 0.5, "score": 0.5}
+    stsb = glue_metrics(GLUE_TASKS["stsb"], [1, 2, 2, 3], [1.0, 3.5, 2.0, 4.2])
     assert stsb["score"] == stsb["spearman"] == pytest.approx(4.5 / math.sqrt(22.5)) and "pearson" in stsb
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mergeflow.checkpoints import StateDictSource
-from mergeflow.sparsify import global_topk_thresholds, topk_mask, topk_threshold
+from mergeflow.sparsify import global_topk_thresholds, topk_threshold
 from mergeflow.task_vectors import ExpertPool
 
 
@@ -38,6 +38,6 @@ def test_threshold_with_heavy_ties_and_tiny_values():
     assert got == [topk_threshold(tv, 0.5)] == [2.5]
 
 
-def test_topk_mask_keeps_floor_kd_plus_one():
+def test_topk_threshold_keeps_floor_kd_plus_one():
     values = torch.arange(1.0, 101.0)
-    assert int(topk_mask(values, 0.3).sum()) == 31
+    assert int((values.abs() >= topk_threshold(values, 0.3)).sum()) == 31

@@ -24,6 +24,16 @@ from mergeflow.statistics import Statistics
 from mergeflow.task_vectors import Objective
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """The device a module's parameters are on (its first parameter's)."""
+    return next(module.parameters()).device
+
+
+def listed_keys(keys: Sequence[str]) -> str:
+    """The first 8 of `keys` and their count, for an error message."""
+    return f"{list(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
+
+
 def require_files(directory: Path, label: str, names: Sequence[str], layout: str) -> None:
     """ConfigError naming `label` and every missing file of `names` in the model directory."""
     missing = [name for name in names if not (directory / name).is_file()]
@@ -50,7 +60,7 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        return device_of(self.module)
 
 
 class Family(ABC):

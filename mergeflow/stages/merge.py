@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mergeflow.config import AUTO, EvalConfig, MergeSpec
-from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, family_of, part_uri, parts_prefix
+from mergeflow.config import AUTO, MergeSpec
+from mergeflow.stages.refs import ObjectRef, base_weights, part_uri, parts_prefix
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
 from mergeflow.stages.subspace import stored_subspaces
-from mergeflow.stages.sweep import Unlabeled, cached_point
+from mergeflow.stages.sweep import Unlabeled, cached_point, unlabeled_objective
 from mergeflow.storage import join
 
 
@@ -21,14 +21,6 @@ def needs_objective(spec: MergeSpec) -> bool:
     from mergeflow.methods import method_class
 
     return spec.method != AUTO and method_class(spec.method).needs_objective
-
-
-def unlabeled_objective(base: ObjectRef, tasks: TaskInputs, split: str, evaluation: EvalConfig,
-                        store: Store, device: str = "auto"):
-    """The entropy objective over each task's unlabeled `split` inputs with its frozen head (labels never read)."""
-    splits = {name: (store.load_head(head, base), store.read_task(name, dataset, base, [split]).splits[split])
-              for name, (dataset, head) in tasks.items()}
-    return family_of(base).objective(store.load_model(base, None, device), splits, evaluation)
 
 
 def _merge_record(store: Store, out_uri: str) -> dict[str, Any]:

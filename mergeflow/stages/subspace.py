@@ -31,13 +31,6 @@ def subspace_kinds(specs: Iterable[MergeSpec]) -> list[str]:
     return kinds
 
 
-def spec_subspaces(spec: MergeSpec, built: Mapping[str, ObjectRef]) -> dict[str, ObjectRef]:
-    """The built subspaces (kind -> reference) that one merge spec's method reads."""
-    from mergeflow.methods import build_method
-
-    return {kind: built[kind] for kind in build_method(spec.method, spec.params).subspace_kinds() if kind in built}
-
-
 def build_subspace(kind: str, base: ObjectRef, experts: Mapping[str, ObjectRef], store: Store,
                    device: str = "auto", group_bytes: int = 256_000_000
                    ) -> tuple[ObjectRef, bool, dict[str, float]]:

@@ -15,7 +15,8 @@ from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.config import EvalConfig, TuningConfig
 from mergeflow.stages.evaluate import evaluate_model
 from mergeflow.methods import build_method
-from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, fingerprint, sweep_uri, task_digests
+from mergeflow.stages.refs import (ObjectRef, TaskInputs, base_weights, family_of, fingerprint, sweep_uri,
+                                   task_digests)
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
 
@@ -60,7 +61,6 @@ def _merged_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exp
     """The merged weights of a point whose every coefficient needs its own merge (DOGE's eta, the data-aware
     methods', the learned ones' on the `unlabeled` objective), kept in the local cache, so a search's deeper rung
     scores them without merging again."""
-    from mergeflow.stages.merge import unlabeled_objective
     from mergeflow.sweep import merged_point
 
     def compute() -> Mapping[str, Any]:
@@ -71,6 +71,14 @@ def _merged_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exp
                                 read_sparsified(state, store) if state is not None else None)
 
     return _cached(_point_path(method, params, base, experts, store, statistics, unlabeled), compute)
+
+
+def unlabeled_objective(base: ObjectRef, tasks: TaskInputs, split: str, evaluation: EvalConfig,
+                        store: Store, device: str = "auto"):
+    """The entropy objective over each task's unlabeled `split` inputs with its frozen head (labels never read)."""
+    splits = {name: (store.load_head(head, base), store.read_task(name, dataset, base, [split]).splits[split])
+              for name, (dataset, head) in tasks.items()}
+    return family_of(base).objective(store.load_model(base, None, device), splits, evaluation)
 
 
 def unlabeled_key(unlabeled: Unlabeled) -> list[Any]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 
 from mergeflow.errors import InputError
 from mergeflow.evaluate import accuracy
+from mergeflow.families.base import device_of
 from mergeflow.families.clip.data import ImageSplit
 from mergeflow.families.clip.vision import ImageEncoder, ImageInput
 from mergeflow.heads import ClassificationHead
@@ -24,10 +25,6 @@ from mergeflow.progress import progress_bar
 from mergeflow.selection import ParameterSelection
 from mergeflow.statistics import KINDS, FisherLabels, Statistics, collect_statistics
 from mergeflow.task_vectors import Objective
-
-
-def _device_of(encoder: nn.Module) -> torch.device:
-    return next(encoder.parameters()).device
 
 
 @torch.no_grad()
@@ -96,7 +93,7 @@ def entropy_objective(encoder: ImageEncoder, tasks: Mapping[str, tuple[Classific
     if not tasks:
         raise InputError("entropy_objective needs at least one task")
     encoder.eval().requires_grad_(False)
-    device = _device_of(encoder)
+    device = device_of(encoder)
     generator = torch.Generator().manual_seed(seed)
     streams = []
     for name, (head, split) in tasks.items():

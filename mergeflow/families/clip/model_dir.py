@@ -43,6 +43,7 @@ from mergeflow.families.clip.vision import (
 from mergeflow.families.clip.zeroshot import hf_zeroshot_head, open_clip_zeroshot_head
 from mergeflow.checkpoints import open_checkpoint
 from mergeflow.errors import CheckpointError, ConfigError, InputError
+from mergeflow.families.base import listed_keys
 from mergeflow.heads import ClassificationHead
 
 ClipKind = Literal["open_clip", "hf_clip"]
@@ -86,17 +87,13 @@ def _read_state(path: Path) -> dict[str, Tensor]:
         return {key: checkpoint.get(key) for key in checkpoint.keys()}
 
 
-def _listed(keys: Sequence[str]) -> str:
-    return f"{list(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
-
-
 def _check_fits(state: Mapping[str, Tensor], own: Mapping[str, Tensor], label: str, what: str) -> None:
     """CheckpointError naming `label` and the first key at fault unless `state` has exactly `own`'s keys and
     shapes."""
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise CheckpointError(label, f"does not fit the {what}: missing keys {_listed(missing)}, unexpected keys "
-                                     f"{_listed(unexpected)}", tensor=(missing or unexpected)[0])
+        raise CheckpointError(label, f"does not fit the {what}: missing keys {listed_keys(missing)}, unexpected keys "
+                                     f"{listed_keys(unexpected)}", tensor=(missing or unexpected)[0])
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(own[key].shape):
             raise CheckpointError(label, f"shape {tuple(tensor.shape)}, but the {what} has "

@@ -19,13 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergeflow.errors import ConfigError
+from mergeflow.families.base import device_of
 from mergeflow.heads import ClassificationHead
 
 TextEmbedder = Callable[[Sequence[str]], Tensor]  # texts -> [N, D] embeddings (not necessarily normalised)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def open_clip_text_embedder(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor], *,
@@ -36,7 +33,7 @@ def open_clip_text_embedder(model: nn.Module, tokenizer: Callable[[Sequence[str]
     @torch.no_grad()
     def embed(texts: Sequence[str]) -> Tensor:
         model.eval()
-        device = _device_of(model)
+        device = device_of(model)
         chunks = [model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device)).float().cpu()
                   for i in range(0, len(texts), batch_size)]
         return torch.cat(chunks)
@@ -53,7 +50,7 @@ def hf_clip_text_embedder(model: nn.Module, tokenizer: Callable[..., Any], *, ba
     @torch.no_grad()
     def embed(texts: Sequence[str]) -> Tensor:
         model.eval()
-        device = _device_of(model)
+        device = device_of(model)
         chunks = []
         for i in range(0, len(texts), batch_size):
             inputs = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=limit,

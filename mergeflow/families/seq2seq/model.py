@@ -36,6 +36,7 @@ from mergeflow.families.seq2seq.scoring import (
 )
 from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.errors import CheckpointError, InputError
+from mergeflow.families.base import device_of, listed_keys
 from mergeflow.finetune import FinetuneResult, FinetuneSettings, TrainingData, train_classifier
 from mergeflow.selection import ParamKind, ParameterSelection
 from mergeflow.statistics import KINDS, FisherLabels, Statistics, collect_statistics, split_statistic_key
@@ -72,10 +73,6 @@ def seq2seq_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {name: state[name].detach().to("cpu", copy=True).contiguous() for name in sorted(kept)}
 
 
-def _listed(keys: Sequence[str]) -> str:
-    return f"{list(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
-
-
 def _untie(model: nn.Module, name: str, partner: str, label: str) -> None:
     """Give `name` its own parameter (same shape and dtype), no longer shared with `partner`."""
     module_name, _, leaf = name.rpartition(".")
@@ -104,8 +101,8 @@ def _fit_weights(model: nn.Module, weights: Mapping[str, Tensor], label: str) ->
     missing = sorted(name for name in own if name not in weights
                      and not any(alias in weights for alias in groups[canonical[name]]))
     if missing or unexpected:
-        raise CheckpointError(label, f"state dict does not fit the model: missing keys {_listed(missing)}, "
-                                     f"unexpected keys {_listed(unexpected)}", tensor=(missing or unexpected)[0])
+        raise CheckpointError(label, f"state dict does not fit the model: missing keys {listed_keys(missing)}, "
+                                     f"unexpected keys {listed_keys(unexpected)}", tensor=(missing or unexpected)[0])
     for name, tensor in weights.items():
         if tuple(tensor.shape) != tuple(own[name].shape):
             raise CheckpointError(label, f"shape {tuple(tensor.shape)}, but the model has {tuple(own[name].shape)}",
@@ -215,10 +212,6 @@ class _LabelWordLogits:
         return features
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device,
               min_length: int = 0) -> tuple[Tensor, Tensor]:
     """Padded input ids and attention mask, at least `min_length` tokens wide (extra padding, masked out)."""
@@ -317,7 +310,7 @@ def seq2seq_statistics(model: nn.Module, tokenizer: Any, task: GlueTask, texts: 
     kept = set(_canonical_names(model.state_dict()).values())
     stray = sorted(key for key in stats.tensors if split_statistic_key(key)[0] not in kept)
     if stray:
-        raise CheckpointError("<statistics>", f"statistics of tensors outside the checkpoint: {_listed(stray)}",
+        raise CheckpointError("<statistics>", f"statistics of tensors outside the checkpoint: {listed_keys(stray)}",
                               tensor=stray[0])
     return stats
 
@@ -362,7 +355,7 @@ def seq2seq_entropy_objective(model: nn.Module, tokenizer: Any,
         raise InputError("seq2seq_entropy_objective needs at least one task")
     model.eval().requires_grad_(False)
     scorer = _Scorer(model)
-    device = _device_of(model)
+    device = device_of(model)
     generator = torch.Generator().manual_seed(seed)
     streams = []
     for name, (task, texts) in tasks.items():

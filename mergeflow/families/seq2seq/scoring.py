@@ -30,16 +30,13 @@ from torch import Tensor, nn
 from mergeflow.progress import progress_bar
 
 from mergeflow.errors import ConfigError, InputError
+from mergeflow.families.base import device_of
 
 Metric = Literal["accuracy", "matthews", "spearman"]
 Regression = Literal["argmax", "expected"]
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def candidate_log_likelihoods(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
@@ -49,7 +46,7 @@ def candidate_log_likelihoods(model: nn.Module, input_ids: Tensor, attention_mas
     The encoder runs once per batch, the decoder once per candidate; the model's mode (train/eval) is left alone."""
     if not candidates or any(len(c) == 0 for c in candidates):
         raise InputError("every candidate needs at least one token")
-    device = _device_of(model)
+    device = device_of(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
     columns = []
@@ -232,12 +229,6 @@ GLUE_TASKS: dict[str, GlueTask] = {
 }
 
 
-def glue_task(name: str) -> GlueTask:
-    if name not in GLUE_TASKS:
-        raise ConfigError(f"unknown GLUE task {name!r}; known: {', '.join(sorted(GLUE_TASKS))}")
-    return GLUE_TASKS[name]
-
-
 def predictions_from_scores(task: GlueTask, scores: Tensor, *, regression: Regression = "argmax") -> Tensor:
     """Class ids [N] (int64) of a classification task, or predicted numbers [N] (float64) of a regression."""
     if scores.shape[-1] != len(task.label_words):
@@ -264,13 +255,3 @@ def glue_metrics(task: GlueTask, predictions: Tensor | Sequence[float],
         if task.metric == "matthews":
             result["matthews"] = matthews_corrcoef(predictions, labels)
     return {**result, "score": result[task.metric]}
-
-
-def evaluate_glue_task(model: nn.Module, tokenizer: Any, task: GlueTask, examples: Sequence[Mapping[str, Any]],
-                       labels: Sequence[float], *, regression: Regression = "argmax",
-                       **kwargs: Any) -> dict[str, float]:
-    """Score `examples` (rows with the template's fields) against `labels` (class ids, or STS-B scores); keywords
-    pass through to `score_label_words`."""
-    texts = [task.format(example) for example in examples]
-    scores = score_label_words(model, tokenizer, texts, task.label_words, **kwargs)
-    return glue_metrics(task, predictions_from_scores(task, scores, regression=regression), labels)

@@ -20,6 +20,7 @@ from torch.func import functional_call
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mergeflow.compat import skip_weight_init
+from mergeflow.families.base import device_of
 from mergeflow.families.text.data import TextSplit
 from mergeflow.heads import ClassificationHead
 from mergeflow.selection import ParameterSelection
@@ -143,7 +144,7 @@ def entropy_objective(
     if not tasks:
         raise ValueError("entropy_objective needs at least one task")
     encoder.eval().requires_grad_(False)
-    device = next(encoder.parameters()).device
+    device = device_of(encoder)
     generator = torch.Generator().manual_seed(seed)
     streams = []
     for name, (head, split) in tasks.items():
