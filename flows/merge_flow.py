@@ -8,7 +8,6 @@ Its one parameter is the pydantic `RunConfig` (a validated form in the Prefect U
 never tensors, pass between tasks.
 """
 
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,10 @@ from mergeflow import stopping
 from mergeflow.config import AUTO, MergeSpec, RunConfig, load_run_config
 from mergeflow.errors import ConfigError
 from mergeflow.evaluate import format_results_table
+from mergeflow.plan import compile_plan, sparsifies
 from mergeflow.stages import merge as merge_stage, statistics as statistics_stage, subspace as subspace_stage
-from mergeflow.stages.refs import ModelRef, ObjectRef, merged_uri, run_inputs_digest
-from flows.selection import pass_key, planned_points, score_on_validation, sparsifies, tune
+from mergeflow.stages.refs import ModelRef, ObjectRef, run_inputs_digest
+from flows.selection import score_on_validation, tune
 from tasks.artifacts import publish_artifacts
 from tasks.evaluate import evaluate
 from tasks.fetch import fetch_expert, fetch_latest_expert, fetch_pretrained, prepare_dataset
@@ -69,37 +69,8 @@ def _end_stopped_or_raise(config: RunConfig, parent: str, error: BaseException) 
     raise error
 
 
-def planned_stages(config: RunConfig) -> dict[str, int]:
-    """How many stages of each kind (task function name) a run of `config` does: the progress lines' estimate."""
-    from mergeflow.search import rung_sizes
-
-    tasks, merges = len(config.tasks), len(config.merges)
-    learned = sum(merge_stage.needs_objective(spec) for spec in config.merges)
-    data_aware = sum(bool(statistics_stage.statistic_kinds([spec])) for spec in config.merges)
-    whole = merges if config.merge_parts == 1 else learned
-    sweeps = [spec for spec in config.merges if spec.sweep is not None]
-    searches = [spec for spec in config.merges if spec.method == AUTO]
-    registers = bool(config.tracking.registered_model)
-    experts = Counter("fetch_expert" if t.expert else "fetch_latest_expert" if t.latest else "finetune_expert"
-                      for t in config.tasks)
-    return {"fetch_pretrained": 1, "prepare_dataset": tasks, "fit_head": tasks, **experts,
-            "compute_statistics": tasks if data_aware else 0,
-            "sweep_point": sum(len(spec.grid_points()) for spec in sweeps) + sum(
-                planned_points(spec, config.tuning.max_examples) for spec in searches),
-            "open_search": len(searches), "record_search": len(searches),
-            "build_subspace": len(subspace_stage.subspace_kinds(config.merges)),
-            "sparsify": sum(sparsifies(spec) for spec in config.merges) + sum(
-                len({pass_key(MergeSpec(method=spec.method, params=p)) for p in spec.grid_points()} - {None})
-                for spec in sweeps), "merge": whole, "merge_part": (merges - whole) *
-            config.merge_parts, "assemble_merge": merges - whole,
-            "evaluate": 1 + tasks + merges + (tasks if sweeps or searches or registers else 0) + (
-                merges if registers else 0) + tasks * sum(len(rung_sizes(spec.search_settings().min_examples,
-                config.tuning.max_examples, spec.search_settings().eta)) - 1 for spec in searches),
-            "record_merge": merges, "mark_success": 1}
-
-
 def _run(config: RunConfig, parent: str) -> dict[str, Any]:
-    CLOCK.plan(planned_stages(config))
+    CLOCK.plan(compile_plan(config).counts())  # the stages of the plan `mergeflow plan` prints
     storage, device = config.storage, config.device
     names = [t.name for t in config.tasks]
     base = fetch_pretrained(config.model, storage)
@@ -171,7 +142,8 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     record_results(config.tracking, parent, rows, expert_acc, table, summary)
     publish_artifacts(config.name, rows, names, expert_acc, table, config.tracking, parent, registration)
     mark_success(config.name, {"inputs_digest": digest, "flow_run_id": str(runtime.flow_run.id),
-                               "mlflow_run_id": parent, "merged": summary["merged"]}, storage)
+                               "mlflow_run_id": parent, "merged": summary["merged"],
+                               "stage_seconds": CLOCK.means()}, storage)
     return summary
 
 
@@ -213,8 +185,8 @@ def _submit_merge(config: RunConfig, parent: str, label: str, spec: MergeSpec, b
     searched = getattr(dict(zip(config.merge_labels(), config.merges)).get(label), "method", None) == AUTO
     split = "validation" if searched else config.statistics.unlabeled_split
     unlabeled = (eval_inputs, split, config.evaluation) if learns else None
-    out_uri = merged_uri(storage.root, config.name, label, spec.model_dump(), base, experts,
-                         statistics if data_aware else None, (eval_inputs, split) if learns else None)
+    out_uri = merge_stage.merge_location(config.name, label, spec, base, experts, storage.root,
+                                         statistics if data_aware else None, (eval_inputs, split) if learns else None)
     stats = statistics if data_aware else None
     reads = {kind: subspaces[kind] for kind in subspace_stage.subspace_kinds([spec])} or None
     # methods that read statistics or data in prepare() prepare on the pool they merge: no separate stage

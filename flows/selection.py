@@ -2,32 +2,17 @@
 halving (one sweep-point task per point and rung), the sparsify stage each point reads, and the validation scores
 the choices normalise by. Test data is never read here."""
 
-import json
-import math
 from typing import Any
 
 from mergeflow.config import AUTO, MergeSpec, RunConfig
-from mergeflow.stages import (merge as merge_stage, sparsify as sparsify_stage, statistics as statistics_stage,
+from mergeflow.stages import (merge as merge_stage, statistics as statistics_stage,
                               subspace as subspace_stage)
+from mergeflow.plan import pass_key
 from mergeflow.stages.refs import ObjectRef
 from tasks.evaluate import evaluate
 from tasks.merge import sparsify
 from tasks.search import open_search, record_search
 from tasks.sweep import select_point, sweep_point
-
-
-def sparsifies(spec: MergeSpec) -> bool:
-    """Whether a merge runs the sparsify stage: a data-free method with a global pass (data-aware and learned
-    methods prepare on the pool they merge)."""
-    return (sparsify_stage.has_global_pass(spec) and not statistics_stage.statistic_kinds([spec])
-            and not merge_stage.needs_objective(spec))
-
-
-def pass_key(spec: MergeSpec) -> str | None:
-    """What identifies a merge's sparsify stage (None: it has none): grid points with equal keys share one."""
-    if not sparsifies(spec):
-        return None
-    return json.dumps([spec.method, sparsify_stage.pass_settings(spec)], sort_keys=True)
 
 
 def score_on_validation(config: RunConfig, parent: str, base, models: dict[str, ObjectRef], eval_inputs,
@@ -80,18 +65,6 @@ def tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, exper
         params = select_point(label, spec, points, accuracies, expert_acc, tuning, config.tracking, parent)
         chosen[label] = MergeSpec(method=spec.method, params=params)
     return chosen
-
-
-def planned_points(spec: MergeSpec, max_examples: int) -> int:
-    """Grid points an `auto` search scores when it runs every rung (the progress lines' estimate)."""
-    from mergeflow.search import rung_sizes
-
-    search = spec.search_settings()
-    alive, total = len(search.candidates()), 0
-    for _ in rung_sizes(search.min_examples, max_examples, search.eta):
-        total += alive
-        alive = max(1, math.ceil(alive / search.eta))
-    return total
 
 
 def _search(config: RunConfig, parent: str, label: str, spec: MergeSpec, base, experts, eval_inputs,

@@ -18,24 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from mergeflow.errors import ConfigError
+from mergeflow.methods import METHODS
 from mergeflow.plots import save_figure
 from mergeflow.sweep import DEFAULT_GRIDS, PointScore, Rule, grid_points, score_point
 
-# Per method, the grid `auto` searches by default: the sweeps' default grids, with fewer points where each point is
-# a full merge (DOGE TA), and the data-aware methods' own coefficients. MaTS runs at its defaults only: a grid over
-# its initialisation scored identically on the demo's tasks, at about 85 s of CG per point (its 100 iterations stop
-# well short of the exact solution: the start does move the result, not the scores measured).
+# Per method, the grid `auto` searches (declared in the method's file: `MergeMethod.search_grid`, else its sweep
+# grid), in the registry's order; methods with neither are not searchable.
 AUTO_GRIDS: dict[str, dict[str, list[Any]]] = {
-    "average": {},
-    **{m: DEFAULT_GRIDS[m] for m in ("task_arithmetic", "ties", "dare", "tsv", "iso_c", "iso_cts", "wudi")},
-    "doge_ta": {"eta": [0.07, 0.15, 0.3]},
-    "regmean": {"reduce_non_diagonal_ratio": [0.5, 0.8, 0.95, 1.0]},
-    "fisher": {"minimal_fisher_weight": [1e-6, 1e-3]},
-    "mats": {},
-    # learned: searched only when named in search.methods (each point is a training run on an entropy objective)
-    "adamerging": {"steps": [100, 500]},
-    "doge_am": {},
-}
+    name: dict(cls.search_grid if cls.search_grid is not None else cls.sweep_grid)
+    for name, cls in METHODS.items() if cls.search_grid is not None or cls.sweep_grid is not None}
 
 
 @dataclass(frozen=True)
@@ -73,7 +64,8 @@ def candidates(methods: Sequence[str] | None = None, grids: Mapping[str, Mapping
 
     grids = dict(grids or {})
     allowed = applicable_methods(data_aware, learned)
-    chosen = list(methods) if methods else [m for m in allowed if not method_class(m).needs_objective]
+    chosen = list(methods) if methods else [m for m in allowed if not method_class(m).needs_objective
+                                            and method_class(m).searched_by_default]
     for method in [*chosen, *grids]:
         if method not in allowed:
             if method not in AUTO_GRIDS:
@@ -92,6 +84,11 @@ def candidates(methods: Sequence[str] | None = None, grids: Mapping[str, Mapping
     if not out:
         raise ConfigError("search: no candidate to search")
     return out
+
+
+def kept(alive: int, eta: int) -> int:
+    """Candidates that go on to the next rung of successive halving: the best 1/eta, at least one."""
+    return max(1, math.ceil(alive / eta))
 
 
 def rung_sizes(min_examples: int, max_examples: int, eta: int) -> list[int]:
@@ -197,7 +194,7 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
         entries += rung_entries.values()
         order = rank(scored)
         best = (order[0], dict(scored)[order[0]])
-        survivors = order[:max(1, math.ceil(len(order) / eta))] if rung < len(sizes) - 1 else order[:1]
+        survivors = order[:kept(len(order), eta)] if rung < len(sizes) - 1 else order[:1]
         for i in survivors:
             rung_entries[i].promoted = True
         timings.append(round(clock() - rung_started, 2))

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from mergeflow.errors import ConfigError
-from mergeflow.methods import build_method, method_class
+from mergeflow.methods import METHODS, build_method, method_class
 from mergeflow.methods.base import with_subspaces
 from mergeflow.plots import save_figure
 from mergeflow.selection import is_float
@@ -28,18 +28,9 @@ from mergeflow.task_vectors import ExpertPool
 
 Rule = Literal["norm_acc.avg", "acc.avg", "floor"]
 
+# each method declares its own (`MergeMethod.sweep_grid`, in the method's file)
 DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
-    "task_arithmetic": {"scaling": [round(0.1 * i, 1) for i in range(1, 11)]},
-    "ties": {"density": [0.1, 0.2, 0.5], "scaling": [0.3, 0.5, 0.7, 1.0]},
-    "dare": {"drop_rate": [0.3, 0.5, 0.7], "scaling": [0.3, 0.5, 0.7, 1.0]},
-    "doge_ta": {"eta": [0.03, 0.07, 0.15, 0.3, 0.6]},
-    # the papers pick alpha on validation from 0.1-3.0; FusionBench runs 1.0 (1.5 in its Iso docs); on the demo's
-    # text tasks the best alpha was 2.0 or more for all three
-    "tsv": {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]},
-    "iso_c": {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]},
-    "iso_cts": {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]},
-    "wudi": {"scaling": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]},
-}
+    name: dict(cls.sweep_grid) for name, cls in METHODS.items() if cls.sweep_grid is not None}
 
 
 def default_grid(method: str) -> dict[str, list[Any]]:

@@ -149,6 +149,12 @@ def _load_flows() -> None:
     import flows.atm_flow  # noqa: F401 - imports the merge flow too
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from mergeflow_app.planning import cmd_plan
+
+    return cmd_plan(args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from mergeflow.config import load_run_config
     from mergeflow_app.prefect_server import prefect_api
@@ -284,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "ClassificationHead as a Mergeflow head")
     convert.add_argument("--s3-endpoint")
     convert.set_defaults(func=cmd_convert)
+
+    plan = sub.add_parser("plan", help="print a run's stages before it runs: stored or to run, and expected times")
+    plan.add_argument("config", help="path to a run config, e.g. configs/demo.yaml")
+    plan.add_argument("--format", choices=("text", "mermaid"), default="text",
+                      help="text (default) or a Mermaid flowchart to paste into a page")
+    plan.set_defaults(func=_plan)
 
     run = sub.add_parser("run", help="run the Prefect merge flow on a YAML config")
     run.add_argument("config", help="path to a run config, e.g. configs/demo.yaml")

@@ -50,6 +50,11 @@ class RunClock:
                 untimed += pending
         return left, untimed
 
+    def means(self) -> dict[str, float]:
+        """Mean seconds of the finished stages of each kind (what `mergeflow plan` expects of the next run)."""
+        with self._lock:
+            return {kind: round(sum(times) / len(times), 3) for kind, times in self.done.items() if times}
+
     def started(self, kind: str, name: str) -> str:
         return f"[{_clock(time.monotonic() - self.started_at)}] start {name}"
 

@@ -37,7 +37,8 @@ def _config(tmp_path: Path, cache: Path):
     return RunConfig.model_validate(raw)
 
 
-def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, prefect_harness, split_reads):
+def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, prefect_harness, split_reads,
+                                                 capsys):
     from mlflow.tracking import MlflowClient
 
     from flows.merge_flow import merge_flow
@@ -45,7 +46,25 @@ def test_flow_runs_end_to_end_and_reuses_experts(tmp_path, tmp_path_factory, pre
 
     reads = split_reads
     config = _config(tmp_path, tmp_path_factory.mktemp("cache"))
+    from mergeflow.plan import compile_plan
+    from mergeflow.stages.plan_status import RUNS, STORED, plan_status
+    from mergeflow.stages.store import Store
+    from mergeflow_app.cli import main
+    from tasks.progress import CLOCK
+
+    plan = compile_plan(config)
+    before = plan_status(config, plan, Store.of(config.storage))
+    assert before["pretrained"] == "to run" and STORED not in before.values()
     first = merge_flow(config)
+    # the plan the flow compiled is what it ran: every stage of every kind, no more and no fewer
+    assert {kind: len(times) for kind, times in CLOCK.done.items()} == plan.counts()
+    # and after the run, `mergeflow plan` finds every stage's output stored where the stage put it
+    after = plan_status(config, plan, Store.of(config.storage))
+    assert {node: state for node, state in after.items() if state not in (STORED, RUNS)} == {}
+    assert main(["plan", str(tmp_path / "tiny.yaml")]) == 0
+    printed = capsys.readouterr().out
+    records = len([n for n in plan if n.kind in ("record_merge", "mark_success")])
+    assert f"{len([n for n in plan if n.timed]) - records} stored, 0 to run, {records} records" in printed
 
     assert set(first["accuracy"]) == {"pretrained", "expert:election", "expert:rotten_tomatoes", "average",
                                       "task_arithmetic", "ties", "regmean", "adamerging",

@@ -38,6 +38,20 @@ def test_sweep_selects_on_validation_only_and_caches_points(tmp_path, tmp_path_f
     reads = split_reads
     cache = tmp_path_factory.mktemp("cache")
     first = merge_flow(_config(tmp_path, cache, [0.2, 1.0]))
+    from mergeflow.plan import compile_plan
+    from tasks.progress import CLOCK
+
+    # the plan the flow compiled is what it ran (the sweep points and their shared sparsify passes included), and
+    # after the run every stage is stored where the plan looks, the swept merges where their chosen point put them
+    from mergeflow.stages.plan_status import RUNS, STORED, plan_status
+    from mergeflow.stages.store import Store
+
+    config = _config(tmp_path, cache, [0.2, 1.0])
+    plan = compile_plan(config)
+    assert {kind: len(times) for kind, times in CLOCK.done.items()} == plan.counts()
+    after = plan_status(config, plan, Store.of(config.storage))
+    assert {node: state for node, state in after.items() if state not in (STORED, RUNS)} == {}
+    assert after["merge:ties-tuned"] == STORED
 
     assert {"task_arithmetic-tuned", "ties-tuned"} <= set(first["accuracy"])
     selection = [(name, split) for name, split in reads

@@ -139,3 +139,22 @@ def test_each_rung_normalises_by_the_experts_on_its_own_examples():
     assert [e.candidate.params["scaling"] for e in result.entries if e.rung == 0 and e.promoted] == [0.1]
     with_cap = successive_halving(_pool(2), score, {"a": 0.8, "b": 0.5}, min_examples=10, max_examples=100, eta=3)
     assert [e.candidate.params["scaling"] for e in with_cap.entries if e.rung == 0 and e.promoted] == [0.2]
+
+
+def test_every_registered_method_is_searchable_from_the_grid_it_declares():
+    from mergeflow.methods import METHODS
+    from mergeflow.search import AUTO_GRIDS, candidates
+    from mergeflow.sweep import DEFAULT_GRIDS
+
+    for name, cls in METHODS.items():
+        assert AUTO_GRIDS[name] == (cls.search_grid if cls.search_grid is not None else cls.sweep_grid), name
+        assert candidates([name]), name  # named in search.methods, it joins the search
+        if cls.sweep_grid is not None:
+            assert DEFAULT_GRIDS[name] == cls.sweep_grid
+    # the defaults the demo's results were measured with
+    assert DEFAULT_GRIDS["ties"] == {"density": [0.1, 0.2, 0.5], "scaling": [0.3, 0.5, 0.7, 1.0]}
+    assert DEFAULT_GRIDS["tsv"] == {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]} and AUTO_GRIDS["doge_ta"] == {
+        "eta": [0.07, 0.15, 0.3]}
+    default = {c.method for c in candidates()}  # unnamed: the catalogue that learns nothing, not mergekit's family
+    assert default == {"average", "task_arithmetic", "ties", "dare", "tsv", "iso_c", "iso_cts", "wudi", "doge_ta",
+                       "regmean", "fisher", "mats"}

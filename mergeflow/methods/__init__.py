@@ -33,8 +33,8 @@ from mergeflow.methods.tsv import Tsv
 from mergeflow.methods.wudi import Wudi
 
 METHODS: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare, DogeTA, DogeAM, FisherMerging, RegMean, Mats,
-                        AdaMerging, Tsv, IsoC, IsoCts, Wudi,
+    m.name: m for m in (SimpleAverage, TaskArithmetic, Ties, Dare, Tsv, IsoC, IsoCts, Wudi, DogeTA, RegMean,
+                        FisherMerging, Mats, AdaMerging, DogeAM,  # `auto` searches in this order
                         # mergekit's methods, with its per-tensor meaning and per-expert parameters
                         Linear, Slerp, ModelStock, TaskArithmeticWeighted, TiesPerTensor, DareTies, DareLinear, Della,
                         DellaLinear, Breadcrumbs, BreadcrumbsTies)

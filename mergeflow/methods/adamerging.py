@@ -36,6 +36,8 @@ class AdaMerging(MergeMethod):
     name = "adamerging"
     summary = "Coefficients learned by entropy minimisation on unlabeled inputs (needs an objective; transductive)."
     Params = AdaMergingParams
+    # auto: searched only when named in search.methods (each point is a training run on an entropy objective)
+    search_grid = {"steps": [100, 500]}
     needs_objective = True
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from mergeflow.methods.base import MergeMethod
 class SimpleAverage(MergeMethod):
     name = "average"
     summary = "Mean of the experts' weights (data-free)."
+    search_grid = {}
     checks_inline = True
     elementwise = True
 

@@ -88,6 +88,11 @@ class MergeMethod(ABC):
     elementwise: ClassVar[bool] = False
     # `prepare` only reads tensor names and counts (layer depths for gradients): no sparsify stage of its own
     prepare_is_cheap: ClassVar[bool] = False
+    # the grid `sweep: default` tries and the one `method: auto` searches (None: the sweep grid; a method with
+    # neither cannot be searched; {}: its defaults, one point), and whether auto searches it unless told otherwise
+    sweep_grid: ClassVar[dict[str, list[Any]] | None] = None
+    search_grid: ClassVar[dict[str, list[Any]] | None] = None
+    searched_by_default: ClassVar[bool] = True
     # how many experts the method merges: (fewest, most or None); SLERP takes exactly one, Model Stock two or more
     expert_count: ClassVar[tuple[int, int | None]] = (1, None)
 

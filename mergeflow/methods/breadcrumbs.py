@@ -24,6 +24,7 @@ class Breadcrumbs(GeneralizedTaskArithmetic):
     name = "breadcrumbs"
     summary = "Drop the largest and the smallest magnitudes per tensor, weighted sum (mergekit's breadcrumbs)."
     Params = BreadcrumbsParams
+    sweep_grid = {"density": [0.8, 0.9], "gamma": [0.01, 0.05], "scaling": [0.3, 0.5, 0.7, 1.0]}
     sparsification = "outliers"
 
 

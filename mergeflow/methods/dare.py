@@ -25,6 +25,7 @@ class Dare(MergeMethod):
     name = "dare"
     summary = "Random drop with rescale, then Task Arithmetic (data-free)."
     Params = DareParams
+    sweep_grid = {"drop_rate": [0.3, 0.5, 0.7], "scaling": [0.3, 0.5, 0.7, 1.0]}
     scaling_param = "scaling"
     checks_inline = True
     elementwise = True

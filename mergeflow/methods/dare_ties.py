@@ -19,6 +19,7 @@ class DareTies(GeneralizedTaskArithmetic):
     name = "dare_ties"
     summary = "Random drop (L1 rescale), sign election, weighted sum (mergekit's dare_ties; data-free)."
     Params = DareTiesParams
+    sweep_grid = {"density": [0.3, 0.5, 0.7], "scaling": [0.3, 0.5, 0.7, 1.0]}
     sparsification = "random"
     consensus = True
 

@@ -26,6 +26,7 @@ class Della(GeneralizedTaskArithmetic):
     name = "della"
     summary = "Magnitude-ranked random drop (MagPrune), sign election, normalised sum (mergekit's della; data-free)."
     Params = DellaParams
+    sweep_grid = {"density": [0.3, 0.5, 0.7], "scaling": [0.5, 1.0, 1.5]}
     sparsification = "rank"
     consensus = True
 

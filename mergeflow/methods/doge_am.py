@@ -96,6 +96,7 @@ class DogeAM(MergeMethod):
     summary = ("DOGE AM: per-task projected deltas on the trimmed task vectors, then layer-wise AdaMerging "
                "(needs an objective; transductive).")
     Params = DogeAMParams
+    search_grid = {}
     needs_objective = True
 
     adjusted: dict[str, torch.Tensor] | None = None

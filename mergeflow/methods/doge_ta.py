@@ -116,6 +116,9 @@ class DogeTA(MergeMethod):
     name = "doge_ta"
     summary = "DOGE TA: task-aware lambda, projected data-free delta, top-k trim (data-free)."
     Params = DogeTAParams
+    # auto: fewer points (each is a full merge)
+    sweep_grid = {"eta": [0.03, 0.07, 0.15, 0.3, 0.6]}
+    search_grid = {"eta": [0.07, 0.15, 0.3]}
     prepare_params = ("keep", "include", "exclude")
 
     def subspace_kinds(self) -> tuple[str, ...]:

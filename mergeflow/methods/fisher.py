@@ -33,6 +33,7 @@ class FisherMerging(DataAwareMethod):
     name = "fisher"
     summary = "Diagonal-Fisher-weighted average of the experts (needs statistics: ::fisher)."
     Params = FisherParams
+    search_grid = {"minimal_fisher_weight": [1e-6, 1e-3]}
 
     def statistic_kinds(self) -> tuple[str, ...]:
         return (FISHER,)

@@ -104,6 +104,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
     scaling_param = "scaling"
     checks_inline = True
     prepare_is_cheap = True
+    searched_by_default = False  # mergekit's: `auto` searches it when named in search.methods
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         """The layer count of each stack (for gradients), after checking `per_expert` against the experts."""

@@ -41,6 +41,7 @@ class IsoC(PerLayerMethod):
     name = "iso_c"
     summary = "Iso-C: the summed task vector with a flat (isotropic) spectrum, per layer (data-free)."
     Params = IsoParams
+    sweep_grid = {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}
     scaling_param = "alpha"
 
     def subspace_kinds(self) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ class IsoCts(PerLayerMethod):
     name = "iso_cts"
     summary = "Iso-CTS: common plus task-specific subspaces with a flat spectrum, per layer (data-free)."
     Params = IsoCtsParams
+    sweep_grid = {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}
     scaling_param = "alpha"
 
     def subspace_kinds(self) -> tuple[str, ...]:

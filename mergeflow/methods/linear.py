@@ -23,6 +23,7 @@ class Linear(GeneralizedTaskArithmetic):
     name = "linear"
     summary = "Weighted mean of the models, the base among them by base_weight (mergekit's linear; data-free)."
     Params = LinearParams
+    search_grid = {}
     scaling_param = None
     elementwise = True
 

@@ -37,8 +37,10 @@ class ModelStock(MergeMethod):
     name = "model_stock"
     summary = "Interpolate the experts' mean toward the base by the angle between task vectors (data-free)."
     Params = ModelStockParams
+    search_grid = {}
     checks_inline = True
     prepare_is_cheap = True
+    searched_by_default = False  # mergekit's: `auto` searches it when named in search.methods
     expert_count = (2, None)
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:

@@ -29,6 +29,7 @@ class RegMean(DataAwareMethod):
     name = "regmean"
     summary = "Closed-form least squares on each linear layer's inputs (needs statistics: ::gram_in)."
     Params = RegMeanParams
+    search_grid = {"reduce_non_diagonal_ratio": [0.5, 0.8, 0.95, 1.0]}
 
     def statistic_kinds(self) -> tuple[str, ...]:
         return (GRAM_IN,)

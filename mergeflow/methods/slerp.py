@@ -48,8 +48,10 @@ class Slerp(MergeMethod):
     name = "slerp"
     summary = "Spherical interpolation between the base and one expert, t per tensor (data-free, two models)."
     Params = SlerpParams
+    sweep_grid = {"t": [0.25, 0.5, 0.75]}
     checks_inline = True
     prepare_is_cheap = True
+    searched_by_default = False  # mergekit's: `auto` searches it when named in search.methods
     expert_count = (1, 1)
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:

@@ -19,6 +19,7 @@ class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     summary = "theta_0 + lambda * sum of task vectors (data-free)."
     Params = TaskArithmeticParams
+    sweep_grid = {"scaling": [round(0.1 * i, 1) for i in range(1, 11)]}
     scaling_param = "scaling"
     checks_inline = True
     elementwise = True

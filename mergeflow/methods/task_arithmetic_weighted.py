@@ -14,4 +14,5 @@ class TaskArithmeticWeighted(GeneralizedTaskArithmetic):
     name = "task_arithmetic_weighted"
     summary = "theta_0 + lambda * sum of w_i tau_i, w_i per expert and per layer (mergekit's task_arithmetic)."
     Params = TaskArithmeticWeightedParams
+    sweep_grid = {"scaling": [round(0.1 * i, 1) for i in range(1, 11)]}
     elementwise = True

@@ -42,6 +42,7 @@ class Ties(MergeMethod):
     name = "ties"
     summary = "Trim to top-k, elect signs, disjoint merge (data-free)."
     Params = TiesParams
+    sweep_grid = {"density": [0.1, 0.2, 0.5], "scaling": [0.3, 0.5, 0.7, 1.0]}
     scaling_param = "scaling"
     prepare_params = ("density",)
     checks_inline = True

@@ -20,5 +20,6 @@ class TiesPerTensor(GeneralizedTaskArithmetic):
     name = "ties_per_tensor"
     summary = "TIES with a per-tensor top-k and per-expert weights/densities (mergekit's ties; data-free)."
     Params = TiesPerTensorParams
+    sweep_grid = {"density": [0.2, 0.5, 0.8], "scaling": [0.5, 1.0, 1.5]}
     sparsification = "magnitude"
     consensus = True

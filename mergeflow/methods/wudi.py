@@ -85,6 +85,7 @@ class Wudi(PerLayerMethod):
     name = "wudi"
     summary = "WUDI: per-layer merged task vector that minimises interference on the tasks' own rows (data-free)."
     Params = WudiParams
+    sweep_grid = {"scaling": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}
     scaling_param = "scaling"
 
     def layer_update(self, name: str, task_vectors: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:

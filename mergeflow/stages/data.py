@@ -13,6 +13,18 @@ from mergeflow.stages.store import Store
 from mergeflow.storage import directory_digest
 
 
+def dataset_location(task: str, data: DataConfig, root: str) -> str:
+    """Where a built-in task's dataset is stored (a user's dataset stays where it is)."""
+    sizes = {"probe_per_class": data.probe_per_class, "train": data.train, "validation": data.validation,
+             "test": data.test}
+    return dataset_uri(root, task, sizes, data.seed)
+
+
+def head_location(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalConfig, root: str) -> str:
+    """Where the head made from the pretrained model is stored (a user's head file stays where it is)."""
+    return head_uri(root, task, base, dataset, evaluation.max_length, family_of(base).head_suffix)
+
+
 def prepare_dataset(task: str, data: DataConfig, store: Store, dataset: str | None = None,
                     family: str = "hf_text") -> ObjectRef:
     """Read a built-in task's real data, split it, and store it in its family's layout; or check a user's dataset
@@ -32,7 +44,7 @@ def prepare_dataset(task: str, data: DataConfig, store: Store, dataset: str | No
     def build(staged: Path) -> None:
         reader.write_builtin_dataset(task, sizes, data.seed, store.cache.root / "wheels", staged)
 
-    return store.publish_or_reuse(build, dataset_uri(store.root, task, sizes, data.seed))
+    return store.publish_or_reuse(build, dataset_location(task, data, store.root))
 
 
 def fit_head(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalConfig, store: Store,
@@ -50,7 +62,7 @@ def fit_head(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalCon
             raise ConfigError(f"tasks[{task}].head: {head} not found") from None
         family.check_head(family.load_head(local.path, field), store.read_task(task, dataset, base, splits=[]), field)
         return ObjectRef(uri=head, sha256=local.sha256)
-    uri = head_uri(store.root, task, base, dataset, evaluation.max_length, family.head_suffix)
+    uri = head_location(task, base, dataset, evaluation, store.root)
     if not store.exists(uri):
         data = store.read_task(task, dataset, base)
         model_dir = store.local_directory(base)

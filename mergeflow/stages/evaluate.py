@@ -28,6 +28,12 @@ def evaluate_model(weights: ObjectRef | None, base: ObjectRef, tasks: TaskInputs
     return family.evaluate(model, splits, evaluation)
 
 
+def evaluation_location(weights: ObjectRef | None, base: ObjectRef, tasks: TaskInputs, evaluation: EvalConfig,
+                        root: str, split: str = "test", max_examples: int | None = None) -> str:
+    """Where the scores of a stored model (`weights`; None: the pretrained one) on `split` are kept."""
+    return evaluation_uri(root, weights or base, weights is None, tasks, evaluation.model_dump(), split, max_examples)
+
+
 def evaluate_stored(weights: ObjectRef | None, base: ObjectRef, tasks: TaskInputs, evaluation: EvalConfig,
                     store: Store, device: str = "auto", split: str = "test",
                     max_examples: int | None = None) -> tuple[dict[str, float], bool]:
@@ -35,7 +41,7 @@ def evaluate_stored(weights: ObjectRef | None, base: ObjectRef, tasks: TaskInput
     head's digests and the settings (`evaluations/<fp>.json`), so an unchanged model is never scored twice.
     Returns (accuracy, reused)."""
     model = weights or base
-    uri = evaluation_uri(store.root, model, weights is None, tasks, evaluation.model_dump(), split, max_examples)
+    uri = evaluation_location(weights, base, tasks, evaluation, store.root, split, max_examples)
     if store.exists(uri):
         return store.read_json(uri)["accuracy"], True
     accuracy = evaluate_model(weights, base, tasks, evaluation, store, device, split, max_examples)

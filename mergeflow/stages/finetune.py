@@ -19,6 +19,12 @@ def _fingerprinted(settings: FinetuneConfig) -> dict[str, Any]:
     return settings.model_dump(exclude={"checkpoint_every"})
 
 
+def expert_location(task: str, base: ObjectRef, dataset: ObjectRef, head: ObjectRef, settings: FinetuneConfig,
+                    root: str) -> str:
+    """Where the expert fine-tuned from these inputs and settings is stored."""
+    return expert_uri(root, task, base, dataset, head, _fingerprinted(settings))
+
+
 def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: ObjectRef, settings: FinetuneConfig,
                     store: Store, device: str = "auto", progress: bool = True
                     ) -> tuple[ObjectRef, dict[str, Any]]:
@@ -29,7 +35,7 @@ def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: Object
     """
     from mergeflow.finetune import FinetuneSettings
 
-    uri = expert_uri(store.root, task, base, dataset, head, _fingerprinted(settings))
+    uri = expert_location(task, base, dataset, head, settings, store.root)
     directory = uri.rsplit("/", 1)[0]
     report_uri = join(directory, "training.json")
     if store.exists(uri):

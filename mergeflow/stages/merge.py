@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mergeflow.config import AUTO, MergeSpec
-from mergeflow.stages.refs import ObjectRef, base_weights, part_uri, parts_prefix
+from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, merged_uri, part_uri, parts_prefix
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
 from mergeflow.stages.subspace import stored_subspaces
@@ -21,6 +21,14 @@ def needs_objective(spec: MergeSpec) -> bool:
     from mergeflow.methods import method_class
 
     return spec.method != AUTO and method_class(spec.method).needs_objective
+
+
+def merge_location(run: str, label: str, spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef],
+                   root: str, statistics: Mapping[str, ObjectRef] | None = None,
+                   unlabeled: tuple[TaskInputs, str] | None = None) -> str:
+    """Where a run's merge `label` is stored: keyed by its spec and everything it reads (the statistics of a
+    data-aware method; the task data and split a learned method learns on)."""
+    return merged_uri(root, run, label, spec.model_dump(), base, experts, statistics, unlabeled)
 
 
 def _merge_record(store: Store, out_uri: str) -> dict[str, Any]:

@@ -44,6 +44,11 @@ STATE_FILE = "state.safetensors"
 FORMAT_VERSION = 2
 
 
+def pass_location(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], root: str) -> str:
+    """Where a merge's global pass is stored (keyed by the parameters it reads)."""
+    return sparsify_uri(root, spec.method, {**pass_settings(spec), "format": FORMAT_VERSION}, base, experts)
+
+
 def sparsify(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], store: Store,
              device: str = "auto") -> tuple[ObjectRef, bool]:
     """Stored as `sparsify/<method>-<fingerprint>/state.safetensors`, keyed by the base's and experts' digests and
@@ -53,7 +58,7 @@ def sparsify(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef],
 
     method = build_method(spec.method, spec.params)
     read = pass_settings(spec)
-    uri = sparsify_uri(store.root, spec.method, {**read, "format": FORMAT_VERSION}, base, experts)
+    uri = pass_location(spec, base, experts, store.root)
     reused = store.exists(uri)
 
     def build(staged: Path) -> None:

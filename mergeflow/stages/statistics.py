@@ -26,6 +26,12 @@ def statistic_kinds(specs: list[MergeSpec]) -> tuple[str, ...]:
     return tuple(k for k in KINDS if k in wanted)
 
 
+def statistics_location(expert: ObjectRef, dataset: ObjectRef, head: ObjectRef, kinds: tuple[str, ...],
+                        settings: StatisticsConfig) -> str:
+    """Where an expert's statistics of these kinds and settings are stored (beside the expert)."""
+    return statistics_uri(expert, dataset, head, kinds, settings.model_dump())
+
+
 def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: ObjectRef, head: ObjectRef,
                        kinds: tuple[str, ...], settings: StatisticsConfig, store: Store,
                        device: str = "auto") -> tuple[ObjectRef, dict[str, Any]]:
@@ -33,7 +39,7 @@ def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: O
     data, head and settings are unchanged. Returns the reference and a report (examples, seconds, reused)."""
     from mergeflow.statistics import save_statistics
 
-    uri = statistics_uri(expert, dataset, head, kinds, settings.model_dump())
+    uri = statistics_location(expert, dataset, head, kinds, settings)
     if store.exists(uri):
         return store.file_ref(uri), {"reused": True}
     started = time.perf_counter()

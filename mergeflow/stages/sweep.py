@@ -152,6 +152,14 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
                                                              subspaces, state))), None)
 
 
+def point_location(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                   tasks: TaskInputs, tuning: TuningConfig, evaluation: EvalConfig, root: str,
+                   statistics: Mapping[str, ObjectRef] | None = None, learn_on: str | None = None) -> str:
+    """Where a grid point's validation scores are stored."""
+    return sweep_uri(root, method, {**params, **({"learn_on": learn_on} if learn_on else {})}, base, experts, tasks,
+                     tuning.max_examples, evaluation.model_dump(), statistics)
+
+
 def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
                 tasks: TaskInputs, tuning: TuningConfig, evaluation: EvalConfig, store: Store,
                 device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None,
@@ -163,8 +171,7 @@ def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts
     new. A learned method learns on the unlabeled inputs of split `learn_on` (labels never read). Returns
     (accuracy, reused)."""
     unlabeled = (tasks, learn_on, evaluation) if learn_on else None
-    uri = sweep_uri(store.root, method, {**params, **({"learn_on": learn_on} if learn_on else {})}, base, experts,
-                    tasks, tuning.max_examples, evaluation.model_dump(), statistics)
+    uri = point_location(method, params, base, experts, tasks, tuning, evaluation, store.root, statistics, learn_on)
     if store.exists(uri):
         return store.read_json(uri)["accuracy"], True
     weights = sweep_weights(method, params, base, experts, store, device, subspaces, state, statistics, unlabeled)

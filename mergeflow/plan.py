@@ -1,0 +1,213 @@
+"""A run's plan, compiled once from its config: every stage the merge flow runs, as a graph of typed nodes.
+
+Each node is one stage run of one kind (the kinds are the stage tasks' names: `finetune_expert`, `sweep_point`,
+`merge`, `evaluate`, ...), with the nodes it reads. The flow's progress lines count these nodes; `mergeflow plan`
+prints them (and which are already stored, `mergeflow_app/planning.py`) before anything runs. The branching here is
+the flow's: which merges sparsify, read statistics or subspaces, learn on data, sweep, search or run in parts. An
+`auto` search's later rungs are estimated (survivors of successive halving, `SearchConfig.eta`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mergeflow.config import AUTO, MergeSpec, RunConfig
+from mergeflow.search import kept, rung_sizes
+from mergeflow.stages import merge as merge_stage, sparsify as sparsify_stage, statistics as statistics_stage
+from mergeflow.stages import subspace as subspace_stage
+
+# kinds that run as a stage task and report to the progress clock; the others are bookkeeping (no estimate)
+UNTIMED = frozenset({"open_search", "record_search", "select_point", "register_model"})
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str  # unique in its plan, e.g. "expert:newsgroups", "sweep:ties-tuned:3", "merge:tsv"
+    kind: str  # the stage task's name
+    inputs: tuple[str, ...] = ()
+    about: str = ""  # what a reader needs besides the kind (method and params, split, examples)
+    spec: MergeSpec | None = None  # sparsify, sweep_point, merge: the merge (or grid point) it runs
+    model: str | None = None  # evaluate: the node whose output it scores (None: the pretrained model)
+    task: str | None = None  # the task it concerns (evaluate: only this task's data; else every task's)
+    split: str | None = None  # evaluate, sweep_point: the split scored
+    examples: int | None = None  # evaluate, sweep_point: examples scored per task (None: all)
+
+    @property
+    def timed(self) -> bool:
+        return self.kind not in UNTIMED
+
+
+@dataclass
+class Plan:
+    run: str
+    nodes: list[Node] = field(default_factory=list)
+
+    def add(self, id: str, kind: str, inputs: tuple[str, ...] | list[str] = (), about: str = "", **fields: Any
+            ) -> str:
+        self.nodes.append(Node(id, kind, tuple(inputs), about, **fields))
+        return id
+
+    def node(self, id: str) -> Node:
+        return next(node for node in self.nodes if node.id == id)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def counts(self) -> dict[str, int]:
+        """Stage runs of each timed kind: what the progress lines count."""
+        return dict(Counter(node.kind for node in self.nodes if node.timed))
+
+    def mermaid(self, status: dict[str, str] | None = None) -> str:
+        """The graph as a Mermaid flowchart (nodes styled by `status`: "stored" or "to run")."""
+        ids = {node.id: f"n{i}" for i, node in enumerate(self.nodes)}
+        lines = ["flowchart LR"]
+        for node in self.nodes:
+            text = f"{node.kind}<br/>{node.id}" + (f"<br/>{node.about}" if node.about else "")
+            lines.append(f'  {ids[node.id]}["{text.replace(chr(34), chr(39))}"]')
+        for node in self.nodes:
+            lines += [f"  {ids[source]} --> {ids[node.id]}" for source in node.inputs if source in ids]
+        if status:
+            lines += ["  classDef stored fill:#d4f4dd,stroke:#2e7d32", "  classDef torun fill:#fff3cd,stroke:#b7791f"]
+            for node in self.nodes:
+                state = status.get(node.id)
+                if state in ("stored", "to run"):
+                    lines.append(f"  class {ids[node.id]} {'stored' if state == 'stored' else 'torun'}")
+        return "\n".join(lines) + "\n"
+
+
+def sparsifies(spec: MergeSpec) -> bool:
+    """Whether a merge runs the sparsify stage: a data-free method with a global pass (data-aware and learned
+    methods prepare on the pool they merge)."""
+    return (sparsify_stage.has_global_pass(spec) and not statistics_stage.statistic_kinds([spec])
+            and not merge_stage.needs_objective(spec))
+
+
+def pass_key(spec: MergeSpec) -> str | None:
+    """What identifies a merge's sparsify stage (None: it has none): points with equal keys share one."""
+    if not sparsifies(spec):
+        return None
+    return json.dumps([spec.method, sparsify_stage.pass_settings(spec)], sort_keys=True)
+
+
+def search_rungs(spec: MergeSpec, max_examples: int) -> list[tuple[int, int]]:
+    """(examples per task, candidates scored) of each rung of an `auto` search that runs every rung: the survivors
+    after each rung estimated as ceil(alive / eta)."""
+    search = spec.search_settings()
+    alive, rungs = len(search.candidates()), []
+    for examples in rung_sizes(search.min_examples, max_examples, search.eta):
+        rungs.append((examples, alive))
+        alive = kept(alive, search.eta)
+    return rungs
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def compile_plan(config: RunConfig) -> Plan:
+    """The plan of one run of the merge flow on `config`."""
+    plan = Plan(config.name)
+    tasks = [t.name for t in config.tasks]
+    base = plan.add("pretrained", "fetch_pretrained", about=config.model.pretrained)
+    experts = []
+    for t in config.tasks:
+        dataset = plan.add(f"dataset:{t.name}", "prepare_dataset", task=t.name)
+        head = plan.add(f"head:{t.name}", "fit_head", [base, dataset], task=t.name)
+        if t.expert:
+            experts.append(plan.add(f"expert:{t.name}", "fetch_expert", about=t.expert, task=t.name))
+        elif t.latest:
+            experts.append(plan.add(f"expert:{t.name}", "fetch_latest_expert", about=t.latest, task=t.name))
+        else:
+            experts.append(plan.add(f"expert:{t.name}", "finetune_expert", [base, dataset, head], task=t.name))
+    data = [f"dataset:{n}" for n in tasks] + [f"head:{n}" for n in tasks]
+    if config.skip_unchanged:
+        plan.add("unchanged", "check_unchanged", [base, *experts, *data])
+    statistics = []
+    if kinds := statistics_stage.statistic_kinds(config.merges):
+        statistics = [plan.add(f"statistics:{n}", "compute_statistics", [f"expert:{n}", f"dataset:{n}", f"head:{n}"],
+                               ", ".join(kinds), task=n) for n in tasks]
+    subspaces = {kind: plan.add(f"subspace:{kind}", "build_subspace", [base, *experts], kind)
+                 for kind in subspace_stage.subspace_kinds(config.merges)}
+    labelled = dict(zip(config.merge_labels(), config.merges))
+    registers = bool(config.tracking.registered_model)
+    tuned = any(spec.sweep is not None or spec.method == AUTO for spec in labelled.values())
+    expert_val = [plan.add(f"evaluate:expert-{n}-validation", "evaluate", [f"expert:{n}", *data], "validation",
+                           model=f"expert:{n}", task=n, split="validation", examples=config.tuning.max_examples)
+                  for n in tasks] if registers or tuned else []
+    passes: dict[str, str] = {}
+
+    def reads(spec: MergeSpec) -> list[str]:
+        """The stages one merge or point reads: base, experts, its subspaces, statistics and sparsify pass."""
+        found = [base, *experts, *(subspaces[k] for k in subspace_stage.subspace_kinds([spec]))]
+        if statistics_stage.statistic_kinds([spec]):
+            found += statistics
+        key = pass_key(spec)
+        if key is not None:
+            if key not in passes:
+                passes[key] = plan.add(f"sparsify:{len(passes)}", "sparsify", [base, *experts],
+                                       f"{spec.method}({_params(sparsify_stage.pass_settings(spec))})", spec=spec)
+            found.append(passes[key])
+        return found
+
+    chosen: dict[str, list[str]] = {}
+    for label, spec in labelled.items():
+        if spec.sweep is None:
+            continue
+        points = [plan.add(f"sweep:{label}:{i}", "sweep_point", [*reads(point), *data], _params(p), spec=point,
+                           split="validation", examples=config.tuning.max_examples)
+                  for i, p in enumerate(spec.grid_points()) if (point := MergeSpec(method=spec.method, params=p))]
+        chosen[label] = [plan.add(f"select:{label}", "select_point", [*points, *expert_val])]
+    for label, spec in labelled.items():
+        if spec.method != AUTO:
+            continue
+        previous = [plan.add(f"search:{label}", "open_search", about=f"{len(spec.search_settings().candidates())} "
+                             "candidates")]
+        candidates = spec.search_settings().candidates()
+        for rung, (examples, alive) in enumerate(search_rungs(spec, config.tuning.max_examples)):
+            if rung:  # the experts' validation accuracy on the rung's examples normalises its scores
+                previous += [plan.add(f"evaluate:expert-{n}-validation-{examples}", "evaluate",
+                                      [f"expert:{n}", *data], f"validation, {examples} examples", model=f"expert:{n}",
+                                      task=n, split="validation", examples=examples) for n in tasks]
+            points = [MergeSpec(method=c.method, params=c.params) for c in candidates[:alive]]
+            previous = [plan.add(f"search:{label}:{rung}:{j}", "sweep_point", [*reads(point), *data, *previous[:1]],
+                                 f"{candidates[j].name}, {examples} examples", spec=point, split="validation",
+                                 examples=examples) for j, point in enumerate(points)]
+        chosen[label] = [plan.add(f"chosen:{label}", "record_search", previous)]
+    for label, spec in labelled.items():
+        # a merge reads its own sparsify stage (a stored pass of a sweep point is reused, but the stage runs)
+        inputs = [base, *experts, *chosen.get(label, []), *(subspaces[k] for k in subspace_stage.subspace_kinds(
+            [spec]) if spec.method != AUTO)] + (statistics if statistics_stage.statistic_kinds([spec]) else [])
+        if sparsifies(spec):
+            inputs.append(plan.add(f"sparsify:{label}", "sparsify", [base, *experts],
+                                   f"{spec.method}({_params(sparsify_stage.pass_settings(spec))})", spec=spec))
+        learns = merge_stage.needs_objective(spec)
+        if learns:
+            inputs += data
+        if config.merge_parts > 1 and not learns:
+            parts = [plan.add(f"merge:{label}:part{i}", "merge_part", inputs, spec=spec)
+                     for i in range(config.merge_parts)]
+            plan.add(f"merge:{label}", "assemble_merge", parts, spec.method, spec=spec)
+        else:
+            plan.add(f"merge:{label}", "merge", inputs, spec.method if spec.sweep is None and spec.method != AUTO
+                     else f"{spec.method} (as chosen on validation)", spec=spec)
+    plan.add("evaluate:pretrained", "evaluate", [base, *data], "test", split="test")
+    for n in tasks:
+        plan.add(f"evaluate:expert-{n}", "evaluate", [f"expert:{n}", *data], "test", model=f"expert:{n}", split="test")
+    for label in labelled:
+        plan.add(f"evaluate:{label}", "evaluate", [f"merge:{label}", *data], "test", model=f"merge:{label}",
+                 split="test")
+    if registers:
+        for label in labelled:
+            plan.add(f"evaluate:{label}-validation", "evaluate", [f"merge:{label}", *data], "validation",
+                     model=f"merge:{label}", split="validation", examples=config.tuning.max_examples)
+    records = [plan.add(f"record:{label}", "record_merge", [f"merge:{label}", f"evaluate:{label}"])
+               for label in labelled]
+    if registers:
+        plan.add("register", "register_model", [*records, *(f"evaluate:{label}-validation" for label in labelled)],
+                 config.tracking.registered_model or "")
+    plan.add("success", "mark_success", records)
+    return plan
