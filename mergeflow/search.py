@@ -20,7 +20,7 @@ from typing import Any
 from mergeflow.errors import ConfigError
 from mergeflow.methods import METHODS
 from mergeflow.plots import save_figure
-from mergeflow.sweep import DEFAULT_GRIDS, PointScore, Rule, grid_points, score_point
+from mergeflow.sweep import PointScore, Rule, grid_points, score_point
 
 # Per method, the grid `auto` searches (declared in the method's file: `MergeMethod.search_grid`, else its sweep
 # grid), in the registry's order; methods with neither are not searchable.
