@@ -115,11 +115,18 @@ def dare_keep_mask(shape: Sequence[int], drop_rate: float, seed: int, task_index
     count = 1
     for dim in shape:
         count *= dim
+    return (seeded_draws(count, seed, task_index, name, offset) >= threshold).reshape(tuple(shape))
+
+
+def seeded_draws(count: int, seed: int, task_index: int, name: str, offset: int = 0) -> torch.Tensor:
+    """The uniform 16-bit draws (int16, shifted by -32768) of coordinates [offset, offset + count) of tensor `name`
+    for one task: one generator per block of `_DARE_BLOCK` coordinates, so a block of rows draws what it draws in
+    the whole tensor. DARE keeps an entry when its draw is >= round(p_drop * 65536) - 32768."""
     parts, position, stop = [], offset, offset + count
     while position < stop:
         block = position // _DARE_BLOCK
         end = min(stop, (block + 1) * _DARE_BLOCK)
         draws = _uniform16(end - block * _DARE_BLOCK, seeded_generator(seed, task_index, name, block))
-        parts.append(draws[position - block * _DARE_BLOCK:] >= threshold)
+        parts.append(draws[position - block * _DARE_BLOCK:])
         position = end
-    return (torch.cat(parts) if len(parts) != 1 else parts[0]).reshape(tuple(shape))
+    return torch.cat(parts) if len(parts) != 1 else parts[0]

@@ -11,7 +11,8 @@ Sparsifications: "magnitude" keeps the top d |values| of the tensor; "random" ke
 (DARE); "outliers" drops the top gamma |values| and keeps the next d (Model Breadcrumbs); "rank" keeps each entry
 with a probability from d - epsilon to d + epsilon by its magnitude rank in its row (DELLA's MagPrune). With
 `rescale`, the kept entries are scaled so the tensor keeps its L1 norm (mergekit's rescale, not DARE's 1/d).
-Random masks come from generators seeded per (seed, expert, tensor): the same on every device and in any order,
+Random masks come from DARE's draws (`mergeflow.sparsify.seeded_draws`: 16-bit, from generators seeded per (seed,
+expert, tensor, block); probabilities taken to the nearest 1/65536): the same on every device and in any order,
 but not mergekit's draws (it uses torch's global generator).
 Each variant is a subclass that fixes `sparsification`, `consensus` and its defaults (its own small file).
 """
@@ -26,7 +27,8 @@ from pydantic import Field, field_validator, model_validator
 from mergeflow.errors import ConfigError
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.methods.settings import Setting, check_range, depth, layer_counts, resolve
-from mergeflow.sparsify import seeded_generator
+from mergeflow.parallel import parallel_map
+from mergeflow.sparsify import dare_keep_mask, seeded_draws
 from mergeflow.task_vectors import ExpertPool
 
 Sparsification = Literal["magnitude", "random", "outliers", "rank"] | None
@@ -127,53 +129,65 @@ class GeneralizedTaskArithmetic(MergeMethod):
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:
+        """Sparsified and weighted in place, in the engine's buffer of task vectors (read no more after this call),
+        one expert per core; the sums over experts are mergekit's, so the arithmetic is its own."""
         t = depth(name, state.get("layers", {}))
         n = len(task_vectors)
         weights = torch.tensor([self.value("weight", i, name, t) for i in range(n)], dtype=torch.float32,
                                device=base.device).reshape((n,) + (1,) * base.dim())
-        deltas = task_vectors if self.sparsification is None else torch.stack(
-            [self.sparsify(tv, i, name, t) for i, tv in enumerate(task_vectors)])
-        deltas = deltas * weights
+        deltas = task_vectors
+
+        def prepare_row(i: int) -> None:
+            if self.sparsification is not None:
+                self.sparsify_(deltas[i], i, name, t)
+            deltas[i].mul_(weights[i])
+
+        parallel_map(prepare_row, range(n))
         if self.consensus:
             keep = deltas.sign() == torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)
-            mixed = (deltas * keep).sum(dim=0)
-            divisor = (weights * keep).sum(dim=0)
-            divisor[divisor == 0] = 1
+            divisor = (weights * keep).sum(dim=0) if self.params.normalize else None
+            mixed = deltas.masked_fill_(~keep, 0.0).sum(dim=0)
+            del keep
+            if divisor is not None:
+                divisor[divisor == 0] = 1
         else:
             mixed = deltas.sum(dim=0)
             divisor = weights.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
         if self.params.normalize:
-            mixed = mixed / divisor
-        return base + self.params.scaling * mixed
+            mixed.div_(divisor)
+        return mixed.mul_(self.params.scaling).add_(base)
 
-    def sparsify(self, tau: torch.Tensor, expert: int, name: str, t: float) -> torch.Tensor:
-        """One expert's task vector of one tensor, sparsified by the variant's rule (and L1-rescaled)."""
+    def sparsify_(self, tau: torch.Tensor, expert: int, name: str, t: float) -> None:
+        """Sparsify one expert's task vector of one tensor in place by the variant's rule (and L1-rescale it)."""
         density = self.value("density", expert, name, t)
         if density >= 1 or tau.numel() == 0:
-            return tau
+            return
         if density <= 0:
-            return torch.zeros_like(tau)
+            tau.zero_()
+            return
         kind = self.sparsification
         if kind == "magnitude":
-            mask = _rank_window(tau, tau.numel() - max(1, int(density * tau.numel())), tau.numel())
+            keep = _rank_window(tau, tau.numel() - max(1, int(density * tau.numel())), tau.numel())
         elif kind == "outliers":
             kept = int(density * tau.numel())
             top = int(self.value("gamma", expert, name, t) * tau.numel())
             low = max(0, tau.numel() - kept - top)
-            mask = _rank_window(tau, low, low + kept)
+            keep = _rank_window(tau, low, low + kept)
         elif kind == "random":
-            mask = _uniform(tau, self.params.seed, expert, name) < density
+            keep = dare_keep_mask(tau.shape, 1.0 - density, self.params.seed, expert, name).to(tau.device)
         else:  # "rank": DELLA's MagPrune
-            mask = _uniform(tau, self.params.seed, expert, name) < _rank_probabilities(
-                tau, density, self.value("epsilon", expert, name, t), self.name)
-        masked = tau * mask
-        if not self.params.rescale:
-            return masked
-        before, after = tau.abs().sum(), masked.abs().sum()
-        if before < 1e-7 or after < 1e-7:
-            return masked
-        return masked * (before / after)
+            probability = _rank_probabilities(tau, density, self.value("epsilon", expert, name, t), self.name)
+            threshold = torch.round((1.0 - probability) * 65536).sub_(32768).to(torch.int32)  # DARE's draws
+            keep = seeded_draws(tau.numel(), self.params.seed, expert, name).reshape(tau.shape).to(tau.device) \
+                >= threshold
+        before = tau.abs().sum() if self.params.rescale else None
+        tau.masked_fill_(~keep, 0.0)
+        if before is None:
+            return
+        after = tau.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:
+            tau.mul_(before / after)
 
 
 def _rank_window(tau: torch.Tensor, low: int, high: int) -> torch.Tensor:
@@ -183,12 +197,6 @@ def _rank_window(tau: torch.Tensor, low: int, high: int) -> torch.Tensor:
         order = torch.sort(tau.abs().reshape(-1), stable=True).indices
         mask[order[low:high]] = True
     return mask.reshape(tau.shape)
-
-
-def _uniform(tau: torch.Tensor, seed: int, expert: int, name: str) -> torch.Tensor:
-    """Uniform [0, 1) draws shaped like `tau`, from a CPU generator seeded per (seed, expert, tensor)."""
-    draws = torch.rand(tau.shape, generator=seeded_generator(seed, "gta", expert, name))
-    return draws.to(tau.device)
 
 
 def _rank_probabilities(tau: torch.Tensor, density: float, epsilon: float, method: str) -> torch.Tensor:

@@ -30,18 +30,33 @@ class SlerpParams(MethodParams):
         return check_range(value, "t", lambda v: -1.0 <= v <= 2.0, "[-1, 2]")
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
-          eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two fp32 tensors of one shape (the linear fallback for near-parallel ones)."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    norm_a = norm_a if norm_a > eps else torch.ones_like(norm_a)
-    norm_b = norm_b if norm_b > eps else torch.ones_like(norm_b)
-    dot = float(((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1))
-    if abs(dot) > dot_threshold:
-        return (1 - t) * v0 + t * v1
-    theta = math.acos(dot)
-    return (math.sin((1 - t) * theta) / math.sin(theta)) * v0 + (math.sin(t * theta) / math.sin(theta)) * v1
+_CHUNK = 1 << 20  # entries per float64 partial sum
+
+
+def slerp_coefficients(t: float, v0: torch.Tensor, tau: torch.Tensor, dot_threshold: float = 0.9995,
+                       eps: float = 1e-8) -> tuple[float, float]:
+    """(c0, c1) with slerp = c0 v0 + c1 v1, v1 = v0 + tau: the norms and the cosine from float64 partial sums
+    (fp32 sums over millions of entries lose digits that acos near cos = 1 magnifies); the linear fallback
+    (1 - t, t) for near-parallel tensors."""
+    a, d = v0.reshape(-1), tau.reshape(-1)
+    aa = ad = dd = 0.0
+    for start in range(0, a.numel(), _CHUNK):
+        x, y = a[start:start + _CHUNK].double(), d[start:start + _CHUNK].double()
+        aa, ad, dd = aa + float(x @ x), ad + float(x @ y), dd + float(y @ y)
+    norm_a, norm_b = math.sqrt(aa), math.sqrt(max(aa + 2 * ad + dd, 0.0))
+    norm_a, norm_b = norm_a if norm_a > eps else 1.0, norm_b if norm_b > eps else 1.0
+    cos = max(-1.0, min(1.0, (aa + ad) / (norm_a * norm_b)))
+    if abs(cos) > dot_threshold:
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
+    """Spherical interpolation of two tensors of one shape (the linear fallback for near-parallel ones)."""
+    tau = v1 - v0
+    c0, c1 = slerp_coefficients(t, v0, tau, dot_threshold)
+    return torch.add(v0 * (c0 + c1), tau, alpha=c1)
 
 
 class Slerp(MergeMethod):
@@ -64,4 +79,5 @@ class Slerp(MergeMethod):
         t = resolve(self.params.t, name, depth(name, state.get("layers", {})))
         if t is None:
             raise ConfigError(f"method 'slerp': no t matches tensor {name!r} (add an entry without a filter)")
-        return slerp(t, base, base + task_vectors[0], self.params.dot_threshold)
+        c0, c1 = slerp_coefficients(t, base, task_vectors[0], self.params.dot_threshold)
+        return torch.add(base * (c0 + c1), task_vectors[0], alpha=c1)  # c0 v0 + c1 (v0 + tau), v1 never built
