@@ -16,9 +16,14 @@ import fusionbench_code
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
 GB = 1e9
-SCALING, DENSITY, DROP = 0.3, 0.2, 0.5
-MERGEKIT = {"ta": ("task_arithmetic", {}), "ties": ("ties", {"density": DENSITY}),
-            "dare": ("dare_linear", {"density": 1 - DROP})}  # dare_linear keeps `density` (rescale: on by default)
+SCALING, DENSITY, DROP, SLERP_T = 0.3, 0.2, 0.5, 0.5
+# method -> (mergekit's method, its per-model parameters, its global parameters besides lambda 0.3 and normalize off)
+MERGEKIT = {"ta": ("task_arithmetic", {"weight": 1.0}, {}),
+            "ties": ("ties", {"weight": 1.0, "density": DENSITY}, {}),
+            "dare": ("dare_linear", {"weight": 1.0, "density": 1 - DROP}, {}),  # keeps `density` (rescale: default on)
+            "slerp": ("slerp", {}, {"t": SLERP_T}),
+            "dare_ties": ("dare_ties", {"weight": 1.0, "density": 1 - DROP}, {"rescale": True})}
+EXPERTS_USED = {"slerp": 1}  # SLERP merges the base and the first expert; the others take every expert
 PEER_PACKAGES = ("mergekit==0.1.5", "immutables==0.21")
 # The venv's torchvision wheel cannot load beside the CPU torch (see mergeflow/compat.py) and mergekit does not use
 # it: hidden, transformers sees it as absent.
@@ -43,14 +48,21 @@ def ensure_mergekit() -> Path:
     return target
 
 
+def experts_used(method: str, experts: tuple) -> tuple:
+    return experts[:EXPERTS_USED.get(method, len(experts))]
+
+
 def mergekit_command(inputs: Any, method: str, out: Path, peers: Path) -> tuple[list[str], dict[str, str]]:
     """A config per method (JSON, which YAML reads): weight 1 per expert, lambda 0.3, normalize off, so that the
-    merge is theta_0 + 0.3 * sum of the (sparsified) task vectors."""
-    name, per_model = MERGEKIT[method]
+    merge is theta_0 + 0.3 * sum of the (sparsified) task vectors; SLERP: the base and the first expert, t 0.5."""
+    name, per_model, shared = MERGEKIT[method]
     base, *experts = inputs.mergekit_models
-    config = {"merge_method": name, "base_model": str(base),
-              "models": [{"model": str(e), "parameters": {"weight": 1.0, **per_model}} for e in experts],
-              "parameters": {"lambda": SCALING, "normalize": False}, "dtype": "float32", "out_dtype": inputs.dtype}
+    models = [{"model": str(e), "parameters": dict(per_model)} for e in experts_used(method, tuple(experts))]
+    parameters = {"lambda": SCALING, "normalize": False, **shared}
+    if name == "slerp":  # mergekit's slerp: both models listed, t its one parameter
+        models, parameters = [{"model": str(base)}, *({"model": m["model"]} for m in models)], dict(shared)
+    config = {"merge_method": name, "base_model": str(base), "models": models, "parameters": parameters,
+              "dtype": "float32", "out_dtype": inputs.dtype}
     path = inputs.scratch / f"mergekit-{method}.yml"
     path.write_text(json.dumps(config, indent=2))
     cmd = [sys.executable, "-c", MERGEKIT_MAIN, str(path), str(out), "--no-copy-tokenizer", "--random-seed", "0"]
@@ -60,7 +72,10 @@ def mergekit_command(inputs: Any, method: str, out: Path, peers: Path) -> tuple[
 
 
 def fusionbench_skip(inputs: Any, method: str) -> str | None:
-    """Why FusionBench is not run (every model in memory: its estimated peak past 80% of MemTotal), or None."""
+    """Why FusionBench is not run (a method fusionbench_code.py does not load; every model in memory: its
+    estimated peak past 80% of MemTotal), or None."""
+    if method not in FUSIONBENCH_MODELS[inputs.dtype]:
+        return "not run (fusionbench_code.py loads no such method)"
     a, b = FUSIONBENCH_MODELS[inputs.dtype][method]
     model = inputs.nbytes() / (1 + len(inputs.experts))
     estimate = (a * len(inputs.experts) + b) * model + INTERPRETER_BYTES

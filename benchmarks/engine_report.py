@@ -13,6 +13,8 @@ from engine_peers import GB
 TOOLS = ("mergeflow", "mergekit", "fusionbench")
 TOOL_NAMES = {"mergeflow": "Mergeflow", "mergekit": "mergekit 0.1.5", "fusionbench": "FusionBench 0.2.33"}
 VIT_GOALS = {"ta": (6.0, 1.5), "ties": (20.0, 2.5), "dare": (8.0, None)}  # Mergeflow: seconds, peak GB
+# mergekit's methods that Mergeflow mirrors: on both inputs, >= 2x mergekit's speed at <= half its peak RSS
+MERGEKIT_GOALS = ("slerp", "dare_ties")
 PROJECTION_BYTES = 7e9 * 2 * (8 + 1)  # 7B parameters in bf16, base + 8 experts
 Inputs = Any  # engine_speed.Inputs (imported there, not here: no cycle)
 
@@ -36,8 +38,10 @@ def print_table(inputs: Inputs, args: argparse.Namespace, runs: dict, comparison
     peers = [t for t in ("mergekit", "fusionbench") if t in args.tools and "mergeflow" in args.tools]
     header += [f"{TOOL_NAMES[t].split()[0]}/Mergeflow (time)" for t in peers]
     header += [f"Mergeflow vs {TOOL_NAMES[t].split()[0]}" for t in peers]
+    slerp = (f" (slerp: the base and the first expert, {inputs.nbytes('slerp') / GB:.2f} GB)"
+             if "slerp" in args.methods else "")
     print(f"\n### {inputs.title}\n\nwall s / peak RSS GB of the whole command (GB = 1e9 bytes); "
-          f"{inputs.nbytes() / GB:.2f} GB of input\n")
+          f"{inputs.nbytes() / GB:.2f} GB of input{slerp}\n")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for method in args.methods:
         cells = [method]
@@ -54,7 +58,10 @@ def print_table(inputs: Inputs, args: argparse.Namespace, runs: dict, comparison
           "top 20%, Mergeflow and FusionBench the whole task vector (global top-k). DARE: every tool draws its own "
           "random masks (mergekit also rescales by the L1 norm, not 1/(1-p)). mergekit computes in float32 "
           "(`dtype: float32`) as Mergeflow does; FusionBench in the inputs' dtype" +
-          (" (bf16 arithmetic here)." if inputs.dtype == "bfloat16" else "."))
+          (" (bf16 arithmetic here)." if inputs.dtype == "bfloat16" else ".") +
+          (" SLERP (t 0.5, the base and the first expert) and DARE-TIES (keep 0.5 per tensor, L1 rescale, elected "
+           "signs, weight 1, lambda 0.3, normalize off) are mergekit's methods, run with the same values by both; "
+           "FusionBench's code loaded here has neither." if {"slerp", "dare_ties"} & set(args.methods) else ""))
 
 
 def print_throughput(inputs: Inputs, args: argparse.Namespace, runs: dict) -> None:
@@ -62,7 +69,7 @@ def print_throughput(inputs: Inputs, args: argparse.Namespace, runs: dict) -> No
     for method in args.methods:
         ours = best(runs[method, "mergeflow"])
         if ours:
-            rate = inputs.nbytes() / GB / ours.wall_s
+            rate = inputs.nbytes(method) / GB / ours.wall_s
             print(f"Mergeflow {method} throughput: {rate:.3g} GB of input per second; projection (not measured) for "
                   f"7B x 8 experts, bf16 ({PROJECTION_BYTES / GB:.0f} GB of input) at this rate: "
                   f"{PROJECTION_BYTES / GB / rate:.0f} s")
@@ -82,7 +89,14 @@ def goal_lines(inputs: Inputs, args: argparse.Namespace, runs: dict) -> list[str
 
     for method in args.methods:
         ours, mergekit, fusionbench = (best(runs.get((method, t), [])) for t in TOOLS)
-        if inputs.kind == "vit":
+        if method in MERGEKIT_GOALS:
+            check(">= 2x faster than mergekit", {"mergeflow": ours, "mergekit": mergekit},
+                  lambda a, b: b.wall_s >= 2 * a.wall_s,
+                  lambda a, b: f"{b.wall_s / a.wall_s:.1f}x: {a.wall_s:.1f} vs {b.wall_s:.1f} s")
+            check("peak RSS <= half mergekit's", {"mergeflow": ours, "mergekit": mergekit},
+                  lambda a, b: 2 * a.peak <= b.peak,
+                  lambda a, b: f"{a.peak / GB:.2f} vs {b.peak / GB:.2f} GB, {a.peak / b.peak:.2f} of it")
+        elif inputs.kind == "vit":
             seconds, peak_gb = VIT_GOALS[method]
             check(f"Mergeflow <= {seconds:g} s", {"mergeflow": ours}, lambda a: a.wall_s <= seconds,
                   lambda a: f"{a.wall_s:.1f} s")

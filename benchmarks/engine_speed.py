@@ -1,4 +1,5 @@
-"""Task Arithmetic, TIES and DARE: Mergeflow's whole CLI beside mergekit 0.1.5 and FusionBench 0.2.33, same inputs.
+"""Task Arithmetic, TIES, DARE, SLERP and DARE-TIES: Mergeflow's whole CLI beside mergekit 0.1.5 and FusionBench
+0.2.33 (the first three; its code loaded here has no SLERP or DARE-TIES), same inputs.
 
 Inputs, generated once from a seed and reused while their recorded description matches:
   vit    merge_memory.py's ViT-B/32-shaped visual tower (open_clip key names, fp32, single-file safetensors;
@@ -7,8 +8,10 @@ Inputs, generated once from a seed and reused while their recorded description m
          bf16 shards; 16 layers, hidden 2048, intermediate 8192, vocab 32000, 32 heads, 8 KV heads: ~1.1 B
          parameters) and 4 experts (base + a seeded gaussian task vector), in benchmarks/out/engine_llama/
 Methods: ta (theta_0 + 0.3 sum tau), ties (top 20% per task vector, elected signs, disjoint sum, lambda 0.3),
-dare (drop 0.5 with rescale, lambda 0.3). Tools, each run a FRESH process timed by /usr/bin/time (wall time and
-peak RSS of the whole command: interpreter start, imports, load, merge, write):
+dare (drop 0.5 with rescale, lambda 0.3), slerp (the base and the first expert, t 0.5: mergekit's `slerp`) and
+dare_ties (mergekit's `dare_ties`: keep 0.5 per tensor with L1 rescale, elected signs, weight 1, lambda 0.3).
+Tools, each run a FRESH process timed by /usr/bin/time (wall time and peak RSS of the whole command: interpreter
+start, imports, load, merge, write):
   mergeflow    `mergeflow merge --method ... --device cpu` (MERGEFLOW_CACHE holds the input digests, computed
                once before any timed run)
   mergekit     `mergekit-yaml CONFIG OUT`, mergekit 0.1.5 pip-installed with --no-deps (plus immutables, the one
@@ -48,14 +51,18 @@ import fusionbench_code
 import llama_models
 import merge_memory
 from engine_report import TOOLS, Run, goal_lines, print_table, print_throughput
-from engine_peers import (DENSITY, DROP, GB, OUT, SCALING, ensure_mergekit, fusionbench_child, fusionbench_skip,
-                          mergekit_command)
+from engine_peers import (DENSITY, DROP, GB, OUT, SCALING, SLERP_T, ensure_mergekit, experts_used,
+                          fusionbench_child, fusionbench_skip, mergekit_command)
 from vit_models import model_spec
 
-METHODS = ("ta", "ties", "dare")
+METHODS = ("ta", "ties", "dare", "slerp", "dare_ties")
 MERGEFLOW = {"ta": ("task_arithmetic", {"scaling": SCALING}),
              "ties": ("ties", {"density": DENSITY, "scaling": SCALING, "merge": "sum"}),
-             "dare": ("dare", {"drop_rate": DROP, "scaling": SCALING})}
+             "dare": ("dare", {"drop_rate": DROP, "scaling": SCALING}),
+             "slerp": ("slerp", {"t": SLERP_T}),
+             "dare_ties": ("dare_ties", {"weight": 1.0, "density": 1 - DROP, "scaling": SCALING, "normalize": False,
+                                         "rescale": True})}
+RANDOM_MASKS = ("dare", "dare_ties")  # each tool draws its own masks: their outputs differ by design
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,11 @@ class Inputs:
         """Every input file (the safetensors files and, for model directories, their JSON files)."""
         return [f for p in (self.base, *self.experts) for f in ([p] if p.is_file() else sorted(p.iterdir()))]
 
-    def nbytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files() if f.suffix == ".safetensors")
+    def nbytes(self, method: str | None = None) -> int:
+        """Bytes of safetensors input: every model's, or those `method` reads (SLERP: the base and one expert)."""
+        models = (self.base, *self.experts) if method is None else (self.base, *experts_used(method, self.experts))
+        return sum(f.stat().st_size for p in models for f in ([p] if p.is_file() else sorted(p.iterdir()))
+                   if f.suffix == ".safetensors")
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,8 @@ def llama_inputs(args: argparse.Namespace) -> Inputs:
 def mergeflow_command(inputs: Inputs, method: str, out: Path, device: str) -> tuple[list[str], dict[str, str]]:
     name, params = MERGEFLOW[method]
     cmd = [str(Path(sys.executable).with_name("mergeflow")), "merge", "--method", name, "--base", str(inputs.base),
-           *[a for e in inputs.experts for a in ("--expert", str(e))], "--out", str(out), "--overwrite",
+           *[a for e in experts_used(method, inputs.experts) for a in ("--expert", str(e))], "--out", str(out),
+           "--overwrite",
            "--device", device, *[a for k, v in params.items() for a in ("--param", f"{k}={v}")]]
     if inputs.mergeflow_shard:
         cmd += ["--shard-size", inputs.mergeflow_shard]
@@ -232,7 +243,7 @@ def benchmark(inputs: Inputs, args: argparse.Namespace, peers: Path
             if round_ == 0 and "mergeflow" in outs:
                 for tool in ("fusionbench", "mergekit"):
                     if tool in outs:  # DARE's masks, mergekit's per-tensor TIES: not the same merge
-                        by_design = method == "dare" or (method, tool) == ("ties", "mergekit")
+                        by_design = method in RANDOM_MASKS or (method, tool) == ("ties", "mergekit")
                         comparisons[method, tool] = compare(outs["mergeflow"], outs[tool], inputs.base).describe(
                             by_design)
             for out in outs.values():
