@@ -144,7 +144,9 @@ class GeneralizedTaskArithmetic(MergeMethod):
 
         parallel_map(prepare_row, range(n))
         if self.consensus:
-            keep = deltas.sign() == torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)
+            positive = deltas.sum(dim=0) >= 0  # the elected sign; an entry is kept where its own sign is it
+            keep = torch.where(positive, deltas > 0, deltas < 0)  # = sign(delta) == elected, in bytes not floats
+            del positive
             divisor = (weights * keep).sum(dim=0) if self.params.normalize else None
             mixed = deltas.masked_fill_(~keep, 0.0).sum(dim=0)
             del keep

@@ -80,4 +80,6 @@ class Slerp(MergeMethod):
         if t is None:
             raise ConfigError(f"method 'slerp': no t matches tensor {name!r} (add an entry without a filter)")
         c0, c1 = slerp_coefficients(t, base, task_vectors[0], self.params.dot_threshold)
-        return torch.add(base * (c0 + c1), task_vectors[0], alpha=c1)  # c0 v0 + c1 (v0 + tau), v1 never built
+        # c0 v0 + c1 (v0 + tau), scaling tau in the engine's buffer (read no more after this call; the result is a
+        # tensor of its own: the engine reuses that buffer)
+        return torch.add(task_vectors[0].mul_(c1), base, alpha=c0 + c1)
