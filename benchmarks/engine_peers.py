@@ -92,3 +92,14 @@ def fusionbench_child(method: str, base: str, out: str, experts: list[str]) -> N
                                                   DROP)
     Path(out).mkdir(parents=True)
     save_file(merged, str(Path(out) / "model.safetensors"), metadata={"format": "pt"})
+
+
+def mergekit_view(weights: Path, directory: Path) -> Path:
+    """`directory` made a model directory mergekit reads for a ViT-shaped weights file: a config.json with an
+    architecture it does not know (so it infers the layers from the names) and a link to the weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(
+        {"architectures": ["OpenCLIPVisionTower"], "model_type": "clip_vision_model"}))
+    (directory / "model.safetensors").unlink(missing_ok=True)
+    (directory / "model.safetensors").symlink_to(weights)
+    return directory

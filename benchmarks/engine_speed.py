@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import math
 import os
 import shutil
@@ -52,7 +51,7 @@ import llama_models
 import merge_memory
 from engine_report import TOOLS, Run, goal_lines, print_table, print_throughput
 from engine_peers import (DENSITY, DROP, GB, OUT, SCALING, SLERP_T, ensure_mergekit, experts_used,
-                          fusionbench_child, fusionbench_skip, mergekit_command)
+                          fusionbench_child, fusionbench_skip, mergekit_command, mergekit_view)
 from vit_models import model_spec
 
 METHODS = ("ta", "ties", "dare", "slerp", "dare_ties")
@@ -117,15 +116,7 @@ def vit_inputs(args: argparse.Namespace) -> Inputs:
     workdir = Path(args.workdir).absolute()
     base, experts = merge_memory.ensure_models(workdir, args.seed, args.blocks, args.experts)
     scratch = workdir / "engine_speed"
-    views = []
-    for path in (base, *experts):
-        view = scratch / "mergekit-inputs" / path.stem
-        view.mkdir(parents=True, exist_ok=True)
-        (view / "config.json").write_text(json.dumps(
-            {"architectures": ["OpenCLIPVisionTower"], "model_type": "clip_vision_model"}))
-        (view / "model.safetensors").unlink(missing_ok=True)
-        (view / "model.safetensors").symlink_to(path)
-        views.append(view)
+    views = [mergekit_view(path, scratch / "mergekit-inputs" / path.stem) for path in (base, *experts)]
     params = sum(math.prod(shape) for _, shape in model_spec(args.blocks))
     title = (f"ViT-B/32-shaped visual tower: {args.blocks} blocks, {args.experts} experts, fp32, "
              f"{params / 1e6:.1f} M parameters per model")

@@ -67,7 +67,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing mergeflo
 
 import llama_models  # noqa: E402
 import vit_models  # noqa: E402
-from engine_peers import MERGEKIT_MAIN, OUT, ensure_mergekit  # noqa: E402
+from engine_peers import MERGEKIT_MAIN, OUT, ensure_mergekit, mergekit_view  # noqa: E402
 from vit_models import generator  # noqa: E402
 
 SPEC_VERSION = 1
@@ -124,15 +124,7 @@ def vit_set(workdir: Path, seed: int) -> tuple[Path, list[Path], str]:
     files = workdir / "files"
     wanted = {"version": SPEC_VERSION, "generator": "mergekit_parity", "experts": EXPERTS}
     base_file, expert_files = vit_models.ensure_models(files, seed, VIT_BLOCKS, EXPERTS, task_vector, wanted)
-    dirs = []
-    for path in (base_file, *expert_files):
-        view = workdir / path.stem
-        view.mkdir(parents=True, exist_ok=True)
-        (view / "config.json").write_text(json.dumps(
-            {"architectures": ["OpenCLIPVisionTower"], "model_type": "clip_vision_model"}))
-        (view / "model.safetensors").unlink(missing_ok=True)
-        (view / "model.safetensors").symlink_to(path)
-        dirs.append(view)
+    dirs = [mergekit_view(path, workdir / path.stem) for path in (base_file, *expert_files)]
     params = sum(math.prod(s) for _, s in vit_models.model_spec(VIT_BLOCKS))
     title = (f"ViT-B/32-shaped visual tower (vit_models.py, open_clip names), fp32: {VIT_BLOCKS} blocks "
              f"({params / 1e6:.1f} M parameters); base + {EXPERTS} experts")
