@@ -45,103 +45,31 @@ noise floor.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import re
 import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing mergeflow
 
-import llama_models  # noqa: E402
-import vit_models  # noqa: E402
-from engine_peers import MERGEKIT_MAIN, OUT, ensure_mergekit, mergekit_view  # noqa: E402
-from vit_models import generator  # noqa: E402
+from engine_peers import OUT, ensure_mergekit  # noqa: E402
+from parity_checks import (convention, depth_readback, exact_errors, expected_changed, mean_of,  # noqa: E402
+                           rel_error, tied_cuts)
+from parity_inputs import EXPERTS, llama_set, vit_set  # noqa: E402
+from parity_runs import Mergekit, load, run_mergeflow  # noqa: E402
 
-SPEC_VERSION = 1
-EXPERTS = 3
 ROUNDING = 1e-5  # a deterministic case's relative error above this is a disagreement
-LLAMA = {"layers": 4, "hidden": 128, "intermediate": 256, "vocab": 1000}
-VIT_BLOCKS = 2
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
 
-
-def shared_task_vector(seed: int, expert: int, name: str, shape: tuple[int, ...], scale: float,
-                       kind: str) -> torch.Tensor:
-    """std (0.5-2.5) x scale x (0.6 shared + 0.8 own): every pair of experts at cosine ~0.36 per tensor."""
-    g = generator(seed, kind + "-expert", expert, name)
-    std = scale * (0.5 + 2.0 * torch.rand((), generator=g).item())
-    shared = torch.randn(shape, generator=generator(seed, kind + "-shared", name))
-    return (0.6 * shared + 0.8 * torch.randn(shape, generator=g)) * std
-
-
-def llama_set(workdir: Path, seed: int) -> tuple[Path, list[Path], str]:
-    """A tiny fp32 LlamaForCausalLM base and EXPERTS experts: one model.safetensors and config.json each."""
-    config = {**llama_models.llama_config(**LLAMA), "torch_dtype": "float32"}
-    wanted = {"version": SPEC_VERSION, "seed": seed, "config": config, "experts": EXPERTS}
-    base, experts = workdir / "base", [workdir / f"expert_{i}" for i in range(EXPERTS)]
-    if _stale(workdir, wanted):
-        spec = llama_models.llama_spec(config)
-        for index, directory in [(None, base), *enumerate(experts)]:
-            tensors = {}
-            for name, shape in spec:
-                norm = name.endswith("norm.weight")
-                theta = (1.0 if norm else 0.0) + 0.02 * torch.randn(shape, generator=generator(seed, "llama", name))
-                if index is not None:
-                    theta += shared_task_vector(seed, index, name, shape, 0.05 * (1.0 if norm else 0.02), "llama")
-                tensors[name] = theta
-            directory.mkdir(parents=True)
-            save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-            (directory / "config.json").write_text(json.dumps(config, indent=2))
-        (workdir / "models.json").write_text(json.dumps(wanted))
-    params = sum(math.prod(s) for _, s in llama_models.llama_spec(config))
-    title = (f"tiny LlamaForCausalLM, fp32: {LLAMA['layers']} layers, hidden {LLAMA['hidden']}, intermediate "
-             f"{LLAMA['intermediate']}, vocab {LLAMA['vocab']} ({params / 1e6:.2f} M parameters); base + {EXPERTS} "
-             "experts")
-    return base, experts, title
-
-
-def vit_set(workdir: Path, seed: int) -> tuple[Path, list[Path], str]:
-    """vit_models.py's tower (VIT_BLOCKS blocks) with shared-component task vectors, as model directories: for
-    mergekit a config.json with an architecture it does not know (it then infers the layout from the names)."""
-    def task_vector(seed: int, expert: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return shared_task_vector(seed, expert, name, shape, 1e-3, "vit")
-
-    files = workdir / "files"
-    wanted = {"version": SPEC_VERSION, "generator": "mergekit_parity", "experts": EXPERTS}
-    base_file, expert_files = vit_models.ensure_models(files, seed, VIT_BLOCKS, EXPERTS, task_vector, wanted)
-    dirs = [mergekit_view(path, workdir / path.stem) for path in (base_file, *expert_files)]
-    params = sum(math.prod(s) for _, s in vit_models.model_spec(VIT_BLOCKS))
-    title = (f"ViT-B/32-shaped visual tower (vit_models.py, open_clip names), fp32: {VIT_BLOCKS} blocks "
-             f"({params / 1e6:.1f} M parameters); base + {EXPERTS} experts")
-    return dirs[0], dirs[1:], title
-
-
-def _stale(workdir: Path, wanted: dict) -> bool:
-    """Whether the models in `workdir` must be (re)generated; clears them if so."""
-    record = workdir / "models.json"
-    if record.exists() and json.loads(record.read_text()) == wanted:
-        return False
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    return True
-
-
-# ---------------------------------------------------------------------------------------------------- cases
 
 MERGEFLOW_NAMES = {"task_arithmetic": "task_arithmetic_weighted", "ties": "ties_per_tensor"}
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
@@ -238,91 +166,6 @@ DEPTH_CASE = "ta-gradient weight [1, 0.3]"
 # ---------------------------------------------------------------------------------------------------- runs
 
 
-def load(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file or of the safetensors files in a directory."""
-    out = {}
-    for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
-            out.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return out
-
-
-# One process runs mergekit's own CLI command (`mergekit.scripts.run_yaml.main`, the `mergekit-yaml` entry point,
-# with engine_peers.py's torchvision stand-in) once per job line read from stdin: the ~7 s import of mergekit and
-# transformers is paid once instead of per merge. Each job passes `--random-seed`, which reseeds every generator
-# (transformers' set_seed) before that merge. Its logs go to stderr; one line per job on the original stdout.
-MERGEKIT_WORKER = """
-import json, os, sys, traceback
-sys.modules['torchvision'] = None
-reply = os.fdopen(os.dup(1), 'w')
-os.dup2(2, 1)
-from mergekit.scripts.run_yaml import main
-for line in sys.stdin:
-    try:
-        main(json.loads(line), prog_name='mergekit-yaml', standalone_mode=False)
-        reply.write('0\\n')
-    except Exception:
-        traceback.print_exc()
-        reply.write('1\\n')
-    reply.flush()
-"""
-
-
-class Mergekit:
-    """mergekit 0.1.5's CLI: a worker process running one merge per job, or (`fresh`) a new process per merge
-    exactly as engine_peers.py runs it."""
-
-    def __init__(self, peers: Path, log: Path, fresh: bool) -> None:
-        self.env = {**os.environ, "PYTHONPATH": str(peers), "HF_HUB_OFFLINE": "1"}
-        self.log, self.fresh, self.worker = log, fresh, None
-        log.unlink(missing_ok=True)
-
-    def args(self, case: Case, base: Path, experts: list[Path], out: Path, seed: int) -> list[str]:
-        config = out.with_name(out.name + ".json")
-        config.write_text(json.dumps(case.mergekit_config(base, experts), indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        return [str(config), str(out), "--no-copy-tokenizer", "--random-seed", str(seed)]
-
-    def run(self, case: Case, base: Path, experts: list[Path], out: Path, seed: int) -> float:
-        args = self.args(case, base, experts, out, seed)
-        started = time.perf_counter()
-        if self.fresh:
-            with self.log.open("a") as log:
-                done = subprocess.run([sys.executable, "-c", MERGEKIT_MAIN, *args], stdout=log,
-                                      stderr=subprocess.STDOUT, env=self.env)
-            failed = done.returncode != 0
-        else:
-            if self.worker is None:
-                self.log_file = self.log.open("a")
-                self.worker = subprocess.Popen([sys.executable, "-c", MERGEKIT_WORKER], stdin=subprocess.PIPE,
-                                               stdout=subprocess.PIPE, stderr=self.log_file, env=self.env,
-                                               text=True)
-            self.worker.stdin.write(json.dumps(args) + "\n")
-            self.worker.stdin.flush()
-            failed = self.worker.stdout.readline().strip() != "0"
-        if failed:
-            tail = self.log.read_text().strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"mergekit failed on {case.label} (log: {self.log}): {tail[0][:300]}")
-        return time.perf_counter() - started
-
-    def close(self) -> None:
-        if self.worker is not None:
-            self.worker.stdin.close()
-            self.worker.wait(timeout=60)
-            self.log_file.close()
-            self.worker = None
-
-
-def run_mergeflow(case: Case, base: Path, experts: list[Path], out: Path, seed: int) -> float:
-    from mergeflow.merge import merge_checkpoints
-
-    method, params = case.mergeflow_params(seed)
-    started = time.perf_counter()
-    merge_checkpoints(method, str(base), [str(e) for e in experts], str(out), params, device="cpu",
-                      overwrite=True)
-    return time.perf_counter() - started
-
-
 # ---------------------------------------------------------------------------------------------------- comparison
 
 
@@ -374,163 +217,6 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], theta0: dict
     row.identical, row.max_abs, row.worst = identical, max_abs, worst
     row.rel = math.sqrt(diff2 / moved2) if moved2 else (0.0 if diff2 == 0 else math.inf)
     row.changed, row.entries = (changed_a / total, changed_b / total), total
-
-
-def mean_of(outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: sum(o[k].double() for o in outputs) / len(outputs) for k in outputs[0]}
-
-
-def rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor]) -> float:
-    """||a - b|| / ||b - theta_0|| over all float tensors."""
-    diff2 = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in b if b[k].is_floating_point())
-    moved2 = sum(float(((b[k].double() - theta0[k].double()) ** 2).sum()) for k in b if b[k].is_floating_point())
-    return math.sqrt(diff2 / moved2)
-
-
-# Written here from mergekit 0.1.5's planner and config code (not from Mergeflow's): the depth t of a tensor and
-# the value of a setting (number, gradient, filters) at a tensor.
-
-
-def convention(names: Iterable[str]) -> dict[str, float]:
-    """Layer i of L at i / (L - 1) (1 for a single layer), everything outside the layers (embeddings, final norm,
-    head, loose weights) at 0; layers found by the first `.N.` in the name, as mergekit's inference does."""
-    found = {n: re.search(r"\.(\d+)\.", n) for n in names}
-    layers = 1 + max(int(m.group(1)) for m in found.values() if m)
-    return {n: (int(m.group(1)) / (layers - 1) if layers > 1 else 1.0) if m else 0.0 for n, m in found.items()}
-
-
-def evaluate(setting: Any, name: str, t: float) -> float | None:
-    """A number; a gradient interpolated linearly at t; or the value of the first filter contained in `name`."""
-    if isinstance(setting, (int, float)):
-        return float(setting)
-    if isinstance(setting, dict):
-        setting = [setting]
-    if all(isinstance(v, (int, float)) for v in setting):
-        scaled = t * (len(setting) - 1)
-        low = int(scaled)
-        high, frac = min(len(setting) - 1, low + 1), scaled - low
-        return (1 - frac) * setting[low] + frac * setting[high]
-    for cond in setting:
-        if cond.get("filter") in (None, "*") or cond["filter"] in name:
-            return evaluate(cond["value"], name, t)
-    return None
-
-
-def value(case: Case, key: str, expert: int, name: str, t: float) -> float:
-    for scope in (case.per_model[expert] if case.per_model else {}, case.shared):
-        if key in scope and (found := evaluate(scope[key], name, t)) is not None:
-            return found
-    raise KeyError(f"{case.label}: no {key} for {name}")
-
-
-def keep_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA's MagPrune keep probability of each entry: d - eps for the smallest |value| of a row, d + eps for the
-    largest, linear in the rank (rows along dim 1; a 1-D tensor is one row)."""
-    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).double()
-    span = (ranks.max(dim=1, keepdim=True).values - ranks.min(dim=1, keepdim=True).values).clamp(min=1)
-    return (density - epsilon + 2 * epsilon * ranks / span).reshape(tau.shape)
-
-
-def expected_changed(case: Case, theta0: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]]) -> float:
-    """The expected fraction of entries that move, 1 - prod_i (1 - p_i), p_i each expert's keep probability (its
-    density, or DELLA's per-entry one). With a sign election too: the elected sign is that of the sum of the kept
-    entries, which at least one of them shares, so an entry moves exactly when some expert keeps it."""
-    stay, total = 0.0, 0
-    t = convention(theta0)
-    for name, z in theta0.items():
-        unchanged = torch.ones(z.shape, dtype=torch.float64)
-        for i, expert in enumerate(experts):
-            d = min(1.0, value(case, "density", i, name, t[name]))
-            keep = (torch.full(z.shape, d, dtype=torch.float64) if case.method.startswith("dare") or d >= 1
-                    else keep_probabilities(expert[name].double() - z.double(), d,
-                                            value(case, "epsilon", i, name, t[name])))
-            unchanged *= 1 - keep
-        stay += float(unchanged.sum())
-        total += z.numel()
-    return 1 - stay / total
-
-
-def tied_cuts(case: Case, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor],
-              experts: list[dict[str, torch.Tensor]]) -> tuple[int, int, bool]:
-    """For the top-k methods: how many entries differ, and whether every one of them is where some expert's |tau|
-    equals the magnitude at one of its cuts shared by entries on both sides of it (a tie that each tool's sort
-    breaks its own way: mergekit's unstable torch.argsort/sort, Mergeflow's stable sort in index order)."""
-    t = convention(theta0)
-    differ, total, explained = 0, 0, True
-    for name, z in theta0.items():
-        total += z.numel()
-        where = (a[name] != b[name]).reshape(-1).nonzero().reshape(-1)
-        if not len(where):
-            continue
-        differ += len(where)
-        tied = torch.zeros(z.numel(), dtype=torch.bool)
-        for i, expert in enumerate(experts):
-            magnitude = (expert[name] - z).reshape(-1).abs()
-            n, ordered = magnitude.numel(), torch.sort(magnitude).values
-            density = value(case, "density", i, name, t[name])
-            if density >= 1:
-                continue
-            if case.method == "ties":
-                cuts = [n - max(1, int(density * n))]
-            else:
-                kept, top = int(density * n), int(value(case, "gamma", i, name, t[name]) * n)
-                low = max(0, n - kept - top)
-                cuts = [low, low + kept]
-            for cut in cuts:
-                if 0 < cut < n and ordered[cut - 1] == ordered[cut]:
-                    tied |= magnitude == ordered[cut]
-        explained &= bool(tied[where].all())
-    return differ, total, explained
-
-
-def slerp64(t: float, v0: torch.Tensor, v1: torch.Tensor, threshold: float = 0.9995) -> torch.Tensor:
-    a, b = v0.double().reshape(-1), v1.double().reshape(-1)
-    dot = float((a / a.norm()) @ (b / b.norm()))
-    dot = max(-1.0, min(1.0, dot))
-    if abs(dot) > threshold:
-        return (1 - t) * v0.double() + t * v1.double()
-    theta = math.acos(dot)
-    return (math.sin((1 - t) * theta) * v0.double() + math.sin(t * theta) * v1.double()) / math.sin(theta)
-
-
-def model_stock64(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
-    """Model Stock in float64: t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the task vectors
-    (per row of the last axis with filter_wise), theta = t mean_i theta_i + (1 - t) theta_0."""
-    rows = (lambda w: w.double().reshape(-1, w.shape[-1])) if filter_wise and w0.dim() > 1 else (
-        lambda w: w.double().reshape(1, -1))
-    base, offsets = rows(w0), [rows(w) - rows(w0) for w in ws]
-    cos = torch.stack([(x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp(min=1e-6)
-                       for i, x in enumerate(offsets) for y in offsets[i + 1:]]).clamp(-1, 1).mean(0)[:, None]
-    n = len(ws)
-    t = n * cos / (1 + (n - 1) * cos)
-    return (t * (sum(rows(w) for w in ws) / n) + (1 - t) * base).reshape(w0.shape)
-
-
-def exact_errors(case: Case, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
-                 theta0: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    """Each tool's relative error against the same merge computed in float64 (SLERP, Model Stock)."""
-    t = convention(theta0)
-    if case.method == "slerp":
-        exact = {n: slerp64(evaluate(case.shared["t"], n, t[n]), z, experts[0][n]) for n, z in theta0.items()}
-    else:
-        exact = {n: model_stock64(z, [e[n] for e in experts], case.shared["filter_wise"]) for n, z in theta0.items()}
-    return rel_error(a, exact, theta0), rel_error(b, exact, theta0)
-
-
-def depth_readback(out: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor],
-                   experts: list[dict[str, torch.Tensor]], gradient: tuple[float, float]) -> dict[str, float]:
-    """Per tensor, the t at which weight [w0, w1] was evaluated: merged - theta_0 = w(t) sum_i tau_i."""
-    w0, w1 = gradient
-    ts = {}
-    for name, z in theta0.items():
-        s = sum(e[name].double() - z.double() for e in experts)
-        w = float(((out[name].double() - z.double()) * s).sum() / (s * s).sum())
-        ts[name] = (w - w0) / (w1 - w0)
-    return ts
-
-
-# ---------------------------------------------------------------------------------------------------- main
 
 
 def run_set(kind: str, base: Path, experts: list[Path], cases: list[Case], args: argparse.Namespace,
