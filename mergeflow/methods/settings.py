@@ -107,7 +107,3 @@ def check_range(setting: Setting | None, field: str, accept: Callable[[float], b
             raise ValueError(f"{field}: {value} is outside {bounds}")
     return setting
 
-
-def is_plain(setting: Setting | None) -> bool:
-    """Whether a setting is one number for every tensor (no gradient, no filter)."""
-    return setting is None or isinstance(setting, (int, float))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from mergeflow.config import AUTO, MergeSpec, RunConfig
+from mergeflow.config import MergeSpec, RunConfig
 from mergeflow.errors import MergeflowError
 from mergeflow.families import get_family
 from mergeflow.plan import Node, Plan
@@ -189,11 +189,8 @@ class _Resolver:
 
     def merge(self, node: Node) -> None:
         spec, label = node.spec, node.id.split(":", 1)[1]
-        if spec.sweep is not None:
+        if spec.sweep is not None:  # resolved by select_point (an `auto` merge waits on its search: `needs`)
             spec = self.chosen[label]
-        elif spec.method == AUTO:
-            self.status[node.id] = f"after {node.inputs[-1]}"  # the search's winner decides it
-            return
         learns = merge_stage.needs_objective(spec)
         uri = merge_stage.merge_location(self.config.name, label, spec, self.refs["pretrained"], self.experts(),
                                          self.store.root, self.statistics_of(node),
