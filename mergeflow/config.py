@@ -360,6 +360,8 @@ class MergeDataConfig(StrictModel):
     max_length: int = Field(64, ge=8, description="tokens per text (text families)")
     batch_size: int = Field(16, ge=1, description="examples per task per objective step, and per forward pass when "
                             "scoring a --tune grid")
+    tuning: TuningConfig = Field(default_factory=TuningConfig, description="--tune and --method auto: the rule and "
+                                 "the validation examples per task (as a run config's `tuning`)")
 
 
 def load_yaml_model(path: str | Path, model: type[BaseModel]) -> Any:

@@ -20,8 +20,9 @@ def accuracy(head: ClassificationHead, features: Tensor, labels: Tensor | Sequen
 
 
 def normalized_accuracy(model_acc: Mapping[str, float], expert_acc: Mapping[str, float]) -> dict[str, float]:
-    """Per task, the model's accuracy over that task's own expert's accuracy."""
-    return {task: acc / expert_acc[task] for task, acc in model_acc.items()}
+    """Per task, the model's accuracy over that task's own expert's accuracy (NaN, undefined, where the expert
+    scores 0)."""
+    return {task: acc / expert_acc[task] if expert_acc[task] else float("nan") for task, acc in model_acc.items()}
 
 
 def format_results_table(

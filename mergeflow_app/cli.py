@@ -29,81 +29,35 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"endpoint_url": args.s3_endpoint} if args.s3_endpoint else {}
 
 
-def _data_inputs(args: argparse.Namespace, params: dict[str, Any]) -> tuple[list[str] | None, Any]:
-    """(statistics files, objective) for a data-aware method from `--data`; checks everything cheap first."""
-    from mergeflow.checkpoints import open_checkpoint
-    from mergeflow.config import MergeDataConfig, load_yaml_model
-    from mergeflow.merge_data import build_objective, expert_statistics, load_task_inputs
-    from mergeflow.methods import build_method
-    from mergeflow.methods.data_aware import DataAwareMethod
-    from mergeflow.content_cache import ContentCache
-    from mergeflow.task_vectors import resolve_device
-    from mergeflow.validation import validate_compatible
-
-    method = build_method(args.method, params)
-    statistics, objective = args.statistics, None
-    if not args.data:
-        return statistics, objective
-    wants_statistics = isinstance(method, DataAwareMethod) and not statistics
-    if not (wants_statistics or method.needs_objective):
-        raise MergeflowError(f"--data: method {args.method!r} reads no task data"
-                             + (" (its statistics were given with --statistics)" if statistics else ""))
-    config = load_yaml_model(args.data, MergeDataConfig)
-    options, cache = _storage_options(args), ContentCache()
-    if not args.overwrite:
-        from mergeflow.storage import exists
-
-        if exists(args.out, options):
-            raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
-    base = open_checkpoint(args.base, storage_options=options, cache=cache)
-    experts = [open_checkpoint(uri, storage_options=options, cache=cache) for uri in args.expert]
-    try:
-        validate_compatible(base, experts)
-    finally:
-        for ckpt in (base, *experts):
-            ckpt.close()
-    needed = ({config.statistics.split} if wants_statistics else set()) | (
-        {config.unlabeled_split} if method.needs_objective else set())
-    tasks = load_task_inputs(config, len(args.expert), cache, options, splits=sorted(needed))
-    device = resolve_device(args.device)
-    if wants_statistics:
-        statistics = expert_statistics(config, method.statistic_kinds(), args.expert, tasks, cache, options,
-                                       device=device, progress=True)
-    if method.needs_objective:
-        objective = build_objective(config, args.base, tasks, cache, options, device=device)
-    return statistics, objective
-
-
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergeflow.merge import merge_checkpoints
-    from mergeflow_app.tuning import searched_method, tuned_params
+    from mergeflow_app.tuning import merge_inputs, searched_method, tuned_params
 
     from mergeflow_app.mergekit_args import apply_mergekit_config, print_mergekit
 
     apply_mergekit_config(args)
-    params, precomputed = getattr(args, "mergekit_params", None) or _parse_params(args.param), None
+    params, run = getattr(args, "mergekit_params", None) or _parse_params(args.param), None
     if args.print_mergekit:
         return print_mergekit(args, params)
+    options = _storage_options(args)
     if args.method == "auto":
-        args.method, params, precomputed = searched_method(args, _storage_options(args))
+        run, args.method, params = searched_method(args, options)
     elif args.candidates or args.budget or args.max_seconds:
         raise MergeflowError("--candidates, --budget and --max-seconds belong to --method auto")
     elif args.tune:
-        params = tuned_params(args, params, _storage_options(args))
+        run, params = tuned_params(args, params, options)
     if args.as_adapter:
         from mergeflow.checkpoints.lora import merge_adapters
 
         record = merge_adapters(args.method, params, args.base, args.expert, args.out,
-                                storage_options=_storage_options(args), overwrite=args.overwrite)
+                                storage_options=options, overwrite=args.overwrite)
         print(f"merged {len(args.expert)} LoRA adapters with {args.method} into one adapter at {args.out} "
               f"(rank per module: {min(record['ranks'].values(), default=0)}-{max(record['ranks'].values(), default=0)})")
         return 0
-    statistics, objective = _data_inputs(args, params)
     result = merge_checkpoints(args.method, args.base, args.expert, args.out, params,
-                               device=args.device, shard_size=args.shard_size,
-                               storage_options=_storage_options(args), overwrite=args.overwrite, progress=True,
-                               statistics=statistics, objective=objective, window=args.window,
-                               precomputed=precomputed, out_dtype=args.out_dtype)
+                               device=args.device, shard_size=args.shard_size, storage_options=options,
+                               overwrite=args.overwrite, progress=True, window=args.window, out_dtype=args.out_dtype,
+                               **merge_inputs(args, params, options, run))
     experts = sum(ref.role == "expert" for ref in result.inputs)
     print(f"merged {experts} experts with {result.method} {json.dumps(result.params)} "
           f"in {result.seconds:.1f} s")
@@ -255,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(see MergeDataConfig); computes missing statistics, builds AdaMerging's objective")
     merge.add_argument("--tune", metavar="YAML", help="pick the method's coefficients on each task's validation "
                        "split first (a data config as for --data); the grid comes from --grid or the default")
+    merge.add_argument("--store", default=".mergeflow/store", metavar="ROOT",
+                       help="--tune, --data, --method auto: the store their stages keep results in (statistics, "
+                            "scores, passes), a flow's `storage.root`: what one computed the other reuses "
+                            "(default .mergeflow/store, the flow's default)")
     merge.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                        help="coefficient values for --tune (repeat per parameter)")
     merge.add_argument("--candidates", metavar="M1,M2", help="--method auto: the methods to search (default: every "

@@ -1,11 +1,12 @@
-"""`mergeflow merge --tune`: a method's coefficients, or with `--method auto` the method too, chosen on each
-task's validation split before the merge (`mergeflow.merge_data`)."""
+"""`mergeflow merge --tune`, `--method auto` and `--data`: the flow's stages run in process over a store
+(`mergeflow.stages.in_process`): the method's coefficients, or the method too, chosen on each task's validation
+split, the statistics and objective a data-aware or learned method reads, and the merge's inputs as the flow's merge
+stage reads them."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -13,13 +14,36 @@ import yaml
 from mergeflow.errors import MergeflowError
 
 
-def tuned_params(args: argparse.Namespace, params: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """`--tune DATA_CONFIG`: pick the method's coefficients on validation data (grid from --grid or the default)."""
+def stage_run(args: argparse.Namespace, data_config: str, options: dict[str, Any]) -> Any:
+    """The `InProcessRun` of the command line's inputs over `--store` (checked before any model runs)."""
+    from mergeflow.checkpoints import open_checkpoint
     from mergeflow.config import MergeDataConfig, load_yaml_model
-    from mergeflow.merge_data import load_task_inputs, tune
     from mergeflow.content_cache import ContentCache
+    from mergeflow.stages.in_process import open_run
+    from mergeflow.stages.store import Store
+    from mergeflow.validation import validate_compatible
+
+    config = load_yaml_model(data_config, MergeDataConfig)
+    if not args.overwrite:
+        from mergeflow.storage import exists
+
+        if exists(args.out, options):
+            raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
+    cache = ContentCache()
+    checkpoints = [open_checkpoint(uri, storage_options=options, cache=cache) for uri in (args.base, *args.expert)]
+    try:
+        validate_compatible(checkpoints[0], checkpoints[1:])
+    finally:
+        for ckpt in checkpoints:
+            ckpt.close()
+    return open_run(config, args.base, args.expert, Store(args.store, options, cache), args.device)
+
+
+def tuned_params(args: argparse.Namespace, params: dict[str, Any], options: dict[str, Any]
+                 ) -> tuple[Any, dict[str, Any]]:
+    """`--tune DATA_CONFIG`: the method's coefficients picked on validation data (grid from --grid or the
+    default), with every point's scores printed; returns (the run, the chosen parameters)."""
     from mergeflow.sweep import default_grid
-    from mergeflow.task_vectors import resolve_device
 
     grid = {}
     for item in args.grid:
@@ -28,28 +52,19 @@ def tuned_params(args: argparse.Namespace, params: dict[str, Any], options: dict
             raise MergeflowError(f"--grid {item!r}: expected key=v1,v2,...")
         grid[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
     grid = grid or default_grid(args.method)
-    config = load_yaml_model(args.tune, MergeDataConfig)
-    cache = ContentCache()
-    tasks = load_task_inputs(config, len(args.expert), cache, options, splits=("validation",))
-    chosen, scores = tune(args.method, params, grid, args.base, args.expert, config, tasks, cache, options,
-                          device=resolve_device(args.device))
+    run = stage_run(args, args.tune, options)
+    chosen, scores = run.tune(args.method, params, grid, run.config.tuning)
     for score in scores:
         mark = "  <- chosen" if score.params == chosen else ""
         print(f"  {json.dumps({k: score.params[k] for k in grid})}: validation avg {100 * score.avg:.1f}%, "
               f"norm. avg {100 * score.norm_avg:.1f}%{mark}")
-    return chosen
+    return run, chosen
 
 
-def searched_method(args: argparse.Namespace, options: dict[str, Any]
-                    ) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+def searched_method(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
     """`--method auto --tune DATA_CONFIG`: the best method and coefficients by successive halving on validation
-    data (`mergeflow.search`), with the leaderboard printed; and, for a winner that needed a merge of its own (DOGE,
-    data-aware, learned), its merged tensors as the search computed them, for the merge to write (not redo)."""
-    import tempfile
-    from mergeflow.config import MergeDataConfig, SearchConfig, load_yaml_model
-    from mergeflow.content_cache import ContentCache
-    from mergeflow.merge_data import load_task_inputs, search
-    from mergeflow.task_vectors import resolve_device
+    data (`mergeflow.search`), with the leaderboard printed; returns (the run, method, parameters)."""
+    from mergeflow.config import SearchConfig
 
     if not args.tune:
         raise MergeflowError("--method auto searches on validation data: give --tune DATA_CONFIG")
@@ -59,37 +74,38 @@ def searched_method(args: argparse.Namespace, options: dict[str, Any]
     settings = SearchConfig(methods=[m.strip() for m in args.candidates.split(",")] if args.candidates else None,
                             max_evaluations=args.budget, max_seconds=args.max_seconds)
     settings.candidates()  # a bad method name fails before any data is read
-    config = load_yaml_model(args.tune, MergeDataConfig)
-    cache = ContentCache()
-    tasks = load_task_inputs(config, len(args.expert), cache, options,
-                             splits=sorted({"validation", config.statistics.split}))
-    # merges kept for later rungs sit in the content cache's folder (MERGEFLOW_CACHE), which has room for models
-    with tempfile.TemporaryDirectory(prefix="search-", dir=cache.root) as merged_dir:
-        result = search(settings, args.base, args.expert, config, tasks, cache, options,
-                        device=resolve_device(args.device), progress=True, merged_dir=Path(merged_dir))
-        winner = _kept_merge(Path(merged_dir), result.winner.method, result.winner.params)
+    run = stage_run(args, args.tune, options)
+    result = run.search(settings, run.config.tuning)
     print(f"search: {result.rungs_done} of {result.rungs_planned} rungs, {result.examples_scored} validation "
           f"examples per task, {result.seconds:.1f} s" + (f"; stopped early: {result.stopped}" if result.stopped
                                                           else ""))
     for row in result.leaderboard():
         scores = ", ".join(f"{k}: {v}" for k, v in row.items() if k.startswith("rung "))
         print(f"  {row['candidate']:48s} {scores}{'  <- chosen' if row['chosen'] else ''}")
-    if result.winner.method != "average" and _is_data_aware(result.winner.method):
-        args.data = args.tune  # the winner's statistics: the same cached files
-    return result.winner.method, dict(result.winner.params), winner
+    return run, result.winner.method, dict(result.winner.params)
 
 
-def _kept_merge(merged_dir: Path, method: str, params: dict[str, Any]) -> dict[str, Any] | None:
-    from safetensors.torch import load_file
-
-    from mergeflow.merge_data import kept_merge_name
-
-    path = merged_dir / kept_merge_name(method, params)
-    return load_file(str(path)) if path.exists() else None
-
-
-def _is_data_aware(method: str) -> bool:
-    from mergeflow.methods import method_class
+def merge_inputs(args: argparse.Namespace, params: dict[str, Any], options: dict[str, Any], run: Any = None
+                 ) -> dict[str, Any]:
+    """The `merge_checkpoints` keywords a merge reads from the stages: with `--tune` (its `run`) or `--data`, its
+    statistics (unless given with `--statistics`), objective, stored pass and subspaces, and the point a sweep or
+    search computed; else the given `--statistics`. Everything cheap is checked first."""
+    from mergeflow.config import MergeSpec
+    from mergeflow.methods import build_method
     from mergeflow.methods.data_aware import DataAwareMethod
 
-    return issubclass(method_class(method), DataAwareMethod)
+    method = build_method(args.method, params)
+    if args.data and run is not None and args.data != args.tune:
+        raise MergeflowError("--data and --tune name different data configs: --tune's serves the merge too")
+    if args.data and run is None:
+        wants_statistics = isinstance(method, DataAwareMethod) and not args.statistics
+        if not (wants_statistics or method.needs_objective):
+            raise MergeflowError(f"--data: method {args.method!r} reads no task data"
+                                 + (" (its statistics were given with --statistics)" if args.statistics else ""))
+        run = stage_run(args, args.data, options)
+    if run is None:
+        return {"statistics": args.statistics}
+    # a learned point chosen on validation learned on the validation inputs: its merge does too
+    inputs = run.merge_inputs(MergeSpec(method=args.method, params=params), tuned=bool(args.tune),
+                              with_statistics=not args.statistics)
+    return {**inputs, "statistics": args.statistics} if args.statistics else inputs

@@ -26,12 +26,13 @@ def head_location(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: Ev
 
 
 def prepare_dataset(task: str, data: DataConfig, store: Store, dataset: str | None = None,
-                    family: str = "hf_text") -> ObjectRef:
+                    family: str = "hf_text", field: str | None = None) -> ObjectRef:
     """Read a built-in task's real data, split it, and store it in its family's layout; or check a user's dataset
-    directory (`dataset`, used where it is) and reference it by its content digest."""
+    directory (`dataset`, used where it is) and reference it by its content digest (errors name config `field`,
+    default `tasks[<task>].dataset`)."""
     reader = get_family(family)
     if dataset is not None:
-        field = f"tasks[{task}].dataset"
+        field = field or f"tasks[{task}].dataset"
         path, files = store.input_directory(dataset, field, recursive=True)
         try:
             reader.read_dataset(path, task, splits=[])  # the layout, before any model runs
@@ -48,18 +49,20 @@ def prepare_dataset(task: str, data: DataConfig, store: Store, dataset: str | No
 
 
 def fit_head(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalConfig, store: Store,
-             device: str = "auto", head: str | None = None) -> ObjectRef:
-    """The task's frozen head: the user's file `head` (checked against the task's classes), or one made from the
-    pretrained model by its family (a linear probe on the probe split, a CLIP zero-shot head, a seq2seq prompt)."""
+             device: str = "auto", head: str | None = None, field: str | None = None) -> ObjectRef:
+    """The task's frozen head: the user's file `head` (checked against the task's classes; errors name config
+    `field`, default `tasks[<task>].head`), or one made from the pretrained model by its family (a linear probe on
+    the probe split, a CLIP zero-shot head, a seq2seq prompt)."""
     from mergeflow.task_vectors import resolve_device
 
     family = family_of(base)
     if head is not None:
-        field = f"tasks[{task}].head ({head})"
+        field = field or f"tasks[{task}].head"
         try:
             local = store.fetch(head)
         except (FileNotFoundError, ObjectNotFoundError):
-            raise ConfigError(f"tasks[{task}].head: {head} not found") from None
+            raise ConfigError(f"{field}: {head} not found") from None
+        field = f"{field} ({head})"
         family.check_head(family.load_head(local.path, field), store.read_task(task, dataset, base, splits=[]), field)
         return ObjectRef(uri=head, sha256=local.sha256)
     uri = head_location(task, base, dataset, evaluation, store.root)
