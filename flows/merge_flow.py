@@ -28,6 +28,7 @@ from tasks.artifacts import publish_artifacts
 from tasks.evaluate import evaluate
 from tasks.fetch import fetch_expert, fetch_latest_expert, fetch_pretrained, prepare_dataset
 from tasks.finetune import finetune_expert, fit_head
+from tasks.hygiene import check_overlap
 from tasks.merge import assemble_merge, build_subspace, merge, merge_part, sparsify
 from tasks.progress import CLOCK
 from tasks.runners import (configured_task_runner, describe_runner, release_pool_workers, stopping_workers,
@@ -97,10 +98,13 @@ def _run(config: RunConfig, parent: str) -> dict[str, Any]:
     plan = dict(zip(config.merge_labels(), config.merges))
     registers = bool(config.tracking.registered_model)
     # validation scores of the experts: the reference of every choice (sweeps, the model to register and promote)
-    expert_val = (score_on_validation(config, parent, base, experts, eval_inputs)
-                  if registers or any(spec.sweep is not None or spec.method == AUTO for spec in plan.values())
-                  else {})
+    chooses = registers or any(spec.sweep is not None or spec.method == AUTO for spec in plan.values())
+    expert_val = score_on_validation(config, parent, base, experts, eval_inputs) if chooses else {}
+    # validation examples that are also training examples bias every choice: warned about before scoring
+    overlap = check_overlap.submit(base, eval_inputs, storage, config.tracking, parent) if chooses else None
     plan.update(tune(config, parent, plan, base, experts, eval_inputs, expert_val, subspaces, statistics))
+    if overlap is not None:
+        overlap.result()
     merged_futures = {label: (spec, _submit_merge(config, parent, label, spec, base, experts, eval_inputs,
                                                   statistics, subspaces))
                       for label, spec in plan.items()}

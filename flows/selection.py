@@ -61,7 +61,7 @@ def tune(config: RunConfig, parent: str, plan: dict[str, MergeSpec], base, exper
               for label, spec in searched.items()}
     for label, spec in swept.items():
         points = [params for params, _ in futures[label]]
-        accuracies = [future.result() for _, future in futures[label]]
+        accuracies = [future.result()["accuracy"] for _, future in futures[label]]
         params = select_point(label, spec, points, accuracies, expert_acc, tuning, config.tracking, parent)
         chosen[label] = MergeSpec(method=spec.method, params=params)
     return chosen
@@ -96,16 +96,11 @@ def _search(config: RunConfig, parent: str, label: str, spec: MergeSpec, base, e
               "per task")
         return accuracies
 
-    def experts_at(examples: int) -> dict[str, float]:  # normalised scores divide by the experts on the same texts
-        if examples == tuning.max_examples:
-            return expert_acc
-        futures = score_on_validation(config, parent, base, experts, eval_inputs, examples=examples)
-        return {name: future.result()[name] for name, future in futures.items()}
-
-    result = successive_halving(pool, score_rung, experts_at, min_examples=search.min_examples,
+    # normalised scores divide by each expert's accuracy measured once, on the cap's examples (never a rung's few)
+    result = successive_halving(pool, score_rung, expert_acc, min_examples=search.min_examples,
                                 max_examples=tuning.max_examples, eta=search.eta, rule=tuning.rule,
                                 floor=tuning.floor, max_evaluations=search.max_evaluations,
-                                max_seconds=search.max_seconds)
+                                max_seconds=search.max_seconds, confidence=search.confidence)
     chosen = record_search(label, result, config.tracking, parent, run_id)
     print(f"search {label}: chose {result.winner.name} (validation norm. avg "
           f"{100 * result.winner_score.norm_avg:.1f}%) from {len(pool)} candidates in {result.seconds:.0f} s"

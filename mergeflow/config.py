@@ -173,6 +173,9 @@ class SearchConfig(StrictModel):
     min_examples: int = Field(10, ge=1, description="validation examples per task at the first rung")
     eta: int = Field(3, ge=2, le=10, description="each rung keeps the best 1/eta and scores eta times as many "
                      "examples, up to tuning.max_examples")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="racing: a rung also keeps every candidate not "
+                              "below its leader at this one-sided confidence (paired differences on the same "
+                              "examples); a close call at the last rung is settled on more examples")
     max_evaluations: int | None = Field(None, ge=1, description="budget: validation examples scored per task over "
                                         "every candidate and rung; the search stops at the last whole rung it "
                                         "covers (empty: no limit)")

@@ -10,13 +10,22 @@ from torch import Tensor
 from mergeflow.heads import ClassificationHead
 
 
-def accuracy(head: ClassificationHead, features: Tensor, labels: Tensor | Sequence[int]) -> float:
-    """Share of rows whose highest logit is the label, in [0, 1]."""
+def correct(head: ClassificationHead, features: Tensor, labels: Tensor | Sequence[int]) -> Tensor:
+    """Per row, whether its highest logit is the label (bool)."""
     labels = torch.as_tensor(labels, dtype=torch.long)
     if len(labels) == 0:
         raise ValueError("accuracy of an empty set")
-    predictions = head.logits(features).argmax(dim=-1).cpu()
-    return float((predictions == labels).float().mean())
+    return head.logits(features).argmax(dim=-1).cpu() == labels
+
+
+def accuracy(head: ClassificationHead, features: Tensor, labels: Tensor | Sequence[int]) -> float:
+    """Share of rows whose highest logit is the label, in [0, 1]."""
+    return float(correct(head, features, labels).float().mean())
+
+
+def scored(hits: Tensor) -> tuple[float, list[int]]:
+    """(accuracy, each example's credit 1/0) of a bool vector, the accuracy exactly as `accuracy` computes it."""
+    return float(hits.float().mean()), hits.int().tolist()
 
 
 def normalized_accuracy(model_acc: Mapping[str, float], expert_acc: Mapping[str, float]) -> dict[str, float]:

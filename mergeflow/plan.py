@@ -95,7 +95,8 @@ def pass_key(spec: MergeSpec) -> str | None:
 
 def search_rungs(spec: MergeSpec, max_examples: int) -> list[tuple[int, int]]:
     """(examples per task, candidates scored) of each rung of an `auto` search that runs every rung: the survivors
-    after each rung estimated as ceil(alive / eta)."""
+    after each rung estimated as ceil(alive / eta) (at least that many: racing also keeps every candidate not
+    significantly below the leader, and a close call adds a rung)."""
     search = spec.search_settings()
     alive, rungs = len(search.candidates()), []
     for examples in rung_sizes(search.min_examples, max_examples, search.eta):
@@ -138,6 +139,8 @@ def compile_plan(config: RunConfig) -> Plan:
     expert_val = [plan.add(f"evaluate:expert-{n}-validation", "evaluate", [f"expert:{n}", *data], "validation",
                            model=f"expert:{n}", task=n, split="validation", examples=config.tuning.max_examples)
                   for n in tasks] if registers or tuned else []
+    if registers or tuned:  # validation examples that are also training examples: warned about before scoring
+        plan.add("overlap", "check_overlap", [base, *data], "validation vs train inputs")
     passes: dict[str, str] = {}
 
     def reads(spec: MergeSpec) -> list[str]:
@@ -168,10 +171,6 @@ def compile_plan(config: RunConfig) -> Plan:
                              "candidates")]
         candidates = spec.search_settings().candidates()
         for rung, (examples, alive) in enumerate(search_rungs(spec, config.tuning.max_examples)):
-            if rung:  # the experts' validation accuracy on the rung's examples normalises its scores
-                previous += [plan.add(f"evaluate:expert-{n}-validation-{examples}", "evaluate",
-                                      [f"expert:{n}", *data], f"validation, {examples} examples", model=f"expert:{n}",
-                                      task=n, split="validation", examples=examples) for n in tasks]
             points = [MergeSpec(method=c.method, params=c.params) for c in candidates[:alive]]
             previous = [plan.add(f"search:{label}:{rung}:{j}", "sweep_point", [*reads(point), *data, *previous[:1]],
                                  f"{candidates[j].name}, {examples} examples", spec=point, split="validation",

@@ -2,9 +2,11 @@
 
 Every method that applies to the inputs is a set of candidates, one per point of its grid (`AUTO_GRIDS`, or the
 config's own). Rung 0 scores every candidate on the first few validation examples of each task; each later rung
-keeps the best 1/eta of the previous one and scores it on eta times as many examples, up to the full validation
-cap, where the winner is chosen. A budget (examples scored, seconds) stops the search early at the last whole rung.
-The scores are those of `mergeflow.sweep` (validation only); the caller evaluates the winner on test.
+keeps the best 1/eta of the previous one, and every other candidate not significantly below its leader (a paired,
+one-sided bound on the same examples), and scores them on eta times as many examples, up to the validation cap,
+where the winner is chosen (a close call there is settled on more examples). A budget (examples scored, seconds)
+stops the search early at the last whole rung. The scores are those of `mergeflow.sweep` (validation only); the
+caller evaluates the winner on test.
 """
 
 from __future__ import annotations
@@ -143,40 +145,107 @@ class SearchResult:
         return ordered
 
 
-Scorer = Callable[[int, int, Sequence[Candidate]], Sequence[Mapping[str, float]]]
+@dataclass(frozen=True)
+class Scored:
+    """One candidate's validation result at a rung: accuracy per task and, where the family gives them, each
+    example's credit per task ("0110...": 1 correct, 0 not), in the same example order for every candidate."""
+
+    accuracy: Mapping[str, float]
+    correct: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, result: Scored | Mapping[str, Any]) -> Scored:
+        """A scorer's result: a `Scored`, a sweep point's record ({"accuracy", "correct"}) or plain accuracies."""
+        if isinstance(result, Scored):
+            return result
+        if "accuracy" in result and isinstance(result["accuracy"], Mapping):
+            return cls(result["accuracy"], result.get("correct") or {})
+        return cls(result)
+
+
+Scorer = Callable[[int, int, Sequence[Candidate]], Sequence[Scored | Mapping[str, Any]]]
 
 
 def rank(scored: Sequence[tuple[int, PointScore]]) -> list[int]:
-    """Candidate indices best first: by score, ties to the earlier candidate."""
+    """Candidate indices best first: by score; exact ties (left after more data) to the earlier candidate."""
     return [i for i, _ in sorted(scored, key=lambda item: (-item[1].score, item[0]))]
 
 
-ExpertAccuracy = Mapping[str, float] | Callable[[int], Mapping[str, float]]
+def task_weights(tasks: Sequence[str], expert_accuracy: Mapping[str, float], rule: Rule) -> dict[str, float]:
+    """How much one task's accuracy counts in the rule's score: 1 / (T x the expert's accuracy) for normalised
+    accuracy (0 where the expert scores 0), 1 / T for the plain average."""
+    if rule == "acc.avg":
+        return {t: 1 / len(tasks) for t in tasks}
+    return {t: 1 / (len(tasks) * expert_accuracy[t]) if expert_accuracy[t] > 0 else 0.0 for t in tasks}
 
 
-def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_accuracy: ExpertAccuracy, *,
+def paired_gap(other: Scored, leader: Scored, weights: Mapping[str, float]) -> tuple[float, float]:
+    """(other's score minus the leader's, the standard error of that difference) from the per-example paired
+    differences on each task: SE^2 = sum_t w_t^2 s_t^2 / n_t, with s_t^2 the sample variance of the n_t paired
+    differences (credit of `other` minus the leader's) on task t. A task without credits adds no error."""
+    gap = sum(w * (other.accuracy[t] - leader.accuracy[t]) for t, w in weights.items())
+    variance = 0.0
+    for t, w in weights.items():
+        a, b = other.correct.get(t), leader.correct.get(t)
+        if not a or not b or len(a) != len(b) or len(a) < 2:
+            continue
+        diffs = [int(x) - int(y) for x, y in zip(a, b)]
+        mean = sum(diffs) / len(diffs)
+        variance += w * w * (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) / len(diffs)
+    return gap, math.sqrt(variance)
+
+
+def not_below(scored: Mapping[int, tuple[PointScore, Scored]], leader: int, weights: Mapping[str, float],
+              z: float) -> list[int]:
+    """The candidates whose score is not significantly below the leader's: gap + z x SE >= 0 (one-sided, paired);
+    a floor-rule score of -inf is below any finite one."""
+    best_score, best = scored[leader]
+    out = []
+    for i, (score, result) in scored.items():
+        if math.isinf(score.score) and not math.isinf(best_score.score):
+            continue
+        gap, error = paired_gap(result, best, weights)
+        if gap + z * error >= -1e-12:
+            out.append(i)
+    return out
+
+
+def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_accuracy: Mapping[str, float], *,
                        min_examples: int, max_examples: int, eta: int = 3, rule: Rule = "norm_acc.avg",
                        floor: float = 0.0, max_evaluations: int | None = None, max_seconds: float | None = None,
-                       clock: Callable[[], float] = time.monotonic) -> SearchResult:
-    """Run the search: `score_rung(rung, examples, candidates)` returns each candidate's validation accuracy per
-    task on the first `examples` validation examples of every task (the caller scores a rung's candidates at once,
-    in parallel if it can). Normalized accuracy divides by each expert's accuracy on its own task, on the same
-    examples: `expert_accuracy(examples)` (a mapping instead serves every rung, e.g. when all rungs share them).
+                       confidence: float = 0.95, clock: Callable[[], float] = time.monotonic) -> SearchResult:
+    """Run the search, racing: `score_rung(rung, examples, candidates)` returns each candidate's validation result
+    (`Scored`: accuracy per task and, where the family gives them, each example's credit) on the first `examples`
+    validation examples of every task (the caller scores a rung's candidates at once, in parallel if it can).
+    Normalised accuracy divides by each expert's accuracy on its own task, measured once (`expert_accuracy`, on
+    the cap's examples), never on a rung's few.
+
+    Each rung keeps its best 1/eta and, beyond them, every candidate whose score is not significantly below the
+    leader's (`not_below`: paired differences on the same examples, one-sided at `confidence`), so a candidate is
+    never cut by order or by noise. At the last rung, if others are not significantly below the leader, the close
+    ones are scored once more on eta times the examples (as many as the split holds): a close decision is settled by
+    more data; only candidates identical on every example scored fall back to the earlier one.
 
     `max_evaluations` bounds the validation examples scored per task over every candidate and rung; a rung that
     would pass it, or that starts after `max_seconds`, is not run and the best of the last whole rung wins. The
     first rung must fit the budget (else a ConfigError, before any work)."""
+    from statistics import NormalDist
+
     sizes = rung_sizes(min_examples, max_examples, eta)
     if max_evaluations is not None and len(pool) * sizes[0] > max_evaluations:
         raise ConfigError(f"search: the budget of {max_evaluations} validation examples per task does not cover the "
                           f"first rung ({len(pool)} candidates x {sizes[0]} examples = {len(pool) * sizes[0]}); "
                           "raise search.max_evaluations or search fewer methods")
+    z = NormalDist().inv_cdf(confidence)
     started = clock()
     survivors = list(range(len(pool)))
     entries: list[Entry] = []
     spent, stopped, timings = 0, None, []
     best: tuple[int, PointScore] | None = None
-    for rung, examples in enumerate(sizes):
+    last_counts: dict[str, int] = {}
+    rung, planned = 0, len(sizes)
+    while rung < planned:
+        examples = sizes[rung] if rung < len(sizes) else sizes[-1] * eta ** (rung - len(sizes) + 1)
         if rung and max_evaluations is not None and spent + len(survivors) * examples > max_evaluations:
             stopped = f"budget: rung {rung} needs {len(survivors) * examples} more examples per task, " \
                       f"{max_evaluations - spent} left of {max_evaluations}"
@@ -185,21 +254,31 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
             stopped = f"time: {clock() - started:.0f} s spent of {max_seconds:.0f} s before rung {rung}"
             break
         rung_started = clock()
-        accuracies = score_rung(rung, examples, [pool[i] for i in survivors])
+        results = [Scored.of(r) for r in score_rung(rung, examples, [pool[i] for i in survivors])]
         spent += len(survivors) * examples
-        experts = expert_accuracy(examples) if callable(expert_accuracy) else expert_accuracy
-        scored = [(i, score_point(pool[i].params, acc, experts, rule, floor))
-                  for i, acc in zip(survivors, accuracies, strict=True)]
-        rung_entries = {i: Entry(rung, examples, pool[i], s) for i, s in scored}
+        scored = {i: (score_point(pool[i].params, r.accuracy, expert_accuracy, rule, floor), r)
+                  for i, r in zip(survivors, results, strict=True)}
+        rung_entries = {i: Entry(rung, examples, pool[i], s) for i, (s, _) in scored.items()}
         entries += rung_entries.values()
-        order = rank(scored)
-        best = (order[0], dict(scored)[order[0]])
-        survivors = order[:kept(len(order), eta)] if rung < len(sizes) - 1 else order[:1]
+        order = rank([(i, s) for i, (s, _) in scored.items()])
+        best = (order[0], scored[order[0]][0])
+        weights = task_weights(list(results[0].accuracy), expert_accuracy, rule)
+        close = not_below(scored, order[0], weights, z)
+        counts = {t: len(c) for t, c in results[0].correct.items()}
+        timings.append(round(clock() - rung_started, 2))
+        if rung < len(sizes) - 1:
+            halving = order[:kept(len(order), eta)]
+            survivors = halving + [i for i in order if i in close and i not in halving]
+        elif len(close) > 1 and counts and counts != last_counts:  # a close call, and the split had more examples
+            survivors, planned = [i for i in order if i in close], planned + 1
+        else:
+            survivors = order[:1]
+        last_counts = counts
         for i in survivors:
             rung_entries[i].promoted = True
-        timings.append(round(clock() - rung_started, 2))
+        rung += 1
     assert best is not None
-    return SearchResult(pool[best[0]], best[1], entries, len(timings), len(sizes), stopped, spent,
+    return SearchResult(pool[best[0]], best[1], entries, len(timings), max(planned, len(sizes)), stopped, spent,
                         round(clock() - started, 2), timings)
 
 

@@ -53,6 +53,7 @@ def tuned_params(args: argparse.Namespace, params: dict[str, Any], options: dict
         grid[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
     grid = grid or default_grid(args.method)
     run = stage_run(args, args.tune, options)
+    run.warn_overlap()
     chosen, scores = run.tune(args.method, params, grid, run.config.tuning)
     for score in scores:
         mark = "  <- chosen" if score.params == chosen else ""
@@ -75,6 +76,7 @@ def searched_method(args: argparse.Namespace, options: dict[str, Any]) -> tuple[
                             max_evaluations=args.budget, max_seconds=args.max_seconds)
     settings.candidates()  # a bad method name fails before any data is read
     run = stage_run(args, args.tune, options)
+    run.warn_overlap()
     result = run.search(settings, run.config.tuning)
     print(f"search: {result.rungs_done} of {result.rungs_planned} rungs, {result.examples_scored} validation "
           f"examples per task, {result.seconds:.1f} s" + (f"; stopped early: {result.stopped}" if result.stopped

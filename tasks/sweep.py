@@ -28,15 +28,17 @@ def sweep_point(label: str, index: int, method: str, params: dict[str, Any], bas
                 tuning: TuningConfig, evaluation: EvalConfig, storage: StorageConfig, device: str,
                 tracking: TrackingConfig, parent_run_id: str, subspaces: dict[str, ObjectRef] | None = None,
                 state: ObjectRef | None = None, statistics: dict[str, ObjectRef] | None = None,
-                tags: dict[str, str] | None = None, learn_on: str | None = None) -> dict[str, float]:
-    """`subspaces`, `state` and `statistics`: the stored factors, global pass (sparsify stage) and the experts'
+                tags: dict[str, str] | None = None, learn_on: str | None = None) -> dict[str, Any]:
+    """{"accuracy": per task, "correct": each example's credit per task} (`mergeflow.stages.sweep.sweep_point`).
+    `subspaces`, `state` and `statistics`: the stored factors, global pass (sparsify stage) and the experts'
     statistics the point's method reads; `tags`: extra tags of its MLflow run (a search's rung); `learn_on`: the
     split whose unlabeled inputs a learned method's objective reads."""
     store = store_for(storage)
-    accuracy, reused = on_device_or_cpu(
+    result, reused = on_device_or_cpu(
         lambda on: sweep_stage.sweep_point(method, params, base, experts, tasks, tuning, evaluation, store, on,
                                            subspaces, state, statistics, learn_on), device,
         f"sweep point {label}-{index}")
+    accuracy = result["accuracy"]
     tracker = MlflowTracker(tracking)
     run_id = tracker.start_run(f"sweep-{label}-{index}", parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "sweep", "mergeflow.method": method,
@@ -47,7 +49,7 @@ def sweep_point(label: str, index: int, method: str, params: dict[str, Any], bas
     tracker.log_metrics(run_id, {**{f"val_acc.{t}": v for t, v in accuracy.items()},
                                  "val_acc.avg": sum(accuracy.values()) / len(accuracy)})
     tracker.end_run(run_id)
-    return accuracy
+    return result
 
 
 @task(name="select-point", task_run_name="select-{label}", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)

@@ -5,12 +5,15 @@ the same merged tensors, bit for bit."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mergeflow.families.text.data import SplitSizes, load_text_task, save_text_task
+from mergeflow.families.text.data import SplitSizes, TextSplit, load_text_task, save_text_task
 from mergeflow.families.text.encoder import minilm_path
 from mergeflow.heads import ClassificationHead
 
@@ -33,6 +36,10 @@ def inputs(tmp_path_factory):
         save_file(expert, str(root / f"{name}.safetensors"))
         task = load_text_task(name, cache_dir=tmp_path_factory.getbasetemp() / "wheels",
                               sizes=SplitSizes(probe_per_class=1, train=2, validation=6, test=8))
+        if name == "rotten_tomatoes":  # validation taken partly from the training examples, as users often do
+            train, validation = task.splits["train"], task.splits["validation"]
+            task.splits["validation"] = TextSplit(train.texts + validation.texts[2:],
+                                                  train.labels + validation.labels[2:])
         save_text_task(task, root / name)
         head = ClassificationHead(torch.randn(len(task.class_names), 384, generator=g),
                                   torch.zeros(len(task.class_names)), 10.0)
@@ -78,7 +85,11 @@ def test_cli_and_flow_share_every_stage_result(inputs, tmp_path, monkeypatch, pr
     store, cache = tmp_path / "store", tmp_path / "cache"
     monkeypatch.setenv("MERGEFLOW_CACHE", str(cache))
     data = str(root / "data.yaml")
-    _cli(root, tasks, store, "task_arithmetic", tmp_path / "ta", "--tune", data, "--grid", "scaling=0.2,1.0")
+    printed = io.StringIO()  # (not capsys: Prefect's log handlers would keep its stream past the test)
+    with contextlib.redirect_stdout(printed):
+        _cli(root, tasks, store, "task_arithmetic", tmp_path / "ta", "--tune", data, "--grid", "scaling=0.2,1.0")
+    warnings = [line for line in printed.getvalue().splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "rotten_tomatoes (2 of 6, 33%)" in warnings[0] and "election" not in warnings[0]
 
     config = RunConfig.model_validate({
         "name": "shared", "model": {"pretrained": str(minilm_path())}, "tasks": tasks, "evaluation": EVALUATION,
@@ -92,6 +103,10 @@ def test_cli_and_flow_share_every_stage_result(inputs, tmp_path, monkeypatch, pr
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
     reused = {r.info.run_name: r.data.tags.get("mergeflow.reused") for r in runs}
+    flow_run = next(r for r in runs if r.info.run_id == summary["mlflow_run_id"])
+    assert flow_run.data.params["validation_overlap.rotten_tomatoes"] == "2/6"
+    assert flow_run.data.params["validation_overlap.election"] == "0/6"
+    assert flow_run.data.tags["mergeflow.validation_overlap"] == "rotten_tomatoes"
     # the flow after the command line: the points and expert scores the command line stored are read, not computed
     assert reused["sweep-task_arithmetic-tuned-0"] == reused["sweep-task_arithmetic-tuned-1"] == "true"
     assert reused["evaluate-expert-election-validation"] == reused["evaluate-expert-rotten_tomatoes-validation"] == "true"
@@ -110,7 +125,7 @@ def test_cli_and_flow_share_every_stage_result(inputs, tmp_path, monkeypatch, pr
         return fail
 
     monkeypatch.setattr(evaluate_stage, "evaluate_model", computed("a validation score"))
-    monkeypatch.setattr(sweep_stage, "evaluate_model", computed("a sweep point's score"))
+    monkeypatch.setattr(sweep_stage, "score_model", computed("a sweep point's score"))
     monkeypatch.setattr(sweep, "scaled_update", computed("a sweep's update"))
     monkeypatch.setattr(sparsify_stage, "write_state", computed("a sparsify pass"))
     monkeypatch.setattr(type(get_family("hf_text")), "statistics", computed("an expert's statistics"))

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from mergeflow.errors import ConfigError
-from mergeflow.search import Candidate, candidates, rung_sizes, successive_halving
+from mergeflow.search import Candidate, Scored, candidates, paired_gap, rung_sizes, successive_halving
 
 EXPERTS = {"a": 0.8, "b": 0.5}
 
@@ -79,10 +79,10 @@ def test_halving_keeps_the_best_third_and_finds_the_best_candidate():
     assert len(promoted) == 4
 
 
-def test_ties_go_to_the_earlier_candidate():
+def test_without_example_credits_exact_ties_go_to_the_earlier_candidate():
     flat = successive_halving(_pool(5), lambda r, n, chosen: [{"a": 0.4, "b": 0.25}] * len(chosen), EXPERTS,
                               min_examples=5, max_examples=5, eta=3)
-    assert flat.winner.params == {"scaling": 0.1}
+    assert flat.winner.params == {"scaling": 0.1} and flat.rungs_done == 1
 
 
 def test_an_evaluation_budget_stops_at_the_last_whole_rung():
@@ -119,26 +119,101 @@ def test_floor_rule_drops_candidates_that_miss_a_task():
                               floor=0.5).winner.params == {"scaling": 0.2}
 
 
-def test_each_rung_normalises_by_the_experts_on_its_own_examples():
-    """Task b's expert scores 1.0 on the first 10 examples and 0.5 on more: dividing rung 0's b scores by 0.5 would
-    double b's weight and rank the candidate strong on b first; on its own examples the one strong on a wins."""
+def test_scores_normalise_by_the_experts_measured_once():
     quality = {0.1: {"a": 0.8, "b": 0.1}, 0.2: {"a": 0.4, "b": 0.4}}
-    asked = []
-
-    def experts(examples):
-        asked.append(examples)
-        return {"a": 0.8, "b": 1.0 if examples == 10 else 0.5}
 
     def score(rung, examples, chosen):
         return [quality[c.params["scaling"]] for c in chosen]
 
-    result = successive_halving(_pool(2), score, experts, min_examples=10, max_examples=100, eta=3)
-    assert asked == [10, 30, 100]
+    result = successive_halving(_pool(2), score, {"a": 0.8, "b": 0.5}, min_examples=10, max_examples=100, eta=3)
     rung0 = {e.candidate.params["scaling"]: e.score.norm_avg for e in result.entries if e.rung == 0}
-    assert rung0 == pytest.approx({0.1: (1.0 + 0.1) / 2, 0.2: (0.5 + 0.4) / 2})
-    assert [e.candidate.params["scaling"] for e in result.entries if e.rung == 0 and e.promoted] == [0.1]
-    with_cap = successive_halving(_pool(2), score, {"a": 0.8, "b": 0.5}, min_examples=10, max_examples=100, eta=3)
-    assert [e.candidate.params["scaling"] for e in with_cap.entries if e.rung == 0 and e.promoted] == [0.2]
+    assert rung0 == pytest.approx({0.1: (1.0 + 0.2) / 2, 0.2: (0.5 + 0.8) / 2})
+    assert [e.candidate.params["scaling"] for e in result.entries if e.rung == 0 and e.promoted] == [0.2]
+
+
+def _credits(correct, n: int) -> str:
+    """The first n examples' credits of a candidate that gets example i right when correct(i)."""
+    return "".join("1" if correct(i) else "0" for i in range(n))
+
+
+def _racer(patterns, split_size: int = 1000):
+    """A scorer whose candidate i answers the same way on both tasks: example j right when patterns[i](j); the
+    split holds `split_size` examples."""
+    calls = []
+
+    def score(rung, examples, chosen):
+        calls.append((rung, examples, [c.params["scaling"] for c in chosen]))
+        n = min(examples, split_size)
+        out = []
+        for c in chosen:
+            credits = _credits(patterns[round(c.params["scaling"] * 10) - 1], n)
+            out.append(Scored({t: credits.count("1") / n for t in ("a", "b")}, {t: credits for t in ("a", "b")}))
+        return out
+
+    return score, calls
+
+
+def test_paired_gap_is_the_mean_paired_difference_with_its_standard_error():
+    leader = Scored({"a": 0.6, "b": 0.5}, {"a": "11101", "b": "10101"})
+    other = Scored({"a": 0.4, "b": 0.5}, {"a": "10100", "b": "01101"})
+    weights = {"a": 0.5, "b": 0.25}
+    gap, error = paired_gap(other, leader, weights)
+    diffs = {"a": [0, -1, 0, 0, -1], "b": [-1, 1, 0, 0, 0]}
+    expected_var = 0.0
+    for t, d in diffs.items():
+        mean = sum(d) / 5
+        expected_var += weights[t] ** 2 * (sum((x - mean) ** 2 for x in d) / 4) / 5
+    assert gap == pytest.approx(0.5 * (0.4 - 0.6) + 0.25 * 0.0)
+    assert error == pytest.approx(math.sqrt(expected_var))
+    assert paired_gap(other, leader, {"a": 0.5}) [1] == pytest.approx(0.5 * math.sqrt(0.3 / 5))
+
+
+def test_racing_keeps_what_noise_cannot_separate_and_finds_the_better_on_more_data():
+    """Rung 0 (10 examples): candidate 1 leads with 7, candidate 2 ties it, candidate 3 (the best on more data)
+    has 6, one example apart: within noise, kept although halving keeps only 2 of 6; the others (2 of 10) are
+    significantly below and dropped. On 30 examples candidate 3 wins. Scored by order alone, it is cut at rung 0."""
+    leader = lambda j: j % 10 <= 6  # noqa: E731
+    best = lambda j: j <= 5 or (j >= 10 and j != 29)  # noqa: E731
+    poor = lambda j: j % 10 <= 1  # noqa: E731
+    score, calls = _racer([leader, leader, best, poor, poor, poor])
+    result = successive_halving(_pool(6), score, EXPERTS, min_examples=10, max_examples=30, eta=3)
+    assert calls[0] == (0, 10, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert calls[1] == (1, 30, [0.1, 0.2, 0.3])
+    assert result.winner.params == {"scaling": 0.3} and result.rungs_done == 2  # clear at 30: no extra rung
+
+    def by_order(rung, examples, chosen):
+        return [dict(s.accuracy) for s in score(rung, examples, chosen)]
+    assert successive_halving(_pool(6), by_order, EXPERTS, min_examples=10, max_examples=30,
+                              eta=3).winner.params == {"scaling": 0.1}
+
+
+def test_a_close_call_at_the_last_rung_is_settled_on_more_examples():
+    first = lambda j: j <= 6 or j >= 10  # noqa: E731  7 of the first 10, every later one
+    second = lambda j: 3 <= j <= 9 or (j >= 10 and j % 2 == 0)  # noqa: E731  7 of 10, half of the later ones
+    score, calls = _racer([second, first])
+    result = successive_halving(_pool(2), score, EXPERTS, min_examples=10, max_examples=10, eta=3)
+    assert [(n, names) for _, n, names in calls] == [(10, [0.1, 0.2]), (30, [0.1, 0.2])]
+    assert result.winner.params == {"scaling": 0.2} and result.rungs_done == result.rungs_planned == 2
+    assert result.examples_scored == 2 * 10 + 2 * 30
+
+
+def test_more_examples_are_asked_only_while_the_split_has_them():
+    same = lambda j: j % 3 == 0  # noqa: E731
+    score, calls = _racer([same, same], split_size=10)
+    result = successive_halving(_pool(2), score, EXPERTS, min_examples=10, max_examples=10, eta=3)
+    assert [n for _, n, _ in calls] == [10, 30]  # the second rung found no more examples: identical, by order
+    assert result.winner.params == {"scaling": 0.1}
+
+
+def test_a_lower_confidence_keeps_fewer():
+    leader = lambda j: j % 10 <= 6  # noqa: E731
+    near = lambda j: j % 10 <= 5  # noqa: E731
+    score, calls = _racer([leader, leader, near, near])
+    successive_halving(_pool(4), score, EXPERTS, min_examples=10, max_examples=30, eta=3, confidence=0.6)
+    assert calls[1][2] == [0.1, 0.2]  # one example apart is significant at 60 %
+    score, calls = _racer([leader, leader, near, near])
+    successive_halving(_pool(4), score, EXPERTS, min_examples=10, max_examples=30, eta=3)
+    assert calls[1][2] == [0.1, 0.2, 0.3, 0.4]
 
 
 def test_every_registered_method_is_searchable_from_the_grid_it_declares():

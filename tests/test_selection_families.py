@@ -103,10 +103,14 @@ def test_sweep_points_read_only_validation_splits(make, tmp_path, split_reads) -
 
     scaled, reused = sweep_point("task_arithmetic", {"scaling": 0.5}, base, experts, tasks, tuning, evaluation,
                                  store, "cpu")
-    assert set(scaled) == set(tasks) and not reused
+    assert set(scaled["accuracy"]) == set(tasks) and not reused
+    if family != "seq2seq":  # classification under a head: each example's credit, as many as scored
+        assert set(scaled["correct"]) == set(tasks)
+        assert all(0 < len(c) <= 4 and set(c) <= {"0", "1"} for c in scaled["correct"].values())
+        assert {t: c.count("1") / len(c) for t, c in scaled["correct"].items()} == pytest.approx(scaled["accuracy"])
     learned, _ = sweep_point("adamerging", {"steps": 1, "granularity": "task"}, base, experts, tasks, tuning,
                              evaluation, store, "cpu", learn_on="validation")
-    assert set(learned) == set(tasks)
+    assert set(learned["accuracy"]) == set(tasks)
 
     splits = [split for _, split in split_reads]
     assert splits and set(splits) == {"validation"}, split_reads

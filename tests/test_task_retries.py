@@ -98,7 +98,7 @@ def test_every_device_stage_falls_back_to_the_cpu_on_cuda_oom(stage, monkeypatch
                        "build_subspace": (subspace_stage, "build_subspace"),
                        "compute_statistics": (statistics_stage, "compute_statistics"),
                        "merge": (merge_stage, "merge_experts"), "evaluate": (evaluate_stage, "evaluate_stored")}[stage]
-    results = {"sparsify": {}, "sweep_point": ({"a": 1.0}, False), "merge": ("ref", {}),
+    results = {"sparsify": {}, "sweep_point": ({"accuracy": {"a": 1.0}, "correct": {}}, False), "merge": ("ref", {}),
                "evaluate": ({"a": 1.0}, False)}
     devices: list[str] = []
 

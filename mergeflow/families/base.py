@@ -104,6 +104,16 @@ class Family(ABC):
     def first(self, split: Any, count: int) -> Any:
         """The split cut to its first `count` examples."""
 
+    def input_digests(self, split: Any) -> list[str]:
+        """Each example's input content digest (labels aside): what finds a validation example that is also a
+        training example. Texts (or questions) by their whitespace-normalised text, images by their pixels."""
+        from mergeflow.hygiene import input_digest
+
+        for field in ("texts", "questions", "images"):
+            if (inputs := getattr(split, field, None)) is not None:
+                return [input_digest(x) for x in inputs]
+        raise NotImplementedError(f"{type(self).__name__}: its splits have no texts, questions or images")
+
     # ------------------------------------------------------------------ heads
     @abstractmethod
     def build_head(self, task: TaskData, model_dir: Path, settings: Any, device: torch.device, path: Path) -> None:
@@ -128,6 +138,12 @@ class Family(ABC):
     @abstractmethod
     def evaluate(self, model: LoadedModel, tasks: Mapping[str, tuple[Any, Any]], settings: Any) -> dict[str, float]:
         """Per task the primary metric (accuracy for classification) of `model` on the given splits."""
+
+    def score_examples(self, model: LoadedModel, tasks: Mapping[str, tuple[Any, Any]], settings: Any
+                       ) -> dict[str, tuple[float, list[int] | None]]:
+        """Per task (the primary metric, each example's credit 1/0 where the metric is their mean, else None): what
+        a search compares candidates on, example by example. By default no credits (`evaluate` only)."""
+        return {name: (value, None) for name, value in self.evaluate(model, tasks, settings).items()}
 
     @abstractmethod
     def objective(self, model: LoadedModel, tasks: Mapping[str, tuple[Any, Any]], settings: Any,

@@ -72,3 +72,18 @@ def fit_head(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalCon
         store.publish_file(uri, lambda path: family.build_head(data, model_dir, evaluation, resolve_device(device),
                                                                path))
     return store.file_ref(uri)
+
+
+def validation_overlap(task: str, dataset: ObjectRef, base: ObjectRef, store: Store) -> dict[str, int]:
+    """How many of the task's validation examples also appear (by input content) in its train split: {"validation":
+    count, "in_train": overlap} (a dataset without a train split overlaps nothing)."""
+    from mergeflow.hygiene import overlap
+
+    family = family_of(base)
+    data = store.read_task(task, dataset, base, ["validation"]).splits["validation"]
+    try:
+        train = store.read_task(task, dataset, base, ["train"]).splits["train"]
+    except ConfigError:
+        return {"validation": family.split_size(data), "in_train": 0}
+    found = overlap(task, family.input_digests(train), family.input_digests(data))
+    return {"validation": found.validation, "in_train": found.in_train}

@@ -28,6 +28,22 @@ def evaluate_model(weights: ObjectRef | None, base: ObjectRef, tasks: TaskInputs
     return family.evaluate(model, splits, evaluation)
 
 
+def score_model(base: ObjectRef, tasks: TaskInputs, evaluation: EvalConfig, store: Store, device: str,
+                split: str, max_examples: int | None, state_dict: Mapping[str, Any]
+                ) -> tuple[dict[str, float], dict[str, str]]:
+    """`evaluate_model` of an in-memory state dict, with each example's credit per task where the family gives
+    them ("0110...": what a search compares candidates on, example by example)."""
+    family = family_of(base)
+    model = store.load_model(base, None, device, state_dict)
+    splits = {}
+    for name, (dataset, head) in tasks.items():
+        data = store.read_task(name, dataset, base, [split]).splits[split]
+        splits[name] = (store.load_head(head, base), data if max_examples is None else family.first(data, max_examples))
+    scores = family.score_examples(model, splits, evaluation)
+    return ({name: value for name, (value, _) in scores.items()},
+            {name: "".join(map(str, credits)) for name, (_, credits) in scores.items() if credits is not None})
+
+
 def evaluation_location(weights: ObjectRef | None, base: ObjectRef, tasks: TaskInputs, evaluation: EvalConfig,
                         root: str, split: str = "test", max_examples: int | None = None) -> str:
     """Where the scores of a stored model (`weights`; None: the pretrained one) on `split` are kept."""

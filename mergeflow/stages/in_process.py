@@ -93,15 +93,27 @@ class InProcessRun:
                                       self.device, "validation", examples)[0][name]
                 for name, expert in self.experts.items()}
 
-    def score(self, spec: MergeSpec, examples: int) -> dict[str, float]:
-        """One point's validation accuracy per task on `examples` per task (the flow's sweep-point stage; a learned
-        method learns on the validation inputs, never their labels)."""
+    def score(self, spec: MergeSpec, examples: int) -> dict[str, Any]:
+        """One point's validation accuracy per task on `examples` per task, with each example's credit (the flow's
+        sweep-point stage; a learned method learns on the validation inputs, never their labels)."""
         tuning = TuningConfig(max_examples=examples)
-        accuracy, _ = sweep_point(spec.method, spec.params, self.base, self.experts, self.tasks, tuning,
+        result, _ = sweep_point(spec.method, spec.params, self.base, self.experts, self.tasks, tuning,
                                   self.evaluation, self.store, self.device, self.subspaces(spec),
                                   self.sparsify_pass(spec), self.statistics(spec),
-                                  "validation" if needs_objective(spec) else None)
-        return accuracy
+                                "validation" if needs_objective(spec) else None)
+        return result
+
+    def warn_overlap(self) -> dict[str, dict[str, int]]:
+        """Each task's validation examples also in its train split (by input content), with a warning printed
+        naming the tasks where any are: choices made on them are biased."""
+        from mergeflow.hygiene import overlap_warning
+        from mergeflow.stages.data import validation_overlap
+
+        found = {name: validation_overlap(name, dataset, self.base, self.store)
+                 for name, (dataset, _) in self.tasks.items()}
+        if warning := overlap_warning(found):
+            print(warning)
+        return found
 
     # ------------------------------------------------------------------------------------------ the choices
 
@@ -112,8 +124,9 @@ class InProcessRun:
 
         points = grid_points(method, grid, params)
         expert_accuracy = self.expert_validation(tuning.max_examples)
-        scores = [score_point(point, self.score(MergeSpec(method=method, params=point), tuning.max_examples),
-                              expert_accuracy, tuning.rule, tuning.floor) for point in points]
+        scores = [score_point(point, self.score(MergeSpec(method=method, params=point),
+                                                tuning.max_examples)["accuracy"], expert_accuracy, tuning.rule,
+                              tuning.floor) for point in points]
         return choose(scores, list(grid)).params, scores
 
     def search(self, settings: SearchConfig, tuning: TuningConfig) -> Any:
@@ -121,15 +134,16 @@ class InProcessRun:
         as the flow's search scores them; returns the `SearchResult`."""
         from mergeflow.search import successive_halving
 
-        def score_rung(rung: int, examples: int, chosen: Sequence[Any]) -> list[dict[str, float]]:
+        def score_rung(rung: int, examples: int, chosen: Sequence[Any]) -> list[dict[str, Any]]:
             out = [self.score(MergeSpec(method=c.method, params=c.params), examples) for c in chosen]
             print(f"  rung {rung}: {len(chosen)} candidates scored on {examples} validation examples per task")
             return out
 
-        return successive_halving(settings.candidates(), score_rung, self.expert_validation,
+        return successive_halving(settings.candidates(), score_rung, self.expert_validation(tuning.max_examples),
                                   min_examples=settings.min_examples, max_examples=tuning.max_examples,
                                   eta=settings.eta, rule=tuning.rule, floor=tuning.floor,
-                                  max_evaluations=settings.max_evaluations, max_seconds=settings.max_seconds)
+                                  max_evaluations=settings.max_evaluations, max_seconds=settings.max_seconds,
+                                  confidence=settings.confidence)
 
     # ------------------------------------------------------------------------------------------ the merge
 

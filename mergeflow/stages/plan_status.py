@@ -28,7 +28,7 @@ from mergeflow.storage import directory_digest, fetch_directory
 
 STORED, TO_RUN, RUNS = "stored", "to run", "runs"
 BOOKKEEPING = frozenset({"check_unchanged", "open_search", "record_search", "record_merge",
-                         "register_model", "mark_success"})
+                         "register_model", "mark_success", "check_overlap"})
 
 
 class _Resolver:

@@ -158,9 +158,10 @@ def parts_prefix(out_uri: str) -> str:
 def sweep_uri(root: str, method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
               tasks: TaskInputs, max_examples: int | None, evaluation: Mapping[str, Any],
               statistics: Mapping[str, ObjectRef] | None = None) -> str:
-    """A grid point's validation scores, keyed by everything the point reads (statistics: data-aware methods)."""
+    """A grid point's validation scores (format 2: with each example's credit), keyed by everything the point reads
+    (statistics: data-aware methods)."""
     fp = fingerprint(method, dict(params), base.sha256, digests(experts), task_digests(tasks), max_examples,
-                     dict(evaluation), *([digests(statistics)] if statistics else []))
+                     dict(evaluation), *([digests(statistics)] if statistics else []), {"format": 2})
     return join(root, "sweeps", f"{method}-{fp}.json")
 
 

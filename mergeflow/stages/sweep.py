@@ -13,7 +13,7 @@ from typing import Any
 
 from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.config import EvalConfig, TuningConfig
-from mergeflow.stages.evaluate import evaluate_model
+from mergeflow.stages.evaluate import score_model
 from mergeflow.methods import build_method
 from mergeflow.stages.refs import (ObjectRef, TaskInputs, base_weights, family_of, fingerprint, sweep_uri,
                                    task_digests)
@@ -164,18 +164,21 @@ def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts
                 tasks: TaskInputs, tuning: TuningConfig, evaluation: EvalConfig, store: Store,
                 device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None,
                 state: ObjectRef | None = None, statistics: Mapping[str, ObjectRef] | None = None,
-                learn_on: str | None = None) -> tuple[dict[str, float], bool]:
+                learn_on: str | None = None) -> tuple[dict[str, Any], bool]:
     """Validation accuracy per task of one grid point on the first `tuning.max_examples` validation examples of
-    each task (weights never published); the small score record is stored under a key of every input digest, the
-    method, its parameters and that count, so a rerun, a grown grid or a search's deeper rung scores only what is
-    new. A learned method learns on the unlabeled inputs of split `learn_on` (labels never read). Returns
-    (accuracy, reused)."""
+    each task (weights never published), with each example's credit where the family gives them; the small score
+    record is stored under a key of every input digest, the method, its parameters and that count, so a rerun, a
+    grown grid or a search's deeper rung scores only what is new. A learned method learns on the unlabeled inputs
+    of split `learn_on` (labels never read). Returns ({"accuracy": {task: value}, "correct": {task: "0110..."}},
+    reused)."""
     unlabeled = (tasks, learn_on, evaluation) if learn_on else None
     uri = point_location(method, params, base, experts, tasks, tuning, evaluation, store.root, statistics, learn_on)
     if store.exists(uri):
-        return store.read_json(uri)["accuracy"], True
+        record = store.read_json(uri)
+        return {"accuracy": record["accuracy"], "correct": record.get("correct", {})}, True
     weights = sweep_weights(method, params, base, experts, store, device, subspaces, state, statistics, unlabeled)
-    accuracy = evaluate_model(None, base, tasks, evaluation, store, device, split="validation",
-                              max_examples=tuning.max_examples, state_dict=weights)
-    store.publish_json(uri, {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy})
-    return accuracy, False
+    accuracy, correct = score_model(base, tasks, evaluation, store, device, "validation", tuning.max_examples,
+                                    weights)
+    store.publish_json(uri, {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy,
+                             "correct": correct})
+    return {"accuracy": accuracy, "correct": correct}, False

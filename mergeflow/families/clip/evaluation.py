@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from mergeflow.errors import InputError
-from mergeflow.evaluate import accuracy
+from mergeflow.evaluate import correct, scored
 from mergeflow.families.base import device_of
 from mergeflow.families.clip.data import ImageSplit
 from mergeflow.families.clip.vision import ImageEncoder, ImageInput
@@ -47,8 +47,16 @@ def evaluate_image_encoder(encoder: ImageEncoder, tasks: Mapping[str, tuple[Clas
                            batch_size: int = 64, device: str | torch.device = "cpu",
                            progress: bool = False) -> dict[str, float]:
     """Accuracy of `encoder` on each task's split, scored with that task's head."""
-    return {name: accuracy(head, encode_images(encoder, split.images, batch_size=batch_size, device=device,
-                                               progress=progress), split.labels)
+    return {name: value for name, (value, _) in score_image_encoder(encoder, tasks, batch_size=batch_size,
+                                                                    device=device, progress=progress).items()}
+
+
+def score_image_encoder(encoder: ImageEncoder, tasks: Mapping[str, tuple[ClassificationHead, ImageSplit]], *,
+                        batch_size: int = 64, device: str | torch.device = "cpu",
+                        progress: bool = False) -> dict[str, tuple[float, list[int]]]:
+    """Per task (accuracy, each example's credit 1/0) of `encoder` under that task's head."""
+    return {name: scored(correct(head, encode_images(encoder, split.images, batch_size=batch_size, device=device,
+                                                     progress=progress), split.labels))
             for name, (head, split) in tasks.items()}
 
 

@@ -122,6 +122,13 @@ class ClipFamily(Family):
         return evaluate_image_encoder(model.module, tasks, batch_size=settings.batch_size, device=model.device,
                                       progress=True)
 
+    def score_examples(self, model: LoadedModel, tasks: Mapping[str, tuple[Any, Any]], settings: Any
+                       ) -> dict[str, tuple[float, list[int] | None]]:
+        from mergeflow.families.clip.evaluation import score_image_encoder
+
+        return dict(score_image_encoder(model.module, tasks, batch_size=settings.batch_size, device=model.device,
+                                        progress=True))
+
     def objective(self, model: LoadedModel, tasks: Mapping[str, tuple[Any, Any]], settings: Any,
                   batch_size: int = 16) -> Objective:
         from mergeflow.families.clip.evaluation import entropy_objective

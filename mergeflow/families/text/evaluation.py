@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from mergeflow.evaluate import accuracy
+from mergeflow.evaluate import correct, scored
 from mergeflow.families.text.data import TextSplit
 from mergeflow.families.text.encoder import TextEncoder
 from mergeflow.heads import ClassificationHead
@@ -52,16 +52,18 @@ def evaluate_encoder(
     progress: bool = False,
 ) -> dict[str, float]:
     """Accuracy of `encoder` on each task's split, scored with that task's head."""
+    return {name: value for name, (value, _) in score_encoder(encoder, tokenizer, tasks, max_length=max_length,
+                                                                batch_size=batch_size, device=device,
+                                                                progress=progress).items()}
+
+
+def score_encoder(encoder: TextEncoder, tokenizer: PreTrainedTokenizerBase,
+                  tasks: Mapping[str, tuple[ClassificationHead, TextSplit]], *, max_length: int, batch_size: int = 64,
+                  device: str | torch.device = "cpu", progress: bool = False) -> dict[str, tuple[float, list[int]]]:
+    """Per task (accuracy, each example's credit 1/0) of `encoder` under that task's head."""
     results = {}
     for name, (head, split) in tasks.items():
-        features = encode_texts(
-            encoder,
-            tokenizer,
-            split.texts,
-            batch_size=batch_size,
-            max_length=max_length,
-            device=device,
-            progress=progress,
-        )
-        results[name] = accuracy(head, features, split.labels)
+        features = encode_texts(encoder, tokenizer, split.texts, batch_size=batch_size, max_length=max_length,
+                                device=device, progress=progress)
+        results[name] = scored(correct(head, features, split.labels))
     return results

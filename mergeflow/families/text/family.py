@@ -151,6 +151,13 @@ class TextFamily(Family):
         return evaluate_encoder(model.module, model.tokenizer, tasks, max_length=settings.max_length,
                                 batch_size=settings.batch_size, device=model.device, progress=True)
 
+    def score_examples(self, model: LoadedModel, tasks: Mapping[str, tuple[Any, Any]], settings: Any
+                       ) -> dict[str, tuple[float, list[int] | None]]:
+        from mergeflow.families.text.evaluation import score_encoder
+
+        return dict(score_encoder(model.module, model.tokenizer, tasks, max_length=settings.max_length,
+                                  batch_size=settings.batch_size, device=model.device, progress=True))
+
     def objective(self, model: LoadedModel, tasks: Mapping[str, tuple[Any, Any]], settings: Any,
                   batch_size: int = 16) -> Objective:
         from mergeflow.families.text.encoder import entropy_objective
