@@ -61,12 +61,12 @@ class TrackingConfig(StrictModel):
     promotion_margin: float = Field(0.0, ge=0.0, description="the candidate must beat the champion by more than this")
 
 
-FamilyName = Literal["hf_text", "open_clip", "hf_clip", "seq2seq"]
+FamilyName = Literal["hf_text", "open_clip", "hf_clip", "seq2seq", "causal_lm"]
 
 
 BUILTIN_TASKS: dict[str, tuple[str, ...]] = {"hf_text": ("election", "newsgroups", "reuters", "rotten_tomatoes"),
                                               "open_clip": ("digits", "mnist"), "hf_clip": ("digits", "mnist"),
-                                              "seq2seq": ()}  # tasks whose real data ships with Mergeflow
+                                              "seq2seq": (), "causal_lm": ()}  # tasks whose real data ships with Mergeflow
 
 
 class ModelConfig(StrictModel):

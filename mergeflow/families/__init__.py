@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from mergeflow.errors import ConfigError
 from mergeflow.families.base import Family, LoadedModel, TaskData
+from mergeflow.families.causal_lm.family import CausalLMFamily
 from mergeflow.families.clip.family import HFClipFamily, OpenClipFamily
 from mergeflow.families.seq2seq.family import Seq2SeqFamily
 from mergeflow.families.text.family import TextFamily
 
 FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (TextFamily, OpenClipFamily, HFClipFamily,
-                                                               Seq2SeqFamily)}
+                                                               Seq2SeqFamily, CausalLMFamily)}
 
 
 def get_family(name: str) -> Family:
