@@ -100,7 +100,8 @@ def _search(config: RunConfig, parent: str, label: str, spec: MergeSpec, base, e
     result = successive_halving(pool, score_rung, expert_acc, min_examples=search.min_examples,
                                 max_examples=tuning.max_examples, eta=search.eta, rule=tuning.rule,
                                 floor=tuning.floor, max_evaluations=search.max_evaluations,
-                                max_seconds=search.max_seconds, confidence=search.confidence)
+                                max_seconds=search.max_seconds, confidence=search.confidence,
+                                extend_edges=search.extend_edges)
     chosen = record_search(label, result, config.tracking, parent, run_id)
     print(f"search {label}: chose {result.winner.name} (validation norm. avg "
           f"{100 * result.winner_score.norm_avg:.1f}%) from {len(pool)} candidates in {result.seconds:.0f} s"

@@ -176,6 +176,8 @@ class SearchConfig(StrictModel):
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="racing: a rung also keeps every candidate not "
                               "below its leader at this one-sided confidence (paired differences on the same "
                               "examples); a close call at the last rung is settled on more examples")
+    extend_edges: bool = Field(True, description="when the winner's coefficient sits at the edge of its grid, try "
+                               "steps past it while they score better")
     max_evaluations: int | None = Field(None, ge=1, description="budget: validation examples scored per task over "
                                         "every candidate and rung; the search stops at the last whole rung it "
                                         "covers (empty: no limit)")

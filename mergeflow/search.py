@@ -213,7 +213,8 @@ def not_below(scored: Mapping[int, tuple[PointScore, Scored]], leader: int, weig
 def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_accuracy: Mapping[str, float], *,
                        min_examples: int, max_examples: int, eta: int = 3, rule: Rule = "norm_acc.avg",
                        floor: float = 0.0, max_evaluations: int | None = None, max_seconds: float | None = None,
-                       confidence: float = 0.95, clock: Callable[[], float] = time.monotonic) -> SearchResult:
+                       confidence: float = 0.95, extend_edges: bool = True,
+                       clock: Callable[[], float] = time.monotonic) -> SearchResult:
     """Run the search, racing: `score_rung(rung, examples, candidates)` returns each candidate's validation result
     (`Scored`: accuracy per task and, where the family gives them, each example's credit) on the first `examples`
     validation examples of every task (the caller scores a rung's candidates at once, in parallel if it can).
@@ -225,6 +226,9 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
     never cut by order or by noise. At the last rung, if others are not significantly below the leader, the close
     ones are scored once more on eta times the examples (as many as the split holds): a close decision is settled by
     more data; only candidates identical on every example scored fall back to the earlier one.
+
+    `extend_edges`: when the winner's coefficient sits at the edge of its grid, one step past it is scored on the
+    last rung's examples (as a rung of one), and kept while it scores better (`next_beyond`).
 
     `max_evaluations` bounds the validation examples scored per task over every candidate and rung; a rung that
     would pass it, or that starts after `max_seconds`, is not run and the best of the last whole rung wins. The
@@ -242,7 +246,6 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
     entries: list[Entry] = []
     spent, stopped, timings = 0, None, []
     best: tuple[int, PointScore] | None = None
-    last_counts: dict[str, int] = {}
     rung, planned = 0, len(sizes)
     while rung < planned:
         examples = sizes[rung] if rung < len(sizes) else sizes[-1] * eta ** (rung - len(sizes) + 1)
@@ -269,17 +272,91 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
         if rung < len(sizes) - 1:
             halving = order[:kept(len(order), eta)]
             survivors = halving + [i for i in order if i in close and i not in halving]
-        elif len(close) > 1 and counts and counts != last_counts:  # a close call, and the split had more examples
+        elif len(close) > 1 and counts and min(counts.values()) >= examples:  # close, and the split may hold more
             survivors, planned = [i for i in order if i in close], planned + 1
         else:
             survivors = order[:1]
-        last_counts = counts
         for i in survivors:
             rung_entries[i].promoted = True
         rung += 1
     assert best is not None
-    return SearchResult(pool[best[0]], best[1], entries, len(timings), max(planned, len(sizes)), stopped, spent,
+    winner, winner_score = pool[best[0]], best[1]
+    if stopped is None and extend_edges:
+        winner, winner_score, spent, stopped = _extend_edges(
+            pool, winner, winner_score, entries, timings, score_rung, expert_accuracy, rule, floor,
+            examples=entries[-1].examples, spent=spent, max_evaluations=max_evaluations, clock=clock,
+            deadline=None if max_seconds is None else started + max_seconds)
+    return SearchResult(winner, winner_score, entries, len(timings), max(planned, len(sizes)), stopped, spent,
                         round(clock() - started, 2), timings)
+
+
+def next_beyond(values: Sequence[float], chosen: float) -> float | None:
+    """The next value of a searched coefficient past the edge of its grid `values` where `chosen` sits (None: not at
+    an edge, or fewer than two values): one more step of the grid's spacing, geometric when the grid's values are
+    positive and closer to a geometric than to an arithmetic progression (smoothing 1e-6, 1e-3 -> 1)."""
+    ordered = sorted(set(values))
+    if len(ordered) < 2 or chosen not in (ordered[0], ordered[-1]):
+        return None
+    up = chosen == ordered[-1]
+    a, b = (ordered[-2], ordered[-1]) if up else (ordered[1], ordered[0])
+    geometric = all(v > 0 for v in ordered) and len(ordered) >= 2 and ordered[-1] / ordered[0] >= 100
+    value = b * (b / a) if geometric else b + (b - a)
+    return float(f"{value:.10g}")
+
+
+def _edge_candidate(pool: Sequence[Candidate], winner: Candidate, tried: set[str]) -> Candidate | None:
+    """A candidate one step past the edge of the winner's grid, on a numeric coefficient where the winner sits at the
+    edge (its other coefficients kept), valid for its method and not tried yet."""
+    from mergeflow.methods import build_method
+
+    for key, value in winner.params.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        values = [c.params[key] for c in pool if c.method == winner.method and key in c.params
+                  and all(c.params.get(k) == v for k, v in winner.params.items() if k != key)]
+        values += [value]
+        beyond = next_beyond([float(v) for v in values if isinstance(v, (int, float))], float(value))
+        if beyond is None:
+            continue
+        candidate = Candidate(winner.method, {**winner.params, key: type(value)(beyond) if isinstance(value, int)
+                                              else beyond})
+        if candidate.name in tried:
+            continue
+        try:
+            build_method(candidate.method, candidate.params)
+        except (ConfigError, ValueError):
+            continue  # past the coefficient's own bounds
+        return candidate
+    return None
+
+
+def _extend_edges(pool, winner, winner_score, entries, timings, score_rung, expert_accuracy, rule, floor, *,
+                  examples, spent, max_evaluations, clock, deadline, max_steps: int = 6):
+    """While the winner sits at the edge of its grid, score one step past it (on the last rung's examples, as a
+    rung of its own) and keep the better: a range is searched, not a list. Returns (winner, its score, examples
+    spent, why it stopped early or None)."""
+    tried, grid = {c.name for c in pool}, list(pool)
+    for _ in range(max_steps):
+        candidate = _edge_candidate(grid, winner, tried)
+        if candidate is None:
+            return winner, winner_score, spent, None
+        if max_evaluations is not None and spent + examples > max_evaluations:
+            return winner, winner_score, spent, f"budget: no examples left to try {candidate.name} past the grid"
+        if deadline is not None and clock() >= deadline:
+            return winner, winner_score, spent, f"time: spent before trying {candidate.name} past the grid"
+        tried.add(candidate.name)
+        grid.append(candidate)
+        rung, started = len(timings), clock()
+        result = Scored.of(score_rung(rung, examples, [candidate])[0])
+        spent += examples
+        score = score_point(candidate.params, result.accuracy, expert_accuracy, rule, floor)
+        better = score.score > winner_score.score
+        entries.append(Entry(rung, examples, candidate, score, promoted=better))
+        timings.append(round(clock() - started, 2))
+        if not better:
+            return winner, winner_score, spent, None
+        winner, winner_score = candidate, score
+    return winner, winner_score, spent, None
 
 
 def plot_search(result: SearchResult, path: Path, title: str) -> Path:

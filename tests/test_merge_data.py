@@ -142,7 +142,7 @@ def test_auto_searches_methods_on_validation_only(inputs, validation_only, tmp_p
     out = capsys.readouterr().out
     board = [line for line in out.splitlines() if line.startswith("  task_arithmetic(") or
              line.startswith("  tsv(") or line.startswith("  regmean(")]
-    assert len(board) == 10 + 6 + 4 and sum("<- chosen" in line for line in board) == 1  # every candidate listed
+    assert len(board) >= 10 + 6 + 4 and sum("<- chosen" in line for line in board) == 1  # every candidate listed (and any tried past a grid edge)
     assert "rung 0: 20 candidates" in out
     manifest = json.loads((tmp_path / "auto" / "mergeflow.json").read_text())
     chosen = next(line for line in board if "<- chosen" in line).split()[0]

@@ -82,7 +82,7 @@ def test_halving_keeps_the_best_third_and_finds_the_best_candidate():
 def test_without_example_credits_exact_ties_go_to_the_earlier_candidate():
     flat = successive_halving(_pool(5), lambda r, n, chosen: [{"a": 0.4, "b": 0.25}] * len(chosen), EXPERTS,
                               min_examples=5, max_examples=5, eta=3)
-    assert flat.winner.params == {"scaling": 0.1} and flat.rungs_done == 1
+    assert flat.winner.params == {"scaling": 0.1}
 
 
 def test_an_evaluation_budget_stops_at_the_last_whole_rung():
@@ -125,7 +125,8 @@ def test_scores_normalise_by_the_experts_measured_once():
     def score(rung, examples, chosen):
         return [quality[c.params["scaling"]] for c in chosen]
 
-    result = successive_halving(_pool(2), score, {"a": 0.8, "b": 0.5}, min_examples=10, max_examples=100, eta=3)
+    result = successive_halving(_pool(2), score, {"a": 0.8, "b": 0.5}, min_examples=10, max_examples=100, eta=3,
+                                extend_edges=False)
     rung0 = {e.candidate.params["scaling"]: e.score.norm_avg for e in result.entries if e.rung == 0}
     assert rung0 == pytest.approx({0.1: (1.0 + 0.2) / 2, 0.2: (0.5 + 0.8) / 2})
     assert [e.candidate.params["scaling"] for e in result.entries if e.rung == 0 and e.promoted] == [0.2]
@@ -176,22 +177,23 @@ def test_racing_keeps_what_noise_cannot_separate_and_finds_the_better_on_more_da
     best = lambda j: j <= 5 or (j >= 10 and j != 29)  # noqa: E731
     poor = lambda j: j % 10 <= 1  # noqa: E731
     score, calls = _racer([leader, leader, best, poor, poor, poor])
-    result = successive_halving(_pool(6), score, EXPERTS, min_examples=10, max_examples=30, eta=3)
+    result = successive_halving(_pool(6), score, EXPERTS, min_examples=10, max_examples=30, eta=3, extend_edges=False)
     assert calls[0] == (0, 10, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     assert calls[1] == (1, 30, [0.1, 0.2, 0.3])
     assert result.winner.params == {"scaling": 0.3} and result.rungs_done == 2  # clear at 30: no extra rung
 
     def by_order(rung, examples, chosen):
         return [dict(s.accuracy) for s in score(rung, examples, chosen)]
-    assert successive_halving(_pool(6), by_order, EXPERTS, min_examples=10, max_examples=30,
-                              eta=3).winner.params == {"scaling": 0.1}
+    assert successive_halving(_pool(6), by_order, EXPERTS, min_examples=10, max_examples=30, eta=3,
+                              extend_edges=False).winner.params == {"scaling": 0.1}
 
 
 def test_a_close_call_at_the_last_rung_is_settled_on_more_examples():
     first = lambda j: j <= 6 or j >= 10  # noqa: E731  7 of the first 10, every later one
     second = lambda j: 3 <= j <= 9 or (j >= 10 and j % 2 == 0)  # noqa: E731  7 of 10, half of the later ones
     score, calls = _racer([second, first])
-    result = successive_halving(_pool(2), score, EXPERTS, min_examples=10, max_examples=10, eta=3)
+    result = successive_halving(_pool(2), score, EXPERTS, min_examples=10, max_examples=10, eta=3,
+                                extend_edges=False)
     assert [(n, names) for _, n, names in calls] == [(10, [0.1, 0.2]), (30, [0.1, 0.2])]
     assert result.winner.params == {"scaling": 0.2} and result.rungs_done == result.rungs_planned == 2
     assert result.examples_scored == 2 * 10 + 2 * 30
@@ -200,7 +202,8 @@ def test_a_close_call_at_the_last_rung_is_settled_on_more_examples():
 def test_more_examples_are_asked_only_while_the_split_has_them():
     same = lambda j: j % 3 == 0  # noqa: E731
     score, calls = _racer([same, same], split_size=10)
-    result = successive_halving(_pool(2), score, EXPERTS, min_examples=10, max_examples=10, eta=3)
+    result = successive_halving(_pool(2), score, EXPERTS, min_examples=10, max_examples=10, eta=3,
+                                extend_edges=False)
     assert [n for _, n, _ in calls] == [10, 30]  # the second rung found no more examples: identical, by order
     assert result.winner.params == {"scaling": 0.1}
 
@@ -209,11 +212,36 @@ def test_a_lower_confidence_keeps_fewer():
     leader = lambda j: j % 10 <= 6  # noqa: E731
     near = lambda j: j % 10 <= 5  # noqa: E731
     score, calls = _racer([leader, leader, near, near])
-    successive_halving(_pool(4), score, EXPERTS, min_examples=10, max_examples=30, eta=3, confidence=0.6)
+    successive_halving(_pool(4), score, EXPERTS, min_examples=10, max_examples=30, eta=3, confidence=0.6,
+                       extend_edges=False)
     assert calls[1][2] == [0.1, 0.2]  # one example apart is significant at 60 %
     score, calls = _racer([leader, leader, near, near])
-    successive_halving(_pool(4), score, EXPERTS, min_examples=10, max_examples=30, eta=3)
+    successive_halving(_pool(4), score, EXPERTS, min_examples=10, max_examples=30, eta=3, extend_edges=False)
     assert calls[1][2] == [0.1, 0.2, 0.3, 0.4]
+
+
+def test_a_winner_at_the_edge_of_its_grid_is_searched_past_it():
+    """The best scaling is 0.8, the grid stops at 0.5: steps of the grid's spacing are tried past the edge, on the
+    last rung's examples, while they score better; the first worse one ends it."""
+    scorer = Scorer(lambda s: 1 - abs(s - 0.8))
+    result = successive_halving(_pool(5), scorer, EXPERTS, min_examples=10, max_examples=30, eta=3)
+    assert result.winner.params == {"scaling": 0.8}
+    beyond = scorer.calls[2:]
+    assert beyond == [(2, 30, [0.6]), (3, 30, [0.7]), (4, 30, [0.8]), (5, 30, [0.9])]
+    rows = {row["candidate"]: row for row in result.leaderboard()}
+    assert rows["task_arithmetic(scaling=0.8)"]["chosen"] == "yes" and "task_arithmetic(scaling=0.9)" in rows
+    inside = Scorer(lambda s: 1 - abs(s - 0.3))
+    assert successive_halving(_pool(5), inside, EXPERTS, min_examples=10, max_examples=30, eta=3).rungs_done == 2
+
+
+def test_the_next_value_follows_the_grid_spacing_and_its_bounds():
+    from mergeflow.search import next_beyond
+
+    assert next_beyond([0.3, 0.5, 0.7, 1.0], 1.0) == 1.3
+    assert next_beyond([0.3, 0.5, 0.7, 1.0], 0.3) == 0.1
+    assert next_beyond([0.3, 0.5, 0.7, 1.0], 0.5) is None
+    assert next_beyond([1e-6, 1e-3], 1e-3) == 1.0  # a geometric grid grows geometrically
+    assert next_beyond([2.0], 2.0) is None
 
 
 def test_every_registered_method_is_searchable_from_the_grid_it_declares():
