@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.slow
 
-WORK = {"mergeflow.families.text.training": "finetune_encoder", "mergeflow.families.text.evaluation": "evaluate_encoder",
+WORK = {"mergeflow.families.text.training": "finetune_encoder", "mergeflow.families.text.evaluation": "score_encoder",
         "mergeflow.merge": "merge_pool", "mergeflow.families.text.encoder": "text_classification_statistics",
         "mergeflow.heads": "fit_linear_probe", "mergeflow.stages.sweep": "sweep_weights"}
 
@@ -67,7 +67,7 @@ def test_rerun_skips_finished_stages_and_a_changed_expert_reruns_its_dependents(
     # task_arithmetic's prepare: one sparsify (TA and TA-tuned share its empty state) + one per sweep point;
     # merge_pool: TIES, RegMean, AdaMerging; both TA merges are written from the sweep's cached update
     assert calls == Counter({"finetune_encoder": 2, "fit_linear_probe": 2, "text_classification_statistics": 2,
-                             "merge_pool": 3, "sweep_weights": 2, "evaluate_encoder": 12,
+                             "merge_pool": 3, "sweep_weights": 2, "score_encoder": 12,
                              "prepare:task_arithmetic": 3, "prepare:ties": 1, "prepare:regmean": 1,
                              "prepare:adamerging": 1}), calls
 
@@ -85,7 +85,7 @@ def test_rerun_skips_finished_stages_and_a_changed_expert_reruns_its_dependents(
     # the changed expert's statistics, every merge and sweep point, and the evaluations of what changed (its
     # expert on test and validation, the merges, the sweep points); never the other expert, heads or pretrained
     assert calls == Counter({"text_classification_statistics": 1, "merge_pool": 3, "sweep_weights": 2,
-                             "evaluate_encoder": 9, "prepare:task_arithmetic": 3, "prepare:ties": 1,
+                             "score_encoder": 9, "prepare:task_arithmetic": 3, "prepare:ties": 1,
                              "prepare:regmean": 1, "prepare:adamerging": 1}), calls
     assert third["experts"]["rotten_tomatoes"] == first["experts"]["rotten_tomatoes"]
     assert third["accuracy"]["pretrained"] == first["accuracy"]["pretrained"]

@@ -49,6 +49,7 @@ class InProcessRun:
     experts: dict[str, ObjectRef]
     tasks: dict[str, tuple[ObjectRef, ObjectRef]]
     device: str = "auto"
+    kinds: tuple[str, ...] | None = None  # statistics kinds a search computes for all its data-aware candidates
     _statistics: dict[tuple[str, ...], dict[str, ObjectRef]] = field(default_factory=dict)
     _subspaces: dict[str, ObjectRef] = field(default_factory=dict)
 
@@ -59,10 +60,12 @@ class InProcessRun:
     # ------------------------------------------------------------------------------------------ the stages
 
     def statistics(self, spec: MergeSpec) -> dict[str, ObjectRef] | None:
-        """Each expert's statistics of the kinds `spec` reads (stored beside the expert; None: it reads none)."""
+        """Each expert's statistics of the kinds `spec` reads, or within a search of every kind its candidates read,
+        as the flow computes them (stored beside the expert; None: it reads none)."""
         kinds = statistics_stage.statistic_kinds([spec])
         if not kinds:
             return None
+        kinds = self.kinds or kinds
         if kinds not in self._statistics:
             found = {}
             for name, expert in self.experts.items():
@@ -134,12 +137,16 @@ class InProcessRun:
         as the flow's search scores them; returns the `SearchResult`."""
         from mergeflow.search import successive_halving
 
+        candidates = settings.candidates()
+        self.kinds = statistics_stage.statistic_kinds([MergeSpec(method=c.method, params=c.params)
+                                                       for c in candidates]) or None
+
         def score_rung(rung: int, examples: int, chosen: Sequence[Any]) -> list[dict[str, Any]]:
             out = [self.score(MergeSpec(method=c.method, params=c.params), examples) for c in chosen]
             print(f"  rung {rung}: {len(chosen)} candidates scored on {examples} validation examples per task")
             return out
 
-        return successive_halving(settings.candidates(), score_rung, self.expert_validation(tuning.max_examples),
+        return successive_halving(candidates, score_rung, self.expert_validation(tuning.max_examples),
                                   min_examples=settings.min_examples, max_examples=tuning.max_examples,
                                   eta=settings.eta, rule=tuning.rule, floor=tuning.floor,
                                   max_evaluations=settings.max_evaluations, max_seconds=settings.max_seconds,
