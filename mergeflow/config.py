@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergeflow.errors import ConfigError
+from mergeflow.finetune_config import LORA_FAMILIES, FinetuneConfig, LoraConfig  # noqa: F401 - re-exported
 from mergeflow.methods import METHODS, build_method
 
 AUTO = "auto"  # not a method: a search across them (`mergeflow.search`)
@@ -88,10 +89,11 @@ class TaskConfig(StrictModel):
     name: str = Field(description="task name (built-in: newsgroups, reuters, election, rotten_tomatoes for hf_text; "
                       "digits, mnist for open_clip / hf_clip; CLIP prompt templates follow known names such as "
                       "eurosat or sun397)")
-    expert: str | None = Field(None, description="URI of an existing expert checkpoint; empty: fine-tune one "
-                               "(or reuse the one a previous run stored)")
+    expert: str | None = Field(None, description="URI of an existing expert checkpoint or PEFT LoRA adapter "
+                               "directory; empty: fine-tune one (or reuse the one a previous run stored)")
     latest: str | None = Field(None, description="prefix (URI) holding this task's expert checkpoints: the newest "
-                               "*.safetensors under it is merged (nightly runs); excludes `expert`")
+                               "*.safetensors under it is merged (an adapter_model.safetensors: its adapter "
+                               "directory; nightly runs); excludes `expert`")
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskConfig:
@@ -123,24 +125,6 @@ class DataConfig(StrictModel):
     train: int = Field(1000, ge=1, description="at most this many fine-tuning examples per task")
     validation: int = Field(200, ge=0, description="at most this many validation examples per task")
     test: int = Field(250, ge=1, description="evaluation cap: at most this many test examples per task")
-
-
-class FinetuneConfig(StrictModel):
-    steps: int = Field(100, ge=1, description="optimizer steps per expert")
-    batch_size: int = Field(16, ge=1, description="examples per step")
-    lr: float = Field(5e-5, gt=0, description="peak AdamW learning rate")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
-    warmup_steps: int = Field(10, ge=0, description="linear warmup steps before cosine decay")
-    max_length: int = Field(64, ge=8, description="tokens per text")
-    seed: int = Field(0, description="seed of batch order and initialisation")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="after warmup: cosine decay to 0 or "
-                                                    "a constant learning rate")
-    grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step (effective batch = "
-                                   "batch_size x grad_accumulation)")
-    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
-    checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints in the store (a "
-                                  "retried or restarted task resumes from the last one); 0: none")
 
 
 class EvalConfig(StrictModel):
@@ -331,6 +315,11 @@ class RunConfig(StrictModel):
             if task.dataset is None and task.name not in builtin:
                 raise ValueError(f"tasks.{i}: {task.name!r} is not a built-in {self.model.family} task: give its "
                                  f"`dataset`" + (f", or use one of {', '.join(builtin)}" if builtin else ""))
+        if self.finetune.lora is not None and self.model.family not in LORA_FAMILIES:
+            raise ValueError(f"finetune.lora: LoRA fine-tuning is for the {', '.join(LORA_FAMILIES)} family; "
+                             f"{self.model.family} experts are fine-tuned whole (leave lora empty)")
+        if self.finetune.lora is not None and self.atm is not None:
+            raise ValueError("finetune.lora: ATM's rounds fine-tune every parameter; leave lora empty with atm")
         if self.atm and self.atm.start and self.atm.start not in self.merge_labels():
             raise ValueError(f"atm.start: {self.atm.start!r} is not a merge of this config "
                              f"(labels: {', '.join(self.merge_labels())})")

@@ -60,7 +60,7 @@ class LoraExpert:
 
     @property
     def digest(self) -> str:
-        """sha256 of the sorted (file name, sha256) list of the config and the weights."""
+        """sha256 of the sorted (file name, sha256) list of the config and the weights (`adapter_digest`)."""
         lines = "".join(f"{name} {sha}\n" for name, sha in sorted(self.files.items()))
         return hashlib.sha256(lines.encode()).hexdigest()
 
@@ -179,13 +179,8 @@ class LoraExpert:
         self.close()
 
 
-def open_adapter(uri: str, base: TensorSource, *, storage_options: Mapping[str, Any] | None = None,
-                 cache: Any = None) -> LoraExpert:
-    """Open the PEFT LoRA adapter directory `uri` over `base`; CheckpointError naming the file (and tensor) at
-    fault: a missing or unreadable config, an adapter tensor that matches no base tensor or the wrong shape."""
-    from mergeflow.content_cache import ContentCache
-
-    cache = cache or ContentCache()
+def _read_config(uri: str, storage_options: Mapping[str, Any] | None, cache: Any) -> tuple[dict[str, Any], str]:
+    """(adapter_config.json of the adapter directory `uri`, its sha256); CheckpointError naming the file."""
     try:
         config_obj = cache.fetch(join(uri, ADAPTER_CONFIG), storage_options)
         config = json.loads(config_obj.path.read_text())
@@ -195,9 +190,32 @@ def open_adapter(uri: str, base: TensorSource, *, storage_options: Mapping[str, 
         raise CheckpointError(join(uri, ADAPTER_CONFIG), f"invalid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise CheckpointError(join(uri, ADAPTER_CONFIG), "expected a JSON object")
+    return config, config_obj.sha256
+
+
+def adapter_digest(uri: str, *, storage_options: Mapping[str, Any] | None = None, cache: Any = None) -> str:
+    """`LoraExpert.digest` of the adapter directory `uri` without its base: both files fetched (through the cache),
+    the config parsed and the weights' safetensors format checked; CheckpointError naming the file at fault."""
+    from mergeflow.content_cache import ContentCache
+
+    cache = cache or ContentCache()
+    _, config_sha256 = _read_config(uri, storage_options, cache)
+    with open_checkpoint(join(uri, ADAPTER_WEIGHTS), storage_options=storage_options, cache=cache) as weights:
+        files = {ADAPTER_CONFIG: config_sha256, **{name: obj.sha256 for name, obj in weights.files.items()}}
+    return hashlib.sha256("".join(f"{name} {sha}\n" for name, sha in sorted(files.items())).encode()).hexdigest()
+
+
+def open_adapter(uri: str, base: TensorSource, *, storage_options: Mapping[str, Any] | None = None,
+                 cache: Any = None) -> LoraExpert:
+    """Open the PEFT LoRA adapter directory `uri` over `base`; CheckpointError naming the file (and tensor) at
+    fault: a missing or unreadable config, an adapter tensor that matches no base tensor or the wrong shape."""
+    from mergeflow.content_cache import ContentCache
+
+    cache = cache or ContentCache()
+    config, config_sha256 = _read_config(uri, storage_options, cache)
     adapter = open_checkpoint(join(uri, ADAPTER_WEIGHTS), storage_options=storage_options, cache=cache)
     try:
-        return LoraExpert(uri, base, config, adapter, config_obj.sha256)
+        return LoraExpert(uri, base, config, adapter, config_sha256)
     except BaseException:
         adapter.close()
         raise

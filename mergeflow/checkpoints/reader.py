@@ -72,6 +72,15 @@ class StateDictSource:
         return self._tensors[name][start:stop]
 
 
+def files_digest(files: Mapping[str, str]) -> str:
+    """`Checkpoint.digest` of a checkpoint made of `files` (name -> sha256): the one file's sha256, or for a sharded
+    checkpoint (its index and every shard it lists) the sha256 of their sorted 'name sha256' lines."""
+    if len(files) == 1:
+        return next(iter(files.values()))
+    lines = "".join(f"{name} {sha256}\n" for name, sha256 in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class _Location:
     file: str  # key into Checkpoint.files
@@ -98,10 +107,7 @@ class Checkpoint:
     @property
     def digest(self) -> str:
         """sha256 of the file, or for a sharded checkpoint of its sorted (file name, sha256) list."""
-        if len(self.files) == 1:
-            return next(iter(self.files.values())).sha256
-        lines = "".join(f"{name} {obj.sha256}\n" for name, obj in sorted(self.files.items()))
-        return hashlib.sha256(lines.encode()).hexdigest()
+        return files_digest({name: obj.sha256 for name, obj in self.files.items()})
 
     def keys(self) -> list[str]:
         return list(self._infos)

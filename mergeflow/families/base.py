@@ -131,6 +131,13 @@ class Family(ABC):
     def finetune(self, model: LoadedModel, head: Any, split: Any, settings: FinetuneSettings, *, progress: bool,
                  checkpoint_dir: str | None, storage_options: Mapping[str, Any] | None) -> FinetuneResult: ...
 
+    def finetune_adapter(self, model: LoadedModel, head: Any, split: Any, settings: FinetuneSettings,
+                         lora: Mapping[str, Any], *, progress: bool, checkpoint_dir: str | None,
+                         storage_options: Mapping[str, Any] | None) -> tuple[FinetuneResult, dict[str, Any]]:
+        """Train a LoRA adapter (`lora`: r, alpha, dropout, target_modules) instead of every parameter; returns the
+        result, whose state dict is the adapter's tensors under PEFT's names, and its adapter_config.json."""
+        raise ConfigError(f"finetune.lora: the {self.name} family has no LoRA fine-tuning; leave lora empty")
+
     @abstractmethod
     def statistics(self, model: LoadedModel, head: Any, split: Any, kinds: Sequence[str], settings: Any
                    ) -> Statistics: ...

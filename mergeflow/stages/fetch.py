@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mergeflow.checkpoints.adapter import ADAPTER_WEIGHTS
 from mergeflow.config import ModelConfig
 from mergeflow.errors import ObjectNotFoundError
 from mergeflow.families import get_family
@@ -38,8 +39,9 @@ def _modified(info: Mapping[str, Any]) -> float:
 
 
 def latest_checkpoint(prefix: str, store: Store) -> str:
-    """URI of the newest `*.safetensors` checkpoint under `prefix` (statistics files and partial uploads aside);
-    ties go to the larger name. ObjectNotFoundError naming the prefix when there is none."""
+    """URI of the newest `*.safetensors` checkpoint under `prefix` (statistics files and partial uploads aside), or
+    of the LoRA adapter directory whose `adapter_model.safetensors` is the newest; ties go to the larger name.
+    ObjectNotFoundError naming the prefix when there is none."""
     fs, path = filesystem(prefix, store.options)
     try:
         found = fs.find(path, detail=True) if fs.exists(path) else {}
@@ -51,4 +53,6 @@ def latest_checkpoint(prefix: str, store: Store) -> str:
     if not candidates:
         raise ObjectNotFoundError(f"{prefix}: no *.safetensors checkpoint under this prefix")
     newest = max(candidates, key=lambda name: (_modified(candidates[name]), name))
+    if newest.rsplit("/", 1)[-1] == ADAPTER_WEIGHTS:  # an adapter: the expert is its directory
+        newest = newest.rsplit("/", 1)[0]
     return f"{prefix.split('://', 1)[0]}://{newest}" if is_remote(prefix) else newest

@@ -195,18 +195,21 @@ def open_run(config: MergeDataConfig, base: str, experts: Sequence[str], store: 
 
 
 def base_model(config: MergeDataConfig, base: str, store: Store) -> ModelRef:
-    """The pretrained model as the flow references it: the data config's model directory when its
-    `model.safetensors` is `--base`; else the directory's files with `--base`'s weights, stored once (under
-    `base/composed-<fingerprint>/`)."""
+    """The pretrained model as the flow references it: the data config's model directory when its weights
+    (`model.safetensors`, or its sharded index and shards) are `--base`; else the directory's files with `--base`'s
+    weights, stored once (under `base/composed-<fingerprint>/`)."""
     from mergeflow.checkpoints import open_checkpoint
+    from mergeflow.checkpoints.reader import SAFETENSORS_INDEX
 
     family = get_family(config.family)
     path, files = store.input_directory(config.model, "model")
     family.check_model_dir(path, f"model ({config.model})", weights=False)
     with open_checkpoint(base, storage_options=store.options, cache=store.cache) as ckpt:
         weights = ckpt.digest
-        if files.get("model.safetensors") == weights:
-            return ModelRef(uri=config.model, sha256=directory_digest(files), family=config.family)
+        given = ModelRef(uri=config.model, sha256=directory_digest(files), family=config.family)
+        if files.get("model.safetensors") == weights or (
+                SAFETENSORS_INDEX in files and store.base_checkpoint(given)[1] == weights):
+            return given
         uri = join(store.root, "base", f"composed-{fingerprint(directory_digest(files), weights)}")
 
         def build(staged: Path) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mergeflow.config import AUTO, MergeSpec
-from mergeflow.stages.refs import ObjectRef, TaskInputs, base_weights, merged_uri, part_uri, parts_prefix
+from mergeflow.stages.refs import ObjectRef, TaskInputs, merged_uri, part_uri, parts_prefix
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
 from mergeflow.stages.subspace import stored_subspaces
@@ -49,8 +49,8 @@ def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
     # a point a sweep or search computed here is written, not merged again (bit-identical)
     precomputed = cached_point(spec.method, spec.params, base, experts, store, statistics, unlabeled)
     objective = unlabeled_objective(base, *unlabeled, store, device) if unlabeled and precomputed is None else None
-    result = merge_checkpoints(spec.method, base_weights(base), [r.uri for r in experts.values()], out_uri,
-                               spec.params, device=device, storage_options=store.options, cache=store.cache,
+    result = merge_checkpoints(spec.method, store.base_weights(base), [r.uri for r in experts.values()],
+                               out_uri, spec.params, device=device, storage_options=store.options, cache=store.cache,
                                state=read_sparsified(state, store) if state is not None else None, progress=True,
                                statistics=[statistics[n].uri for n in experts] if statistics else None,
                                objective=objective, subspaces=stored_subspaces(subspaces, store),
@@ -68,8 +68,8 @@ def merge_part(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef
 
     uri = part_uri(out_uri, index)
     if not store.exists(out_uri) and not store.exists(uri):
-        merge_checkpoints(spec.method, base_weights(base), [r.uri for r in experts.values()], uri, spec.params,
-                          device=device, storage_options=store.options, cache=store.cache,
+        merge_checkpoints(spec.method, store.base_weights(base), [r.uri for r in experts.values()], uri,
+                          spec.params, device=device, storage_options=store.options, cache=store.cache,
                           state=read_sparsified(state, store) if state is not None else None,
                           statistics=[statistics[n].uri for n in experts] if statistics else None,
                           part=(index, parts), subspaces=stored_subspaces(subspaces, store),
@@ -96,7 +96,7 @@ def atm_merge(spec: MergeSpec, base: ObjectRef, current: ObjectRef | None, round
     from mergeflow.merge import merge_checkpoints
 
     if not store.exists(out_uri):
-        merge_checkpoints(spec.method, current.uri if current else base_weights(base),
+        merge_checkpoints(spec.method, current.uri if current else store.base_weights(base),
                           [ref.uri for ref in round_experts.values()], out_uri, spec.params, device=device,
                           storage_options=store.options, cache=store.cache)
     return store.checkpoint_ref(out_uri)

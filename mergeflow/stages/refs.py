@@ -3,12 +3,15 @@ everything that decides an output, and the store layout (every output location i
 
 Store layout under `storage.root`:
   base/<model>/                 a built-in pretrained model directory (config, tokenizer, model.safetensors)
+                                (a user's base directory is read where it is: model.safetensors, or
+                                model.safetensors.index.json and its shards)
   datasets/<task>-<fp>/         a built-in task's data in its family's layout
   heads/<task>-<fp>.<ext>       frozen head made from the pretrained model (linear probe, CLIP zero-shot head,
                                 seq2seq prompt)
   experts/<task>-<fp>/model.safetensors  fine-tuned encoder (fp = digest of everything that determines it,
                                 so a rerun with the same inputs finds and reuses it); statistics-<fp>.safetensors
-                                beside it
+                                beside it; with LoRA fine-tuning experts/<task>-<fp>/adapter/ (a PEFT adapter
+                                directory: adapter_config.json, adapter_model.safetensors) in its place
   checkpoints/<expert-dir>/     fine-tuning checkpoints of an expert not yet published
   atm/<task>-<fp>/              one ATM round's fine-tuned model of a task
   sparsify/<method>-<fp>/       a method's global pass (state.safetensors)
@@ -64,8 +67,10 @@ def task_digests(tasks: TaskInputs) -> dict[str, tuple[str, str]]:
     return {name: (dataset.sha256, head.sha256) for name, (dataset, head) in tasks.items()}
 
 
-def base_weights(base: ObjectRef) -> str:
-    return join(base.uri, "model.safetensors")
+def base_weights(base: ObjectRef, name: str = "model.safetensors") -> str:
+    """The base directory's weights: `model.safetensors`, or for a sharded base (`Store.base_weights` decides)
+    the index `model.safetensors.index.json`."""
+    return join(base.uri, name)
 
 
 def run_inputs_digest(config_json: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
@@ -93,10 +98,11 @@ def head_uri(root: str, task: str, base: ObjectRef, dataset: ObjectRef, max_leng
 
 
 def expert_uri(root: str, task: str, base: ObjectRef, dataset: ObjectRef, head: ObjectRef,
-               settings: Mapping[str, Any]) -> str:
-    """The expert's checkpoint; `settings` are the fine-tuning settings but `checkpoint_every`."""
+               settings: Mapping[str, Any], adapter: bool = False) -> str:
+    """The expert's checkpoint, or with `adapter` its LoRA adapter directory; `settings` are the fine-tuning
+    settings but `checkpoint_every`."""
     return join(root, "experts", f"{task}-{fingerprint(base.sha256, dataset.sha256, head.sha256, settings)}",
-                "model.safetensors")
+                "adapter" if adapter else "model.safetensors")
 
 
 def checkpoints_uri(root: str, name: str) -> str:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mergeflow.checkpoints.adapter import adapter_digest, is_adapter, open_adapter
 from mergeflow.config import StorageConfig
-from mergeflow.errors import ConfigError, IntegrityError, ObjectNotFoundError
+from mergeflow.errors import CheckpointError, ConfigError, IntegrityError, ObjectNotFoundError
 from mergeflow.families import LoadedModel, TaskData
 from mergeflow.stages.refs import ObjectRef, base_weights, family_of
 from mergeflow.storage import (directory_digest, exists, fetch_directory, filesystem, is_remote, join, local_path,
@@ -71,15 +72,40 @@ class Store:
         return SubspaceReader.stored(
             index, ref.uri, lambda name, sha256: self.fetch(join(ref.uri, name), expected_sha256=sha256).path, experts)
 
+    def base_checkpoint(self, base: ObjectRef) -> tuple[str, str]:
+        """(URI, digest) of the base directory's weights as `open_checkpoint` reads them, from its files (verified
+        against the base's reference): `model.safetensors` and its sha256, or for a sharded base (no
+        model.safetensors) `model.safetensors.index.json` and the digest of the index and the shards it lists."""
+        from mergeflow.checkpoints.reader import SAFETENSORS_INDEX, files_digest
+
+        path, files = fetch_directory(base.uri, self.cache, self.options)
+        if directory_digest(files) != base.sha256:
+            raise IntegrityError(f"{base.uri}: content digest {directory_digest(files)} != expected {base.sha256}")
+        if "model.safetensors" in files:
+            return base_weights(base), files["model.safetensors"]
+        if SAFETENSORS_INDEX not in files:
+            raise CheckpointError(base.uri, f"the base directory holds neither model.safetensors nor "
+                                            f"{SAFETENSORS_INDEX}")
+        try:
+            shards = set(json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(join(base.uri, SAFETENSORS_INDEX), f"invalid sharded index: {exc}") from None
+        missing = sorted(shards - files.keys())
+        if missing:
+            raise CheckpointError(join(base.uri, missing[0]), "a shard the index lists is not in the directory")
+        return (base_weights(base, SAFETENSORS_INDEX),
+                files_digest({SAFETENSORS_INDEX: files[SAFETENSORS_INDEX], **{name: files[name] for name in shards}}))
+
+    def base_weights(self, base: ObjectRef) -> str:
+        """The URI a merge opens the base's weights by (`base_checkpoint`)."""
+        return self.base_checkpoint(base)[0]
+
     def input_digests(self, base: ObjectRef, experts: Mapping[str, ObjectRef],
                       statistics: Mapping[str, ObjectRef] | None = None) -> list[str]:
         """The content digests a merge of `experts` over `base` must find where it reads them: the base's weights
-        file (from its directory, verified against the base's reference), each expert's, then each expert's
-        statistics' when given."""
-        _, files = fetch_directory(base.uri, self.cache, self.options)
-        if directory_digest(files) != base.sha256:
-            raise IntegrityError(f"{base.uri}: content digest {directory_digest(files)} != expected {base.sha256}")
-        return [files["model.safetensors"], *(ref.sha256 for ref in experts.values()),
+        (`base_checkpoint`: from its directory, verified against the base's reference), each expert's (a LoRA
+        adapter's: `adapter_digest`), then each expert's statistics' when given."""
+        return [self.base_checkpoint(base)[1], *(ref.sha256 for ref in experts.values()),
                 *(statistics[name].sha256 for name in experts if statistics)]
 
     def local_file(self, ref: ObjectRef) -> Path:
@@ -159,7 +185,13 @@ class Store:
         from mergeflow.task_vectors import resolve_device
 
         model_dir = self.local_directory(base)
-        if weights is not None:
+        if weights is not None and is_adapter(weights.uri, self.options):  # W0 + scale * B @ A, tensor by tensor
+            with open_checkpoint(self.base_weights(base), storage_options=self.options, cache=self.cache) as ckpt, \
+                    open_adapter(weights.uri, ckpt, storage_options=self.options, cache=self.cache) as adapter:
+                if adapter.digest != weights.sha256:
+                    raise IntegrityError(f"{weights.uri}: digest {adapter.digest} != expected {weights.sha256}")
+                state_dict = {k: adapter.get(k) for k in adapter.keys()}
+        elif weights is not None:
             with open_checkpoint(weights.uri, storage_options=self.options, cache=self.cache) as ckpt:
                 if ckpt.digest != weights.sha256:
                     raise IntegrityError(f"{weights.uri}: digest {ckpt.digest} != expected {weights.sha256}")
@@ -167,9 +199,12 @@ class Store:
         return family_of(base).load(model_dir, state_dict, resolve_device(device))
 
     def checkpoint_ref(self, uri: str) -> ObjectRef:
-        """Fetch (through the cache) and open a checkpoint: validates its format, returns its reference."""
+        """Fetch (through the cache) and open a checkpoint, or a LoRA adapter directory (its config and weights;
+        matched to a base where it is read): validates its format, returns its reference."""
         from mergeflow.checkpoints import open_checkpoint
 
+        if is_adapter(uri, self.options):
+            return ObjectRef(uri=uri, sha256=adapter_digest(uri, storage_options=self.options, cache=self.cache))
         with open_checkpoint(uri, storage_options=self.options, cache=self.cache) as ckpt:
             return ObjectRef(uri=uri, sha256=ckpt.digest)
 
@@ -184,10 +219,11 @@ class Store:
         from mergeflow.task_vectors import open_pool
 
         expected = self.input_digests(base, experts, statistics)
+        base_uri = self.base_weights(base)
         stats = None if statistics is None else [statistics[name].uri for name in experts]
-        with open_pool(base_weights(base), {name: ref.uri for name, ref in experts.items()}, device,
+        with open_pool(base_uri, {name: ref.uri for name, ref in experts.items()}, device,
                        storage_options=self.options, cache=self.cache, statistics=stats) as pool:
-            uris = [base_weights(base), *(r.uri for r in experts.values()), *(stats or ())]
+            uris = [base_uri, *(r.uri for r in experts.values()), *(stats or ())]
             for uri, source, digest in zip(uris, [pool.base, *pool.experts, *(pool.statistics or ())], expected,
                                            strict=True):
                 if source.digest != digest:

@@ -15,7 +15,7 @@ from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.config import EvalConfig, TuningConfig
 from mergeflow.stages.evaluate import score_model
 from mergeflow.methods import build_method
-from mergeflow.stages.refs import (ObjectRef, TaskInputs, base_weights, family_of, fingerprint, sweep_uri,
+from mergeflow.stages.refs import (ObjectRef, TaskInputs, family_of, fingerprint, sweep_uri,
                                    task_digests)
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.store import Store
@@ -127,7 +127,7 @@ def cached_point(method: str, params: Mapping[str, Any], base: ObjectRef, expert
 def _base_state(base: ObjectRef, store: Store) -> dict[str, Any]:
     from mergeflow.checkpoints import open_checkpoint
 
-    with open_checkpoint(base_weights(base), storage_options=store.options, cache=store.cache) as base_ckpt:
+    with open_checkpoint(store.base_weights(base), storage_options=store.options, cache=store.cache) as base_ckpt:
         return {key: base_ckpt.get(key) for key in base_ckpt.keys()}
 
 

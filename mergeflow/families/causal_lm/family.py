@@ -5,7 +5,7 @@ bf16 stays bf16. Task data (`data`): train/validation/test.jsonl with multiple-c
 examples. A task's "head" is its prompt (`scoring.TaskPrompt`: the kind, the delimiter between question and answer,
 the generation budget), a small JSON file. Scores (`scoring`): acc_norm for multiple choice, 1 / perplexity for
 text, exact match for short answers; all higher-is-better, so sweeps, `auto` and registration choose as for every
-family. Fine-tuning trains every parameter (`training`).
+family. Fine-tuning trains every parameter (`training`), or a LoRA adapter (`lora`).
 """
 
 from __future__ import annotations
@@ -74,6 +74,15 @@ class CausalLMFamily(Family):
 
         return finetune_causal_lm(model.module, model.tokenizer, head, split, settings, device=model.device,
                                   progress=progress, checkpoint_dir=checkpoint_dir, storage_options=storage_options)
+
+    def finetune_adapter(self, model: LoadedModel, head: Any, split: Any, settings: FinetuneSettings,
+                         lora: Mapping[str, Any], *, progress: bool, checkpoint_dir: str | None,
+                         storage_options: Mapping[str, Any] | None) -> tuple[FinetuneResult, dict[str, Any]]:
+        from mergeflow.families.causal_lm.lora import finetune_causal_lm_lora
+
+        return finetune_causal_lm_lora(model.module, model.tokenizer, head, split, settings, lora,
+                                       device=model.device, progress=progress, checkpoint_dir=checkpoint_dir,
+                                       storage_options=storage_options)
 
     def statistics(self, model: LoadedModel, head: Any, split: Any, kinds: Sequence[str], settings: Any
                    ) -> Statistics:
