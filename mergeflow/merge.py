@@ -28,7 +28,7 @@ from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.errors import IntegrityError
 from mergeflow.methods import MergeMethod, build_method
 from mergeflow.model_card import CARD, write_card
-from mergeflow.methods.base import BLOCK_OFFSET, SUBSPACE, recorded, with_subspaces
+from mergeflow.methods.base import BLOCK_OFFSET, OUT_DTYPE, SUBSPACE, TENSOR_SUMS, recorded, sum_parts, with_subspaces
 from mergeflow.selection import is_float
 from mergeflow.statistics import open_statistics, validate_statistics
 from mergeflow.subspace import SubspaceReader, expert_identities
@@ -103,11 +103,11 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
 
     Non-float tensors (e.g. integer position ids) are carried through from the base unchanged. Tensors the
     method asks to batch (`MergeMethod.grouping`) are merged last, in same-shape groups. `only` restricts the
-    output to those tensors (one part of a merge split across tasks). Float tensors stream in through
-    `ExpertPool.stream` (read ahead on another thread). With `patch`, a whole merge runs the method's lighter
+    output to those tensors (one part of a merge split across tasks). Float tensors stream in through the
+    pool's read-ahead (another thread). With `patch`, a whole merge runs the method's lighter
     `prepare_merge` and corrects tensors already written through `patch` once the pass has settled them.
-    Elementwise methods receive tensors larger than half the pool's window in blocks of rows, written through
-    `write_rows` (name, first row, rows) when given, so memory stays within the window whatever N.
+    Large tensors may come in blocks of rows (`MergeMethod.read_plan`: elementwise and two-pass methods), written
+    through `write_rows` (name, first row, rows) when given, so memory stays within the window whatever N.
     `out_dtype`: the float tensors' output dtype (default: the base's).
     """
     if state is None:
@@ -119,8 +119,7 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     batched = set(names).intersection(info.name for info in infos if is_float(info.dtype))
     bar = progress_bar(total=len(infos), desc=f"merging ({method.name})", disable=not progress)
     keys = [info.name for info in infos if info.name not in batched and is_float(info.dtype)]
-    streamed = pool.blocks(keys) if method.elementwise else (
-        (name, 0, base, task_vectors) for name, base, task_vectors in pool.stream(keys))
+    streamed = pool._read_ahead(method.read_plan(pool, keys, run_state))  # (name, rows or None, base, tau)
     try:
         for info in infos:
             if info.name in batched:
@@ -154,28 +153,33 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
 
 
 def _merge_blocks(method: MergeMethod, pool: ExpertPool, info: TensorInfo,
-                  streamed: Iterator[tuple[str, int, torch.Tensor, torch.Tensor]],
+                  streamed: Iterator[tuple[str, tuple[int, int] | None, torch.Tensor, torch.Tensor]],
                   state: dict[str, Any], write: Callable[[str, torch.Tensor], None],
                   write_rows: Callable[[str, int, torch.Tensor], None] | None) -> None:
-    """Merge one float tensor from the stream, whole or block by block of rows (elementwise methods on tensors
-    larger than half the window), written as they come with `write_rows`, else joined first."""
-    rows = info.shape[0] if info.shape else 1
-    done, parts = 0, []
-    while done < rows:
-        name, start, base, task_vectors = next(streamed)
-        state[BLOCK_OFFSET] = start * math.prod(info.shape[1:])
+    """Merge one float tensor from the stream, whole or block by block of rows (`MergeMethod.read_plan`; a two-pass
+    method's blocks come twice: first for `block_sums`), written as they come with `write_rows`, else joined first."""
+    name, rows, base, task_vectors = next(streamed)
+    state[OUT_DTYPE], state[TENSOR_SUMS], parts = info.dtype, None, []  # whole tensors: the method sums them
+    if rows is not None and method.two_pass and method.needs_sums(name, state):
+        partials = []
+        while not partials or rows[0] > 0:  # up to the second pass's first block
+            state[BLOCK_OFFSET] = rows[0] * math.prod(info.shape[1:])
+            partials.append(method.block_sums(name, base, task_vectors, state))
+            name, rows, base, task_vectors = next(streamed)
+        state[TENSOR_SUMS] = sum_parts(partials)
+    while True:
+        state[BLOCK_OFFSET] = (0 if rows is None else rows[0]) * math.prod(info.shape[1:])
         merged = method.merge_tensor(name, base, task_vectors, state).to("cpu", info.dtype)
         pool.check_merged(name, merged)  # as it is written (half the bytes to read for a bf16 model)
-        if start == 0 and tuple(merged.shape) == info.shape:
-            write(name, merged)
-            return
-        if write_rows is not None:
-            write_rows(name, start, merged)
-        else:
+        if rows is None or write_rows is None:
             parts.append(merged)
-        done += len(merged)
+        else:
+            write_rows(name, rows[0], merged)
+        if rows is None or rows[1] >= info.shape[0]:
+            break
+        name, rows, base, task_vectors = next(streamed)
     if parts:
-        write(info.name, torch.cat(parts))
+        write(info.name, parts[0] if len(parts) == 1 else torch.cat(parts))
 
 
 def patch_dict(out: dict[str, torch.Tensor]) -> Patch:

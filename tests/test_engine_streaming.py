@@ -159,6 +159,33 @@ def test_a_small_window_merges_in_blocks_of_rows_with_the_same_result(tmp_path, 
         assert result.state["majority_sign"] == -1 and float(blocks.get("w0")[0, 0]) == pytest.approx(-0.6)
 
 
+@pytest.mark.parametrize("method, params, experts, passes", [
+    ("slerp", {"t": 0.3}, 1, 2), ("dare_ties", {"density": 0.5}, 3, 2),
+    ("dare_ties", {"density": 0.5, "normalize": True, "weight": [0.5, 1.0]}, 3, 2),
+    ("dare_ties", {"density": 0.5, "rescale": False}, 3, 1), ("task_arithmetic_weighted", {"weight": 0.7}, 3, 1)])
+def test_two_pass_methods_merge_a_large_tensor_in_blocks_with_the_same_result(tmp_path, cache, monkeypatch, method,
+                                                                             params, experts, passes):
+    base, others, paths = _models(tmp_path)
+    monkeypatch.setattr("mergeflow.sparsify._DARE_BLOCK", 100)  # DARE's mask blocks straddle the tiles and blocks
+    monkeypatch.setattr("mergeflow.methods.base.TILE", 64)  # tiles of 2 rows of 32
+    inputs = paths[1:1 + experts]
+    merge_checkpoints(method, paths[0], inputs, str(tmp_path / "whole"), params, cache=cache)
+    rows_read = []
+    original = Checkpoint.get_rows
+    monkeypatch.setattr(Checkpoint, "get_rows", lambda self, name, start, stop:
+                        rows_read.append((name, start, stop)) or original(self, name, start, stop))
+    # (experts + 1) fp32 inputs x 32 values a row against a 2 KB window: blocks of 2 (3 experts) or 4 rows (SLERP)
+    merge_checkpoints(method, paths[0], inputs, str(tmp_path / "blocks"), params, cache=cache, window=2048)
+    step = 2 if experts == 3 else 4
+    w3 = [stop - start for name, start, stop in rows_read if name == "w3"]
+    assert w3 == [step] * (64 // step) * (experts + 1) * passes  # the sums' pass first, where the method needs it
+    whole = open_checkpoint(str(tmp_path / "whole"), cache=cache)
+    blocks = open_checkpoint(str(tmp_path / "blocks"), cache=cache)
+    assert all(torch.equal(whole.get(k), blocks.get(k)) for k in whole.keys())
+    in_memory = merge_state_dicts(method, base, others[:experts], params)
+    assert all(torch.equal(in_memory[k], blocks.get(k)) for k in in_memory)
+
+
 def test_writer_patches_a_written_tensor(tmp_path):
     plan = [TensorInfo("a", (4,), torch.bfloat16), TensorInfo("b", (2, 3), torch.float32)]
     writer = ShardedSafetensorsWriter(tmp_path / "w", plan)

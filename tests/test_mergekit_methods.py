@@ -12,7 +12,11 @@ from safetensors.torch import save_file
 from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.merge import merge_checkpoints, merge_state_dicts
 from mergeflow.methods import build_method
+from mergeflow.methods.base import sum_parts
+from mergeflow.methods.gta import keep_floats
 from mergeflow.methods.settings import depth, layer_counts, resolve
+from mergeflow.methods.slerp import slerp_coefficients, slerp_tile_sums
+from mergeflow.sparsify import dare_keep_mask
 
 LAYERS = 3
 
@@ -231,3 +235,50 @@ def test_an_expert_with_added_tokens_fails_before_any_work_naming_the_tensor(tmp
         merge_checkpoints("ties_per_tensor", str(tmp_path / "base.safetensors"), [str(tmp_path / "grown.safetensors")],
                           str(tmp_path / "out"), device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_dare_float_masks_are_the_seeded_bool_masks(monkeypatch):
+    monkeypatch.setattr("mergeflow.sparsify._DARE_BLOCK", 1000)  # ranges that start inside and straddle mask blocks
+    for offset, count in [(0, 1000), (0, 2500), (999, 2), (1234, 4321), (3000, 1)]:
+        for drop in (0.0, 0.3, 0.5, 0.999):
+            got = keep_floats(count, drop, 7, 2, "w", offset)
+            assert got.dtype == torch.float32 and torch.equal(got, dare_keep_mask((count,), drop, 7, 2, "w", offset).float())
+
+
+def test_slerp_sums_are_exact_where_acos_magnifies_errors():
+    g = torch.Generator().manual_seed(5)
+    v0 = torch.randn(2048, 512, generator=g)
+    tau = 0.03 * torch.randn(2048, 512, generator=g)  # cos(v0, v0 + tau) ~ 0.9996, just below the fallback
+    a, d = v0.double().reshape(-1), tau.double().reshape(-1)
+    exact = torch.tensor([a @ a, a @ d, d @ a, d @ d])
+    assert torch.allclose(sum_parts([slerp_tile_sums(v0, tau)]), exact, rtol=1e-13, atol=0)
+    c0, c1 = slerp_coefficients(0.5, exact, 0.9999)
+    assert (c0, c1) == pytest.approx(slerp_coefficients(0.5, sum_parts([slerp_tile_sums(v0, tau)]), 0.9999), rel=1e-12)
+
+
+@pytest.mark.parametrize("method, params, n", [("slerp", {"t": 0.3}, 1), ("dare_ties", {"density": 0.6}, 3),
+                                               ("dare_ties", {"density": 0.6, "normalize": True}, 3),
+                                               ("dare_linear", {"density": 0.6, "weight": 0.7}, 3)])
+def test_a_bf16_merge_rounds_the_fp32_merge_once(models, method, params, n):
+    base, experts = models
+    half = {k: v.bfloat16() for k, v in base.items()}
+    halves = [{k: v.bfloat16() for k, v in e.items()} for e in experts[:n]]
+    widened = merge_state_dicts(method, {k: v.float() for k, v in half.items()},
+                                [{k: v.float() for k, v in e.items()} for e in halves], params)
+    got = merge_state_dicts(method, half, halves, params)  # the method writes bf16 itself: no fp32 copy of the output
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], widened[k].bfloat16()) for k in base)
+
+
+def test_a_nan_in_a_dropped_entry_still_fails_the_merge(tmp_path, models):
+    base, experts = models
+    broken = dict(experts[1])
+    broken["model.norm.weight"] = broken["model.norm.weight"].clone()
+    dropped = int((~dare_keep_mask((6,), 0.5, 0, 1, "model.norm.weight")).nonzero()[0])
+    broken["model.norm.weight"][dropped] = float("nan")  # an entry the drop removes: x * 0 keeps the NaN
+    paths = []
+    for name, sd in (("base", base), ("a", experts[0]), ("b", broken)):
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+        paths.append(str(tmp_path / f"{name}.safetensors"))
+    with pytest.raises(CheckpointError, match="NaN") as info:
+        merge_checkpoints("dare_ties", paths[0], paths[1:], str(tmp_path / "out"), {"density": 0.5}, device="cpu")
+    assert info.value.file == paths[2] and info.value.tensor == "model.norm.weight"

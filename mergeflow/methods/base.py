@@ -20,6 +20,7 @@ other tensors have streamed through `merge_tensor`. Methods that do not override
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,27 @@ from mergeflow.task_vectors import ExpertPool
 
 RUN_ONLY = "_"  # prefix of state keys that live only for one merge (never recorded)
 BLOCK_OFFSET = RUN_ONLY + "offset"  # run-only: flat index of the first coordinate `merge_tensor` receives
+TENSOR_SUMS = RUN_ONLY + "sums"  # run-only: a two-pass method's totals of `block_sums` over a tensor sent in blocks
+OUT_DTYPE = RUN_ONLY + "out_dtype"  # run-only: the dtype the merged tensor is written in (merge_tensor may return it)
+
+
+TILE = 1 << 18  # entries per tile of a two-pass method's work (in cache): whole rows, or one row wider than this
+
+
+def tile_rows(shape: Sequence[int]) -> int:
+    """Rows per tile of a tensor of this shape (a tensor of fewer than two dimensions is one row)."""
+    return max(1, TILE // max(1, math.prod(shape[1:]))) if len(shape) >= 2 else 1
+
+
+def tile_columns(shape: Sequence[int]) -> int:
+    """Columns per tile: the whole row, or TILE at a time of a row wider than that."""
+    return max(1, min(math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape), TILE))
+
+
+def sum_parts(partials: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Totals [k] of a tensor's partial sums [parts, k] (`block_sums`) given in order: the same float64 operation
+    on the same parts whether the tensor came whole or in blocks."""
+    return torch.cat([p.to("cpu", torch.float64) for p in partials]).sum(dim=0)
 
 
 def recorded(state: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +108,10 @@ class MergeMethod(ABC):
     # each coordinate merges on its own (given the state): the engine may hand `merge_tensor` blocks of rows of a
     # large tensor, with the flat index of the block's first coordinate in state[BLOCK_OFFSET]
     elementwise: ClassVar[bool] = False
+    # each coordinate merges on its own given a few totals over the tensor (SLERP's norms and dot, DARE's L1 norms):
+    # the engine may hand a tensor larger than its window in blocks of rows twice, each block first to `block_sums`,
+    # then to `merge_tensor` with `sum_parts` of them in state[TENSOR_SUMS] (and the offset in state[BLOCK_OFFSET])
+    two_pass: ClassVar[bool] = False
     # `prepare` only reads tensor names and counts (layer depths for gradients): no sparsify stage of its own
     prepare_is_cheap: ClassVar[bool] = False
     # the grid `sweep: default` tries and the one `method: auto` searches (None: the sweep grid; a method with
@@ -125,8 +151,42 @@ class MergeMethod(ABC):
     @abstractmethod
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:
-        """Merged value of one float tensor. `base` is fp32 [*shape]; `task_vectors` fp32 [N, *shape]. `state` is
-        this merge's own copy: a method may keep run-only accumulators in it for `finish`."""
+        """Merged value of one float tensor, fp32 (or the dtype in state[OUT_DTYPE], where given). `base` is fp32
+        [*shape]; `task_vectors` fp32 [N, *shape], the engine's buffer: a method may modify it but not return it.
+        `state` is this merge's own copy: a method may keep run-only accumulators in it for `finish`."""
+
+    def read_plan(self, pool: ExpertPool, keys: Sequence[str], state: dict[str, Any]
+                  ) -> list[tuple[str, tuple[int, int] | None]]:
+        """How the engine reads `keys`: (name, None) whole, (name, (first row, stop row)) a block of rows. Elementwise
+        methods: blocks of at most half the window (`ExpertPool.plan_blocks`); two-pass methods: a tensor of two or
+        more dimensions whose inputs take more than the window in such blocks, twice where it `needs_sums`; else
+        whole tensors. Memory then stays within about twice the window, however large a tensor."""
+        if self.elementwise:
+            return pool.plan_blocks(keys)
+        if not self.two_pass:
+            return [(name, None) for name in keys]
+        per_value, items = 4 * (len(pool.experts) + 1), []
+        for name in keys:
+            shape = pool.base.info(name).shape
+            if len(shape) < 2 or per_value * math.prod(shape) <= pool.window:
+                items.append((name, None))
+                continue
+            step = max(1, pool.window // 2 // (per_value * math.prod(shape[1:])))
+            step = max(1, step // tile_rows(shape)) * tile_rows(shape)  # whole tiles: blocks sum as the tensor
+            blocks = [(name, (row, min(row + step, shape[0]))) for row in range(0, shape[0], step)]
+            items += blocks * (2 if self.needs_sums(name, state) else 1)
+        return items
+
+    def needs_sums(self, name: str, state: dict[str, Any]) -> bool:
+        """Two-pass methods: whether tensor `name` needs totals (else blocks of it are read once). Default: yes."""
+        return True
+
+    def block_sums(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
+                   state: dict[str, Any]) -> torch.Tensor:
+        """Two-pass methods: float64 [parts, k] partial sums over a block of rows (starting at a multiple of
+        `tile_rows`, e.g. one part per tile) whose totals `merge_tensor` reads; it may modify `task_vectors` (read
+        no more after it)."""
+        raise NotImplementedError(f"{self.name} is not a two-pass method")
 
     def finish(self, state: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """After every tensor: corrections {name: (flat indices, fp32 values)} to tensors already merged, once a

@@ -14,21 +14,27 @@ with a probability from d - epsilon to d + epsilon by its magnitude rank in its 
 Random masks come from DARE's draws (`mergeflow.sparsify.seeded_draws`: 16-bit, from generators seeded per (seed,
 expert, tensor, block); probabilities taken to the nearest 1/65536): the same on every device and in any order,
 but not mergekit's draws (it uses torch's global generator).
+The row-local variants (no sparsification, DARE's) are two-pass methods: a tensor larger than the engine's window
+comes in blocks of rows, first for the L1 norms (float64 totals of fp32 sums per tile of rows), then to merge; the
+election and the mix run tile by tile into the output dtype, so memory holds tiles, not copies of the tensor.
 Each variant is a subclass that fixes `sparsification`, `consensus` and its defaults (its own small file).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
 from mergeflow.errors import ConfigError
-from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.methods.base import (BLOCK_OFFSET, OUT_DTYPE, TENSOR_SUMS, MergeMethod, MethodParams, sum_parts,
+                                    tile_rows)
 from mergeflow.methods.settings import Setting, check_range, depth, layer_counts, resolve
 from mergeflow.parallel import parallel_map
-from mergeflow.sparsify import dare_keep_mask, seeded_draws
+from mergeflow import sparsify
+from mergeflow.sparsify import seeded_draws, seeded_generator
 from mergeflow.task_vectors import ExpertPool
 
 Sparsification = Literal["magnitude", "random", "outliers", "rank"] | None
@@ -107,6 +113,11 @@ class GeneralizedTaskArithmetic(MergeMethod):
     checks_inline = True
     prepare_is_cheap = True
     searched_by_default = False  # mergekit's: `auto` searches it when named in search.methods
+    two_pass = True  # row-local sparsifications (none, DARE's): large tensors may come in blocks of rows
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.two_pass = cls.sparsification in (None, "random")
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         """The layer count of each stack (for gradients), after checking `per_expert` against the experts."""
@@ -127,41 +138,102 @@ class GeneralizedTaskArithmetic(MergeMethod):
             return float(default)
         raise ConfigError(f"method {self.name!r}: no {key} matches tensor {name!r} for expert {expert}")
 
+    def needs_sums(self, name: str, state: dict[str, Any]) -> bool:
+        """Only DARE's L1 rescale needs sums over the whole tensor (each expert's before and after the drop)."""
+        return self.sparsification == "random" and self.params.rescale
+
+    def block_sums(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
+                   state: dict[str, Any]) -> torch.Tensor:
+        return self._drop(name, task_vectors, state, sums=True)
+
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:
-        """Sparsified and weighted in place, in the engine's buffer of task vectors (read no more after this call),
-        one expert per core; the sums over experts are mergekit's, so the arithmetic is its own."""
+        """Sparsified in place, in the engine's buffer of task vectors (read no more after this call), one expert
+        per core; then weighted, elected and mixed tile by tile into a tensor of the output dtype. The sums over
+        experts are mergekit's, so the arithmetic is its own."""
         t = depth(name, state.get("layers", {}))
         n = len(task_vectors)
-        weights = torch.tensor([self.value("weight", i, name, t) for i in range(n)], dtype=torch.float32,
-                               device=base.device).reshape((n,) + (1,) * base.dim())
-        deltas = task_vectors
+        rescale = [1.0] * n
+        if self.sparsification == "random":
+            sums = state.get(TENSOR_SUMS)
+            partial = self._drop(name, task_vectors, state, sums=sums is None and self.params.rescale)
+            if self.params.rescale:
+                totals = (sum_parts([partial]) if sums is None else sums).tolist()
+                rescale = [_l1_ratio(totals[2 * i], totals[2 * i + 1]) for i in range(n)]
+        elif self.sparsification is not None:
+            parallel_map(lambda i: self.sparsify_(task_vectors[i], i, name, t), range(n))
+        weights = [self.value("weight", i, name, t) for i in range(n)]
+        return self._mix(base, task_vectors, rescale, weights, state.get(OUT_DTYPE, torch.float32))
 
-        def prepare_row(i: int) -> None:
-            if self.sparsification is not None:
-                self.sparsify_(deltas[i], i, name, t)
-            deltas[i].mul_(weights[i])
+    def _drop(self, name: str, deltas: torch.Tensor, state: dict[str, Any], sums: bool) -> torch.Tensor | None:
+        """DARE's drop of each expert's block of rows, in place, tile by tile (the masks of `dare_keep_mask` at the
+        block's offset, so a block is dropped as in the whole tensor); with `sums`: float64 [tiles, 2N], each
+        expert's L1 norm of each tile before and after the drop."""
+        t, offset, n = depth(name, state.get("layers", {})), state.get(BLOCK_OFFSET, 0), len(deltas)
+        shape = tuple(deltas.shape[1:])
+        rows, step = (shape[0] if len(shape) >= 2 else 1), tile_rows(shape)
+        flat = deltas.view(n, rows, -1)  # a view: the drop happens in the engine's buffer
+        out = torch.zeros((-(-rows // step), 2 * n), dtype=torch.float64, device=deltas.device) if sums else None
 
-        parallel_map(prepare_row, range(n))
-        if self.consensus:
-            positive = deltas.sum(dim=0) >= 0  # the elected sign; an entry is kept where its own sign is it
-            keep = torch.where(positive, deltas > 0, deltas < 0)  # = sign(delta) == elected, in bytes not floats
-            del positive
-            divisor = (weights * keep).sum(dim=0) if self.params.normalize else None
-            mixed = deltas.masked_fill_(~keep, 0.0).sum(dim=0)
-            del keep
-            if divisor is not None:
+        def one(i: int) -> None:
+            density = self.value("density", i, name, t)
+            if density >= 1 or deltas[i].numel() == 0:
+                return
+            if density <= 0:
+                deltas[i].zero_()
+                return
+            for tile, row in enumerate(range(0, rows, step)):
+                tau = flat[i, row:row + step]
+                keep = keep_floats(tau.numel(), 1.0 - density, self.params.seed, i, name, offset + row * tau.shape[1])
+                keep = keep.view(tau.shape).to(tau.device)
+                if out is not None:
+                    size = tau.abs()
+                    out[tile, 2 * i] = size.sum()
+                    out[tile, 2 * i + 1] = size.mul_(keep).sum()
+                tau.mul_(keep)  # x * 0 (not a fill): a NaN or Inf dropped still reaches the output's check
+
+        parallel_map(one, range(n))
+        return out
+
+    def _mix(self, base: torch.Tensor, deltas: torch.Tensor, rescale: list[float], weights: list[float],
+             dtype: torch.dtype) -> torch.Tensor:
+        """theta_0 + scaling * mixed (module docstring), tile by tile of rows, the deltas rescaled and weighted in
+        place; a new tensor of `dtype` (never the engine's buffer)."""
+        n, rows, step = len(deltas), (base.shape[0] if base.dim() >= 2 else 1), tile_rows(tuple(base.shape))
+        flat, bases = deltas.view(n, rows, -1), base.reshape(rows, -1)
+        out = torch.empty(base.shape, dtype=dtype, device=base.device)
+        flat_out = out.view(rows, -1)
+        factors = torch.tensor(rescale, dtype=torch.float32, device=base.device).reshape(n, 1, 1)
+        weight = torch.tensor(weights, dtype=torch.float32, device=base.device).reshape(n, 1, 1)
+        total_weight = weight.sum(dim=0)
+        total_weight[total_weight.abs() < 1e-8] = 1
+        rescaled, weighted = any(r != 1 for r in rescale), any(w != 1 for w in weights)
+        for row in range(0, rows, step):
+            d = flat[:, row:row + step]
+            if rescaled:
+                d.mul_(factors)
+            if weighted:
+                d.mul_(weight)
+            if self.consensus and self.params.normalize:
+                keep = torch.where(d.sum(dim=0) >= 0, d > 0, d < 0)  # sign(delta) == the elected sign (>= 0: +)
+                divisor = (weight * keep).sum(dim=0)
+                mixed = d.masked_fill_(~keep, 0.0).sum(dim=0)
                 divisor[divisor == 0] = 1
-        else:
-            mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-        if self.params.normalize:
-            mixed.div_(divisor)
-        return mixed.mul_(self.params.scaling).add_(base)
+                mixed.div_(divisor)
+            elif self.consensus:  # the same sums: the entries of the elected sign, zeros for the others
+                plus = d.sum(dim=0).sign_().add_(1).clamp_(max=1)  # 1 where the elected sign is + (sum >= 0), else 0
+                mixed = d.clamp(min=0).sum(dim=0).mul_(plus)  # exact selections: x * 1 + y * 0 = x (finite x, y)
+                mixed.add_(d.clamp(max=0).sum(dim=0).mul_(plus.sub_(1).neg_()))
+            else:
+                mixed = d.sum(dim=0)
+                if self.params.normalize:
+                    mixed.div_(total_weight)
+            flat_out[row:row + step] = mixed.mul_(self.params.scaling).add_(bases[row:row + step])
+        return out
 
     def sparsify_(self, tau: torch.Tensor, expert: int, name: str, t: float) -> None:
-        """Sparsify one expert's task vector of one tensor in place by the variant's rule (and L1-rescale it)."""
+        """Sparsify one expert's whole task vector of one tensor in place by a rule that is not row-local
+        ("magnitude", "outliers", "rank"; DARE's is `_drop`), and L1-rescale it."""
         density = self.value("density", expert, name, t)
         if density >= 1 or tau.numel() == 0:
             return
@@ -176,8 +248,6 @@ class GeneralizedTaskArithmetic(MergeMethod):
             top = int(self.value("gamma", expert, name, t) * tau.numel())
             low = max(0, tau.numel() - kept - top)
             keep = _rank_window(tau, low, low + kept)
-        elif kind == "random":
-            keep = dare_keep_mask(tau.shape, 1.0 - density, self.params.seed, expert, name).to(tau.device)
         else:  # "rank": DELLA's MagPrune
             probability = _rank_probabilities(tau, density, self.value("epsilon", expert, name, t), self.name)
             threshold = torch.round((1.0 - probability) * 65536).sub_(32768).to(torch.int32)  # DARE's draws
@@ -190,6 +260,32 @@ class GeneralizedTaskArithmetic(MergeMethod):
         after = tau.abs().sum()
         if before >= 1e-7 and after >= 1e-7:
             tau.mul_(before / after)
+
+
+def keep_floats(count: int, drop_rate: float, seed: int, expert: int, name: str, offset: int) -> torch.Tensor:
+    """`mergeflow.sparsify.dare_keep_mask` of the flat coordinates [offset, offset + count) as fp32 1s and 0s, built
+    from the same draws without bool tensors (a float mask multiplies at full speed; torch's bool kernels do not)."""
+    size = sparsify._DARE_BLOCK
+    threshold = round(drop_rate * 65536) - 32768  # keep a draw v (shifted by -32768) when v >= threshold
+    parts, position, stop = [], offset, offset + count
+    while position < stop:
+        block = position // size
+        first, end = block * size, min(stop, (block + 1) * size)
+        draws = torch.empty(-(-(end - first) // 3), dtype=torch.int64)
+        quarters = (draws.random_(generator=seeded_generator(seed, expert, name, block)).view(torch.int16)
+                    ^ -32768).view(-1, 4)  # three 16-bit draws in the low 48 bits of each (sparsify._uniform16)
+        spread = torch.empty((len(quarters), 3), dtype=torch.float32)
+        for k in range(3):
+            spread[:, k] = quarters[:, k]
+        parts.append(spread.view(-1)[position - first:end - first])
+        position = end
+    keep = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return keep.sub_(threshold - 1).clamp_(0, 1)  # integer draws: v - threshold + 1 >= 1 exactly when kept
+
+
+def _l1_ratio(before: float, after: float) -> float:
+    """The rescale that gives the kept entries the tensor's L1 norm (1 where either norm is ~0 or not finite)."""
+    return before / after if before >= 1e-7 and after >= 1e-7 and math.isfinite(before / after) else 1.0
 
 
 def _rank_window(tau: torch.Tensor, low: int, high: int) -> torch.Tensor:
