@@ -299,7 +299,7 @@ def next_beyond(values: Sequence[float], chosen: float) -> float | None:
         return None
     up = chosen == ordered[-1]
     a, b = (ordered[-2], ordered[-1]) if up else (ordered[1], ordered[0])
-    geometric = all(v > 0 for v in ordered) and len(ordered) >= 2 and ordered[-1] / ordered[0] >= 100
+    geometric = ordered[0] > 0 and ordered[-1] / ordered[0] >= 100
     value = b * (b / a) if geometric else b + (b - a)
     return float(f"{value:.10g}")
 

@@ -17,15 +17,18 @@ def evaluate_model(weights: ObjectRef | None, base: ObjectRef, tasks: TaskInputs
     """The primary metric (accuracy for classification) on each task's `split` (only that split is read; at most
     `max_examples` per task) with that task's frozen head; `weights=None` scores the pretrained model, or the
     in-memory `state_dict` when given. `tasks` maps task name to (dataset, head)."""
-    family = family_of(base)
     model = store.load_model(base, weights, device, state_dict)
-    splits = {}
+    return family_of(base).evaluate(model, _splits(base, tasks, store, split, max_examples), evaluation)
+
+
+def _splits(base: ObjectRef, tasks: TaskInputs, store: Store, split: str, max_examples: int | None
+            ) -> dict[str, tuple[Any, Any]]:
+    """Each task's head and `split` (its first `max_examples`), as a family scores them."""
+    family, out = family_of(base), {}
     for name, (dataset, head) in tasks.items():
         data = store.read_task(name, dataset, base, [split]).splits[split]
-        if max_examples is not None:
-            data = family.first(data, max_examples)
-        splits[name] = (store.load_head(head, base), data)
-    return family.evaluate(model, splits, evaluation)
+        out[name] = (store.load_head(head, base), data if max_examples is None else family.first(data, max_examples))
+    return out
 
 
 def score_model(base: ObjectRef, tasks: TaskInputs, evaluation: EvalConfig, store: Store, device: str,
@@ -33,13 +36,8 @@ def score_model(base: ObjectRef, tasks: TaskInputs, evaluation: EvalConfig, stor
                 ) -> tuple[dict[str, float], dict[str, str]]:
     """`evaluate_model` of an in-memory state dict, with each example's credit per task where the family gives
     them ("0110...": what a search compares candidates on, example by example)."""
-    family = family_of(base)
     model = store.load_model(base, None, device, state_dict)
-    splits = {}
-    for name, (dataset, head) in tasks.items():
-        data = store.read_task(name, dataset, base, [split]).splits[split]
-        splits[name] = (store.load_head(head, base), data if max_examples is None else family.first(data, max_examples))
-    scores = family.score_examples(model, splits, evaluation)
+    scores = family_of(base).score_examples(model, _splits(base, tasks, store, split, max_examples), evaluation)
     return ({name: value for name, (value, _) in scores.items()},
             {name: "".join(map(str, credits)) for name, (_, credits) in scores.items() if credits is not None})
 

@@ -22,7 +22,7 @@ from typing import Any
 from mergeflow.config import DataConfig, EvalConfig, MergeDataConfig, MergeSpec, SearchConfig, TuningConfig
 from mergeflow.errors import ConfigError
 from mergeflow.families import get_family
-from mergeflow.plan import sparsifies
+from mergeflow.plan import pass_key
 from mergeflow.stages import statistics as statistics_stage, subspace as subspace_stage
 from mergeflow.stages.data import fit_head, prepare_dataset
 from mergeflow.stages.evaluate import evaluate_stored
@@ -52,6 +52,7 @@ class InProcessRun:
     kinds: tuple[str, ...] | None = None  # statistics kinds a search computes for all its data-aware candidates
     _statistics: dict[tuple[str, ...], dict[str, ObjectRef]] = field(default_factory=dict)
     _subspaces: dict[str, ObjectRef] = field(default_factory=dict)
+    _passes: dict[str, ObjectRef] = field(default_factory=dict)
 
     @property
     def evaluation(self) -> EvalConfig:
@@ -87,8 +88,13 @@ class InProcessRun:
         return {kind: self._subspaces[kind] for kind in kinds} or None
 
     def sparsify_pass(self, spec: MergeSpec) -> ObjectRef | None:
-        """The stored global pass `spec` reads (the flow's sparsify stage; None: its method has none)."""
-        return sparsify(spec, self.base, self.experts, self.store, self.device)[0] if sparsifies(spec) else None
+        """The stored global pass `spec` reads (the flow's sparsify stage, run once per pass; None: none)."""
+        key = pass_key(spec)
+        if key is None:
+            return None
+        if key not in self._passes:
+            self._passes[key] = sparsify(spec, self.base, self.experts, self.store, self.device)[0]
+        return self._passes[key]
 
     def expert_validation(self, examples: int) -> dict[str, float]:
         """Each expert's accuracy on the first `examples` validation examples of its own task (stored scores)."""
