@@ -184,7 +184,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_stack(args: argparse.Namespace) -> int:
     from mergeflow_app.stack import stack_command
 
-    return stack_command(args.action, args.state_dir)
+    return stack_command(args.action, args.state_dir, args.auth, args.viewer)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "health and UI addresses; env: export lines for using the stack")
     stack.add_argument("--state-dir", help="where PIDs, logs, data and credentials live (default "
                                            "MERGEFLOW_STACK_DIR or .mergeflow/stack)")
+    stack.add_argument("--auth", action="store_true", default=None,
+                       help="up: start every server with authentication (also MERGEFLOW_STACK_AUTH=1); the state "
+                            "directory remembers it, and status/env hand out its credentials")
+    stack.add_argument("--viewer", action="store_true",
+                       help="env: the read-only viewer's credentials (MLflow reader, S3 read/list) instead of the "
+                            "runs'")
     stack.set_defaults(func=cmd_stack)
     return parser
 

@@ -12,16 +12,23 @@ What was started is recorded in `STATE/stack.json` (written atomically): PID, po
 file, and the process identity (boot id + kernel start time from `/proc/PID/stat`). `down` signals a process
 group only while that identity still matches, so a reused PID is never signalled.
 
-The package starts servers as programs: it never imports prefect or mlflow. Its parts: `config` (state
-directory, ports, credentials), `processes` (process identity, the record, the lock), `health` (status),
-`control` (up, down, the command).
+`up --auth` (or `MERGEFLOW_STACK_AUTH=1`, remembered by the state directory) starts all three with authentication:
+Prefect's API auth string, MLflow's basic-auth app (an admin and a read-only viewer), S3 identities (read-write for
+the runs, read-only for viewers, anonymous refused); secrets are generated once into `STATE/auth.json` (0600) and
+reach the servers through environment variables and 0600 files, never a command line (`auth`).
+
+The package starts servers as programs: it never imports prefect or mlflow (only `mlflow_plugin/`, a folder put on
+the MLflow server's PYTHONPATH, runs inside that server). Its parts: `config` (state directory, ports,
+credentials), `auth` (secrets, the servers' auth files and environment), `processes` (process identity, the
+record, the lock), `health` (status), `control` (up, down, the command).
 """
 
+from mergeflow_app.stack.auth import AUTH_ENV, StackSecrets
 from mergeflow_app.stack.config import (PORTS, STATE_DIR_ENV, WEED_PORT_FLAGS, Credentials, StackConfig,
                                         StackError, port_setting, resolve_credentials)
 from mergeflow_app.stack.control import down, find_executable, stack_command, up
 from mergeflow_app.stack.health import ServiceStatus, StackStatus, status
 
-__all__ = ["PORTS", "STATE_DIR_ENV", "WEED_PORT_FLAGS", "Credentials", "ServiceStatus", "StackConfig", "StackError",
-           "StackStatus", "down", "find_executable", "port_setting", "resolve_credentials", "stack_command",
-           "status", "up"]
+__all__ = ["AUTH_ENV", "PORTS", "STATE_DIR_ENV", "WEED_PORT_FLAGS", "Credentials", "ServiceStatus", "StackConfig",
+           "StackError", "StackSecrets", "StackStatus", "down", "find_executable", "port_setting",
+           "resolve_credentials", "stack_command", "status", "up"]

