@@ -35,6 +35,8 @@ class Node:
     task: str | None = None  # the task it concerns (evaluate: only this task's data; else every task's)
     split: str | None = None  # evaluate, sweep_point: the split scored
     examples: int | None = None  # evaluate, sweep_point: examples scored per task (None: all)
+    part_of: str | None = None  # run by that node, not by a walk of the plan: an `auto` search's opening, rungs
+    # (estimated here) and the sparsify passes only its candidates read, run by its `chosen:<label>` node
 
     @property
     def timed(self) -> bool:
@@ -143,7 +145,7 @@ def compile_plan(config: RunConfig) -> Plan:
         plan.add("overlap", "check_overlap", [base, *data], "validation vs train inputs")
     passes: dict[str, str] = {}
 
-    def reads(spec: MergeSpec) -> list[str]:
+    def reads(spec: MergeSpec, part_of: str | None = None) -> list[str]:
         """The stages one merge or point reads: base, experts, its subspaces, statistics and sparsify pass."""
         found = [base, *experts, *(subspaces[k] for k in subspace_stage.subspace_kinds([spec]))]
         if statistics_stage.statistic_kinds([spec]):
@@ -152,7 +154,8 @@ def compile_plan(config: RunConfig) -> Plan:
         if key is not None:
             if key not in passes:
                 passes[key] = plan.add(f"sparsify:{len(passes)}", "sparsify", [base, *experts],
-                                       f"{spec.method}({_params(sparsify_stage.pass_settings(spec))})", spec=spec)
+                                       f"{spec.method}({_params(sparsify_stage.pass_settings(spec))})", spec=spec,
+                                       part_of=part_of)
             found.append(passes[key])
         return found
 
@@ -167,14 +170,16 @@ def compile_plan(config: RunConfig) -> Plan:
     for label, spec in labelled.items():
         if spec.method != AUTO:
             continue
+        searched_by = f"chosen:{label}"
         previous = [plan.add(f"search:{label}", "open_search", about=f"{len(spec.search_settings().candidates())} "
-                             "candidates")]
+                             "candidates", part_of=searched_by)]
         candidates = spec.search_settings().candidates()
         for rung, (examples, alive) in enumerate(search_rungs(spec, config.tuning.max_examples)):
             points = [MergeSpec(method=c.method, params=c.params) for c in candidates[:alive]]
-            previous = [plan.add(f"search:{label}:{rung}:{j}", "sweep_point", [*reads(point), *data, *previous[:1]],
+            previous = [plan.add(f"search:{label}:{rung}:{j}", "sweep_point",
+                                 [*reads(point, searched_by), *data, *previous[:1]],
                                  f"{candidates[j].name}, {examples} examples", spec=point, split="validation",
-                                 examples=examples) for j, point in enumerate(points)]
+                                 examples=examples, part_of=searched_by) for j, point in enumerate(points)]
         chosen[label] = [plan.add(f"chosen:{label}", "record_search", previous)]
     for label, spec in labelled.items():
         # a merge reads its own sparsify stage (a stored pass of a sweep point is reused, but the stage runs)

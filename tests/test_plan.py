@@ -58,6 +58,30 @@ def test_the_plan_follows_the_flows_branching():
     assert "dataset:election" in parted.node("merge:adamerging").inputs
 
 
+def test_every_kind_a_plan_holds_has_its_executor_and_status_methods():
+    """A node kind without a method in the flow's executor (or in `mergeflow plan`'s resolver) fails here, not in a
+    run: the executor calls `getattr(run, node.kind)`; search nodes are run by their search, not by the walk."""
+    from flows.plan_run import PlanRun
+    from mergeflow.stages.plan_status import BOOKKEEPING, _Resolver
+
+    plans = [compile_plan(_config(skip_unchanged=True)),
+             compile_plan(_config(merge_parts=2, merges=[{"method": "tsv"}, {"method": "adamerging"},
+                                                          {"method": "auto", "search": {"methods": ["ties", "tsv"]}}])),
+             *(compile_plan(load_run_config(path)) for path in CONFIGS)]
+    walked = {node.kind for plan in plans for node in plan if node.part_of is None}
+    assert {"check_unchanged", "merge_part", "assemble_merge", "record_search", "select_point", "check_overlap",
+            "register_model", "compute_statistics", "build_subspace", "sparsify", "finetune_expert"} <= walked
+    assert [kind for kind in walked if not callable(getattr(PlanRun, kind, None))] == []
+    every = {node.kind for plan in plans for node in plan}
+    assert [kind for kind in every if kind not in BOOKKEEPING and not callable(getattr(_Resolver, kind, None))] == []
+    for plan in plans:  # what the walk skips belongs to a search node the walk reaches later
+        order = [node.id for node in plan]
+        for node in plan:
+            if node.part_of is not None:
+                assert plan.node(node.part_of).kind == "record_search"
+                assert order.index(node.part_of) > order.index(node.id)
+
+
 def test_mergeflow_plan_prints_the_graph_before_anything_runs(tmp_path, capsys):
     import yaml
 
