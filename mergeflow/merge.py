@@ -63,9 +63,9 @@ class MergeResult:
 
 
 def expert_name(uri: str) -> str:
-    """A readable name from a checkpoint URI: its file stem, or its directory name for model.safetensors."""
+    """A readable name from a checkpoint URI: its file stem, or its folder's name for model files and `adapter`."""
     path = PurePosixPath(uri.rstrip("/").split("://", 1)[-1])
-    if path.name.startswith(("model.safetensors", "pytorch_model", "model-")):
+    if path.name.startswith(("model.safetensors", "pytorch_model", "model-", "adapter_model")) or path.name == "adapter":
         path = path.parent
     name = path.name
     for suffix in (".safetensors", ".index.json", ".pt", ".pth", ".bin", ".ckpt"):

@@ -54,3 +54,13 @@ def test_assembly_refuses_a_tampered_part(tmp_path, cache, model_files):
     with pytest.raises(IntegrityError, match="does not match its manifest"):
         assemble_parts(parts, str(tmp_path / "joined"), cache=cache)
     assert not (tmp_path / "joined").exists()
+
+
+def test_expert_names_come_from_the_folder_of_a_model_file_or_a_stored_adapter():
+    from mergeflow.merge import expert_name
+
+    assert expert_name("s3://b/experts/sst2-1a2b/model.safetensors") == "sst2-1a2b"
+    assert expert_name("/s/experts/qa-9f/adapter") == "qa-9f"  # the LoRA stage's adapter folder
+    assert expert_name("/s/experts/qa-9f/adapter/") == "qa-9f"
+    assert expert_name("/runs/my-lora") == "my-lora"
+    assert expert_name("/m/expert_b.safetensors") == "expert_b"
