@@ -60,3 +60,23 @@ def test_a_seq2seq_head_is_a_prompt_file(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps({"name": "cola"}))
     with pytest.raises(ConfigError, match=r"^tasks\[cola\].head: not a seq2seq task prompt"):
         family.load_head(tmp_path / "bad.json", "tasks[cola].head")
+
+
+@pytest.mark.parametrize(("files", "missing"), [
+    ([], "no config.json"),
+    (["config.json"], "no tokenizer files"),
+    (["config.json", "tokenizer.json"], "no model.safetensors or model.safetensors.index.json"),
+    (["config.json", "vocab.json"], "no tokenizer files"),  # a GPT-2 tokenizer needs its merges too
+])
+def test_a_causal_lm_folder_names_what_it_lacks(tmp_path: Path, files: list[str], missing: str) -> None:
+    for name in files:
+        (tmp_path / name).write_text('{"model_type": "llama"}' if name == "config.json" else "{}")
+    with pytest.raises(ConfigError, match=f"^model.pretrained \\(x\\): {missing}"):
+        get_family("causal_lm").check_model_dir(tmp_path, "model.pretrained (x)")
+
+
+def test_a_causal_lm_folder_without_weights_needs_its_config_and_tokenizer(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).write_text("{}")
+    get_family("causal_lm").check_model_dir(tmp_path, "m", weights=False)
