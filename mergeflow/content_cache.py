@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,32 +31,45 @@ class LocalObject:
 
 
 class ContentCache:
-    """Local, content-addressed cache of stored objects.
+    """Local, content-addressed cache of stored objects, shared by the processes that use the same folder.
 
     Remote objects are downloaded once per (URI, ETag/size) and kept under `blobs/<sha256>`; local files are
-    read in place and only their digest is remembered (keyed by path, size and mtime).
+    read in place and only their digest is remembered (keyed by path, size and mtime). Each remembered entry is a
+    file of its own (`entries/<sha256 of the key>.json`), written whole and renamed into place, as blobs are: two
+    processes filling the same entry write the same content, and no writer loses another's entry. (`index.json`,
+    the single index of earlier versions, is still read.)
     """
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root or default_cache_dir())
         self.blobs = self.root / "blobs"
         self.blobs.mkdir(parents=True, exist_ok=True)
-        self._index_path = self.root / "index.json"
-        self._lock = threading.Lock()
+        self.entries = self.root / "entries"
+        self.entries.mkdir(exist_ok=True)
+        self._legacy: dict[str, Any] | None = None
 
-    def _index(self) -> dict[str, Any]:
+    def _entry(self, key: str) -> Path:
+        return self.entries / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+    def _known(self, key: str) -> dict[str, Any] | None:
+        """The entry remembered for `key`, if any."""
         try:
-            return json.loads(self._index_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+            entry = json.loads(self._entry(key).read_text())
+            return entry["value"] if entry.get("key") == key else None
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            pass
+        if self._legacy is None:
+            try:
+                self._legacy = json.loads((self.root / "index.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                self._legacy = {}
+        return self._legacy.get(key)
 
     def _remember(self, key: str, value: dict[str, Any]) -> None:
-        with self._lock:
-            index = self._index()
-            index[key] = value
-            tmp = self._index_path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-            tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
-            os.replace(tmp, self._index_path)
+        path = self._entry(key)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps({"key": key, "value": value}, sort_keys=True))
+        os.replace(tmp, path)
 
     def fetch(self, uri: str, storage_options: Mapping[str, Any] | None = None,
               expected_sha256: str | None = None) -> LocalObject:
@@ -79,7 +91,7 @@ class ContentCache:
         if not path.is_file():
             raise CheckpointError(uri, "not a regular file")
         key = f"local:{path}"
-        known = self._index().get(key)
+        known = self._known(key)
         if known and known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
             return LocalObject(uri, path, known["sha256"], stat.st_size)
         digest = sha256_file(path)
@@ -98,7 +110,7 @@ class ContentCache:
         size = int(info.get("size") or 0)
         version = str(info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or "")
         key = f"remote:{uri}"
-        known = self._index().get(key)
+        known = self._known(key)
         if known and known["size"] == size and known["version"] == version:
             blob = self.blobs / known["sha256"]
             if blob.is_file() and blob.stat().st_size == size:

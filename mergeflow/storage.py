@@ -1,6 +1,10 @@
 """Object storage through fsspec (local paths, file://, s3://), sha256 digests and atomic publication of output
 directories (the local content cache of stored objects: `mergeflow.content_cache`).
 
+A remote directory is published atomically for readers and once when runs race (`_publication`): its publisher's
+marker `<dir>/.mergeflow-publishing-<owner>` is there while it uploads; `exists` and `fetch_directory` see no
+directory with one (they wait while its publisher is alive), and the next publisher completes a cut one.
+
 S3 endpoint and credentials come from `storage_options` (s3fs keywords: `endpoint_url`, `key`, `secret`, ...)
 or, when absent, from the standard environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, `AWS_DEFAULT_REGION`).
@@ -8,30 +12,40 @@ or, when absent, from the standard environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import random
 import shutil
+import socket
 import tempfile
+import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
 
 import fsspec
 from fsspec.core import url_to_fs
 
+from mergeflow import stopping
 from mergeflow.errors import (MergeflowError, ObjectExistsError, ObjectNotFoundError, StorageAccessError,
                              TransientStorageError)
 
-CHUNK = 8 * 1024 * 1024
 DOWNLOAD_BLOCK = 16 * 1024 * 1024
 DOWNLOAD_PARALLEL = 8
 PROGRESS_FROM = 64 * 1024 * 1024  # downloads at least this large show a progress bar
+PUBLISHING = ".mergeflow-publishing-"  # in-progress marker of a remote directory: <dir>/<PUBLISHING><owner>
+ABANDONED = "abandoned-"  # the owner part of a marker its publisher gave up (failed): never live
+HEARTBEAT = 10.0  # seconds between refreshes of a live publisher's marker
+STALE_AFTER = 60.0  # a marker not refreshed for this long belongs to a dead publisher
+_active_markers: set[str] = set()  # this process's live markers (others with its owner prefix are dead ones)
 
 
 class LocalCache(Protocol):
-    """What this module needs of the local content cache (`mergeflow.content_cache.ContentCache`, built on this
-    module): its folder, and an object made available in it with its digest (`LocalObject`: path, sha256)."""
+    """What this module needs of the content cache (`mergeflow.content_cache.ContentCache`): root and fetch."""
 
     root: Path
 
@@ -40,8 +54,7 @@ class LocalCache(Protocol):
 
 
 def default_cache_dir() -> Path:
-    """The local folder of the content cache and of remote outputs' staging: $MERGEFLOW_CACHE, or
-    ~/.cache/mergeflow."""
+    """The folder of the content cache and of remote outputs' staging: $MERGEFLOW_CACHE or ~/.cache/mergeflow."""
     return Path(os.environ.get("MERGEFLOW_CACHE", Path.home() / ".cache" / "mergeflow"))
 
 
@@ -87,8 +100,8 @@ def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tu
     options = dict(storage_options or {})
     if uri.startswith("s3://"):
         options = {**_s3_env_options(), **options}
-        endpoint = options.pop("endpoint_url", None)
-        if endpoint:
+        options.setdefault("use_listings_cache", False)  # other processes write too: never answer from a stale listing
+        if endpoint := options.pop("endpoint_url", None):
             options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
     elif not is_remote(uri):
         uri = str(local_path(uri).absolute())
@@ -99,7 +112,7 @@ def storage_error(uri: str, exc: BaseException, action: str) -> BaseException:
     """Map a filesystem/botocore failure to Mergeflow's errors: bad credentials, a missing bucket or a missing key
     are input errors (never retried); anything else (connection refused or reset, timeouts, 5xx) is transient.
     Messages never include credentials."""
-    if isinstance(exc, MergeflowError):
+    if isinstance(exc, (MergeflowError, stopping.Stopped)):  # ours, or a stop while waiting for a publisher
         return exc
     if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
         return StorageAccessError(f"{uri}: no S3 credentials found while {action}; set AWS_ACCESS_KEY_ID / "
@@ -108,18 +121,54 @@ def storage_error(uri: str, exc: BaseException, action: str) -> BaseException:
         return StorageAccessError(f"{uri}: access denied while {action}; check the S3 credentials (AWS_ACCESS_KEY_ID /"
                                   " AWS_SECRET_ACCESS_KEY, a profile) and the endpoint")
     if isinstance(exc, FileNotFoundError):
-        if "bucket" in str(exc).lower():
-            return ObjectNotFoundError(f"{uri}: the bucket does not exist")
-        return ObjectNotFoundError(f"{uri}: no such object")
+        what = "the bucket does not exist" if "bucket" in str(exc).lower() else "no such object"
+        return ObjectNotFoundError(f"{uri}: {what}")
     return TransientStorageError(f"{uri}: {action} failed: {type(exc).__name__}: {exc}")
 
 
-def exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+def exists(uri: str, storage_options: Mapping[str, Any] | None = None, *, wait: bool = False) -> bool:
+    """Whether `uri` is stored: a file, or a published directory (not one being published or cut short); with
+    `wait`, a directory that a live publisher (a concurrent run) is publishing is waited for."""
+    if not is_remote(uri):
+        return local_path(uri).exists()
     fs, path = filesystem(uri, storage_options)
     try:
-        return fs.exists(path)
+        if fs.info(path)["type"] != "directory":
+            return True
+        files, markers = _settled(fs, path) if wait else _listing(fs, path)
+        return bool(files) and not markers
+    except FileNotFoundError:
+        return False
     except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
         raise storage_error(uri, exc, "checking for the object") from exc
+
+
+def _hidden(name: str) -> bool:
+    """Publication markers and upload temporaries: never part of a directory's content."""
+    return name.startswith(PUBLISHING) or ".partial-" in name
+
+
+def _listing(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict[str, str], dict[str, bool]]:
+    """A remote directory's entries ({name: type}; markers and temporaries left out) and its publication markers
+    ({name: live}: not given up, not left by a dead publisher of this process, refreshed within `STALE_AFTER`)."""
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}, {}
+    files, markers = {}, {}
+    for entry in entries:
+        if entry["name"].endswith("/") or entry["name"].rstrip("/") == path.rstrip("/"):
+            continue  # the directory itself (SeaweedFS lists one emptied of its objects as '<dir>/')
+        name = entry["name"].rsplit("/", 1)[-1]
+        if name.startswith(PUBLISHING):
+            stamp = entry.get("LastModified") or entry.get("mtime") or entry.get("created") or time.time()
+            age = time.time() - (stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp))
+            owner = name[len(PUBLISHING):]
+            markers[name] = age < STALE_AFTER and not owner.startswith(ABANDONED) and (
+                name in _active_markers or not owner.startswith(f"{socket.gethostname()}-{os.getpid()}-"))
+        elif not _hidden(name):
+            files[name] = entry["type"]
+    return files, markers
 
 
 def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
@@ -147,11 +196,8 @@ def write_files(uri: str, files: Mapping[str, bytes], storage_options: Mapping[s
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _recorded_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
@@ -184,10 +230,8 @@ def upload_file(local: Path, uri: str, storage_options: Mapping[str, Any] | None
     except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
         raise storage_error(uri, exc, "uploading") from exc
     finally:
-        try:
+        with suppress(Exception):  # best effort: a leftover temporary key is never under the final name
             fs.rm(tmp)
-        except Exception:  # noqa: BLE001 - best effort: a leftover temporary key is never under the final name
-            pass
     return sha
 
 
@@ -203,33 +247,105 @@ def staging_dir(final_uri: str, cache: LocalCache | None = None) -> Path:
 
 
 def publish_directory(staged: Path, final_uri: str, storage_options: Mapping[str, Any] | None = None,
-                      *, overwrite: bool = False, last: tuple[str, ...] = ()) -> None:
-    """Publish a complete staged directory under `final_uri`, all or nothing.
-
-    Local: one atomic rename. Remote: every file is uploaded with `upload_file` (temporary key, verified, then
-    its final key), the names in `last` (the manifest) after all others, so a reader that finds the manifest finds
-    a complete model. An existing different output is only replaced when `overwrite`; identical files are kept.
-    """
-    if not is_remote(final_uri):
-        final = local_path(final_uri).absolute()
-        if final.exists():
-            if not overwrite:
-                shutil.rmtree(staged, ignore_errors=True)
-                raise FileExistsError(f"{final_uri} already exists (pass overwrite to replace it)")
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
-            os.rename(final, old)
-            os.rename(staged, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staged, final)
-        return
+                      *, overwrite: bool = False, last: tuple[str, ...] = ()) -> bool:
+    """Publish a staged directory under `final_uri` all or nothing, once (the staged copy is removed). Local: one
+    rename. Remote: under a publication marker (`_publication`), each file by `upload_file` (one stored with the same
+    digest is kept: a cut publication resumes), `last` last. A published output is kept (False: a concurrent run was
+    first) if it has every staged name (else FileExistsError); replaced only with `overwrite`. True: published."""
     names = sorted(p.name for p in staged.iterdir())
-    names = [n for n in names if n not in last] + [n for n in last if n in names]
     try:
-        for name in names:  # each file: temporary key, verify, final key; the manifest (`last`) goes last
-            upload_file(staged / name, join(final_uri, name), storage_options, overwrite=overwrite)
+        if not is_remote(final_uri):
+            return _publish_local(staged, final_uri, names, overwrite)
+        fs, path = filesystem(final_uri, storage_options)
+        if not overwrite and exists(final_uri, storage_options, wait=True):  # published before: no marker at all
+            return _keep_existing(final_uri, names, set(_listing(fs, path)[0]))
+        with _publication(fs, path.rstrip("/"), final_uri) as existing:
+            for name in [n for n in names if n not in last] + [n for n in last if n in names]:
+                if existing is None or overwrite:
+                    upload_file(staged / name, join(final_uri, name), storage_options, overwrite=True)
+        return True if existing is None or overwrite else _keep_existing(final_uri, names, existing)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def _keep_existing(final_uri: str, names: list[str], existing: set[str]) -> bool:
+    if missing := sorted(set(names) - existing):
+        raise FileExistsError(f"{final_uri} already exists without {', '.join(missing)} (pass overwrite to replace it)")
+    return False
+
+
+def _settled(fs: fsspec.AbstractFileSystem, path: str, own: str = "") -> tuple[dict[str, str], dict[str, bool]]:
+    """`_listing` of the directory once no live publisher (but `own`) holds it: waits for theirs to end."""
+    while True:
+        files, markers = _listing(fs, path)
+        if not any(live for m, live in markers.items() if m != own):
+            return files, markers
+        stopping.check()
+        time.sleep(random.uniform(0.1, 0.5))
+
+
+def _publish_local(staged: Path, final_uri: str, names: list[str], overwrite: bool) -> bool:
+    final = local_path(final_uri).absolute()
+    if final.exists() and overwrite:
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
+        os.rename(final, old)
+        os.rename(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return True
+    try:
+        if not final.exists():
+            os.rename(staged, final)
+            return True
+    except OSError as exc:  # published meanwhile by a concurrent run (a rename onto a non-empty directory)
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
+            raise
+    return _keep_existing(final_uri, names, {p.name for p in final.iterdir()})
+
+
+@contextmanager
+def _publication(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> Iterator[set[str] | None]:
+    """Hold the right to publish the remote directory `path` (waiting while another live publisher holds it);
+    yields the names it holds when it was published before, None when it is absent or was cut short."""
+    marker = f"{PUBLISHING}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    _active_markers.add(marker)
+    try:
+        while True:
+            _settled(fs, path, marker)
+            fs.pipe_file(f"{path}/{marker}", b"")
+            files, markers = _listing(fs, path)
+            if not any(live for m, live in markers.items() if m != marker):
+                break  # alone: a publisher that writes its marker after this listing sees this one and withdraws
+            fs.rm_file(f"{path}/{marker}")  # another one came in at once: both withdraw, the luckier goes first
+            time.sleep(random.uniform(0.05, 0.5))
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        _active_markers.discard(marker)
+        raise storage_error(uri, exc, "claiming the publication") from exc
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(HEARTBEAT):
+            with suppress(Exception):  # the upload itself reports a lost store
+                fs.pipe_file(f"{path}/{marker}", b"")
+
+    (beat := threading.Thread(target=heartbeat, daemon=True, name="mergeflow-publication")).start()
+    cut_short, completed = [m for m in markers if m != marker], False
+    try:
+        yield None if cut_short or not files else set(files)
+        completed = True
+    finally:
+        done.set()
+        beat.join(timeout=30)
+        _active_markers.discard(marker)
+        if not completed:  # an abandoned marker instead of ours keeps the directory unpublished; none waits for it
+            with suppress(Exception):  # best effort: with the store unreachable ours goes stale (at once here)
+                fs.pipe_file(f"{path}/{PUBLISHING}{ABANDONED}{uuid.uuid4().hex[:12]}", b"")
+                fs.rm_file(f"{path}/{marker}")
+    try:  # complete: the markers and upload temporaries of the publications it finished, then its own (the commit)
+        leftovers = [p.rsplit("/", 1)[-1] for p in fs.glob(f"{path}/*.partial-*")] if cut_short else []
+        for name in [*cut_short, *leftovers, marker]:
+            fs.rm_file(f"{path}/{name}")
+    except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
+        raise storage_error(uri, exc, "completing the publication") from exc
 
 
 def directory_digest(files: Mapping[str, str]) -> str:
@@ -255,13 +371,18 @@ def fetch_directory(uri: str, cache: LocalCache, storage_options: Mapping[str, A
         return root, files
     fs, path = filesystem(uri, storage_options)
     try:
+        entries, markers = _settled(fs, path)  # a publication under way is waited for
         if recursive:
             prefix = path.rstrip("/") + "/"
             names = [name[len(prefix):] for name in fs.find(path) if name.startswith(prefix)]
+            names = [name for name in names if not any(_hidden(part) for part in name.split("/"))]
         else:
-            names = [e["name"].rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "file"]
+            names = [name for name, kind in entries.items() if kind == "file"]
     except Exception as exc:  # noqa: BLE001 - classified into input vs transient errors
         raise storage_error(uri, exc, "listing") from exc
+    if markers:
+        raise TransientStorageError(f"{uri}: not completely published (a publication was cut short: "
+                                    f"{sorted(markers)[0]}); publish it again")
     objects = {name: cache.fetch(join(uri, name), storage_options) for name in sorted(names)}
     files = {name: obj.sha256 for name, obj in objects.items()}
     local = cache.root / "dirs" / directory_digest(files)

@@ -166,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mergeflow.config import load_run_config
 
     serve(load_run_config(args.config), name=args.name, cron=args.cron or None, timezone=args.timezone,
-          limit=args.limit)
+          limit=args.limit, concurrency_limit=args.concurrency_limit, collision_strategy=args.collision_strategy)
     return 0
 
 
@@ -175,7 +175,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from mergeflow.config import load_run_config
 
     deployment_id = deploy(load_run_config(args.config), name=args.name, pool=args.pool, cron=args.cron or None,
-                           timezone=args.timezone, source=args.source)
+                           timezone=args.timezone, source=args.source, concurrency_limit=args.concurrency_limit,
+                           collision_strategy=args.collision_strategy)
     print(f"deployment mergeflow-merge/{args.name} ({deployment_id}) on work pool {args.pool!r}; run it with a "
           f"worker: prefect worker start --pool {args.pool} --type process")
     return 0
@@ -286,8 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", default="nightly", help="deployment name")
         p.add_argument("--cron", default="0 2 * * *", help="schedule ('' for none: triggered runs only)")
         p.add_argument("--timezone", default="UTC", help="IANA time zone of the cron schedule")
+        p.add_argument("--concurrency-limit", type=int, default=1, metavar="N",
+                       help="runs of the deployment at once, wherever they run (default 1; 0: no limit)")
+        p.add_argument("--collision-strategy", choices=("ENQUEUE", "CANCEL_NEW"), default="ENQUEUE",
+                       help="a run beyond the limit waits for a slot (ENQUEUE, default) or is cancelled (CANCEL_NEW)")
         if command == "serve":
-            p.add_argument("--limit", type=int, help="flow runs at once")
+            p.add_argument("--limit", type=int, help="flow runs this process runs at once")
             p.set_defaults(func=cmd_serve)
         else:
             p.add_argument("--pool", default="mergeflow-process", help="work pool (process type)")

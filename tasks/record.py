@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import task
@@ -31,7 +36,15 @@ def accuracy_metrics(acc: dict[str, float], expert_acc: dict[str, float] | None)
 
 @task(name="start-tracking", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 def start_tracking(config: RunConfig, flow_run_id: str, task_runner: str = "") -> str:
-    tracker = MlflowTracker(config.tracking)
+    """The flow's parent MLflow run (the run's first MLflow call: its experiment is created here when new)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tracker = MlflowTracker(config.tracking)
+    except MlflowException as exc:  # a concurrent run created the experiment between lookup and creation: use it
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        tracker = MlflowTracker(config.tracking)
     run_id = tracker.start_run(config.name, tags={"prefect.flow_run_id": flow_run_id, "mergeflow.stage": "flow",
                                                   "mergeflow.task_runner": task_runner})
     tracker.log_params(run_id, config.model_dump(mode="json"))
@@ -80,6 +93,57 @@ def record_merge(label: str, spec: MergeSpec, merged: ObjectRef, record: dict[st
 SELECTION_SPLIT = "validation"
 
 
+GATE_LEASE = 120.0  # seconds a gate lock is held at most: a lock older than this was left by a dead run
+GATE_WAIT = 600.0  # seconds a run waits for the gate before it fails (transient: the task retries)
+
+
+@contextmanager
+def gate_lock(client: Any, registered_model: str, *, lease: float = GATE_LEASE, wait: float = GATE_WAIT
+              ) -> Iterator[None]:
+    """Hold the champion gate of `registered_model` alone, across processes and machines: the lock is the
+    registered model `<name>.gate-lock` in the same registry, which only one creator can create (the registry
+    refuses a second with RESOURCE_ALREADY_EXISTS), deleted on release. Its tags name its owner and when its lease
+    ends; a lock whose lease ended (its run died inside the gate) is broken. Without it, two runs finishing together
+    both read the old champion and the last to set the alias wins, even when it is the worse one."""
+    from mlflow.exceptions import MlflowException
+
+    from mergeflow.errors import TransientStorageError
+
+    name, token = f"{registered_model}.gate-lock", uuid.uuid4().hex
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            client.create_registered_model(name, tags={"mergeflow.lock_owner": token,
+                                                       "mergeflow.lock_expires": f"{time.time() + lease:.3f}"},
+                                           description=f"champion gate of {registered_model} (held while a run "
+                                                       "decides; mergeflow deletes it)")
+            break
+        except MlflowException as exc:  # held (or released while the registry said so: RESOURCE_DOES_NOT_EXIST)
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+        try:
+            tags = client.get_registered_model(name).tags
+            if tags.get("mergeflow.lock_owner") == token:  # ours: created by a try whose answer was lost
+                break
+            if float(tags.get("mergeflow.lock_expires", "0")) < time.time():  # its holder died inside the gate
+                client.delete_registered_model(name)
+                continue
+        except MlflowException:  # released meanwhile
+            continue
+        if time.monotonic() > deadline:
+            raise TransientStorageError(f"model registry: the champion gate of {registered_model!r} ({name}) stayed "
+                                        f"held for {wait:.0f} s by another run")
+        time.sleep(random.uniform(0.05, 0.3))
+    try:
+        yield
+    finally:
+        try:
+            if client.get_registered_model(name).tags.get("mergeflow.lock_owner") == token:
+                client.delete_registered_model(name)
+        except MlflowException:  # broken as expired meanwhile: nothing of ours to release
+            pass
+
+
 @task(name="register-model", timeout_seconds=TIMEOUTS["record"], **IO_RETRIES)
 def register_best(tracking: TrackingConfig, parent_run_id: str, logged: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Register the run's best merged model (by `promotion_metric` on validation data) as `candidate`, and promote
@@ -92,12 +156,13 @@ def register_best(tracking: TrackingConfig, parent_run_id: str, logged: list[dic
         return None
     best = max(candidates, key=lambda m: m["selection"][metric])
     tracker = MlflowTracker(tracking)
-    decision = tracker.register(tracking.registered_model, best["model_id"], best["run_id"],
-                                best["selection"][metric], metric=f"{SELECTION_SPLIT}.{metric}",
-                                margin=tracking.promotion_margin,
-                                tags={"mergeflow.selection_split": SELECTION_SPLIT,
-                                      "mergeflow.selection_metric": metric,
-                                      **{f"test.{k}": repr(float(v)) for k, v in best["test"].items()}})
+    with gate_lock(tracker.client, tracking.registered_model):  # runs that finish together decide one at a time
+        decision = tracker.register(tracking.registered_model, best["model_id"], best["run_id"],
+                                    best["selection"][metric], metric=f"{SELECTION_SPLIT}.{metric}",
+                                    margin=tracking.promotion_margin,
+                                    tags={"mergeflow.selection_split": SELECTION_SPLIT,
+                                          "mergeflow.selection_metric": metric,
+                                          **{f"test.{k}": repr(float(v)) for k, v in best["test"].items()}})
     decision["method"] = best["label"]
     tracker.set_tags(parent_run_id, {"mergeflow.candidate": best["label"],
                                      "mergeflow.promoted": str(decision["promoted"]).lower()})

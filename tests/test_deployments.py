@@ -34,6 +34,40 @@ def test_prefect_yaml_deploys_the_nightly_config():
     assert (ROOT / module).is_file() and f"def {function}(" in (ROOT / module).read_text()
 
 
+def test_prefect_yaml_and_the_built_deployments_declare_the_same_concurrency(prefect_harness):
+    """What may run at once (issue 34): prefect.yaml's `concurrency_limit` (valid for Prefect's own schema) is what
+    `mergeflow serve` / `mergeflow deploy` give the deployment by default, and what the Prefect server records."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
+    from flows.deployments import deployment_options
+    from flows.merge_flow import merge_flow
+    from mergeflow_app.cli import build_parser
+
+    nightly = next(d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+                   if d["name"] == "nightly")
+    declared = ConcurrencyLimitConfig.model_validate(nightly["concurrency_limit"])
+    assert declared.limit == 1 and declared.collision_strategy.value in ("ENQUEUE", "CANCEL_NEW")
+    for command in ("serve", "deploy"):
+        args = build_parser().parse_args([command, "configs/nightly.yaml"])
+        assert (args.concurrency_limit, args.collision_strategy) == (declared.limit, declared.collision_strategy.value)
+    schedule = nightly["schedules"][0]
+    options = deployment_options(load_run_config(ROOT / "configs" / "nightly.yaml"), cron=schedule["cron"],
+                                 timezone=schedule["timezone"])
+    assert options["concurrency_limit"] == declared and options["parameters"] == nightly["parameters"]
+    deployment_id = merge_flow.to_deployment(name="concurrency-check", **options).apply()
+
+    async def registered():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    stored = anyio.run(registered)
+    assert stored.global_concurrency_limit.limit == declared.limit
+    assert stored.concurrency_options.collision_strategy == declared.collision_strategy
+    assert stored.schedules[0].schedule.cron == schedule["cron"]
+
+
 def test_latest_checkpoint_is_the_newest_safetensors(tmp_path):
     from mergeflow.stages.fetch import latest_checkpoint
     from mergeflow.stages.store import Store

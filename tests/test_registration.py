@@ -9,17 +9,37 @@ from typing import Any
 from mergeflow.config import TrackingConfig
 
 
+class LockRegistry:
+    """Stands in for the registry calls of the champion gate's lock (`tasks.record.gate_lock`)."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, dict[str, str]] = {}
+
+    def create_registered_model(self, name: str, tags: dict[str, str] | None = None, description: str = "") -> None:
+        self.models[name] = dict(tags or {})
+
+    def get_registered_model(self, name: str) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(tags=self.models[name])
+
+    def delete_registered_model(self, name: str) -> None:
+        del self.models[name]
+
+
 class RecordingTracker:
     """Stands in for MLflow: records what `register_best` asks to register."""
 
     calls: list[dict[str, Any]] = []
+    client = LockRegistry()
 
     def __init__(self, tracking: TrackingConfig) -> None:
         pass
 
     def register(self, name: str, model_id: str, run_id: str, score: float, *, metric: str, margin: float,
                  tags: dict[str, str] | None = None) -> dict[str, Any]:
-        self.calls.append({"name": name, "model_id": model_id, "score": score, "metric": metric, "tags": tags})
+        self.calls.append({"name": name, "model_id": model_id, "score": score, "metric": metric, "tags": tags,
+                           "gate_locked": f"{name}.gate-lock" in self.client.models})
         return {"registered_model": name, "version": "1", "metric": metric, "candidate_score": score,
                 "promoted": True}
 
@@ -48,6 +68,7 @@ def test_register_best_chooses_on_validation_not_test(monkeypatch) -> None:
     assert call["tags"]["mergeflow.selection_split"] == "validation"
     assert call["tags"]["mergeflow.selection_metric"] == "norm_acc.avg"
     assert float(call["tags"]["test.norm_acc.avg"]) == 0.85
+    assert call["gate_locked"] and not RecordingTracker.client.models  # decided holding the gate, then released
 
 
 def test_merges_without_validation_scores_are_not_registered(monkeypatch) -> None:

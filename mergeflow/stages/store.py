@@ -18,7 +18,7 @@ from mergeflow.errors import CheckpointError, ConfigError, IntegrityError, Objec
 from mergeflow.families import LoadedModel, TaskData
 from mergeflow.stages.refs import ObjectRef, base_weights, family_of
 from mergeflow.storage import (directory_digest, exists, fetch_directory, filesystem, is_remote, join, local_path,
-                               publish_directory, staging_dir)
+                               publish_directory, staging_dir, upload_file)
 from mergeflow.content_cache import ContentCache
 
 if TYPE_CHECKING:
@@ -40,7 +40,9 @@ class Store:
                    ContentCache(Path(storage.cache_dir) if storage.cache_dir else None))
 
     def exists(self, uri: str) -> bool:
-        return exists(uri, self.options)
+        """Whether `uri` is stored: a file or a published directory. One a concurrent run is publishing now is
+        waited for, so that this run reuses it instead of computing it again."""
+        return exists(uri, self.options, wait=True)
 
     def fetch(self, uri: str, expected_sha256: str | None = None):
         return self.cache.fetch(uri, self.options, expected_sha256=expected_sha256)
@@ -124,15 +126,14 @@ class Store:
     def publish_or_reuse(self, build: Callable[[Path], None], final_uri: str, digest_of: str | None = None
                          ) -> ObjectRef:
         """The stored directory at `final_uri`, built in a staging directory and published atomically first if
-        it is not there. Its digest is that of all its files, or with `digest_of` that of this one file (an index
-        that records the others' digests, so a reader fetches only what it reads)."""
+        it is not there (published once: when a concurrent run publishes it first, this copy is dropped and that one
+        is used). Its digest is that of all its files, or with `digest_of` that of this one file (an index that
+        records the others' digests, so a reader fetches only what it reads)."""
         if not self.exists(final_uri):
             staged = staging_dir(final_uri, self.cache)
             try:
                 build(staged)
                 publish_directory(staged, final_uri, self.options)
-            except FileExistsError:  # published meanwhile by a concurrent run: use that one
-                pass
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
         if digest_of is not None:
@@ -141,13 +142,14 @@ class Store:
         return ObjectRef(uri=final_uri, sha256=directory_digest(files))
 
     def publish_file(self, uri: str, write: Callable[[Path], None]) -> None:
-        """Write one file through a staging directory and publish it atomically next to its final name."""
+        """Write one file through a staging directory and publish it atomically under its final name (replacing
+        one there: the last of concurrent writers wins, whole)."""
         parent, name = uri.rsplit("/", 1)
         staged = staging_dir(uri, self.cache)
         try:
             write(staged / name)
             if is_remote(uri):
-                publish_directory(staged, parent, self.options, overwrite=True)
+                upload_file(staged / name, uri, self.options, overwrite=True)
             else:
                 local_path(parent).mkdir(parents=True, exist_ok=True)
                 (staged / name).replace(local_path(uri))
