@@ -55,3 +55,22 @@ def test_a_precomputed_merge_missing_a_tensor_is_refused_and_nothing_is_publishe
         merge_checkpoints("task_arithmetic", base_weights(base), [r.uri for r in experts.values()], str(out),
                           {"scaling": 0.5}, device="cpu", precomputed=weights)
     assert not out.exists()
+
+
+def test_a_merge_another_run_published_first_is_reused_not_failed(store_and_refs, monkeypatch):
+    """Two runs merge the same key at once: the one whose publish finds the output already there (the engine's
+    FileExistsError) returns the stored merge, as if it had found it before merging."""
+    store, base, experts = store_and_refs
+    out, spec = store.root + "/merged/raced", MergeSpec(method="task_arithmetic", params={"scaling": 0.5})
+    original = engine.merge_checkpoints
+
+    def other_run_first(*args, **kwargs):
+        original(*args, **kwargs)  # the other run publishes ...
+        raise FileExistsError(f"{args[3]} already exists")  # ... and this one finds it there
+
+    monkeypatch.setattr(engine, "merge_checkpoints", other_run_first)
+    ref, record = merge_experts(spec, base, experts, out, store, device="cpu")
+    assert ref.uri == out and record["method"] == "task_arithmetic"
+    monkeypatch.setattr(engine, "merge_checkpoints", lambda *a, **k: (_ for _ in ()).throw(FileExistsError("x")))
+    with pytest.raises(FileExistsError):  # nothing there: the error is real
+        merge_experts(spec, base, experts, store.root + "/merged/absent", store, device="cpu")

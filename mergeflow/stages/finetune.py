@@ -76,9 +76,7 @@ def finetune_expert(task: str, base: ObjectRef, dataset: ObjectRef, head: Object
 
     if adapter:  # training.json beside the adapter directory, which is published whole after it
         store.publish_json(report_uri, report)
-        if store.exists(uri):  # a remote publish cut short before its weights: publish it again
-            store.remove(uri)
-        store.publish_or_reuse(build_adapter, uri)
+        store.publish_or_reuse(build_adapter, uri)  # a publish cut short is completed (storage.publish_directory)
     else:
         store.publish_or_reuse(build, directory)
     if settings.checkpoint_every and store.exists(checkpoints):  # the expert is published: drop them

@@ -49,13 +49,19 @@ def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
     # a point a sweep or search computed here is written, not merged again (bit-identical)
     precomputed = cached_point(spec.method, spec.params, base, experts, store, statistics, unlabeled)
     objective = unlabeled_objective(base, *unlabeled, store, device) if unlabeled and precomputed is None else None
-    result = merge_checkpoints(spec.method, store.base_weights(base), [r.uri for r in experts.values()],
-                               out_uri, spec.params, device=device, storage_options=store.options, cache=store.cache,
-                               state=read_sparsified(state, store) if state is not None else None, progress=True,
-                               statistics=[statistics[n].uri for n in experts] if statistics else None,
-                               objective=objective, subspaces=stored_subspaces(subspaces, store),
-                               expected_digests=store.input_digests(base, experts, statistics),
-                               precomputed=precomputed)
+    try:
+        result = merge_checkpoints(spec.method, store.base_weights(base), [r.uri for r in experts.values()],
+                                   out_uri, spec.params, device=device, storage_options=store.options,
+                                   cache=store.cache, progress=True,
+                                   state=read_sparsified(state, store) if state is not None else None,
+                                   statistics=[statistics[n].uri for n in experts] if statistics else None,
+                                   objective=objective, subspaces=stored_subspaces(subspaces, store),
+                                   expected_digests=store.input_digests(base, experts, statistics),
+                                   precomputed=precomputed)
+    except FileExistsError:  # a concurrent run published the same merge (same key: same bytes) first
+        if not store.exists(out_uri):
+            raise
+        return store.checkpoint_ref(out_uri), _merge_record(store, out_uri)
     return store.checkpoint_ref(out_uri), result.to_dict()
 
 
@@ -84,7 +90,12 @@ def assemble_merge(part_uris: Sequence[str], out_uri: str, store: Store
 
     if store.exists(out_uri):
         return store.checkpoint_ref(out_uri), _merge_record(store, out_uri)
-    record = assemble_parts(part_uris, out_uri, storage_options=store.options, cache=store.cache).to_dict()
+    try:
+        record = assemble_parts(part_uris, out_uri, storage_options=store.options, cache=store.cache).to_dict()
+    except FileExistsError:  # a concurrent run assembled it first
+        if not store.exists(out_uri):
+            raise
+        return store.checkpoint_ref(out_uri), _merge_record(store, out_uri)
     store.remove(parts_prefix(out_uri))
     return store.checkpoint_ref(out_uri), record
 
