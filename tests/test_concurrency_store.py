@@ -160,7 +160,7 @@ def test_processes_filling_one_content_cache_lose_no_entry(tmp_path, monkeypatch
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(os.urandom(64))
         files.append(str(path))
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # not fork: the suite's earlier tests leave threads a fork copies mid-lock
     start = ctx.Barrier(4)
     shares = [files[k * 40:(k + 1) * 40] + files[((k + 1) % 4) * 40:((k + 1) % 4) * 40 + 20] for k in range(4)]
     workers = [ctx.Process(target=_fill, args=(str(tmp_path / "cache"), share, start)) for share in shares]
