@@ -16,6 +16,7 @@ from pathlib import Path
 import boto3
 
 from mergeflow_app.stack import WEED_PORT_FLAGS as _STACK_FLAGS
+from mergeflow_app.stack.health import low_disk
 
 WEED_PORT_FLAGS = tuple(_STACK_FLAGS.values())  # every port `weed mini` binds, given explicitly
 
@@ -77,7 +78,9 @@ class SeaweedServer:
                 except Exception:  # noqa: BLE001 - not ready yet
                     pass
             time.sleep(0.3)
-        raise RuntimeError("SeaweedFS did not become ready")
+        disk = low_disk(self.directory)  # the usual cause: SeaweedFS is read-only on a disk under 1% free
+        raise RuntimeError(f"SeaweedFS did not become ready in {timeout:.0f} s "
+                           f"({disk or 'see ' + str(self.directory / 'weed.log')})")
 
     def stop(self) -> None:
         """Stop the whole process group and wait until its ports are free."""

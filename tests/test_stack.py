@@ -160,6 +160,23 @@ def test_credentials_generated_once_private_and_env_wins(config, monkeypatch):
     assert json.loads(config.credentials_path.read_text())["access_key_id"] == first.access_key_id
 
 
+def test_a_nearly_full_disk_is_named_as_why_s3_refuses_writes(tmp_path, monkeypatch):
+    """SeaweedFS turns read-only under 1% free disk (a CI run once failed every S3 test that way, unexplained)."""
+    from mergeflow_app.stack import health
+
+    assert health.low_disk(tmp_path / "not-yet" / "seaweedfs") == ""  # a roomy disk; a missing folder is fine
+    total = 252 * 2**30
+    monkeypatch.setattr(health.shutil, "disk_usage", lambda path: _usage(total, total - 2**30, 2**30))
+    note = health.low_disk(tmp_path / "seaweedfs")
+    assert str(tmp_path / "seaweedfs") in note and "1.0 GiB free of 252 GiB" in note and "read-only" in note
+
+
+def _usage(total: int, used: int, free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total, used, free)
+
+
 def test_missing_executable_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))

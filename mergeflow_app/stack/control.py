@@ -15,7 +15,8 @@ from pathlib import Path
 from mergeflow_app.stack import auth
 from mergeflow_app.stack.config import (ARTIFACT_PREFIX, HOST, PORTS, REGION, SERVICES, WEED_PORT_FLAGS, Credentials,
                                         StackConfig, StackError, ensure_dir, port_setting, resolve_credentials)
-from mergeflow_app.stack.health import StackStatus, healthy, port_open, s3_client, service_url, status, status_unlocked
+from mergeflow_app.stack.health import (StackStatus, healthy, low_disk, port_open, s3_client, service_url, status,
+                                        status_unlocked)
 from mergeflow_app.stack.processes import ProcessRecord, StackRecord, boot_id, locked, proc_stat, spawned, stop_record
 
 
@@ -229,8 +230,10 @@ def _wait_healthy(config: StackConfig, record: StackRecord, credentials: Credent
             name = pending[0]
             entry = record.services[name]
             what = "started" if name in started else "already running"
+            disk = low_disk(config.state_dir / "seaweedfs") if name == "s3" else ""
             raise StackError(f"{name} ({what}, pid {entry.pid}) did not become healthy within "
-                             f"{config.startup_timeout:.0f} s; see its log {entry.log}:\n{_log_tail(entry.log)}")
+                             f"{config.startup_timeout:.0f} s{'; ' + disk if disk else ''}; see its log "
+                             f"{entry.log}:\n{_log_tail(entry.log)}")
         time.sleep(0.3)
 
 

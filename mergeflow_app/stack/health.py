@@ -3,6 +3,7 @@ environment that points Mergeflow at them."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import urllib.error
 import urllib.request
@@ -164,6 +165,22 @@ def healthy(service: str, port: int, bucket: str, credentials: Credentials | Non
         return False
 
 
+def low_disk(directory: Path) -> str:
+    """Why SeaweedFS refuses writes under `directory`, if its disk is nearly full, else "".
+
+    SeaweedFS marks every volume read-only while its disk has under 1% free (`weed mini` cannot lower that), so
+    the S3 endpoint answers but no write goes through."""
+    path = Path(directory)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    usage = shutil.disk_usage(path)
+    if usage.free >= usage.total / 100:
+        return ""
+    gib = 2**30
+    return (f"the disk holding {directory} has {usage.free / gib:.1f} GiB free of {usage.total / gib:.0f} GiB, "
+            f"under the 1% SeaweedFS needs to accept writes (it marks its volumes read-only); free some space")
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.3)
@@ -187,6 +204,8 @@ def status_unlocked(config: StackConfig, record: StackRecord, clean: bool) -> St
             status.alive = entry.identity_matches()
             if status.alive:
                 status.healthy = healthy(name, port, record.bucket, credentials)
+                if name == "s3" and not status.healthy:
+                    status.detail = low_disk(config.state_dir / "seaweedfs")
             else:
                 status.detail = ("PID reused by another process" if entry.pid_reused()
                                  else "process exited") + ("; record removed" if clean else "")
