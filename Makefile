@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-full test bench lock clean
+.PHONY: install demo demo-full test bench stack-report lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/merge_memory.py
 	$(BIN)/python benchmarks/engine_speed.py
+
+# The README's fault table and load figures (issue 34): server faults on a real local stack, then 10 runs triggered at
+# once on a served deployment (~25-35 min on 2 cores); printed, and kept in benchmarks/out/stack-report.txt.
+stack-report: install
+	mkdir -p benchmarks/out
+	bash -o pipefail -c '{ $(BIN)/python benchmarks/stack_faults.py && \
+	  $(BIN)/python benchmarks/stack_load.py --runs 10 --limit 3; } 2>&1 | tee benchmarks/out/stack-report.txt'
 
 lock: install
 	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' > requirements.lock.new

@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -31,6 +30,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from mergeflow import stopping
+from mergeflow.staging import owned_dir
 from mergeflow.errors import (MergeflowError, ObjectExistsError, ObjectNotFoundError, StorageAccessError,
                              TransientStorageError)
 
@@ -237,13 +237,10 @@ def upload_file(local: Path, uri: str, storage_options: Mapping[str, Any] | None
 
 def staging_dir(final_uri: str, cache: LocalCache | None = None) -> Path:
     """A fresh directory to build an output in before `publish_directory` moves it to `final_uri`."""
-    if not is_remote(final_uri):
+    if not is_remote(final_uri):  # beside the output: a rename publishes it (a dead run's are removed: `staging`)
         final = local_path(final_uri).absolute()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    root = (cache.root if cache is not None else default_cache_dir()) / "staging"
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="out-", dir=root))
+        return owned_dir(final.parent, f".{final.name}.partial-")
+    return owned_dir((cache.root if cache is not None else default_cache_dir()) / "staging", "out-")
 
 
 def publish_directory(staged: Path, final_uri: str, storage_options: Mapping[str, Any] | None = None,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mergeflow import stopping
 from mergeflow.errors import MergeflowError
+from mergeflow_app.stack.processes import stop_group
 
 DEFAULT_STARTUP_TIMEOUT = 300.0
 NOTICE_EVERY = 15.0
@@ -160,17 +161,7 @@ class TemporaryPrefectServer:
         """Stop the server and wait for it (its whole process group), killing it after 10 s."""
         self._stopping.set()
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process, timeout=10)
 
 
 def _drain_prefect_workers(timeout: float = 10.0) -> None:

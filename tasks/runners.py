@@ -1,13 +1,18 @@
 """Task runners: the configured one (threads, a process pool, Dask), how a run names it, and how a stop reaches
-the tasks it runs in other processes (`stopping_workers`)."""
+the tasks it runs in other processes (`stopping_workers`). Also the flow process itself: a Prefect client that
+waits out a restarting server (`patient_prefect_client`), and the identity that tells whether a run's process is
+still alive (`process_identity`, `abandoned`)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -16,6 +21,9 @@ from mergeflow import stopping
 from mergeflow.config import RunConfig
 
 WORKER_GRACE_S = 3.0  # after a stop: how long pool workers may take to end their step before they are killed
+# The Prefect client's retries inside a flow run. Prefect's default (5: backoff 2+4+8+16+32 s) gives up on a server
+# that takes more than about a minute to come back, and the run fails on some task's bookkeeping; 7 waits ~4 min.
+PREFECT_CLIENT_RETRIES = 7
 
 
 def task_runner_for(config: RunConfig):
@@ -43,14 +51,29 @@ def configured_task_runner(config: RunConfig) -> Iterator[Any]:
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
-    if context is None or runner_matches(context.task_runner, config):
-        yield context.task_runner if context else None
+    with patient_prefect_client():
+        if context is None or runner_matches(context.task_runner, config):
+            yield context.task_runner if context else None
+            return
+        with task_runner_for(config) as runner:
+            swapped = context.model_copy(update={"task_runner": runner})
+            swapped._token = None  # a copy of the entered context: enter it afresh
+            with swapped:
+                yield runner
+
+
+@contextmanager
+def patient_prefect_client(retries: int = PREFECT_CLIENT_RETRIES) -> Iterator[None]:
+    """While inside (and in the task threads it starts), the Prefect client retries a server that went away
+    `retries` times with exponential backoff (a restart of up to ~4 min is waited out), unless
+    PREFECT_CLIENT_MAX_RETRIES is set explicitly."""
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    if os.environ.get("PREFECT_CLIENT_MAX_RETRIES") or PREFECT_CLIENT_MAX_RETRIES.value() >= retries:
+        yield
         return
-    with task_runner_for(config) as runner:
-        swapped = context.model_copy(update={"task_runner": runner})
-        swapped._token = None  # a copy of the entered context: enter it afresh
-        with swapped:
-            yield runner
+    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: retries}):
+        yield
 
 
 def runner_matches(runner: Any, config: RunConfig) -> bool:
@@ -133,5 +156,76 @@ def _stop_dask_workers(runner: Any, reason: str, run_id: str) -> None:
         print(f"mergeflow: could not pass the stop to the Dask workers: {error}", flush=True)
 
 
-__all__ = ["configured_task_runner", "describe_runner", "release_pool_workers", "runner_matches",
-           "stopping_workers", "task_runner_for"]
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> int | None:
+    """A live process's start time (clock ticks since boot), None when it is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def process_identity(pid: int) -> str | None:
+    """host|boot id|pid|start ticks of a live process (Linux), None elsewhere: a reused PID never matches it."""
+    ticks, boot = _start_ticks(pid), _boot_id()
+    return f"{socket.gethostname()}|{boot}|{pid}|{ticks}" if ticks is not None and boot else None
+
+
+def abandoned(tags: Mapping[str, str]) -> str | None:
+    """Why the flow run behind an open MLflow run (its tags) will never close it, or None when it may still."""
+    identity = tags.get("mergeflow.process", "")
+    flow_run_id = tags.get("prefect.flow_run_id", "")
+    parts = identity.split("|")
+    if len(parts) == 4 and parts[:2] == [socket.gethostname(), _boot_id()] and parts[2].isdigit():
+        pid = int(parts[2])
+        if process_identity(pid) != identity:
+            crashed = _crash_flow_run(flow_run_id, f"its process (pid {pid}) ended without reporting")
+            return f"its process (pid {pid}) ended without closing it" + (
+                f"; Prefect flow run {flow_run_id} marked Crashed" if crashed else "")
+    state = _flow_run_state(flow_run_id)
+    if state is not None and state.is_final():
+        return f"its Prefect flow run {flow_run_id} ended {state.name} without closing it"
+    return None
+
+
+def _flow_run_state(flow_run_id: str) -> Any:
+    """The Prefect flow run's state on the current API, None when unknown (no API, another server, a bad id)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not flow_run_id or not PREFECT_API_URL.value():  # no API configured: never start an ephemeral one here
+        return None
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(uuid.UUID(flow_run_id)).state
+    except Exception:  # noqa: BLE001 - unknown here: the run is left open
+        return None
+
+
+def _crash_flow_run(flow_run_id: str, message: str) -> bool:
+    """Mark a flow run that is not final Crashed (its process is known dead); whether it was."""
+    state = _flow_run_state(flow_run_id)
+    if state is None or state.is_final():
+        return False
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(uuid.UUID(flow_run_id), Crashed(message=message), force=True)
+        return True
+    except Exception:  # noqa: BLE001 - best effort: the MLflow run is closed either way
+        return False
+
+
+__all__ = ["abandoned", "configured_task_runner", "describe_runner", "patient_prefect_client", "process_identity",
+           "release_pool_workers", "runner_matches", "stopping_workers", "task_runner_for"]

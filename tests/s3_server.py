@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,19 +16,14 @@ import boto3
 
 from mergeflow_app.stack import WEED_PORT_FLAGS as _STACK_FLAGS
 from mergeflow_app.stack.health import low_disk
+from mergeflow_app.stack.processes import stop_group
 
 WEED_PORT_FLAGS = tuple(_STACK_FLAGS.values())  # every port `weed mini` binds, given explicitly
 
 
 def stop_process_group(process: subprocess.Popen | None) -> None:
     """Stop a server we started (its whole process group, by PID): SIGTERM, then SIGKILL after 20 s."""
-    if process and process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_group(process, timeout=20)
 
 
 def _port_open(port: int) -> bool:

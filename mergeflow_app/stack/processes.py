@@ -77,6 +77,22 @@ class ProcessRecord:
 spawned: dict[int, subprocess.Popen] = {}
 
 
+def stop_group(process: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    """Signal the process group a started process leads (it was started in a new session), wait for the leader,
+    and SIGKILL the group after `timeout` s."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def reap(pid: int) -> None:
     process = spawned.get(pid)
     if process is not None and process.poll() is not None:
