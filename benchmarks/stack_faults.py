@@ -1,9 +1,10 @@
 """Server faults mid-run on a real local stack (issue 34): SeaweedFS SIGKILLed while a model is published to it and
-restarted, MLflow SIGKILLed during a run and restarted, MLflow down longer than a run waits, the Prefect server SIGKILLed and restarted under `mergeflow serve` (a run in flight, one
-triggered after), and `mergeflow run` SIGKILLed during a merge, then run again. Prints one row per fault: what
-happens | time to recover | data lost (goal: none).
+restarted; MLflow SIGKILLed during a run and restarted, and down longer than a run waits; the Prefect server
+SIGKILLed and restarted under `mergeflow serve` (a run in flight, one triggered after), and SIGKILLed under
+`mergeflow run` and left down; `mergeflow run` SIGKILLed during a merge, then run again. Prints one row per fault:
+what happens | time to recover | data lost (goal: none).
 
-    .venv/bin/python benchmarks/stack_faults.py                  # every fault (~15-25 min on 2 cores)
+    .venv/bin/python benchmarks/stack_faults.py                  # every fault (~20-30 min on 2 cores)
     .venv/bin/python benchmarks/stack_faults.py --only mlflow,sigkill --down 10
 
 A fresh `mergeflow stack` on free ports serves them all, stopped at the end. A `sitecustomize` on the runs'
@@ -272,6 +273,39 @@ def fault_mlflow_outage(stack: Stack, workdir: Path, wait: float) -> dict[str, A
             "recover_s": time.monotonic() - back, "lost": lost, "ok": code != 0 and code2 == 0 and not recomputed}
 
 
+def fault_prefect_lost(stack: Stack, workdir: Path, wait: float) -> dict[str, Any]:
+    """The Prefect server SIGKILLed under `mergeflow run` and left down past the run's wait
+    (`MERGEFLOW_PREFECT_WAIT`); then up, and the same config run again."""
+    env = run_env(stack, workdir, MERGEFLOW_PREFECT_WAIT=str(wait))
+    config = tiny_config(workdir / "prefect-lost.yaml", "fault-prefect-lost", "s3://mergeflow/fault-prefect-lost",
+                         env["MLFLOW_TRACKING_URI"])
+    first, second = workdir / "prefect-lost-1.log", workdir / "prefect-lost-2.log"
+    run = start([EXE, "run", str(config)], first, work_env(workdir, workdir / "prefect-lost-1.work", env), workdir)
+    try:
+        wait_line(first, "start finetune-expert-", run, 900)
+        stack.kill("prefect")
+        killed = time.monotonic()
+        code = run.wait(timeout=wait + 600)
+        ended_after = time.monotonic() - killed
+    finally:
+        kill_group(run)
+    stack.up()
+    back = time.monotonic()
+    code2 = finish(config, second, work_env(workdir, workdir / "prefect-lost-2.work", env), workdir)
+    recomputed = set(work_done(workdir / "prefect-lost-1.work")) & set(work_done(workdir / "prefect-lost-2.work"))
+    said = next((line.strip().split(" (wait longer")[0] for line in first.read_text(errors="replace").splitlines()
+                 if "has not answered for" in line), last_line(first))
+    happens = (f"run stopped {ended_after:.0f} s after the kill (exit {code}): \"{said[:150]}\"; rerun "
+               + ("completed" if code2 == 0 else f"FAILED (exit {code2})") + f", {len(recomputed)} stages recomputed")
+    lost = losses(mlflow_report(env["MLFLOW_TRACKING_URI"], "fault-prefect-lost"),
+                  store_report(env, "mergeflow", "fault-prefect-lost/"), 1)
+    if recomputed:
+        lost = f"{lost}; recomputed {sorted(recomputed)}"
+    return {"fault": f"Prefect server SIGKILLed under `mergeflow run`, down past the run's wait ({wait:.0f} s), then "
+                     "up + rerun", "happens": happens, "recover_s": time.monotonic() - back, "lost": lost,
+            "ok": code != 0 and code2 == 0 and not recomputed}
+
+
 def fault_flow_sigkill(stack: Stack, workdir: Path) -> dict[str, Any]:
     """`mergeflow run` SIGKILLed during a merge (DOGE TA), then the same config run again."""
     env = run_env(stack, workdir)
@@ -432,7 +466,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-FAULTS = ("s3", "mlflow", "mlflow-wait", "prefect", "prefect-long", "sigkill")
+FAULTS = ("s3", "mlflow", "mlflow-wait", "prefect", "prefect-long", "prefect-lost", "sigkill")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(FAULTS), help=f"comma-separated, of {', '.join(FAULTS)}")
     parser.add_argument("--down", type=float, default=10.0, help="seconds a server stays down before its restart")
     parser.add_argument("--long-down", type=float, default=90.0, help="prefect-long: seconds the server stays down")
-    parser.add_argument("--wait", type=float, default=20.0, help="mlflow-wait: MERGEFLOW_MLFLOW_WAIT of the run")
+    parser.add_argument("--wait", type=float, default=20.0,
+                        help="mlflow-wait, prefect-lost: the run's MERGEFLOW_MLFLOW_WAIT / MERGEFLOW_PREFECT_WAIT")
     parser.add_argument("--workdir", help="keep logs and configs here (default: a temporary directory)")
     args = parser.parse_args(argv)
     chosen = [f.strip() for f in args.only.split(",") if f.strip()]
@@ -457,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
               "mlflow-wait": lambda: fault_mlflow_outage(stack, workdir, args.wait),
               "prefect": lambda: fault_prefect_restart(stack, workdir, args.down),
               "prefect-long": lambda: fault_prefect_restart(stack, workdir, args.long_down),
+              "prefect-lost": lambda: fault_prefect_lost(stack, workdir, args.wait),
               "sigkill": lambda: fault_flow_sigkill(stack, workdir)}
     rows, started = [], time.monotonic()
     try:

@@ -30,7 +30,9 @@ from mergeflow_app.stack.processes import stop_group
 
 DEFAULT_STARTUP_TIMEOUT = 300.0
 NOTICE_EVERY = 15.0
-LOST_SERVER_GRACE = 20.0  # seconds a run may take to end after its temporary server died
+LOST_SERVER_GRACE = 20.0  # seconds a run may take to end after its Prefect server was lost
+LOST_WAIT_ENV = "MERGEFLOW_PREFECT_WAIT"
+DEFAULT_LOST_WAIT = 300.0  # seconds a server the command did not start may not answer before the run stops
 EXIT_LOST_SERVER = 75  # EX_TEMPFAIL: the command may succeed when run again
 
 
@@ -76,6 +78,41 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def lost_server(what: str, done: threading.Event) -> None:
+    """Stop the run, which cannot go on without its Prefect server, and end the command if it has not ended
+    (`done` set) `LOST_SERVER_GRACE` seconds later: Prefect's client would otherwise retry the lost API for minutes."""
+    print(f"\nmergeflow: {what}. Stopping.", file=sys.stderr, flush=True)
+    stopping.request_stop("the Prefect server was lost")
+    if not done.wait(LOST_SERVER_GRACE):
+        print(f"mergeflow: the run could not end without its Prefect server within {LOST_SERVER_GRACE:.0f} s; "
+              "exiting. Nothing is half-written; run the command again to resume.", file=sys.stderr, flush=True)
+        os._exit(EXIT_LOST_SERVER)
+
+
+def lost_server_wait() -> float:
+    raw = os.environ.get(LOST_WAIT_ENV, "")
+    try:
+        return float(raw) if raw else DEFAULT_LOST_WAIT
+    except ValueError:
+        raise PrefectServerError(f"{LOST_WAIT_ENV}={raw!r}: expected seconds") from None
+
+
+def watch_external(api_url: str, wait: float, done: threading.Event, poll: float = 2.0) -> None:
+    """While the command runs on a Prefect server it did not start: one that does not answer for `wait` seconds
+    (a restart within it is waited out, as the flow's client retries) stops the run (`lost_server`)."""
+    since = None
+    while not done.wait(poll):
+        if _healthy(api_url):
+            since = None
+            continue
+        now = time.monotonic()
+        since = now if since is None else since
+        if now - since >= wait:
+            lost_server(f"the Prefect server at {api_url} has not answered for {now - since:.0f} s (wait longer with "
+                        f"{LOST_WAIT_ENV}=<seconds>); when it is back, run the command again to resume", done)
+            return
 
 
 class TemporaryPrefectServer:
@@ -141,21 +178,13 @@ class TemporaryPrefectServer:
 
     def _watch(self, process: subprocess.Popen) -> None:
         """While the command runs: a server that dies (killed, out of memory) stops the run, which cannot go on
-        without it, and ends the command if it has not ended `LOST_SERVER_GRACE` seconds later (Prefect's
-        client would otherwise retry for minutes)."""
+        without it (`lost_server`)."""
         while not self._stopping.wait(1.0):
             code = process.poll()
-            if code is None:
-                continue
-            print(f"\nmergeflow: the temporary Prefect server exited (code {code}) during the run; its output is in "
-                  f"{self.log_path}. Stopping.", file=sys.stderr, flush=True)
-            stopping.request_stop("the Prefect server exited")
-            if not self._stopping.wait(LOST_SERVER_GRACE):
-                print(f"mergeflow: the run could not end without its Prefect server within {LOST_SERVER_GRACE:.0f} "
-                      "s; exiting. Nothing is half-written; run the command again to resume.", file=sys.stderr,
-                      flush=True)
-                os._exit(EXIT_LOST_SERVER)
-            return
+            if code is not None:
+                lost_server(f"the temporary Prefect server exited (code {code}) during the run; its output is in "
+                            f"{self.log_path}", self._stopping)
+                return
 
     def stop(self) -> None:
         """Stop the server and wait for it (its whole process group), killing it after 10 s."""
@@ -204,7 +233,13 @@ def prefect_api(say=print, meanwhile=None) -> Iterator[str]:
             time.sleep(0.5)
         if meanwhile is not None:
             meanwhile()
-        yield configured
+        done = threading.Event()
+        threading.Thread(target=watch_external, args=(configured, lost_server_wait(), done),
+                         name="mergeflow-prefect-watchdog", daemon=True).start()
+        try:
+            yield configured
+        finally:
+            done.set()
         return
     home = Path(os.environ.get("PREFECT_HOME") or Path.cwd() / ".prefect")
     server = TemporaryPrefectServer(home, home / "temporary-server.log")

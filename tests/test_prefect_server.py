@@ -82,3 +82,50 @@ def test_a_server_that_does_not_come_up_in_time_names_its_log_and_the_setting(tm
     assert f"did not answer within 5 s; its output is in {log}" in out.stderr
     assert "MERGEFLOW_PREFECT_STARTUP_TIMEOUT" in out.stderr and log.exists()
     assert not (tmp_path / "store").exists()
+
+
+def test_an_external_server_lost_mid_run_stops_the_run_and_a_brief_outage_does_not(monkeypatch, capsys):
+    """A Prefect server the command did not start that stops answering for the wait stops the run (the flow's client
+    would otherwise retry the lost API for ever: a run spun 80 min once) and ends the command after the grace; one
+    that answers again in time is waited out."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mergeflow import stopping
+    from mergeflow_app import prefect_server
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200 if self.server.up else 503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    server.up = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = f"http://127.0.0.1:{server.server_address[1]}/api"
+    exits: list[int] = []
+    monkeypatch.setattr(prefect_server, "LOST_SERVER_GRACE", 0.5)
+    monkeypatch.setattr(prefect_server.os, "_exit", exits.append)
+    try:
+        done = threading.Event()
+        watch = threading.Thread(target=prefect_server.watch_external, args=(api, 1.5, done, 0.1))
+        watch.start()
+        server.up = False  # a restart shorter than the wait
+        time.sleep(0.8)
+        server.up = True
+        time.sleep(2.0)
+        assert not stopping.stop_requested() and watch.is_alive() and not exits
+        server.up = False  # now for good
+        watch.join(timeout=10)
+        assert not watch.is_alive()
+        assert stopping.stop_requested() and exits == [prefect_server.EXIT_LOST_SERVER]
+        err = capsys.readouterr().err
+        assert f"the Prefect server at {api} has not answered for" in err and "MERGEFLOW_PREFECT_WAIT" in err, err
+        assert "Nothing is half-written" in err
+    finally:
+        done.set()
+        stopping.reset()
+        server.shutdown()
