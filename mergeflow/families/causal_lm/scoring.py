@@ -5,8 +5,11 @@ Requests are (context, continuation) strings encoded as the harness encodes them
 context moves to the continuation, the continuation's tokens are those of `context + continuation` after the
 context's own (so a merge across the boundary is handled), no special tokens are added, and an empty context
 becomes the prefix token (BOS, else EOS). A request longer than `max_length + 1` tokens keeps its last ones (the
-harness truncates on the left too). Batches run longest first, right-padded, under `torch.no_grad`, one model at
-a time; every batch and every decoder layer is a stop point (`mergeflow.stopping`), so a stop request ends an
+harness truncates on the left too), and `max_length` is cut to the model's context window (its position table or
+trained positions: `context_length`). Batches run longest first, right-padded, under `torch.no_grad`, one model at
+a time, each of at most `batch_size` rows and `tokens_per_forward` tokens (so one pass's logits stay within
+`LOGITS_BUDGET` bytes whatever batch_size x max_length asks: 64 x 2048 tokens at vocab 32,000 would be 16 GB of fp32
+logits); every batch and every decoder layer is a stop point (`mergeflow.stopping`), so a stop request ends an
 evaluation within one layer's time, however long a batch takes.
 
 Multiple choice: each choice is scored as the continuation `target_delimiter + choice` after the question; `acc`
@@ -43,6 +46,8 @@ from mergeflow.progress import progress_bar
 
 Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 PROMPT_FORMAT = "mergeflow-causal-lm-task/1"
+LOGITS_BUDGET = 1 << 29  # bytes of fp32 logits one forward pass may produce: 64 rows x 64 tokens at vocab 32,000
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,39 @@ def _window(request: Request, max_length: int) -> tuple[list[int], list[int], in
     return tokens[:-1], tokens[1:], min(len(continuation), len(tokens) - 1)
 
 
+# ---------------------------------------------------------------------------------------------- limits
+
+
+def context_length(model: nn.Module, max_length: int) -> int:
+    """`max_length` cut to the model's context window (the smallest of its config's position limits), so a window
+    never indexes past GPT-2's position table or runs past the positions a rotary model was built for."""
+    config = getattr(model, "config", None)
+    limits = [value for value in (getattr(config, name, None) for name in _CONTEXT_FIELDS)
+              if isinstance(value, int) and value > 0]
+    return min([max_length, *limits])
+
+
+def tokens_per_forward(model: nn.Module) -> int:
+    """Tokens one forward pass may carry: `LOGITS_BUDGET` over the fp32 bytes of one token's logits (at least 1)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab <= 0:
+        vocab = model.get_output_embeddings().weight.shape[0]
+    return max(1, LOGITS_BUDGET // (4 * vocab))
+
+
+def token_batches(order: Sequence[int], widths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """`order` (longest first) cut into consecutive batches of at most `batch_size` rows whose rows x longest width
+    stays within `max_tokens` (a row longer than that alone goes alone)."""
+    batches: list[list[int]] = []
+    for index in order:
+        current = batches[-1] if batches else None
+        if current and len(current) < batch_size and (len(current) + 1) * widths[current[0]] <= max_tokens:
+            current.append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
 # ---------------------------------------------------------------------------------------------- log-likelihoods
 
 
@@ -188,15 +226,18 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def log_likelihoods(model: nn.Module, requests: Sequence[Request], *, batch_size: int, max_length: int,
-                    pad_id: int = 0, progress: bool = False, desc: str = "score") -> Tensor:
-    """[N] float64 CPU `request_log_likelihoods` of every request in eval mode, batched longest first; checks the
-    stop flag before every batch and every decoder layer (`evaluating`)."""
-    order = sorted(range(len(requests)), key=lambda i: -len(_window(requests[i], max_length)[0]))
+                    pad_id: int = 0, progress: bool = False, desc: str = "score",
+                    max_tokens: int | None = None) -> Tensor:
+    """[N] float64 CPU `request_log_likelihoods` of every request in eval mode, batched longest first, each batch
+    within `batch_size` rows and `max_tokens` tokens (default `tokens_per_forward`); checks the stop flag before
+    every batch and every decoder layer (`evaluating`)."""
+    widths = [len(_window(request, max_length)[0]) for request in requests]
+    order = sorted(range(len(requests)), key=lambda i: -widths[i])
+    batches = token_batches(order, widths, batch_size, max_tokens or tokens_per_forward(model))
     result = torch.empty(len(requests), dtype=torch.float64)
     with evaluating(model):
-        for start in progress_bar(range(0, len(order), batch_size), desc=desc, disable=not progress):
+        for chunk in progress_bar(batches, desc=desc, disable=not progress):
             stopping.check()
-            chunk = order[start:start + batch_size]
             result[chunk] = request_log_likelihoods(model, [requests[i] for i in chunk], max_length,
                                                     pad_id).double().cpu()
     return result
@@ -254,16 +295,19 @@ def perplexity_metrics(model: nn.Module, tokenizer: Any, split: TextSplit, *, ba
 def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], prompt: TaskPrompt, *,
                    batch_size: int, max_length: int, progress: bool = False) -> list[str]:
     """Each question's greedy continuation (`prompt.max_new_tokens` tokens at most), cut at the first
-    `prompt.stop` and stripped. Contexts keep their last `max_length` tokens; batches are left-padded; stop points
-    as in `log_likelihoods`."""
+    `prompt.stop` and stripped. Contexts keep their last `max_length` tokens (fewer where the context window must
+    also hold the new tokens); batches of at most `batch_size` rows and `tokens_per_forward` tokens, left-padded;
+    stop points as in `log_likelihoods`."""
     device, pad = device_of(model), pad_id_of(tokenizer)
-    contexts = [(encode(tokenizer, q) if q else [prefix_token(tokenizer)])[-max_length:] for q in questions]
+    keep = max(1, context_length(model, max_length + prompt.max_new_tokens) - prompt.max_new_tokens)
+    contexts = [(encode(tokenizer, q) if q else [prefix_token(tokenizer)])[-keep:] for q in questions]
     answers = [""] * len(questions)
     order = sorted(range(len(questions)), key=lambda i: -len(contexts[i]))
+    widths = [len(context) + prompt.max_new_tokens for context in contexts]
     with evaluating(model):
-        for start in progress_bar(range(0, len(order), batch_size), desc="generate", disable=not progress):
+        for chunk in progress_bar(token_batches(order, widths, batch_size, tokens_per_forward(model)),
+                                  desc="generate", disable=not progress):
             stopping.check()
-            chunk = order[start:start + batch_size]
             width = max(len(contexts[i]) for i in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -298,7 +342,7 @@ def task_metrics(model: nn.Module, tokenizer: Any, prompt: TaskPrompt, split: Ca
     primary score (acc_norm, 1 / perplexity, or exact match)."""
     if prompt.kind != split.kind:
         raise ConfigError(f"the task's prompt is for a {prompt.kind} task, its data is {split.kind}")
-    options = {"batch_size": batch_size, "max_length": max_length, "progress": progress}
+    options = {"batch_size": batch_size, "max_length": context_length(model, max_length), "progress": progress}
     if isinstance(split, ChoiceSplit):
         result = multiple_choice_metrics(model, tokenizer, split, prompt, **options)
     elif isinstance(split, TextSplit):
