@@ -47,7 +47,7 @@ def search(run: "PlanRun", label: str, spec: MergeSpec, expert_acc: dict[str, fl
                                 max_examples=tuning.max_examples, eta=settings.eta, rule=tuning.rule,
                                 floor=tuning.floor, max_evaluations=settings.max_evaluations,
                                 max_seconds=settings.max_seconds, confidence=settings.confidence,
-                                extend_edges=settings.extend_edges)
+                                extend_edges=settings.extend_edges, fidelity=settings.fidelity)
     chosen = record_search(label, result, config.tracking, parent, run_id)
     print(f"search {label}: chose {result.winner.name} (validation norm. avg "
           f"{100 * result.winner_score.norm_avg:.1f}%) from {len(pool)} candidates in {result.seconds:.0f} s"

@@ -162,6 +162,9 @@ class SearchConfig(StrictModel):
                               "examples); a close call at the last rung is settled on more examples")
     extend_edges: bool = Field(True, description="when the winner's coefficient sits at the edge of its grid, try "
                                "steps past it while they score better")
+    fidelity: float = Field(0.25, gt=0.0, le=1.0, description="iterative methods (WUDI, DOGE, AdaMerging, "
+                            "MaTS): the fraction of their step or iteration counts every rung before the last runs "
+                            "(1: full counts at every rung); the last rung, and the winner, run the full counts")
     max_evaluations: int | None = Field(None, ge=1, description="budget: validation examples scored per task over "
                                         "every candidate and rung; the search stops at the last whole rung it "
                                         "covers (empty: no limit)")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mergeflow.config import AUTO, MergeSpec, RunConfig
-from mergeflow.search import kept, rung_sizes
+from mergeflow.search import at_fidelity, kept, rung_fidelity, rung_sizes
 from mergeflow.stages import merge as merge_stage, sparsify as sparsify_stage, statistics as statistics_stage
 from mergeflow.stages import subspace as subspace_stage
 
@@ -171,14 +171,17 @@ def compile_plan(config: RunConfig) -> Plan:
         if spec.method != AUTO:
             continue
         searched_by = f"chosen:{label}"
-        previous = [plan.add(f"search:{label}", "open_search", about=f"{len(spec.search_settings().candidates())} "
-                             "candidates", part_of=searched_by)]
-        candidates = spec.search_settings().candidates()
-        for rung, (examples, alive) in enumerate(search_rungs(spec, config.tuning.max_examples)):
-            points = [MergeSpec(method=c.method, params=c.params) for c in candidates[:alive]]
+        settings = spec.search_settings()
+        candidates = settings.candidates()
+        previous = [plan.add(f"search:{label}", "open_search", about=f"{len(candidates)} candidates",
+                             part_of=searched_by)]
+        rungs = search_rungs(spec, config.tuning.max_examples)
+        for rung, (examples, alive) in enumerate(rungs):  # early rungs: iterative methods at reduced counts
+            scored = [at_fidelity(c, rung_fidelity(rung, len(rungs), settings.fidelity)) for c in candidates[:alive]]
+            points = [MergeSpec(method=c.method, params=c.params) for c in scored]
             previous = [plan.add(f"search:{label}:{rung}:{j}", "sweep_point",
                                  [*reads(point, searched_by), *data, *previous[:1]],
-                                 f"{candidates[j].name}, {examples} examples", spec=point, split="validation",
+                                 f"{scored[j].name}, {examples} examples", spec=point, split="validation",
                                  examples=examples, part_of=searched_by) for j, point in enumerate(points)]
         chosen[label] = [plan.add(f"chosen:{label}", "record_search", previous)]
     for label, spec in labelled.items():

@@ -5,8 +5,9 @@ config's own). Rung 0 scores every candidate on the first few validation example
 keeps the best 1/eta of the previous one, and every other candidate not significantly below its leader (a paired,
 one-sided bound on the same examples), and scores them on eta times as many examples, up to the validation cap,
 where the winner is chosen (a close call there is settled on more examples). A budget (examples scored, seconds)
-stops the search early at the last whole rung. The scores are those of `mergeflow.sweep` (validation only); the
-caller evaluates the winner on test.
+stops the search early at the last whole rung. An iterative method (`MergeMethod.fidelity`: its step counts) runs
+a fraction of its counts at every rung before the last, and its full counts from the last on (`rung_fidelity`).
+The scores are those of `mergeflow.sweep` (validation only); the caller evaluates the winner on test.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mergeflow.errors import ConfigError
 from mergeflow.methods import METHODS
-from mergeflow.plots import save_figure
 from mergeflow.sweep import PointScore, Rule, grid_points, score_point
 
 # Per method, the grid `auto` searches (declared in the method's file: `MergeMethod.search_grid`, else its sweep
@@ -88,6 +87,17 @@ def candidates(methods: Sequence[str] | None = None, grids: Mapping[str, Mapping
     return out
 
 
+def rung_fidelity(rung: int, rungs: int, fidelity: float) -> float:
+    """The fraction of an iterative method's counts that rung `rung` of `rungs` planned runs: `fidelity` before the
+    last (one reduced merge per candidate, cached, serves every early rung), the full counts from the last on."""
+    return fidelity if rung < rungs - 1 else 1.0
+
+
+def at_fidelity(candidate: Candidate, fraction: float) -> Candidate:
+    """The point scored for `candidate` at `fraction` of its method's counts (the candidate itself at full)."""
+    return Candidate(candidate.method, METHODS[candidate.method].at_fidelity(candidate.params, fraction))
+
+
 def kept(alive: int, eta: int) -> int:
     """Candidates that go on to the next rung of successive halving: the best 1/eta, at least one."""
     return max(1, math.ceil(alive / eta))
@@ -114,6 +124,8 @@ class Entry:
     candidate: Candidate
     score: PointScore
     promoted: bool = False
+    fidelity: str = "full"  # the counts the point ran with ("steps 100/400"); "full": a method that does not iterate
+    reduced: bool = False  # scored with fewer steps than its own (an early rung of an iterative method)
 
 
 @dataclass
@@ -129,7 +141,8 @@ class SearchResult:
     timings: list[float] = field(default_factory=list)  # seconds per rung
 
     def leaderboard(self) -> list[dict[str, Any]]:
-        """One row per candidate: its score at every rung it reached (best first: deepest rung, then score)."""
+        """One row per candidate: its score and fidelity at every rung it reached (best first: deepest rung, then
+        score)."""
         rows: dict[str, dict[str, Any]] = {}
         for e in self.entries:
             row = rows.setdefault(e.candidate.name, {"candidate": e.candidate.name, "method": e.candidate.method,
@@ -137,6 +150,7 @@ class SearchResult:
                                                      "rung": e.rung})
             row["rung"] = max(row["rung"], e.rung)
             row[f"rung {e.rung} ({e.examples}/task)"] = round(100 * e.score.norm_avg, 2)
+            row[f"rung {e.rung} fidelity"] = e.fidelity
             row["last score"] = e.score.score
         ordered = sorted(rows.values(), key=lambda r: (-r["rung"], -r["last score"]))
         for row in ordered:
@@ -213,7 +227,7 @@ def not_below(scored: Mapping[int, tuple[PointScore, Scored]], leader: int, weig
 def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_accuracy: Mapping[str, float], *,
                        min_examples: int, max_examples: int, eta: int = 3, rule: Rule = "norm_acc.avg",
                        floor: float = 0.0, max_evaluations: int | None = None, max_seconds: float | None = None,
-                       confidence: float = 0.95, extend_edges: bool = True,
+                       confidence: float = 0.95, extend_edges: bool = True, fidelity: float = 0.25,
                        clock: Callable[[], float] = time.monotonic) -> SearchResult:
     """Run the search, racing: `score_rung(rung, examples, candidates)` returns each candidate's validation result
     (`Scored`: accuracy per task and, where the family gives them, each example's credit) on the first `examples`
@@ -229,6 +243,10 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
 
     `extend_edges`: when the winner's coefficient sits at the edge of its grid, one step past it is scored on the
     last rung's examples (as a rung of one), and kept while it scores better (`next_beyond`).
+
+    `fidelity`: an iterative candidate (`MergeMethod.fidelity`) is scored at every rung before the last as the point
+    with that fraction of its counts (its own params, cached under their own key), and from the last rung on (the
+    close call, the steps past an edge) as itself, the plain merge's point: the winner is always at full counts.
 
     `max_evaluations` bounds the validation examples scored per task over every candidate and rung; a rung that
     would pass it, or that starts after `max_seconds`, is not run and the best of the last whole rung wins. The
@@ -257,11 +275,14 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
             stopped = f"time: {clock() - started:.0f} s spent of {max_seconds:.0f} s before rung {rung}"
             break
         rung_started = clock()
-        results = [Scored.of(r) for r in score_rung(rung, examples, [pool[i] for i in survivors])]
+        points = {i: at_fidelity(pool[i], rung_fidelity(rung, len(sizes), fidelity)) for i in survivors}
+        results = [Scored.of(r) for r in score_rung(rung, examples, list(points.values()))]
         spent += len(survivors) * examples
         scored = {i: (score_point(pool[i].params, r.accuracy, expert_accuracy, rule, floor), r)
                   for i, r in zip(survivors, results, strict=True)}
-        rung_entries = {i: Entry(rung, examples, pool[i], s) for i, (s, _) in scored.items()}
+        rung_entries = {i: Entry(rung, examples, pool[i], s, fidelity=METHODS[pool[i].method].fidelity_label(
+                            points[i].params, pool[i].params), reduced=points[i] != pool[i])
+                        for i, (s, _) in scored.items()}
         entries += rung_entries.values()
         order = rank([(i, s) for i, (s, _) in scored.items()])
         best = (order[0], scored[order[0]][0])
@@ -351,41 +372,11 @@ def _extend_edges(pool, winner, winner_score, entries, timings, score_rung, expe
         spent += examples
         score = score_point(candidate.params, result.accuracy, expert_accuracy, rule, floor)
         better = score.score > winner_score.score
-        entries.append(Entry(rung, examples, candidate, score, promoted=better))
+        entries.append(Entry(rung, examples, candidate, score, better,
+                             METHODS[candidate.method].fidelity_label(candidate.params, candidate.params)))
         timings.append(round(clock() - started, 2))
         if not better:
             return winner, winner_score, spent, None
         winner, winner_score = candidate, score
     return winner, winner_score, spent, None
 
-
-def plot_search(result: SearchResult, path: Path, title: str) -> Path:
-    """Normalized validation accuracy of every candidate at each rung it reached (lines join a candidate's rungs;
-    one colour per method; the winner in black)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by_candidate: dict[str, list[Entry]] = {}
-    for e in result.entries:
-        by_candidate.setdefault(e.candidate.name, []).append(e)
-    methods = list(dict.fromkeys(e.candidate.method for e in result.entries))
-    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, path_entries in by_candidate.items():
-        method = path_entries[0].candidate.method
-        winner = name == result.winner.name
-        ax.plot([e.rung for e in path_entries], [100 * e.score.norm_avg for e in path_entries],
-                marker="o", markersize=3, linewidth=2.5 if winner else 0.8,
-                color="black" if winner else colours[method], alpha=1.0 if winner else 0.7)
-    for m in methods:
-        ax.plot([], [], color=colours[m], label=m)
-    ax.plot([], [], color="black", linewidth=2.5, label=f"chosen: {result.winner.name}")
-    sizes = sorted({(e.rung, e.examples) for e in result.entries})
-    ax.set_xticks([r for r, _ in sizes], [f"rung {r}\n{n}/task" for r, n in sizes])
-    ax.set_ylabel("validation norm. accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    return save_figure(fig, path)

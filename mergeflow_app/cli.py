@@ -42,8 +42,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     options = _storage_options(args)
     if args.method == "auto":
         run, args.method, params = searched_method(args, options)
-    elif args.candidates or args.budget or args.max_seconds:
-        raise MergeflowError("--candidates, --budget and --max-seconds belong to --method auto")
+    elif args.candidates or args.budget or args.max_seconds or args.fidelity is not None:
+        raise MergeflowError("--candidates, --budget, --max-seconds and --fidelity belong to --method auto")
     elif args.tune:
         run, params = tuned_params(args, params, options)
     if args.as_adapter:
@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--budget", type=int, metavar="N", help="--method auto: validation examples scored per task "
                        "over all candidates and rungs; the search stops at the last whole rung within it")
     merge.add_argument("--max-seconds", type=float, metavar="S", help="--method auto: start no rung after S seconds")
+    merge.add_argument("--fidelity", type=float, metavar="F", help="--method auto: the fraction of an iterative "
+                       "method's step counts the rungs before the last run (default 0.25; 1: full counts throughout)")
     merge.add_argument("--out", help="output directory: path, file:// or s3:// URI")
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     merge.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")

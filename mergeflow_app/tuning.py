@@ -73,7 +73,8 @@ def searched_method(args: argparse.Namespace, options: dict[str, Any]) -> tuple[
         raise MergeflowError("--method auto takes no --param, --grid, --statistics or --data (narrow the search with "
                              "--candidates; --tune's data config gives the statistics)")
     settings = SearchConfig(methods=[m.strip() for m in args.candidates.split(",")] if args.candidates else None,
-                            max_evaluations=args.budget, max_seconds=args.max_seconds)
+                            max_evaluations=args.budget, max_seconds=args.max_seconds,
+                            **({} if args.fidelity is None else {"fidelity": args.fidelity}))
     settings.candidates()  # a bad method name fails before any data is read
     run = stage_run(args, args.tune, options)
     run.warn_overlap()
@@ -81,8 +82,13 @@ def searched_method(args: argparse.Namespace, options: dict[str, Any]) -> tuple[
     print(f"search: {result.rungs_done} of {result.rungs_planned} rungs, {result.examples_scored} validation "
           f"examples per task, {result.seconds:.1f} s" + (f"; stopped early: {result.stopped}" if result.stopped
                                                           else ""))
-    for row in result.leaderboard():
-        scores = ", ".join(f"{k}: {v}" for k, v in row.items() if k.startswith("rung "))
+    for row in result.leaderboard():  # each rung's score, with the counts an iterative method ran there
+        shown = []
+        for key, value in row.items():
+            if key.startswith("rung ") and key.endswith("/task)"):
+                fidelity = row[f"{key.split(' (')[0]} fidelity"]
+                shown.append(f"{key}: {value}" + ("" if fidelity == "full" else f" [{fidelity}]"))
+        scores = ", ".join(shown)
         print(f"  {row['candidate']:48s} {scores}{'  <- chosen' if row['chosen'] else ''}")
     return run, result.winner.method, dict(result.winner.params)
 

@@ -14,7 +14,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mergeflow.config import SearchConfig, TrackingConfig, TuningConfig
-from mergeflow.search import SearchResult, plot_search
+from mergeflow.plots import save_figure
+from mergeflow.search import Entry, SearchResult
 from tasks import IO_RETRIES, TIMEOUTS
 from tasks.tracking import MlflowTracker
 
@@ -28,7 +29,7 @@ def open_search(label: str, search: SearchConfig, candidates: int, rungs: list[i
     tracker.log_params(run_id, {"candidates": candidates, "rungs": json.dumps(rungs), "eta": search.eta,
                                 "rule": tuning.rule, "methods": ",".join(search.methods or ["(all applicable)"]),
                                 "max_evaluations": search.max_evaluations, "max_seconds": search.max_seconds,
-                                "split": "validation"})
+                                "fidelity": search.fidelity, "split": "validation"})
     return run_id
 
 
@@ -63,7 +64,7 @@ def record_search(label: str, result: SearchResult, tracking: TrackingConfig, pa
     tracker.end_run(search_run_id)
     key = label.lower().replace("_", "-")
     create_table_artifact(rows, key=f"search-{key}", description=f"{label}: every candidate's validation score "
-                          "(normalized, %) at each rung it reached")
+                          "(normalized, %) and fidelity (the step counts it ran) at each rung it reached")
     stop = f" Stopped early: {result.stopped}." if result.stopped else ""
     create_markdown_artifact(
         f"### {label}\nChosen on validation: **{winner.name}** (val norm. avg {100 * result.winner_score.norm_avg:.1f}%)"
@@ -72,3 +73,38 @@ def record_search(label: str, result: SearchResult, tracking: TrackingConfig, pa
         f"![search](data:image/png;base64,{picture})\n", key=f"search-{key}-plot",
         description=f"{label}: the search's rungs")
     return {"method": winner.method, "params": winner.params}
+
+
+def plot_search(result: SearchResult, path: Path, title: str) -> Path:
+    """Normalized validation accuracy of every candidate at each rung it reached (lines join a candidate's rungs;
+    one colour per method; the winner in black; a hollow marker: scored with fewer steps than its own)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_candidate: dict[str, list[Entry]] = {}
+    for e in result.entries:
+        by_candidate.setdefault(e.candidate.name, []).append(e)
+    methods = list(dict.fromkeys(e.candidate.method for e in result.entries))
+    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, path_entries in by_candidate.items():
+        winner = name == result.winner.name
+        colour = "black" if winner else colours[path_entries[0].candidate.method]
+        xs, ys = [e.rung for e in path_entries], [100 * e.score.norm_avg for e in path_entries]
+        ax.plot(xs, ys, linewidth=2.5 if winner else 0.8, color=colour, alpha=1.0 if winner else 0.7)
+        for e, x, y in zip(path_entries, xs, ys):
+            ax.plot([x], [y], marker="o", markersize=3, color=colour, markerfacecolor="none" if e.reduced else colour)
+    for m in methods:
+        ax.plot([], [], color=colours[m], label=m)
+    ax.plot([], [], color="black", linewidth=2.5, label=f"chosen: {result.winner.name}")
+    ax.plot([], [], marker="o", color="grey", markerfacecolor="none", linestyle="none", label="fewer steps")
+    sizes = sorted({(e.rung, e.examples) for e in result.entries})
+    ax.set_xticks([r for r, _ in sizes], [f"rung {r}\n{n}/task" for r, n in sizes])
+    ax.set_ylabel("validation norm. accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path)
+

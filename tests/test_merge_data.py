@@ -153,8 +153,9 @@ def test_auto_searches_methods_on_validation_only(inputs, validation_only, tmp_p
 
 def test_auto_searches_a_learned_method_on_validation_inputs_and_writes_the_searched_point(
         inputs, validation_only, tmp_path, capsys, monkeypatch):
-    """AdaMerging as a candidate of the CLI's search: it learns once (on the validation inputs; the test split is
-    never opened), its merge is kept for the later rungs and is what the output holds, bit for bit."""
+    """AdaMerging as a candidate of the CLI's search: it learns once per point scored (on the validation inputs;
+    the test split is never opened), its merge is kept for the later rungs and is what the output holds, bit for
+    bit."""
     from safetensors.torch import load_file
 
     import mergeflow.search as search
@@ -165,7 +166,7 @@ def test_auto_searches_a_learned_method_on_validation_inputs_and_writes_the_sear
     merged_point = sweep.merged_point
 
     def counted(method, params, *args, **kwargs):
-        merges.append(method)
+        merges.append((method, params["steps"]))
         kept[(method, str(params))] = out = merged_point(method, params, *args, **kwargs)
         return out
 
@@ -176,7 +177,9 @@ def test_auto_searches_a_learned_method_on_validation_inputs_and_writes_the_sear
     for expert in experts:
         argv += ["--expert", expert]
     assert main(argv) == 0
-    assert merges.count("adamerging") == 2  # one learning run per grid point, whatever the rungs
+    # one learning run per point, whatever the rungs: the early rungs' cut to a quarter of the steps (2 and 4 both
+    # to 1: one point), then each survivor's full run at the last rung
+    assert sorted(merges) == [("adamerging", 1), ("adamerging", 2), ("adamerging", 4)]
     out = capsys.readouterr().out
     chosen = next(line for line in out.splitlines() if "<- chosen" in line).split()[0]
     manifest = json.loads((tmp_path / "a" / "mergeflow.json").read_text())

@@ -38,6 +38,7 @@ class AdaMerging(MergeMethod):
     Params = AdaMergingParams
     # auto: searched only when named in search.methods (each point is a training run on an entropy objective)
     search_grid = {"steps": [100, 500]}
+    fidelity = ("steps",)  # Adam steps on the objective: `auto`'s early rungs run fewer
     needs_objective = True
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:

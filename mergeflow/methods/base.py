@@ -121,9 +121,34 @@ class MergeMethod(ABC):
     searched_by_default: ClassVar[bool] = True
     # how many experts the method merges: (fewest, most or None); SLERP takes exactly one, Model Stock two or more
     expert_count: ClassVar[tuple[int, int | None]] = (1, None)
+    # an iterative method's step or iteration counts (integer params: WUDI's Adam `steps`, MaTS's CG `max_iter`):
+    # `auto`'s early rungs run a fraction of them (the count is a resource, as in Hyperband); (): it does not iterate
+    fidelity: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else self.Params()
+
+    @classmethod
+    def counts(cls, params: Mapping[str, Any]) -> dict[str, int]:
+        """The value of each `fidelity` parameter at `params` (its default where `params` does not set it)."""
+        chosen = cls.Params(**dict(params)) if cls.fidelity else None
+        return {name: int(getattr(chosen, name)) for name in cls.fidelity}
+
+    @classmethod
+    def at_fidelity(cls, params: Mapping[str, Any], fraction: float) -> dict[str, Any]:
+        """`params` with each `fidelity` count cut to ceil(fraction x count) (at least 1, at most the count). A count
+        that does not change is not written, so at full fidelity, and for a method that does not iterate, the result
+        equals `params`: the plain merge's own point, cache key and fingerprint."""
+        full = cls.counts(params)
+        cut = {name: min(count, max(1, math.ceil(fraction * count - 1e-9))) for name, count in full.items()}
+        return {**params, **{name: value for name, value in cut.items() if value != full[name]}}
+
+    @classmethod
+    def fidelity_label(cls, scored: Mapping[str, Any], params: Mapping[str, Any]) -> str:
+        """How the point `scored` ran against the full `params`: each count, "steps 100/400"; "full" for a method that
+        does not iterate."""
+        done, full = cls.counts(scored), cls.counts(params)
+        return ", ".join(f"{name} {done[name]}/{full[name]}" for name in cls.fidelity) or "full"
 
     def check_expert_count(self, count: int) -> None:
         """A ConfigError naming the method when it cannot merge `count` experts (checked before any work)."""

@@ -97,6 +97,7 @@ class DogeAM(MergeMethod):
                "(needs an objective; transductive).")
     Params = DogeAMParams
     search_grid = {}
+    fidelity = ("steps", "am_steps")  # the deltas' Adam steps and AdaMerging's: `auto`'s early rungs run fewer
     needs_objective = True
 
     adjusted: dict[str, torch.Tensor] | None = None

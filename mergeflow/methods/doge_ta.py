@@ -119,6 +119,7 @@ class DogeTA(MergeMethod):
     # auto: fewer points (each is a full merge)
     sweep_grid = {"eta": [0.03, 0.07, 0.15, 0.3, 0.6]}
     search_grid = {"eta": [0.07, 0.15, 0.3]}
+    fidelity = ("steps",)  # Adam steps per layer: `auto`'s early rungs run fewer
     prepare_params = ("keep", "include", "exclude")
 
     def subspace_kinds(self) -> tuple[str, ...]:

@@ -97,6 +97,7 @@ class Mats(DataAwareMethod):
     # auto: its defaults only: a grid over its initialisation scored identically on the demo's tasks, at about
     # 85 s of CG per point (its 100 iterations stop well short of the exact solution)
     search_grid = {}
+    fidelity = ("max_iter",)  # the CG iteration cap: `auto`'s early rungs run fewer
 
     def statistic_kinds(self) -> tuple[str, ...]:
         return KINDS[self.params.objective]

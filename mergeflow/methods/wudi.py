@@ -87,6 +87,7 @@ class Wudi(PerLayerMethod):
     Params = WudiParams
     sweep_grid = {"scaling": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}
     scaling_param = "scaling"
+    fidelity = ("steps",)  # Adam steps per layer: `auto`'s early rungs run fewer
 
     def layer_update(self, name: str, task_vectors: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         solve = wudi_gram if self.params.solver == "gram" else wudi_autograd

@@ -156,7 +156,8 @@ class InProcessRun:
                                   min_examples=settings.min_examples, max_examples=tuning.max_examples,
                                   eta=settings.eta, rule=tuning.rule, floor=tuning.floor,
                                   max_evaluations=settings.max_evaluations, max_seconds=settings.max_seconds,
-                                  confidence=settings.confidence, extend_edges=settings.extend_edges)
+                                  confidence=settings.confidence, extend_edges=settings.extend_edges,
+                                  fidelity=settings.fidelity)
 
     # ------------------------------------------------------------------------------------------ the merge
 
