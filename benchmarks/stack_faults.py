@@ -209,6 +209,13 @@ def run_env(stack: Stack, workdir: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, **stack.env(), "PREFECT_HOME": str(workdir / "prefect-client"), **extra}
 
 
+def short(text: str, width: int) -> str:
+    """`text` cut at a word boundary to at most `width` characters."""
+    import textwrap
+
+    return textwrap.shorten(text, width, placeholder=" ...")
+
+
 def last_line(log: Path) -> str:
     return ([line for line in log.read_text(errors="replace").splitlines() if line.strip()] or [""])[-1]
 
@@ -263,9 +270,9 @@ def fault_mlflow_outage(stack: Stack, workdir: Path, wait: float) -> dict[str, A
     recomputed = set(work_done(workdir / "outage-1.work")) & set(work_done(workdir / "outage-2.work"))
     mlflow = mlflow_report(env["MLFLOW_TRACKING_URI"], "fault-outage")
     closed = [why for status, why in mlflow["parents"].values() if status == "FAILED" and why]
-    happens = (f"run failed after {failed_after:.0f} s (exit {code}): \"{last_line(first)[:150]}\"; rerun "
+    happens = (f"run failed after {failed_after:.0f} s (exit {code}): \"{short(last_line(first), 150)}\"; rerun "
                + ("completed" if code2 == 0 else f"FAILED (exit {code2})") + f", {len(recomputed)} stages recomputed"
-               + (f"; first run's MLflow run closed FAILED ({closed[0][:70]})" if closed else ""))
+               + (f"; first run's MLflow run closed FAILED ({short(closed[0], 90)})" if closed else ""))
     lost = losses(mlflow, store_report(env, "mergeflow", "fault-outage/"), 1)
     if recomputed:
         lost = f"{lost}; recomputed {sorted(recomputed)}"
@@ -295,7 +302,7 @@ def fault_prefect_lost(stack: Stack, workdir: Path, wait: float) -> dict[str, An
     recomputed = set(work_done(workdir / "prefect-lost-1.work")) & set(work_done(workdir / "prefect-lost-2.work"))
     said = next((line.strip().split(" (wait longer")[0] for line in first.read_text(errors="replace").splitlines()
                  if "has not answered for" in line), last_line(first))
-    happens = (f"run stopped {ended_after:.0f} s after the kill (exit {code}): \"{said[:150]}\"; rerun "
+    happens = (f"run stopped {ended_after:.0f} s after the kill (exit {code}): \"{short(said, 150)}\"; rerun "
                + ("completed" if code2 == 0 else f"FAILED (exit {code2})") + f", {len(recomputed)} stages recomputed")
     lost = losses(mlflow_report(env["MLFLOW_TRACKING_URI"], "fault-prefect-lost"),
                   store_report(env, "mergeflow", "fault-prefect-lost/"), 1)
@@ -317,10 +324,11 @@ def fault_flow_sigkill(stack: Stack, workdir: Path) -> dict[str, Any]:
     mlflow = mlflow_report(env["MLFLOW_TRACKING_URI"], "fault-sigkill")
     closed = [why for status, why in mlflow["parents"].values() if status == "FAILED" and why]
     happens = (f"killed {result['killed_after']:.0f} s into the run, mid-merge; stored: nothing under the merge's "
-               f"name ({result['staging_left']} staging dirs left in the local cache); rerun "
+               f"name; its staging folders in the local cache: {result['staging_left']}, removed by the rerun: "
+               f"{result['staging_left'] - result['staging_after']}; rerun "
                + ("completed" if result["code"] == 0 else f"FAILED (exit {result['code']})") + ","
                + f" computing only what was not stored: {sorted(n for _, n in result['rerun'])}"
-               + (f"; the killed run's MLflow run closed FAILED ({closed[0][:90]})" if closed else ""))
+               + (f"; the killed run's MLflow run closed FAILED ({short(closed[0], 120)})" if closed else ""))
     lost = losses(mlflow, store, 2)
     if result["recomputed"]:
         lost = f"{lost}; stages stored before the kill recomputed: {sorted(result['recomputed'])}"
@@ -401,7 +409,7 @@ def publish_killed_midway(workdir: Path, uri: str, options: dict[str, Any], keys
 def publish_row(result: dict[str, Any], shards: int, shard_mb: int) -> dict[str, Any]:
     """The fault table's row of `publish_killed_midway`."""
     times, error = result["times"], result["error"]
-    message = str(error).splitlines()[0][:110] if error else "(no error)"
+    message = short(str(error).splitlines()[0].split(": ", 1)[-1], 80) if error else "(no error)"
     whole = result["files"] == result["digests"] and not result["leftovers"]
     happens = (f"the publishing call failed {times['failed'] - times['killed']:.0f} s after the kill "
                f"({type(error).__name__}, retried by the task: \"{message}\"); readers saw "
@@ -449,12 +457,13 @@ def sigkill_and_rerun(config: Path, workdir: Path, env: dict[str, str], stage: s
     if f"done  {stage}" in first.read_text(errors="replace"):
         raise RuntimeError(f"{stage} finished before the kill: make it longer")
     staging = Path(yaml.safe_load(config.read_text())["storage"]["cache_dir"]) / "staging"
-    staging_left = len(list(staging.iterdir())) if staging.is_dir() else 0
+    killed_staging = set(staging.iterdir()) if staging.is_dir() else set()
     rerun_started = time.monotonic()
     code = finish(config, second, work_env(workdir, work2, env), workdir)
     done1, done2 = work_done(work1), work_done(work2)
     return {"code": code, "killed_after": killed_after, "rerun_s": time.monotonic() - rerun_started,
-            "first": done1, "rerun": done2, "recomputed": set(done1) & set(done2), "staging_left": staging_left,
+            "first": done1, "rerun": done2, "recomputed": set(done1) & set(done2), "staging_left": len(killed_staging),
+            "staging_after": sum(path.exists() for path in killed_staging),
             "log": second}
 
 

@@ -175,6 +175,7 @@ def test_flow_sigkilled_mid_merge_leaves_nothing_visible_and_the_rerun_resumes(t
     assert not {fn for fn, _ in rerun} & {"finetune_encoder", "fit_linear_probe"}
     merged = [d for d in (store / "merged" / "sigkill").iterdir() if not d.name.startswith(".")]
     assert len(merged) == 2 and all((d / "mergeflow.json").is_file() for d in merged)  # only whole outputs visible
+    assert not list(store.rglob("*.partial-*")), "the killed merge's staging folder outlived the rerun"
 
     client = MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("sigkill").experiment_id], max_results=1000)
