@@ -3,7 +3,9 @@
 Real SeaweedFS, MLflow and Prefect servers on ports that were free when the test began (as tests/test_stack.py),
 with authentication on. Each service refuses a request without credentials and one with wrong credentials and
 accepts the right ones, through the real clients (Prefect's client, MLflow's client, s3fs); the read-only viewer
-reads but cannot write. No secret appears on a server's command line, and a real flow run (a tiny causal LM,
+reads but cannot write; SeaweedFS's own ports (gRPC, the master's, volume server's and filer's HTTP) refuse every
+client without the stack's certificate, weed's own clients included. No secret appears on a server's command
+line, and a real flow run (a tiny causal LM,
 `mergeflow run` in a subprocess configured by `mergeflow stack env`) leaves none in what it wrote: its output,
 the servers' logs and databases, MLflow's params, tags and artifacts, Prefect's logs, artifacts and parameters,
 the bucket. Every server started here is stopped in teardown, even when a test fails."""
@@ -16,10 +18,13 @@ import json
 import os
 import re
 import signal
+import socket
+import ssl
 import stat
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,7 +33,7 @@ import pytest
 import yaml
 
 from mergeflow_app import stack
-from mergeflow_app.stack import StackConfig, StackError, auth, control
+from mergeflow_app.stack import StackConfig, StackError, auth, control, tls
 from s3_server import stack_on_free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +169,21 @@ def test_server_files_and_command_lines_carry_no_secret(tmp_path, clean_env):
             assert f"-s3.config={auth.server_dir(config) / 's3.json'}" in command
             assert "AWS_SECRET_ACCESS_KEY" not in environment and environment["WEED_JWT_FILER_SIGNING_KEY"]
 
+    security = tls.security_path(config).read_text()  # read by `weed mini` from its working directory
+    assert tls.security_path(config).parent == config.state_dir and not _leaks(security, values)
+    ca, cert, key = tls.client_files(config.state_dir)
+    for component in (*tls.GRPC_SERVERS, "client"):
+        assert f'[grpc.{component}]\ncert = "{cert}"\nkey = "{key}"' in security, component
+    for component in (*tls.HTTPS_SERVERS, "client"):
+        assert f'[https.{component}]' in security and f'ca = "{ca}"' in security, component
+    assert "enabled = true" in security and "[https.s3]" not in security, "S3 stays plain HTTP (signed requests)"
+    for path in (ca, cert, key, tls.security_path(config)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert b"PRIVATE KEY" in key.read_bytes() and not list(ca.parent.glob("*ca*.key")), "the CA's key is not kept"
+    before = key.read_bytes()
+    auth.write_server_files(config, secrets, credentials)
+    assert key.read_bytes() == before, "the certificates are generated once"
+
 
 def test_mlflow_gate_lets_a_read_only_user_read_only():
     spec = importlib.util.spec_from_file_location("gate", auth.GATE_DIR / "mergeflow_mlflow_gate.py")
@@ -206,6 +226,12 @@ def test_compose_auth_override_has_the_same_switches_and_no_secret():
     identities = {i["name"]: i["actions"] for i in json.loads(interpolated["s3-identities"])["identities"]}
     assert identities["mergeflow-viewer"] == auth.VIEWER_ACTIONS and identities["mergeflow-runs"] == auth.RUNS_ACTIONS
     assert "authorization_function = " + auth.GATE_FUNCTION in interpolated["mlflow-auth-ini"]
+    security = tomllib.loads(override["configs"]["seaweedfs-security"]["content"])
+    mounted = (f"/run/secrets/seaweedfs-{name}" for name in ("ca", "cert", "key"))
+    assert security == tomllib.loads(tls.security_toml(*mounted)), "the certificate is required where locally"
+    s3 = override["services"]["s3"]
+    assert {"source": "seaweedfs-security", "target": "/etc/seaweedfs/security.toml"} in s3["configs"]
+    assert set(s3["secrets"]) == set(override["secrets"]) == {"seaweedfs-ca", "seaweedfs-cert", "seaweedfs-key"}
     compile(override["services"]["mlflow-viewer"]["command"][0], "mlflow-viewer", "exec")
     for name, value in _variables(override):  # every secret comes from the environment, none is written here
         if any(word in name for word in ("PASSWORD", "SECRET", "AUTH_STRING", "_KEY")):
@@ -385,11 +411,109 @@ def test_s3_refuses_anonymous_and_wrong_keys_and_its_viewer_only_reads(authed):
     reader.rm(path)  # a bulk delete (DeleteObjects) reports refusals per key, and s3fs does not raise them
     assert runs.cat(path) == b"only with a key" and not runs.exists(f"{config.bucket}/probe/viewer.txt")
 
-    # SeaweedFS's own HTTP ports answer only requests the cluster signed (JWT keys from auth.json)
-    for url in (f"http://127.0.0.1:{config.seaweed_filer_port}/buckets/{config.bucket}/probe/auth.txt",
-                f"http://127.0.0.1:{config.seaweed_filer_port}/buckets/{config.bucket}/probe/"):
+    # SeaweedFS's own HTTP ports answer only requests the cluster signed (JWT keys from auth.json), even from a
+    # client that shows the stack's certificate (anonymous ones are refused before: see the mutual TLS tests)
+    for url in (f"https://127.0.0.1:{config.seaweed_filer_port}/buckets/{config.bucket}/probe/auth.txt",
+                f"https://127.0.0.1:{config.seaweed_filer_port}/buckets/{config.bucket}/probe/"):
         with pytest.raises(urllib.error.HTTPError, match="401"):
-            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=10)
+            _https(config, certificate=True).open(url, timeout=10)
+
+
+def _https(config: StackConfig, certificate: bool) -> urllib.request.OpenerDirector:
+    """An HTTPS opener that trusts the stack's CA and shows its client certificate, or shows none."""
+    ca, cert, key = tls.client_files(config.state_dir)
+    context = ssl.create_default_context(cafile=str(ca)) if ca.exists() else ssl._create_unverified_context()
+    if certificate:
+        context.load_cert_chain(cert, key)
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+
+
+def _tls_probe(port: int, grpc: bool, client: tuple[Path, Path, Path] | None = None) -> str:
+    """A TLS handshake, then a gRPC preface (or an HTTP GET) and a read: "" when the server answered, else why
+    not. Without `client` it shows no certificate and does not check the server's."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    if client:
+        context.load_verify_locations(client[0])
+        context.load_cert_chain(client[1], client[2])
+        context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols(["h2" if grpc else "http/1.1"])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\4\0\0\0\0\0" if grpc else b"GET / HTTP/1.0\r\n\r\n")
+            return "" if sock.recv(16) else "closed without an answer"
+    except (ssl.SSLError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _weed(args: list[str], cwd: Path, stdin: str = "", timeout: float = 30) -> str:
+    """A weed client run in `cwd` (HOME too, so that only a security.toml there counts): what it printed."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WEED_")}
+    env["HOME"] = str(cwd)
+    try:
+        run = subprocess.run([control.find_executable("weed"), *args], input=stdin.encode(), cwd=cwd, env=env,
+                             capture_output=True, timeout=timeout)
+        return (run.stdout + run.stderr).decode(errors="replace")
+    except subprocess.TimeoutExpired as exc:
+        return f"(timed out) {((exc.stdout or b'') + (exc.stderr or b'')).decode(errors='replace')}"
+
+
+def test_seaweedfs_grpc_and_http_ports_refuse_a_client_without_the_certificate(authed):
+    """Every gRPC port (master, volume, filer, S3, admin) and the master's, volume server's and filer's HTTP ports:
+    a plaintext client gets no answer, a TLS client that shows no certificate is refused by the server's alert,
+    the stack's certificate gets in. SeaweedFS's Unix sockets (/tmp/seaweedfs-*.sock) are its owner's alone."""
+    config, _ = authed
+    for name in (*tls.GRPC_PORTS, *tls.HTTPS_PORTS):
+        port, grpc = getattr(config, name), name in tls.GRPC_PORTS
+        assert not tls.answers_plaintext(port, grpc=grpc), f"{name} ({port}) serves a plaintext client"
+        refused = _tls_probe(port, grpc)
+        assert "CERTIFICATE_REQUIRED" in refused, f"{name} ({port}): {refused or 'served a client without one'}"
+    for name in (*tls.GRPC_PORTS, *tls.HTTPS_PORTS):
+        assert _tls_probe(getattr(config, name), name in tls.GRPC_PORTS, tls.client_files(config.state_dir)) == "", name
+    sockets = {f"/tmp/seaweedfs-{name}-{getattr(config, field)}.sock": field for name, field in (
+        ("master-grpc", "seaweed_master_grpc_port"), ("volume-grpc", "seaweed_volume_grpc_port"),
+        ("filer-grpc", "seaweed_filer_grpc_port"), ("s3-grpc", "s3_grpc_port"),
+        ("admin-grpc", "seaweed_admin_grpc_port"), ("filer", "seaweed_filer_port"), ("s3", "s3_port"))}
+    modes = {path: stat.S_IMODE(os.stat(path).st_mode) for path in sockets if os.path.exists(path)}
+    assert len(modes) >= 5 and all(mode & 0o077 == 0 for mode in modes.values()), {p: oct(m) for p, m in modes.items()}
+
+
+def test_seaweedfs_master_http_api_refuses_anonymous_requests(authed):
+    """The master's HTTP API (which hands out write JWTs for the volume servers) and the volume server's status:
+    refused to a plain HTTP client and to an HTTPS one without the certificate; served with it."""
+    config, _ = authed
+    master, volume = config.seaweed_master_port, config.seaweed_volume_port
+    anonymous = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    urls = [f"127.0.0.1:{master}{path}" for path in ("/dir/assign", "/dir/status", "/cluster/status", "/vol/status",
+                                                        "/dir/lookup?volumeId=1", "/")]
+    for url in [*urls, f"127.0.0.1:{volume}/status"]:
+        with pytest.raises(urllib.error.HTTPError, match="400") as plain:  # Go: "HTTP request to an HTTPS server"
+            anonymous.open(f"http://{url}", timeout=10).read()
+        assert b"HTTPS server" in plain.value.read(), url
+        with pytest.raises(OSError, match="CERTIFICATE_REQUIRED"):  # ssl.SSLError, or urllib's URLError around it
+            _https(config, certificate=False).open(f"https://{url}", timeout=10).read()
+    with _https(config, certificate=True).open(f"https://127.0.0.1:{master}/cluster/status", timeout=10) as response:
+        assert json.loads(response.read())["IsLeader"] is True
+
+
+def test_weed_clients_need_the_stacks_security_toml(authed, tmp_path):
+    """`weed upload` (master gRPC, then a volume server) and `weed shell` run anywhere else are refused; run in
+    the state directory, where `up --auth` wrote security.toml, they get in."""
+    config, _ = authed
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.txt").write_text("anonymous")
+    master = f"127.0.0.1:{config.seaweed_master_port}.{config.seaweed_master_grpc_port}"
+    filer = f"127.0.0.1:{config.seaweed_filer_port}.{config.seaweed_filer_grpc_port}"
+    upload = _weed(["upload", f"-master={master}", str(elsewhere / "x.txt")], elsewhere)
+    assert '"fid"' not in upload and "Unavailable" in upload, upload[-500:]
+    shell = _weed(["shell", f"-master={master}", f"-filer={filer}"], elsewhere, "cluster.ps\n", timeout=15)
+    assert "volume servers" not in shell and "mergeflow" not in shell, shell[-500:]
+
+    assert '"fid"' in _weed(["upload", f"-master={master}", str(elsewhere / "x.txt")], config.state_dir)
+    assert "volume servers" in _weed(["shell", f"-master={master}", f"-filer={filer}"], config.state_dir,
+                                     "cluster.ps\n", timeout=60)
 
 
 def test_env_hands_out_the_runs_and_the_viewers_credentials(authed, capsys):

@@ -14,13 +14,15 @@ group only while that identity still matches, so a reused PID is never signalled
 
 `up --auth` (or `MERGEFLOW_STACK_AUTH=1`, remembered by the state directory) starts all three with authentication:
 Prefect's API auth string, MLflow's basic-auth app (an admin and a read-only viewer), S3 identities (read-write for
-the runs, read-only for viewers, anonymous refused); secrets are generated once into `STATE/auth.json` (0600) and
-reach the servers through environment variables and 0600 files, never a command line (`auth`).
+the runs, read-only for viewers, anonymous refused) and mutual TLS on SeaweedFS's own ports (`tls`); secrets are
+generated once into `STATE/auth.json` (0600) and reach the servers through environment variables and 0600 files,
+never a command line (`auth`).
 
 The package starts servers as programs: it never imports prefect or mlflow (only `mlflow_plugin/`, a folder put on
 the MLflow server's PYTHONPATH, runs inside that server). Its parts: `config` (state directory, ports,
-credentials), `auth` (secrets, the servers' auth files and environment), `processes` (process identity, the
-record, the lock), `health` (status), `control` (up, down, the command).
+credentials), `auth` (secrets, the servers' auth files and environment), `tls` (SeaweedFS's certificates and
+security.toml), `processes` (process identity, the record, the lock), `health` (status), `control` (up, down, the
+command).
 """
 
 from mergeflow_app.stack.auth import AUTH_ENV, StackSecrets

@@ -11,8 +11,10 @@ files of mode 0600, never through a command line:
   (`STATE/mlflow-auth.db`); the admin is created from `MLFLOW_AUTH_ADMIN_PASSWORD`, a read-only viewer by `up`
   (`MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD` for clients);
 - SeaweedFS: S3 identities in `STATE/auth/s3.json` (the runs' key pair of `credentials.json`: read-write; a
-  viewer's: read and list); anonymous requests are refused, and JWT keys (`WEED_JWT_*`) close the filer's and the
-  volume server's HTTP ports to requests the cluster did not sign.
+  viewer's: read and list); anonymous requests are refused. Its own ports (every gRPC port, the master's, volume
+  server's and filer's HTTP ports) require the stack's client certificate (mutual TLS, `STATE/security.toml`,
+  see `tls`), and JWT keys (`WEED_JWT_*`) also make the filer and the volume server refuse requests the cluster
+  did not sign.
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ def check_installed() -> None:
 
 def write_server_files(config: StackConfig, stack_secrets: StackSecrets, credentials: Credentials) -> None:
     """The S3 identities (runs: read-write; viewer: read and list; no anonymous identity, so anonymous requests
-    are refused) and MLflow's auth ini (no password: the admin's comes through the environment)."""
+    are refused), SeaweedFS's certificates and security.toml (`tls`) and MLflow's auth ini (no password: the
+    admin's comes through the environment)."""
     directory = server_dir(config)
     ensure_dir(directory)
     identities = {"identities": [
@@ -152,6 +155,9 @@ def write_server_files(config: StackConfig, stack_secrets: StackSecrets, credent
          "credentials": [{"accessKey": stack_secrets.s3_viewer_key, "secretKey": stack_secrets.s3_viewer_secret}]},
     ]}
     write_private(directory / "s3.json", json.dumps(identities, indent=2) + "\n")
+    from mergeflow_app.stack import tls  # not at import: `python -m mergeflow_app.stack.tls` runs it as a script
+
+    tls.write_security_file(config)
     write_private(directory / "mlflow-auth.ini", "\n".join([
         "[mlflow]", "default_permission = READ", f"database_uri = sqlite:///{mlflow_auth_db(config)}",
         f"admin_username = {stack_secrets.mlflow_admin_user}", f"authorization_function = {GATE_FUNCTION}",

@@ -95,9 +95,12 @@ def _start(service: str, config: StackConfig, bucket: str, credentials: Credenti
         handle.write(f"\n=== {started.isoformat(timespec='seconds')} mergeflow stack up: "
                      f"{' '.join(command)}\n".encode())
         handle.flush()
+        # cwd: `weed mini` reads ./security.toml; with authentication, SeaweedFS's files and Unix sockets
+        # (/tmp/seaweedfs-*.sock) are its owner's alone (umask 077)
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
                                    env=_environment(service, config, credentials, secrets), cwd=config.state_dir,
-                                   start_new_session=True, close_fds=True)
+                                   start_new_session=True, close_fds=True,
+                                   umask=0o077 if secrets is not None and service == "s3" else -1)
     spawned[process.pid] = process
     stat = proc_stat(process.pid)
     if stat is None:  # exited (and not even a zombie yet) before we could look: still record it to report
@@ -174,6 +177,10 @@ def up(config: StackConfig | None = None, authenticated: bool | None = None) -> 
                 started.append(name)
                 record.save(config)
             _wait_healthy(config, record, credentials, started)
+            if secrets is not None and "s3" in started:
+                from mergeflow_app.stack import tls  # not at import (see auth.write_server_files)
+
+                tls.verify_closed(config)  # fail closed: SeaweedFS serves plaintext when it cannot load a certificate
             if secrets is not None and "mlflow" in started:
                 auth.ensure_mlflow_viewer(service_url(record.services["mlflow"].port), secrets)
         except BaseException as exc:

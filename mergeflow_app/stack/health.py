@@ -104,8 +104,9 @@ class StackStatus:
                 lines.append(f"  {'':15s} log: {s.log}")
         lines.append(f"  bucket: s3://{self.bucket}   MLflow artifacts: s3://{self.bucket}/{ARTIFACT_PREFIX}")
         if self.auth:
-            lines.append(f"  authentication: on (Prefect auth string, MLflow basic auth, S3 identities; secrets in "
-                         f"{auth.auth_path_of(self.state_dir)}; read-only viewer: `mergeflow stack env --viewer`)")
+            lines.append(f"  authentication: on (Prefect auth string, MLflow basic auth, S3 identities, SeaweedFS "
+                         f"mutual TLS; secrets in {auth.auth_path_of(self.state_dir)}; read-only viewer: "
+                         "`mergeflow stack env --viewer`)")
         lines.extend(f"  note: {note}" for note in self.notes)
         if self.running:
             lines.append("environment (eval \"$(mergeflow stack env)\"):")
