@@ -330,8 +330,26 @@ def _run_command(args: argparse.Namespace) -> int:
         return 2
 
 
+def return_freed_tensors() -> None:
+    """glibc: allocations of 4 MiB or more get their own mapping, so a freed tensor goes back to the system at once.
+    By default glibc raises that threshold to the largest block freed (up to 32 MiB) and keeps later tensors in its
+    heap, where freed memory stays: a merge's peak RSS then varied from 0.40 to 0.84 GB between identical runs (ViT
+    SLERP; 0.55-0.57 GB with this; a 0.37 B Llama 1.10-1.12 GB -> 0.72-0.75 GB; same speed). A user's own
+    MALLOC_MMAP_THRESHOLD_ wins."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from mergeflow import stopping
+
+    return_freed_tensors()
 
     args = build_parser().parse_args(argv)
     if args.command not in STOPPABLE:
