@@ -249,68 +249,61 @@ def fault_mlflow_restart(stack: Stack, workdir: Path, down: float) -> dict[str, 
             "happens": happens, "recover_s": max(0.0, moving - back), "lost": lost, "ok": code == 0}
 
 
-def fault_mlflow_outage(stack: Stack, workdir: Path, wait: float) -> dict[str, Any]:
-    """MLflow SIGKILLed and left down longer than the run waits (`MERGEFLOW_MLFLOW_WAIT`); then up, and a rerun."""
-    env = run_env(stack, workdir, MERGEFLOW_MLFLOW_WAIT=str(wait))
-    config = tiny_config(workdir / "mlflow-outage.yaml", "fault-outage", "s3://mergeflow/fault-outage",
+def outage_then_rerun(stack: Stack, workdir: Path, service: str, name: str, wait_env: str,
+                      wait: float) -> dict[str, Any]:
+    """`service` SIGKILLed while a run fine-tunes and left down until the run (waiting `wait_env`=`wait` s) ends;
+    then up, and the same config run again: exit codes, when the first run ended, what the rerun recomputed."""
+    env = run_env(stack, workdir, **{wait_env: str(wait)})
+    config = tiny_config(workdir / f"{name}.yaml", f"fault-{name}", f"s3://mergeflow/fault-{name}",
                          env["MLFLOW_TRACKING_URI"])
-    first, second = workdir / "mlflow-outage-1.log", workdir / "mlflow-outage-2.log"
-    run = start([EXE, "run", str(config)], first, work_env(workdir, workdir / "outage-1.work", env), workdir)
+    first, second = workdir / f"{name}-1.log", workdir / f"{name}-2.log"
+    run = start([EXE, "run", str(config)], first, work_env(workdir, workdir / f"{name}-1.work", env), workdir)
     try:
         wait_line(first, "start finetune-expert-", run, 900)
-        stack.kill("mlflow")
+        stack.kill(service)
         killed = time.monotonic()
-        code = run.wait(timeout=1800)
-        failed_after = time.monotonic() - killed
-    finally:
-        kill_group(run)
-    stack.up()
-    back = time.monotonic()
-    code2 = finish(config, second, work_env(workdir, workdir / "outage-2.work", env), workdir)
-    recomputed = set(work_done(workdir / "outage-1.work")) & set(work_done(workdir / "outage-2.work"))
-    mlflow = mlflow_report(env["MLFLOW_TRACKING_URI"], "fault-outage")
-    closed = [why for status, why in mlflow["parents"].values() if status == "FAILED" and why]
-    happens = (f"run failed after {failed_after:.0f} s (exit {code}): \"{short(last_line(first), 150)}\"; rerun "
-               + ("completed" if code2 == 0 else f"FAILED (exit {code2})") + f", {len(recomputed)} stages recomputed"
-               + (f"; first run's MLflow run closed FAILED ({short(closed[0], 90)})" if closed else ""))
-    lost = losses(mlflow, store_report(env, "mergeflow", "fault-outage/"), 1)
-    if recomputed:
-        lost = f"{lost}; recomputed {sorted(recomputed)}"
-    return {"fault": f"MLflow SIGKILLed, down past the wait ({wait:.0f} s), then up + rerun", "happens": happens,
-            "recover_s": time.monotonic() - back, "lost": lost, "ok": code != 0 and code2 == 0 and not recomputed}
-
-
-def fault_prefect_lost(stack: Stack, workdir: Path, wait: float) -> dict[str, Any]:
-    """The Prefect server SIGKILLed under `mergeflow run` and left down past the run's wait
-    (`MERGEFLOW_PREFECT_WAIT`); then up, and the same config run again."""
-    env = run_env(stack, workdir, MERGEFLOW_PREFECT_WAIT=str(wait))
-    config = tiny_config(workdir / "prefect-lost.yaml", "fault-prefect-lost", "s3://mergeflow/fault-prefect-lost",
-                         env["MLFLOW_TRACKING_URI"])
-    first, second = workdir / "prefect-lost-1.log", workdir / "prefect-lost-2.log"
-    run = start([EXE, "run", str(config)], first, work_env(workdir, workdir / "prefect-lost-1.work", env), workdir)
-    try:
-        wait_line(first, "start finetune-expert-", run, 900)
-        stack.kill("prefect")
-        killed = time.monotonic()
-        code = run.wait(timeout=wait + 600)
+        code = run.wait(timeout=wait + 1800)
         ended_after = time.monotonic() - killed
     finally:
         kill_group(run)
     stack.up()
     back = time.monotonic()
-    code2 = finish(config, second, work_env(workdir, workdir / "prefect-lost-2.work", env), workdir)
-    recomputed = set(work_done(workdir / "prefect-lost-1.work")) & set(work_done(workdir / "prefect-lost-2.work"))
-    said = next((line.strip().split(" (wait longer")[0] for line in first.read_text(errors="replace").splitlines()
-                 if "has not answered for" in line), last_line(first))
-    happens = (f"run stopped {ended_after:.0f} s after the kill (exit {code}): \"{short(said, 150)}\"; rerun "
-               + ("completed" if code2 == 0 else f"FAILED (exit {code2})") + f", {len(recomputed)} stages recomputed")
-    lost = losses(mlflow_report(env["MLFLOW_TRACKING_URI"], "fault-prefect-lost"),
-                  store_report(env, "mergeflow", "fault-prefect-lost/"), 1)
-    if recomputed:
-        lost = f"{lost}; recomputed {sorted(recomputed)}"
-    return {"fault": f"Prefect server SIGKILLed under `mergeflow run`, down past the run's wait ({wait:.0f} s), then "
-                     "up + rerun", "happens": happens, "recover_s": time.monotonic() - back, "lost": lost,
+    code2 = finish(config, second, work_env(workdir, workdir / f"{name}-2.work", env), workdir)
+    recomputed = set(work_done(workdir / f"{name}-1.work")) & set(work_done(workdir / f"{name}-2.work"))
+    mlflow = mlflow_report(env["MLFLOW_TRACKING_URI"], f"fault-{name}")
+    lost = losses(mlflow, store_report(env, "mergeflow", f"fault-{name}/"), 1)
+    return {"code": code, "ended_after": ended_after, "code2": code2, "recomputed": recomputed, "log": first,
+            "mlflow": mlflow, "recover_s": time.monotonic() - back,
+            "lost": f"{lost}; recomputed {sorted(recomputed)}" if recomputed else lost,
             "ok": code != 0 and code2 == 0 and not recomputed}
+
+
+def _rerun_words(result: dict[str, Any]) -> str:
+    return ("completed" if result["code2"] == 0 else f"FAILED (exit {result['code2']})") \
+        + f", {len(result['recomputed'])} stages recomputed"
+
+
+def fault_mlflow_outage(stack: Stack, workdir: Path, wait: float) -> dict[str, Any]:
+    """MLflow SIGKILLed and left down longer than the run waits (`MERGEFLOW_MLFLOW_WAIT`); then up, and a rerun."""
+    result = outage_then_rerun(stack, workdir, "mlflow", "outage", "MERGEFLOW_MLFLOW_WAIT", wait)
+    closed = [why for status, why in result["mlflow"]["parents"].values() if status == "FAILED" and why]
+    happens = (f"run failed after {result['ended_after']:.0f} s (exit {result['code']}): "
+               f"\"{short(last_line(result['log']), 150)}\"; rerun {_rerun_words(result)}"
+               + (f"; first run's MLflow run closed FAILED ({short(closed[0], 90)})" if closed else ""))
+    return {"fault": f"MLflow SIGKILLed, down past the wait ({wait:.0f} s), then up + rerun", "happens": happens,
+            **{key: result[key] for key in ("recover_s", "lost", "ok")}}
+
+
+def fault_prefect_lost(stack: Stack, workdir: Path, wait: float) -> dict[str, Any]:
+    """The Prefect server SIGKILLed under `mergeflow run` and left down past the run's wait
+    (`MERGEFLOW_PREFECT_WAIT`); then up, and the same config run again."""
+    result = outage_then_rerun(stack, workdir, "prefect", "prefect-lost", "MERGEFLOW_PREFECT_WAIT", wait)
+    said = next((line.strip().split(" (wait longer")[0] for line in result["log"].read_text(errors="replace")
+                 .splitlines() if "has not answered for" in line), last_line(result["log"]))
+    happens = (f"run stopped {result['ended_after']:.0f} s after the kill (exit {result['code']}): "
+               f"\"{short(said, 150)}\"; rerun {_rerun_words(result)}")
+    return {"fault": f"Prefect server SIGKILLed under `mergeflow run`, down past the run's wait ({wait:.0f} s), then "
+                     "up + rerun", "happens": happens, **{key: result[key] for key in ("recover_s", "lost", "ok")}}
 
 
 def fault_flow_sigkill(stack: Stack, workdir: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
-from mergeflow import stopping
+from mergeflow import env, stopping
 from mergeflow.errors import MergeflowError
 from mergeflow_app.stack.processes import stop_group
 
@@ -41,11 +41,7 @@ class PrefectServerError(MergeflowError):
 
 
 def startup_timeout() -> float:
-    raw = os.environ.get("MERGEFLOW_PREFECT_STARTUP_TIMEOUT", "")
-    try:
-        return float(raw) if raw else DEFAULT_STARTUP_TIMEOUT
-    except ValueError:
-        raise PrefectServerError(f"MERGEFLOW_PREFECT_STARTUP_TIMEOUT={raw!r}: expected seconds") from None
+    return env.seconds("MERGEFLOW_PREFECT_STARTUP_TIMEOUT", DEFAULT_STARTUP_TIMEOUT)
 
 
 def _healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -92,11 +88,7 @@ def lost_server(what: str, done: threading.Event) -> None:
 
 
 def lost_server_wait() -> float:
-    raw = os.environ.get(LOST_WAIT_ENV, "")
-    try:
-        return float(raw) if raw else DEFAULT_LOST_WAIT
-    except ValueError:
-        raise PrefectServerError(f"{LOST_WAIT_ENV}={raw!r}: expected seconds") from None
+    return env.seconds(LOST_WAIT_ENV, DEFAULT_LOST_WAIT)
 
 
 def watch_external(api_url: str, wait: float, done: threading.Event, poll: float = 2.0) -> None:

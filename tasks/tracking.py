@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mergeflow import env
 from mergeflow.config import TrackingConfig
 from mergeflow.errors import MergeflowError
 from tasks.runners import abandoned, process_identity
@@ -44,11 +45,7 @@ class TrackingUnavailable(MergeflowError):
 
 
 def wait_seconds() -> float:
-    raw = os.environ.get(WAIT_ENV, "")
-    try:
-        return float(raw) if raw else DEFAULT_WAIT_S
-    except ValueError:
-        raise MergeflowError(f"{WAIT_ENV}={raw!r}: expected seconds") from None
+    return env.seconds(WAIT_ENV, DEFAULT_WAIT_S)
 
 
 def unreachable(error: BaseException) -> str | None:
