@@ -158,3 +158,27 @@ def stack_on_free_ports(state_dir: Path, **settings):
 
     return stack.StackConfig(state_dir=state_dir, **dict(zip(stack.PORTS, free_ports(len(stack.PORTS)))),
                              **settings)
+
+
+def listening_sockets(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state that one of `pids` holds open (from /proc, no tools)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pids[0]}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                address, port = fields[1].split(":")
+                raw = bytes.fromhex(address)
+                words = raw[::-1] if len(raw) == 4 else b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                found.add((socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, words),
+                           int(port, 16)))
+    return found

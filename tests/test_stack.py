@@ -22,7 +22,7 @@ import pytest
 
 from mergeflow_app import stack
 from mergeflow_app.stack import StackConfig, StackError, config as stack_config, control, processes
-from s3_server import stack_on_free_ports
+from s3_server import listening_sockets, stack_on_free_ports
 
 
 def _port_open(port: int) -> bool:
@@ -337,7 +337,7 @@ def test_up_starts_three_healthy_servers(running):
     assert now.prefect_ui == f"http://127.0.0.1:{config.prefect_port}"
     assert now.mlflow_ui == f"http://127.0.0.1:{config.mlflow_port}"
     assert now.s3_endpoint == f"http://127.0.0.1:{config.s3_port}"
-    listening = _listening_ports(record["services"]["s3"]["pid"])
+    listening = {port for _, port in listening_sockets([record["services"]["s3"]["pid"]])}
     assert listening == set(control._ports_needed("s3", config)), "SeaweedFS binds exactly the configured ports"
     env = now.env()
     credentials = json.loads(config.credentials_path.read_text())
@@ -432,25 +432,6 @@ def test_two_stacks_side_by_side(running, tmp_path, monkeypatch):
         _stop_leftovers(second_config.state_dir, second.pids)
     assert set(outcome) == {"s3", "mlflow", "prefect"}
     assert stack.status(first_config).healthy, "stopping the second stack touched the first"
-
-
-def _listening_ports(pid: int) -> set[int]:
-    """TCP ports in LISTEN state owned by the process `pid` (from /proc, no extra tools)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def test_up_again_is_idempotent(running, capsys):

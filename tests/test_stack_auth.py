@@ -34,7 +34,7 @@ import yaml
 
 from mergeflow_app import stack
 from mergeflow_app.stack import StackConfig, StackError, auth, control, tls
-from s3_server import stack_on_free_ports
+from s3_server import listening_sockets, stack_on_free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
@@ -167,9 +167,25 @@ def test_server_files_and_command_lines_carry_no_secret(tmp_path, clean_env):
             assert environment["MLFLOW_AUTH_CONFIG_PATH"].endswith("mlflow-auth.ini")
         if service == "s3":
             assert f"-s3.config={auth.server_dir(config) / 's3.json'}" in command
+            assert command[1] == "server" and open_command[1] == "mini", "authenticated: no admin server"
+            assert {f"-{flag}={getattr(config, name)}" for name, flag in stack.WEED_PORT_FLAGS.items()
+                    if "admin" not in name} <= set(command) and not any("admin" in arg for arg in command)
+            assert {"-filer", "-s3", "-volume.max=0", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                    f"-dir={config.state_dir / 'seaweedfs'}", "-ip.bind=127.0.0.1"} <= set(command)
+            assert not any(arg.startswith(("-metricsPort", "-debug")) for arg in command)
+            assert set(control._ports_needed("s3", config, authenticated=True).values()) == set(
+                control._ports_needed("s3", config).values()) - {"seaweed_admin_port", "seaweed_admin_grpc_port"}
             assert "AWS_SECRET_ACCESS_KEY" not in environment and environment["WEED_JWT_FILER_SIGNING_KEY"]
+            assert environment["WEED_MASTER_VOLUME_GROWTH_COPY_1"] == "1", "one volume at a time, as weed mini"
 
-    security = tls.security_path(config).read_text()  # read by `weed mini` from its working directory
+    data = config.state_dir / "seaweedfs"
+    size = control._mini_volume_size_mb(data)  # mini's choice: a hundredth of the disk, a power of 2 in 64-1024 MB
+    assert 64 <= size <= 1024 and size & (size - 1) == 0
+    assert f"-master.volumeSizeLimitMB={size}" in control._command("s3", config, "mergeflow", authenticated=True)
+    (data / "mini.options").write_text("# by weed mini\nmaster.volumeSizeLimitMB=256\n")
+    assert control._mini_volume_size_mb(data) == 256, "a directory mini made keeps its volume size"
+
+    security = tls.security_path(config).read_text()  # read by weed from its working directory
     assert tls.security_path(config).parent == config.state_dir and not _leaks(security, values)
     ca, cert, key = tls.client_files(config.state_dir)
     for component in (*tls.GRPC_SERVERS, "client"):
@@ -217,7 +233,10 @@ def test_compose_auth_override_has_the_same_switches_and_no_secret():
     assert prefect["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_API_AUTH_STRING:?")
     mlflow = override["services"]["mlflow"]
     assert "basic-auth" in mlflow["command"] and mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${")
-    assert any("-s3.config=" in arg for arg in override["services"]["s3"]["command"])
+    s3_command = override["services"]["s3"]["command"]
+    assert any("-s3.config=" in arg for arg in s3_command)
+    assert s3_command[0] == "server" and {"-filer", "-s3", "-volume.max=0"} <= set(s3_command), "no admin server"
+    assert not any("admin" in arg or arg.startswith(("-metricsPort", "-debug")) for arg in s3_command)
     for client in ("worker", "runner"):
         env = override["services"][client]["environment"]
         assert {"PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(env)
@@ -460,7 +479,7 @@ def _weed(args: list[str], cwd: Path, stdin: str = "", timeout: float = 30) -> s
 
 
 def test_seaweedfs_grpc_and_http_ports_refuse_a_client_without_the_certificate(authed):
-    """Every gRPC port (master, volume, filer, S3, admin) and the master's, volume server's and filer's HTTP ports:
+    """Every gRPC port (master, volume, filer, S3) and the master's, volume server's and filer's HTTP ports:
     a plaintext client gets no answer, a TLS client that shows no certificate is refused by the server's alert,
     the stack's certificate gets in. SeaweedFS's Unix sockets (/tmp/seaweedfs-*.sock) are its owner's alone."""
     config, _ = authed
@@ -474,7 +493,7 @@ def test_seaweedfs_grpc_and_http_ports_refuse_a_client_without_the_certificate(a
     sockets = {f"/tmp/seaweedfs-{name}-{getattr(config, field)}.sock": field for name, field in (
         ("master-grpc", "seaweed_master_grpc_port"), ("volume-grpc", "seaweed_volume_grpc_port"),
         ("filer-grpc", "seaweed_filer_grpc_port"), ("s3-grpc", "s3_grpc_port"),
-        ("admin-grpc", "seaweed_admin_grpc_port"), ("filer", "seaweed_filer_port"), ("s3", "s3_port"))}
+        ("filer", "seaweed_filer_port"), ("s3", "s3_port"))}
     modes = {path: stat.S_IMODE(os.stat(path).st_mode) for path in sockets if os.path.exists(path)}
     assert len(modes) >= 5 and all(mode & 0o077 == 0 for mode in modes.values()), {p: oct(m) for p, m in modes.items()}
 
@@ -495,6 +514,54 @@ def test_seaweedfs_master_http_api_refuses_anonymous_requests(authed):
             _https(config, certificate=False).open(f"https://{url}", timeout=10).read()
     with _https(config, certificate=True).open(f"https://127.0.0.1:{master}/cluster/status", timeout=10) as response:
         assert json.loads(response.read())["IsLeader"] is True
+
+
+SEAWEED_PORTS = ("s3_port", "s3_grpc_port", "seaweed_master_port", "seaweed_master_grpc_port", "seaweed_volume_port",
+                 "seaweed_volume_grpc_port", "seaweed_filer_port", "seaweed_filer_grpc_port")  # no admin server's
+
+
+def _anonymous_get(url: str) -> tuple[int, bytes]:
+    """A GET without credentials or certificate: (status, body); (0, b"") when no HTTP answer came."""
+    context = ssl._create_unverified_context()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(url, timeout=10) as response:
+            return response.status, response.read(100_000)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(100_000)
+    except OSError:
+        return 0, b""
+
+
+def test_seaweedfs_runs_no_admin_server_and_listens_only_on_its_ports(authed):
+    """The authenticated stack's SeaweedFS (`weed server`, not `weed mini`) listens on 127.0.0.1 on exactly the
+    stack's eight SeaweedFS ports: no admin server (its configured ports stay closed), no metrics, WebDAV,
+    Iceberg or debug port."""
+    config, result = authed
+    listening = listening_sockets(_group_members(result.pids["s3"]))
+    expected = {("127.0.0.1", getattr(config, name)) for name in SEAWEED_PORTS}
+    assert listening == expected, f"unexpected: {sorted(listening - expected)}, missing: {sorted(expected - listening)}"
+    for name in ("seaweed_admin_port", "seaweed_admin_grpc_port"):
+        assert not control.port_open(getattr(config, name)), f"{name} ({getattr(config, name)}) is listening"
+
+
+def test_no_seaweedfs_port_serves_metrics_or_status_anonymously(authed):
+    """`/metrics` (Prometheus counters, bucket names among their labels) is served to no anonymous client, over
+    HTTP or HTTPS, on any port SeaweedFS listens on or was configured with. The S3 gateway's `/healthz`, `/readyz`
+    and `/status` stay open as liveness probes (an empty 200: no bucket, no count, no version in the body)."""
+    config, result = authed
+    ports = {port for _, port in listening_sockets(_group_members(result.pids["s3"]))} | {
+        config.seaweed_admin_port, config.seaweed_admin_grpc_port}
+    served = {}
+    for port in sorted(ports):
+        for scheme in ("http", "https"):
+            code, body = _anonymous_get(f"{scheme}://127.0.0.1:{port}/metrics")
+            if code == 200 or b"# TYPE" in body or config.bucket.encode() in body:
+                served[f"{scheme}://127.0.0.1:{port}/metrics"] = (code, body[:200])
+    assert not served, served
+    for path in ("/healthz", "/readyz", "/status"):  # one handler in SeaweedFS: an empty 200, liveness only
+        code, body = _anonymous_get(f"http://127.0.0.1:{config.s3_port}{path}")
+        assert (code, body) == (200, b""), (path, code, body[:300])
 
 
 def test_weed_clients_need_the_stacks_security_toml(authed, tmp_path):

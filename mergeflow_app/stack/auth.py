@@ -14,7 +14,8 @@ files of mode 0600, never through a command line:
   viewer's: read and list); anonymous requests are refused. Its own ports (every gRPC port, the master's, volume
   server's and filer's HTTP ports) require the stack's client certificate (mutual TLS, `STATE/security.toml`,
   see `tls`), and JWT keys (`WEED_JWT_*`) also make the filer and the volume server refuse requests the cluster
-  did not sign.
+  did not sign. It runs as `weed server` (see `control`), not `weed mini`: no admin server, whose `/metrics` mini
+  serves to anyone.
 """
 
 from __future__ import annotations
@@ -169,8 +170,9 @@ def write_server_files(config: StackConfig, stack_secrets: StackSecrets, credent
 
 def server_environment(service: str, config: StackConfig, stack_secrets: StackSecrets) -> dict[str, str]:
     """What a server's environment gains with authentication on."""
-    if service == "s3":
-        return {"WEED_JWT_SIGNING_KEY": stack_secrets.jwt_volume_write,
+    if service == "s3":  # and, as `weed mini` sets for itself, one volume grown at a time (not 7) per bucket
+        growth = {f"WEED_MASTER_VOLUME_GROWTH_COPY_{n}": "1" for n in ("1", "2", "3", "OTHER")}
+        return {**growth, "WEED_JWT_SIGNING_KEY": stack_secrets.jwt_volume_write,
                 "WEED_JWT_SIGNING_READ_KEY": stack_secrets.jwt_volume_read,
                 "WEED_JWT_FILER_SIGNING_KEY": stack_secrets.jwt_filer_write,
                 "WEED_JWT_FILER_SIGNING_READ_KEY": stack_secrets.jwt_filer_read}

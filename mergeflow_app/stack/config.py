@@ -47,6 +47,8 @@ WEED_PORT_FLAGS = {"s3_port": "s3.port", "s3_grpc_port": "s3.port.grpc", "seawee
                    "seaweed_volume_grpc_port": "volume.port.grpc", "seaweed_filer_port": "filer.port",
                    "seaweed_filer_grpc_port": "filer.port.grpc", "seaweed_admin_port": "admin.port",
                    "seaweed_admin_grpc_port": "admin.port.grpc"}
+# the ports of an authenticated stack's SeaweedFS (`weed server`, same flag names): every one but the admin server's
+SERVER_PORT_FIELDS = tuple(name for name in WEED_PORT_FLAGS if not name.startswith("seaweed_admin"))
 
 
 def port_setting(field: str) -> str:

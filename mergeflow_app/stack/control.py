@@ -4,6 +4,7 @@ processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -13,8 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mergeflow_app.stack import auth
-from mergeflow_app.stack.config import (ARTIFACT_PREFIX, HOST, PORTS, REGION, SERVICES, WEED_PORT_FLAGS, Credentials,
-                                        StackConfig, StackError, ensure_dir, port_setting, resolve_credentials)
+from mergeflow_app.stack.config import (ARTIFACT_PREFIX, HOST, PORTS, REGION, SERVER_PORT_FIELDS, SERVICES,
+                                        WEED_PORT_FLAGS, Credentials, StackConfig, StackError, ensure_dir, port_setting,
+                                        resolve_credentials)
 from mergeflow_app.stack.health import (StackStatus, healthy, low_disk, port_open, s3_client, service_url, status,
                                         status_unlocked)
 from mergeflow_app.stack.processes import ProcessRecord, StackRecord, boot_id, locked, proc_stat, spawned, stop_record
@@ -35,7 +37,34 @@ def find_executable(name: str) -> str:
 
 def _command(service: str, config: StackConfig, bucket: str, authenticated: bool = False) -> list[str]:
     """A server's command line: ports, paths and switches only (with authentication too: never a secret)."""
-    return _base_command(service, config, bucket) + (auth.command_flags(service, config) if authenticated else [])
+    if not authenticated:
+        return _base_command(service, config, bucket)
+    base = _weed_server_command(config) if service == "s3" else _base_command(service, config, bucket)
+    return base + auth.command_flags(service, config)
+
+
+def _weed_server_command(config: StackConfig) -> list[str]:
+    """An authenticated stack's SeaweedFS: `weed server` (master, volume server, filer and S3 gateway in one
+    process) with mini's volume settings, but no admin server, whose `/metrics` and `/health` `weed mini` serves
+    to anyone and cannot turn off; no WebDAV, Iceberg, Lance, metrics or debug port either."""
+    data = config.state_dir / "seaweedfs"
+    ports = [f"-{WEED_PORT_FLAGS[name]}={getattr(config, name)}" for name in SERVER_PORT_FIELDS]
+    return [find_executable("weed"), "server", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}", "-filer", "-s3",
+            *ports, "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-master.telemetry=false",
+            "-master.resumeState=false", "-volume.max=0", "-volume.minFreeSpace=1", "-volume.preStopSeconds=1",
+            f"-master.volumeSizeLimitMB={_mini_volume_size_mb(data)}"]
+
+
+def _mini_volume_size_mb(data: Path) -> int:
+    """The volume size `weed mini` picks (and keeps in `mini.options`): a hundredth of the disk, rounded up to a
+    power of two, within 64-1024 MB."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in (data / "mini.options").read_text().splitlines():
+            if line.startswith("master.volumeSizeLimitMB="):
+                return int(line.split("=", 1)[1])
+    ensure_dir(data)
+    size = shutil.disk_usage(data).total // 2**20 // 100
+    return min(max(1 << max(size - 1, 0).bit_length(), 64), 1024)
 
 
 def _base_command(service: str, config: StackConfig, bucket: str) -> list[str]:
@@ -79,9 +108,9 @@ def _environment(service: str, config: StackConfig, credentials: Credentials,
     return env
 
 
-def _ports_needed(service: str, config: StackConfig) -> dict[int, str]:
-    """{port: config field} of the ports a service binds."""
-    fields = list(WEED_PORT_FLAGS) if service == "s3" else [f"{service}_port"]
+def _ports_needed(service: str, config: StackConfig, authenticated: bool = False) -> dict[int, str]:
+    """{port: config field} of the ports a service binds (authenticated: SeaweedFS binds no admin port)."""
+    fields = list(SERVER_PORT_FIELDS if authenticated else WEED_PORT_FLAGS) if service == "s3" else [f"{service}_port"]
     return {getattr(config, name): name for name in fields}
 
 
@@ -95,7 +124,7 @@ def _start(service: str, config: StackConfig, bucket: str, credentials: Credenti
         handle.write(f"\n=== {started.isoformat(timespec='seconds')} mergeflow stack up: "
                      f"{' '.join(command)}\n".encode())
         handle.flush()
-        # cwd: `weed mini` reads ./security.toml; with authentication, SeaweedFS's files and Unix sockets
+        # cwd: weed reads ./security.toml; with authentication, SeaweedFS's files and Unix sockets
         # (/tmp/seaweedfs-*.sock) are its owner's alone (umask 077)
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
                                    env=_environment(service, config, credentials, secrets), cwd=config.state_dir,
@@ -155,7 +184,8 @@ def up(config: StackConfig | None = None, authenticated: bool | None = None) -> 
                              "down` first or use the same credentials")
         secrets = _auth_secrets(config, record, authenticated)
         to_start = [name for name in SERVICES if name not in record.services]
-        busy = {port: field for name in to_start for port, field in _ports_needed(name, config).items()
+        with_auth = secrets is not None
+        busy = {port: field for name in to_start for port, field in _ports_needed(name, config, with_auth).items()
                 if port_open(port)}
         if busy:
             listing = ", ".join(f"{port} ({PORTS[field][0]}; move it with {port_setting(field)}=<port>)"

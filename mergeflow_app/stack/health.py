@@ -106,7 +106,8 @@ class StackStatus:
         if self.auth:
             lines.append(f"  authentication: on (Prefect auth string, MLflow basic auth, S3 identities, SeaweedFS "
                          f"mutual TLS; secrets in {auth.auth_path_of(self.state_dir)}; read-only viewer: "
-                         "`mergeflow stack env --viewer`)")
+                         "`mergeflow stack env --viewer`); SeaweedFS runs as `weed server`, with no admin server "
+                         "(the SeaweedFS admin ports stay unused)")
         lines.extend(f"  note: {note}" for note in self.notes)
         if self.running:
             lines.append("environment (eval \"$(mergeflow stack env)\"):")

@@ -2,11 +2,12 @@
 
 `up --auth` generates, once, a private CA and one certificate (127.0.0.1, localhost; serverAuth and clientAuth)
 that every SeaweedFS component presents, as a server and as a client; the CA's key is thrown away at once, so no
-other certificate can ever be made that the cluster accepts. `STATE/security.toml` (read by `weed mini` from its
-working directory, the state directory) requires that certificate on every gRPC port (master, volume, filer, S3,
-admin and its worker) and on the master's, volume server's and filer's HTTP ports (HTTPS with client
-certificates), and makes SeaweedFS's own clients present it. Only the S3 gateway's port stays plain HTTP: it checks
-every request's signature. The file holds paths only: the JWT keys still come from the environment (`auth`).
+other certificate can ever be made that the cluster accepts. `STATE/security.toml` (read by `weed server` from its
+working directory, the state directory) requires that certificate on every gRPC port (master, volume, filer, S3;
+an authenticated stack runs no admin server) and on the master's, volume server's and filer's HTTP ports (HTTPS
+with client certificates), and makes SeaweedFS's own clients present it. Only the S3 gateway's port stays plain
+HTTP: it checks every request's signature. The file holds paths only: the JWT keys still come from the
+environment (`auth`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from mergeflow_app.stack.config import HOST, StackConfig, StackError, write_priv
 
 SECURITY_FILE = "security.toml"
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "seaweedfs.crt", "seaweedfs.key"
-GRPC_SERVERS = ("master", "volume", "filer", "s3", "admin", "worker")  # [grpc.<x>]: mTLS on its port, and its dials
+GRPC_SERVERS = ("master", "volume", "filer", "s3")  # [grpc.<x>]: mTLS on its port, and its dials
 HTTPS_SERVERS = ("master", "volume", "filer")  # [https.<x>]: HTTPS requiring a client certificate
-GRPC_PORTS = ("seaweed_master_grpc_port", "seaweed_volume_grpc_port", "seaweed_filer_grpc_port", "s3_grpc_port",
-              "seaweed_admin_grpc_port")
+GRPC_PORTS = ("seaweed_master_grpc_port", "seaweed_volume_grpc_port", "seaweed_filer_grpc_port", "s3_grpc_port")
 HTTPS_PORTS = ("seaweed_master_port", "seaweed_volume_port", "seaweed_filer_port")
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 
