@@ -182,3 +182,14 @@ def listening_sockets(pids: list[int]) -> set[tuple[str, int]]:
                 found.add((socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, words),
                            int(port, 16)))
     return found
+
+
+def listener_on(port: int) -> bool:
+    """Whether any socket on this machine listens on TCP `port` (from /proc/net: unlike a connect probe, never
+    fooled by a loopback connection to a free ephemeral port that the kernel connects to itself)."""
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False

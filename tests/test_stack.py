@@ -22,7 +22,7 @@ import pytest
 
 from mergeflow_app import stack
 from mergeflow_app.stack import StackConfig, StackError, config as stack_config, control, processes
-from s3_server import listening_sockets, stack_on_free_ports
+from s3_server import listener_on, listening_sockets, stack_on_free_ports
 
 
 def _port_open(port: int) -> bool:
@@ -456,7 +456,7 @@ def test_down_stops_exactly_the_recorded_processes(running, sleeper):
     for pid, members in groups.items():
         assert not any(_alive(member) for member in members), f"process group {pid} still has live members"
     for port in (*control._ports_needed("s3", config), config.mlflow_port, config.prefect_port):
-        assert not _port_open(port), f"port {port} still open after down"
+        assert not listener_on(port), f"port {port} still open after down"
     assert sleeper.poll() is None, "down killed an unrelated process"
     assert not config.record_path.exists()
     after = stack.status(config)
