@@ -35,7 +35,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_models import FULL_TASKS, LORA_TASKS, SIZES, TASKS, directory_bytes, ensure_inputs, parameters  # noqa: E402
-from stack_faults import EXE, ROOT, Stack, kill_group, run_env, store_report  # noqa: E402
+from stack_harness import EXE, ROOT, Stack, kill_group, run_env, store_report  # noqa: E402
 
 BUCKET = "mergeflow"
 GB = 1e9

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack_faults import (EXE, Stack, kill_group, losses, mlflow_report, run_env, start, store_report,  # noqa: E402
+from stack_harness import (EXE, Stack, kill_group, losses, mlflow_report, run_env, start, store_report,  # noqa: E402
                           tiny_config, wait_line)
 
 

@@ -19,7 +19,7 @@ def _host() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def _started(pid: int) -> int | None:
+def start_ticks(pid: int) -> int | None:
     """When a live process started (clock ticks since boot, Linux), 0 where /proc is absent, None when it is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
@@ -41,7 +41,7 @@ def _started(pid: int) -> int | None:
 
 def owner() -> str:
     """This process, as written in the folders it owns."""
-    return f"{_host()}x{os.getpid()}x{_started(os.getpid()) or 0}"
+    return f"{_host()}x{os.getpid()}x{start_ticks(os.getpid()) or 0}"
 
 
 def is_orphaned(name: str, prefix: str) -> bool:
@@ -49,7 +49,7 @@ def is_orphaned(name: str, prefix: str) -> bool:
     match = _OWNER.match(name[len(prefix):]) if name.startswith(prefix) else None
     if match is None or match[1] != _host():
         return False
-    started = _started(int(match[2]))
+    started = start_ticks(int(match[2]))
     return started is None or (started != int(match[3]) and started != 0)
 
 

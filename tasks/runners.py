@@ -18,6 +18,7 @@ from typing import Any
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from mergeflow import stopping
+from mergeflow.staging import start_ticks
 from mergeflow.config import RunConfig
 
 WORKER_GRACE_S = 3.0  # after a stop: how long pool workers may take to end their step before they are killed
@@ -163,20 +164,10 @@ def _boot_id() -> str:
         return ""
 
 
-def _start_ticks(pid: int) -> int | None:
-    """A live process's start time (clock ticks since boot), None when it is gone or a zombie."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
 def process_identity(pid: int) -> str | None:
     """host|boot id|pid|start ticks of a live process (Linux), None elsewhere: a reused PID never matches it."""
-    ticks, boot = _start_ticks(pid), _boot_id()
-    return f"{socket.gethostname()}|{boot}|{pid}|{ticks}" if ticks is not None and boot else None
+    ticks, boot = start_ticks(pid), _boot_id()
+    return f"{socket.gethostname()}|{boot}|{pid}|{ticks}" if ticks and boot else None
 
 
 def abandoned(tags: Mapping[str, str]) -> str | None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from stack_faults import WORK, mlflow_report, sigkill_and_rerun, tiny_config  # noqa: E402
+from stack_faults import sigkill_and_rerun  # noqa: E402
+from stack_harness import WORK, mlflow_report, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
 long_test = pytest.mark.skipif(os.environ.get("MERGEFLOW_LONG_TESTS") != "1",
@@ -195,7 +196,7 @@ def test_flow_sigkilled_mid_merge_leaves_nothing_visible_and_the_rerun_resumes(t
 def test_prefect_server_restarted_under_serve_loses_no_run(tmp_path, down):
     """Beyond ~60 s down, Prefect's default client retries give up and the in-flight run fails (before
     tasks.runners.patient_prefect_client)."""
-    from stack_faults import Stack
+    from stack_harness import Stack
     from stack_load import fault_prefect_restart
 
     stack = Stack(tmp_path / "stack")

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_runs_triggered_at_once_each_finish_once_within_the_limit(tmp_path):
-    from stack_faults import Stack
+    from stack_harness import Stack
     from stack_load import run_load
 
     stack = Stack(tmp_path / "stack")
