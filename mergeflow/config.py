@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mergeflow.errors import ConfigError
 from mergeflow.finetune_config import LORA_FAMILIES, FinetuneConfig, LoraConfig  # noqa: F401 - re-exported
@@ -17,6 +17,7 @@ from mergeflow.methods import METHODS, build_method
 
 AUTO = "auto"  # not a method: a search across them (`mergeflow.search`)
 MethodName = Literal[tuple(sorted(METHODS)) + (AUTO,)]  # a dropdown in the Prefect UI
+CAUSAL_LM_MAX_LENGTH = 512  # evaluation tokens of a causal_lm config that does not set them (others: 64)
 
 
 class StrictModel(BaseModel):
@@ -129,7 +130,8 @@ class DataConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     batch_size: int = Field(64, ge=1, description="texts per forward pass")
-    max_length: int = Field(64, ge=8, description="tokens per text")
+    max_length: int = Field(64, ge=8, description="tokens per text; unset: 64, or 512 for causal_lm (perplexity "
+                            "windows and multiple-choice requests; cut to the model's context window)")
 
 
 class StatisticsConfig(StrictModel):
@@ -279,7 +281,8 @@ class RunConfig(StrictModel):
     tasks: list[TaskConfig] = Field(min_length=1, description="one expert per task")
     data: DataConfig = Field(default_factory=DataConfig, description="sampling of the built-in tasks' slices")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="training of missing experts")
-    evaluation: EvalConfig = Field(default_factory=EvalConfig, description="scoring on held-out data")
+    evaluation: EvalConfig = Field(default_factory=EvalConfig, validate_default=True, description="scoring on "
+                                   "held-out data")
     merges: list[MergeSpec] = Field(min_length=1, description="merge methods to run on the experts")
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig,
                                          description="statistics stage of the data-aware methods (regmean, fisher, mats)")
@@ -307,6 +310,14 @@ class RunConfig(StrictModel):
         from mergeflow.mergekit_config import expand_run_merges
 
         return expand_run_merges(data)
+
+    @field_validator("evaluation")
+    @classmethod
+    def _family_max_length(cls, evaluation: EvalConfig, info: ValidationInfo) -> EvalConfig:
+        """An unset `max_length` of a causal_lm run is filled in here, so dumps and fingerprints carry it."""
+        model = info.data.get("model")
+        unset = model is not None and model.family == "causal_lm" and "max_length" not in evaluation.model_fields_set
+        return evaluation.model_copy(update={"max_length": CAUSAL_LM_MAX_LENGTH}) if unset else evaluation
 
     @model_validator(mode="after")
     def _distinct(self) -> RunConfig:
@@ -347,18 +358,25 @@ class MergeDataConfig(StrictModel):
     Statistics (RegMean, Fisher, MaTS) read labeled examples of `statistics.split`; the objective of AdaMerging and
     DOGE AM reads only the inputs of `unlabeled_split`."""
 
-    family: FamilyName = Field("hf_text", description="model family (hf_text, open_clip, hf_clip, seq2seq)")
+    family: FamilyName = Field("hf_text", description="model family (hf_text, open_clip, hf_clip, seq2seq, causal_lm)")
     model: str = Field(description="model directory (path or URI) in the family's layout; its weights are not "
                        "read (the --base and --expert checkpoints are)")
     tasks: list[MergeTaskData] = Field(min_length=1, description="one entry per --expert, in the same order")
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
     unlabeled_split: Literal["test", "validation"] = Field(
         "test", description="split whose inputs the entropy objective reads ('test': transductive)")
-    max_length: int = Field(64, ge=8, description="tokens per text (text families)")
+    max_length: int = Field(64, ge=8, description="tokens per text; unset: 64, or 512 for causal_lm")
     batch_size: int = Field(16, ge=1, description="examples per task per objective step, and per forward pass when "
                             "scoring a --tune grid")
     tuning: TuningConfig = Field(default_factory=TuningConfig, description="--tune and --method auto: the rule and "
                                  "the validation examples per task (as a run config's `tuning`)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_max_length(cls, data: Any) -> Any:
+        """An unset `max_length` of a causal_lm data config is 512, as in a run config's `evaluation`."""
+        unset = isinstance(data, Mapping) and data.get("family") == "causal_lm" and "max_length" not in data
+        return {**data, "max_length": CAUSAL_LM_MAX_LENGTH} if unset else data
 
 
 def load_yaml_model(path: str | Path, model: type[BaseModel]) -> Any:

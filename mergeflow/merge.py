@@ -30,7 +30,7 @@ from mergeflow.methods import MergeMethod, build_method
 from mergeflow.model_card import CARD, write_card
 from mergeflow.methods.base import BLOCK_OFFSET, OUT_DTYPE, SUBSPACE, TENSOR_SUMS, recorded, sum_parts, with_subspaces
 from mergeflow.selection import is_float
-from mergeflow.statistics import open_statistics, validate_statistics
+from mergeflow.statistics import Statistics, open_statistics, statistics_source, validate_statistics
 from mergeflow.subspace import SubspaceReader, expert_identities
 from mergeflow.storage import exists, publish_directory, sha256_file, staging_dir
 from mergeflow.content_cache import ContentCache
@@ -193,7 +193,7 @@ def patch_dict(out: dict[str, torch.Tensor]) -> Patch:
 def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
                       params: Mapping[str, Any] | None = None, *, device: str | torch.device = "cpu",
                       state: dict[str, Any] | None = None,
-                      statistics: Sequence[Mapping[str, torch.Tensor]] | None = None,
+                      statistics: Sequence[Mapping[str, torch.Tensor] | Statistics] | None = None,
                       objective: Objective | None = None) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with the same engine and checks as `merge_checkpoints`."""
     merge_method = build_method(method, params)
@@ -201,7 +201,7 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor], experts: Se
     base_source = StateDictSource(base, "base")
     sources = [StateDictSource(sd, f"expert {i}") for i, sd in enumerate(experts)]
     stats = None if statistics is None else [
-        StateDictSource(sd, f"statistics of expert {i}") for i, sd in enumerate(statistics)]
+        statistics_source(sd, f"statistics of expert {i}") for i, sd in enumerate(statistics)]
     validate_compatible(base_source, sources)
     if stats is not None:
         validate_statistics(base_source, stats, len(sources))

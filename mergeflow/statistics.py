@@ -4,6 +4,9 @@ For one model and its task's batches, forward and backward hooks on every select
   `<weight>::gram_in`   A = E[a a^T] over the layer's input rows a (tokens), [in, in];
   `<weight>::gram_out`  G = E[g g^T] over the gradients g of the log-likelihood w.r.t. the layer's output rows,
                         [out, out] (the K-FAC factors of MaTS);
+and so do the modules of the `in_out` types a family names: linear layers whose weight is stored [in, out]
+(y = x W + b, GPT-2's `Conv1D`), listed in the file's `in_out` metadata (`in_out_weights`) so that a method applies
+their Grams from the other side (a Gram's shape alone cannot tell a square weight's layout);
 and the gradients give `<param>::fisher`, the diagonal Fisher E[(d log p(y|x) / d theta)^2] of every trainable
 parameter, accumulated per example (batch size 1 semantics, as MaTS and Fisher merging define it).
 Grams are normalised by the number of rows that reached the layer; where a batch has an attention mask and a
@@ -19,6 +22,7 @@ checkpoint (`open_statistics`).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +35,7 @@ from torch import Tensor, nn
 from mergeflow.progress import progress_bar
 
 from mergeflow.checkpoints.safetensors_format import save_safetensors
-from mergeflow.checkpoints import Checkpoint, TensorInfo, TensorSource, open_checkpoint
+from mergeflow.checkpoints import Checkpoint, StateDictSource, TensorInfo, TensorSource, open_checkpoint
 from mergeflow import per_example
 from mergeflow.errors import CheckpointError, ConfigError
 from mergeflow.selection import ParameterSelection
@@ -44,6 +48,7 @@ FISHER = "fisher"
 KINDS = (GRAM_IN, GRAM_OUT, FISHER)
 SEPARATOR = "::"
 FORMAT = "mergeflow-statistics"
+IN_OUT = "in_out"  # metadata: JSON list of the weights with Grams stored [in, out] (absent: none)
 
 Batch = Mapping[str, Tensor]
 FisherLabels = Literal["empirical", "sampled"]
@@ -87,7 +92,7 @@ class _GramHooks:
     """Forward hooks summing a^T a per selected linear layer, and (when the output needs a gradient) a tensor hook
     on its output summing g^T g at backward time."""
 
-    def __init__(self, layers: Mapping[str, nn.Linear], want_out: bool):
+    def __init__(self, layers: Mapping[str, nn.Module], want_out: bool):
         self.sums: dict[str, dict[str, Tensor]] = {GRAM_IN: {}, GRAM_OUT: {}}
         self.counts: dict[str, dict[str, int]] = {GRAM_IN: {}, GRAM_OUT: {}}
         self.mask: Tensor | None = None
@@ -141,11 +146,13 @@ def _examples(batches: Iterable[Batch], limit: int, per_example: bool) -> Iterat
         seen += take
 
 
-def linear_layers(model: nn.Module, selection: ParameterSelection | None = None) -> dict[str, nn.Linear]:
-    """Weight name -> module for every `nn.Linear` of `model` (those whose weight `selection` selects, if given)."""
+def linear_layers(model: nn.Module, selection: ParameterSelection | None = None,
+                  in_out: tuple[type[nn.Module], ...] = ()) -> dict[str, nn.Module]:
+    """Weight name -> module for every `nn.Linear` of `model` and every module of an `in_out` type (those whose
+    weight `selection` selects, if given)."""
     layers = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, *in_out)):
             continue
         weight = f"{name}.weight" if name else "weight"
         if selection is None or selection.selects(TensorInfo(weight, tuple(module.weight.shape),
@@ -158,7 +165,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[Batch], logits_fn: Ca
                        kinds: Sequence[str] = KINDS, fisher: FisherLabels = "empirical",
                        max_examples: int = 1000, seed: int = 0, selection: ParameterSelection | None = None,
                        labels_key: str = "labels", mask_key: str = "attention_mask",
-                       progress: bool = False) -> Statistics:
+                       in_out: tuple[type[nn.Module], ...] = (), progress: bool = False) -> Statistics:
     """Statistics of `model` on up to `max_examples` examples of `batches` (the model runs in eval mode).
 
     `logits_fn(batch)` runs the model (and whatever head sits on it) and returns [B, C] logits; the loss is the
@@ -169,6 +176,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[Batch], logits_fn: Ca
     (`mergeflow.per_example`). The first batch is also run one example at a time and the two Fishers compared;
     a model the hooks cannot split (or a mismatch) runs one example at a time throughout.
     Parameters that never receive a gradient get a zero Fisher; layers no gradient reaches get no `gram_out`.
+    Modules of the `in_out` types get Grams too, as linear layers with weights stored [in, out] (`IN_OUT`).
     """
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds:
@@ -176,7 +184,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[Batch], logits_fn: Ca
     if max_examples < 1:
         raise ValueError(f"max_examples must be at least 1, got {max_examples}")
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    run = _Run(model, params, logits_fn, kinds, fisher, seed, labels_key, mask_key, selection)
+    run = _Run(model, params, logits_fn, kinds, fisher, seed, labels_key, mask_key, selection, in_out)
     was_training = model.training
     model.eval()
     try:
@@ -196,6 +204,9 @@ def collect_statistics(model: nn.Module, batches: Iterable[Batch], logits_fn: Ca
     metadata = {"format": FORMAT, "kinds": ",".join(k for k in KINDS if k in kinds), "fisher": fisher,
                 "examples": str(run.examples), "max_examples": str(max_examples), "seed": str(seed),
                 "model_digest": model_digest(model)}
+    transposed = sorted({split_statistic_key(key)[0] for key in tensors} & run.in_out)
+    if transposed:  # only then: the files of models without such layers are those of before
+        metadata[IN_OUT] = json.dumps(transposed)
     return Statistics({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, metadata)
 
 
@@ -211,15 +222,16 @@ class _Run:
 
     def __init__(self, model: nn.Module, params: dict[str, Tensor], logits_fn: Callable[[Batch], Tensor],
                  kinds: Sequence[str], fisher: FisherLabels, seed: int, labels_key: str, mask_key: str,
-                 selection: ParameterSelection | None):
+                 selection: ParameterSelection | None, in_out: tuple[type[nn.Module], ...] = ()):
         self.model, self.params, self.logits_fn = model, params, logits_fn
         self.fisher, self.labels_key, self.mask_key = fisher, labels_key, mask_key
         self.backward = GRAM_OUT in kinds or FISHER in kinds
         self.squares = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()} \
             if FISHER in kinds else {}
         self.generator = torch.Generator().manual_seed(seed)
-        self.grams = _GramHooks(linear_layers(model, selection) if GRAM_IN in kinds or GRAM_OUT in kinds else {},
-                                want_out=GRAM_OUT in kinds)
+        layers = linear_layers(model, selection, in_out) if GRAM_IN in kinds or GRAM_OUT in kinds else {}
+        self.in_out = {name for name, module in layers.items() if not isinstance(module, nn.Linear)}
+        self.grams = _GramHooks(layers, want_out=GRAM_OUT in kinds)
         self.hooked: per_example.SquaredGradients | None = None  # the Fisher from hooks, once the first batch agrees
         self.examples = 0
 
@@ -312,10 +324,38 @@ def open_statistics(uri: str, *, storage_options: Mapping[str, Any] | None = Non
     return stats
 
 
+def statistics_source(statistics: Mapping[str, Tensor] | Statistics, label: str) -> StateDictSource:
+    """In-memory statistics as a source: tensors, or a `Statistics` with its metadata (`IN_OUT`)."""
+    if isinstance(statistics, Statistics):
+        return StateDictSource(statistics.tensors, label, statistics.metadata)
+    return StateDictSource(statistics, label)
+
+
+def in_out_weights(statistics: Sequence[TensorSource]) -> frozenset[str]:
+    """The weights the statistics list as stored [in, out] (`IN_OUT` metadata), the same for every expert."""
+    listed = [_listed_in_out(source) for source in statistics]
+    for source, names in zip(statistics[1:], listed[1:]):
+        if names != listed[0]:
+            raise ConfigError(f"statistics {source.label} and {statistics[0].label} disagree on the weights stored "
+                              f"[in, out] ('{IN_OUT}' metadata), e.g. {sorted(names ^ listed[0])[0]!r}")
+    return listed[0] if listed else frozenset()
+
+
+def _listed_in_out(source: TensorSource) -> frozenset[str]:
+    try:
+        names = json.loads((getattr(source, "metadata", None) or {}).get(IN_OUT, "[]"))
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise CheckpointError(source.label, f"'{IN_OUT}' metadata: expected a JSON list of weight names")
+    return frozenset(names)
+
+
 def validate_statistics(base: TensorSource, statistics: Sequence[TensorSource], experts: int) -> None:
     """One statistics source per expert, each statistic naming a parameter of `base` with the shape its kind
     implies: a Fisher the parameter's shape, a `gram_in` [in, in] and a `gram_out` [out, out] for an [out, in]
-    weight. Which statistics a method needs is the method's check."""
+    weight (or an [in, out] one the source lists in `IN_OUT`). Which statistics a method needs is the method's
+    check."""
     if len(statistics) != experts:
         raise ConfigError(f"{len(statistics)} statistics files for {experts} experts: give exactly one per expert, "
                           "in the experts' order")
@@ -325,6 +365,7 @@ def validate_statistics(base: TensorSource, statistics: Sequence[TensorSource], 
 
 
 def _validate_source(base: TensorSource, base_keys: set[str], stats: TensorSource) -> None:
+    in_out = in_out_weights([stats])
     for key in stats.keys():
         try:
             param, kind = split_statistic_key(key)
@@ -340,7 +381,8 @@ def _validate_source(base: TensorSource, base_keys: set[str], stats: TensorSourc
             raise CheckpointError(stats.label, f"a {kind} needs a 2-D weight, but {param!r} has shape {shape}",
                                   tensor=key)
         else:
-            expected = (shape[1], shape[1]) if kind == GRAM_IN else (shape[0], shape[0])
+            inputs, outputs = (shape[0], shape[1]) if param in in_out else (shape[1], shape[0])
+            expected = (inputs, inputs) if kind == GRAM_IN else (outputs, outputs)
         got = stats.info(key).shape
         if tuple(got) != tuple(expected):
             raise CheckpointError(stats.label, f"shape {tuple(got)} does not fit {param!r} {shape} "

@@ -1,13 +1,16 @@
 """Readable progress of a flow run: one line per stage as it starts and as it ends, with the run's elapsed time
 and, once the flow has said what it will run (`plan`), the stages done and an estimate of the time left (each
-pending stage costs the mean of the finished stages of its kind; stages of kinds not yet timed are counted apart)."""
+pending stage costs the mean of the finished stages of its kind; stages of kinds not yet timed are counted apart);
+and one line as a long upload inside a stage starts and one as it ends (`upload`)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 
 def _clock(seconds: float) -> str:
@@ -56,7 +59,11 @@ class RunClock:
             return {kind: round(sum(times) / len(times), 3) for kind, times in self.done.items() if times}
 
     def started(self, kind: str, name: str) -> str:
-        return f"[{_clock(time.monotonic() - self.started_at)}] start {name}"
+        return self.line(f"start {name}")
+
+    def line(self, text: str) -> str:
+        """`text` after the run's elapsed time, as the stage lines have it."""
+        return f"[{_clock(time.monotonic() - self.started_at)}] {text}"
 
     def finished(self, kind: str, name: str, seconds: float, outcome: str = "done") -> str:
         with self._lock:
@@ -73,3 +80,18 @@ class RunClock:
 
 
 CLOCK = RunClock()
+
+
+@contextmanager
+def upload(what: str, local_dir: Path, destination: str) -> Iterator[None]:
+    """Print one line as the files under `local_dir` start uploading to `destination` (their size) and one when the
+    upload inside the block ended (its seconds and MB/s); a failed upload prints nothing more (its stage says)."""
+    files = [path for path in Path(local_dir).rglob("*") if path.is_file()]
+    size = sum(path.stat().st_size for path in files)
+    count = f"{len(files)} file" + ("" if len(files) == 1 else "s")
+    print(CLOCK.line(f"upload {what}: {size / 1e9:.2f} GB ({size:,} bytes, {count}) to {destination}"), flush=True)
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    print(CLOCK.line(f"uploaded {what}: {size / 1e9:.2f} GB in {seconds:.1f} s "
+                     f"({size / 1e6 / max(seconds, 1e-6):.1f} MB/s)"), flush=True)

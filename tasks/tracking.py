@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from mergeflow import env
 from mergeflow.config import TrackingConfig
 from mergeflow.errors import MergeflowError
+from tasks import progress
 from tasks.runners import abandoned, process_identity
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -256,7 +257,8 @@ class MlflowTracker:
 
     def log_model(self, run_id: str, name: str, local_dir: Path, params: Mapping[str, Any],
                   metrics: Mapping[str, float], tags: Mapping[str, str]) -> str:
-        """An MLflow logged model holding the merged safetensors files, its parameters and metrics."""
+        """An MLflow logged model holding the merged safetensors files, its parameters and metrics (the upload
+        prints a line as it starts and one as it ends: `progress.upload`)."""
         flat: dict[str, str] = {}
         _flatten("", dict(params), flat)
         token = uuid.uuid4().hex
@@ -270,7 +272,8 @@ class MlflowTracker:
                                    source_run_id=run_id, params={k: v[:6000] for k, v in flat.items()},
                                    tags={**tags, REQUEST_TAG: token}, model_type="mergeflow-merged")
         try:
-            self.client.log_model_artifacts(model.model_id, str(local_dir))
+            with progress.upload(f"merged model {name!r}", local_dir, model.artifact_location):  # GBs: minutes
+                self.client.log_model_artifacts(model.model_id, str(local_dir))
             for key, value in metrics.items():
                 self.client.log_metric(run_id, key, float(value), model_id=model.model_id)
         except BaseException:

@@ -441,8 +441,8 @@ def test_fisher_is_the_squared_gradient_of_each_examples_target_log_likelihood(m
     names = set(causal_lm_state_dict(model))
     assert {key.rsplit("::", 1)[0] for key in stats.tensors} <= names and stats.metadata["examples"] == "3"
     grams = [key for key in stats.tensors if key.endswith(GRAM_IN)]
-    assert bool(grams) == (architecture == "llama")  # GPT-2's layers are Conv1D: no Grams, Fisher only
-    assert not any(key.startswith("lm_head.") for key in grams)
+    assert grams and not any(key.startswith("lm_head.") for key in grams)  # GPT-2's Conv1D layers too
+    assert ("in_out" in stats.metadata) == (architecture == "gpt2")  # their weights are stored [in, out]
     squares = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in model.named_parameters()}
     for question, choices, answer in zip(split.questions[:3], split.choices[:3], split.answers[:3]):
         context = tokenizer(question, add_special_tokens=False)["input_ids"]

@@ -84,3 +84,57 @@ def test_builtin_tasks_table_matches_the_families() -> None:
     assert set(BUILTIN_TASKS) == set(FAMILIES)
     for name, cls in FAMILIES.items():
         assert tuple(sorted(BUILTIN_TASKS[name])) == tuple(sorted(cls().builtin_tasks)), name
+
+
+_FAMILY_CONFIGS = {
+    "hf_text": {"tasks": [{"name": "election"}]},
+    "open_clip": {"model": {"family": "open_clip", "pretrained": "s3://b/clip"}, "tasks": [{"name": "digits"}]},
+    "hf_clip": {"model": {"family": "hf_clip", "pretrained": "s3://b/clip"}, "tasks": [{"name": "mnist"}]},
+    "seq2seq": {"model": {"family": "seq2seq", "pretrained": "s3://b/t5"},
+                "tasks": [{"name": "cola", "dataset": "s3://b/cola"}]},
+    "causal_lm": {"model": {"family": "causal_lm", "pretrained": "s3://b/llm"},
+                  "tasks": [{"name": "wiki", "dataset": "s3://b/wiki"}]},
+}
+
+
+def _family_config(family: str, **extra) -> RunConfig:
+    return RunConfig.model_validate({**_FAMILY_CONFIGS[family], "merges": [{"method": "average"}], **extra})
+
+
+@pytest.mark.parametrize("family", ["hf_text", "open_clip", "hf_clip", "seq2seq"])
+def test_an_unset_max_length_of_the_other_families_dumps_and_fingerprints_as_before(family: str) -> None:
+    """64 tokens, byte for byte the dump of before (an explicit 64), so every stored fingerprint is unchanged: the
+    evaluation location below was computed before the causal_lm default existed."""
+    from mergeflow.stages.evaluate import evaluation_location
+    from mergeflow.stages.refs import ObjectRef
+
+    config = _family_config(family)
+    assert config.evaluation.model_dump_json() == '{"batch_size":64,"max_length":64}'
+    assert config.model_dump_json() == _family_config(family, evaluation={"max_length": 64}).model_dump_json()
+    assert config.model_dump(mode="json", exclude_defaults=True).get("evaluation") is None  # deployment parameters
+    ref = lambda s: ObjectRef(uri=f"s3://b/{s}", sha256=s * 64)  # noqa: E731
+    uri = evaluation_location(None, ref("a"), {"t": (ref("b"), ref("c"))}, config.evaluation, "s3://b/store")
+    assert uri == "s3://b/store/evaluations/fc709aa973964268.json"
+
+
+def test_causal_lm_evaluation_defaults_to_512_tokens_unless_set() -> None:
+    assert _family_config("causal_lm").evaluation.max_length == 512
+    assert _family_config("causal_lm", evaluation={"batch_size": 8}).evaluation.model_dump() == \
+        {"batch_size": 8, "max_length": 512}
+    assert _family_config("causal_lm", evaluation={"max_length": 128}).evaluation.max_length == 128
+    assert _family_config("causal_lm", evaluation={"max_length": 64}).evaluation.max_length == 64
+    # filled in at validation: the dump carries it and validates back to itself
+    dumped = _family_config("causal_lm").model_dump(mode="json")
+    assert dumped["evaluation"]["max_length"] == 512 and RunConfig.model_validate(dumped).evaluation.max_length == 512
+    description = RunConfig.model_json_schema()["$defs"]["EvalConfig"]["properties"]["max_length"]["description"]
+    assert "512" in description and "causal_lm" in description  # the Prefect form says so
+
+
+@pytest.mark.parametrize("family,given,expected", [("causal_lm", None, 512), ("causal_lm", 128, 128),
+                                                   ("hf_text", None, 64), ("seq2seq", None, 64)])
+def test_merge_data_config_max_length_follows_the_family(family: str, given: int | None, expected: int) -> None:
+    from mergeflow.config import MergeDataConfig
+
+    raw = {"family": family, "model": "m", "tasks": [{"name": "a", "dataset": "d", "head": "h"}]}
+    config = MergeDataConfig.model_validate(raw if given is None else {**raw, "max_length": given})
+    assert config.max_length == expected

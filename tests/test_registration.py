@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from mergeflow.config import TrackingConfig
 
 
@@ -127,3 +129,49 @@ def test_champion_gate_keeps_the_champion_against_a_candidate_better_by_less_tha
     assert str(client.get_model_version_by_alias("merged", "candidate").version) == worse["version"]
     tags = client.get_model_version("merged", close["version"]).tags
     assert tags["gate.promoted"] == "False" and tags["gate.margin"] == "0.02"
+
+
+def test_the_merged_models_upload_prints_a_line_as_it_starts_and_as_it_ends(tmp_path, capsys, monkeypatch) -> None:
+    """Logging a merged model (GBs at 1 B parameters, minutes of upload) prints the model, its size and where it
+    goes as the upload starts, and its seconds and MB/s as it ends; the sizes are those of the files that arrive."""
+    import re
+    import time
+    from pathlib import Path
+
+    import tasks.record as record
+    from tasks.tracking import MlflowTracker
+
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="upload",
+                              registered_model="merged")
+    tracker = MlflowTracker(tracking)
+    parent = tracker.start_run("upload")
+    run_id = tracker.start_run("merge-ta", parent_run_id=parent)
+    sizes = {"model-00001-of-00002.safetensors": 3_000_000, "model-00002-of-00002.safetensors": 1_234_567,
+             "config.json": 321, "tokenizer/tokenizer.json": 4_096}
+    folder = tmp_path / "ta"
+    for name, size in sizes.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(bytes(size))
+    upload = tracker.client.raw.log_model_artifacts
+
+    def slow_upload(*args: Any, **kwargs: Any) -> None:  # long enough to read the rate back from the line
+        upload(*args, **kwargs)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(tracker.client.raw, "log_model_artifacts", slow_upload)
+    model_id = tracker.log_model(run_id, "ta", folder, {"method": "ta"}, {}, {})
+    out, total = capsys.readouterr().out, sum(sizes.values())
+    started = re.search(r"^\[\d+:\d\d\] upload merged model 'ta': ([\d.]+) GB \(([\d,]+) bytes, (\d+) files?\) "
+                        r"to (\S+)$", out, re.M)
+    ended = re.search(r"^\[\d+:\d\d\] uploaded merged model 'ta': ([\d.]+) GB in ([\d.]+) s \(([\d.]+) MB/s\)$",
+                      out, re.M)
+    assert started and ended and started.start() < ended.start(), out
+    assert int(started[2].replace(",", "")) == total and int(started[3]) == len(sizes)
+    assert float(started[1]) == float(ended[1]) == round(total / 1e9, 2)
+    assert float(ended[2]) >= 0.5 and float(ended[3]) == pytest.approx(total / 1e6 / float(ended[2]), rel=0.15)
+    destination = tracker.client.get_logged_model(model_id).artifact_location
+    assert started[4] == destination
+    landed = Path(destination.removeprefix("file://"))
+    assert {p.relative_to(landed).as_posix(): p.stat().st_size for p in landed.rglob("*") if p.is_file()} == sizes
+    logged = {**_logged("ta", 0.8, test=0.5), "run_id": run_id, "model_id": model_id}
+    assert record.register_best.fn(tracking, parent, [logged])["version"] == "1"

@@ -52,11 +52,13 @@ class TensorSource(Protocol):
 
 
 class StateDictSource:
-    """An in-memory state dict seen as a `TensorSource`."""
+    """An in-memory state dict seen as a `TensorSource` (with a checkpoint's `metadata`, when given)."""
 
-    def __init__(self, state_dict: Mapping[str, torch.Tensor], label: str = "<memory>"):
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], label: str = "<memory>",
+                 metadata: Mapping[str, str] | None = None):
         self.label = label
         self._tensors = dict(state_dict)
+        self.metadata = dict(metadata or {})
 
     def keys(self) -> list[str]:
         return list(self._tensors)

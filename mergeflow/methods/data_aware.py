@@ -1,5 +1,6 @@
 """What the data-aware methods (Fisher, RegMean, MaTS) share: finding which parameters carry the statistics they
-need, checked before any compute, and the off-diagonal shrink of Gram matrices.
+need, checked before any compute, which weights are stored [in, out] (GPT-2's Conv1D: a Gram multiplies them from
+the other side than an nn.Linear's [out, in] weight), and the off-diagonal shrink of Gram matrices.
 
 A parameter is merged with its statistics when every expert has every kind the method needs for it, and simply
 averaged when no expert has any; anything in between is an input error. The method keeps the pool it was
@@ -15,8 +16,11 @@ import torch
 
 from mergeflow.errors import ConfigError
 from mergeflow.methods.base import RUN_ONLY, MergeMethod
-from mergeflow.statistics import SEPARATOR, split_statistic_key, statistic_key
+from mergeflow.statistics import SEPARATOR, in_out_weights, split_statistic_key, statistic_key
 from mergeflow.task_vectors import ExpertPool
+
+
+IN_OUT = RUN_ONLY + "in_out"  # run-only state: the weights the statistics list as stored [in, out]
 
 
 def covered_parameters(pool: ExpertPool, method: str, kinds: tuple[str, ...]) -> list[str]:
@@ -69,7 +73,11 @@ class DataAwareMethod(MergeMethod):
 
     def prepare(self, pool: ExpertPool, *, progress: bool = False) -> dict[str, Any]:
         covered = covered_parameters(pool, self.name, self.statistic_kinds())
-        return {"covered": covered, RUN_ONLY + "pool": pool}
+        return {"covered": covered, RUN_ONLY + "pool": pool, IN_OUT: in_out_weights(pool.statistics or [])}
+
+    def in_out(self, name: str, state: dict[str, Any]) -> bool:
+        """Whether weight `name` is stored [in, out] (y = x W, GPT-2's Conv1D) rather than nn.Linear's [out, in]."""
+        return name in state.get(IN_OUT, ())
 
     def statistic(self, name: str, kind: str, state: dict[str, Any]) -> torch.Tensor:
         """[N, ...] statistic `kind` of parameter `name` for every expert, from the pool `prepare` put in `state`."""

@@ -1,7 +1,8 @@
 """MaTS (Tam, Bansal & Raffel, 2024): match every expert in its task parameter subspace by solving
 (sum_i C_i) theta = sum_i C_i theta_i with conjugate gradient (`mergeflow.solvers`), from an initialisation.
 
-Objectives (C_i), per parameter with statistics, in the [in, out] layout for linear weights W:
+Objectives (C_i), per parameter with statistics, in the [in, out] layout for linear weights W (an nn.Linear
+weight is transposed to it; one the statistics list as stored [in, out], GPT-2's Conv1D, already is):
 - "fisher_diag": C_i = diag(F_i) (`::fisher`), one system per tensor;
 - "regmean":     C_i = I (x) A_i, i.e. sum_i A_i W = sum_i A_i W_i (`::gram_in`);
 - "kfac":        the K-FAC block Fisher A_i (x) G_i, i.e. sum_i A_i W G_i = sum_i A_i W_i G_i (`::gram_in`,
@@ -125,6 +126,15 @@ class Mats(DataAwareMethod):
         """Solve G same-shape covered tensors (bases [G, *shape], task vectors [G, N, *shape]) as one batch."""
         started = time.perf_counter()
         p = self.params
+        in_out = [self.in_out(name, state) for name in names] if p.objective != "fisher_diag" else []
+        if any(in_out) and not all(in_out):  # both layouts in one group of equal shapes: each layout on its own
+            merged = torch.empty_like(bases)
+            for layout in (True, False):
+                index = [g for g, flag in enumerate(in_out) if flag == layout]
+                merged[index] = self.merge_group([names[g] for g in index], bases[index], task_vectors[index], state)
+            return merged
+        if any(in_out):  # solved in nn.Linear's [out, in] layout, handed back [in, out]
+            bases, task_vectors = bases.transpose(-2, -1), task_vectors.transpose(-2, -1)
         dtype = getattr(torch, p.precision)
         cg = {"max_iter": p.max_iter, "tol": p.tol, "dtype": dtype}
         thetas = (bases.unsqueeze(1) + task_vectors).to(dtype)
@@ -145,4 +155,4 @@ class Mats(DataAwareMethod):
             solves[name] = {"iterations": int(result.iterations[g]), "residual": float(result.residual[g]),
                                  "converged": bool(result.converged[g]), "seconds": seconds}
             log.debug("mats %s %s: %s", p.objective, name, solves[name])
-        return merged.to(torch.float32)
+        return (merged.transpose(-2, -1) if any(in_out) else merged).to(torch.float32)

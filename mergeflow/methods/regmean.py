@@ -1,9 +1,10 @@
 """RegMean (Jin et al., 2023): per linear layer, the weight that best reproduces every expert's outputs on its
 own inputs, min_W sum_i ||X_i W - X_i W_i||^2, in closed form W = (sum_i G_i)^-1 sum_i G_i W_i, with
 G_i = X_i^T X_i the input Gram (`<weight>::gram_in` statistics) and W in the [in, out] layout (nn.Linear stores
-[out, in]). The off-diagonals of each G_i are scaled by `reduce_non_diagonal_ratio` (0.95, FusionBench) for
-conditioning. Solved with `torch.linalg.solve` (never an explicit inverse) in float64 by default. Input
-dimensions no expert's data reaches (zero Gram diagonal) take the average; other parameters are averaged.
+[out, in] and is transposed; a weight the statistics list as stored [in, out], GPT-2's Conv1D, is not). The
+off-diagonals of each G_i are scaled by `reduce_non_diagonal_ratio` (0.95, FusionBench) for conditioning. Solved
+with `torch.linalg.solve` (never an explicit inverse) in float64 by default. Input dimensions no expert's data
+reaches (zero Gram diagonal) take the average; other parameters are averaged.
 """
 
 from __future__ import annotations
@@ -41,15 +42,20 @@ class RegMean(DataAwareMethod):
             return average
         dtype = getattr(torch, self.params.precision)
         grams = shrink_off_diagonal(self.statistic(name, GRAM_IN, state).to(dtype), self.params.reduce_non_diagonal_ratio)
-        experts_t = (base + task_vectors).to(dtype).transpose(1, 2)  # [N, in, out]
+        in_out = self.in_out(name, state)
+
+        def as_in_out(weight: torch.Tensor) -> torch.Tensor:
+            return weight if in_out else weight.transpose(-2, -1)
+
+        experts_t = as_in_out((base + task_vectors).to(dtype))  # [N, in, out]
         lhs = grams.sum(dim=0)
         rhs = (grams @ experts_t).sum(dim=0)
         free = torch.diagonal(lhs) == 0  # input dimensions with no data: decoupled, take the average
         lhs[free, free] = 1.0
-        rhs[free] = average.to(dtype).T[free]
+        rhs[free] = as_in_out(average.to(dtype))[free]
         try:
             solution = torch.linalg.solve(lhs, rhs)
         except torch.linalg.LinAlgError:
             raise InputError(f"regmean: the summed input Gram of {name!r} is singular; "
                              "use reduce_non_diagonal_ratio < 1") from None
-        return solution.T.to(torch.float32)
+        return as_in_out(solution).to(torch.float32)

@@ -10,8 +10,11 @@ where nothing is predicted). A bf16 model is trained in fp32 and handed back in 
 
 Statistics use the same loss: the Fisher is that of each example's target log-likelihood (empirical labels only;
 sampling a target would be generation), and the Grams leave padding out. Every linear layer has Grams except the
-LM head (vocabulary-squared); GPT-2's attention and MLP are `Conv1D`, not `nn.Linear`, so a GPT-2 has Fisher
-statistics but no Grams.
+LM head (vocabulary-squared): `nn.Linear`, and GPT-2's attention and MLP (`c_attn`, `c_proj`, `c_fc`), which are
+`transformers.pytorch_utils.Conv1D` (weight stored [in_features, out_features], y = x @ W + b). Their Gram is the
+same x^T x of the layer's input; the statistics list these weights as stored [in, out] (`statistics.IN_OUT`), so
+RegMean and MaTS multiply them by the Gram from the left (W* = (sum G_i)^-1 sum G_i W_i) where an nn.Linear
+weight is transposed first.
 """
 
 from __future__ import annotations
@@ -165,8 +168,11 @@ def causal_lm_statistics(model: nn.Module, tokenizer: Any, prompt: TaskPrompt, s
     def logits(batch: Mapping[str, Tensor]) -> Tensor:
         return forward_logits(model, batch["input_ids"], batch["attention_mask"]).float().transpose(1, 2)
 
+    from transformers.pytorch_utils import Conv1D
+
     stats = collect_statistics(model, batches(), logits, kinds=kinds, fisher=fisher, max_examples=max_examples,
-                               seed=seed, selection=_selection(model, selection), progress=progress)
+                               seed=seed, selection=_selection(model, selection), in_out=(Conv1D,),
+                               progress=progress)
     kept = set(canonical_names(model).values())
     stray = sorted(key for key in stats.tensors if split_statistic_key(key)[0] not in kept)
     if stray:
