@@ -22,35 +22,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mergeflow.config import AUTO, MergeDataConfig, MergeSpec, load_run_config  # noqa: E402
+from mergeflow.config import AUTO, MergeSpec, load_run_config  # noqa: E402
+from mergeflow.plan import compile_plan  # noqa: E402
 from mergeflow.search import Candidate  # noqa: E402
 from mergeflow.stages.data import fit_head, prepare_dataset  # noqa: E402
 from mergeflow.stages.evaluate import evaluate_stored, score_model  # noqa: E402
 from mergeflow.stages.fetch import materialize_pretrained  # noqa: E402
+from mergeflow.stages import sparsify, statistics, subspace  # noqa: E402
 from mergeflow.stages.finetune import expert_location  # noqa: E402
 from mergeflow.stages.in_process import InProcessRun  # noqa: E402
+from mergeflow.stages.search import search  # noqa: E402
 from mergeflow.stages.store import Store  # noqa: E402
 from mergeflow.stages.sweep import sweep_weights  # noqa: E402
 from mergeflow.sweep import score_point  # noqa: E402
 
 
 def stored_run(config, device: str) -> InProcessRun:
-    """The run's inputs as references, every one read from the store (SystemExit naming what is missing)."""
+    """The run's plan in process, its inputs read from the store (SystemExit naming an expert that is missing),
+    walked through what its search reads (statistics, subspaces, the experts' validation scores)."""
     store = Store.of(config.storage)
     base = materialize_pretrained(config.model, store)
-    tasks, experts = {}, {}
+    outputs = {"pretrained": base}
     for t in config.tasks:
         dataset = prepare_dataset(t.name, config.data, store, t.dataset, config.model.family)
         head = fit_head(t.name, base, dataset, config.evaluation, store, device, t.head)
         uri = t.expert or expert_location(t.name, base, dataset, head, config.finetune, store.root)
         if not store.exists(uri):
             raise SystemExit(f"{uri}: expert {t.name} is not stored; run `mergeflow run {config.name}` first")
-        experts[t.name], tasks[t.name] = store.checkpoint_ref(uri), (dataset, head)
-    data = MergeDataConfig(family=config.model.family, model=base.uri,
-                           tasks=[{"name": n, "dataset": d.uri, "head": h.uri} for n, (d, h) in tasks.items()],
-                           statistics=config.statistics, batch_size=config.evaluation.batch_size,
-                           max_length=config.evaluation.max_length, tuning=config.tuning)
-    return InProcessRun(data, store, base, experts, tasks, device)
+        outputs.update({f"expert:{t.name}": store.checkpoint_ref(uri), f"dataset:{t.name}": dataset,
+                        f"head:{t.name}": head})
+    run = InProcessRun(config, store, device, compile_plan(config), outputs)
+    label = next(label for label, spec in run.labelled.items() if spec.method == AUTO)
+    run.walk(run.plan.node(f"chosen:{label}").inputs)
+    return run
 
 
 def test_norm_avg(run: InProcessRun, candidate: Candidate, expert_test: dict[str, float], kept: dict,
@@ -61,7 +65,8 @@ def test_norm_avg(run: InProcessRun, candidate: Candidate, expert_test: dict[str
         spec = MergeSpec(method=candidate.method, params=candidate.params)
         unlabeled = (run.tasks, "validation", run.evaluation) if _learns(spec) else None  # as it was searched
         weights = sweep_weights(spec.method, spec.params, run.base, run.experts, run.store, run.device,
-                                run.subspaces(spec), run.sparsify_pass(spec), run.statistics(spec), unlabeled)
+                                subspace.read_by(spec, run), sparsify.pass_of(spec, run),
+                                statistics.read_by(spec, run), unlabeled)
         accuracy, _ = score_model(run.base, run.tasks, run.evaluation, run.store, run.device, "test", None, weights)
         kept[candidate.name] = sum(accuracy[t] / expert_test[t] for t in accuracy) / len(accuracy)
         partial = kept_file.with_suffix(".partial")
@@ -93,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     kept = json.loads(kept_file.read_text()) if kept_file.exists() else {}
     expert_test = {n: evaluate_stored(e, run.base, {n: run.tasks[n]}, run.evaluation, run.store, run.device)[0][n]
                    for n, e in run.experts.items()}
-    expert_val = run.expert_validation(tuning.max_examples)
+    expert_val = run.expert_scores()
 
     searches = {}
     for name, variant in (("auto (racing, as it runs)", settings),
                           ("successive halving only", settings.model_copy(update={"confidence": 0.5 + 1e-9,
                                                                                   "extend_edges": False}))):
         started = time.perf_counter()
-        result = run.search(variant, tuning)
+        result = search(variant, tuning, expert_val, run)
         searches[name] = (result, time.perf_counter() - started)
     pool = settings.candidates()
     space = {c.name: c for c in pool}

@@ -1,7 +1,8 @@
 """The merge flow's executor of a plan: walks the nodes `compile_plan` made, in order, and submits each as its
-Prefect task (one method per node kind, named after it). Which merges sparsify, read statistics or subspaces,
-learn on data, sweep, search or run in parts is decided once, in the plan; here each node only finds its inputs'
-futures (or values) and calls its task.
+Prefect task: the kind's own task where it has one (a method named after the kind: the tasks that record more in
+MLflow), else the generic stage task (`tasks/stage.py`) around the stage's library `run`. Which merges sparsify,
+read statistics or subspaces, learn on data, sweep, search or run in parts is decided once, in the plan; here each
+node only finds its inputs' futures (or values) and calls its task.
 
 Two kinds of node are not walked: a search's rungs and its opening (`Node.part_of`), which the search runs itself
 once the rung sizes and survivors are known (the plan estimates them), and the sparsify passes only a search reads,
@@ -13,11 +14,12 @@ from typing import Any
 from prefect import runtime
 from prefect.futures import PrefectFuture
 
-from mergeflow.config import AUTO, MergeSpec, RunConfig
+from mergeflow.config import MergeSpec, RunConfig
 from mergeflow.evaluate import format_results_table
 from mergeflow.plan import Node, Plan, pass_key, sparsifies
 from mergeflow.stages import merge as merge_stage, statistics as statistics_stage, subspace as subspace_stage
 from mergeflow.stages.refs import ObjectRef, run_inputs_digest
+from mergeflow.stages.stage import Context
 from flows.selection import search
 from tasks.artifacts import publish_artifacts
 from tasks.evaluate import evaluate
@@ -27,20 +29,19 @@ from tasks.hygiene import check_overlap
 from tasks.merge import assemble_merge, build_subspace, merge, merge_part, sparsify
 from tasks.progress import CLOCK
 from tasks.record import check_unchanged, mark_success, record_merge, record_results, register_best
+from tasks.stage import run_stage
 from tasks.statistics import compute_statistics
 from tasks.sweep import select_point, sweep_point
 
 
-class PlanRun:
-    """One run of the merge flow: `run()` walks the plan and returns the flow's summary."""
+class PlanRun(Context):
+    """One run of the merge flow: `run()` walks the plan and returns the flow's summary. Outputs are Prefect
+    futures or values (`value` waits for a future)."""
 
     def __init__(self, config: RunConfig, parent: str, plan: Plan):
-        self.config, self.parent, self.plan = config, parent, plan
-        self.storage, self.device, self.tracking = config.storage, config.device, config.tracking
-        self.tasks = {t.name: t for t in config.tasks}
-        self.labelled = dict(zip(config.merge_labels(), config.merges))
-        self.out: dict[str, Any] = {}  # node id -> its future or value
-        self.passes: dict[str, Any] = {}  # pass key -> the future of its sparsify stage
+        super().__init__(config, None, config.device, plan)  # each task builds its own store (its credentials)
+        self.parent = parent
+        self.storage, self.tracking = config.storage, config.tracking
         self.label_passes: dict[str, Any] = {}  # merge label -> the future of its own sparsify stage (or None)
         self.summary: dict[str, Any] = {}
 
@@ -49,39 +50,32 @@ class PlanRun:
         for node in self.plan:
             if node.part_of is not None:
                 continue
-            self.out[node.id] = getattr(self, node.kind)(node)
-            if node.kind == "check_unchanged" and self.out[node.id]:
+            submit = getattr(self, node.kind, None) or self.run_stage
+            self.outputs[node.id] = submit(node)
+            if node.kind == "check_unchanged" and self.outputs[node.id]:
                 return {"run": self.config.name, "skipped": True, "mlflow_run_id": self.parent,
-                        "same_as": self.out[node.id], "experts": {n: e.model_dump() for n, e in self.experts.items()}}
+                        "same_as": self.outputs[node.id],
+                        "experts": {n: e.model_dump() for n, e in self.experts.items()}}
         return self.summary
 
-    # inputs, resolved once
+    def run_stage(self, node: Node):
+        """A stage without a task of its own: its library `run` in the generic stage task, named after its kind,
+        with the outputs of what it reads (its inputs, and the run's inputs every stage may read)."""
+        sources = ["pretrained", *(f"{kind}:{n}" for n in self.task_configs for kind in ("expert", "dataset", "head"))]
+        reads = {i: self.outputs[i] for i in dict.fromkeys([*sources, *node.inputs]) if i in self.outputs}
+        return run_stage.with_options(name=node.kind).submit(node, self.config, reads, self.parent)
 
     def value(self, id: str) -> Any:
-        return _value(self.out[id])
-
-    @property
-    def base(self) -> ObjectRef:
-        return self.out["pretrained"]
-
-    @property
-    def experts(self) -> dict[str, ObjectRef]:
-        return {n: self.value(f"expert:{n}") for n in self.tasks}
-
-    @property
-    def eval_inputs(self) -> dict[str, tuple[ObjectRef, ObjectRef]]:
-        return {n: (self.value(f"dataset:{n}"), self.value(f"head:{n}")) for n in self.tasks}
+        return _value(super().value(id))
 
     def digest(self) -> str:
-        return run_inputs_digest(self.config.model_dump(mode="json"), self.base, self.experts, self.eval_inputs)
+        return run_inputs_digest(self.config.model_dump(mode="json"), self.base, self.experts, self.tasks)
 
     def statistics(self, spec: MergeSpec) -> dict[str, ObjectRef] | None:
-        if not statistics_stage.statistic_kinds([spec]):
-            return None
-        return {n: self.value(f"statistics:{n}") for n in self.tasks}
+        return statistics_stage.read_by(spec, self)
 
     def subspaces(self, spec: MergeSpec) -> dict[str, Any] | None:
-        return {kind: self.out[f"subspace:{kind}"] for kind in subspace_stage.subspace_kinds([spec])} or None
+        return {kind: self.outputs[f"subspace:{kind}"] for kind in subspace_stage.subspace_kinds([spec])} or None
 
     def pass_of(self, spec: MergeSpec) -> Any:
         """The future of the sparsify stage a grid point or candidate reads (None: it has none), submitted once."""
@@ -93,48 +87,35 @@ class PlanRun:
                                                self.tracking, self.parent)
         return self.passes[key]
 
-    def spec_of(self, label: str) -> MergeSpec:
-        """A merge's spec: the point chosen on validation for a swept or searched merge."""
-        for chosen in (f"select:{label}", f"chosen:{label}"):
-            if chosen in self.out:
-                return self.out[chosen]
-        return self.labelled[label]
-
-    def expert_validation(self) -> dict[str, float]:
-        """Each expert's validation accuracy on its own task (the reference of every choice; empty when the run
-        chooses nothing)."""
-        ids = {n: f"evaluate:expert-{n}-validation" for n in self.tasks}
-        return {n: self.value(id)[n] for n, id in ids.items() if id in self.out}
-
     # one method per node kind
 
     def fetch_pretrained(self, node: Node) -> ObjectRef:
         return fetch_pretrained(self.config.model, self.storage)
 
     def prepare_dataset(self, node: Node):
-        return prepare_dataset.submit(node.task, self.config.data, self.storage, self.tasks[node.task].dataset,
+        return prepare_dataset.submit(node.task, self.config.data, self.storage, self.task_configs[node.task].dataset,
                                       self.config.model.family)
 
     def fit_head(self, node: Node):
-        return fit_head.submit(node.task, self.base, self.out[f"dataset:{node.task}"], self.config.evaluation,
-                               self.storage, self.device, self.tasks[node.task].head)
+        return fit_head.submit(node.task, self.base, self.outputs[f"dataset:{node.task}"], self.config.evaluation,
+                               self.storage, self.device, self.task_configs[node.task].head)
 
     def fetch_expert(self, node: Node):
-        return fetch_expert.submit(node.task, self.tasks[node.task].expert, self.storage)
+        return fetch_expert.submit(node.task, self.task_configs[node.task].expert, self.storage)
 
     def fetch_latest_expert(self, node: Node):
-        return fetch_latest_expert.submit(node.task, self.tasks[node.task].latest, self.storage)
+        return fetch_latest_expert.submit(node.task, self.task_configs[node.task].latest, self.storage)
 
     def finetune_expert(self, node: Node):
         n = node.task
-        return finetune_expert.submit(n, self.base, self.out[f"dataset:{n}"], self.out[f"head:{n}"],
+        return finetune_expert.submit(n, self.base, self.outputs[f"dataset:{n}"], self.outputs[f"head:{n}"],
                                       self.config.finetune, self.storage, self.device, self.tracking, self.parent)
 
     def check_unchanged(self, node: Node) -> dict[str, Any] | None:
         return check_unchanged(self.config.name, self.digest(), self.storage, self.tracking, self.parent)
 
     def compute_statistics(self, node: Node):
-        n, eval_inputs = node.task, self.eval_inputs
+        n, eval_inputs = node.task, self.tasks
         return compute_statistics.submit(n, self.base, self.value(f"expert:{n}"), *eval_inputs[n],
                                          statistics_stage.statistic_kinds(self.config.merges),
                                          self.config.statistics, self.storage, self.device, self.tracking,
@@ -146,7 +127,7 @@ class PlanRun:
                                      self.parent)
 
     def check_overlap(self, node: Node):
-        return check_overlap.submit(self.base, self.eval_inputs, self.storage, self.tracking, self.parent)
+        return check_overlap.submit(self.base, self.tasks, self.storage, self.tracking, self.parent)
 
     def sparsify(self, node: Node):
         if node.id.removeprefix("sparsify:") in self.labelled:  # a merge's own pass: of the point it merges
@@ -167,9 +148,11 @@ class PlanRun:
     def sweep_point(self, node: Node):
         label, index = node.id.removeprefix("sweep:").rsplit(":", 1)
         spec = node.spec
+        learn_on = "validation" if merge_stage.needs_objective(spec) else None  # inputs only, never labels
         return sweep_point.submit(label, int(index), spec.method, spec.params, self.base, self.experts,
-                                  self.eval_inputs, self.config.tuning, self.config.evaluation, self.storage,
-                                  self.device, self.tracking, self.parent, self.subspaces(spec), self.pass_of(spec))
+                                  self.tasks, self.config.tuning, self.config.evaluation, self.storage,
+                                  self.device, self.tracking, self.parent, self.subspaces(spec), self.pass_of(spec),
+                                  self.statistics(spec), None, learn_on)
 
     def select_point(self, node: Node) -> MergeSpec:
         label = node.id.removeprefix("select:")
@@ -177,12 +160,12 @@ class PlanRun:
         points = [self.plan.node(i) for i in node.inputs if i.startswith("sweep:")]
         accuracies = [self.value(point.id)["accuracy"] for point in points]
         params = select_point(label, spec, [point.spec.params for point in points], accuracies,
-                              self.expert_validation(), self.config.tuning, self.tracking, self.parent)
+                              self.expert_scores(), self.config.tuning, self.tracking, self.parent)
         return MergeSpec(method=spec.method, params=params)
 
     def record_search(self, node: Node) -> MergeSpec:
         label = node.id.removeprefix("chosen:")
-        return search(self, label, self.labelled[label], self.expert_validation())
+        return search(self, label, self.labelled[label], self.expert_scores())
 
     def merge(self, node: Node):
         label = node.id.removeprefix("merge:")
@@ -197,7 +180,7 @@ class PlanRun:
 
     def assemble_merge(self, node: Node):
         label = node.id.removeprefix("merge:")
-        return assemble_merge.submit(label, [self.out[i] for i in node.inputs], self.merge_args(label)[3],
+        return assemble_merge.submit(label, [self.outputs[i] for i in node.inputs], self.merge_args(label)[3],
                                      self.storage)
 
     def merge_args(self, label: str) -> tuple:
@@ -207,30 +190,22 @@ class PlanRun:
         learns = merge_stage.needs_objective(spec)
         out_uri = merge_stage.merge_location(self.config.name, label, spec, self.base, self.experts,
                                              self.storage.root, self.statistics(spec),
-                                             (self.eval_inputs, self.unlabeled_split(label)) if learns else None)
+                                             (self.tasks, merge_stage.unlabeled_split(label, self)) if learns else None)
         return spec, self.base, self.experts, out_uri, self.storage, self.label_pass(label)
 
     def merge_reads(self, label: str) -> tuple:
         """(statistics, unlabeled inputs, subspaces) one merge reads."""
         spec = self.spec_of(label)
         learns = merge_stage.needs_objective(spec)
-        unlabeled = (self.eval_inputs, self.unlabeled_split(label), self.config.evaluation) if learns else None
+        unlabeled = (self.tasks, merge_stage.unlabeled_split(label, self), self.config.evaluation) if learns else None
         return self.statistics(spec), unlabeled, self.subspaces(spec)
-
-    def unlabeled_split(self, label: str) -> str:
-        # a learned method chosen by `auto` learned on the validation inputs: its merge does too (the cached point)
-        return "validation" if self.labelled[label].method == AUTO else self.config.statistics.unlabeled_split
 
     def evaluate(self, node: Node):
         label = node.id.removeprefix("evaluate:")
         weights = None if node.model is None else self.model_ref(node.model)
-        inputs = self.eval_inputs if node.task is None else {node.task: self.eval_inputs[node.task]}
+        inputs = self.tasks if node.task is None else {node.task: self.tasks[node.task]}
         return evaluate.submit(label, weights, self.base, inputs, self.config.evaluation, self.storage, self.device,
                                self.tracking, self.parent, node.split, node.examples)
-
-    def model_ref(self, id: str) -> ObjectRef:
-        """The reference of an expert or a merged model (a merge's value is its reference and its record)."""
-        return self.value(id)[0] if id.startswith("merge:") else self.value(id)
 
     def rows(self) -> dict[str, dict[str, float]]:
         """Test accuracy per task of every model scored on test: "pretrained", "expert:<task>", each merge label."""
@@ -240,23 +215,23 @@ class PlanRun:
     def record_merge(self, node: Node) -> dict[str, Any]:
         label = node.id.removeprefix("record:")
         ref, record = self.value(f"merge:{label}")
-        rows, validation = self.rows(), self.out.get(f"evaluate:{label}-validation")
-        expert_acc = {n: rows[f"expert:{n}"][n] for n in self.tasks}
+        rows, validation = self.rows(), self.outputs.get(f"evaluate:{label}-validation")
+        expert_acc = {n: rows[f"expert:{n}"][n] for n in self.task_configs}
         return record_merge(label, self.spec_of(label), ref, record, rows[label], expert_acc,
-                            {n: d for n, (d, _) in self.eval_inputs.items()}, self.storage, self.tracking,
+                            {n: d for n, (d, _) in self.tasks.items()}, self.storage, self.tracking,
                             self.parent, _value(validation) if validation is not None else None,
-                            self.expert_validation())
+                            self.expert_scores())
 
     def register_model(self, node: Node) -> dict[str, Any] | None:
-        return register_best(self.tracking, self.parent, [self.out[i] for i in node.inputs if i.startswith("record:")])
+        return register_best(self.tracking, self.parent, [self.outputs[i] for i in node.inputs if i.startswith("record:")])
 
     def mark_success(self, node: Node) -> None:
         """The run's records (results, artifacts, its success marker), once every stage submitted has finished."""
-        for value in list(self.out.values()) + list(self.passes.values()):
+        for value in list(self.outputs.values()) + list(self.passes.values()):
             _value(value)  # an error of a stage nothing else read (the overlap check) fails the run here
-        names, rows = list(self.tasks), self.rows()
+        names, rows = list(self.task_configs), self.rows()
         expert_acc = {n: rows[f"expert:{n}"][n] for n in names}
-        registration = self.out.get("register")
+        registration = self.outputs.get("register")
         table = format_results_table(rows, names, expert_acc)
         merged = {label: self.model_ref(f"merge:{label}") for label in self.labelled}
         self.summary = {

@@ -32,7 +32,7 @@ def search(run: "PlanRun", label: str, spec: MergeSpec, expert_acc: dict[str, fl
             point = MergeSpec(method=c.method, params=c.params)
             learn_on = "validation" if merge_stage.needs_objective(point) else None  # inputs only, never labels
             futures.append(sweep_point.submit(f"{label}-r{rung}", i, c.method, c.params, run.base, run.experts,
-                                              run.eval_inputs, at, config.evaluation, config.storage, config.device,
+                                              run.tasks, at, config.evaluation, config.storage, config.device,
                                               config.tracking, run_id, run.subspaces(point), run.pass_of(point),
                                               run.statistics(point),
                                               {"mergeflow.rung": str(rung), "mergeflow.candidate": c.name},

@@ -9,91 +9,20 @@ the flow's: which merges sparsify, read statistics or subspaces, learn on data, 
 
 from __future__ import annotations
 
-import json
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 from mergeflow.config import AUTO, MergeSpec, RunConfig
 from mergeflow.search import at_fidelity, kept, rung_fidelity, rung_sizes
+from mergeflow.stages import data, evaluate, fetch, finetune, search as search_stage
 from mergeflow.stages import merge as merge_stage, sparsify as sparsify_stage, statistics as statistics_stage
-from mergeflow.stages import subspace as subspace_stage
+from mergeflow.stages import subspace as subspace_stage, sweep
+from mergeflow.stages.sparsify import pass_key, sparsifies
+from mergeflow.stages.stage import UNTIMED, Node, Plan, Stage  # noqa: F401 - the plan's types, read from here
 
-# kinds that run as a stage task and report to the progress clock; the others are bookkeeping (no estimate)
-UNTIMED = frozenset({"open_search", "record_search", "select_point", "register_model"})
-
-
-@dataclass(frozen=True)
-class Node:
-    id: str  # unique in its plan, e.g. "expert:newsgroups", "sweep:ties-tuned:3", "merge:tsv"
-    kind: str  # the stage task's name
-    inputs: tuple[str, ...] = ()
-    about: str = ""  # what a reader needs besides the kind (method and params, split, examples)
-    spec: MergeSpec | None = None  # sparsify, sweep_point, merge: the merge (or grid point) it runs
-    model: str | None = None  # evaluate: the node whose output it scores (None: the pretrained model)
-    task: str | None = None  # the task it concerns (evaluate: only this task's data; else every task's)
-    split: str | None = None  # evaluate, sweep_point: the split scored
-    examples: int | None = None  # evaluate, sweep_point: examples scored per task (None: all)
-    part_of: str | None = None  # run by that node, not by a walk of the plan: an `auto` search's opening, rungs
-    # (estimated here) and the sparsify passes only its candidates read, run by its `chosen:<label>` node
-
-    @property
-    def timed(self) -> bool:
-        return self.kind not in UNTIMED
-
-
-@dataclass
-class Plan:
-    run: str
-    nodes: list[Node] = field(default_factory=list)
-
-    def add(self, id: str, kind: str, inputs: tuple[str, ...] | list[str] = (), about: str = "", **fields: Any
-            ) -> str:
-        self.nodes.append(Node(id, kind, tuple(inputs), about, **fields))
-        return id
-
-    def node(self, id: str) -> Node:
-        return next(node for node in self.nodes if node.id == id)
-
-    def __iter__(self) -> Iterator[Node]:
-        return iter(self.nodes)
-
-    def counts(self) -> dict[str, int]:
-        """Stage runs of each timed kind: what the progress lines count."""
-        return dict(Counter(node.kind for node in self.nodes if node.timed))
-
-    def mermaid(self, status: dict[str, str] | None = None) -> str:
-        """The graph as a Mermaid flowchart (nodes styled by `status`: "stored" or "to run")."""
-        ids = {node.id: f"n{i}" for i, node in enumerate(self.nodes)}
-        lines = ["flowchart LR"]
-        for node in self.nodes:
-            text = f"{node.kind}<br/>{node.id}" + (f"<br/>{node.about}" if node.about else "")
-            lines.append(f'  {ids[node.id]}["{text.replace(chr(34), chr(39))}"]')
-        for node in self.nodes:
-            lines += [f"  {ids[source]} --> {ids[node.id]}" for source in node.inputs if source in ids]
-        if status:
-            lines += ["  classDef stored fill:#d4f4dd,stroke:#2e7d32", "  classDef torun fill:#fff3cd,stroke:#b7791f"]
-            for node in self.nodes:
-                state = status.get(node.id)
-                if state in ("stored", "to run"):
-                    lines.append(f"  class {ids[node.id]} {'stored' if state == 'stored' else 'torun'}")
-        return "\n".join(lines) + "\n"
-
-
-def sparsifies(spec: MergeSpec) -> bool:
-    """Whether a merge runs the sparsify stage: a data-free method with a global pass (data-aware and learned
-    methods prepare on the pool they merge)."""
-    return (sparsify_stage.has_global_pass(spec) and not statistics_stage.statistic_kinds([spec])
-            and not merge_stage.needs_objective(spec))
-
-
-def pass_key(spec: MergeSpec) -> str | None:
-    """What identifies a merge's sparsify stage (None: it has none): points with equal keys share one."""
-    if not sparsifies(spec):
-        return None
-    return json.dumps([spec.method, sparsify_stage.pass_settings(spec)], sort_keys=True)
-
+# every kind of node: each stage module's `STAGES`, and the records only the flow writes (MLflow, the registry)
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("check_unchanged"), Stage("record_merge"), Stage("register_model"), Stage("mark_success"),
+    *(stage for module in (fetch, data, finetune, statistics_stage, subspace_stage, sparsify_stage, sweep, search_stage,
+                           merge_stage, evaluate) for stage in module.STAGES))}
 
 def search_rungs(spec: MergeSpec, max_examples: int) -> list[tuple[int, int]]:
     """(examples per task, candidates scored) of each rung of an `auto` search that runs every rung: the survivors
@@ -113,7 +42,7 @@ def _params(params: dict) -> str:
 
 def compile_plan(config: RunConfig) -> Plan:
     """The plan of one run of the merge flow on `config`."""
-    plan = Plan(config.name)
+    plan = Plan(config.name, STAGES)
     tasks = [t.name for t in config.tasks]
     base = plan.add("pretrained", "fetch_pretrained", about=config.model.pretrained)
     experts = []
@@ -176,14 +105,17 @@ def compile_plan(config: RunConfig) -> Plan:
         previous = [plan.add(f"search:{label}", "open_search", about=f"{len(candidates)} candidates",
                              part_of=searched_by)]
         rungs = search_rungs(spec, config.tuning.max_examples)
+        searched_reads: dict[str, None] = {}
         for rung, (examples, alive) in enumerate(rungs):  # early rungs: iterative methods at reduced counts
             scored = [at_fidelity(c, rung_fidelity(rung, len(rungs), settings.fidelity)) for c in candidates[:alive]]
             points = [MergeSpec(method=c.method, params=c.params) for c in scored]
-            previous = [plan.add(f"search:{label}:{rung}:{j}", "sweep_point",
-                                 [*reads(point, searched_by), *data, *previous[:1]],
+            read = [reads(point, searched_by) for point in points]
+            searched_reads.update(dict.fromkeys(i for found in read for i in found))
+            previous = [plan.add(f"search:{label}:{rung}:{j}", "sweep_point", [*read[j], *data, *previous[:1]],
                                  f"{scored[j].name}, {examples} examples", spec=point, split="validation",
                                  examples=examples, part_of=searched_by) for j, point in enumerate(points)]
-        chosen[label] = [plan.add(f"chosen:{label}", "record_search", previous)]
+        # the search node reads what any candidate reads (its rungs run inside it)
+        chosen[label] = [plan.add(searched_by, "record_search", [*previous, *expert_val, *searched_reads, *data])]
     for label, spec in labelled.items():
         # a merge reads its own sparsify stage (a stored pass of a sweep point is reused, but the stage runs)
         inputs = [base, *experts, *chosen.get(label, []), *(subspaces[k] for k in subspace_stage.subspace_kinds(

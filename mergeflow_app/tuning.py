@@ -1,12 +1,11 @@
-"""`mergeflow merge --tune`, `--method auto` and `--data`: the flow's stages run in process over a store
-(`mergeflow.stages.in_process`): the method's coefficients, or the method too, chosen on each task's validation
-split, the statistics and objective a data-aware or learned method reads, and the merge's inputs as the flow's merge
-stage reads them."""
+"""`mergeflow merge --tune`, `--method auto` and `--data`: the plan the flow would run for the same merge, compiled
+from the command line's arguments and walked in process over a store (`mergeflow.stages.in_process`): the method's
+coefficients, or the method too, chosen on each task's validation split, the statistics and objective a data-aware
+or learned method reads, and the merge's inputs as the flow's merge stage reads them."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import yaml
@@ -14,8 +13,9 @@ import yaml
 from mergeflow.errors import MergeflowError
 
 
-def stage_run(args: argparse.Namespace, data_config: str, options: dict[str, Any]) -> Any:
-    """The `InProcessRun` of the command line's inputs over `--store` (checked before any model runs)."""
+def stage_run(args: argparse.Namespace, data_config: str, options: dict[str, Any], merge: Any) -> Any:
+    """The plan of the command line's merge `merge` (a `MergeSpec`) over `--store`, as an `InProcessRun`; its
+    inputs checked before any model runs."""
     from mergeflow.checkpoints import open_checkpoint
     from mergeflow.config import MergeDataConfig, load_yaml_model
     from mergeflow.content_cache import ContentCache
@@ -36,13 +36,22 @@ def stage_run(args: argparse.Namespace, data_config: str, options: dict[str, Any
     finally:
         for ckpt in checkpoints:
             ckpt.close()
-    return open_run(config, args.base, args.expert, Store(args.store, options, cache), args.device)
+    return open_run(config, args.base, args.expert, Store(args.store, options, cache), merge, args.device)
+
+
+def _chosen(run: Any) -> Any:
+    """Walk the plan through its merge's choice (the overlap check, the experts' validation scores, every point
+    or rung); returns the chosen spec."""
+    choice = next(i for i in run.plan.node(f"merge:{run.label}").inputs if i.startswith(("select:", "chosen:")))
+    run.walk(["overlap", choice] if "overlap" in {n.id for n in run.plan} else [choice])
+    return run.value(choice)
 
 
 def tuned_params(args: argparse.Namespace, params: dict[str, Any], options: dict[str, Any]
                  ) -> tuple[Any, dict[str, Any]]:
     """`--tune DATA_CONFIG`: the method's coefficients picked on validation data (grid from --grid or the
     default), with every point's scores printed; returns (the run, the chosen parameters)."""
+    from mergeflow.config import MergeSpec
     from mergeflow.sweep import default_grid
 
     grid = {}
@@ -51,21 +60,18 @@ def tuned_params(args: argparse.Namespace, params: dict[str, Any], options: dict
         if not sep or not values:
             raise MergeflowError(f"--grid {item!r}: expected key=v1,v2,...")
         grid[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
-    grid = grid or default_grid(args.method)
-    run = stage_run(args, args.tune, options)
-    run.warn_overlap()
-    chosen, scores = run.tune(args.method, params, grid, run.config.tuning)
-    for score in scores:
-        mark = "  <- chosen" if score.params == chosen else ""
-        print(f"  {json.dumps({k: score.params[k] for k in grid})}: validation avg {100 * score.avg:.1f}%, "
-              f"norm. avg {100 * score.norm_avg:.1f}%{mark}")
-    return run, chosen
+    try:
+        spec = MergeSpec(method=args.method, params=params, sweep=grid or default_grid(args.method))
+    except ValueError as exc:
+        raise MergeflowError(f"--tune {args.method}: {exc}") from None
+    run = stage_run(args, args.tune, options, spec)
+    return run, dict(_chosen(run).params)
 
 
 def searched_method(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
     """`--method auto --tune DATA_CONFIG`: the best method and coefficients by successive halving on validation
     data (`mergeflow.search`), with the leaderboard printed; returns (the run, method, parameters)."""
-    from mergeflow.config import SearchConfig
+    from mergeflow.config import MergeSpec, SearchConfig
 
     if not args.tune:
         raise MergeflowError("--method auto searches on validation data: give --tune DATA_CONFIG")
@@ -76,9 +82,9 @@ def searched_method(args: argparse.Namespace, options: dict[str, Any]) -> tuple[
                             max_evaluations=args.budget, max_seconds=args.max_seconds,
                             **({} if args.fidelity is None else {"fidelity": args.fidelity}))
     settings.candidates()  # a bad method name fails before any data is read
-    run = stage_run(args, args.tune, options)
-    run.warn_overlap()
-    result = run.search(settings, run.config.tuning)
+    run = stage_run(args, args.tune, options, MergeSpec(method="auto", search=settings))
+    chosen = _chosen(run)
+    result = run.searches[run.label]
     print(f"search: {result.rungs_done} of {result.rungs_planned} rungs, {result.examples_scored} validation "
           f"examples per task, {result.seconds:.1f} s" + (f"; stopped early: {result.stopped}" if result.stopped
                                                           else ""))
@@ -90,7 +96,7 @@ def searched_method(args: argparse.Namespace, options: dict[str, Any]) -> tuple[
                 shown.append(f"{key}: {value}" + ("" if fidelity == "full" else f" [{fidelity}]"))
         scores = ", ".join(shown)
         print(f"  {row['candidate']:48s} {scores}{'  <- chosen' if row['chosen'] else ''}")
-    return run, result.winner.method, dict(result.winner.params)
+    return run, chosen.method, dict(chosen.params)
 
 
 def merge_inputs(args: argparse.Namespace, params: dict[str, Any], options: dict[str, Any], run: Any = None
@@ -110,10 +116,8 @@ def merge_inputs(args: argparse.Namespace, params: dict[str, Any], options: dict
         if not (wants_statistics or method.needs_objective):
             raise MergeflowError(f"--data: method {args.method!r} reads no task data"
                                  + (" (its statistics were given with --statistics)" if args.statistics else ""))
-        run = stage_run(args, args.data, options)
+        run = stage_run(args, args.data, options, MergeSpec(method=args.method, params=params))
     if run is None:
         return {"statistics": args.statistics}
-    # a learned point chosen on validation learned on the validation inputs: its merge does too
-    inputs = run.merge_inputs(MergeSpec(method=args.method, params=params), tuned=bool(args.tune),
-                              with_statistics=not args.statistics)
+    inputs = run.merge_inputs()
     return {**inputs, "statistics": args.statistics} if args.statistics else inputs

@@ -7,9 +7,10 @@ Prefect UI (Blocks -> Mergeflow S3 Credentials) after `prefect block register -m
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from prefect.blocks.core import Block
@@ -51,28 +52,33 @@ def store_for(storage: StorageConfig) -> Store:
     return Store.of(storage, block_credentials(storage))
 
 
+@contextlib.contextmanager
+def stage_scope(kind: str, name: str) -> Iterator[None]:
+    """A stage's run: refuse to start once a stop was requested, let a worker process stop on a forwarded signal,
+    and print one line as the stage starts and one as it ends (`tasks.progress`, counted under `kind`)."""
+    stopping.install_in_worker()
+    stopping.enter_scope(_flow_run_id())
+    stopping.check()
+    print(progress.CLOCK.started(kind, name))
+    start = time.perf_counter()
+    outcome = "error"
+    try:
+        yield
+        outcome = "done"
+    except stopping.Stopped:
+        outcome = "stop"
+        raise
+    finally:
+        print(progress.CLOCK.finished(kind, name, time.perf_counter() - start, outcome))
+
+
 def uses_storage(fn: F) -> F:
-    """A stage's entry (put it under `@task`): refuse to start once a stop was requested, let a worker process
-    stop on a forwarded signal, and print one line as the stage starts and one as it ends (`tasks.progress`)."""
+    """A stage's entry (put it under `@task`): its body runs in `stage_scope`, counted under its name."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        stopping.install_in_worker()
-        stopping.enter_scope(_flow_run_id())
-        stopping.check()
-        name = _task_run_name(fn.__name__)
-        print(progress.CLOCK.started(fn.__name__, name))
-        start = time.perf_counter()
-        outcome = "error"
-        try:
-            result = fn(*args, **kwargs)
-            outcome = "done"
-            return result
-        except stopping.Stopped:
-            outcome = "stop"
-            raise
-        finally:
-            print(progress.CLOCK.finished(fn.__name__, name, time.perf_counter() - start, outcome))
+        with stage_scope(fn.__name__, _task_run_name(fn.__name__)):
+            return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 

@@ -59,10 +59,11 @@ def test_the_plan_follows_the_flows_branching():
 
 
 def test_every_kind_a_plan_holds_has_its_executor_and_status_methods():
-    """A node kind without a method in the flow's executor (or in `mergeflow plan`'s resolver) fails here, not in a
-    run: the executor calls `getattr(run, node.kind)`; search nodes are run by their search, not by the walk."""
+    """A node kind the flow's executor can run neither by a task of its own (`getattr(run, node.kind)`) nor by the
+    generic stage task (its stage's `run`) fails here, not in a run; so does a stored output without a location
+    for `mergeflow plan`. Search nodes are run by their search, not by the walk."""
     from flows.plan_run import PlanRun
-    from mergeflow.stages.plan_status import BOOKKEEPING, _Resolver
+    from mergeflow.plan import STAGES
 
     plans = [compile_plan(_config(skip_unchanged=True)),
              compile_plan(_config(merge_parts=2, merges=[{"method": "tsv"}, {"method": "adamerging"},
@@ -71,9 +72,12 @@ def test_every_kind_a_plan_holds_has_its_executor_and_status_methods():
     walked = {node.kind for plan in plans for node in plan if node.part_of is None}
     assert {"check_unchanged", "merge_part", "assemble_merge", "record_search", "select_point", "check_overlap",
             "register_model", "compute_statistics", "build_subspace", "sparsify", "finetune_expert"} <= walked
-    assert [kind for kind in walked if not callable(getattr(PlanRun, kind, None))] == []
-    every = {node.kind for plan in plans for node in plan}
-    assert [kind for kind in every if kind not in BOOKKEEPING and not callable(getattr(_Resolver, kind, None))] == []
+    assert [kind for kind in walked if not callable(getattr(PlanRun, kind, None)) and STAGES[kind].run is None] == []
+    unlocated = {node.kind for plan in plans for node in plan if node.stage.where is None}
+    assert unlocated <= {"check_unchanged", "check_overlap", "select_point", "open_search", "record_search",
+                         "merge_part", "record_merge", "register_model", "mark_success"}
+    with pytest.raises(KeyError, match="no stage of kind 'fetch_expret'"):
+        compile_plan(_config()).add("expert:x", "fetch_expret")
     for plan in plans:  # what the walk skips belongs to a search node the walk reaches later
         order = [node.id for node in plan]
         for node in plan:

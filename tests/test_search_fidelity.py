@@ -147,25 +147,23 @@ def test_the_merges_behind_the_rungs_and_the_full_point_is_the_plain_merge(store
 
 def test_the_command_line_executor_scores_the_reduced_points(monkeypatch):
     from mergeflow.config import SearchConfig, TuningConfig
-    from mergeflow.stages.in_process import InProcessRun
+    from mergeflow.stages import search as search_stage
 
-    run = InProcessRun(config=None, store=None, base=None, experts={}, tasks={})  # scoring is replaced below
     scored: list[tuple[int, Candidate]] = []
 
-    def score(spec, examples):
+    def score(spec, examples, ctx):  # the sweep-point stage, replaced
         point = Candidate(spec.method, dict(spec.params))
         scored.append((examples, point))
         return {"a": 0.8 * _quality(point), "b": 0.5 * _quality(point)}
 
-    monkeypatch.setattr(run, "score", score)
-    monkeypatch.setattr(run, "expert_validation", lambda examples: EXPERTS)
+    monkeypatch.setattr(search_stage, "score", score)
     settings = SearchConfig(methods=["wudi"], grids={"wudi": {"scaling": [1.0, 1.5]}})
-    result = run.search(settings, TuningConfig(max_examples=90))
+    result = search_stage.search(settings, TuningConfig(max_examples=90), EXPERTS, None)
     assert scored[:2] == [(10, Candidate("wudi", {"scaling": 1.0, "steps": 100})),
                           (10, Candidate("wudi", {"scaling": 1.5, "steps": 100}))]
     assert (90, Candidate("wudi", {"scaling": 1.5})) in scored and result.winner == Candidate("wudi", {"scaling": 1.5})
     scored.clear()
-    run.search(settings.model_copy(update={"fidelity": 0.5}), TuningConfig(max_examples=90))
+    search_stage.search(settings.model_copy(update={"fidelity": 0.5}), TuningConfig(max_examples=90), EXPERTS, None)
     assert scored[0] == (10, Candidate("wudi", {"scaling": 1.0, "steps": 200}))
 
 
@@ -192,7 +190,7 @@ def test_the_flow_executor_and_its_plan_score_the_reduced_points(monkeypatch):
     monkeypatch.setattr(selection, "sweep_point", SimpleNamespace(submit=submit))
     monkeypatch.setattr(selection, "open_search", lambda *args: "search-run")
     monkeypatch.setattr(selection, "record_search", record)
-    run = SimpleNamespace(config=config, parent="parent", base=None, experts={}, eval_inputs={},
+    run = SimpleNamespace(config=config, parent="parent", base=None, experts={}, tasks={},
                           subspaces=lambda point: None, pass_of=lambda point: None, statistics=lambda point: None)
     chosen = selection.search(run, "auto", config.merges[0], EXPERTS)
     assert chosen == MergeSpec(method="wudi", params={"scaling": 1.5})

@@ -9,6 +9,7 @@ from mergeflow.config import DataConfig, EvalConfig
 from mergeflow.errors import ConfigError, ObjectNotFoundError
 from mergeflow.families import get_family
 from mergeflow.stages.refs import ObjectRef, dataset_uri, family_of, head_uri
+from mergeflow.stages.stage import Context, Located, Node, Stage
 from mergeflow.stages.store import Store
 from mergeflow.storage import directory_digest
 
@@ -87,3 +88,44 @@ def validation_overlap(task: str, dataset: ObjectRef, base: ObjectRef, store: St
         return {"validation": family.split_size(data), "in_train": 0}
     found = overlap(task, family.input_digests(train), family.input_digests(data))
     return {"validation": found.validation, "in_train": found.in_train}
+
+
+# ---------------------------------------------------------------------------------------- the plan's stages
+
+def _dataset_where(node: Node, ctx: Context) -> Located:
+    given = ctx.task_configs[node.task].dataset
+    uri = given or dataset_location(node.task, ctx.config.data, ctx.store.root)
+    return uri, lambda: ctx.store.directory_ref(uri, recursive=bool(given))
+
+
+def _prepare_dataset(node: Node, ctx: Context) -> ObjectRef:
+    return prepare_dataset(node.task, ctx.config.data, ctx.store, ctx.task_configs[node.task].dataset,
+                           ctx.config.model.family)
+
+
+def _head_where(node: Node, ctx: Context) -> Located:
+    given = ctx.task_configs[node.task].head
+    if given:
+        return given, lambda: ObjectRef(uri=given, sha256=ctx.store.fetch(given).sha256)
+    uri = head_location(node.task, ctx.base, ctx.value(f"dataset:{node.task}"), ctx.config.evaluation,
+                        ctx.store.root)
+    return uri, lambda: ctx.store.file_ref(uri)
+
+
+def _fit_head(node: Node, ctx: Context) -> ObjectRef:
+    return fit_head(node.task, ctx.base, ctx.value(f"dataset:{node.task}"), ctx.config.evaluation, ctx.store,
+                    ctx.device, ctx.task_configs[node.task].head)
+
+
+def _check_overlap(node: Node, ctx: Context) -> dict[str, dict[str, int]]:
+    """Each task's validation examples also in its train split, with a warning printed where any are."""
+    from mergeflow.hygiene import overlap_warning
+
+    found = {name: validation_overlap(name, dataset, ctx.base, ctx.store) for name, (dataset, _) in ctx.tasks.items()}
+    if warning := overlap_warning(found):
+        print(warning)
+    return found
+
+
+STAGES = (Stage("prepare_dataset", _dataset_where, _prepare_dataset), Stage("fit_head", _head_where, _fit_head),
+          Stage("check_overlap", None, _check_overlap))

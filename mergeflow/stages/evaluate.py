@@ -8,6 +8,7 @@ from typing import Any
 
 from mergeflow.config import EvalConfig
 from mergeflow.stages.refs import ObjectRef, TaskInputs, evaluation_uri, family_of
+from mergeflow.stages.stage import Context, Located, Node, Stage
 from mergeflow.stages.store import Store
 
 
@@ -62,3 +63,27 @@ def evaluate_stored(weights: ObjectRef | None, base: ObjectRef, tasks: TaskInput
     store.publish_json(uri, {"model": model.model_dump(), "split": split, "max_examples": max_examples,
                              "accuracy": accuracy})
     return accuracy, False
+
+
+# ---------------------------------------------------------------------------------------- the plan's stages
+
+def _reads(node: Node, ctx: Context) -> tuple[ObjectRef | None, TaskInputs]:
+    """(the model scored: None for the pretrained one; the tasks it is scored on)."""
+    weights = ctx.model_ref(node.model) if node.model else None
+    return weights, ctx.tasks if node.task is None else {node.task: ctx.tasks[node.task]}
+
+
+def _where(node: Node, ctx: Context) -> Located:
+    weights, tasks = _reads(node, ctx)
+    uri = evaluation_location(weights, ctx.base, tasks, ctx.config.evaluation, ctx.store.root, node.split or "test",
+                              node.examples)
+    return uri, lambda: ObjectRef(uri=uri, sha256="")
+
+
+def _evaluate(node: Node, ctx: Context) -> dict[str, float]:
+    weights, tasks = _reads(node, ctx)
+    return evaluate_stored(weights, ctx.base, tasks, ctx.config.evaluation, ctx.store, ctx.device,
+                           node.split or "test", node.examples)[0]
+
+
+STAGES = (Stage("evaluate", _where, _evaluate),)

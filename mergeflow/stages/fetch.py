@@ -8,9 +8,10 @@ from typing import Any
 
 from mergeflow.checkpoints.adapter import ADAPTER_WEIGHTS
 from mergeflow.config import ModelConfig
-from mergeflow.errors import ObjectNotFoundError
+from mergeflow.errors import MergeflowError, ObjectNotFoundError
 from mergeflow.families import get_family
 from mergeflow.stages.refs import ModelRef, ObjectRef, builtin_model_uri
+from mergeflow.stages.stage import Context, Located, Node, Stage
 from mergeflow.stages.store import Store
 from mergeflow.storage import directory_digest, filesystem, is_remote, storage_error
 
@@ -56,3 +57,42 @@ def latest_checkpoint(prefix: str, store: Store) -> str:
     if newest.rsplit("/", 1)[-1] == ADAPTER_WEIGHTS:  # an adapter: the expert is its directory
         newest = newest.rsplit("/", 1)[0]
     return f"{prefix.split('://', 1)[0]}://{newest}" if is_remote(prefix) else newest
+
+
+# ---------------------------------------------------------------------------------------- the plan's stages
+
+def _pretrained_where(node: Node, ctx: Context) -> Located:
+    model = ctx.config.model
+    uri = (builtin_model_uri(ctx.store.root, model.pretrained)
+           if model.pretrained in get_family(model.family).builtin_models else model.pretrained)
+    return uri, lambda: ModelRef(**ctx.store.directory_ref(uri).model_dump(), family=model.family)
+
+
+def _expert_where(node: Node, ctx: Context) -> Located:
+    uri = ctx.task_configs[node.task].expert
+    return uri, lambda: ctx.store.checkpoint_ref(uri)
+
+
+def _latest_where(node: Node, ctx: Context) -> Located:
+    try:
+        uri = latest_checkpoint(ctx.task_configs[node.task].latest, ctx.store)
+    except MergeflowError:
+        return None
+    return uri, lambda: ctx.store.checkpoint_ref(uri)
+
+
+def _fetch_pretrained(node: Node, ctx: Context) -> ModelRef:
+    return materialize_pretrained(ctx.config.model, ctx.store)
+
+
+def _fetch_expert(node: Node, ctx: Context) -> ObjectRef:
+    return fetch_checkpoint(ctx.task_configs[node.task].expert, ctx.store)
+
+
+def _fetch_latest(node: Node, ctx: Context) -> ObjectRef:
+    return fetch_checkpoint(latest_checkpoint(ctx.task_configs[node.task].latest, ctx.store), ctx.store)
+
+
+STAGES = (Stage("fetch_pretrained", _pretrained_where, _fetch_pretrained),
+          Stage("fetch_expert", _expert_where, _fetch_expert),
+          Stage("fetch_latest_expert", _latest_where, _fetch_latest))

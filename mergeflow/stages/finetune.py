@@ -12,6 +12,7 @@ from mergeflow.checkpoints.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mergeflow.checkpoints.safetensors_format import save_safetensors
 from mergeflow.config import FinetuneConfig
 from mergeflow.stages.refs import ObjectRef, atm_round_dir, checkpoints_uri, expert_uri, family_of
+from mergeflow.stages.stage import Context, Located, Node, Stage
 from mergeflow.stages.store import Store
 from mergeflow.storage import join
 
@@ -110,3 +111,21 @@ def atm_finetune(task: str, base: ObjectRef, start: ObjectRef | None, dataset: O
     store.publish_or_reuse(build, directory)
     report = {"reused": False, "losses": result.losses, "seconds": round(result.seconds, 2)}
     return store.file_ref(uri), report
+
+
+# ---------------------------------------------------------------------------------------- the plan's stages
+
+def _expert_where(node: Node, ctx: Context) -> Located:
+    n = node.task
+    uri = expert_location(n, ctx.base, ctx.value(f"dataset:{n}"), ctx.value(f"head:{n}"), ctx.config.finetune,
+                          ctx.store.root)
+    return uri, lambda: ctx.store.checkpoint_ref(uri)
+
+
+def _finetune(node: Node, ctx: Context) -> ObjectRef:
+    n = node.task
+    return finetune_expert(n, ctx.base, ctx.value(f"dataset:{n}"), ctx.value(f"head:{n}"), ctx.config.finetune,
+                           ctx.store, ctx.device)[0]
+
+
+STAGES = (Stage("finetune_expert", _expert_where, _finetune),)

@@ -14,23 +14,20 @@ are referenced where they are, and the data config's `batch_size` and `max_lengt
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mergeflow.config import DataConfig, EvalConfig, MergeDataConfig, MergeSpec, SearchConfig, TuningConfig
-from mergeflow.errors import ConfigError
+from mergeflow.config import (DataConfig, EvalConfig, MergeDataConfig, MergeSpec, ModelConfig, RunConfig,
+                              StorageConfig, TaskConfig)
+from mergeflow.errors import ConfigError, MergeflowError
 from mergeflow.families import get_family
-from mergeflow.plan import pass_key
-from mergeflow.stages import statistics as statistics_stage, subspace as subspace_stage
+from mergeflow.plan import Plan, compile_plan
 from mergeflow.stages.data import fit_head, prepare_dataset
-from mergeflow.stages.evaluate import evaluate_stored
-from mergeflow.stages.merge import needs_objective
-from mergeflow.stages.refs import ModelRef, ObjectRef, fingerprint
-from mergeflow.stages.sparsify import read_sparsified, sparsify
+from mergeflow.stages.merge import engine_inputs, merge_reads
+from mergeflow.stages.refs import ModelRef, fingerprint
+from mergeflow.stages.stage import Context
 from mergeflow.stages.store import Store
-from mergeflow.stages.sweep import cached_point, sweep_point, unlabeled_objective
 from mergeflow.storage import directory_digest, join
 
 
@@ -39,166 +36,89 @@ def evaluation_settings(config: MergeDataConfig) -> EvalConfig:
     return EvalConfig(batch_size=config.batch_size, max_length=config.max_length)
 
 
-@dataclass
-class InProcessRun:
-    """The stages of one command-line merge over `store`: inputs as references, each stage run at most once."""
+def upstream(plan: Plan, ids: Iterable[str]) -> set[str]:
+    """`ids` and every node they read, directly or through others."""
+    inputs = {node.id: node.inputs for node in plan}
+    found, todo = set(), list(ids)
+    while todo:
+        id = todo.pop()
+        if id not in found:
+            found.add(id)
+            todo.extend(inputs[id])
+    return found
 
-    config: MergeDataConfig
-    store: Store
-    base: ModelRef
-    experts: dict[str, ObjectRef]
-    tasks: dict[str, tuple[ObjectRef, ObjectRef]]
-    device: str = "auto"
-    kinds: tuple[str, ...] | None = None  # statistics kinds a search computes for all its data-aware candidates
-    _statistics: dict[tuple[str, ...], dict[str, ObjectRef]] = field(default_factory=dict)
-    _subspaces: dict[str, ObjectRef] = field(default_factory=dict)
-    _passes: dict[str, ObjectRef] = field(default_factory=dict)
+
+class InProcessRun(Context):
+    """A plan run in this process over a local `Store`: each node's stage `run`, in the plan's order, at most once
+    (outputs already known, such as the command line's checked inputs, are not run again)."""
+
+    def walk(self, ids: Iterable[str]) -> None:
+        """Run the nodes `ids` need and then `ids` (a search's rungs run inside its `record_search` node)."""
+        needed = upstream(self.plan, ids)
+        for node in self.plan:
+            if node.id not in needed or node.id in self.outputs or node.part_of is not None:
+                continue
+            if node.stage.run is None:
+                raise MergeflowError(f"plan node {node.id}: stage {node.kind} runs only in the flow")
+            self.outputs[node.id] = node.stage.run(node, self)
+
+    @property
+    def label(self) -> str:
+        return self.config.merge_labels()[0]
+
+    def merge_inputs(self) -> dict[str, Any]:
+        """`merge_checkpoints` keywords for the run's merge as the flow's merge stage reads them (its stored pass,
+        statistics, subspaces, objective, and the point a sweep or search computed: written, not merged again),
+        after every node the merge reads has run."""
+        node = self.plan.node(f"merge:{self.label}")
+        self.walk(node.inputs)
+        reads = merge_reads(self.label, node, self)
+        return engine_inputs(reads.pop("spec"), self.base, self.experts, self.store, device=self.device, **reads)
+
+    # for callers scoring points outside a plan's walk (benchmarks/auto_regret.py)
 
     @property
     def evaluation(self) -> EvalConfig:
-        return evaluation_settings(self.config)
-
-    # ------------------------------------------------------------------------------------------ the stages
-
-    def statistics(self, spec: MergeSpec) -> dict[str, ObjectRef] | None:
-        """Each expert's statistics of the kinds `spec` reads, or within a search of every kind its candidates read,
-        as the flow computes them (stored beside the expert; None: it reads none)."""
-        kinds = statistics_stage.statistic_kinds([spec])
-        if not kinds:
-            return None
-        kinds = self.kinds or kinds
-        if kinds not in self._statistics:
-            found = {}
-            for name, expert in self.experts.items():
-                dataset, head = self.tasks[name]
-                found[name], report = statistics_stage.compute_statistics(
-                    name, self.base, expert, dataset, head, kinds, self.config.statistics, self.store, self.device)
-                print(f"statistics {name}: " + ("stored" if report["reused"] else
-                                                f"{report['examples']} examples, {report['seconds']} s"))
-            self._statistics[kinds] = found
-        return self._statistics[kinds]
-
-    def subspaces(self, spec: MergeSpec) -> dict[str, ObjectRef] | None:
-        """The stored factors `spec` reads, built once per kind (None: it reads none)."""
-        kinds = subspace_stage.subspace_kinds([spec])
-        for kind in kinds:
-            if kind not in self._subspaces:
-                self._subspaces[kind], _, _ = subspace_stage.build_subspace(kind, self.base, self.experts,
-                                                                            self.store, self.device)
-        return {kind: self._subspaces[kind] for kind in kinds} or None
-
-    def sparsify_pass(self, spec: MergeSpec) -> ObjectRef | None:
-        """The stored global pass `spec` reads (the flow's sparsify stage, run once per pass; None: none)."""
-        key = pass_key(spec)
-        if key is None:
-            return None
-        if key not in self._passes:
-            self._passes[key] = sparsify(spec, self.base, self.experts, self.store, self.device)[0]
-        return self._passes[key]
-
-    def expert_validation(self, examples: int) -> dict[str, float]:
-        """Each expert's accuracy on the first `examples` validation examples of its own task (stored scores)."""
-        return {name: evaluate_stored(expert, self.base, {name: self.tasks[name]}, self.evaluation, self.store,
-                                      self.device, "validation", examples)[0][name]
-                for name, expert in self.experts.items()}
+        return self.config.evaluation
 
     def score(self, spec: MergeSpec, examples: int) -> dict[str, Any]:
-        """One point's validation accuracy per task on `examples` per task, with each example's credit (the flow's
-        sweep-point stage; a learned method learns on the validation inputs, never their labels)."""
-        tuning = TuningConfig(max_examples=examples)
-        result, _ = sweep_point(spec.method, spec.params, self.base, self.experts, self.tasks, tuning,
-                                  self.evaluation, self.store, self.device, self.subspaces(spec),
-                                  self.sparsify_pass(spec), self.statistics(spec),
-                                "validation" if needs_objective(spec) else None)
-        return result
+        from mergeflow.stages.sweep import score
 
-    def warn_overlap(self) -> dict[str, dict[str, int]]:
-        """Each task's validation examples also in its train split (by input content), with a warning printed
-        naming the tasks where any are: choices made on them are biased."""
-        from mergeflow.hygiene import overlap_warning
-        from mergeflow.stages.data import validation_overlap
-
-        found = {name: validation_overlap(name, dataset, self.base, self.store)
-                 for name, (dataset, _) in self.tasks.items()}
-        if warning := overlap_warning(found):
-            print(warning)
-        return found
-
-    # ------------------------------------------------------------------------------------------ the choices
-
-    def tune(self, method: str, params: Mapping[str, Any], grid: Mapping[str, Sequence[Any]],
-             tuning: TuningConfig) -> tuple[dict[str, Any], list[Any]]:
-        """Every grid point scored on validation (never test); returns (chosen parameters, every point's score)."""
-        from mergeflow.sweep import choose, grid_points, score_point
-
-        points = grid_points(method, grid, params)
-        expert_accuracy = self.expert_validation(tuning.max_examples)
-        scores = [score_point(point, self.score(MergeSpec(method=method, params=point),
-                                                tuning.max_examples)["accuracy"], expert_accuracy, tuning.rule,
-                              tuning.floor) for point in points]
-        return choose(scores, list(grid)).params, scores
-
-    def search(self, settings: SearchConfig, tuning: TuningConfig) -> Any:
-        """`auto`: successive halving (`mergeflow.search`) over `settings`' candidates, each rung's points scored
-        as the flow's search scores them; returns the `SearchResult`."""
-        from mergeflow.search import successive_halving
-
-        candidates = settings.candidates()
-        self.kinds = statistics_stage.statistic_kinds([MergeSpec(method=c.method, params=c.params)
-                                                       for c in candidates]) or None
-
-        def score_rung(rung: int, examples: int, chosen: Sequence[Any]) -> list[dict[str, Any]]:
-            out = [self.score(MergeSpec(method=c.method, params=c.params), examples) for c in chosen]
-            print(f"  rung {rung}: {len(chosen)} candidates scored on {examples} validation examples per task")
-            return out
-
-        return successive_halving(candidates, score_rung, self.expert_validation(tuning.max_examples),
-                                  min_examples=settings.min_examples, max_examples=tuning.max_examples,
-                                  eta=settings.eta, rule=tuning.rule, floor=tuning.floor,
-                                  max_evaluations=settings.max_evaluations, max_seconds=settings.max_seconds,
-                                  confidence=settings.confidence, extend_edges=settings.extend_edges,
-                                  fidelity=settings.fidelity)
-
-    # ------------------------------------------------------------------------------------------ the merge
-
-    def merge_inputs(self, spec: MergeSpec, tuned: bool = False, with_statistics: bool = True) -> dict[str, Any]:
-        """`merge_checkpoints` keywords for merging `spec` as the flow's merge stage does: its stored pass,
-        subspaces and (`with_statistics`) statistics, and the point a sweep or search computed (written, not merged
-        again) or, for a learned method, the objective on the inputs of the data config's `unlabeled_split`
-        (`tuned`: of the validation split, on which it was scored)."""
-        from mergeflow.stages.subspace import stored_subspaces
-
-        statistics = self.statistics(spec) if with_statistics else None
-        subspaces, state = self.subspaces(spec), self.sparsify_pass(spec)
-        split = "validation" if tuned else self.config.unlabeled_split
-        unlabeled = (self.tasks, split, self.evaluation) if needs_objective(spec) else None
-        precomputed = cached_point(spec.method, spec.params, self.base, self.experts, self.store, statistics,
-                                   unlabeled)
-        objective = (unlabeled_objective(self.base, *unlabeled, self.store, self.device)
-                     if unlabeled and precomputed is None else None)
-        return {"state": read_sparsified(state, self.store) if state is not None else None,
-                "statistics": [statistics[n].uri for n in self.experts] if statistics else None,
-                "subspaces": stored_subspaces(subspaces, self.store) or None, "objective": objective,
-                "precomputed": precomputed}
+        return score(spec, examples, self)
 
 
-def open_run(config: MergeDataConfig, base: str, experts: Sequence[str], store: Store,
+def run_config(config: MergeDataConfig, base: ModelRef, experts: Sequence[str], store: Store,
+               merge: MergeSpec) -> RunConfig:
+    """The run config of a command-line merge: the data config's tasks with the `--expert`s, its evaluation,
+    statistics and tuning settings, one merge, stored in `store` (equal settings: the flow's keys)."""
+    return RunConfig(name="command-line", model=ModelConfig(family=config.family, pretrained=base.uri),
+                     tasks=[TaskConfig(name=t.name, expert=uri, dataset=t.dataset, head=t.head)
+                            for t, uri in zip(config.tasks, experts)],
+                     evaluation=evaluation_settings(config), merges=[merge], tuning=config.tuning,
+                     statistics=config.statistics.model_copy(update={"unlabeled_split": config.unlabeled_split}),
+                     storage=StorageConfig(root=store.root), device="cpu")
+
+
+def open_run(config: MergeDataConfig, base: str, experts: Sequence[str], store: Store, merge: MergeSpec,
              device: str = "auto") -> InProcessRun:
-    """The command line's inputs as the stages' references, checked before any model runs (count, model
-    directory, each dataset's layout, each head against its task's classes, each checkpoint's format); errors name
-    the data config's field."""
+    """The plan of a command-line merge over `store`, its inputs checked before any model runs (count, model
+    directory, each dataset's layout, each head against its task's classes, each checkpoint's format; errors name
+    the data config's field) and given to the plan as its first nodes' outputs."""
     if len(config.tasks) != len(experts):
         raise ConfigError(f"data config lists {len(config.tasks)} tasks for {len(experts)} experts (one per "
                           "--expert, in the same order)")
     model = base_model(config, base, store)
-    evaluation, tasks = evaluation_settings(config), {}
+    evaluation, outputs = evaluation_settings(config), {"pretrained": model}
     for i, entry in enumerate(config.tasks):
         dataset = prepare_dataset(entry.name, DataConfig(), store, entry.dataset, config.family,
                                   field=f"tasks.{i}.dataset")
-        head = fit_head(entry.name, model, dataset, evaluation, store, device, entry.head, field=f"tasks.{i}.head")
-        tasks[entry.name] = (dataset, head)
-    refs = {entry.name: store.checkpoint_ref(uri) for entry, uri in zip(config.tasks, experts)}
-    return InProcessRun(config, store, model, refs, tasks, device)
+        outputs[f"dataset:{entry.name}"] = dataset
+        outputs[f"head:{entry.name}"] = fit_head(entry.name, model, dataset, evaluation, store, device, entry.head,
+                                                 field=f"tasks.{i}.head")
+    for entry, uri in zip(config.tasks, experts):
+        outputs[f"expert:{entry.name}"] = store.checkpoint_ref(uri)
+    run = run_config(config, model, experts, store, merge)
+    return InProcessRun(run, store, device, compile_plan(run), outputs)
 
 
 def base_model(config: MergeDataConfig, base: str, store: Store) -> ModelRef:

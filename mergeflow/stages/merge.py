@@ -8,8 +8,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mergeflow.config import AUTO, MergeSpec
+from mergeflow.stages import statistics as statistics_stage, subspace as subspace_stage
 from mergeflow.stages.refs import ObjectRef, TaskInputs, merged_uri, part_uri, parts_prefix
 from mergeflow.stages.sparsify import read_sparsified
+from mergeflow.stages.stage import Context, Located, Node, Stage
 from mergeflow.stages.store import Store
 from mergeflow.stages.subspace import stored_subspaces
 from mergeflow.stages.sweep import Unlabeled, cached_point, unlabeled_objective
@@ -35,6 +37,20 @@ def _merge_record(store: Store, out_uri: str) -> dict[str, Any]:
     return store.read_json(join(out_uri, "mergeflow.json"))
 
 
+def engine_inputs(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], store: Store,
+                  state: ObjectRef | None = None, device: str = "auto",
+                  statistics: Mapping[str, ObjectRef] | None = None, unlabeled: Unlabeled | None = None,
+                  subspaces: Mapping[str, ObjectRef] | None = None) -> dict[str, Any]:
+    """What the engine (`merge_checkpoints`) reads besides the checkpoints: the stored pass, the statistics, the
+    subspaces, a learned method's objective, and the point a sweep or search computed here (written, not merged
+    again: bit-identical)."""
+    precomputed = cached_point(spec.method, spec.params, base, experts, store, statistics, unlabeled)
+    objective = unlabeled_objective(base, *unlabeled, store, device) if unlabeled and precomputed is None else None
+    return {"state": read_sparsified(state, store) if state is not None else None,
+            "statistics": [statistics[n].uri for n in experts] if statistics else None,
+            "objective": objective, "subspaces": stored_subspaces(subspaces, store), "precomputed": precomputed}
+
+
 def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, ObjectRef], out_uri: str,
                   store: Store, state: ObjectRef | None = None, device: str = "auto",
                   statistics: Mapping[str, ObjectRef] | None = None, unlabeled: Unlabeled | None = None,
@@ -46,18 +62,13 @@ def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
 
     if store.exists(out_uri):
         return store.checkpoint_ref(out_uri), _merge_record(store, out_uri)
-    # a point a sweep or search computed here is written, not merged again (bit-identical)
-    precomputed = cached_point(spec.method, spec.params, base, experts, store, statistics, unlabeled)
-    objective = unlabeled_objective(base, *unlabeled, store, device) if unlabeled and precomputed is None else None
     try:
         result = merge_checkpoints(spec.method, store.base_weights(base), [r.uri for r in experts.values()],
                                    out_uri, spec.params, device=device, storage_options=store.options,
                                    cache=store.cache, progress=True,
-                                   state=read_sparsified(state, store) if state is not None else None,
-                                   statistics=[statistics[n].uri for n in experts] if statistics else None,
-                                   objective=objective, subspaces=stored_subspaces(subspaces, store),
                                    expected_digests=store.input_digests(base, experts, statistics),
-                                   precomputed=precomputed)
+                                   **engine_inputs(spec, base, experts, store, state, device, statistics, unlabeled,
+                                                   subspaces))
     except FileExistsError:  # a concurrent run published the same merge (same key: same bytes) first
         if not store.exists(out_uri):
             raise
@@ -111,3 +122,41 @@ def atm_merge(spec: MergeSpec, base: ObjectRef, current: ObjectRef | None, round
                           [ref.uri for ref in round_experts.values()], out_uri, spec.params, device=device,
                           storage_options=store.options, cache=store.cache)
     return store.checkpoint_ref(out_uri)
+
+
+# ---------------------------------------------------------------------------------------- the plan's stages
+
+def unlabeled_split(label: str, ctx: Context) -> str:
+    """The split whose inputs a learned merge learns on: a learned point chosen on validation (by a sweep or by
+    `auto`) learned on the validation inputs, and its merge does too (the cached point)."""
+    spec = ctx.labelled[label]
+    return "validation" if spec.method == AUTO or spec.sweep is not None else ctx.config.statistics.unlabeled_split
+
+
+def merge_reads(label: str, node: Node, ctx: Context) -> dict[str, Any]:
+    """What merge `label` reads, as `merge_experts` keywords: its spec (the point chosen on validation for a
+    swept or searched merge), its own sparsify pass, statistics, subspaces and unlabeled inputs."""
+    spec = ctx.spec_of(label)
+    own_pass = next((i for i in node.inputs if i == f"sparsify:{label}"), None)
+    return {"spec": spec, "state": ctx.value(own_pass) if own_pass else None,
+            "statistics": statistics_stage.read_by(spec, ctx), "subspaces": subspace_stage.read_by(spec, ctx),
+            "unlabeled": (ctx.tasks, unlabeled_split(label, ctx), ctx.config.evaluation)
+            if needs_objective(spec) else None}
+
+
+def _where(node: Node, ctx: Context) -> Located:
+    label = node.id.removeprefix("merge:")
+    spec = ctx.spec_of(label)
+    unlabeled = (ctx.tasks, unlabeled_split(label, ctx)) if needs_objective(spec) else None
+    uri = merge_location(ctx.config.name, label, spec, ctx.base, ctx.experts, ctx.store.root,
+                         statistics_stage.read_by(spec, ctx), unlabeled)
+    return uri, lambda: ctx.store.checkpoint_ref(uri)
+
+
+def _merge(node: Node, ctx: Context) -> tuple[ObjectRef, dict[str, Any]]:
+    reads = merge_reads(node.id.removeprefix("merge:"), node, ctx)
+    uri = _where(node, ctx)[0]
+    return merge_experts(reads.pop("spec"), ctx.base, ctx.experts, uri, ctx.store, device=ctx.device, **reads)
+
+
+STAGES = (Stage("merge", _where, _merge), Stage("merge_part"), Stage("assemble_merge", _where))

@@ -15,6 +15,7 @@ import torch
 
 from mergeflow.config import AUTO, MergeSpec
 from mergeflow.stages.refs import ObjectRef, sparsify_uri
+from mergeflow.stages.stage import Context, Located, Node, Stage
 from mergeflow.stages.store import Store
 
 
@@ -95,3 +96,61 @@ def read_state(path: Path) -> dict[str, Any]:
 def read_sparsified(ref: ObjectRef, store: Store) -> dict[str, Any]:
     """The method state a sparsify stage stored, after checking its digest."""
     return read_state(store.local_directory(ref) / STATE_FILE)
+
+
+# ---------------------------------------------------------------------------------------- the plan's stages
+
+def sparsifies(spec: MergeSpec) -> bool:
+    """Whether a merge runs the sparsify stage: a data-free method with a global pass (data-aware and learned
+    methods prepare on the pool they merge)."""
+    from mergeflow.methods import method_class
+    from mergeflow.stages.statistics import statistic_kinds
+
+    return has_global_pass(spec) and not statistic_kinds([spec]) and not method_class(spec.method).needs_objective
+
+
+def pass_key(spec: MergeSpec) -> str | None:
+    """What identifies a merge's sparsify stage (None: it has none): points with equal keys share one."""
+    if not sparsifies(spec):
+        return None
+    return json.dumps([spec.method, pass_settings(spec)], sort_keys=True)
+
+
+def pass_of(spec: MergeSpec, ctx: Context) -> ObjectRef | None:
+    """The stored pass a grid point or candidate reads (None: it has none), run once per key in this context."""
+    key = pass_key(spec)
+    if key is None:
+        return None
+    if key not in ctx.passes:
+        ctx.passes[key] = sparsify(spec, ctx.base, ctx.experts, ctx.store, ctx.device)[0]
+    return ctx.passes[key]
+
+
+def pass_spec(node: Node, ctx: Context) -> MergeSpec | None:
+    """The point a sparsify node's pass is of: a merge's own pass (`sparsify:<label>`) is of the point it merges
+    (a swept or searched merge's choice), which may have no pass (None)."""
+    label = node.id.removeprefix("sparsify:")
+    if label not in ctx.labelled:
+        return node.spec
+    spec = ctx.spec_of(label)
+    return spec if has_global_pass(spec) else None
+
+
+def _where(node: Node, ctx: Context) -> Located:
+    spec = pass_spec(node, ctx)
+    if spec is None:
+        return None
+    uri = pass_location(spec, ctx.base, ctx.experts, ctx.store.root)
+    return uri, lambda: ObjectRef(uri=uri, sha256="")
+
+
+def _sparsify(node: Node, ctx: Context) -> ObjectRef | None:
+    spec = pass_spec(node, ctx)
+    if spec is None:
+        return None
+    if node.id.removeprefix("sparsify:") in ctx.labelled:  # a merge's own pass
+        return sparsify(spec, ctx.base, ctx.experts, ctx.store, ctx.device)[0]
+    return pass_of(spec, ctx)
+
+
+STAGES = (Stage("sparsify", _where, _sparsify),)

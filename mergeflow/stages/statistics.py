@@ -8,6 +8,7 @@ from typing import Any
 
 from mergeflow.config import MergeSpec, StatisticsConfig
 from mergeflow.stages.refs import ObjectRef, family_of, statistics_uri
+from mergeflow.stages.stage import Context, Located, Node, Stage
 from mergeflow.stages.store import Store
 
 
@@ -52,3 +53,32 @@ def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: O
     report = {"reused": False, "examples": int(stats.metadata["examples"]),
               "seconds": round(time.perf_counter() - started, 2)}
     return store.file_ref(uri), report
+
+
+# ---------------------------------------------------------------------------------------- the plan's stages
+
+def read_by(spec: MergeSpec | None, ctx: Context) -> dict[str, ObjectRef] | None:
+    """The experts' statistics `spec` reads (None: it reads none)."""
+    if spec is None or not statistic_kinds([spec]):
+        return None
+    return {n: ctx.value(f"statistics:{n}") for n in ctx.task_configs}
+
+
+def _where(node: Node, ctx: Context) -> Located:
+    n = node.task
+    uri = statistics_location(ctx.value(f"expert:{n}"), ctx.value(f"dataset:{n}"), ctx.value(f"head:{n}"),
+                              statistic_kinds(ctx.config.merges), ctx.config.statistics)
+    return uri, lambda: ctx.store.file_ref(uri)
+
+
+def _compute(node: Node, ctx: Context) -> ObjectRef:
+    n = node.task
+    ref, report = compute_statistics(n, ctx.base, ctx.value(f"expert:{n}"), ctx.value(f"dataset:{n}"),
+                                     ctx.value(f"head:{n}"), statistic_kinds(ctx.config.merges),
+                                     ctx.config.statistics, ctx.store, ctx.device)
+    print(f"statistics {n}: " + ("stored" if report["reused"] else f"{report['examples']} examples, "
+                                                                   f"{report['seconds']} s"))
+    return ref
+
+
+STAGES = (Stage("compute_statistics", _where, _compute),)

@@ -200,6 +200,11 @@ class Store:
                 state_dict = {k: ckpt.get(k) for k in ckpt.keys()}
         return family_of(base).load(model_dir, state_dict, resolve_device(device))
 
+    def directory_ref(self, uri: str, recursive: bool = False) -> ObjectRef:
+        """A stored directory's reference (its files' digests from the content cache)."""
+        _, files = fetch_directory(uri, self.cache, self.options, recursive=recursive)
+        return ObjectRef(uri=uri, sha256=directory_digest(files))
+
     def checkpoint_ref(self, uri: str) -> ObjectRef:
         """Fetch (through the cache) and open a checkpoint, or a LoRA adapter directory (its config and weights;
         matched to a base where it is read): validates its format, returns its reference."""

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from mergeflow.config import MergeSpec
 from mergeflow.stages.refs import ObjectRef, subspace_uri
+from mergeflow.stages.stage import Context, Located, Node, Stage
 from mergeflow.stages.store import Store
 
 if TYPE_CHECKING:
@@ -56,3 +57,22 @@ def stored_subspaces(refs: Mapping[str, ObjectRef] | None, store: Store) -> dict
     """Readers (kind -> `SubspaceReader`) of stored subspaces: each index verified against its reference's digest
     now, each factor file fetched and verified when a merge (part) first reads a layer in it."""
     return {kind: store.subspace(ref) for kind, ref in (refs or {}).items()}
+
+
+# ---------------------------------------------------------------------------------------- the plan's stages
+
+def read_by(spec: MergeSpec, ctx: Context) -> dict[str, ObjectRef] | None:
+    """The stored factors `spec` reads, by kind (None: it reads none)."""
+    return {kind: ctx.value(f"subspace:{kind}") for kind in subspace_kinds([spec])} or None
+
+
+def _where(node: Node, ctx: Context) -> Located:
+    uri = subspace_uri(ctx.store.root, node.id.split(":", 1)[1], ctx.base, ctx.experts)
+    return uri, lambda: ObjectRef(uri=uri, sha256="")
+
+
+def _build(node: Node, ctx: Context) -> ObjectRef:
+    return build_subspace(node.id.split(":", 1)[1], ctx.base, ctx.experts, ctx.store, ctx.device)[0]
+
+
+STAGES = (Stage("build_subspace", _where, _build),)

@@ -4,6 +4,7 @@ weights, both in the local cache: a search's deeper rung, and the merge of the c
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid
@@ -12,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from mergeflow.checkpoints.safetensors_format import save_safetensors
-from mergeflow.config import EvalConfig, TuningConfig
+from mergeflow.config import EvalConfig, MergeSpec, TuningConfig
 from mergeflow.stages.evaluate import score_model
 from mergeflow.methods import build_method
 from mergeflow.stages.refs import (ObjectRef, TaskInputs, family_of, fingerprint, sweep_uri,
                                    task_digests)
 from mergeflow.stages.sparsify import read_sparsified
+from mergeflow.stages.stage import Context, Located, Node, Stage
 from mergeflow.stages.store import Store
 
 Unlabeled = tuple[TaskInputs, str, EvalConfig]  # a learned method's objective: tasks, split, evaluation settings
@@ -182,3 +184,69 @@ def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts
     store.publish_json(uri, {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy,
                              "correct": correct})
     return {"accuracy": accuracy, "correct": correct}, False
+
+
+# ---------------------------------------------------------------------------------------- the plan's stages
+
+def _learns(spec: MergeSpec) -> bool:
+    from mergeflow.methods import method_class
+
+    return method_class(spec.method).needs_objective
+
+
+def _point_reads(spec: MergeSpec, examples: int, ctx: Context
+                 ) -> tuple[TuningConfig, dict[str, ObjectRef] | None, str | None]:
+    """(tuning at `examples`, statistics, split learned on) of a point: a data-aware method reads the experts'
+    statistics, a learned one learns on the inputs of validation (never its labels)."""
+    from mergeflow.stages import statistics
+
+    tuning = ctx.config.tuning.model_copy(update={"max_examples": examples})
+    return tuning, statistics.read_by(spec, ctx), "validation" if _learns(spec) else None
+
+
+def _point_where(node: Node, ctx: Context) -> Located:
+    tuning, statistics, learn_on = _point_reads(node.spec, node.examples, ctx)
+    uri = point_location(node.spec.method, node.spec.params, ctx.base, ctx.experts, ctx.tasks, tuning,
+                         ctx.config.evaluation, ctx.store.root, statistics, learn_on)
+    return uri, lambda: ObjectRef(uri=uri, sha256="")
+
+
+def score(spec: MergeSpec, examples: int, ctx: Context) -> dict[str, Any]:
+    """One point's validation accuracy per task on its first `examples` per task, with each example's credit (the
+    sweep-point stage of a grid point or a search's candidate)."""
+    from mergeflow.stages import sparsify, subspace
+
+    tuning, statistics, learn_on = _point_reads(spec, examples, ctx)
+    return sweep_point(spec.method, spec.params, ctx.base, ctx.experts, ctx.tasks, tuning, ctx.config.evaluation,
+                       ctx.store, ctx.device, subspace.read_by(spec, ctx), sparsify.pass_of(spec, ctx), statistics,
+                       learn_on)[0]
+
+
+def _sweep_point(node: Node, ctx: Context) -> dict[str, Any]:
+    return score(node.spec, node.examples, ctx)
+
+
+def choose_point(node: Node, ctx: Context, accuracies: Mapping[str, Mapping[str, float]],
+                 expert_scores: Mapping[str, float]) -> tuple[MergeSpec, list[Any]]:
+    """The grid point of a `select:<label>` node chosen by the run's rule from its points' validation accuracies
+    (by point node id); returns (its spec, every point's score)."""
+    from mergeflow.sweep import choose, score_point
+
+    spec = ctx.labelled[node.id.removeprefix("select:")]
+    tuning = ctx.config.tuning
+    points = [ctx.plan.node(i) for i in node.inputs if i.startswith("sweep:")]
+    scores = [score_point(p.spec.params, accuracies[p.id], expert_scores, tuning.rule, tuning.floor) for p in points]
+    return MergeSpec(method=spec.method, params=choose(scores, list(spec.grid())).params), scores
+
+
+def _select_point(node: Node, ctx: Context) -> MergeSpec:
+    accuracies = {i: ctx.value(i)["accuracy"] for i in node.inputs if i.startswith("sweep:")}
+    chosen, scores = choose_point(node, ctx, accuracies, ctx.expert_scores())
+    for point in scores:
+        shown = {k: point.params[k] for k in ctx.labelled[node.id.removeprefix("select:")].grid()}
+        print(f"  {json.dumps(shown)}: validation avg {100 * point.avg:.1f}%, norm. avg {100 * point.norm_avg:.1f}%"
+              + ("  <- chosen" if point.params == chosen.params else ""))
+    return chosen
+
+
+STAGES = (Stage("sweep_point", _point_where, _sweep_point), Stage("select_point", None, _select_point))
