@@ -27,7 +27,8 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,25 @@ def check(result: dict[str, Any], code: int, times: dict[str, list[float]]) -> l
     return problems
 
 
+@contextmanager
+def on_stack(size: str, paths: dict[str, Path], rundir: Path, prefix: str, keep: bool = False
+             ) -> Iterator[tuple[dict[str, str], Path, float]]:
+    """A fresh stack with the inputs uploaded under `prefix` and the run config written: (the environment of a
+    `mergeflow` command on it, the config, upload seconds). On exit the stack stops and, unless `keep`, its data
+    and the run's content cache are deleted."""
+    stack = Stack(rundir / "stack")
+    try:
+        print(f"stack up in {stack.up():.0f} s", flush=True)
+        env = run_env(stack, rundir)
+        uris, upload_s = upload(paths, env, prefix)
+        yield env, write_config(rundir / f"{size}.yaml", size, uris, prefix, env, rundir / "cache"), upload_s
+    finally:
+        stack.down()
+        if not keep:
+            for leftover in ("stack", "cache"):
+                shutil.rmtree(rundir / leftover, ignore_errors=True)
+
+
 def run_scale(size: str, workdir: Path, *, seed: int = 0, serve: bool = False, keep: bool = False,
               timeout: float = 6 * 3600, probe: Callable[[dict[str, str], str], None] | None = None) -> int:
     """Generate (or reuse) the inputs, start a fresh stack, upload, run (or serve and trigger) the config, print
@@ -261,12 +281,7 @@ def run_scale(size: str, workdir: Path, *, seed: int = 0, serve: bool = False, k
     rundir = workdir / f"run-{stamp}"
     rundir.mkdir(parents=True)
     prefix, mode = f"llm-scale/{size}-{stamp}", "serve" if serve else "run"
-    stack = Stack(rundir / "stack")
-    try:
-        print(f"stack up in {stack.up():.0f} s", flush=True)
-        env = run_env(stack, rundir)
-        uris, upload_s = upload(paths, env, prefix)
-        config = write_config(rundir / f"{size}.yaml", size, uris, prefix, env, rundir / "cache")
+    with on_stack(size, paths, rundir, prefix, keep) as (env, config, upload_s):
         print(f"config {config}; `mergeflow {mode}` ...", flush=True)
         log = rundir / f"{mode}.log"
         if serve:
@@ -278,11 +293,6 @@ def run_scale(size: str, workdir: Path, *, seed: int = 0, serve: bool = False, k
         result = outcome(env, prefix, f"llm-scale-{size}")
         if probe is not None:
             probe(env, prefix)
-    finally:
-        stack.down()
-        if not keep:
-            for leftover in ("stack", "cache"):
-                shutil.rmtree(rundir / leftover, ignore_errors=True)
     peak_label = "serve process tree (sampled every 0.5 s)" if serve else "/usr/bin/time -v"
     print(f"\n== llm_scale --size {size} via mergeflow {mode} (peak RSS: {peak_label}; log {log})")
     for line in report(size, stages, wall, peak, result, input_bytes, model_bytes, upload_s):
