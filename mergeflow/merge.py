@@ -340,7 +340,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
 
 def _write_precomputed(tensors: Mapping[str, torch.Tensor], plan: Sequence[TensorInfo],
                        write: Callable[[str, torch.Tensor], None], out: str) -> None:
-    for info in plan:
+    for info in progress_bar(plan, disable=True):  # a stop is honoured between two tensors
         tensor = tensors.get(info.name)
         if tensor is None or tuple(tensor.shape) != tuple(info.shape):
             raise IntegrityError(f"{out}: the precomputed merge has no tensor {info.name!r} of shape "

@@ -78,16 +78,46 @@ def scaled_update(method: str, params: Mapping[str, Any], pool: ExpertPool,
     return update
 
 
+def scaled_tensor(base: torch.Tensor, update: Callable[[], torch.Tensor], scaling: float) -> torch.Tensor:
+    """theta_0 + scaling * U of one tensor in the base's dtype, as the method computes it (a non-float tensor is
+    carried over; its U is never read)."""
+    if not is_float(base.dtype):
+        return base
+    return (base.to(torch.float32) + scaling * update()).to(base.dtype)
+
+
 def apply_update(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor], scaling: float
                  ) -> dict[str, torch.Tensor]:
-    """theta_0 + scaling * U in the base's dtypes (as the method computes it); non-float tensors carried over."""
-    out = {}
-    for name, tensor in base.items():
-        if is_float(tensor.dtype):
-            out[name] = (tensor.to(torch.float32) + scaling * update[name]).to(tensor.dtype)
-        else:
-            out[name] = tensor
-    return out
+    """theta_0 + scaling * U in the base's dtypes; non-float tensors carried over."""
+    return {name: scaled_tensor(tensor, lambda name=name: update[name], scaling) for name, tensor in base.items()}
+
+
+class ScaledPoint(Mapping[str, torch.Tensor]):
+    """theta_0 + scaling * U as a read-only mapping computed one tensor at a time from two sources with `keys()` and
+    `get(name)` (an open checkpoint, a safetensors file): the engine writes such a point, or a sweep builds its
+    model, without the base, U and the point in memory at once; each tensor bit-identical to `apply_update`'s.
+    `close()` closes both sources."""
+
+    def __init__(self, base: Any, update: Any, scaling: float):
+        self.base, self.update, self.scaling = base, update, scaling
+        self._keys = list(base.keys())
+        self._known = set(self._keys)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return scaled_tensor(self.base.get(name), lambda: self.update.get(name), self.scaling)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def close(self) -> None:
+        for source in (self.base, self.update):
+            if hasattr(source, "close"):
+                source.close()
 
 
 def merged_point(method: str, params: Mapping[str, Any], base: Mapping[str, torch.Tensor] | None,

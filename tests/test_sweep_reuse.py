@@ -74,3 +74,50 @@ def test_a_merge_another_run_published_first_is_reused_not_failed(store_and_refs
     monkeypatch.setattr(engine, "merge_checkpoints", lambda *a, **k: (_ for _ in ()).throw(FileExistsError("x")))
     with pytest.raises(FileExistsError):  # nothing there: the error is real
         merge_experts(spec, base, experts, store.root + "/merged/absent", store, device="cpu")
+
+
+def test_a_cached_point_is_read_one_tensor_at_a_time_and_a_stop_lands_between_two(store_and_refs, monkeypatch):
+    """theta_0 + lambda U of a swept scaling point is computed as the engine reads each tensor (never the base, U and
+    the point in memory at once: at 1 B parameters they were 8.8 GB), each bit-identical to the whole-dict sum; a
+    stop requested while the merge stage writes it ends the stage before the next tensor, nothing published."""
+    from mergeflow import stopping
+    from mergeflow.stages.sweep import SafetensorsFile
+    from mergeflow.sweep import ScaledPoint, apply_update
+
+    store, base, experts = store_and_refs
+    params = {"scaling": 0.5}
+    sweep_weights("task_arithmetic", params, base, experts, store, "cpu")
+    point = cached_point("task_arithmetic", params, base, experts, store)
+    assert isinstance(point, ScaledPoint) and isinstance(point.update, SafetensorsFile)
+    read: list[str] = []
+    update_get = point.update.get
+    monkeypatch.setattr(point.update, "get", lambda name: read.append(name) or update_get(name), raising=False)
+    names = list(point)
+    assert read == []  # opening reads no tensor
+    whole = apply_update({n: point.base.get(n) for n in names}, {n: update_get(n) for n in names}, 0.5)
+    floats = [n for n in names if whole[n].is_floating_point()]
+    assert 0 < len(floats) < len(names)  # position ids are carried over: their U is never read
+    for i, name in enumerate(names):
+        assert torch.equal(point[name], whole[name]), name
+        assert read == [n for n in names[:i + 1] if n in floats]  # U's tensor read with the point's, not before
+    point.close()
+
+    out = store.root + "/merged/stopped"
+    writes = []
+    original = engine._write_precomputed
+
+    def write_and_stop(tensors, plan, write, where):
+        def counting(name, tensor):
+            writes.append(name)
+            if len(writes) == 2:
+                stopping.request_stop("test")
+            write(name, tensor)
+        return original(tensors, plan, counting, where)
+
+    monkeypatch.setattr(engine, "_write_precomputed", write_and_stop)
+    try:
+        with pytest.raises(stopping.Stopped):
+            merge_experts(MergeSpec(method="task_arithmetic", params=params), base, experts, out, store, device="cpu")
+    finally:
+        stopping.reset()
+    assert len(writes) == 2 < len(names) and not store.exists(out)

@@ -62,17 +62,19 @@ def merge_experts(spec: MergeSpec, base: ObjectRef, experts: Mapping[str, Object
 
     if store.exists(out_uri):
         return store.checkpoint_ref(out_uri), _merge_record(store, out_uri)
+    inputs = engine_inputs(spec, base, experts, store, state, device, statistics, unlabeled, subspaces)
     try:
         result = merge_checkpoints(spec.method, store.base_weights(base), [r.uri for r in experts.values()],
                                    out_uri, spec.params, device=device, storage_options=store.options,
                                    cache=store.cache, progress=True,
-                                   expected_digests=store.input_digests(base, experts, statistics),
-                                   **engine_inputs(spec, base, experts, store, state, device, statistics, unlabeled,
-                                                   subspaces))
+                                   expected_digests=store.input_digests(base, experts, statistics), **inputs)
     except FileExistsError:  # a concurrent run published the same merge (same key: same bytes) first
         if not store.exists(out_uri):
             raise
         return store.checkpoint_ref(out_uri), _merge_record(store, out_uri)
+    finally:
+        if hasattr(inputs["precomputed"], "close"):
+            inputs["precomputed"].close()
     return store.checkpoint_ref(out_uri), result.to_dict()
 
 

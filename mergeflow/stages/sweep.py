@@ -107,51 +107,75 @@ def _point_path(method: str, params: Mapping[str, Any], base: ObjectRef, experts
 
 def cached_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
                  store: Store, statistics: Mapping[str, ObjectRef] | None = None,
-                 unlabeled: Unlabeled | None = None) -> dict[str, Any] | None:
-    """The merged tensors of a point a sweep or search already computed (theta_0 + lambda U from the cached update,
-    or the cached merged weights), bit-identical to merging it again; None when it was never computed here."""
-    from safetensors.torch import load_file
-
+                 unlabeled: Unlabeled | None = None) -> Mapping[str, Any] | None:
+    """The merged tensors of a point a sweep or search already computed, read one tensor at a time (theta_0 +
+    lambda U from the base and the cached update, or the cached merged weights), bit-identical to merging it again;
+    None when it was never computed here. Close it (`close()`) when done."""
     from mergeflow.methods import method_class
-    from mergeflow.sweep import apply_update
 
     scaling = method_class(method).scaling_param
     if scaling is None:
         path = _point_path(method, params, base, experts, store, statistics, unlabeled)
-        return load_file(str(path)) if path.exists() else None
+        return SafetensorsFile(path) if path.exists() else None
     path = _update_path(method, params, base, experts, store)
-    if not path.exists():
-        return None
-    value = build_method(method, params).params.model_dump()[scaling]
-    return apply_update(_base_state(base, store), load_file(str(path)), float(value))
+    return _scaled_point(method, params, base, store, path) if path.exists() else None
 
 
-def _base_state(base: ObjectRef, store: Store) -> dict[str, Any]:
+class SafetensorsFile(Mapping[str, Any]):
+    """A local safetensors file as a read-only mapping that reads one tensor at a time."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), "pt")
+        self._keys = list(self._file.keys())
+        self._known = set(self._keys)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._file.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _scaled_point(method: str, params: Mapping[str, Any], base: ObjectRef, store: Store, update: Path) -> Any:
+    """theta_0 + lambda U of a scaling method's point (`mergeflow.sweep.ScaledPoint`) over the base checkpoint and
+    the cached update file, both opened here."""
     from mergeflow.checkpoints import open_checkpoint
+    from mergeflow.methods import method_class
+    from mergeflow.sweep import ScaledPoint
 
-    with open_checkpoint(store.base_weights(base), storage_options=store.options, cache=store.cache) as base_ckpt:
-        return {key: base_ckpt.get(key) for key in base_ckpt.keys()}
+    value = build_method(method, params).params.model_dump()[method_class(method).scaling_param]
+    base_ckpt = open_checkpoint(store.base_weights(base), storage_options=store.options, cache=store.cache)
+    return ScaledPoint(base_ckpt, SafetensorsFile(update), float(value))
 
 
 def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
                   store: Store, device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None,
                   state: ObjectRef | None = None, statistics: Mapping[str, ObjectRef] | None = None,
                   unlabeled: Unlabeled | None = None) -> dict[str, Any]:
-    """The merged state dict of one grid point, in memory (`mergeflow.sweep.merged_point`): theta_0 + lambda U
-    from the update shared through the local cache for scaling methods, a full in-memory merge otherwise; both
-    read the sparsify stage's stored global pass (`state`) and the subspace stage's factors when given, a
-    data-aware method the experts' `statistics`."""
+    """The merged state dict of one grid point, in memory: theta_0 + lambda U built tensor by tensor from the
+    update shared through the local cache for scaling methods (never the base, U and the point at once), a full
+    in-memory merge otherwise (`mergeflow.sweep.merged_point`); both read the sparsify stage's stored global pass
+    (`state`) and the subspace stage's factors when given, a data-aware method the experts' `statistics`."""
     from safetensors.torch import load_file
 
     from mergeflow.methods import method_class
-    from mergeflow.sweep import merged_point
 
     if method_class(method).scaling_param is None:
         return load_file(str(_merged_weights(method, params, base, experts, store, device, subspaces, state,
                                              statistics, unlabeled)))
-    return merged_point(method, params, _base_state(base, store),
-                        lambda: load_file(str(_scaled_update(method, params, base, experts, store, device,
-                                                             subspaces, state))), None)
+    point = _scaled_point(method, params, base, store,
+                          _scaled_update(method, params, base, experts, store, device, subspaces, state))
+    try:
+        return {name: point[name] for name in point}
+    finally:
+        point.close()
 
 
 def point_location(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
