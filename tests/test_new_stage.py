@@ -94,3 +94,31 @@ def test_the_flow_runs_a_stage_without_a_task_of_its_own_in_the_generic_stage_ta
                                "tags.mergeflow.stage = 'count_parameters'")[0]
     assert child.data.tags["mlflow.parentRunId"] == parent and child.data.params["output_uri"] == ref.uri
     assert torch.isfinite(torch.tensor(child.data.metrics["seconds"]))
+
+
+def test_the_flow_executor_sends_a_kind_without_a_method_to_the_generic_stage_task(tmp_path, monkeypatch):
+    """`PlanRun.run` dispatches the new kind to `run_stage` under the kind's name, with its inputs' outputs (the
+    Prefect submission is replaced by a direct call of the task's body; removing the fallback fails here)."""
+    from types import SimpleNamespace
+
+    import flows.plan_run as plan_run
+    from mergeflow.stages.stage import Plan
+    from tasks.stage import run_stage
+    from tasks.tracking import MlflowTracker
+
+    config, parameters = _config(tmp_path)
+    store, full = Store.of(config.storage), _planned(config)
+    plan = Plan(config.name, full.stages, [full.node("count")])  # only the new node; its inputs given below
+    named = []
+
+    def with_options(name):
+        named.append(name)
+        return SimpleNamespace(submit=lambda *args: run_stage.fn(*args))
+
+    monkeypatch.setattr(plan_run, "run_stage", SimpleNamespace(with_options=with_options))
+    monkeypatch.setattr(plan_run.CLOCK, "plan", lambda counts: None)
+    run = plan_run.PlanRun(config, MlflowTracker(config.tracking).start_run("parent"), plan)
+    run.outputs.update({f"expert:{t.name}": store.checkpoint_ref(t.expert) for t in config.tasks})
+    run.run()
+    assert named == ["count_parameters"]
+    assert store.read_json(run.outputs["count"].uri) == {"election": parameters, "reuters": parameters}
