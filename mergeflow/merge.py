@@ -328,7 +328,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
                                  round(time.perf_counter() - started, 3), recorded(state))
             manifest = {**result.to_dict(), "mergeflow_version": mergeflow.__version__}
             (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            publish_directory(staged, out, storage_options, overwrite=overwrite, last=(MANIFEST,))
+            publish_directory(staged, out, storage_options, overwrite=overwrite, last=(MANIFEST,), digests=files)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
@@ -393,7 +393,7 @@ def assemble_parts(parts: Sequence[str], out: str, *, storage_options: Mapping[s
                              {"parts": [m.get("state", {}) for m in manifests]})
         (staged / MANIFEST).write_text(json.dumps({**result.to_dict(), "mergeflow_version": mergeflow.__version__},
                                                   indent=2))
-        publish_directory(staged, out, storage_options, last=(MANIFEST,))
+        publish_directory(staged, out, storage_options, last=(MANIFEST,), digests=files)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

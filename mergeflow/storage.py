@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import fsspec
+from fsspec.callbacks import Callback
 from fsspec.core import url_to_fs
 
 from mergeflow import stopping
@@ -212,18 +213,18 @@ def upload_file(local: Path, uri: str, storage_options: Mapping[str, Any] | None
     """Upload one file atomically: to a temporary key, verified (its size, and its recorded digest on stores that
     keep object metadata, e.g. S3; the size alone on others, e.g. memory://), then copied to its final key. An
     identical object already there is left alone; a different one is an error unless `overwrite`. Returns the
-    content sha256 (also stored in the object's metadata, where the store keeps it, for later verification)."""
-    sha = sha256 or sha256_file(local)
-    size = local.stat().st_size
-    fs, path = filesystem(uri, storage_options)
-    tmp = f"{path}.partial-{uuid.uuid4().hex}"
+    content sha256 (also stored in the object's metadata, where the store keeps it, for later verification). A stop
+    lands before the upload or as one of its parts lands (s3fs: 50 MiB; the multipart upload is aborted)."""
+    sha, size, (fs, path) = sha256 or sha256_file(local), local.stat().st_size, filesystem(uri, storage_options)
+    tmp, stop_check = f"{path}.partial-{uuid.uuid4().hex}", Callback(hooks={"stop": lambda *_: stopping.check()})
     try:
         if fs.exists(path):
             if _recorded_sha256(fs, path) == sha and fs.info(path)["size"] == size:
                 return sha
             if not overwrite:
                 raise ObjectExistsError(f"{uri} already exists with different content (not overwritten)")
-        fs.put_file(str(local), tmp, Metadata={"sha256": sha})
+        stopping.check()
+        fs.put_file(str(local), tmp, Metadata={"sha256": sha}, callback=stop_check)
         if fs.info(tmp)["size"] != size or (hasattr(fs, "metadata") and _recorded_sha256(fs, tmp) != sha):
             raise TransientStorageError(f"{uri}: the uploaded temporary object does not verify; not published")
         fs.copy(tmp, path)
@@ -244,11 +245,13 @@ def staging_dir(final_uri: str, cache: LocalCache | None = None) -> Path:
 
 
 def publish_directory(staged: Path, final_uri: str, storage_options: Mapping[str, Any] | None = None,
-                      *, overwrite: bool = False, last: tuple[str, ...] = ()) -> bool:
+                      *, overwrite: bool = False, last: tuple[str, ...] = (), digests: Mapping[str, str] = {}
+                      ) -> bool:
     """Publish a staged directory under `final_uri` all or nothing, once (the staged copy is removed). Local: one
     rename. Remote: under a publication marker (`_publication`), each file by `upload_file` (one stored with the same
     digest is kept: a cut publication resumes), `last` last. A published output is kept (False: a concurrent run was
-    first) if it has every staged name (else FileExistsError); replaced only with `overwrite`. True: published."""
+    first) if it has every staged name (else FileExistsError); replaced only with `overwrite`. True: published.
+    `digests`: sha256 of staged files already known (not hashed again). A stop lands between two upload parts."""
     names = sorted(p.name for p in staged.iterdir())
     try:
         if not is_remote(final_uri):
@@ -259,7 +262,8 @@ def publish_directory(staged: Path, final_uri: str, storage_options: Mapping[str
         with _publication(fs, path.rstrip("/"), final_uri) as existing:
             for name in [n for n in names if n not in last] + [n for n in last if n in names]:
                 if existing is None or overwrite:
-                    upload_file(staged / name, join(final_uri, name), storage_options, overwrite=True)
+                    upload_file(staged / name, join(final_uri, name), storage_options, overwrite=True,
+                                sha256=digests.get(name))
         return True if existing is None or overwrite else _keep_existing(final_uri, names, existing)
     finally:
         shutil.rmtree(staged, ignore_errors=True)

@@ -99,3 +99,48 @@ def test_fetch_directory_recursive_on_s3_and_local(tmp_path, cache, s3):
     local_path, local_files = fetch_directory(str(local), cache, recursive=True)
     assert local_path == local and directory_digest(local_files) == directory_digest(files)
     assert set(fetch_directory(str(local), cache)[1]) == {"classes.json"}
+
+
+def test_a_stop_mid_upload_aborts_it_and_publishes_nothing(tmp_path, s3, monkeypatch):
+    """Ctrl-C while a large file uploads (issue 32: 2.2 GB of merged model took 25 s to upload after the stop): the
+    stop lands as the first multipart part lands, the multipart upload is aborted, the directory stays unpublished
+    and holds no temporary key; once the stop is cleared the same staged files publish in full."""
+    import s3fs
+
+    from mergeflow import stopping
+    from mergeflow.storage import exists, publish_directory
+
+    options, client, bucket = s3
+    options = {**options, "max_concurrency": 1}  # one part at a time: how many went up is then exact
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "model.safetensors").write_bytes(torch.randint(0, 255, (110 * 2**20,), dtype=torch.uint8).numpy())
+    (staged / "manifest.json").write_text("{}")
+    calls: list[str] = []
+    real_call = s3fs.S3FileSystem._call_s3
+
+    async def call_s3(self, method, *args, **kwargs):
+        result = await real_call(self, method, *args, **kwargs)
+        calls.append(method)
+        if method == "upload_part" and "disarmed" not in calls:
+            stopping.request_stop("test: Ctrl-C mid-upload")
+        return result
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", call_s3)
+    uri = f"s3://{bucket}/merged/stopped"
+    try:
+        with pytest.raises(stopping.Stopped):
+            publish_directory(staged, uri, options, last=("manifest.json",))
+    finally:
+        stopping.reset()
+    assert calls.count("upload_part") == 1 and "abort_multipart_upload" in calls  # 1 of 3 parts, then aborted
+    assert "complete_multipart_upload" not in calls and not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="merged/").get("Contents", [])]
+    assert not [k for k in keys if ".partial-" in k or k.endswith(("model.safetensors", "manifest.json"))], keys
+    assert not exists(uri, options)
+
+    calls.append("disarmed")
+    staged.mkdir()
+    (staged / "model.safetensors").write_bytes(b"\1" * (110 * 2**20))
+    (staged / "manifest.json").write_text("{}")
+    assert publish_directory(staged, uri, options, last=("manifest.json",)) and exists(uri, options)
