@@ -101,18 +101,17 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     """Run `method` over `pool`, handing each output tensor (in the base's dtype, on CPU) to `write`; returns the
     method's state (with what the merge pass settled, e.g. TIES's majority sign).
 
-    Non-float tensors (e.g. integer position ids) are carried through from the base unchanged. Tensors the
-    method asks to batch (`MergeMethod.grouping`) are merged last, in same-shape groups. `only` restricts the
-    output to those tensors (one part of a merge split across tasks). Float tensors stream in through the
-    pool's read-ahead (another thread). With `patch`, a whole merge runs the method's lighter
-    `prepare_merge` and corrects tensors already written through `patch` once the pass has settled them.
+    Non-float tensors are carried over from the base. Tensors the method batches (`MergeMethod.grouping`) are
+    merged last, in same-shape groups. `only` restricts the output to those tensors (one part of a merge split
+    across tasks). Float tensors stream in through the pool's read-ahead (another thread). With `patch`, a whole
+    merge runs the lighter `prepare_merge` and corrects tensors already written once the pass has settled them.
     Large tensors may come in blocks of rows (`MergeMethod.read_plan`: elementwise and two-pass methods), written
     through `write_rows` (name, first row, rows) when given, so memory stays within the window whatever N.
     `out_dtype`: the float tensors' output dtype (default: the base's).
     """
     if state is None:
-        whole = only is None and patch is not None
-        state = (method.prepare_merge if whole else method.prepare)(pool, progress=progress)
+        prepare = method.prepare_merge if only is None and patch is not None else method.prepare
+        state = prepare(pool, progress=progress)
     run_state = dict(with_subspaces(state, pool.subspaces))  # this merge's own copy (accumulators go here)
     infos = output_plan([info for info in pool.infos() if only is None or info.name in only], out_dtype)
     names, max_bytes = method.grouping(state, pool.device)
@@ -169,7 +168,7 @@ def _merge_blocks(method: MergeMethod, pool: ExpertPool, info: TensorInfo,
         state[TENSOR_SUMS] = sum_parts(partials)
     while True:
         state[BLOCK_OFFSET] = (0 if rows is None else rows[0]) * math.prod(info.shape[1:])
-        merged = method.merge_tensor(name, base, task_vectors, state).to("cpu", info.dtype)
+        merged = pool.output(method.merge_tensor(name, base, task_vectors, state), info.dtype, base)
         pool.check_merged(name, merged)  # as it is written (half the bytes to read for a bf16 model)
         if rows is None or write_rows is None:
             parts.append(merged)
@@ -306,6 +305,7 @@ def merge_checkpoints(method: str, base: str, experts: Sequence[str], out: str,
             plan = output_plan([info for info in pool.infos() if only is None or info.name in only], dtype)
             writer = ShardedSafetensorsWriter(staged, plan, shard_size=shard_size if part is None else 2**62,
                                               metadata=provenance)
+            pool.out_buffers = writer.buffer
             try:
                 if precomputed is None:
                     state = merge_pool(merge_method, pool, writer.write, state=state, progress=progress, only=only,

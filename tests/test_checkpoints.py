@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergeflow.checkpoints import ShardedSafetensorsWriter, TensorInfo, open_checkpoint, parse_size
+from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, TensorInfo, open_checkpoint, parse_size
 from mergeflow.checkpoints.convert import convert_legacy
 from mergeflow.errors import CheckpointError, UnsafeCheckpointError
 from mergeflow.storage import sha256_file
@@ -172,3 +172,47 @@ def test_save_safetensors_bytes_depend_only_on_content(tmp_path):
     assert loaded["scale"].shape == () and float(loaded["scale"]) == 2.5
     with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
         assert f.metadata()["key7"] == "7"
+
+
+def test_scratch_reads_reuse_one_buffer_and_a_nested_read_gets_its_own(tmp_path, cache):
+    """The engine's read-ahead copies each tensor at once: `scratch` reads it into the checkpoint's reusable buffer
+    (no fresh pages per tensor), the values those of `get`; a read while the buffer is out gets memory of its own."""
+    tensors = {"a": torch.randn(64, 32), "b": torch.randn(16, 32).bfloat16(), "c": torch.randn(64, 32)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    ckpt = open_checkpoint(str(tmp_path / "m.safetensors"), cache=cache)
+    with ckpt.scratch("a") as a:
+        assert torch.equal(a, tensors["a"])
+        first = a.untyped_storage().data_ptr()
+        with ckpt.scratch("c") as c:  # the buffer is out: its own memory
+            assert torch.equal(c, tensors["c"]) and c.untyped_storage().data_ptr() != first
+    with ckpt.scratch("b") as b, ckpt.scratch("a", (8, 24)) as rows:
+        kept = (first, c.untyped_storage().data_ptr())
+        assert torch.equal(b, tensors["b"]) and b.untyped_storage().data_ptr() in kept
+        assert torch.equal(rows, tensors["a"][8:24])
+    with ckpt.scratch("c") as again:
+        assert again.untyped_storage().data_ptr() in kept
+
+
+def test_a_merged_tensor_in_the_pools_recycled_buffer_is_copied_before_it_is_written(tmp_path):
+    """A method may return the base itself or its result in the task vectors' buffer, which the read-ahead refills
+    while the writer may still hold the tensor: the engine hands the writer a copy (into the writer's reused memory
+    where it has one), never the buffer; a new tensor in the output dtype passes as it is."""
+    from mergeflow.task_vectors import ExpertPool
+
+    flat = torch.randn(3 * 8)
+    base, task_vectors = flat[:8].view(2, 4), flat[8:].view(2, 2, 4)
+    pool = ExpertPool(StateDictSource({"w": base}), [], ["e"], torch.device("cpu"))
+    for merged in (base, task_vectors[1]):
+        out = pool.output(merged, torch.float32, base)
+        assert torch.equal(out, merged) and out.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+    fresh = base + task_vectors.sum(0)
+    assert pool.output(fresh, torch.float32, base) is fresh
+    writer = ShardedSafetensorsWriter(tmp_path, [TensorInfo("w", (2, 4), torch.bfloat16)])
+    pool.out_buffers = writer.buffer
+    out = pool.output(task_vectors[0], torch.bfloat16, base)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, task_vectors[0].bfloat16())
+    assert out.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+    writer.write("w", out)
+    writer.close()
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["w"], task_vectors[0].bfloat16())
+    assert writer._free and not writer._lent  # the memory is back for the next tensor once written

@@ -87,8 +87,8 @@ def test_ties_elects_the_majority_in_the_merge_pass_and_patches_what_it_decides(
     base, experts, paths = _models(tmp_path)
     params = {"density": 0.5, "scaling": 1.0}
     reads = []
-    original = Checkpoint.get
-    monkeypatch.setattr(Checkpoint, "get", lambda self, name: reads.append(name) or original(self, name))
+    original = Checkpoint._read  # every read of a tensor's bytes: get, get_rows and the pool's scratch reads
+    monkeypatch.setattr(Checkpoint, "_read", lambda self, name, *a: reads.append(name) or original(self, name, *a))
     result = merge_checkpoints("ties", paths[0], paths[1:], str(tmp_path / "out"), params, cache=cache)
     monkeypatch.undo()
     assert result.state["majority_sign"] == -1
@@ -111,8 +111,9 @@ def _pool(base, experts):
 def test_single_pass_methods_read_each_input_tensor_once(tmp_path, cache, monkeypatch, method):
     _, _, paths = _models(tmp_path)
     reads = []
-    original = Checkpoint.get
-    monkeypatch.setattr(Checkpoint, "get", lambda self, name: reads.append((self.uri, name)) or original(self, name))
+    original = Checkpoint._read
+    monkeypatch.setattr(Checkpoint, "_read", lambda self, name, *rows:
+                        reads.append((self.uri, name)) or original(self, name, *rows))
     merge_checkpoints(method, paths[0], paths[1:], str(tmp_path / "out"), cache=cache)
     assert len(reads) == len(set(reads)) == 4 * 6 + 1  # every float tensor of 4 inputs once, the ids once
 
@@ -144,9 +145,10 @@ def test_a_small_window_merges_in_blocks_of_rows_with_the_same_result(tmp_path, 
     monkeypatch.setattr("mergeflow.sparsify._DARE_BLOCK", 100)  # DARE's mask blocks straddle the row blocks
     merge_checkpoints(method, paths[0], paths[1:], str(tmp_path / "whole"), cache=cache)
     rows_read = []
-    original = Checkpoint.get_rows
-    monkeypatch.setattr(Checkpoint, "get_rows",
-                        lambda self, name, start, stop: rows_read.append(stop - start) or original(self, name, start, stop))
+    original = Checkpoint._read
+    monkeypatch.setattr(Checkpoint, "_read", lambda self, name, start, stop, *buffer:
+                        (name != "ids" and rows_read.append(stop - start)) or original(self, name, start, stop, *buffer)
+                        )
     # 4 inputs x 32 fp32 values a row: a 2 KB window holds 2 rows of each block
     result = merge_checkpoints(method, paths[0], paths[1:], str(tmp_path / "blocks"), cache=cache, window=2048)
     assert rows_read and max(rows_read) <= 2
@@ -171,9 +173,9 @@ def test_two_pass_methods_merge_a_large_tensor_in_blocks_with_the_same_result(tm
     inputs = paths[1:1 + experts]
     merge_checkpoints(method, paths[0], inputs, str(tmp_path / "whole"), params, cache=cache)
     rows_read = []
-    original = Checkpoint.get_rows
-    monkeypatch.setattr(Checkpoint, "get_rows", lambda self, name, start, stop:
-                        rows_read.append((name, start, stop)) or original(self, name, start, stop))
+    original = Checkpoint._read
+    monkeypatch.setattr(Checkpoint, "_read", lambda self, name, start, stop, *buffer:
+                        rows_read.append((name, start, stop)) or original(self, name, start, stop, *buffer))
     # (experts + 1) fp32 inputs x 32 values a row against a 2 KB window: blocks of 2 (3 experts) or 4 rows (SLERP)
     merge_checkpoints(method, paths[0], inputs, str(tmp_path / "blocks"), params, cache=cache, window=2048)
     step = 2 if experts == 3 else 4

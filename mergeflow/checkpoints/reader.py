@@ -13,7 +13,8 @@ import json
 import os
 import pickle
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -105,6 +106,7 @@ class Checkpoint:
         self._torch_tensors = torch_tensors
         self._handles: dict[str, int] = {}  # file -> OS descriptor
         self._lock = threading.Lock()
+        self._scratch: torch.Tensor | None = None  # `scratch`'s reusable read buffer (bytes)
 
     @property
     def digest(self) -> str:
@@ -134,13 +136,35 @@ class Checkpoint:
             return self._torch_tensors[name][start:stop]
         return self._read(name, start, stop)
 
-    def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
+    @contextmanager
+    def scratch(self, name: str, rows: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
+        """`get(name)` (or its `rows`) read into this checkpoint's reusable buffer, valid inside the block only: for
+        a caller that copies it at once (fresh memory for every read costs more in page faults than the read). A
+        concurrent caller reads into memory of its own; the buffer kept is the largest one used."""
+        if self._torch_tensors is not None:
+            yield self.get(name) if rows is None else self.get_rows(name, *rows)
+            return
+        with self._lock:
+            buffer, self._scratch = self._scratch, None
+        info = self.info(name)
+        tensor = self._read(name, *(rows or (0, info.shape[0] if info.shape else 1)), buffer)
+        try:
+            yield tensor
+        finally:
+            used = buffer if buffer is not None and tensor.untyped_storage().data_ptr() == buffer.data_ptr() else (
+                torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage()))
+            with self._lock:
+                if self._scratch is None or self._scratch.numel() < used.numel():
+                    self._scratch = used
+
+    def _read(self, name: str, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
         info = self.info(name)
         loc = self._locations[name]
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         row_bytes = (loc.end - loc.start) // max(info.shape[0], 1) if info.shape else loc.end - loc.start
         nbytes, offset = row_bytes * (stop - start), loc.start + row_bytes * start
-        out = torch.empty(nbytes, dtype=torch.uint8)
+        fits = buffer is not None and buffer.numel() >= nbytes
+        out = buffer[:nbytes] if fits else torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view, got = memoryview(out.numpy()), 0
             fd = self._descriptor(loc.file)
@@ -164,6 +188,7 @@ class Checkpoint:
             for fd in self._handles.values():
                 os.close(fd)
             self._handles.clear()
+            self._scratch = None
 
     def __enter__(self) -> Checkpoint:
         return self

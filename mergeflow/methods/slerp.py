@@ -9,13 +9,14 @@ a tensor larger than the engine's window comes in blocks of rows, twice."""
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import torch
 from pydantic import Field, field_validator
 
 from mergeflow.errors import ConfigError
-from mergeflow.methods.base import (OUT_DTYPE, TENSOR_SUMS, MergeMethod, MethodParams, sum_parts, tile_columns,
+from mergeflow.methods.base import (TENSOR_SUMS, MergeMethod, MethodParams, sum_parts, tile_columns,
                                     tile_rows)
 from mergeflow.methods.settings import Setting, check_range, depth, layer_counts, resolve
 from mergeflow.task_vectors import ExpertPool
@@ -43,7 +44,7 @@ def slerp_tile_sums(v0: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     rows, width = a.shape
     step, cols = tile_rows(v0.shape), tile_columns(v0.shape)
     out = torch.zeros((-(-rows // step), 4), dtype=torch.float64, device=a.device)
-    pair = torch.empty((2, min(step, rows) * cols), dtype=torch.float64, device=a.device)
+    pair = _pair_buffer(min(step, rows) * cols, a.device)
     for tile, row in enumerate(range(0, rows, step)):
         n = min(step, rows - row)
         for col in range(0, width, cols):
@@ -53,6 +54,16 @@ def slerp_tile_sums(v0: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
             x[1].view(n, m).copy_(d[row:row + n, col:col + m])
             out[tile].view(2, 2).addmm_(x, x.T)
     return out
+
+
+_pairs = threading.local()  # each thread's float64 tile buffer (4 MB), kept: fresh pages per tensor cost more
+
+
+def _pair_buffer(numel: int, device: torch.device) -> torch.Tensor:
+    buffer = getattr(_pairs, "buffer", None)
+    if buffer is None or buffer.shape[1] < numel or buffer.device != device:
+        buffer = _pairs.buffer = torch.empty((2, numel), dtype=torch.float64, device=device)
+    return buffer
 
 
 def slerp_coefficients(t: float, sums: torch.Tensor, dot_threshold: float = 0.9995,
@@ -97,8 +108,9 @@ class Slerp(MergeMethod):
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,
                      state: dict[str, Any]) -> torch.Tensor:
-        """c0 v0 + c1 (v0 + tau), tau scaled in the engine's buffer; in the output dtype where the engine gives it
-        (never that buffer itself: the engine reuses it). A block of rows takes the totals in state[TENSOR_SUMS]."""
+        """c0 v0 + c1 (v0 + tau) in fp32, computed in the engine's task-vector buffer, which it returns: the engine
+        copies it into the output dtype before it reuses the buffer. A block of rows takes the totals in
+        state[TENSOR_SUMS]."""
         self.check_expert_count(len(task_vectors))
         t = resolve(self.params.t, name, depth(name, state.get("layers", {})))
         if t is None:
@@ -106,7 +118,4 @@ class Slerp(MergeMethod):
         sums = state.get(TENSOR_SUMS)
         sums = sum_parts([self.block_sums(name, base, task_vectors, state)]) if sums is None else sums
         c0, c1 = slerp_coefficients(t, sums, self.params.dot_threshold)
-        tau, dtype = task_vectors[0].mul_(c1), state.get(OUT_DTYPE, torch.float32)
-        if dtype == torch.float32:
-            return torch.add(tau, base, alpha=c0 + c1)
-        return tau.add_(base, alpha=c0 + c1).to(dtype)
+        return task_vectors[0].mul_(c1).add_(base, alpha=c0 + c1)
