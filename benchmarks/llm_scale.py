@@ -36,6 +36,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_models import FULL_TASKS, LORA_TASKS, SIZES, TASKS, directory_bytes, ensure_inputs, parameters  # noqa: E402
+from memory_trace import TraceSampler, stage_peaks  # noqa: E402
 from stack_harness import EXE, ROOT, Stack, kill_group, run_env, store_report  # noqa: E402
 
 BUCKET = "mergeflow"
@@ -108,12 +109,16 @@ def time_v(log_text: str) -> tuple[float, float]:
     return seconds, int(rss[1]) * 1024
 
 
-def run_command(config: Path, env: dict[str, str], log: Path, cwd: Path) -> int:
-    """`/usr/bin/time -v mergeflow run CONFIG`, its progress lines echoed; its exit status."""
+def run_command(config: Path, env: dict[str, str], log: Path, cwd: Path, trace: list[tuple[float, int]]) -> int:
+    """`/usr/bin/time -v mergeflow run CONFIG`, its progress lines echoed, its RSS sampled into `trace`; its exit
+    status."""
     command = ["/usr/bin/time", "-v", EXE, "run", str(config)]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                    text=True, start_new_session=True)
+        sampler = TraceSampler(process.pid)
+        sampler.samples = trace
+        sampler.start()
         try:
             assert process.stdout is not None
             for line in process.stdout:
@@ -122,16 +127,20 @@ def run_command(config: Path, env: dict[str, str], log: Path, cwd: Path) -> int:
                     print("  " + line.rstrip()[:160], flush=True)
             return process.wait()
         finally:
+            sampler.stopped.set()
             kill_group(process)
 
 
-def serve_once(config: Path, env: dict[str, str], workdir: Path, timeout: float) -> tuple[int, float, float, Path]:
+def serve_once(config: Path, env: dict[str, str], workdir: Path, timeout: float, trace: list[tuple[float, int]]
+               ) -> tuple[int, float, float, Path]:
     """`mergeflow serve CONFIG` and one run triggered through the Prefect API (as the UI's Run button or the
-    cron schedule makes it); (0 when the run completed, wall s of the run, peak RSS of serve's process tree, log)."""
-    from stack_load import MemorySampler, Served
+    cron schedule makes it), its RSS sampled into `trace`; (0 when the run completed, wall s of the run, peak RSS
+    of serve's process tree, log)."""
+    from stack_load import Served
 
     served = Served(config, f"llm-scale-{config.stem}", env, workdir)
-    sampler = MemorySampler(served.process.pid)
+    sampler = TraceSampler(served.process.pid)
+    sampler.samples = trace
     sampler.start()
     try:
         served.wait_registered()
@@ -284,10 +293,11 @@ def run_scale(size: str, workdir: Path, *, seed: int = 0, serve: bool = False, k
     with on_stack(size, paths, rundir, prefix, keep) as (env, config, upload_s):
         print(f"config {config}; `mergeflow {mode}` ...", flush=True)
         log = rundir / f"{mode}.log"
+        trace: list[tuple[float, int]] = []
         if serve:
-            code, wall, peak, log = serve_once(config, env, rundir, timeout)
+            code, wall, peak, log = serve_once(config, env, rundir, timeout, trace)
         else:
-            code = run_command(config, env, log, rundir)
+            code = run_command(config, env, log, rundir, trace)
             wall, peak = time_v(log.read_text(errors="replace"))
         stages = stage_lines(log.read_text(errors="replace"))
         result = outcome(env, prefix, f"llm-scale-{size}")
@@ -297,6 +307,10 @@ def run_scale(size: str, workdir: Path, *, seed: int = 0, serve: bool = False, k
     print(f"\n== llm_scale --size {size} via mergeflow {mode} (peak RSS: {peak_label}; log {log})")
     for line in report(size, stages, wall, peak, result, input_bytes, model_bytes, upload_s):
         print(line)
+    (rundir / "memory.csv").write_text("unix_s,rss_bytes\n" + "".join(f"{t:.2f},{rss}\n" for t, rss in trace))
+    print(f"RSS of the run's process tree every 0.5 s ({rundir / 'memory.csv'}), stage by stage:")
+    for line in stage_peaks(log.read_text(errors="replace"), trace):
+        print("  " + line)
     problems = check(result, code, stage_times(stages))
     print("checks: " + ("all passed" if not problems else "FAILED: " + "; ".join(problems)), flush=True)
     return 1 if problems else 0
