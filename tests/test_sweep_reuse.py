@@ -3,6 +3,8 @@ weights, and the merge of the chosen point writes them, bit-identical to a fresh
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -121,3 +123,21 @@ def test_a_cached_point_is_read_one_tensor_at_a_time_and_a_stop_lands_between_tw
     finally:
         stopping.reset()
     assert len(writes) == 2 < len(names) and not store.exists(out)
+
+
+def test_the_cached_update_is_read_without_a_memory_map(tmp_path):
+    """The sweep's stored update (4.4 GB in fp32 for a 1 B model) is read tensor by tensor with positional reads: a
+    memory map's touched pages stayed in the run's RSS while the file was open (the 1 B run's Task Arithmetic merges
+    peaked at 6.5 GB against 2.3 GB for TIES)."""
+    from mergeflow.checkpoints.safetensors_format import save_safetensors
+    from mergeflow.stages.sweep import SafetensorsFile
+
+    tensors = {"w": torch.randn(64, 32), "ids": torch.arange(5), "h": torch.randn(8).bfloat16()}
+    save_safetensors(tensors, tmp_path / "update.safetensors", {"note": "x"})
+    update = SafetensorsFile(tmp_path / "update.safetensors")
+    try:
+        assert set(update) == set(tensors) and all(torch.equal(update[k], tensors[k]) for k in tensors)
+        assert all(update[k].dtype == tensors[k].dtype for k in tensors)
+        assert str(tmp_path / "update.safetensors") not in Path("/proc/self/maps").read_text()
+    finally:
+        update.close()
