@@ -141,3 +141,35 @@ def test_the_cached_update_is_read_without_a_memory_map(tmp_path):
         assert str(tmp_path / "update.safetensors") not in Path("/proc/self/maps").read_text()
     finally:
         update.close()
+
+
+def test_score_model_lets_go_of_the_state_dict_once_the_model_is_loaded(monkeypatch):
+    """A sweep point's weights are handed over to the model: scoring casts them (bf16 to fp32 on a CPU) and must be
+    able to free them, so neither `score_model` nor the sweep keeps the dict while the model scores."""
+    import gc
+    import weakref
+
+    import mergeflow.stages.evaluate as evaluate
+
+    tensor = torch.ones(4, dtype=torch.bfloat16)
+    alive = weakref.ref(tensor)
+    seen = []
+
+    class Family:
+        def score_examples(self, model, splits, settings):
+            gc.collect()
+            seen.append(alive() is not None)
+            return {"t": (1.0, None)}
+
+    class Store:
+        def load_model(self, base, weights, device, state_dict):
+            return object()  # a model that copied what it needed
+
+    monkeypatch.setattr(evaluate, "family_of", lambda base: Family())
+    monkeypatch.setattr(evaluate, "_splits", lambda *args: {})
+    weights = {"w": tensor}
+    del tensor
+    handed = [weights]
+    del weights
+    scores = evaluate.score_model(None, None, None, Store(), "cpu", "validation", None, handed.pop())  # no assert:
+    assert scores == ({"t": 1.0}, {}) and seen == [False]  # pytest's rewriting would keep the argument alive

@@ -36,8 +36,11 @@ def score_model(base: ObjectRef, tasks: TaskInputs, evaluation: EvalConfig, stor
                 split: str, max_examples: int | None, state_dict: Mapping[str, Any]
                 ) -> tuple[dict[str, float], dict[str, str]]:
     """`evaluate_model` of an in-memory state dict, with each example's credit per task where the family gives
-    them ("0110...": what a search compares candidates on, example by example)."""
+    them ("0110...": what a search compares candidates on, example by example). The dict is taken over: once the
+    model holds its tensors it is released, so a cast for scoring (bf16 to fp32 on a CPU) frees them as it goes,
+    where the caller keeps no reference (a 1 B sweep point: 2.2 GB less at its peak)."""
     model = store.load_model(base, None, device, state_dict)
+    del state_dict
     scores = family_of(base).score_examples(model, _splits(base, tasks, store, split, max_examples), evaluation)
     return ({name: value for name, (value, _) in scores.items()},
             {name: "".join(map(str, credits)) for name, (_, credits) in scores.items() if credits is not None})

@@ -222,9 +222,9 @@ def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts
     if store.exists(uri):
         record = store.read_json(uri)
         return {"accuracy": record["accuracy"], "correct": record.get("correct", {})}, True
-    weights = sweep_weights(method, params, base, experts, store, device, subspaces, state, statistics, unlabeled)
     accuracy, correct = score_model(base, tasks, evaluation, store, device, "validation", tuning.max_examples,
-                                    weights)
+                                    sweep_weights(method, params, base, experts, store, device, subspaces, state,
+                                                  statistics, unlabeled))  # handed over: no reference kept here
     store.publish_json(uri, {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy,
                              "correct": correct})
     return {"accuracy": accuracy, "correct": correct}, False
