@@ -245,8 +245,8 @@ def staging_dir(final_uri: str, cache: LocalCache | None = None) -> Path:
 
 
 def publish_directory(staged: Path, final_uri: str, storage_options: Mapping[str, Any] | None = None,
-                      *, overwrite: bool = False, last: tuple[str, ...] = (), digests: Mapping[str, str] = {}
-                      ) -> bool:
+                      *, overwrite: bool = False, last: tuple[str, ...] = (),
+                      digests: Mapping[str, str] | None = None) -> bool:
     """Publish a staged directory under `final_uri` all or nothing, once (the staged copy is removed). Local: one
     rename. Remote: under a publication marker (`_publication`), each file by `upload_file` (one stored with the same
     digest is kept: a cut publication resumes), `last` last. A published output is kept (False: a concurrent run was
@@ -263,7 +263,7 @@ def publish_directory(staged: Path, final_uri: str, storage_options: Mapping[str
             for name in [n for n in names if n not in last] + [n for n in last if n in names]:
                 if existing is None or overwrite:
                     upload_file(staged / name, join(final_uri, name), storage_options, overwrite=True,
-                                sha256=digests.get(name))
+                                sha256=(digests or {}).get(name))
         return True if existing is None or overwrite else _keep_existing(final_uri, names, existing)
     finally:
         shutil.rmtree(staged, ignore_errors=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from typing import Any
 
 import torch
 
+from mergeflow.buffers import BufferPool
 from mergeflow.checkpoints.adapter import LoraExpert
 from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.errors import ConfigError, OverflowInMergeError
@@ -53,8 +53,7 @@ class ExpertPool:
     # for methods that read the inputs once); `window`: bytes `stream` may hold ahead of its consumer
     check_finite: bool = False
     window: int = DEFAULT_WINDOW
-    _spares: list[torch.Tensor] = field(default_factory=list, repr=False)  # task-vector buffers `stream` reuses
-    _spares_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _spares: BufferPool = field(default_factory=lambda: BufferPool(torch.float32), repr=False)  # `stream`'s buffers
     _copies: Any = field(default=None, repr=False)  # CUDA only: the read-ahead thread's copy stream
     out_buffers: Callable[[Sequence[int], torch.dtype], torch.Tensor] | None = None  # the writer's `buffer`
 
@@ -169,11 +168,7 @@ class ExpertPool:
         shape = self.base.info(name).shape
         shape = shape if rows is None else (rows[1] - rows[0], *shape[1:])
         numel = math.prod(shape)
-        size = (len(self.experts) + 1) * numel
-        with self._spares_lock:
-            fits = [i for i, spare in enumerate(self._spares) if size <= spare.numel() <= 4 * size]  # not a big one
-            spare = self._spares.pop(min(fits, key=lambda i: self._spares[i].numel())) if fits else None
-        flat = torch.empty(size, dtype=torch.float32) if spare is None else spare[:size]
+        flat = self._spares.take((len(self.experts) + 1) * numel)
         with _read_once(self.base, name, rows, self.device) as raw:
             base = flat[:numel].view(shape).copy_(raw)
         return name, rows, base, self.task_vectors(name, base, flat[numel:].view(len(self.experts), *shape), rows)
@@ -182,14 +177,11 @@ class ExpertPool:
         """A method's result in `dtype` on the CPU, never in the recycled buffer of `base` (a method may return the
         base itself, or its fp32 result in the task vectors' buffer: the writer may still hold it when the buffer is
         refilled); converted into `out_buffers` memory (the writer's, reused) where given."""
-        def recycled(tensor: torch.Tensor) -> bool:
-            storage = base.untyped_storage()
-            return base.device.type == "cpu" and tensor.untyped_storage().data_ptr() == storage.data_ptr()
-
-        if self.out_buffers is not None and merged.device.type == "cpu" and (recycled(merged) or merged.dtype != dtype):
+        cpu = base.device.type == "cpu"
+        recycled = cpu and merged.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+        if self.out_buffers is not None and cpu and (recycled or merged.dtype != dtype):
             return self.out_buffers(merged.shape, dtype).copy_(merged)
-        merged = merged.to("cpu", dtype)
-        return merged.clone() if recycled(merged) else merged
+        return merged.clone() if recycled and merged.dtype == dtype else merged.to("cpu", dtype)
 
     def check_merged(self, name: str, merged: torch.Tensor) -> None:
         """With `check_finite`: a non-finite merged tensor (or block) names the input file and tensor at fault.
@@ -204,19 +196,10 @@ class ExpertPool:
                                    "are the coefficients too large?)")
 
     def _recycle(self, task_vectors: torch.Tensor) -> None:
-        """Keep the largest buffers `stream` has handed out (each a base and its task vectors), four at most and
-        within the window, for the next tensors (on the CPU: CUDA's caching allocator does this itself). A tensor
-        takes a spare at most 4x its size, so that small tensors leave the large buffers to the large ones."""
-        if task_vectors.device.type == "cuda":
-            return
-        buffer = task_vectors if task_vectors._base is None else task_vectors._base
-        with self._spares_lock:
-            kept, used = [], 0
-            for spare in sorted([*self._spares, buffer.reshape(-1)], key=lambda t: t.numel(), reverse=True):
-                if len(kept) < 4 and used + 4 * spare.numel() <= self.window:
-                    kept.append(spare)
-                    used += 4 * spare.numel()
-            self._spares[:] = kept
+        """Keep the buffers `stream` has handed out (each a base and its task vectors), the largest four within the
+        window, for the next tensors (on the CPU: CUDA's caching allocator does this itself)."""
+        if task_vectors.device.type != "cuda":
+            self._spares.give(task_vectors, max_bytes=self.window)
 
 
 def _read_once(source: TensorSource, name: str, rows: tuple[int, int] | None, device: torch.device

@@ -215,4 +215,19 @@ def test_a_merged_tensor_in_the_pools_recycled_buffer_is_copied_before_it_is_wri
     writer.write("w", out)
     writer.close()
     assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["w"], task_vectors[0].bfloat16())
-    assert writer._free and not writer._lent  # the memory is back for the next tensor once written
+    assert writer._memory._kept and not writer._lent  # the memory is back for the next tensor once written
+
+
+def test_buffer_pool_leaves_large_buffers_to_large_tensors_and_keeps_within_its_limits():
+    from mergeflow.buffers import BufferPool
+
+    pool = BufferPool(torch.float32, count=2)
+    big, small = pool.take(1000), pool.take(100)
+    pool.give(big)
+    pool.give(small[:50])  # a view: its whole buffer comes back
+    assert pool.take(100).data_ptr() == small.data_ptr()  # not the 1000-element one (over 4x)
+    assert pool.take(300).data_ptr() == big.data_ptr()
+    assert pool.take(300).data_ptr() not in (big.data_ptr(), small.data_ptr())  # nothing kept fits: fresh
+    for buffer in (pool.take(10), pool.take(20), pool.take(30)):
+        pool.give(buffer, max_bytes=4 * 45)
+    assert sorted(b.numel() for b in pool._kept) == [10, 30]  # largest first within 180 bytes: 20 would not fit

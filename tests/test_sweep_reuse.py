@@ -132,9 +132,13 @@ def test_the_cached_update_is_read_without_a_memory_map(tmp_path):
     from mergeflow.checkpoints.safetensors_format import save_safetensors
     from mergeflow.stages.sweep import SafetensorsFile
 
+    from types import SimpleNamespace
+
+    from mergeflow.content_cache import ContentCache
+
     tensors = {"w": torch.randn(64, 32), "ids": torch.arange(5), "h": torch.randn(8).bfloat16()}
     save_safetensors(tensors, tmp_path / "update.safetensors", {"note": "x"})
-    update = SafetensorsFile(tmp_path / "update.safetensors")
+    update = SafetensorsFile(tmp_path / "update.safetensors", SimpleNamespace(cache=ContentCache(tmp_path / "cache")))
     try:
         assert set(update) == set(tensors) and all(torch.equal(update[k], tensors[k]) for k in tensors)
         assert all(update[k].dtype == tensors[k].dtype for k in tensors)

@@ -144,27 +144,32 @@ class Checkpoint:
         if self._torch_tensors is not None:
             yield self.get(name) if rows is None else self.get_rows(name, *rows)
             return
+        info = self.info(name)
+        start, stop = rows or (0, info.shape[0] if info.shape else 1)
+        nbytes = self._span(name, start, stop)[0]
         with self._lock:
             buffer, self._scratch = self._scratch, None
-        info = self.info(name)
-        tensor = self._read(name, *(rows or (0, info.shape[0] if info.shape else 1)), buffer)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
         try:
-            yield tensor
+            yield self._read(name, start, stop, buffer)
         finally:
-            used = buffer if buffer is not None and tensor.untyped_storage().data_ptr() == buffer.data_ptr() else (
-                torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage()))
             with self._lock:
-                if self._scratch is None or self._scratch.numel() < used.numel():
-                    self._scratch = used
+                if self._scratch is None or self._scratch.numel() < buffer.numel():
+                    self._scratch = buffer
+
+    def _span(self, name: str, start: int, stop: int) -> tuple[int, int]:
+        """(bytes, file offset) of rows [start, stop) of tensor `name`."""
+        info, loc = self.info(name), self._locations[name]
+        row_bytes = (loc.end - loc.start) // max(info.shape[0], 1) if info.shape else loc.end - loc.start
+        return row_bytes * (stop - start), loc.start + row_bytes * start
 
     def _read(self, name: str, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        info = self.info(name)
-        loc = self._locations[name]
+        """Rows [start, stop) of tensor `name`, into `buffer` (bytes, large enough) when given."""
+        info, loc = self.info(name), self._locations[name]
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        row_bytes = (loc.end - loc.start) // max(info.shape[0], 1) if info.shape else loc.end - loc.start
-        nbytes, offset = row_bytes * (stop - start), loc.start + row_bytes * start
-        fits = buffer is not None and buffer.numel() >= nbytes
-        out = buffer[:nbytes] if fits else torch.empty(nbytes, dtype=torch.uint8)
+        nbytes, offset = self._span(name, start, stop)
+        out = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
         if nbytes:
             view, got = memoryview(out.numpy()), 0
             fd = self._descriptor(loc.file)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import re
-import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mergeflow.buffers import BufferPool
 from mergeflow.checkpoints.reader import SAFETENSORS_INDEX, TensorInfo
 from mergeflow.checkpoints.safetensors_format import DTYPE_NAMES, element_size, encode_header
 from mergeflow.errors import ConfigError
@@ -96,27 +96,21 @@ class ShardedSafetensorsWriter:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mergeflow-writer")
         self._queue: deque[tuple[Future, int]] = deque()
         self._pending, self._limit = 0, pending
-        self._lent: dict[int, torch.Tensor] = {}  # `buffer`'s memory out until written, by address
-        self._free: list[torch.Tensor] = []  # and back once written (the largest four kept)
-        self._buffers_lock = threading.Lock()
+        self._memory = BufferPool(torch.uint8)  # `buffer`'s memory, back once written
+        self._lent: dict[int, torch.Tensor] = {}  # out until written, by address
 
     def buffer(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """An empty CPU tensor to fill and hand to `write` or `write_rows` once: memory of tensors already written,
         taken back as they reach the file (fresh memory for every output costs more in page faults than filling
         it; a buffer over 4x the size is left to a larger tensor)."""
-        nbytes = math.prod(shape) * element_size(dtype)
-        with self._buffers_lock:
-            fits = [i for i, free in enumerate(self._free) if nbytes <= free.numel() <= 4 * nbytes]
-            memory = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else torch.empty(
-                nbytes, dtype=torch.uint8)
-            self._lent[memory.data_ptr()] = memory
-        return memory[:nbytes].view(dtype).view(tuple(shape))
+        memory = self._memory.take(math.prod(shape) * element_size(dtype))
+        self._lent[memory.data_ptr()] = memory
+        return memory.view(dtype).view(tuple(shape))
 
     def _take_back(self, data: torch.Tensor) -> None:
-        with self._buffers_lock:
-            memory = self._lent.pop(data.untyped_storage().data_ptr(), None)
-            if memory is not None:
-                self._free[:] = sorted([*self._free, memory], key=lambda t: t.numel(), reverse=True)[:4]
+        memory = self._lent.pop(data.untyped_storage().data_ptr(), None)
+        if memory is not None:
+            self._memory.give(memory)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._slots:

@@ -116,51 +116,36 @@ def cached_point(method: str, params: Mapping[str, Any], base: ObjectRef, expert
     scaling = method_class(method).scaling_param
     if scaling is None:
         path = _point_path(method, params, base, experts, store, statistics, unlabeled)
-        return SafetensorsFile(path) if path.exists() else None
+        return SafetensorsFile(path, store) if path.exists() else None
     path = _update_path(method, params, base, experts, store)
     return _scaled_point(method, params, base, store, path) if path.exists() else None
 
 
 class SafetensorsFile(Mapping[str, Any]):
-    """A local safetensors file as a read-only mapping that reads one tensor at a time, with positional reads into
-    memory of its own (a memory map's touched pages would stay in the process's RSS until it is closed: the whole
-    4.4 GB fp32 update of a 1 B model, point after point). `close()` closes it."""
+    """A cached point's or update's local safetensors file as a read-only mapping, read one tensor at a time by the
+    checkpoint reader (positional reads: a memory map's touched pages would stay in the process's RSS while it is
+    open, the whole 4.4 GB fp32 update of a 1 B model). `close()` closes it."""
 
-    def __init__(self, path: Path):
-        from mergeflow.checkpoints.safetensors_format import DTYPES, decode_header
+    def __init__(self, path: Path, store: Store):
+        from mergeflow.checkpoints import open_checkpoint
 
-        self._fd = os.open(path, os.O_RDONLY)
-        start, header = decode_header(os.pread(self._fd, 8, 0), lambda n: os.pread(self._fd, n, 8))
-        header.pop("__metadata__", None)
-        self._entries = {name: (DTYPES[e["dtype"]], tuple(e["shape"]), start + e["data_offsets"][0],
-                                e["data_offsets"][1] - e["data_offsets"][0]) for name, e in header.items()}
+        self._file = open_checkpoint(str(path), cache=store.cache)
+        self._keys = self._file.keys()
+        self._known = set(self._keys)
 
     def __getitem__(self, name: str) -> Any:
-        import torch
-
-        dtype, shape, offset, size = self._entries[name]
-        out = torch.empty(size, dtype=torch.uint8)
-        view, got = memoryview(out.numpy()), 0
-        while got < size:
-            step = os.preadv(self._fd, [view[got:]], offset + got)
-            if step == 0:
-                raise OSError(f"{name}: the update file ends after {got} of its {size} bytes")
-            got += step
-        return out.view(dtype).reshape(shape)
+        if name not in self._known:
+            raise KeyError(name)
+        return self._file.get(name)
 
     def __iter__(self):
-        return iter(self._entries)
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._keys)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self) -> None:
-        self.close()
+        self._file.close()
 
 
 def _scaled_point(method: str, params: Mapping[str, Any], base: ObjectRef, store: Store, update: Path) -> Any:
@@ -172,7 +157,7 @@ def _scaled_point(method: str, params: Mapping[str, Any], base: ObjectRef, store
 
     value = build_method(method, params).params.model_dump()[method_class(method).scaling_param]
     base_ckpt = open_checkpoint(store.base_weights(base), storage_options=store.options, cache=store.cache)
-    return ScaledPoint(base_ckpt, SafetensorsFile(update), float(value))
+    return ScaledPoint(base_ckpt, SafetensorsFile(update, store), float(value))
 
 
 def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
