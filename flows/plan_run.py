@@ -16,6 +16,7 @@ from prefect.futures import PrefectFuture
 
 from mergeflow.config import MergeSpec, RunConfig
 from mergeflow.evaluate import format_results_table
+from mergeflow.hygiene import held_out_accuracy, held_out_note
 from mergeflow.plan import Node, Plan, pass_key, sparsifies
 from mergeflow.stages import merge as merge_stage, statistics as statistics_stage, subspace as subspace_stage
 from mergeflow.stages.refs import ObjectRef, run_inputs_digest
@@ -158,14 +159,17 @@ class PlanRun(Context):
         label = node.id.removeprefix("select:")
         spec = self.labelled[label]
         points = [self.plan.node(i) for i in node.inputs if i.startswith("sweep:")]
-        accuracies = [self.value(point.id)["accuracy"] for point in points]
+        leaked = self.leaked()  # each point read on the validation examples the experts did not train on
+        if note := held_out_note(self.overlap(), self.config.tuning.max_examples):
+            print(f"select {label}: {note}")
+        accuracies = [held_out_accuracy(self.value(point.id), leaked) for point in points]
         params = select_point(label, spec, [point.spec.params for point in points], accuracies,
                               self.expert_scores(), self.config.tuning, self.tracking, self.parent)
         return MergeSpec(method=spec.method, params=params)
 
     def record_search(self, node: Node) -> MergeSpec:
         label = node.id.removeprefix("chosen:")
-        return search(self, label, self.labelled[label], self.expert_scores())
+        return search(self, label, self.labelled[label], self.expert_scores(), self.leaked())
 
     def merge(self, node: Node):
         label = node.id.removeprefix("merge:")

@@ -5,6 +5,7 @@ estimates them). Test data is never read here."""
 from typing import TYPE_CHECKING
 
 from mergeflow.config import MergeSpec
+from mergeflow.hygiene import held_out_note
 from mergeflow.search import rung_sizes, successive_halving
 from mergeflow.stages import merge as merge_stage
 from tasks.search import open_search, record_search
@@ -14,12 +15,16 @@ if TYPE_CHECKING:
     from flows.plan_run import PlanRun
 
 
-def search(run: "PlanRun", label: str, spec: MergeSpec, expert_acc: dict[str, float]) -> MergeSpec:
+def search(run: "PlanRun", label: str, spec: MergeSpec, expert_acc: dict[str, float],
+           leaked: dict[str, list[int]] | None = None) -> MergeSpec:
     """Successive halving over the `auto` spec's candidates (`mergeflow.search`) in the flow's `run`
     (`flows.plan_run.PlanRun`: its inputs, subspaces, statistics and sparsify passes): each rung's candidates are
     sweep points (tasks, scored on the first n validation examples of every task and cached by that n), so a
-    rerun or a grown budget scores only what is new; returns the winner's spec."""
+    rerun or a grown budget scores only what is new; each task is read on its validation examples that are not
+    training examples (`leaked`: the others' positions); returns the winner's spec."""
     config, parent = run.config, run.parent
+    if note := held_out_note(run.overlap(), config.tuning.max_examples):
+        print(f"search {label}: {note}")
     settings, tuning = spec.search_settings(), config.tuning
     pool = settings.candidates()
     sizes = rung_sizes(settings.min_examples, tuning.max_examples, settings.eta)
@@ -47,7 +52,7 @@ def search(run: "PlanRun", label: str, spec: MergeSpec, expert_acc: dict[str, fl
                                 max_examples=tuning.max_examples, eta=settings.eta, rule=tuning.rule,
                                 floor=tuning.floor, max_evaluations=settings.max_evaluations,
                                 max_seconds=settings.max_seconds, confidence=settings.confidence,
-                                extend_edges=settings.extend_edges, fidelity=settings.fidelity)
+                                extend_edges=settings.extend_edges, fidelity=settings.fidelity, leaked=leaked)
     chosen = record_search(label, result, config.tracking, parent, run_id)
     print(f"search {label}: chose {result.winner.name} (validation norm. avg "
           f"{100 * result.winner_score.norm_avg:.1f}%) from {len(pool)} candidates in {result.seconds:.0f} s"

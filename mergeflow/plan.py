@@ -95,7 +95,7 @@ def compile_plan(config: RunConfig) -> Plan:
         points = [plan.add(f"sweep:{label}:{i}", "sweep_point", [*reads(point), *data], _params(p), spec=point,
                            split="validation", examples=config.tuning.max_examples)
                   for i, p in enumerate(spec.grid_points()) if (point := MergeSpec(method=spec.method, params=p))]
-        chosen[label] = [plan.add(f"select:{label}", "select_point", [*points, *expert_val])]
+        chosen[label] = [plan.add(f"select:{label}", "select_point", [*points, *expert_val, "overlap"])]
     for label, spec in labelled.items():
         if spec.method != AUTO:
             continue
@@ -115,7 +115,8 @@ def compile_plan(config: RunConfig) -> Plan:
                                  f"{scored[j].name}, {examples} examples", spec=point, split="validation",
                                  examples=examples, part_of=searched_by) for j, point in enumerate(points)]
         # the search node reads what any candidate reads (its rungs run inside it)
-        chosen[label] = [plan.add(searched_by, "record_search", [*previous, *expert_val, *searched_reads, *data])]
+        chosen[label] = [plan.add(searched_by, "record_search", [*previous, *expert_val, *searched_reads, *data,
+                                                                 "overlap"])]
     for label, spec in labelled.items():
         # a merge reads its own sparsify stage (a stored pass of a sweep point is reused, but the stage runs)
         inputs = [base, *experts, *chosen.get(label, []), *(subspaces[k] for k in subspace_stage.subspace_kinds(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +180,13 @@ class Scored:
 Scorer = Callable[[int, int, Sequence[Candidate]], Sequence[Scored | Mapping[str, Any]]]
 
 
+def held_out(result: Scored, leaked: Mapping[str, Collection[int]]) -> Scored:
+    """`result` read on the validation examples that are not training examples (`mergeflow.hygiene.held_out`)."""
+    from mergeflow.hygiene import held_out as read
+
+    return Scored(*read(result.accuracy, result.correct, leaked))
+
+
 def rank(scored: Sequence[tuple[int, PointScore]]) -> list[int]:
     """Candidate indices best first: by score; exact ties (left after more data) to the earlier candidate."""
     return [i for i, _ in sorted(scored, key=lambda item: (-item[1].score, item[0]))]
@@ -228,6 +235,7 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
                        min_examples: int, max_examples: int, eta: int = 3, rule: Rule = "norm_acc.avg",
                        floor: float = 0.0, max_evaluations: int | None = None, max_seconds: float | None = None,
                        confidence: float = 0.95, extend_edges: bool = True, fidelity: float = 0.25,
+                       leaked: Mapping[str, Collection[int]] | None = None,
                        clock: Callable[[], float] = time.monotonic) -> SearchResult:
     """Run the search, racing: `score_rung(rung, examples, candidates)` returns each candidate's validation result
     (`Scored`: accuracy per task and, where the family gives them, each example's credit) on the first `examples`
@@ -250,7 +258,10 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
 
     `max_evaluations` bounds the validation examples scored per task over every candidate and rung; a rung that
     would pass it, or that starts after `max_seconds`, is not run and the best of the last whole rung wins. The
-    first rung must fit the budget (else a ConfigError, before any work)."""
+    first rung must fit the budget (else a ConfigError, before any work).
+
+    `leaked`: per task, the positions of validation examples that are also training examples (`mergeflow.hygiene`):
+    every result is read on the others (`held_out`), so the choice is not led by what the experts memorised."""
     from statistics import NormalDist
 
     sizes = rung_sizes(min_examples, max_examples, eta)
@@ -276,7 +287,8 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
             break
         rung_started = clock()
         points = {i: at_fidelity(pool[i], rung_fidelity(rung, len(sizes), fidelity)) for i in survivors}
-        results = [Scored.of(r) for r in score_rung(rung, examples, list(points.values()))]
+        raw = [Scored.of(r) for r in score_rung(rung, examples, list(points.values()))]
+        results = [held_out(r, leaked or {}) for r in raw]
         spent += len(survivors) * examples
         scored = {i: (score_point(pool[i].params, r.accuracy, expert_accuracy, rule, floor), r)
                   for i, r in zip(survivors, results, strict=True)}
@@ -288,7 +300,7 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
         best = (order[0], scored[order[0]][0])
         weights = task_weights(list(results[0].accuracy), expert_accuracy, rule)
         close = not_below(scored, order[0], weights, z)
-        counts = {t: len(c) for t, c in results[0].correct.items()}
+        counts = {t: len(c) for t, c in raw[0].correct.items()}
         timings.append(round(clock() - rung_started, 2))
         if rung < len(sizes) - 1:
             halving = order[:kept(len(order), eta)]
@@ -304,7 +316,7 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
     winner, winner_score = pool[best[0]], best[1]
     if stopped is None and extend_edges:
         winner, winner_score, spent, stopped = _extend_edges(
-            pool, winner, winner_score, entries, timings, score_rung, expert_accuracy, rule, floor,
+            pool, winner, winner_score, entries, timings, score_rung, expert_accuracy, rule, floor, leaked or {},
             examples=entries[-1].examples, spent=spent, max_evaluations=max_evaluations, clock=clock,
             deadline=None if max_seconds is None else started + max_seconds)
     return SearchResult(winner, winner_score, entries, len(timings), max(planned, len(sizes)), stopped, spent,
@@ -351,7 +363,7 @@ def _edge_candidate(pool: Sequence[Candidate], winner: Candidate, tried: set[str
     return None
 
 
-def _extend_edges(pool, winner, winner_score, entries, timings, score_rung, expert_accuracy, rule, floor, *,
+def _extend_edges(pool, winner, winner_score, entries, timings, score_rung, expert_accuracy, rule, floor, leaked, *,
                   examples, spent, max_evaluations, clock, deadline, max_steps: int = 6):
     """While the winner sits at the edge of its grid, score one step past it (on the last rung's examples, as a
     rung of its own) and keep the better: a range is searched, not a list. Returns (winner, its score, examples
@@ -368,7 +380,7 @@ def _extend_edges(pool, winner, winner_score, entries, timings, score_rung, expe
         tried.add(candidate.name)
         grid.append(candidate)
         rung, started = len(timings), clock()
-        result = Scored.of(score_rung(rung, examples, [candidate])[0])
+        result = held_out(Scored.of(score_rung(rung, examples, [candidate])[0]), leaked)
         spent += examples
         score = score_point(candidate.params, result.accuracy, expert_accuracy, rule, floor)
         better = score.score > winner_score.score

@@ -90,6 +90,8 @@ def test_cli_and_flow_share_every_stage_result(inputs, tmp_path, monkeypatch, pr
         _cli(root, tasks, store, "task_arithmetic", tmp_path / "ta", "--tune", data, "--grid", "scaling=0.2,1.0")
     warnings = [line for line in printed.getvalue().splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1 and "rotten_tomatoes (2 of 6, 33%)" in warnings[0] and "election" not in warnings[0]
+    assert "choice on validation examples the experts did not train on: rotten_tomatoes on 4 of its first 6" \
+        in printed.getvalue()  # the --tune choice reads the other four
 
     config = RunConfig.model_validate({
         "name": "shared", "model": {"pretrained": str(minilm_path())}, "tasks": tasks, "evaluation": EVALUATION,

@@ -77,7 +77,8 @@ def fit_head(task: str, base: ObjectRef, dataset: ObjectRef, evaluation: EvalCon
 
 def validation_overlap(task: str, dataset: ObjectRef, base: ObjectRef, store: Store) -> dict[str, int]:
     """How many of the task's validation examples also appear (by input content) in its train split: {"validation":
-    count, "in_train": overlap} (a dataset without a train split overlaps nothing)."""
+    count, "in_train": overlap, "positions": theirs in the validation split} (a dataset without a train split
+    overlaps nothing)."""
     from mergeflow.hygiene import overlap
 
     family = family_of(base)
@@ -85,9 +86,9 @@ def validation_overlap(task: str, dataset: ObjectRef, base: ObjectRef, store: St
     try:
         train = store.read_task(task, dataset, base, ["train"]).splits["train"]
     except ConfigError:
-        return {"validation": family.split_size(data), "in_train": 0}
+        return {"validation": family.split_size(data), "in_train": 0, "positions": []}
     found = overlap(task, family.input_digests(train), family.input_digests(data))
-    return {"validation": found.validation, "in_train": found.in_train}
+    return {"validation": found.validation, "in_train": found.in_train, "positions": list(found.positions)}
 
 
 # ---------------------------------------------------------------------------------------- the plan's stages

@@ -16,10 +16,11 @@ if TYPE_CHECKING:
     from mergeflow.search import SearchResult
 
 
-def search(settings: SearchConfig, tuning: TuningConfig, expert_scores: Mapping[str, float], ctx: Context
-           ) -> SearchResult:
+def search(settings: SearchConfig, tuning: TuningConfig, expert_scores: Mapping[str, float], ctx: Context,
+           leaked: Mapping[str, Sequence[int]] | None = None) -> SearchResult:
     """Successive halving over `settings`' candidates, normalised by each expert's score measured once on the
-    cap's examples (never a rung's few); returns the `SearchResult`."""
+    cap's examples (never a rung's few), each task read on its validation examples that are not training examples
+    (`leaked`: the others' positions); returns the `SearchResult`."""
     from mergeflow.search import successive_halving
 
     def score_rung(rung: int, examples: int, chosen: Sequence[Any]) -> list[dict[str, Any]]:
@@ -31,12 +32,16 @@ def search(settings: SearchConfig, tuning: TuningConfig, expert_scores: Mapping[
                               max_examples=tuning.max_examples, eta=settings.eta, rule=tuning.rule,
                               floor=tuning.floor, max_evaluations=settings.max_evaluations,
                               max_seconds=settings.max_seconds, confidence=settings.confidence,
-                              extend_edges=settings.extend_edges, fidelity=settings.fidelity)
+                              extend_edges=settings.extend_edges, fidelity=settings.fidelity, leaked=leaked)
 
 
 def _record_search(node: Node, ctx: Context) -> MergeSpec:
+    from mergeflow.hygiene import held_out_note
+
     spec = ctx.labelled[node.id.removeprefix("chosen:")]
-    result = search(spec.search_settings(), ctx.config.tuning, ctx.expert_scores(), ctx)
+    if note := held_out_note(ctx.overlap(), ctx.config.tuning.max_examples):
+        print(note)
+    result = search(spec.search_settings(), ctx.config.tuning, ctx.expert_scores(), ctx, ctx.leaked())
     ctx.searches[node.id.removeprefix("chosen:")] = result  # the leaderboard, for whoever prints it
     return MergeSpec(method=result.winner.method, params=dict(result.winner.params))
 

@@ -161,3 +161,13 @@ class Context:
         ids = {n: f"evaluate:expert-{n}-validation" for n in self.task_configs}
         planned = {node.id for node in self.plan} if self.plan is not None else set(self.outputs)
         return {n: self.value(id)[n] for n, id in ids.items() if id in planned}
+
+    def overlap(self) -> dict[str, dict[str, Any]]:
+        """The overlap check's result per task ({"validation", "in_train", "positions"}; empty where the run checks
+        nothing)."""
+        planned = {node.id for node in self.plan} if self.plan is not None else set(self.outputs)
+        return self.value("overlap") if "overlap" in planned else {}
+
+    def leaked(self) -> dict[str, list[int]]:
+        """Per task, the positions in its validation split of examples that are also training examples."""
+        return {task: list(o["positions"]) for task, o in self.overlap().items() if o.get("positions")}

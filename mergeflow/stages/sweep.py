@@ -269,7 +269,12 @@ def choose_point(node: Node, ctx: Context, accuracies: Mapping[str, Mapping[str,
 
 
 def _select_point(node: Node, ctx: Context) -> MergeSpec:
-    accuracies = {i: ctx.value(i)["accuracy"] for i in node.inputs if i.startswith("sweep:")}
+    from mergeflow.hygiene import held_out_accuracy, held_out_note
+
+    leaked = ctx.leaked()
+    if note := held_out_note(ctx.overlap(), ctx.config.tuning.max_examples):
+        print(f"  {note}")
+    accuracies = {i: held_out_accuracy(ctx.value(i), leaked) for i in node.inputs if i.startswith("sweep:")}
     chosen, scores = choose_point(node, ctx, accuracies, ctx.expert_scores())
     for point in scores:
         shown = {k: point.params[k] for k in ctx.labelled[node.id.removeprefix("select:")].grid()}
