@@ -169,7 +169,7 @@ class PlanRun(Context):
 
     def record_search(self, node: Node) -> MergeSpec:
         label = node.id.removeprefix("chosen:")
-        return search(self, label, self.labelled[label], self.expert_scores(), self.leaked())
+        return search(self, label, self.labelled[label], self.expert_scores(), self.overlap())
 
     def merge(self, node: Node):
         label = node.id.removeprefix("merge:")

@@ -16,14 +16,15 @@ if TYPE_CHECKING:
 
 
 def search(run: "PlanRun", label: str, spec: MergeSpec, expert_acc: dict[str, float],
-           leaked: dict[str, list[int]] | None = None) -> MergeSpec:
+           overlap: dict[str, dict] | None = None) -> MergeSpec:
     """Successive halving over the `auto` spec's candidates (`mergeflow.search`) in the flow's `run`
     (`flows.plan_run.PlanRun`: its inputs, subspaces, statistics and sparsify passes): each rung's candidates are
     sweep points (tasks, scored on the first n validation examples of every task and cached by that n), so a
     rerun or a grown budget scores only what is new; each task is read on its validation examples that are not
-    training examples (`leaked`: the others' positions); returns the winner's spec."""
+    training examples (`overlap`: the overlap check's result); returns the winner's spec."""
     config, parent = run.config, run.parent
-    if note := held_out_note(run.overlap(), config.tuning.max_examples):
+    leaked = {t: o["positions"] for t, o in (overlap or {}).items() if o.get("positions")}
+    if note := held_out_note(overlap or {}, config.tuning.max_examples):
         print(f"search {label}: {note}")
     settings, tuning = spec.search_settings(), config.tuning
     pool = settings.candidates()

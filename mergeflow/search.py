@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mergeflow.errors import ConfigError
+from mergeflow.hygiene import held_out
 from mergeflow.methods import METHODS
 from mergeflow.sweep import PointScore, Rule, grid_points, score_point
 
@@ -180,12 +181,6 @@ class Scored:
 Scorer = Callable[[int, int, Sequence[Candidate]], Sequence[Scored | Mapping[str, Any]]]
 
 
-def held_out(result: Scored, leaked: Mapping[str, Collection[int]]) -> Scored:
-    """`result` read on the validation examples that are not training examples (`mergeflow.hygiene.held_out`)."""
-    from mergeflow.hygiene import held_out as read
-
-    return Scored(*read(result.accuracy, result.correct, leaked))
-
 
 def rank(scored: Sequence[tuple[int, PointScore]]) -> list[int]:
     """Candidate indices best first: by score; exact ties (left after more data) to the earlier candidate."""
@@ -249,8 +244,8 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
     ones are scored once more on eta times the examples (as many as the split holds): a close decision is settled by
     more data; only candidates identical on every example scored fall back to the earlier one.
 
-    `extend_edges`: when the winner's coefficient sits at the edge of its grid, one step past it is scored on the
-    last rung's examples (as a rung of one), and kept while it scores better (`next_beyond`).
+    `extend_edges`: where a method's best point at the last rung sits at the edge of its grid, steps past it are
+    scored on the last rung's examples (each a rung of one) while they beat it (`next_beyond`); the best of all wins.
 
     `fidelity`: an iterative candidate (`MergeMethod.fidelity`) is scored at every rung before the last as the point
     with that fraction of its counts (its own params, cached under their own key), and from the last rung on (the
@@ -288,11 +283,12 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
         rung_started = clock()
         points = {i: at_fidelity(pool[i], rung_fidelity(rung, len(sizes), fidelity)) for i in survivors}
         raw = [Scored.of(r) for r in score_rung(rung, examples, list(points.values()))]
-        results = [held_out(r, leaked or {}) for r in raw]
+        results = [Scored(*held_out(r.accuracy, r.correct, leaked or {})) for r in raw]
         spent += len(survivors) * examples
         scored = {i: (score_point(pool[i].params, r.accuracy, expert_accuracy, rule, floor), r)
                   for i, r in zip(survivors, results, strict=True)}
-        rung_entries = {i: Entry(rung, examples, pool[i], s, fidelity=METHODS[pool[i].method].fidelity_label(
+        read = min(examples, max((len(c) for c in raw[0].correct.values()), default=examples))  # split's end
+        rung_entries = {i: Entry(rung, read, pool[i], s, fidelity=METHODS[pool[i].method].fidelity_label(
                             points[i].params, pool[i].params), reduced=points[i] != pool[i])
                         for i, (s, _) in scored.items()}
         entries += rung_entries.values()
@@ -365,30 +361,39 @@ def _edge_candidate(pool: Sequence[Candidate], winner: Candidate, tried: set[str
 
 def _extend_edges(pool, winner, winner_score, entries, timings, score_rung, expert_accuracy, rule, floor, leaked, *,
                   examples, spent, max_evaluations, clock, deadline, max_steps: int = 6):
-    """While the winner sits at the edge of its grid, score one step past it (on the last rung's examples, as a
-    rung of its own) and keep the better: a range is searched, not a list. Returns (winner, its score, examples
-    spent, why it stopped early or None)."""
-    tried, grid = {c.name for c in pool}, list(pool)
-    for _ in range(max_steps):
-        candidate = _edge_candidate(grid, winner, tried)
-        if candidate is None:
-            return winner, winner_score, spent, None
-        if max_evaluations is not None and spent + examples > max_evaluations:
-            return winner, winner_score, spent, f"budget: no examples left to try {candidate.name} past the grid"
-        if deadline is not None and clock() >= deadline:
-            return winner, winner_score, spent, f"time: spent before trying {candidate.name} past the grid"
-        tried.add(candidate.name)
-        grid.append(candidate)
-        rung, started = len(timings), clock()
-        result = held_out(Scored.of(score_rung(rung, examples, [candidate])[0]), leaked)
-        spent += examples
-        score = score_point(candidate.params, result.accuracy, expert_accuracy, rule, floor)
-        better = score.score > winner_score.score
-        entries.append(Entry(rung, examples, candidate, score, better,
-                             METHODS[candidate.method].fidelity_label(candidate.params, candidate.params)))
-        timings.append(round(clock() - started, 2))
-        if not better:
-            return winner, winner_score, spent, None
-        winner, winner_score = candidate, score
+    """For each method scored at the last rung (best first) whose best point there sits at the edge of its grid,
+    score one step past it (on the last rung's examples, as a rung of its own) while that beats the method's best:
+    a range is searched, not a list, and a method whose range was cut short can still win. Returns (the best of
+    all, its score, examples spent, why it stopped early or None)."""
+    tried, grid, last = {c.name for c in pool}, list(pool), entries[-1].rung
+    bests: dict[str, tuple[Candidate, PointScore]] = {}
+    for e in entries:
+        if e.rung == last and (e.candidate.method not in bests or e.score.score > bests[e.candidate.method][1].score):
+            bests[e.candidate.method] = (e.candidate, e.score)
+    for best, best_score in sorted(bests.values(), key=lambda b: -b[1].score):
+        for _ in range(max_steps):
+            candidate = _edge_candidate(grid, best, tried)
+            if candidate is None:
+                break
+            if max_evaluations is not None and spent + examples > max_evaluations:
+                return winner, winner_score, spent, f"budget: no examples left to try {candidate.name} past the grid"
+            if deadline is not None and clock() >= deadline:
+                return winner, winner_score, spent, f"time: spent before trying {candidate.name} past the grid"
+            tried.add(candidate.name)
+            grid.append(candidate)
+            rung, started = len(timings), clock()
+            result = Scored.of(score_rung(rung, examples, [candidate])[0])
+            result = Scored(*held_out(result.accuracy, result.correct, leaked))
+            spent += examples
+            score = score_point(candidate.params, result.accuracy, expert_accuracy, rule, floor)
+            better = score.score > best_score.score
+            entries.append(Entry(rung, examples, candidate, score, better,
+                                 METHODS[candidate.method].fidelity_label(candidate.params, candidate.params)))
+            timings.append(round(clock() - started, 2))
+            if not better:
+                break
+            best, best_score = candidate, score
+            if score.score > winner_score.score:
+                winner, winner_score = candidate, score
     return winner, winner_score, spent, None
 

@@ -234,6 +234,24 @@ def test_a_winner_at_the_edge_of_its_grid_is_searched_past_it():
     assert successive_halving(_pool(5), inside, EXPERTS, min_examples=10, max_examples=30, eta=3).rungs_done == 2
 
 
+def test_a_method_cut_short_by_its_grid_is_searched_past_it_even_when_another_leads():
+    """Average leads the last rung (0.9); Task Arithmetic's best point there, 0.5, sits at its grid's edge and its
+    optimum is 0.8 (1.0): stepping past the edge finds it, and it wins. Without the steps, average would."""
+    quality = {"average": lambda p: 0.9, "task_arithmetic": lambda p: 1 - abs(p["scaling"] - 0.8)}
+    calls = []
+
+    def score(rung, examples, chosen):
+        calls.append([c.name for c in chosen])
+        return [{"a": 0.8 * quality[c.method](c.params), "b": 0.5 * quality[c.method](c.params)} for c in chosen]
+
+    pool = [Candidate("average", {}), *_pool(5)]
+    result = successive_halving(pool, score, EXPERTS, min_examples=10, max_examples=30, eta=3)
+    assert result.winner == Candidate("task_arithmetic", {"scaling": 0.8})
+    assert calls[-1] == ["task_arithmetic(scaling=0.9)"]  # the first step that does not beat 0.8 ends it
+    assert successive_halving(pool, score, EXPERTS, min_examples=10, max_examples=30, eta=3,
+                              extend_edges=False).winner == Candidate("average", {})
+
+
 def test_the_next_value_follows_the_grid_spacing_and_its_bounds():
     from mergeflow.search import next_beyond
 
