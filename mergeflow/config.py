@@ -162,8 +162,8 @@ class SearchConfig(StrictModel):
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="racing: a rung also keeps every candidate not "
                               "below its leader at this one-sided confidence (paired differences on the same "
                               "examples); a close call at the last rung is settled on more examples")
-    extend_edges: bool = Field(True, description="when the winner's coefficient sits at the edge of its grid, try "
-                               "steps past it while they score better")
+    extend_edges: bool = Field(True, description="where a method's best point at the last rung sits at the edge of "
+                               "its grid, try steps past it while they score better")
     fidelity: float = Field(0.25, gt=0.0, le=1.0, description="iterative methods (WUDI, DOGE, AdaMerging, "
                             "MaTS): the fraction of their step or iteration counts every rung before the last runs "
                             "(1: full counts at every rung); the last rung, and the winner, run the full counts")
