@@ -160,7 +160,7 @@ class PlanRun(Context):
         spec = self.labelled[label]
         points = [self.plan.node(i) for i in node.inputs if i.startswith("sweep:")]
         leaked = self.leaked()  # each point read on the validation examples the experts did not train on
-        if note := held_out_note(self.overlap(), self.config.tuning.max_examples):
+        if note := held_out_note(self.held_out(), self.config.tuning.max_examples):
             print(f"select {label}: {note}")
         accuracies = [held_out_accuracy(self.value(point.id), leaked) for point in points]
         params = select_point(label, spec, [point.spec.params for point in points], accuracies,
@@ -169,7 +169,7 @@ class PlanRun(Context):
 
     def record_search(self, node: Node) -> MergeSpec:
         label = node.id.removeprefix("chosen:")
-        return search(self, label, self.labelled[label], self.expert_scores(), self.overlap())
+        return search(self, label, self.labelled[label], self.expert_scores(), self.held_out())
 
     def merge(self, node: Node):
         label = node.id.removeprefix("merge:")

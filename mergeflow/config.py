@@ -103,14 +103,13 @@ class TaskConfig(StrictModel):
         return self
 
     dataset: str | None = Field(None, description="URI of the task's own dataset directory in the family's layout "
-                                "(hf_text: task.json and probe/train/validation/test.parquet with text, label; "
-                                "CLIP: classes.json and <split>.parquet with image bytes, label, or "
-                                "<split>/<class>/<image> folders; seq2seq: task.json and <split>.parquet with the "
-                                "prompt's fields and label); empty: the built-in task of this name")
+                                "(hf_text: task.json, probe/train/validation/test.parquet with text, label; CLIP: "
+                                "classes.json and <split>.parquet with image bytes, label, or <split>/<class>/<image> "
+                                "folders; seq2seq: task.json and <split>.parquet with the prompt's fields and label); "
+                                "empty: the built-in task of this name")
     head: str | None = Field(None, description="URI of the task's frozen head file (classification: safetensors "
                              "weight, bias, logit_scale metadata, e.g. a converted task-vectors head; seq2seq: the "
-                             "prompt JSON); empty: made from the pretrained model (linear probe, CLIP zero-shot "
-                             "head, the dataset's prompt)")
+                             "prompt JSON); empty: made from the pretrained model (probe, CLIP zero-shot, prompt)")
 
     @field_validator("name")
     @classmethod
@@ -168,8 +167,7 @@ class SearchConfig(StrictModel):
                             "MaTS): the fraction of their step or iteration counts every rung before the last runs "
                             "(1: full counts at every rung); the last rung, and the winner, run the full counts")
     max_evaluations: int | None = Field(None, ge=1, description="budget: validation examples scored per task over "
-                                        "every candidate and rung; the search stops at the last whole rung it "
-                                        "covers (empty: no limit)")
+                                        "every candidate and rung; it stops at the last whole rung (empty: no limit)")
     max_seconds: float | None = Field(None, gt=0, description="budget: no new rung starts after this many seconds "
                                       "of search (empty: no limit)")
 
@@ -237,6 +235,8 @@ class TuningConfig(StrictModel):
         "accuracy, or average normalized accuracy among points with every task at least `floor`")
     floor: float = Field(0.0, ge=0.0, le=2.0, description="per-task normalized-accuracy floor of rule 'floor'")
     max_examples: int = Field(200, ge=1, description="validation examples per task scored per grid point")
+    leaked: Literal["hold_out", "read"] = Field("hold_out", description="validation examples that are also training "
+                                                "examples: left out of every choice (hold_out), or read as the rest")
 
 
 class AtmConfig(StrictModel):

@@ -74,6 +74,20 @@ def test_auto_chooses_on_held_out_examples_where_validation_leaked():
     assert result.winner == far and result.winner_score.accuracy["a"] == 0.8
 
 
+def test_a_run_can_choose_to_read_the_leaked_examples():
+    from mergeflow.config import RunConfig
+    from mergeflow.stages.stage import Context
+
+    found = {"overlap": {"a": {"validation": 4, "in_train": 2, "positions": [0, 3]},
+                         "b": {"validation": 4, "in_train": 0, "positions": []}}}
+    body = {"name": "p", "model": {"pretrained": "all-MiniLM-L6-v2"}, "tasks": [{"name": "election"}],
+            "merges": [{"method": "task_arithmetic", "sweep": {"scaling": [0.5, 1.0]}}]}
+    held = Context(RunConfig.model_validate(body), None, "cpu", None, found)
+    assert held.leaked() == {"a": [0, 3]} and held.held_out() == found["overlap"]
+    read = Context(RunConfig.model_validate({**body, "tuning": {"leaked": "read"}}), None, "cpu", None, found)
+    assert read.leaked() == {} and read.held_out() == {}
+
+
 def test_choices_read_the_overlap_check():
     from mergeflow.config import RunConfig
     from mergeflow.plan import compile_plan

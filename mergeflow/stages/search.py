@@ -39,7 +39,7 @@ def _record_search(node: Node, ctx: Context) -> MergeSpec:
     from mergeflow.hygiene import held_out_note
 
     spec = ctx.labelled[node.id.removeprefix("chosen:")]
-    if note := held_out_note(ctx.overlap(), ctx.config.tuning.max_examples):
+    if note := held_out_note(ctx.held_out(), ctx.config.tuning.max_examples):
         print(note)
     result = search(spec.search_settings(), ctx.config.tuning, ctx.expert_scores(), ctx, ctx.leaked())
     ctx.searches[node.id.removeprefix("chosen:")] = result  # the leaderboard, for whoever prints it

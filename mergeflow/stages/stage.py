@@ -168,6 +168,11 @@ class Context:
         planned = {node.id for node in self.plan} if self.plan is not None else set(self.outputs)
         return self.value("overlap") if "overlap" in planned else {}
 
+    def held_out(self) -> dict[str, dict[str, Any]]:
+        """The overlap check's result where the choices leave leaked examples out (`tuning.leaked`: "hold_out");
+        empty where they read them ("read")."""
+        return self.overlap() if self.config.tuning.leaked == "hold_out" else {}
+
     def leaked(self) -> dict[str, list[int]]:
-        """Per task, the positions in its validation split of examples that are also training examples."""
-        return {task: list(o["positions"]) for task, o in self.overlap().items() if o.get("positions")}
+        """Per task, the positions in its validation split of examples the choices leave out."""
+        return {task: list(o["positions"]) for task, o in self.held_out().items() if o.get("positions")}

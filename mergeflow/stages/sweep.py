@@ -272,7 +272,7 @@ def _select_point(node: Node, ctx: Context) -> MergeSpec:
     from mergeflow.hygiene import held_out_accuracy, held_out_note
 
     leaked = ctx.leaked()
-    if note := held_out_note(ctx.overlap(), ctx.config.tuning.max_examples):
+    if note := held_out_note(ctx.held_out(), ctx.config.tuning.max_examples):
         print(f"  {note}")
     accuracies = {i: held_out_accuracy(ctx.value(i), leaked) for i in node.inputs if i.startswith("sweep:")}
     chosen, scores = choose_point(node, ctx, accuracies, ctx.expert_scores())
