@@ -5,7 +5,7 @@ estimates them). Test data is never read here."""
 from typing import TYPE_CHECKING
 
 from mergeflow.config import MergeSpec
-from mergeflow.hygiene import held_out_note
+from mergeflow.hygiene import held_out_note, leaked_positions
 from mergeflow.search import rung_sizes, successive_halving
 from mergeflow.stages import merge as merge_stage
 from tasks.search import open_search, record_search
@@ -23,7 +23,7 @@ def search(run: "PlanRun", label: str, spec: MergeSpec, expert_acc: dict[str, fl
     rerun or a grown budget scores only what is new; each task is read on its validation examples that are not
     training examples (`overlap`: the overlap check's result); returns the winner's spec."""
     config, parent = run.config, run.parent
-    leaked = {t: o["positions"] for t, o in (overlap or {}).items() if o.get("positions")}
+    leaked = leaked_positions(overlap or {})
     if note := held_out_note(overlap or {}, config.tuning.max_examples):
         print(f"search {label}: {note}")
     settings, tuning = spec.search_settings(), config.tuning

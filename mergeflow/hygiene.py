@@ -81,6 +81,11 @@ def held_out(accuracy: Mapping[str, float], correct: Mapping[str, str], leaked: 
     return (out, credits_out) if out else (dict(accuracy), dict(correct))
 
 
+def leaked_positions(found: Mapping[str, Mapping[str, Any]]) -> dict[str, list[int]]:
+    """Per task, the positions of its leaked validation examples, from the overlap check's result."""
+    return {task: list(o["positions"]) for task, o in found.items() if o.get("positions")}
+
+
 def held_out_accuracy(record: Mapping[str, Any], leaked: Mapping[str, Collection[int]]) -> dict[str, float]:
     """A sweep point's validation accuracy per task ({"accuracy", "correct"}) read by `held_out`."""
     return held_out(record["accuracy"], record.get("correct") or {}, leaked)[0]

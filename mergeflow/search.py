@@ -177,9 +177,12 @@ class Scored:
             return cls(result["accuracy"], result.get("correct") or {})
         return cls(result)
 
+    def held_out(self, leaked: Mapping[str, Collection[int]]) -> Scored:
+        """This result read on the validation examples that are not training examples (`mergeflow.hygiene`)."""
+        return Scored(*held_out(self.accuracy, self.correct, leaked))
+
 
 Scorer = Callable[[int, int, Sequence[Candidate]], Sequence[Scored | Mapping[str, Any]]]
-
 
 
 def rank(scored: Sequence[tuple[int, PointScore]]) -> list[int]:
@@ -255,8 +258,7 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
     would pass it, or that starts after `max_seconds`, is not run and the best of the last whole rung wins. The
     first rung must fit the budget (else a ConfigError, before any work).
 
-    `leaked`: per task, the positions of validation examples that are also training examples (`mergeflow.hygiene`):
-    every result is read on the others (`held_out`), so the choice is not led by what the experts memorised."""
+    `leaked`: per task, the positions of validation examples that are also training examples: read without them."""
     from statistics import NormalDist
 
     sizes = rung_sizes(min_examples, max_examples, eta)
@@ -283,7 +285,7 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
         rung_started = clock()
         points = {i: at_fidelity(pool[i], rung_fidelity(rung, len(sizes), fidelity)) for i in survivors}
         raw = [Scored.of(r) for r in score_rung(rung, examples, list(points.values()))]
-        results = [Scored(*held_out(r.accuracy, r.correct, leaked or {})) for r in raw]
+        results = [r.held_out(leaked or {}) for r in raw]
         spent += len(survivors) * examples
         scored = {i: (score_point(pool[i].params, r.accuracy, expert_accuracy, rule, floor), r)
                   for i, r in zip(survivors, results, strict=True)}
@@ -382,8 +384,7 @@ def _extend_edges(pool, winner, winner_score, entries, timings, score_rung, expe
             tried.add(candidate.name)
             grid.append(candidate)
             rung, started = len(timings), clock()
-            result = Scored.of(score_rung(rung, examples, [candidate])[0])
-            result = Scored(*held_out(result.accuracy, result.correct, leaked))
+            result = Scored.of(score_rung(rung, examples, [candidate])[0]).held_out(leaked)
             spent += examples
             score = score_point(candidate.params, result.accuracy, expert_accuracy, rule, floor)
             better = score.score > best_score.score

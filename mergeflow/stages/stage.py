@@ -175,4 +175,6 @@ class Context:
 
     def leaked(self) -> dict[str, list[int]]:
         """Per task, the positions in its validation split of examples the choices leave out."""
-        return {task: list(o["positions"]) for task, o in self.held_out().items() if o.get("positions")}
+        from mergeflow.hygiene import leaked_positions
+
+        return leaked_positions(self.held_out())
