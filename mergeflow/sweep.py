@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from mergeflow.checkpoints import TensorInfo
 from mergeflow.errors import ConfigError
 from mergeflow.methods import METHODS, build_method, method_class
 from mergeflow.methods.base import with_subspaces
@@ -63,19 +64,23 @@ def update_key(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k != scaling}
 
 
-def scaled_update(method: str, params: Mapping[str, Any], pool: ExpertPool,
-                  state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """U = merged - theta_0 at scaling 1 for every float tensor (fp32, CPU), for a method with `scaling_param`;
-    `state`: the method's global pass when already computed (the sparsify stage's)."""
+def scaled_update(method: str, params: Mapping[str, Any], pool: ExpertPool, state: dict[str, Any] | None = None
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, U) with U = merged - theta_0 at scaling 1 (fp32, CPU), for each float tensor in `update_plan`'s order,
+    one at a time (a caller that writes each away holds one tensor, not the whole update), for a method with
+    `scaling_param`; `state`: the method's global pass when already computed (the sparsify stage's)."""
     scaling = method_class(method).scaling_param
     if scaling is None:
         raise ConfigError(f"method {method!r} has no scaling-only coefficient to sweep by rescaling")
     merge = build_method(method, {**update_key(method, params), scaling: 1.0})
     state = with_subspaces(merge.prepare(pool) if state is None else state, pool.subspaces)
-    update = {}
-    for name, base, task_vectors in pool.stream():
-        update[name] = merge.merge_tensor(name, torch.zeros_like(base), task_vectors, state).cpu()
-    return update
+    return ((name, merge.merge_tensor(name, torch.zeros_like(base), task_vectors, state).cpu())
+            for name, base, task_vectors in pool.stream())
+
+
+def update_plan(pool: ExpertPool) -> list[TensorInfo]:
+    """The tensors `scaled_update` yields: each float tensor of the base, in fp32."""
+    return [replace(info, dtype=torch.float32) for info in pool.infos() if is_float(info.dtype)]
 
 
 def scaled_tensor(base: torch.Tensor, update: Callable[[], torch.Tensor], scaling: float) -> torch.Tensor:
@@ -126,7 +131,7 @@ def merged_point(method: str, params: Mapping[str, Any], base: Mapping[str, torc
     """The merged state dict of one grid point, in memory: theta_0 (`base`) + lambda U for a method with a
     scaling-only coefficient (U from `shared_update()`, computed once per setting of the other parameters by the
     caller), else a full merge of `pool` (with the method's global pass `state` when already computed). The flow's
-    sweep stage and `mergeflow merge --tune` both call this."""
+    sweep stage streams the same points to disk instead (`write_point`, `scaled_update`)."""
     from mergeflow.merge import merge_pool
 
     chosen = build_method(method, params)
@@ -136,6 +141,17 @@ def merged_point(method: str, params: Mapping[str, Any], base: Mapping[str, torc
         merge_pool(chosen, pool, out.__setitem__, state=state)
         return out
     return apply_update(base, shared_update(), float(chosen.params.model_dump()[scaling]))
+
+
+def write_point(method: str, params: Mapping[str, Any], pool: ExpertPool, writer: Any,
+                state: dict[str, Any] | None = None) -> None:
+    """One grid point's full merge of `pool` (with the method's global pass `state` when already computed), each
+    tensor handed to `writer` (`mergeflow.checkpoints.ShardedSafetensorsWriter`) as the merge produces it, as the
+    engine writes a merge: what the flow's sweep stage keeps of a point that is not a rescaled update."""
+    from mergeflow.merge import merge_pool
+
+    merge_pool(build_method(method, params), pool, writer.write, state=state, patch=writer.patch,
+               write_rows=writer.write_rows)
 
 
 @dataclass(frozen=True)

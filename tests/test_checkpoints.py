@@ -231,3 +231,24 @@ def test_buffer_pool_leaves_large_buffers_to_large_tensors_and_keeps_within_its_
     for buffer in (pool.take(10), pool.take(20), pool.take(30)):
         pool.give(buffer, max_bytes=4 * 45)
     assert sorted(b.numel() for b in pool._kept) == [10, 30]  # largest first within 180 bytes: 20 would not fit
+
+
+def test_write_file_streams_one_file_whole_or_not_at_all(tmp_path):
+    from mergeflow.checkpoints.writer import write_file
+
+    state = tiny_state_dict()
+    plan = [TensorInfo(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+    digest = write_file(tmp_path / "u.safetensors", plan, lambda w: [w.write(n, t) for n, t in state.items()])
+    assert digest == sha256_file(tmp_path / "u.safetensors")
+    assert all(torch.equal(t, state[n]) for n, t in load_file(str(tmp_path / "u.safetensors")).items())
+
+    def half_then_fail(writer):
+        name = next(iter(state))
+        writer.write(name, state[name])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_file(tmp_path / "v.safetensors", plan, half_then_fail)
+    with pytest.raises(ValueError, match="never written"):  # a fill that stops short is not a file
+        write_file(tmp_path / "w.safetensors", plan, lambda w: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u.safetensors"]

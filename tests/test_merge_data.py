@@ -159,18 +159,26 @@ def test_auto_searches_a_learned_method_on_validation_inputs_and_writes_the_sear
     from safetensors.torch import load_file
 
     import mergeflow.search as search
+    import mergeflow.stages.sweep as sweep_stage
     import mergeflow.sweep as sweep
 
     root, base, experts, _ = inputs
     merges, kept = [], {}
-    merged_point = sweep.merged_point
+    write_point, cached = sweep.write_point, sweep_stage._cached
 
     def counted(method, params, *args, **kwargs):
         merges.append((method, params["steps"]))
-        kept[(method, str(params))] = out = merged_point(method, params, *args, **kwargs)
-        return out
+        write_point(method, params, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "merged_point", counted)
+    def kept_where(path, write):  # the cached file of the point merged just now
+        before = len(merges)
+        cached(path, write)
+        if len(merges) > before:
+            kept[merges[-1]] = path
+        return path
+
+    monkeypatch.setattr(sweep, "write_point", counted)
+    monkeypatch.setattr(sweep_stage, "_cached", kept_where)
     monkeypatch.setitem(search.AUTO_GRIDS, "adamerging", {"steps": [2, 4]})  # two short learning runs
     argv = ["merge", "--method", "auto", "--candidates", "adamerging", "--base", base, "--out", str(tmp_path / "a"),
             "--device", "cpu", "--tune", str(root / "data.yaml"), "--store", str(tmp_path / "s")]
@@ -184,7 +192,7 @@ def test_auto_searches_a_learned_method_on_validation_inputs_and_writes_the_sear
     chosen = next(line for line in out.splitlines() if "<- chosen" in line).split()[0]
     manifest = json.loads((tmp_path / "a" / "mergeflow.json").read_text())
     assert manifest["method"] == "adamerging" and chosen.startswith("adamerging(")
-    searched = kept[("adamerging", str({"steps": manifest["params"]["steps"]}))]
+    searched = load_file(str(kept[("adamerging", manifest["params"]["steps"])]))
     written = {}
     for shard in sorted((tmp_path / "a").glob("*.safetensors")):
         written.update(load_file(str(shard)))

@@ -93,7 +93,7 @@ def test_an_alpha_sweep_computes_one_update_and_no_task_svd(models, stored, monk
     base, experts = models
     matrices = sum(t.dim() == 2 and t.is_floating_point() for t in base.values())
     counter = SvdCounter(monkeypatch)
-    update = scaled_update(method, {}, _pool(base, experts, {kind: stored[kind]}))
+    update = dict(scaled_update(method, {}, _pool(base, experts, {kind: stored[kind]})))
     for alpha in (0.5, 1.0, 1.5):
         merged_point(method, {"alpha": alpha}, base, lambda: update, None)
     # what is left per matrix is the method's own orthogonalisation: TSV's and Iso-CTS's two polar factors (the

@@ -26,7 +26,7 @@ def test_rescaled_update_equals_a_fresh_merge_bit_for_bit(method, params, dtype)
     base = tiny_state_dict(dtype=dtype)
     experts = make_experts(base, 3)
     pool = ExpertPool(StateDictSource(base), [StateDictSource(e) for e in experts], ["a", "b", "c"])
-    update = scaled_update(method, {**params, "scaling": 0.9}, pool)  # the scaling given is ignored
+    update = dict(scaled_update(method, {**params, "scaling": 0.9}, pool))  # the scaling given is ignored
     for scaling in (0.1, 0.37, 1.0, 2.5):
         fresh = merge_state_dicts(method, base, experts, {**params, "scaling": scaling})
         rescaled = apply_update(base, update, scaling)

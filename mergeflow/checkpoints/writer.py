@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import shutil
+import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -212,6 +215,25 @@ class ShardedSafetensorsWriter:
         self._queue.clear()
         for handle in self._files:
             handle.close()
+
+
+def write_file(path: Path, plan: Sequence[TensorInfo], fill: Callable[[ShardedSafetensorsWriter], None]) -> str:
+    """One safetensors file at `path` holding the planned tensors, which `fill(writer)` hands over one at a time
+    (memory holds the tensors still queued, never the file); written whole or not at all. Returns its sha256."""
+    path = Path(path)
+    staged = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        writer = ShardedSafetensorsWriter(staged, plan, shard_size=2**62)
+        try:
+            fill(writer)
+        except BaseException:
+            writer.abort()
+            raise
+        digest = writer.close()["model.safetensors"]
+        os.replace(staged / "model.safetensors", path)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return digest
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -5,14 +5,12 @@ weights, both in the local cache: a search's deeper rung, and the merge of the c
 from __future__ import annotations
 
 import json
-import os
 import threading
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mergeflow.checkpoints.safetensors_format import save_safetensors
+from mergeflow.checkpoints.writer import output_plan, write_file
 from mergeflow.config import EvalConfig, MergeSpec, TuningConfig
 from mergeflow.stages.evaluate import score_model
 from mergeflow.methods import build_method
@@ -28,18 +26,15 @@ _UPDATE_LOCKS: dict[str, threading.Lock] = {}
 _UPDATE_LOCKS_GUARD = threading.Lock()
 
 
-def _cached(path: Path, compute: Callable[[], Mapping[str, Any]]) -> Path:
-    """`compute()`'s tensors kept at `path` in the local cache (an intermediate, never published): computed once,
-    by one thread, written whole or not at all."""
+def _cached(path: Path, write: Callable[[Path], Any]) -> Path:
+    """The tensors `write(path)` puts at `path` (`mergeflow.checkpoints.writer.write_file`: one at a time, whole or
+    not at all) kept in the local cache (an intermediate, never published): computed once, by one thread."""
     with _UPDATE_LOCKS_GUARD:
         lock = _UPDATE_LOCKS.setdefault(str(path), threading.Lock())
     with lock:
         if not path.exists():
-            tensors = compute()
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-            save_safetensors(dict(tensors), partial)
-            os.replace(partial, path)
+            write(path)
     return path
 
 
@@ -47,14 +42,15 @@ def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, expe
                    store: Store, device: str, subspaces: Mapping[str, ObjectRef] | None,
                    state: ObjectRef | None) -> Path:
     """A scaling method's update at lambda 1 (`mergeflow.sweep.scaled_update`), computed once per setting of its
-    other parameters and kept in the local cache."""
-    from mergeflow.sweep import scaled_update
+    other parameters and kept in the local cache, written tensor by tensor as it is computed."""
+    from mergeflow.sweep import scaled_update, update_plan
 
-    def compute() -> Mapping[str, Any]:
+    def write(path: Path) -> None:
         with store.expert_pool(base, experts, device, subspaces) as pool:
-            return scaled_update(method, params, pool, read_sparsified(state, store) if state is not None else None)
+            update = scaled_update(method, params, pool, read_sparsified(state, store) if state is not None else None)
+            write_file(path, update_plan(pool), lambda writer: [writer.write(*item) for item in update])
 
-    return _cached(_update_path(method, params, base, experts, store), compute)
+    return _cached(_update_path(method, params, base, experts, store), write)
 
 
 def _merged_weights(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
@@ -62,17 +58,18 @@ def _merged_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exp
                     statistics: Mapping[str, ObjectRef] | None, unlabeled: Unlabeled | None = None) -> Path:
     """The merged weights of a point whose every coefficient needs its own merge (DOGE's eta, the data-aware
     methods', the learned ones' on the `unlabeled` objective), kept in the local cache, so a search's deeper rung
-    scores them without merging again."""
-    from mergeflow.sweep import merged_point
+    scores them without merging again; written tensor by tensor as the merge produces them."""
+    import mergeflow.sweep as sweep
 
-    def compute() -> Mapping[str, Any]:
+    def write(path: Path) -> None:
         with store.expert_pool(base, experts, device, subspaces, statistics) as pool:
             if unlabeled is not None:
                 pool.objective = unlabeled_objective(base, *unlabeled, store, device)
-            return merged_point(method, params, None, None, pool,
-                                read_sparsified(state, store) if state is not None else None)
+            sparsified = read_sparsified(state, store) if state is not None else None
+            write_file(path, output_plan(pool.infos(), None),
+                       lambda writer: sweep.write_point(method, params, pool, writer, sparsified))
 
-    return _cached(_point_path(method, params, base, experts, store, statistics, unlabeled), compute)
+    return _cached(_point_path(method, params, base, experts, store, statistics, unlabeled), write)
 
 
 def unlabeled_objective(base: ObjectRef, tasks: TaskInputs, split: str, evaluation: EvalConfig,
@@ -166,7 +163,7 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
                   unlabeled: Unlabeled | None = None) -> dict[str, Any]:
     """The merged state dict of one grid point, in memory: theta_0 + lambda U built tensor by tensor from the
     update shared through the local cache for scaling methods (never the base, U and the point at once), a full
-    in-memory merge otherwise (`mergeflow.sweep.merged_point`); both read the sparsify stage's stored global pass
+    merge otherwise (`mergeflow.sweep.write_point`), kept in the cache; both read the sparsify stage's stored global pass
     (`state`) and the subspace stage's factors when given, a data-aware method the experts' `statistics`."""
     from safetensors.torch import load_file
 
