@@ -20,15 +20,14 @@ import torch
 from mergeflow.progress import progress_bar
 
 import mergeflow
-from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, open_checkpoint
+from mergeflow.checkpoints import ShardedSafetensorsWriter, StateDictSource, TensorInfo, TensorSource, open_checkpoint
 from mergeflow.checkpoints.writer import output_plan, parse_dtype, parse_size
 from mergeflow.checkpoints.lora import LoraExpert, open_expert
 from mergeflow.checkpoints.model_files import copy_model_files
-from mergeflow.checkpoints.reader import TensorInfo, TensorSource
 from mergeflow.errors import IntegrityError
 from mergeflow.methods import MergeMethod, build_method
 from mergeflow.model_card import CARD, write_card
-from mergeflow.methods.base import BLOCK_OFFSET, OUT_DTYPE, SUBSPACE, TENSOR_SUMS, recorded, sum_parts, with_subspaces
+from mergeflow.methods.base import BLOCK_OFFSET, OUT_DTYPE, POOL_INPUTS, TENSOR_SUMS, recorded, sum_parts, with_inputs
 from mergeflow.selection import is_float
 from mergeflow.statistics import Statistics, open_statistics, statistics_source, validate_statistics
 from mergeflow.subspace import SubspaceReader, expert_identities
@@ -112,7 +111,7 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     if state is None:
         prepare = method.prepare_merge if only is None and patch is not None else method.prepare
         state = prepare(pool, progress=progress)
-    run_state = dict(with_subspaces(state, pool.subspaces))  # this merge's own copy (accumulators go here)
+    run_state = dict(with_inputs(state, pool))  # this merge's own copy (accumulators go here)
     infos = output_plan([info for info in pool.infos() if only is None or info.name in only], out_dtype)
     names, max_bytes = method.grouping(state, pool.device)
     batched = set(names).intersection(info.name for info in infos if is_float(info.dtype))
@@ -148,7 +147,7 @@ def merge_pool(method: MergeMethod, pool: ExpertPool, write: Callable[[str, torc
     dtypes = {info.name: info.dtype for info in infos}
     for name, (index, values) in corrections.items():
         patch(name, index, values.to("cpu", dtypes[name]))
-    return {key: value for key, value in run_state.items() if key != SUBSPACE}
+    return {key: value for key, value in run_state.items() if key not in POOL_INPUTS}
 
 
 def _merge_blocks(method: MergeMethod, pool: ExpertPool, info: TensorInfo,
@@ -193,8 +192,8 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor], experts: Se
                       params: Mapping[str, Any] | None = None, *, device: str | torch.device = "cpu",
                       state: dict[str, Any] | None = None,
                       statistics: Sequence[Mapping[str, torch.Tensor] | Statistics] | None = None,
-                      objective: Objective | None = None) -> dict[str, torch.Tensor]:
-    """Merge in-memory state dicts with the same engine and checks as `merge_checkpoints`."""
+                      objective: Objective | None = None, warm: Any = None) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts with the same engine and checks as `merge_checkpoints` (`warm`: `ExpertPool`'s)."""
     merge_method = build_method(method, params)
     merge_method.check_expert_count(len(experts))
     base_source = StateDictSource(base, "base")
@@ -206,7 +205,8 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor], experts: Se
         validate_statistics(base_source, stats, len(sources))
     for source in (base_source, *sources, *(stats or ())):
         check_finite(source)
-    pool = ExpertPool(base_source, sources, [s.label for s in sources], resolve_device(device), stats, objective)
+    pool = ExpertPool(base_source, sources, [s.label for s in sources], resolve_device(device), stats, objective,
+                      warm=warm)
     out: dict[str, torch.Tensor] = {}
     merge_pool(merge_method, pool, out.__setitem__, state=state, patch=patch_dict(out))
     return out

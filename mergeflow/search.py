@@ -89,8 +89,8 @@ def candidates(methods: Sequence[str] | None = None, grids: Mapping[str, Mapping
 
 
 def rung_fidelity(rung: int, rungs: int, fidelity: float) -> float:
-    """The fraction of an iterative method's counts that rung `rung` of `rungs` planned runs: `fidelity` before the
-    last (one reduced merge per candidate, cached, serves every early rung), the full counts from the last on."""
+    """The fraction of an iterative method's counts rung `rung` of `rungs` runs: `fidelity` before the last (one
+    reduced merge, cached, serves every early rung), then the full counts, continued from the reduced run's end."""
     return fidelity if rung < rungs - 1 else 1.0
 
 

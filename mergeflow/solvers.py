@@ -16,6 +16,10 @@ import torch
 from torch import Tensor
 
 from mergeflow import stopping
+from mergeflow.warm_start import Resume
+
+
+_KEPT = ("x", "r", "p", "rr", "iterations", "active")  # what the next iteration reads
 
 
 @dataclass(frozen=True)
@@ -27,11 +31,13 @@ class CGResult:
 
 
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None, *,
-                       max_iter: int = 100, tol: float = 1e-6,
-                       dtype: torch.dtype = torch.float32) -> CGResult:
+                       max_iter: int = 100, tol: float = 1e-6, dtype: torch.dtype = torch.float32,
+                       resume: Resume | None = None) -> CGResult:
     """Solve the B systems M_i x_i = b_i from `x0` (zeros by default) in `dtype` (float32 or float64).
 
-    A system with b_i = 0 has the solution 0 and returns it without iterating.
+    A system with b_i = 0 has the solution 0 and returns it without iterating. `resume`: continue from a kept state
+    of fewer iterations (its iterate, residual, direction and flags: the same bits as running them all here), and
+    keep this run's end state.
     """
     if max_iter < 0 or tol < 0:
         raise ValueError(f"max_iter and tol must be non-negative, got {max_iter}, {tol}")
@@ -44,15 +50,21 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor
         return s.reshape(-1, *([1] * (b.dim() - 1)))
 
     b_norm = dot(b, b).sqrt()
-    x = torch.zeros_like(b) if x0 is None else x0.to(b.device, dtype).clone()
-    x = torch.where(per_system(b_norm == 0), 0.0, x)
-    r = b - matvec(x)
-    p = r.clone()
-    rr = dot(r, r)
     target = tol * b_norm
-    iterations = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
-    active = rr.sqrt() > target
-    for _ in range(max_iter):
+    found = resume.start(max_iter) if resume is not None else None
+    if found is not None:
+        done, kept = found
+        x, r, p, rr, iterations, active = (kept[k].to(b.device) for k in _KEPT)
+    else:
+        done = 0
+        x = torch.zeros_like(b) if x0 is None else x0.to(b.device, dtype).clone()
+        x = torch.where(per_system(b_norm == 0), 0.0, x)
+        r = b - matvec(x)
+        p = r.clone()
+        rr = dot(r, r)
+        iterations = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
+        active = rr.sqrt() > target
+    for _ in range(max_iter - done):
         stopping.check()
         if not bool(active.any()):
             break
@@ -68,6 +80,8 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor
         rr = rr_next
         iterations += step
         active = step & (rr.sqrt() > target)
+    if resume is not None and max_iter > done:
+        resume.end(max_iter, dict(zip(_KEPT, (x, r, p, rr, iterations, active))))
     final = b - matvec(x)
     true_residual = dot(final, final).sqrt()
     relative = torch.where(b_norm > 0, true_residual / torch.where(b_norm > 0, b_norm, 1.0), true_residual)

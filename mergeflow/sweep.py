@@ -22,7 +22,7 @@ import torch
 from mergeflow.checkpoints import TensorInfo
 from mergeflow.errors import ConfigError
 from mergeflow.methods import METHODS, build_method, method_class
-from mergeflow.methods.base import with_subspaces
+from mergeflow.methods.base import with_inputs
 from mergeflow.plots import save_figure
 from mergeflow.selection import is_float
 from mergeflow.task_vectors import ExpertPool
@@ -73,7 +73,7 @@ def scaled_update(method: str, params: Mapping[str, Any], pool: ExpertPool, stat
     if scaling is None:
         raise ConfigError(f"method {method!r} has no scaling-only coefficient to sweep by rescaling")
     merge = build_method(method, {**update_key(method, params), scaling: 1.0})
-    state = with_subspaces(merge.prepare(pool) if state is None else state, pool.subspaces)
+    state = with_inputs(merge.prepare(pool) if state is None else state, pool)
     return ((name, merge.merge_tensor(name, torch.zeros_like(base), task_vectors, state).cpu())
             for name, base, task_vectors in pool.stream())
 

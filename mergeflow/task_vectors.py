@@ -49,6 +49,7 @@ class ExpertPool:
     statistics: Sequence[TensorSource] | None = None
     objective: Objective | None = None
     subspaces: Mapping[str, Any] | None = None  # kind -> stored per-layer factors (mergeflow.subspace.SubspaceReader)
+    warm: Any = None  # where iterative methods keep and find their solver states (mergeflow.warm_start.WarmStarts)
     # reject NaN/Inf found in the merged tensors (`check_merged`; the engine sets this instead of a pass of its own
     # for methods that read the inputs once); `window`: bytes `stream` may hold ahead of its consumer
     check_finite: bool = False

@@ -107,7 +107,8 @@ def _spy(monkeypatch, module, name: str, steps_at: int, calls: list[int]) -> Non
 def test_the_merges_behind_the_rungs_and_the_full_point_is_the_plain_merge(store_and_refs, monkeypatch, tmp_path):
     """Real merges through the sweep stage both executors score with (`sweep_weights`, cached): WUDI's Adam and
     DOGE TA's run 100 of 400 steps at rungs 0 and 1 (one reduced merge serves both), the survivor 400 at the last
-    rung, and its point is the plain merge's, bit for bit, under the plain merge's own cache key."""
+    rung, continuing from the reduced merge's solver states (300 steps more), and its point is the plain merge's, bit
+    for bit, under the plain merge's own cache key."""
     import mergeflow.methods.doge_ta as doge_ta
     import mergeflow.methods.wudi as wudi
     from mergeflow.merge import merge_checkpoints
@@ -119,6 +120,9 @@ def test_the_merges_behind_the_rungs_and_the_full_point_is_the_plain_merge(store
     wudi_steps, doge_steps = [], []
     _spy(monkeypatch, wudi, "wudi_gram", 1, wudi_steps)
     _spy(monkeypatch, doge_ta, "optimise_delta", 3, doge_steps)
+    resumed = []  # steps each WUDI Adam run found done (kept by an earlier, cut run)
+    resume_adam = wudi.resume_adam
+    monkeypatch.setattr(wudi, "resume_adam", lambda *args: resumed.append(resume_adam(*args)) or resumed[-1])
 
     def score(rung, examples, chosen):
         for c in chosen:
@@ -142,6 +146,7 @@ def test_the_merges_behind_the_rungs_and_the_full_point_is_the_plain_merge(store
     assert not all(torch.equal(reduced[n].to(plain[n].dtype), plain[n]) for n in plain)  # the cut merge differs
     layers = sum(t.dim() == 2 and t.is_floating_point() for t in tiny_state_dict().values())  # one Adam run each
     assert counted[0] == [100] * layers + [400] * layers  # one cut update for both scalings, then the survivor's
+    assert resumed[:2 * layers] == [0] * layers + [100] * layers  # the survivor continued from the cut run's states
     assert counted[1] and set(counted[1]) == {100}  # DOGE TA dropped at rung 0: never paid in full
 
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergeflow.errors import ConfigError
 from mergeflow.task_vectors import ExpertPool
+from mergeflow.warm_start import Resume
 
 
 RUN_ONLY = "_"  # prefix of state keys that live only for one merge (never recorded)
@@ -232,11 +233,22 @@ class MergeMethod(ABC):
 
 
 SUBSPACE = "_subspace"  # run-only state key: {kind: reader of the subspace stage's stored factors}
+WARM = "_warm"  # run-only state key: where iterative solvers keep their end states (`mergeflow.warm_start`)
+POOL_INPUTS = (SUBSPACE, WARM)  # what `with_inputs` adds: not part of a merge's returned state
 
 
-def with_subspaces(state: dict[str, Any], subspaces: Mapping[str, Any] | None) -> dict[str, Any]:
-    """`state` with the subspace readers a merge was given (kind -> `mergeflow.subspace.SubspaceReader`)."""
-    return {**state, SUBSPACE: dict(subspaces)} if subspaces else state
+def with_inputs(state: dict[str, Any], pool: ExpertPool) -> dict[str, Any]:
+    """`state` with what the pool gives a merge beyond tensors: the subspace readers (kind ->
+    `mergeflow.subspace.SubspaceReader`) and the solvers' warm starts, when given."""
+    extra = {**({SUBSPACE: dict(pool.subspaces)} if pool.subspaces else {}),
+             **({WARM: pool.warm} if pool.warm is not None else {})}
+    return {**state, **extra} if extra else state
+
+
+def resume_for(state: dict[str, Any], names: Sequence[str]) -> Resume | None:
+    """The warm start of a solve of the tensors `names`, when the merge keeps them (else None: from scratch)."""
+    store = state.get(WARM)
+    return None if store is None else Resume(store, tuple(names))
 
 
 def stored_factors(state: dict[str, Any], kind: str, name: str) -> dict[str, torch.Tensor] | None:

@@ -26,11 +26,12 @@ from pydantic import Field, model_validator
 
 from mergeflow import stopping
 from mergeflow.errors import ConfigError
-from mergeflow.methods.base import MergeMethod, MethodParams, stored_factors
+from mergeflow.methods.base import MergeMethod, MethodParams, resume_for, stored_factors
 from mergeflow.selection import ParameterSelection
 from mergeflow.sparsify import global_topk_thresholds
 from mergeflow.subspace import shared_basis as shared_subspace
 from mergeflow.task_vectors import ExpertPool
+from mergeflow.warm_start import Resume, keep_adam, resume_adam
 
 
 class DogeTAParams(MethodParams):
@@ -95,20 +96,23 @@ class DogeObjective:
 
 
 def optimise_delta(task_vectors: torch.Tensor, lam: torch.Tensor, basis: torch.Tensor, steps: int,
-                   lr: float) -> torch.Tensor:
+                   lr: float, resume: Resume | None = None) -> torch.Tensor:
     """The shared modification delta [G, d_out, d_in] after `steps` projected Adam steps from zero: each step's
-    gradient g becomes g - Q (Q^T g) (Q = `basis` [G, d_out, k]) before torch's Adam uses it."""
+    gradient g becomes g - Q (Q^T g) (Q = `basis` [G, d_out, k]) before torch's Adam uses it. `resume`: continue
+    from a kept state of fewer steps, and keep this run's end state."""
     objective = DogeObjective(task_vectors, lam)
     delta = torch.zeros_like(task_vectors[:, 0])
     delta.grad = torch.empty_like(delta)
     coefficients = delta.new_empty(basis.shape[0], basis.shape[2], delta.shape[2])
     adam = torch.optim.Adam([delta], lr=lr, fused=delta.device.type in ("cpu", "cuda"))
-    for _ in range(steps):
+    done = resume_adam(resume, delta, adam, steps)
+    for _ in range(steps - done):
         stopping.check()
         grad = objective.gradient(delta, out=delta.grad)
         if basis.shape[2]:
             grad.baddbmm_(basis, torch.bmm(basis.mT, grad, out=coefficients), alpha=-1)
         adam.step()
+    keep_adam(resume, delta, adam, steps, done)
     return delta
 
 
@@ -149,7 +153,7 @@ class DogeTA(MergeMethod):
         stored = [stored_factors(state, kind, name) for name in names]
         basis = torch.stack([shared_subspace(tvs, p.subspace_divisor) if factors is None else
                              factors["q"].to(tvs.device) for tvs, factors in zip(task_vectors, stored)])
-        delta = optimise_delta(task_vectors, lam, basis, p.steps, p.lr)
+        delta = optimise_delta(task_vectors, lam, basis, p.steps, p.lr, resume_for(state, names))
         merged = bases.clone()
         for i, threshold in enumerate(state["thresholds"]):
             tv = task_vectors[:, i]

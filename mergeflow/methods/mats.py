@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mergeflow.methods.base import RUN_ONLY, MethodParams
+from mergeflow.methods.base import RUN_ONLY, MethodParams, resume_for
 from mergeflow.methods.data_aware import DataAwareMethod, shrink_off_diagonal
 from mergeflow.solvers import CGResult, conjugate_gradient
 from mergeflow.statistics import FISHER, GRAM_IN, GRAM_OUT
@@ -136,7 +136,7 @@ class Mats(DataAwareMethod):
         if any(in_out):  # solved in nn.Linear's [out, in] layout, handed back [in, out]
             bases, task_vectors = bases.transpose(-2, -1), task_vectors.transpose(-2, -1)
         dtype = getattr(torch, p.precision)
-        cg = {"max_iter": p.max_iter, "tol": p.tol, "dtype": dtype}
+        cg = {"max_iter": p.max_iter, "tol": p.tol, "dtype": dtype, "resume": resume_for(state, names)}
         thetas = (bases.unsqueeze(1) + task_vectors).to(dtype)
         x0 = torch.stack([self._start(b, tv) for b, tv in zip(bases, task_vectors)]).to(dtype)
 

@@ -25,7 +25,8 @@ import torch
 from pydantic import Field
 
 from mergeflow import stopping
-from mergeflow.methods.base import ExcludeParams, PerLayerMethod
+from mergeflow.methods.base import ExcludeParams, PerLayerMethod, resume_for
+from mergeflow.warm_start import Resume, keep_adam, resume_adam
 
 
 class WudiParams(ExcludeParams):
@@ -43,24 +44,27 @@ def _adam(initial: torch.Tensor, lr: float, fused: bool = False) -> tuple[torch.
     return merged, torch.optim.Adam([merged], lr=lr, weight_decay=0, fused=fused or None)
 
 
-def wudi_autograd(task_vectors: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-    """tau_m [m, n] of one layer's task vectors [T, m, n], by the reference's own loop."""
+def wudi_autograd(task_vectors: torch.Tensor, steps: int, lr: float, resume: Resume | None = None) -> torch.Tensor:
+    """tau_m [m, n] of one layer's task vectors [T, m, n], by the reference's own loop (continued from a kept
+    state, and its end state kept, through `resume`)."""
     merged, adam = _adam(torch.sum(task_vectors, dim=0), lr)
+    done = resume_adam(resume, merged, adam, steps)
     norms = torch.square(torch.norm(task_vectors.reshape(task_vectors.shape[0], -1), p=2, dim=-1))
     with torch.enable_grad():
-        for _ in range(steps):
+        for _ in range(steps - done):
             stopping.check()
             product = torch.matmul(merged.unsqueeze(0) - task_vectors, task_vectors.transpose(1, 2))
             loss = torch.sum(torch.square(product) / norms.unsqueeze(-1).unsqueeze(-1))
             adam.zero_grad()
             loss.backward()
             adam.step()
+    keep_adam(resume, merged, adam, steps, done)
     return merged.detach()
 
 
-def wudi_gram(task_vectors: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+def wudi_gram(task_vectors: torch.Tensor, steps: int, lr: float, resume: Resume | None = None) -> torch.Tensor:
     """tau_m [m, n] of one layer's task vectors [T, m, n]: the same Adam steps, the gradient 2 (tau_m G - B) in
-    closed form (G and B accumulated in float64, then used in fp32)."""
+    closed form (G and B accumulated in float64, then used in fp32); `resume` as `wudi_autograd`'s."""
     tasks, m, n = task_vectors.shape
     gram = torch.zeros(n, n, dtype=torch.float64, device=task_vectors.device)
     target = torch.zeros(m, n, dtype=torch.float64, device=task_vectors.device)
@@ -73,11 +77,13 @@ def wudi_gram(task_vectors: torch.Tensor, steps: int, lr: float) -> torch.Tensor
     gram, target = 2 * gram.float(), 2 * target.float()
     merged, adam = _adam(torch.sum(task_vectors, dim=0), lr, fused=task_vectors.device.type in ("cpu", "cuda"))
     merged.grad = torch.empty_like(merged)
+    done = resume_adam(resume, merged, adam, steps)
     with torch.no_grad():
-        for _ in range(steps):
+        for _ in range(steps - done):
             stopping.check()
             torch.addmm(target, merged, gram, beta=-1, out=merged.grad)
             adam.step()
+    keep_adam(resume, merged, adam, steps, done)
     return merged.detach()
 
 
@@ -91,4 +97,4 @@ class Wudi(PerLayerMethod):
 
     def layer_update(self, name: str, task_vectors: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         solve = wudi_gram if self.params.solver == "gram" else wudi_autograd
-        return solve(task_vectors, self.params.steps, self.params.lr)
+        return solve(task_vectors, self.params.steps, self.params.lr, resume_for(state, [name]))

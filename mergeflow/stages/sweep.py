@@ -19,6 +19,7 @@ from mergeflow.stages.refs import (ObjectRef, TaskInputs, family_of, fingerprint
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.stage import Context, Located, Node, Stage
 from mergeflow.stages.store import Store
+from mergeflow.warm_start import WarmStarts
 
 Unlabeled = tuple[TaskInputs, str, EvalConfig]  # a learned method's objective: tasks, split, evaluation settings
 
@@ -47,6 +48,7 @@ def _scaled_update(method: str, params: Mapping[str, Any], base: ObjectRef, expe
 
     def write(path: Path) -> None:
         with store.expert_pool(base, experts, device, subspaces) as pool:
+            pool.warm = warm_starts(method, params, base, experts, store)
             update = scaled_update(method, params, pool, read_sparsified(state, store) if state is not None else None)
             write_file(path, update_plan(pool), lambda writer: [writer.write(*item) for item in update])
 
@@ -65,6 +67,7 @@ def _merged_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exp
         with store.expert_pool(base, experts, device, subspaces, statistics) as pool:
             if unlabeled is not None:
                 pool.objective = unlabeled_objective(base, *unlabeled, store, device)
+            pool.warm = warm_starts(method, params, base, experts, store, statistics)
             sparsified = read_sparsified(state, store) if state is not None else None
             write_file(path, output_plan(pool.infos(), None),
                        lambda writer: sweep.write_point(method, params, pool, writer, sparsified))
@@ -84,6 +87,24 @@ def unlabeled_key(unlabeled: Unlabeled) -> list[Any]:
     """What a learned point's objective depends on: each task's data and head digests, the split, the settings."""
     tasks, split, evaluation = unlabeled
     return [task_digests(tasks), split, evaluation.model_dump()]
+
+
+def warm_starts(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                store: Store, statistics: Mapping[str, ObjectRef] | None = None) -> WarmStarts | None:
+    """Where an iterative method's point keeps and finds its solver states (`mergeflow.warm_start`), in the local
+    cache under the method, its parameters but its counts and scaling, and the inputs; a point that runs fewer
+    counts than the method's own (an early rung of `auto`) keeps its end states, so the full point continues from
+    them. None for a method that does not iterate."""
+    from mergeflow.methods import method_class
+
+    cls = method_class(method)
+    if not cls.fidelity:
+        return None
+    problem = {k: v for k, v in params.items() if k not in cls.fidelity and k != cls.scaling_param}
+    fp = fingerprint(method, problem, base.sha256, [e.sha256 for e in experts.values()],
+                     *([[r.sha256 for r in statistics.values()]] if statistics else []))
+    counts, own = cls.counts(params), cls.counts(problem)
+    return WarmStarts(store.cache.root / "warm" / f"{method}-{fp}", keep=any(counts[k] < own[k] for k in counts))
 
 
 def _update_path(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
@@ -163,8 +184,8 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
                   unlabeled: Unlabeled | None = None) -> dict[str, Any]:
     """The merged state dict of one grid point, in memory: theta_0 + lambda U built tensor by tensor from the
     update shared through the local cache for scaling methods (never the base, U and the point at once), a full
-    merge otherwise (`mergeflow.sweep.write_point`), kept in the cache; both read the sparsify stage's stored global pass
-    (`state`) and the subspace stage's factors when given, a data-aware method the experts' `statistics`."""
+    merge otherwise (`mergeflow.sweep.write_point`), kept in the cache; both read the sparsify stage's stored global
+    pass (`state`) and the subspace stage's factors when given, a data-aware method the experts' `statistics`."""
     from safetensors.torch import load_file
 
     from mergeflow.methods import method_class
