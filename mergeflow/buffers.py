@@ -3,7 +3,10 @@ filling it (a 46 MB fp32 tensor: 39 ms fresh, 4 ms into kept memory, on this pro
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
+from typing import Any
 
 import torch
 
@@ -34,3 +37,21 @@ class BufferPool:
                     kept.append(candidate)
                     used += size
             self._kept[:] = kept
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the operating system (glibc's `malloc_trim`; nothing elsewhere). A
+    model's tensors of a few MB are carved from malloc's arenas, and once freed they stay in the process's RSS
+    until reused (a served flow's process held 4.4 GB between the stages of a 1 B run without this)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None  # the C library once loaded; False where it has no malloc_trim

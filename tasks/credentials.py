@@ -17,6 +17,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from mergeflow import stopping
+from mergeflow.buffers import release_freed_memory
 from mergeflow.config import StorageConfig
 from mergeflow.stages.store import Store
 from tasks import progress
@@ -69,6 +70,7 @@ def stage_scope(kind: str, name: str) -> Iterator[None]:
         outcome = "stop"
         raise
     finally:
+        release_freed_memory()  # what the stage freed leaves the process's RSS before the next one
         print(progress.CLOCK.finished(kind, name, time.perf_counter() - start, outcome))
 
 

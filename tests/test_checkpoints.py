@@ -252,3 +252,27 @@ def test_write_file_streams_one_file_whole_or_not_at_all(tmp_path):
     with pytest.raises(ValueError, match="never written"):  # a fill that stops short is not a file
         write_file(tmp_path / "w.safetensors", plan, lambda w: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u.safetensors"]
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_tensors_leave_the_rss_once_released():
+    """Tensors of a few MB freed in a worker thread stay in the process's RSS (malloc's arena keeps them) until
+    `release_freed_memory`, which every stage calls as it ends."""
+    import threading
+
+    from mergeflow.buffers import release_freed_memory
+
+    def rss() -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+    def work():
+        torch.ones(3_000_000).sum()  # a freed mapping raises malloc's mmap threshold: the next come from the heap
+        kept = [torch.ones(3_000_000) for _ in range(40)]  # 480 MB
+        del kept
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    before = rss()
+    release_freed_memory()
+    assert before - rss() > 300e6
