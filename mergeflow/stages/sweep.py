@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mergeflow.buffers import release_freed_memory
 from mergeflow.checkpoints.writer import output_plan, write_file
 from mergeflow.config import EvalConfig, MergeSpec, TuningConfig
 from mergeflow.stages.evaluate import score_model
@@ -199,6 +200,7 @@ def sweep_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exper
         return {name: point[name] for name in point}
     finally:
         point.close()
+        release_freed_memory()  # the fp32 update's tensors, read one at a time and freed, before the model scores
 
 
 def point_location(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
