@@ -1,7 +1,8 @@
 """The cost of `method: auto` on the demo, in Task Arithmetic sweeps: `configs/demo-auto.yaml` and the same run with
-a Task Arithmetic sweep over its grid instead, each `mergeflow run` on a fresh hard-linked copy of the demo's store
-(its experts, stored by `make demo`) with an empty content cache, one after the other; prints both wall times, the
-ratio (the README's "cost") and the search's own rung lines.
+a Task Arithmetic sweep over its grid instead, each `mergeflow run` on a fresh hard-linked copy of the demo's inputs
+(the base, datasets, heads and experts `make demo` stored; none of its sweep scores, evaluations or merges) with an
+empty content cache, one after the other; prints both wall times, the ratio (the README's "cost") and the search's
+own rung lines.
 
     python benchmarks/auto_cost.py            # after `make demo`; ~15 min on 2 cores
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,15 +21,27 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks")]
 
-from auto_heldout import TA_GRID, fresh_copy, run, write  # noqa: E402
+from auto_heldout import TA_GRID, run, write  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "auto_cost"
+INPUTS = ("base", "checkpoints", "datasets", "experts", "heads")  # what the experts' run leaves that both runs read
+
+
+def fresh_copy(store: Path, name: str) -> Path:
+    """A hard-linked copy of the inputs in `store` as OUT/store-name, with no content cache beside it."""
+    copy = OUT / f"store-{name}"
+    for stale in (copy, OUT / f"cache-store-{name}"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for folder in INPUTS:
+        if (store / folder).is_dir():
+            shutil.copytree(store / folder, copy / folder, copy_function=os.link)
+    return copy
 
 
 def timed(name: str, merges: list[dict], store: Path) -> float:
     """Wall seconds of the demo-auto config with `merges`, on a fresh copy of `store`."""
     body = yaml.safe_load((ROOT / "configs" / "demo-auto.yaml").read_text())
-    copy = fresh_copy(store, OUT, f"store-{name}")
+    copy = fresh_copy(store, name)
     body.update(name=f"cost-{name}", merges=merges,
                 storage={"root": str(copy), "cache_dir": str(OUT / f"cache-store-{name}")},
                 tracking={"tracking_uri": f"sqlite:///{OUT / 'mlflow.db'}", "experiment": "auto-cost"})

