@@ -256,8 +256,8 @@ def test_write_file_streams_one_file_whole_or_not_at_all(tmp_path):
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_freed_tensors_leave_the_rss_once_released():
-    """Tensors of a few MB freed in a worker thread stay in the process's RSS (malloc's arena keeps them) until
-    `release_freed_memory`, which every stage calls as it ends."""
+    """Memory freed between tensors still alive stays in the process's RSS (malloc keeps the holes: it can only give
+    back the top of its heap by itself) until `release_freed_memory`, which every stage calls as it ends."""
     import threading
 
     from mergeflow.buffers import release_freed_memory
@@ -265,14 +265,16 @@ def test_freed_tensors_leave_the_rss_once_released():
     def rss() -> int:
         return int(open("/proc/self/statm").read().split()[1]) * 4096
 
-    def work():
-        torch.ones(3_000_000).sum()  # a freed mapping raises malloc's mmap threshold: the next come from the heap
-        kept = [torch.ones(3_000_000) for _ in range(40)]  # 480 MB
-        del kept
+    alive = []
+
+    def work():  # 64 KB tensors (below malloc's mmap threshold: from the heap), every other one freed: 256 MB of holes
+        tensors = [torch.ones(16_384) for _ in range(8_192)]
+        alive.extend(tensors[1::2])
 
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
     before = rss()
     release_freed_memory()
-    assert before - rss() > 300e6
+    assert before - rss() > 150e6
+    alive.clear()
