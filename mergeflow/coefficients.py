@@ -19,9 +19,10 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from mergeflow.progress import progress_bar
 
+from mergeflow.progress import progress_bar
 from mergeflow.task_vectors import Objective
+from mergeflow.warm_start import Resume, keep_adam, resume_adam
 
 Granularity = Literal["task", "layer"]
 
@@ -51,9 +52,13 @@ def learn_coefficients(
     clamp: bool = False,
     seed: int = 0,
     progress: bool = False,
+    resume: Resume | None = None,
 ) -> LearnedCoefficients:
     """Fit lambda for fp32 `base` tensors [*shape] and their stacked `task_vectors` [N, *shape] (same keys, one
-    device). `seed` seeds torch's RNG for the objective's own randomness; the learner itself draws nothing."""
+    device). `seed` seeds torch's RNG for the objective's own randomness; the learner itself draws nothing.
+    `resume` (`mergeflow.warm_start`): continue from the kept end of a run with fewer steps (lambda, Adam's state,
+    the losses, the RNG), the bits of running every step at once where the objective depends on the step number
+    only, as `entropy_objective` does; and keep this run's end."""
     names = list(base)
     if not names or set(task_vectors) != set(names):
         raise ValueError("base and task_vectors need the same, non-empty set of tensor names")
@@ -70,15 +75,33 @@ def learn_coefficients(
         effective = raw.clamp(0.0, 1.0) if clamp else raw
         return effective.expand(len(names), n)
 
-    losses = []
+    kept: dict[str, Tensor] = {}
+    done = resume_adam(resume, raw, optimizer, steps, kept)
+    losses = kept["losses"].tolist() if done else []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for step in progress_bar(range(steps), desc="adamerging", disable=not progress):
+        if done:
+            _set_rng(kept, device)
+        for step in progress_bar(range(done, steps), desc="adamerging", disable=not progress):
             loss = objective(merge_with(base, task_vectors, coefficients()), step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+        end = {"losses": torch.tensor(losses, dtype=torch.float64), **_rng(device)}
+    keep_adam(resume, raw, optimizer, steps, done, end)
     with torch.no_grad():
         final = coefficients().cpu()
     return LearnedCoefficients({name: final[k].tolist() for k, name in enumerate(names)}, losses)
+
+
+def _rng(device: torch.device) -> dict[str, Tensor]:
+    """Torch's RNG state (CPU, and the CUDA device's where the fit runs there)."""
+    return {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(device)}
+                                            if device.type == "cuda" else {})}
+
+
+def _set_rng(kept: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(kept["rng"].cpu())
+    if device.type == "cuda":  # CUDA only
+        torch.cuda.set_rng_state(kept["cuda_rng"].cpu(), device)

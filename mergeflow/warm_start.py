@@ -1,12 +1,13 @@
 """Warm starts of iterative solvers: the state a per-tensor optimisation ended in (WUDI's and DOGE TA's Adam steps,
-MaTS's conjugate gradient), kept so that a run of the same problem with more steps continues from it instead of
-starting over. `auto` scores an iterative candidate with a fraction of its steps at the early rungs and with all of
-them at the last; with its early state kept, the last rung pays only the steps left.
+MaTS's conjugate gradient, AdaMerging's coefficient fit), kept so that a run of the same problem with more steps
+continues from it instead of starting over. `auto` scores an iterative candidate with a fraction of its steps at the
+early rungs and with all of them at the last; with its early state kept, the last rung pays only the steps left.
 
 Continuing is exact: a saved state holds everything the next step reads (the iterate, Adam's moments and step
-count, CG's residual, direction and per-system flags), so k steps and then n - k more give the bits of n steps at
-once (tested per method). A state is looked up by the tensor (or same-shape group) it solves, under a directory
-that the caller keys by the method, its parameters but the step count, and the inputs' digests.
+count, CG's residual, direction and per-system flags, AdaMerging's losses and RNG state), so k steps and then
+n - k more give the bits of n steps at once (tested per method). A state is looked up by the tensor (or same-shape
+group) it solves, under a directory that the caller keys by the method, its parameters but the step count, and the
+inputs' digests.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class Resume:
         self.store.save(self.names, steps, state)
 
 
+ADAM_KEYS = ("param", "exp_avg", "exp_avg_sq", "step")
+
+
 def _adam_state(param: torch.Tensor, adam: torch.optim.Adam) -> dict[str, torch.Tensor]:
     """What the next Adam step on `param` reads: the iterate, both moments and the step count."""
     state = adam.state[param]
@@ -98,17 +102,22 @@ def _restore_adam(param: torch.Tensor, adam: torch.optim.Adam, saved: Mapping[st
                          "exp_avg_sq": saved["exp_avg_sq"].to(device).clone()}
 
 
-def resume_adam(resume: Resume | None, param: torch.Tensor, adam: torch.optim.Adam, steps: int) -> int:
+def resume_adam(resume: Resume | None, param: torch.Tensor, adam: torch.optim.Adam, steps: int,
+                extra: dict[str, torch.Tensor] | None = None) -> int:
     """Steps already done of an Adam run of `steps` on `param`: those of the kept state `resume` finds (restored into
-    `param` and `adam`), else 0."""
+    `param` and `adam`; what `keep_adam` kept beside them goes into `extra`), else 0."""
     found = resume.start(steps) if resume is not None else None
     if found is None:
         return 0
     _restore_adam(param, adam, found[1])
+    if extra is not None:
+        extra.update({k: v for k, v in found[1].items() if k not in ADAM_KEYS})
     return found[0]
 
 
-def keep_adam(resume: Resume | None, param: torch.Tensor, adam: torch.optim.Adam, steps: int, done: int) -> None:
-    """Keep the end state of an Adam run of `steps` that ran steps (`done` of them restored)."""
+def keep_adam(resume: Resume | None, param: torch.Tensor, adam: torch.optim.Adam, steps: int, done: int,
+              extra: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Keep the end state of an Adam run of `steps` that ran steps (`done` of them restored), with the run's own
+    `extra` tensors (e.g. AdaMerging's losses and RNG state)."""
     if resume is not None and steps > done:
-        resume.end(steps, _adam_state(param, adam))
+        resume.end(steps, {**_adam_state(param, adam), **(extra or {})})

@@ -114,3 +114,36 @@ def test_sweep_points_read_only_validation_splits(make, tmp_path, split_reads) -
 
     splits = [split for _, split in split_reads]
     assert splits and set(splits) == {"validation"}, split_reads
+
+
+def test_a_learned_point_continues_the_fit_of_a_point_with_fewer_steps(tmp_path, monkeypatch) -> None:
+    """AdaMerging's warm start through the sweep stage, its objective on CLIP validation inputs: the 3-step point
+    continues the 1-step point's fit (2 steps run), and its weights are those of a 3-step fit from scratch."""
+    import mergeflow.coefficients as coefficients
+    from mergeflow.config import EvalConfig
+    from mergeflow.stages.refs import ModelRef
+    from mergeflow.stages.sweep import sweep_weights
+
+    first = _store(tmp_path)
+    family, base_dir, tasks = _open_clip(tmp_path, first)
+    base = ModelRef(**_ref(first, base_dir).model_dump(), family=family)
+    experts = _experts(first, base_dir, list(tasks), tmp_path)
+    unlabeled = (tasks, "validation", EvalConfig(batch_size=8, max_length=16))
+    steps, merge_with = [], coefficients.merge_with
+    monkeypatch.setattr(coefficients, "merge_with", lambda *args: steps.append(1) or merge_with(*args))
+    learn = {"granularity": "task", "init": 0.2}
+
+    scratch = sweep_weights("adamerging", {**learn, "steps": 3}, base, experts, first, "cpu", unlabeled=unlabeled)
+    assert len(steps) == 3
+    second = _store(tmp_path / "second")  # its own cache: nothing kept yet
+    sweep_weights("adamerging", {**learn, "steps": 1}, base, experts, second, "cpu", unlabeled=unlabeled)
+    steps.clear()
+    continued = sweep_weights("adamerging", {**learn, "steps": 3}, base, experts, second, "cpu", unlabeled=unlabeled)
+    assert len(steps) == 2
+    assert continued.keys() == scratch.keys()
+    for name, tensor in scratch.items():
+        assert torch.equal(continued[name], tensor), name
+    other = (tasks, "test", unlabeled[2])  # another objective is another problem: it starts over
+    steps.clear()
+    sweep_weights("adamerging", {**learn, "steps": 3}, base, experts, second, "cpu", unlabeled=other)
+    assert len(steps) == 3

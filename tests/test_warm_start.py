@@ -1,5 +1,6 @@
 """Warm starts: an iterative method run with fewer steps keeps its solver states, and a run with more continues from
-them, bit-identical to running every step at once (WUDI's and DOGE TA's Adam, MaTS's conjugate gradient)."""
+them, bit-identical to running every step at once (WUDI's and DOGE TA's Adam, MaTS's conjugate gradient,
+AdaMerging's coefficient fit)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from factories import make_experts, random_statistics, tiny_state_dict
+from mergeflow.coefficients import learn_coefficients
 from mergeflow.merge import merge_state_dicts
 from mergeflow.methods.doge_ta import optimise_delta, shared_subspace, task_coefficients
 from mergeflow.methods.wudi import wudi_autograd, wudi_gram
@@ -112,5 +114,44 @@ def test_a_merge_continued_through_the_pool_is_the_plain_merge(tmp_path, method,
     assert solves and len(steps_run) == plain_steps - 3 * solves
     assert not list(tmp_path.rglob("000000012.safetensors"))
     assert continued.keys() == plain.keys()
+    for name in plain:
+        assert torch.equal(continued[name], plain[name]), name
+
+
+OBJECTIVE_STEPS: list[int] = []
+
+
+def _noisy_objective(merged, step):
+    """A loss that changes with the step and draws from torch's RNG: continuing needs both carried over."""
+    OBJECTIVE_STEPS.append(step)
+    return sum(((t - 0.01 * (step % 3)) ** 2).mean() for t in merged.values()) * (1 + torch.rand(()))
+
+
+def test_adamerging_continued_from_fewer_steps_is_the_whole_fit(tmp_path):
+    base = {k: v for k, v in tiny_state_dict().items() if v.is_floating_point()}
+    experts = make_experts(tiny_state_dict(), 3)
+    tvs = {k: torch.stack([e[k] - v for e in experts]) for k, v in base.items()}
+    whole = learn_coefficients(base, tvs, _noisy_objective, steps=9, lr=1e-2, seed=3)
+    resume = Resume(WarmStarts(tmp_path), ("coefficients",))
+    early = learn_coefficients(base, tvs, _noisy_objective, steps=4, lr=1e-2, seed=3, resume=resume)
+    assert early.coefficients != whole.coefficients and early.losses == whole.losses[:4]
+    OBJECTIVE_STEPS.clear()
+    again = learn_coefficients(base, tvs, _noisy_objective, steps=9, lr=1e-2, seed=3, resume=resume)
+    assert OBJECTIVE_STEPS == [4, 5, 6, 7, 8]  # the steps left after the 4 kept
+    assert again.coefficients == whole.coefficients and again.losses == whole.losses
+    state = torch.get_rng_state()
+    learn_coefficients(base, tvs, _noisy_objective, steps=9, lr=1e-2, seed=3, resume=resume)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
+
+
+def test_an_adamerging_merge_continued_through_the_pool_is_the_plain_merge(tmp_path):
+    base = tiny_state_dict()
+    experts = make_experts(base, 3)
+    plain = merge_state_dicts("adamerging", base, experts, {"steps": 8}, objective=_noisy_objective)
+    merge_state_dicts("adamerging", base, experts, {"steps": 3}, objective=_noisy_objective, warm=WarmStarts(tmp_path))
+    OBJECTIVE_STEPS.clear()
+    continued = merge_state_dicts("adamerging", base, experts, {"steps": 8}, objective=_noisy_objective,
+                                  warm=WarmStarts(tmp_path, keep=False))
+    assert OBJECTIVE_STEPS == [3, 4, 5, 6, 7] and continued.keys() == plain.keys()
     for name in plain:
         assert torch.equal(continued[name], plain[name]), name

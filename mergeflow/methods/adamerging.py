@@ -20,6 +20,7 @@ from mergeflow.coefficients import learn_coefficients
 from mergeflow.errors import ConfigError
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.task_vectors import ExpertPool
+from mergeflow.warm_start import Resume
 
 
 class AdaMergingParams(MethodParams):
@@ -49,8 +50,10 @@ class AdaMerging(MergeMethod):
         base = {name: pool.base_tensor(name) for name in pool.float_keys()}
         task_vectors = {name: pool.task_vectors(name, tensor) for name, tensor in base.items()}
         p = self.params
+        resume = Resume(pool.warm, ("coefficients",)) if pool.warm is not None else None  # `auto`'s early rungs
         learned = learn_coefficients(base, task_vectors, pool.objective, granularity=p.granularity, init=p.init,
-                                     lr=p.lr, steps=p.steps, clamp=p.clamp, seed=p.seed, progress=progress)
+                                     lr=p.lr, steps=p.steps, clamp=p.clamp, seed=p.seed, progress=progress,
+                                     resume=resume)
         return {"coefficients": learned.coefficients, "losses": learned.losses}
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,

@@ -68,7 +68,7 @@ def _merged_weights(method: str, params: Mapping[str, Any], base: ObjectRef, exp
         with store.expert_pool(base, experts, device, subspaces, statistics) as pool:
             if unlabeled is not None:
                 pool.objective = unlabeled_objective(base, *unlabeled, store, device)
-            pool.warm = warm_starts(method, params, base, experts, store, statistics)
+            pool.warm = warm_starts(method, params, base, experts, store, statistics, unlabeled)
             sparsified = read_sparsified(state, store) if state is not None else None
             write_file(path, output_plan(pool.infos(), None),
                        lambda writer: sweep.write_point(method, params, pool, writer, sparsified))
@@ -91,11 +91,12 @@ def unlabeled_key(unlabeled: Unlabeled) -> list[Any]:
 
 
 def warm_starts(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
-                store: Store, statistics: Mapping[str, ObjectRef] | None = None) -> WarmStarts | None:
+                store: Store, statistics: Mapping[str, ObjectRef] | None = None,
+                unlabeled: Unlabeled | None = None) -> WarmStarts | None:
     """Where an iterative method's point keeps and finds its solver states (`mergeflow.warm_start`), in the local
-    cache under the method, its parameters but its counts and scaling, and the inputs; a point that runs fewer
-    counts than the method's own (an early rung of `auto`) keeps its end states, so the full point continues from
-    them. None for a method that does not iterate."""
+    cache under the method, its parameters but its counts and scaling, and the inputs (a learned method's objective
+    among them); a point that runs fewer counts than the method's own (an early rung of `auto`) keeps its end
+    states, so the full point continues from them. None for a method that does not iterate."""
     from mergeflow.methods import method_class
 
     cls = method_class(method)
@@ -103,7 +104,8 @@ def warm_starts(method: str, params: Mapping[str, Any], base: ObjectRef, experts
         return None
     problem = {k: v for k, v in params.items() if k not in cls.fidelity and k != cls.scaling_param}
     fp = fingerprint(method, problem, base.sha256, [e.sha256 for e in experts.values()],
-                     *([[r.sha256 for r in statistics.values()]] if statistics else []))
+                     *([[r.sha256 for r in statistics.values()]] if statistics else []),
+                     *([unlabeled_key(unlabeled)] if unlabeled is not None else []))
     counts, own = cls.counts(params), cls.counts(problem)
     return WarmStarts(store.cache.root / "warm" / f"{method}-{fp}", keep=any(counts[k] < own[k] for k in counts))
 
