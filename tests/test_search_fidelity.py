@@ -14,7 +14,7 @@ from mergeflow.methods import METHODS
 from mergeflow.search import Candidate, candidates, successive_halving
 
 EXPERTS = {"a": 0.8, "b": 0.5}
-ITERATIVE = {"wudi": ("steps",), "doge_ta": ("steps",), "doge_am": ("steps", "am_steps"), "adamerging": ("steps",),
+ITERATIVE = {"wudi": ("steps",), "doge_ta": ("steps",), "doge_am": ("am_steps",), "adamerging": ("steps",),
              "mats": ("max_iter",)}
 # each method's quality, whatever its step counts: WUDI 1.5 best, MaTS next, Task Arithmetic behind
 QUALITY = {("wudi", 1.0): 0.80, ("wudi", 1.5): 0.95, ("mats", None): 0.90, ("task_arithmetic", 0.3): 0.70,
@@ -52,11 +52,11 @@ def test_each_iterative_method_declares_its_counts_and_cuts_them_by_the_rule():
     assert wudi.at_fidelity({"scaling": 1.5, "steps": 30}, 0.25) == {"scaling": 1.5, "steps": 8}
     assert wudi.at_fidelity({"scaling": 1.5}, 1.0) == {"scaling": 1.5}  # full: the plain point, no key added
     assert mats.at_fidelity({}, 0.25) == {"max_iter": 25}
-    assert doge_am.at_fidelity({}, 0.25) == {"steps": 100, "am_steps": 250}
+    assert doge_am.at_fidelity({}, 0.25) == {"am_steps": 250}  # its deltas' steps stay whole
     assert METHODS["adamerging"].at_fidelity({"steps": 1}, 0.25) == {"steps": 1}  # at least one step
     assert METHODS["task_arithmetic"].at_fidelity({"scaling": 0.3}, 0.25) == {"scaling": 0.3}
     assert wudi.fidelity_label({"scaling": 1.5, "steps": 100}, {"scaling": 1.5}) == "steps 100/400"
-    assert doge_am.fidelity_label({"steps": 100, "am_steps": 250}, {}) == "steps 100/400, am_steps 250/1000"
+    assert doge_am.fidelity_label({"am_steps": 250}, {}) == "am_steps 250/1000"
     assert METHODS["ties"].fidelity_label({}, {}) == "full"
 
 

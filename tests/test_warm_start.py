@@ -1,6 +1,6 @@
 """Warm starts: an iterative method run with fewer steps keeps its solver states, and a run with more continues from
 them, bit-identical to running every step at once (WUDI's and DOGE TA's Adam, MaTS's conjugate gradient,
-AdaMerging's coefficient fit)."""
+AdaMerging's and DOGE AM's coefficient fits)."""
 
 from __future__ import annotations
 
@@ -144,13 +144,15 @@ def test_adamerging_continued_from_fewer_steps_is_the_whole_fit(tmp_path):
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
 
 
-def test_an_adamerging_merge_continued_through_the_pool_is_the_plain_merge(tmp_path):
+@pytest.mark.parametrize("method, counts, params", [("adamerging", "steps", {}), ("doge_am", "am_steps", {"steps": 4})])
+def test_a_learned_merge_continued_through_the_pool_is_the_plain_merge(tmp_path, method, counts, params):
     base = tiny_state_dict()
     experts = make_experts(base, 3)
-    plain = merge_state_dicts("adamerging", base, experts, {"steps": 8}, objective=_noisy_objective)
-    merge_state_dicts("adamerging", base, experts, {"steps": 3}, objective=_noisy_objective, warm=WarmStarts(tmp_path))
+    plain = merge_state_dicts(method, base, experts, {**params, counts: 8}, objective=_noisy_objective)
+    merge_state_dicts(method, base, experts, {**params, counts: 3}, objective=_noisy_objective,
+                      warm=WarmStarts(tmp_path))
     OBJECTIVE_STEPS.clear()
-    continued = merge_state_dicts("adamerging", base, experts, {"steps": 8}, objective=_noisy_objective,
+    continued = merge_state_dicts(method, base, experts, {**params, counts: 8}, objective=_noisy_objective,
                                   warm=WarmStarts(tmp_path, keep=False))
     assert OBJECTIVE_STEPS == [3, 4, 5, 6, 7] and continued.keys() == plain.keys()
     for name in plain:

@@ -33,6 +33,7 @@ from mergeflow.methods.doge_ta import DogeObjective, shared_subspace, task_coeff
 from mergeflow.selection import ParameterSelection
 from mergeflow.sparsify import global_topk_thresholds
 from mergeflow.task_vectors import ExpertPool, shape_groups
+from mergeflow.warm_start import Resume
 
 
 ADJUSTED = RUN_ONLY + "adjusted"  # state key: each selected layer's adjusted task vectors m_i (T_i + delta_i)
@@ -97,7 +98,9 @@ class DogeAM(MergeMethod):
                "(needs an objective; transductive).")
     Params = DogeAMParams
     search_grid = {}
-    fidelity = ("steps", "am_steps")  # the deltas' Adam steps and AdaMerging's: `auto`'s early rungs run fewer
+    # `auto`'s early rungs run fewer AdaMerging steps, continued by the survivors (`mergeflow.warm_start`); the
+    # deltas' steps stay whole: fewer would make the vectors the fit learns on, so the fit, another problem
+    fidelity = ("am_steps",)
     needs_objective = True
 
     adjusted: dict[str, torch.Tensor] | None = None
@@ -144,8 +147,10 @@ class DogeAM(MergeMethod):
                 adjusted[info.name] = vectors
                 bases[info.name] = pool.base_tensor(info.name)
         bases = {name: bases[name] for name in selected}  # the learner keeps the checkpoint's order
+        resume = Resume(pool.warm, ("coefficients",)) if pool.warm is not None else None
         learned = learn_coefficients(bases, adjusted, pool.objective, granularity="layer", init=p.am_init,
-                                     lr=p.am_lr, steps=p.am_steps, clamp=p.clamp, seed=p.seed, progress=progress)
+                                     lr=p.am_lr, steps=p.am_steps, clamp=p.clamp, seed=p.seed, progress=progress,
+                                     resume=resume)
         return {"selected": selected, "thresholds": thresholds, "coefficients": learned.coefficients,
                 "losses": learned.losses, ADJUSTED: adjusted}
 
