@@ -92,12 +92,12 @@ def _adam_state(param: torch.Tensor, adam: torch.optim.Adam) -> dict[str, torch.
             "step": torch.as_tensor(state["step"]).reshape(1)}
 
 
-def _restore_adam(param: torch.Tensor, adam: torch.optim.Adam, saved: Mapping[str, torch.Tensor]) -> None:
+def restore_adam(param: torch.Tensor, adam: torch.optim.Adam, saved: Mapping[str, torch.Tensor]) -> None:
     """Put `param` and `adam` back in the state `_adam_state` read (on `param`'s device)."""
     device = param.device
     with torch.no_grad():
         param.copy_(saved["param"].to(device))
-    adam.state[param] = {"step": saved["step"].reshape(()).to(device, torch.float32),
+    adam.state[param] = {"step": saved["step"].reshape(()).to(device, torch.float32).clone(),  # Adam counts in place
                          "exp_avg": saved["exp_avg"].to(device).clone(),
                          "exp_avg_sq": saved["exp_avg_sq"].to(device).clone()}
 
@@ -109,7 +109,7 @@ def resume_adam(resume: Resume | None, param: torch.Tensor, adam: torch.optim.Ad
     found = resume.start(steps) if resume is not None else None
     if found is None:
         return 0
-    _restore_adam(param, adam, found[1])
+    restore_adam(param, adam, found[1])
     if extra is not None:
         extra.update({k: v for k, v in found[1].items() if k not in ADAM_KEYS})
     return found[0]

@@ -147,12 +147,23 @@ def _signal_pool(runner: Any, _reason: str, _run_id: str) -> None:
             pass
 
 
+WORKER_TEARDOWN_LOGGERS = ("distributed.worker", "distributed.batched", "distributed.core", "distributed.comm")
+
+
+def _stop_on_worker(reason: str, run_id: str) -> None:
+    """On each Dask worker: pass the stop on, and silence what its teardown logs next (a heartbeat that meets the
+    closing scheduler logs an ERROR with a traceback): expected after a stop, and only noise then."""
+    for name in WORKER_TEARDOWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    stopping.request_stop(reason, run_id)
+
+
 def _stop_dask_workers(runner: Any, reason: str, run_id: str) -> None:
     # a local cluster torn down after a stop logs each closed worker connection at INFO with its traceback
     # (distributed.batched, "Batched Comm Closed"): expected then, and only noise after the user's Ctrl-C
     logging.getLogger("distributed.batched").setLevel(logging.WARNING)
     try:
-        runner.client.run(stopping.request_stop, reason, run_id)
+        runner.client.run(_stop_on_worker, reason, run_id)
     except Exception as error:  # noqa: BLE001 - a cluster already gone has nothing left to stop
         print(f"mergeflow: could not pass the stop to the Dask workers: {error}", flush=True)
 

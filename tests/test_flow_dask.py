@@ -87,3 +87,32 @@ def test_a_stop_quiets_the_local_clusters_teardown_tracebacks():
         assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
     finally:
         logger.setLevel(previous)
+
+
+def test_a_stop_reaches_each_worker_and_quiets_its_teardown(monkeypatch):
+    """The stop runs on every worker: it requests the stop there and raises the loggers its teardown writes to (a
+    heartbeat meeting the closing scheduler logs an ERROR with a traceback) above ERROR."""
+    import logging
+
+    from mergeflow import stopping
+    from tasks import runners
+
+    ran, stops = [], []
+
+    class Client:
+        def run(self, function, *args):
+            ran.append(function)
+            function(*args)  # as a worker would
+
+    class Runner:
+        client = Client()
+
+    monkeypatch.setattr(stopping, "request_stop", lambda *args: stops.append(args))
+    levels = {name: logging.getLogger(name).level for name in runners.WORKER_TEARDOWN_LOGGERS}
+    try:
+        runners._stop_dask_workers(Runner(), "SIGINT received", "run-1")
+        assert stops == [("SIGINT received", "run-1")] and ran[0].__module__ == "tasks.runners"  # importable there
+        assert not logging.getLogger("distributed.worker").isEnabledFor(logging.ERROR)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)

@@ -120,9 +120,18 @@ def test_the_merges_behind_the_rungs_and_the_full_point_is_the_plain_merge(store
     wudi_steps, doge_steps = [], []
     _spy(monkeypatch, wudi, "wudi_gram", 1, wudi_steps)
     _spy(monkeypatch, doge_ta, "optimise_delta", 3, doge_steps)
+    from mergeflow.warm_start import Resume
+
     resumed = []  # steps each WUDI Adam run found done (kept by an earlier, cut run)
-    resume_adam = wudi.resume_adam
-    monkeypatch.setattr(wudi, "resume_adam", lambda *args: resumed.append(resume_adam(*args)) or resumed[-1])
+    start = Resume.start
+
+    def spied(self, steps):
+        found = start(self, steps)
+        if self.store.root.name.startswith("wudi-"):
+            resumed.append(found[0] if found else 0)
+        return found
+
+    monkeypatch.setattr(Resume, "start", spied)
 
     def score(rung, examples, chosen):
         for c in chosen:

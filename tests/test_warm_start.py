@@ -157,3 +157,24 @@ def test_a_learned_merge_continued_through_the_pool_is_the_plain_merge(tmp_path,
     assert OBJECTIVE_STEPS == [3, 4, 5, 6, 7] and continued.keys() == plain.keys()
     for name in plain:
         assert torch.equal(continued[name], plain[name]), name
+
+
+def test_wudi_gram_solves_a_few_rows_at_a_time_and_continues_across_blocks(tmp_path, monkeypatch, steps_run):
+    """Rows are independent problems (each reads only itself and G): blocks of 5 rows give the one-block solve (up
+    to rounding of the products), and a continued run over blocks is the whole run over blocks, bit for bit."""
+    import mergeflow.methods.wudi as wudi
+
+    tvs = _tvs(1)  # [3, 12, 8]: blocks of 5, 5 and 2 rows
+    one_block = wudi_gram(tvs, 30, 1e-3)
+    monkeypatch.setattr(wudi, "ROWS", 5)
+    steps_run.clear()
+    blocks = wudi_gram(tvs, 30, 1e-3)
+    assert len(steps_run) == 3 * 30
+    torch.testing.assert_close(blocks, one_block, rtol=1e-6, atol=1e-9)
+    assert not torch.equal(blocks, tvs.sum(0))
+    resume = Resume(WarmStarts(tmp_path), ("layer",))
+    wudi_gram(tvs, 8, 1e-3, resume)
+    steps_run.clear()
+    assert torch.equal(wudi_gram(tvs, 30, 1e-3, resume), blocks) and len(steps_run) == 3 * 22
+    monkeypatch.setattr(wudi, "ROWS", 2048)  # a state kept over blocks continues in one block too
+    torch.testing.assert_close(wudi_gram(tvs, 30, 1e-3, resume), one_block, rtol=1e-6, atol=1e-9)

@@ -26,7 +26,10 @@ from pydantic import Field
 
 from mergeflow import stopping
 from mergeflow.methods.base import ExcludeParams, PerLayerMethod, resume_for
-from mergeflow.warm_start import Resume, keep_adam, resume_adam
+from mergeflow.warm_start import ADAM_KEYS, Resume, keep_adam, restore_adam, resume_adam
+
+ROWS = 2048  # rows of tau_m a Gram solve takes at a time: the grad and Adam's moments are one block's, not the
+# layer's, and stay in cache (MiniLM's 30,522 x 384 embedding, 400 steps: 30.0 s against 33.8-35.0 s, same bits)
 
 
 class WudiParams(ExcludeParams):
@@ -64,7 +67,8 @@ def wudi_autograd(task_vectors: torch.Tensor, steps: int, lr: float, resume: Res
 
 def wudi_gram(task_vectors: torch.Tensor, steps: int, lr: float, resume: Resume | None = None) -> torch.Tensor:
     """tau_m [m, n] of one layer's task vectors [T, m, n]: the same Adam steps, the gradient 2 (tau_m G - B) in
-    closed form (G and B accumulated in float64, then used in fp32); `resume` as `wudi_autograd`'s."""
+    closed form (G and B accumulated in float64, then used in fp32), `ROWS` rows at a time (each row's steps read
+    only that row and G; Adam is per element); `resume` as `wudi_autograd`'s."""
     tasks, m, n = task_vectors.shape
     gram = torch.zeros(n, n, dtype=torch.float64, device=task_vectors.device)
     target = torch.zeros(m, n, dtype=torch.float64, device=task_vectors.device)
@@ -75,16 +79,30 @@ def wudi_gram(task_vectors: torch.Tensor, steps: int, lr: float, resume: Resume 
         gram.add_(tt, alpha=weight)
         target.add_(t @ tt, alpha=weight)
     gram, target = 2 * gram.float(), 2 * target.float()
-    merged, adam = _adam(torch.sum(task_vectors, dim=0), lr, fused=task_vectors.device.type in ("cpu", "cuda"))
-    merged.grad = torch.empty_like(merged)
-    done = resume_adam(resume, merged, adam, steps)
-    with torch.no_grad():
-        for _ in range(steps - done):
-            stopping.check()
-            torch.addmm(target, merged, gram, beta=-1, out=merged.grad)
-            adam.step()
-    keep_adam(resume, merged, adam, steps, done)
-    return merged.detach()
+    merged = torch.sum(task_vectors, dim=0)
+    found = resume.start(steps) if resume is not None else None
+    done = found[0] if found is not None else 0
+    kept = {k: torch.empty_like(merged) for k in ADAM_KEYS[1:3]} \
+        if resume is not None and resume.store.keep and steps > done else None
+    for start in range(0, m, ROWS):  # a row's steps read only that row and G: rows are solved a block at a time
+        rows = slice(start, start + ROWS)
+        block, adam = _adam(merged[rows].clone(), lr, fused=task_vectors.device.type in ("cpu", "cuda"))
+        block.grad = torch.empty_like(block)
+        if found is not None:
+            restore_adam(block, adam, {k: v if k == "step" else v[rows] for k, v in found[1].items()})
+        with torch.no_grad():
+            for _ in range(steps - done):
+                stopping.check()
+                torch.addmm(target[rows], block, gram, beta=-1, out=block.grad)
+                adam.step()
+            merged[rows] = block
+        if kept is not None:
+            for k, total in kept.items():
+                total[rows] = adam.state[block][k]
+            kept["step"] = torch.as_tensor(adam.state[block]["step"]).reshape(1)
+    if kept is not None:
+        resume.end(steps, {"param": merged, **kept})
+    return merged
 
 
 class Wudi(PerLayerMethod):
