@@ -82,8 +82,8 @@ def wudi_gram(task_vectors: torch.Tensor, steps: int, lr: float, resume: Resume 
     merged = torch.sum(task_vectors, dim=0)
     found = resume.start(steps) if resume is not None else None
     done = found[0] if found is not None else 0
-    kept = {k: torch.empty_like(merged) for k in ADAM_KEYS[1:3]} \
-        if resume is not None and resume.store.keep and steps > done else None
+    moments = {k: torch.empty_like(merged) for k in ADAM_KEYS[1:3]} \
+        if resume is not None and resume.store.keep and steps > done else None  # kept for a longer run
     for start in range(0, m, ROWS):  # a row's steps read only that row and G: rows are solved a block at a time
         rows = slice(start, start + ROWS)
         block, adam = _adam(merged[rows].clone(), lr, fused=task_vectors.device.type in ("cpu", "cuda"))
@@ -96,12 +96,11 @@ def wudi_gram(task_vectors: torch.Tensor, steps: int, lr: float, resume: Resume 
                 torch.addmm(target[rows], block, gram, beta=-1, out=block.grad)
                 adam.step()
             merged[rows] = block
-        if kept is not None:
-            for k, total in kept.items():
+        if moments is not None:
+            for k, total in moments.items():
                 total[rows] = adam.state[block][k]
-            kept["step"] = torch.as_tensor(adam.state[block]["step"]).reshape(1)
-    if kept is not None:
-        resume.end(steps, {"param": merged, **kept})
+    if moments is not None:
+        resume.end(steps, {"param": merged, **moments, "step": torch.tensor([float(steps)])})
     return merged
 
 
