@@ -74,6 +74,16 @@ class Resume:
     store: WarmStarts
     names: tuple[str, ...]
 
+    @classmethod
+    def of(cls, store: WarmStarts | None, names: Sequence[str]) -> Resume | None:
+        """The link of a solve of `names` where the run keeps warm starts (`store`), else None: from scratch."""
+        return None if store is None else cls(store, tuple(names))
+
+    @property
+    def keeps(self) -> bool:
+        """Whether `end` keeps the state (the run will be continued), so that a solver gathers it only then."""
+        return self.store.keep
+
     def start(self, steps: int) -> tuple[int, dict[str, torch.Tensor]] | None:
         """(steps done, state) to continue a run of `steps` from, or None: start from scratch."""
         return self.store.latest(self.names, steps)

@@ -50,10 +50,9 @@ class AdaMerging(MergeMethod):
         base = {name: pool.base_tensor(name) for name in pool.float_keys()}
         task_vectors = {name: pool.task_vectors(name, tensor) for name, tensor in base.items()}
         p = self.params
-        resume = Resume(pool.warm, ("coefficients",)) if pool.warm is not None else None  # `auto`'s early rungs
         learned = learn_coefficients(base, task_vectors, pool.objective, granularity=p.granularity, init=p.init,
                                      lr=p.lr, steps=p.steps, clamp=p.clamp, seed=p.seed, progress=progress,
-                                     resume=resume)
+                                     resume=Resume.of(pool.warm, ["coefficients"]))  # `auto`'s early rungs
         return {"coefficients": learned.coefficients, "losses": learned.losses}
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: torch.Tensor,

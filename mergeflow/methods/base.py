@@ -247,8 +247,7 @@ def with_inputs(state: dict[str, Any], pool: ExpertPool) -> dict[str, Any]:
 
 def resume_for(state: dict[str, Any], names: Sequence[str]) -> Resume | None:
     """The warm start of a solve of the tensors `names`, when the merge keeps them (else None: from scratch)."""
-    store = state.get(WARM)
-    return None if store is None else Resume(store, tuple(names))
+    return Resume.of(state.get(WARM), names)
 
 
 def stored_factors(state: dict[str, Any], kind: str, name: str) -> dict[str, torch.Tensor] | None:

@@ -147,10 +147,9 @@ class DogeAM(MergeMethod):
                 adjusted[info.name] = vectors
                 bases[info.name] = pool.base_tensor(info.name)
         bases = {name: bases[name] for name in selected}  # the learner keeps the checkpoint's order
-        resume = Resume(pool.warm, ("coefficients",)) if pool.warm is not None else None
         learned = learn_coefficients(bases, adjusted, pool.objective, granularity="layer", init=p.am_init,
                                      lr=p.am_lr, steps=p.am_steps, clamp=p.clamp, seed=p.seed, progress=progress,
-                                     resume=resume)
+                                     resume=Resume.of(pool.warm, ["coefficients"]))
         return {"selected": selected, "thresholds": thresholds, "coefficients": learned.coefficients,
                 "losses": learned.losses, ADJUSTED: adjusted}
 

@@ -83,7 +83,7 @@ def wudi_gram(task_vectors: torch.Tensor, steps: int, lr: float, resume: Resume 
     found = resume.start(steps) if resume is not None else None
     done = found[0] if found is not None else 0
     moments = {k: torch.empty_like(merged) for k in ADAM_KEYS[1:3]} \
-        if resume is not None and resume.store.keep and steps > done else None  # kept for a longer run
+        if resume is not None and resume.keeps and steps > done else None  # kept for a longer run
     for start in range(0, m, ROWS):  # a row's steps read only that row and G: rows are solved a block at a time
         rows = slice(start, start + ROWS)
         block, adam = _adam(merged[rows].clone(), lr, fused=task_vectors.device.type in ("cpu", "cuda"))
