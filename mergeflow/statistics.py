@@ -49,6 +49,7 @@ KINDS = (GRAM_IN, GRAM_OUT, FISHER)
 SEPARATOR = "::"
 FORMAT = "mergeflow-statistics"
 IN_OUT = "in_out"  # metadata: JSON list of the weights with Grams stored [in, out] (absent: none)
+PROBE = 4  # examples of the first batch whose Fisher by hooks is checked against one backward per example
 
 Batch = Mapping[str, Tensor]
 FisherLabels = Literal["empirical", "sampled"]
@@ -173,7 +174,8 @@ def collect_statistics(model: nn.Module, batches: Iterable[Batch], logits_fn: Ca
     batch as its first dimension. Whole batches run at once (per-example output gradients are exact, the loss being
     a sum over examples); the Fisher needs per-example parameter gradients, which hooks take from the batch's
     backward pass where every trainable parameter sits on a Linear, Embedding or LayerNorm
-    (`mergeflow.per_example`). The first batch is also run one example at a time and the two Fishers compared;
+    (`mergeflow.per_example`). The first `PROBE` examples are also run one example at a time and the two Fishers
+    compared;
     a model the hooks cannot split (or a mismatch) runs one example at a time throughout.
     Parameters that never receive a gradient get a zero Fisher; layers no gradient reaches get no `gram_out`.
     Modules of the `in_out` types get Grams too, as linear layers with weights stored [in, out] (`IN_OUT`).
@@ -269,12 +271,16 @@ class _Run:
             self.hooked.backward(loss) if self.hooked is not None else loss.backward()
 
     def first_batch(self, batch: Batch) -> None:
-        """The Fisher of the first batch by hooks (Grams off, labels from a copy of the generator), then one example
-        at a time as the reference; later batches use the hooks when both agree."""
-        trial = self._hooked_trial(batch)
-        self.batch(batch)
+        """The Fisher of the first batch's first `PROBE` examples by hooks (Grams off, labels from a copy of the
+        generator), then one example at a time as the reference; the rest of the batch and later batches use the
+        hooks when both agree."""
+        probe = {k: v[:PROBE] for k, v in batch.items()}
+        trial = self._hooked_trial(probe)
+        self.batch(probe)
         if trial is not None and fishers_agree(trial, self.squares):
             self.hooked = per_example.SquaredGradients(self.model, self.squares)
+        if _batch_size(batch) > PROBE:
+            self.batch({k: v[PROBE:] for k, v in batch.items()})
 
     def _hooked_trial(self, batch: Batch) -> dict[str, Tensor] | None:
         if not per_example.supported(self.model):
