@@ -4,9 +4,9 @@ MLflow), else the generic stage task (`tasks/stage.py`) around the stage's libra
 read statistics or subspaces, learn on data, sweep, search or run in parts is decided once, in the plan; here each
 node only finds its inputs' futures (or values) and calls its task.
 
-Two kinds of node are not walked: a search's rungs and its opening (`Node.part_of`), which the search runs itself
-once the rung sizes and survivors are known (the plan estimates them), and the sparsify passes only a search reads,
-submitted the first time a scored candidate reads them.
+Three kinds of node are not walked: a search's rungs and its opening (`Node.part_of`), which the search runs itself
+once the rung sizes and survivors are known (the plan estimates them), and the sparsify passes and statistics only a
+search reads, submitted the first time a scored candidate (or the merge of a data-aware winner) reads them.
 """
 
 from typing import Any
@@ -67,13 +67,15 @@ class PlanRun(Context):
         return run_stage.with_options(name=node.kind).submit(node, self.config, reads, self.parent)
 
     def value(self, id: str) -> Any:
+        if id not in self.outputs and (node := self.on_demand(id)) is not None:
+            self.outputs[id] = getattr(self, node.kind)(node)  # statistics only a search reads: submitted now
         return _value(super().value(id))
 
     def digest(self) -> str:
         return run_inputs_digest(self.config.model_dump(mode="json"), self.base, self.experts, self.tasks)
 
-    def statistics(self, spec: MergeSpec) -> dict[str, ObjectRef] | None:
-        return statistics_stage.read_by(spec, self)
+    def statistics(self, spec: MergeSpec, share: float = 1.0) -> dict[str, ObjectRef] | None:
+        return statistics_stage.read_by(spec, self, share)
 
     def subspaces(self, spec: MergeSpec) -> dict[str, Any] | None:
         return {kind: self.outputs[f"subspace:{kind}"] for kind in subspace_stage.subspace_kinds([spec])} or None
@@ -117,10 +119,10 @@ class PlanRun(Context):
 
     def compute_statistics(self, node: Node):
         n, eval_inputs = node.task, self.tasks
-        return compute_statistics.submit(n, self.base, self.value(f"expert:{n}"), *eval_inputs[n],
-                                         statistics_stage.statistic_kinds(self.config.merges),
-                                         self.config.statistics, self.storage, self.device, self.tracking,
-                                         self.parent)
+        named = compute_statistics.with_options(task_run_name=node.id.replace(":", "-"))  # "statistics-<task>@0.25"
+        return named.submit(n, self.base, self.value(f"expert:{n}"), *eval_inputs[n],
+                            statistics_stage.statistic_kinds(self.config.merges), self.config.statistics,
+                            self.storage, self.device, self.tracking, self.parent, node.share or 1.0)
 
     def build_subspace(self, node: Node):
         kind = node.id.split(":", 1)[1]

@@ -40,7 +40,7 @@ def search(run: "PlanRun", label: str, spec: MergeSpec, expert_acc: dict[str, fl
             futures.append(sweep_point.submit(f"{label}-r{rung}", i, c.method, c.params, run.base, run.experts,
                                               run.tasks, at, config.evaluation, config.storage, config.device,
                                               config.tracking, run_id, run.subspaces(point), run.pass_of(point),
-                                              run.statistics(point),
+                                              run.statistics(point, c.statistics),
                                               {"mergeflow.rung": str(rung), "mergeflow.candidate": c.name},
                                               learn_on))
         accuracies = [f.result() for f in futures]

@@ -58,10 +58,22 @@ def compile_plan(config: RunConfig) -> Plan:
     data = [f"dataset:{n}" for n in tasks] + [f"head:{n}" for n in tasks]
     if config.skip_unchanged:
         plan.add("unchanged", "check_unchanged", [base, *experts, *data])
-    statistics = []
-    if kinds := statistics_stage.statistic_kinds(config.merges):
-        statistics = [plan.add(f"statistics:{n}", "compute_statistics", [f"expert:{n}", f"dataset:{n}", f"head:{n}"],
-                               ", ".join(kinds), task=n) for n in tasks]
+    statistics: dict[float, list[str]] = {}  # by the share of the examples they read
+
+    def statistics_at(share: float, part_of: str | None = None) -> list[str]:
+        """The experts' statistics on `share` of the examples (added once; `part_of`: only a search reads them, it
+        computes them when a candidate first reads them)."""
+        if share not in statistics:
+            kinds = ", ".join(statistics_stage.statistic_kinds(config.merges))
+            statistics[share] = [plan.add(statistics_stage.node_id(n, share), "compute_statistics",
+                                          [f"expert:{n}", f"dataset:{n}", f"head:{n}"],
+                                          kinds + (f" on {100 * share:g}% of the examples" if share < 1 else ""),
+                                          task=n, share=share if share < 1 else None, part_of=part_of)
+                                 for n in tasks]
+        return statistics[share]
+
+    if any(spec.method != AUTO and statistics_stage.statistic_kinds([spec]) for spec in config.merges):
+        statistics_at(1.0)  # a data-aware merge or sweep reads them: walked like any stage
     subspaces = {kind: plan.add(f"subspace:{kind}", "build_subspace", [base, *experts], kind)
                  for kind in subspace_stage.subspace_kinds(config.merges)}
     labelled = dict(zip(config.merge_labels(), config.merges))
@@ -74,11 +86,12 @@ def compile_plan(config: RunConfig) -> Plan:
         plan.add("overlap", "check_overlap", [base, *data], "validation vs train inputs")
     passes: dict[str, str] = {}
 
-    def reads(spec: MergeSpec, part_of: str | None = None) -> list[str]:
-        """The stages one merge or point reads: base, experts, its subspaces, statistics and sparsify pass."""
+    def reads(spec: MergeSpec, part_of: str | None = None, share: float = 1.0) -> list[str]:
+        """The stages one merge or point reads: base, experts, its subspaces, statistics (on `share` of the
+        examples) and sparsify pass."""
         found = [base, *experts, *(subspaces[k] for k in subspace_stage.subspace_kinds([spec]))]
         if statistics_stage.statistic_kinds([spec]):
-            found += statistics
+            found += statistics_at(share, part_of)
         key = pass_key(spec)
         if key is not None:
             if key not in passes:
@@ -109,18 +122,23 @@ def compile_plan(config: RunConfig) -> Plan:
         for rung, (examples, alive) in enumerate(rungs):  # early rungs: iterative methods at reduced counts
             scored = [at_fidelity(c, rung_fidelity(rung, len(rungs), settings.fidelity)) for c in candidates[:alive]]
             points = [MergeSpec(method=c.method, params=c.params) for c in scored]
-            read = [reads(point, searched_by) for point in points]
+            read = [reads(point, searched_by, c.statistics) for point, c in zip(points, scored)]
             searched_reads.update(dict.fromkeys(i for found in read for i in found))
             previous = [plan.add(f"search:{label}:{rung}:{j}", "sweep_point", [*read[j], *data, *previous[:1]],
                                  f"{scored[j].name}, {examples} examples", spec=point, split="validation",
-                                 examples=examples, part_of=searched_by) for j, point in enumerate(points)]
+                                 examples=examples, share=scored[j].statistics if scored[j].statistics < 1 else None,
+                                 part_of=searched_by) for j, point in enumerate(points)]
+        if statistics_stage.statistic_kinds([spec]):  # a data-aware survivor's last rung, or winner, reads these
+            searched_reads.update(dict.fromkeys(statistics_at(1.0, searched_by)))
         # the search node reads what any candidate reads (its rungs run inside it)
         chosen[label] = [plan.add(searched_by, "record_search", [*previous, *expert_val, *searched_reads, *data,
                                                                  "overlap"])]
     for label, spec in labelled.items():
         # a merge reads its own sparsify stage (a stored pass of a sweep point is reused, but the stage runs)
         inputs = [base, *experts, *chosen.get(label, []), *(subspaces[k] for k in subspace_stage.subspace_kinds(
-            [spec]) if spec.method != AUTO)] + (statistics if statistics_stage.statistic_kinds([spec]) else [])
+            [spec]) if spec.method != AUTO)]
+        if statistics_stage.statistic_kinds([spec]):  # an `auto` merge reads them only if a data-aware point wins
+            inputs += statistics_at(1.0, f"chosen:{label}" if spec.method == AUTO else None)
         if sparsifies(spec):
             inputs.append(plan.add(f"sparsify:{label}", "sparsify", [base, *experts],
                                    f"{spec.method}({_params(sparsify_stage.pass_settings(spec))})", spec=spec))

@@ -6,7 +6,8 @@ keeps the best 1/eta of the previous one, and every other candidate not signific
 one-sided bound on the same examples), and scores them on eta times as many examples, up to the validation cap,
 where the winner is chosen (a close call there is settled on more examples). A budget (examples scored, seconds)
 stops the search early at the last whole rung. An iterative method (`MergeMethod.fidelity`: its step counts) runs
-a fraction of its counts at every rung before the last, and its full counts from the last on (`rung_fidelity`).
+a fraction of its counts at every rung before the last, and its full counts from the last on (`rung_fidelity`); a
+data-aware one reads statistics of that share of the examples before the last rung (`Candidate.statistics`).
 The scores are those of `mergeflow.sweep` (validation only); the caller evaluates the winner on test.
 """
 
@@ -35,6 +36,7 @@ AUTO_GRIDS: dict[str, dict[str, list[Any]]] = {
 class Candidate:
     method: str
     params: dict[str, Any]
+    statistics: float = 1.0  # the share of the experts' statistics examples a data-aware point reads (early rungs)
 
     @property
     def name(self) -> str:
@@ -95,8 +97,22 @@ def rung_fidelity(rung: int, rungs: int, fidelity: float) -> float:
 
 
 def at_fidelity(candidate: Candidate, fraction: float) -> Candidate:
-    """The point scored for `candidate` at `fraction` of its method's counts (the candidate itself at full)."""
-    return Candidate(candidate.method, METHODS[candidate.method].at_fidelity(candidate.params, fraction))
+    """The point scored for `candidate` at `fraction` of its method's counts, a data-aware one on statistics of
+    that share of the examples (the candidate itself at full)."""
+    from mergeflow.methods.data_aware import DataAwareMethod
+
+    share = fraction if issubclass(METHODS[candidate.method], DataAwareMethod) and fraction < 1 else 1.0
+    return Candidate(candidate.method, METHODS[candidate.method].at_fidelity(candidate.params, fraction), share)
+
+
+def fidelity_label(point: Candidate, candidate: Candidate) -> str:
+    """What `point` ran of `candidate`: its counts ("steps 100/400"), the share of the statistics' examples it read
+    ("statistics 25%"), or "full"."""
+    counts = METHODS[candidate.method].fidelity_label(point.params, candidate.params)
+    if point.statistics >= 1:
+        return counts
+    share = f"statistics {100 * point.statistics:g}%"
+    return share if counts == "full" else f"{counts}, {share}"
 
 
 def kept(alive: int, eta: int) -> int:
@@ -125,8 +141,8 @@ class Entry:
     candidate: Candidate
     score: PointScore
     promoted: bool = False
-    fidelity: str = "full"  # the counts the point ran with ("steps 100/400"); "full": a method that does not iterate
-    reduced: bool = False  # scored with fewer steps than its own (an early rung of an iterative method)
+    fidelity: str = "full"  # what the point ran ("steps 100/400", "statistics 25%"; `fidelity_label`)
+    reduced: bool = False  # scored with fewer steps or statistics than its own (an early rung)
 
 
 @dataclass
@@ -290,8 +306,8 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
         scored = {i: (score_point(pool[i].params, r.accuracy, expert_accuracy, rule, floor), r)
                   for i, r in zip(survivors, results, strict=True)}
         read = min(examples, max((len(c) for c in raw[0].correct.values()), default=examples))  # split's end
-        rung_entries = {i: Entry(rung, read, pool[i], s, fidelity=METHODS[pool[i].method].fidelity_label(
-                            points[i].params, pool[i].params), reduced=points[i] != pool[i])
+        rung_entries = {i: Entry(rung, read, pool[i], s, fidelity=fidelity_label(points[i], pool[i]),
+                                 reduced=points[i] != pool[i])
                         for i, (s, _) in scored.items()}
         entries += rung_entries.values()
         order = rank([(i, s) for i, (s, _) in scored.items()])
@@ -388,8 +404,7 @@ def _extend_edges(pool, winner, winner_score, entries, timings, score_rung, expe
             spent += examples
             score = score_point(candidate.params, result.accuracy, expert_accuracy, rule, floor)
             better = score.score > best_score.score
-            entries.append(Entry(rung, examples, candidate, score, better,
-                                 METHODS[candidate.method].fidelity_label(candidate.params, candidate.params)))
+            entries.append(Entry(rung, examples, candidate, score, better, fidelity_label(candidate, candidate)))
             timings.append(round(clock() - started, 2))
             if not better:
                 break

@@ -17,18 +17,22 @@ from tasks.tracking import MlflowTracker
 def compute_statistics(task_name: str, base: ObjectRef, expert: ObjectRef, dataset: ObjectRef,
                        head: ObjectRef, kinds: tuple[str, ...], settings: StatisticsConfig,
                        storage: StorageConfig, device: str, tracking: TrackingConfig,
-                       parent_run_id: str) -> ObjectRef:
+                       parent_run_id: str, share: float = 1.0) -> ObjectRef:
+    """`share` < 1: on that share of the examples (an `auto` search's early rungs)."""
     store = store_for(storage)
     ref, report = on_device_or_cpu(
-        lambda on: statistics_stage.compute_statistics(task_name, base, expert, dataset, head, kinds, settings, store, on),
+        lambda on: statistics_stage.compute_statistics(task_name, base, expert, dataset, head, kinds, settings, store,
+                                                       on, share),
         device, f"statistics {task_name}")
     tracker = MlflowTracker(tracking)
-    run_id = tracker.start_run(f"statistics-{task_name}", parent_run_id=parent_run_id,
+    name = f"statistics-{task_name}" + (f"@{share:g}" if share < 1 else "")
+    run_id = tracker.start_run(name, parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "statistics", "mergeflow.task": task_name,
                                      "mergeflow.reused": str(report["reused"]).lower()})
     tracker.log_input_refs(run_id, [(f"{task_name}-expert", "expert", expert.uri, expert.sha256),
                                      (f"{task_name}-data", settings.split, dataset.uri, dataset.sha256)])
     tracker.log_params(run_id, {"task": task_name, "kinds": ",".join(kinds), "statistics": settings.model_dump(),
+                                "share": share,
                                 "statistics_uri": ref.uri, "statistics_sha256": ref.sha256})
     if not report["reused"]:
         tracker.log_metrics(run_id, {"examples": report["examples"], "seconds": report["seconds"]})

@@ -68,6 +68,11 @@ def test_auto_searches_on_validation_only_and_a_larger_budget_scores_only_new_ru
     assert search.data.params["stopped"].startswith("budget")
     assert int(float(search.data.metrics["rungs_done"])) == 1
     chosen = parent.data.params["tune.auto.method"]
+    statistics = {r.info.run_name for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+        "tags.`mergeflow.stage` = 'statistics'")}
+    assert {"statistics-election@0.25", "statistics-rotten_tomatoes@0.25"} <= statistics  # what rung 0 reads
+    assert ("statistics-election" in statistics) == (chosen == "regmean")  # the full ones: for a data-aware winner
     merged = json.loads((Path(first["merged"]["auto"]["uri"]) / "mergeflow.json").read_text())
     assert merged["method"] == chosen
     board = json.loads(Path(client.download_artifacts(search.info.run_id, "search/auto.json",

@@ -77,7 +77,7 @@ def test_early_rungs_run_fewer_steps_and_survivors_the_full_counts_at_the_last()
     best = rows["wudi(scaling=1.5)"]
     assert [best[f"rung {r} fidelity"] for r in range(3)] == ["steps 100/400", "steps 100/400", "steps 400/400"]
     assert best["rung 2 (90/task)"] == pytest.approx(100 * (0.95 + 0.95) / 2) and best["chosen"] == "yes"
-    assert rows["mats"]["rung 1 fidelity"] == "max_iter 25/100" and "rung 2 fidelity" not in rows["mats"]
+    assert rows["mats"]["rung 1 fidelity"] == "max_iter 25/100, statistics 25%" and "rung 2 fidelity" not in rows["mats"]
     assert rows["wudi(scaling=2.0)"]["rung 3 fidelity"] == "steps 400/400"
     assert rows["task_arithmetic(scaling=0.3)"]["rung 0 fidelity"] == "full"
     assert [e.reduced for e in result.entries if e.candidate.name == "wudi(scaling=1.5)"] == [True, True, False]
@@ -165,8 +165,8 @@ def test_the_command_line_executor_scores_the_reduced_points(monkeypatch):
 
     scored: list[tuple[int, Candidate]] = []
 
-    def score(spec, examples, ctx):  # the sweep-point stage, replaced
-        point = Candidate(spec.method, dict(spec.params))
+    def score(spec, examples, ctx, share=1.0):  # the sweep-point stage, replaced
+        point = Candidate(spec.method, dict(spec.params), share)
         scored.append((examples, point))
         return {"a": 0.8 * _quality(point), "b": 0.5 * _quality(point)}
 
@@ -179,6 +179,10 @@ def test_the_command_line_executor_scores_the_reduced_points(monkeypatch):
     scored.clear()
     search_stage.search(settings.model_copy(update={"fidelity": 0.5}), TuningConfig(max_examples=90), EXPERTS, None)
     assert scored[0] == (10, Candidate("wudi", {"scaling": 1.0, "steps": 200}))
+    scored.clear()  # a data-aware candidate reads statistics of the same share of the examples before the last rung
+    search_stage.search(SearchConfig(methods=["mats", "wudi"], grids={"wudi": {"scaling": [1.0, 1.5]}}),
+                        TuningConfig(max_examples=90), EXPERTS, None)
+    assert scored[0] == (10, Candidate("mats", {"max_iter": 25}, 0.25))
 
 
 def test_the_flow_executor_and_its_plan_score_the_reduced_points(monkeypatch):
@@ -205,7 +209,8 @@ def test_the_flow_executor_and_its_plan_score_the_reduced_points(monkeypatch):
     monkeypatch.setattr(selection, "open_search", lambda *args: "search-run")
     monkeypatch.setattr(selection, "record_search", record)
     run = SimpleNamespace(config=config, parent="parent", base=None, experts={}, tasks={},
-                          subspaces=lambda point: None, pass_of=lambda point: None, statistics=lambda point: None)
+                          subspaces=lambda point: None, pass_of=lambda point: None,
+                          statistics=lambda point, share=1.0: None)
     chosen = selection.search(run, "auto", config.merges[0], EXPERTS)
     assert chosen == MergeSpec(method="wudi", params={"scaling": 1.5})
     assert [p for label, p in submitted if label == "auto-r0"] == [Candidate("wudi", {"scaling": 1.0, "steps": 100}),

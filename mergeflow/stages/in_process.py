@@ -62,6 +62,11 @@ class InProcessRun(Context):
                 raise MergeflowError(f"plan node {node.id}: stage {node.kind} runs only in the flow")
             self.outputs[node.id] = node.stage.run(node, self)
 
+    def value(self, id: str) -> Any:
+        if id not in self.outputs and (node := self.on_demand(id)) is not None:
+            self.outputs[id] = node.stage.run(node, self)
+        return super().value(id)
+
     @property
     def label(self) -> str:
         return self.config.merge_labels()[0]
@@ -81,10 +86,10 @@ class InProcessRun(Context):
     def evaluation(self) -> EvalConfig:
         return self.config.evaluation
 
-    def score(self, spec: MergeSpec, examples: int) -> dict[str, Any]:
+    def score(self, spec: MergeSpec, examples: int, share: float = 1.0) -> dict[str, Any]:
         from mergeflow.stages.sweep import score
 
-        return score(spec, examples, self)
+        return score(spec, examples, self, share)
 
 
 def run_config(config: MergeDataConfig, base: ModelRef, experts: Sequence[str], store: Store,

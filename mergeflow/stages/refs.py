@@ -105,14 +105,21 @@ def expert_uri(root: str, task: str, base: ObjectRef, dataset: ObjectRef, head: 
                 "adapter" if adapter else "model.safetensors")
 
 
+SHARE_MARK = "-share"  # in the name of statistics on a share of the examples (`statistics_uri`)
+
+
 def checkpoints_uri(root: str, name: str) -> str:
     return join(root, "checkpoints", name)
 
 
 def statistics_uri(expert: ObjectRef, dataset: ObjectRef, head: ObjectRef, kinds: tuple[str, ...],
-                   settings: Mapping[str, Any]) -> str:
-    fp = fingerprint(expert.sha256, dataset.sha256, head.sha256, kinds, settings)
-    return join(expert.uri.rsplit("/", 1)[0], f"statistics-{fp}.safetensors")
+                   settings: Mapping[str, Any], share: float = 1.0) -> str:
+    """Beside the expert: statistics-<fp>.safetensors, or statistics-<fp>-share0.25.safetensors on a share of the
+    examples (`auto`'s early rungs)."""
+    fp = fingerprint(expert.sha256, dataset.sha256, head.sha256, kinds,
+                     {**settings, **({"share": share} if share < 1 else {})})
+    return join(expert.uri.rsplit("/", 1)[0], f"statistics-{fp}{SHARE_MARK}{share:g}.safetensors" if share < 1
+                else f"statistics-{fp}.safetensors")
 
 
 def atm_round_dir(root: str, task: str, base: ObjectRef, start: ObjectRef | None, dataset: ObjectRef,

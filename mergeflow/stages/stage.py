@@ -42,6 +42,8 @@ class Stage:
     run: Callable[[Node, Context], Any] | None = None
 
 
+# kinds a running context runs when first read, where only a search reads them (`Context.on_demand`)
+ON_DEMAND = frozenset({"compute_statistics"})
 # kinds that run as a stage task and report to the progress clock; the others are bookkeeping (no estimate)
 UNTIMED = frozenset({"open_search", "record_search", "select_point", "register_model"})
 
@@ -57,8 +59,10 @@ class Node:
     task: str | None = None  # the task it concerns (evaluate: only this task's data; else every task's)
     split: str | None = None  # evaluate, sweep_point: the split scored
     examples: int | None = None  # evaluate, sweep_point: examples scored per task (None: all)
+    share: float | None = None  # compute_statistics: the share of its examples (an `auto` search's early rungs);
+    # sweep_point: of the statistics' examples it reads
     part_of: str | None = None  # run by that node, not by a walk of the plan: an `auto` search's opening, rungs
-    # (estimated here) and the sparsify passes only its candidates read, run by its `chosen:<label>` node
+    # (estimated here), the sparsify passes and statistics only its candidates read, run by its `chosen:<label>` node
     stage: Stage = field(default=None, compare=False, repr=False)  # what runs it (its `kind`'s stage)
 
     @property
@@ -124,6 +128,12 @@ class Context:
         if id not in self.outputs:
             raise Pending(id)
         return self.outputs[id]
+
+    def on_demand(self, id: str) -> Node | None:
+        """The node `id` when a running context runs it the first time it is read, not on its walk of the plan: the
+        statistics only an `auto` search reads (`ON_DEMAND`); None for any other."""
+        node = next((n for n in self.plan if n.id == id), None) if self.plan is not None else None
+        return node if node is not None and node.part_of is not None and node.kind in ON_DEMAND else None
 
     @property
     def base(self) -> ObjectRef:

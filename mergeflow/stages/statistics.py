@@ -1,9 +1,13 @@
 """The statistics stage: per-expert statistics (Gram matrices, Fisher diagonals, K-FAC factors) on its task's
-data, for the data-aware methods among a run's merges."""
+data, for the data-aware methods among a run's merges. An `auto` search's early rungs read statistics of a share of
+the examples (`share`); statistics only a search reads are computed when a candidate first reads them, so the full
+ones are paid only where a data-aware candidate reaches the last rung or wins."""
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import fields
 from typing import Any
 
 from mergeflow.config import MergeSpec, StatisticsConfig
@@ -28,26 +32,36 @@ def statistic_kinds(specs: list[MergeSpec]) -> tuple[str, ...]:
 
 
 def statistics_location(expert: ObjectRef, dataset: ObjectRef, head: ObjectRef, kinds: tuple[str, ...],
-                        settings: StatisticsConfig) -> str:
-    """Where an expert's statistics of these kinds and settings are stored (beside the expert)."""
-    return statistics_uri(expert, dataset, head, kinds, settings.model_dump())
+                        settings: StatisticsConfig, share: float = 1.0) -> str:
+    """Where an expert's statistics of these kinds and settings (on `share` of their examples) are stored (beside
+    the expert)."""
+    return statistics_uri(expert, dataset, head, kinds, settings.model_dump(), share)
+
+
+def split_size(split: Any) -> int:
+    """Examples in a family's split (each split dataclass holds its per-example values first)."""
+    return len(getattr(split, fields(split)[0].name))
 
 
 def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: ObjectRef, head: ObjectRef,
                        kinds: tuple[str, ...], settings: StatisticsConfig, store: Store,
-                       device: str = "auto") -> tuple[ObjectRef, dict[str, Any]]:
+                       device: str = "auto", share: float = 1.0) -> tuple[ObjectRef, dict[str, Any]]:
     """Per-expert statistics on its task's data, stored beside the expert checkpoint and reused when the expert,
-    data, head and settings are unchanged. Returns the reference and a report (examples, seconds, reused)."""
+    data, head and settings are unchanged; `share` < 1: on the first ceil(share x n) of the n examples the settings
+    read (an `auto` search's early rungs). Returns the reference and a report (examples, seconds, reused)."""
     from mergeflow.statistics import save_statistics
 
-    uri = statistics_location(expert, dataset, head, kinds, settings)
+    uri = statistics_location(expert, dataset, head, kinds, settings, share)
     if store.exists(uri):
         return store.file_ref(uri), {"reused": True}
     started = time.perf_counter()
     data = store.read_task(task, dataset, base, [settings.split])
+    split = data.splits[settings.split]
+    if share < 1:
+        settings = settings.model_copy(update={
+            "max_examples": math.ceil(share * min(settings.max_examples, split_size(split)))})
     model = store.load_model(base, expert, device)
-    stats = family_of(base).statistics(model, store.load_head(head, base), data.splits[settings.split], kinds,
-                                       settings)
+    stats = family_of(base).statistics(model, store.load_head(head, base), split, kinds, settings)
     stats.metadata.update({"task": task, "expert_sha256": expert.sha256, "dataset_sha256": dataset.sha256})
     store.publish_file(uri, lambda path: save_statistics(stats, path))
     report = {"reused": False, "examples": int(stats.metadata["examples"]),
@@ -57,17 +71,23 @@ def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: O
 
 # ---------------------------------------------------------------------------------------- the plan's stages
 
-def read_by(spec: MergeSpec | None, ctx: Context) -> dict[str, ObjectRef] | None:
-    """The experts' statistics `spec` reads (None: it reads none)."""
+def node_id(task: str, share: float = 1.0) -> str:
+    """The plan node of a task's statistics on `share` of the examples ("statistics:<task>", "...@0.25")."""
+    return f"statistics:{task}" + (f"@{share:g}" if share < 1 else "")
+
+
+def read_by(spec: MergeSpec | None, ctx: Context, share: float = 1.0) -> dict[str, ObjectRef] | None:
+    """The experts' statistics `spec` reads, on `share` of the examples (None: it reads none). A running context
+    computes statistics only a search reads when they are first read (`Context.value`)."""
     if spec is None or not statistic_kinds([spec]):
         return None
-    return {n: ctx.value(f"statistics:{n}") for n in ctx.task_configs}
+    return {n: ctx.value(node_id(n, share)) for n in ctx.task_configs}
 
 
 def _where(node: Node, ctx: Context) -> Located:
     n = node.task
     uri = statistics_location(ctx.value(f"expert:{n}"), ctx.value(f"dataset:{n}"), ctx.value(f"head:{n}"),
-                              statistic_kinds(ctx.config.merges), ctx.config.statistics)
+                              statistic_kinds(ctx.config.merges), ctx.config.statistics, node.share or 1.0)
     return uri, lambda: ctx.store.file_ref(uri)
 
 
@@ -75,7 +95,7 @@ def _compute(node: Node, ctx: Context) -> ObjectRef:
     n = node.task
     ref, report = compute_statistics(n, ctx.base, ctx.value(f"expert:{n}"), ctx.value(f"dataset:{n}"),
                                      ctx.value(f"head:{n}"), statistic_kinds(ctx.config.merges),
-                                     ctx.config.statistics, ctx.store, ctx.device)
+                                     ctx.config.statistics, ctx.store, ctx.device, node.share or 1.0)
     print(f"statistics {n}: " + ("stored" if report["reused"] else f"{report['examples']} examples, "
                                                                    f"{report['seconds']} s"))
     return ref

@@ -15,7 +15,7 @@ from mergeflow.checkpoints.writer import output_plan, write_file
 from mergeflow.config import EvalConfig, MergeSpec, TuningConfig
 from mergeflow.stages.evaluate import score_model
 from mergeflow.methods import build_method
-from mergeflow.stages.refs import (ObjectRef, TaskInputs, family_of, fingerprint, sweep_uri,
+from mergeflow.stages.refs import (SHARE_MARK, ObjectRef, TaskInputs, family_of, fingerprint, sweep_uri,
                                    task_digests)
 from mergeflow.stages.sparsify import read_sparsified
 from mergeflow.stages.stage import Context, Located, Node, Stage
@@ -107,7 +107,10 @@ def warm_starts(method: str, params: Mapping[str, Any], base: ObjectRef, experts
                      *([[r.sha256 for r in statistics.values()]] if statistics else []),
                      *([unlabeled_key(unlabeled)] if unlabeled is not None else []))
     counts, own = cls.counts(params), cls.counts(problem)
-    return WarmStarts(store.cache.root / "warm" / f"{method}-{fp}", keep=any(counts[k] < own[k] for k in counts))
+    # statistics on a share of the examples (an early rung) pose another problem than the full point's: nothing to keep
+    cut = statistics is not None and any(SHARE_MARK in r.uri.rsplit("/", 1)[-1] for r in statistics.values())
+    return WarmStarts(store.cache.root / "warm" / f"{method}-{fp}",
+                      keep=not cut and any(counts[k] < own[k] for k in counts))
 
 
 def _update_path(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
@@ -245,36 +248,37 @@ def _learns(spec: MergeSpec) -> bool:
     return method_class(spec.method).needs_objective
 
 
-def _point_reads(spec: MergeSpec, examples: int, ctx: Context
+def _point_reads(spec: MergeSpec, examples: int, ctx: Context, share: float = 1.0
                  ) -> tuple[TuningConfig, dict[str, ObjectRef] | None, str | None]:
     """(tuning at `examples`, statistics, split learned on) of a point: a data-aware method reads the experts'
-    statistics, a learned one learns on the inputs of validation (never its labels)."""
+    statistics (on `share` of their examples), a learned one learns on the inputs of validation (never its
+    labels)."""
     from mergeflow.stages import statistics
 
     tuning = ctx.config.tuning.model_copy(update={"max_examples": examples})
-    return tuning, statistics.read_by(spec, ctx), "validation" if _learns(spec) else None
+    return tuning, statistics.read_by(spec, ctx, share), "validation" if _learns(spec) else None
 
 
 def _point_where(node: Node, ctx: Context) -> Located:
-    tuning, statistics, learn_on = _point_reads(node.spec, node.examples, ctx)
+    tuning, statistics, learn_on = _point_reads(node.spec, node.examples, ctx, node.share or 1.0)
     uri = point_location(node.spec.method, node.spec.params, ctx.base, ctx.experts, ctx.tasks, tuning,
                          ctx.config.evaluation, ctx.store.root, statistics, learn_on)
     return uri, lambda: ObjectRef(uri=uri, sha256="")
 
 
-def score(spec: MergeSpec, examples: int, ctx: Context) -> dict[str, Any]:
+def score(spec: MergeSpec, examples: int, ctx: Context, share: float = 1.0) -> dict[str, Any]:
     """One point's validation accuracy per task on its first `examples` per task, with each example's credit (the
-    sweep-point stage of a grid point or a search's candidate)."""
+    sweep-point stage of a grid point or a search's candidate; `share`: of the statistics' examples it reads)."""
     from mergeflow.stages import sparsify, subspace
 
-    tuning, statistics, learn_on = _point_reads(spec, examples, ctx)
+    tuning, statistics, learn_on = _point_reads(spec, examples, ctx, share)
     return sweep_point(spec.method, spec.params, ctx.base, ctx.experts, ctx.tasks, tuning, ctx.config.evaluation,
                        ctx.store, ctx.device, subspace.read_by(spec, ctx), sparsify.pass_of(spec, ctx), statistics,
                        learn_on)[0]
 
 
 def _sweep_point(node: Node, ctx: Context) -> dict[str, Any]:
-    return score(node.spec, node.examples, ctx)
+    return score(node.spec, node.examples, ctx, node.share or 1.0)
 
 
 def choose_point(node: Node, ctx: Context, accuracies: Mapping[str, Mapping[str, float]],
