@@ -316,8 +316,9 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
         close = not_below(scored, order[0], weights, z)
         counts = {t: len(c) for t, c in raw[0].correct.items()}
         timings.append(round(clock() - rung_started, 2))
-        if rung < len(sizes) - 1:
+        if rung < len(sizes) - 1:  # the best 1/eta, every candidate tied with the last of them (order never cuts)
             halving = order[:kept(len(order), eta)]
+            halving += [i for i in order[len(halving):] if scored[i][0].score == scored[halving[-1]][0].score]
             survivors = halving + [i for i in order if i in close and i not in halving]
         elif len(close) > 1 and counts and min(counts.values()) >= examples:  # close, and the split may hold more
             survivors, planned = [i for i in order if i in close], planned + 1

@@ -85,6 +85,20 @@ def test_without_example_credits_exact_ties_go_to_the_earlier_candidate():
     assert flat.winner.params == {"scaling": 0.1}
 
 
+def test_a_tie_at_the_halving_cut_goes_on_to_the_next_rung():
+    """Six candidates, the best third is two: the second and the three tied with it all go on (not the first of them
+    by order), to be told apart by more data; the last two, below, do not."""
+    quality = {0.1: 0.9, 0.2: 0.5, 0.3: 0.5, 0.4: 0.5, 0.5: 0.1, 0.6: 0.1}
+    calls = []
+
+    def score(rung, examples, chosen):
+        calls.append((rung, [c.params["scaling"] for c in chosen]))
+        return [{"a": 0.8 * quality[c.params["scaling"]], "b": 0.5 * quality[c.params["scaling"]]} for c in chosen]
+
+    successive_halving(_pool(6), score, EXPERTS, min_examples=10, max_examples=90, eta=3, extend_edges=False)
+    assert calls[1] == (1, [0.1, 0.2, 0.3, 0.4])
+
+
 def test_an_evaluation_budget_stops_at_the_last_whole_rung():
     scorer = Scorer(lambda s: s)
     result = successive_halving(_pool(9), scorer, EXPERTS, min_examples=10, max_examples=100, eta=3,
