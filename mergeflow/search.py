@@ -1,7 +1,7 @@
 """`method: auto`: the best merge across methods, by successive halving on validation data.
 
 Every method that applies to the inputs is a set of candidates, one per point of its grid (`AUTO_GRIDS`, or the
-config's own). Rung 0 scores every candidate on the first few validation examples of each task; each later rung
+config's own: `mergeflow.search_space`). Rung 0 scores every candidate on the first few validation examples of each task; each later rung
 keeps the best 1/eta of the previous one, and every other candidate not significantly below its leader (a paired,
 one-sided bound on the same examples), and scores them on eta times as many examples, up to the validation cap,
 where the winner is chosen (a close call there is settled on more examples). A budget (examples scored, seconds)
@@ -22,98 +22,9 @@ from typing import Any
 
 from mergeflow.errors import ConfigError
 from mergeflow.hygiene import held_out
-from mergeflow.methods import METHODS
-from mergeflow.sweep import PointScore, Rule, grid_points, score_point
-
-# Per method, the grid `auto` searches (declared in the method's file: `MergeMethod.search_grid`, else its sweep
-# grid), in the registry's order; methods with neither are not searchable.
-AUTO_GRIDS: dict[str, dict[str, list[Any]]] = {
-    name: dict(cls.search_grid if cls.search_grid is not None else cls.sweep_grid)
-    for name, cls in METHODS.items() if cls.search_grid is not None or cls.sweep_grid is not None}
-
-
-@dataclass(frozen=True)
-class Candidate:
-    method: str
-    params: dict[str, Any]
-    statistics: float = 1.0  # the share of the experts' statistics examples a data-aware point reads (early rungs)
-
-    @property
-    def name(self) -> str:
-        shown = ", ".join(f"{k}={v}" for k, v in self.params.items())
-        return f"{self.method}({shown})" if shown else self.method
-
-
-def applicable_methods(data_aware: bool, learned: bool = False) -> list[str]:
-    """Methods `auto` may search: data-free always, data-aware when statistics can be computed, learned ones
-    (AdaMerging, DOGE AM) when an objective can be made from the tasks' unlabeled validation inputs."""
-    from mergeflow.methods import method_class
-    from mergeflow.methods.data_aware import DataAwareMethod
-
-    out = []
-    for method in AUTO_GRIDS:
-        cls = method_class(method)
-        if (cls.needs_objective and not learned) or (issubclass(cls, DataAwareMethod) and not data_aware):
-            continue
-        out.append(method)
-    return out
-
-
-def candidates(methods: Sequence[str] | None = None, grids: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
-               data_aware: bool = True, learned: bool = True) -> list[Candidate]:
-    """One candidate per grid point of each method (`methods`: default every applicable one that learns nothing,
-    in `AUTO_GRIDS` order, a learned one only when named; `grids`: per-method overrides of `AUTO_GRIDS`), each
-    validated. `learned`: whether an objective can be made from the tasks' validation inputs."""
-    from mergeflow.methods import method_class
-
-    grids = dict(grids or {})
-    allowed = applicable_methods(data_aware, learned)
-    chosen = list(methods) if methods else [m for m in allowed if not method_class(m).needs_objective
-                                            and method_class(m).searched_by_default]
-    for method in [*chosen, *grids]:
-        if method not in allowed:
-            if method not in AUTO_GRIDS:
-                why = "it has no grid for auto"
-            elif method_class(method).needs_objective:
-                why = "it learns from unlabeled inputs, and no task inputs are given"
-            else:
-                why = "it needs statistics, which these inputs do not give"
-            raise ConfigError(f"search.methods: {method!r} cannot be searched ({why}); searchable: "
-                              f"{', '.join(allowed)}")
-    out: list[Candidate] = []
-    for method in chosen:
-        grid = grids.get(method, AUTO_GRIDS[method])
-        points = grid_points(method, grid) if grid else [{}]
-        out += [Candidate(method, point) for point in points]
-    if not out:
-        raise ConfigError("search: no candidate to search")
-    return out
-
-
-def rung_fidelity(rung: int, rungs: int, fidelity: float) -> float:
-    """The fraction of an iterative method's counts rung `rung` of `rungs` runs: `fidelity` before the last (one
-    reduced merge, cached, serves every early rung), then the full counts, continued from the reduced run's end."""
-    return fidelity if rung < rungs - 1 else 1.0
-
-
-def at_fidelity(candidate: Candidate, fraction: float) -> Candidate:
-    """The point scored for `candidate` at `fraction` of its method's counts, a data-aware one on statistics of
-    that share of the examples (the candidate itself at full)."""
-    from mergeflow.methods.data_aware import DataAwareMethod
-
-    share = fraction if issubclass(METHODS[candidate.method], DataAwareMethod) and fraction < 1 else 1.0
-    return Candidate(candidate.method, METHODS[candidate.method].at_fidelity(candidate.params, fraction), share)
-
-
-def fidelity_label(point: Candidate, candidate: Candidate) -> str:
-    """What `point` ran of `candidate`: its counts ("steps 100/400"), the share of the statistics' examples it read
-    ("statistics 25%"), or "full"."""
-    counts = METHODS[candidate.method].fidelity_label(point.params, candidate.params)
-    if point.statistics >= 1:
-        return counts
-    share = f"statistics {100 * point.statistics:g}%"
-    return share if counts == "full" else f"{counts}, {share}"
-
+from mergeflow.search_space import AUTO_GRIDS as AUTO_GRIDS, candidates as candidates  # re-exported
+from mergeflow.search_space import Candidate, at_fidelity, fidelity_label, rung_fidelity
+from mergeflow.sweep import PointScore, Rule, score_point
 
 def kept(alive: int, eta: int) -> int:
     """Candidates that go on to the next rung of successive halving: the best 1/eta, at least one."""

@@ -22,7 +22,7 @@ def compute_statistics(task_name: str, base: ObjectRef, expert: ObjectRef, datas
     store = store_for(storage)
     ref, report = on_device_or_cpu(
         lambda on: statistics_stage.compute_statistics(task_name, base, expert, dataset, head, kinds, settings, store,
-                                                       on, share),
+                                                       on, share=share),
         device, f"statistics {task_name}")
     tracker = MlflowTracker(tracking)
     name = f"statistics-{task_name}" + (f"@{share:g}" if share < 1 else "")

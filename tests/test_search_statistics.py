@@ -28,9 +28,9 @@ def test_early_rungs_read_a_share_of_the_statistics_and_only_a_data_aware_finali
     computed: list[tuple[str, float, str]] = []  # (task, share, uri) of each statistics stage run (stored or reused)
     compute = statistics_stage.compute_statistics
 
-    def counted(task, *args):
-        ref, report = compute(task, *args)
-        computed.append((task, args[8] if len(args) > 8 else 1.0, ref.uri))
+    def counted(task, *args, **kwargs):
+        ref, report = compute(task, *args, **kwargs)
+        computed.append((task, kwargs.get("share", 1.0), ref.uri))
         return ref, report
 
     read: list[tuple[str, int, tuple[str, ...] | None]] = []  # (method, examples, statistics read) per point

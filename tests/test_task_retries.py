@@ -102,7 +102,7 @@ def test_every_device_stage_falls_back_to_the_cpu_on_cuda_oom(stage, monkeypatch
                "evaluate": ({"a": 1.0}, False)}
     devices: list[str] = []
 
-    def stage_on(*args):
+    def stage_on(*args, **kwargs):
         devices.append(args[-1] if stage in ("sparsify", "compute_statistics", "build_subspace") else
                        args[8] if stage == "sweep_point" else args[6] if stage == "merge" else args[5])
         if devices[-1] != "cpu":

@@ -95,7 +95,7 @@ def _compute(node: Node, ctx: Context) -> ObjectRef:
     n = node.task
     ref, report = compute_statistics(n, ctx.base, ctx.value(f"expert:{n}"), ctx.value(f"dataset:{n}"),
                                      ctx.value(f"head:{n}"), statistic_kinds(ctx.config.merges),
-                                     ctx.config.statistics, ctx.store, ctx.device, node.share or 1.0)
+                                     ctx.config.statistics, ctx.store, ctx.device, share=node.share or 1.0)
     print(f"statistics {n}: " + ("stored" if report["reused"] else f"{report['examples']} examples, "
                                                                    f"{report['seconds']} s"))
     return ref
