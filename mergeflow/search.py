@@ -1,13 +1,14 @@
 """`method: auto`: the best merge across methods, by successive halving on validation data.
 
 Every method that applies to the inputs is a set of candidates, one per point of its grid (`AUTO_GRIDS`, or the
-config's own: `mergeflow.search_space`). Rung 0 scores every candidate on the first few validation examples of each task; each later rung
-keeps the best 1/eta of the previous one, and every other candidate not significantly below its leader (a paired,
-one-sided bound on the same examples), and scores them on eta times as many examples, up to the validation cap,
-where the winner is chosen (a close call there is settled on more examples). A budget (examples scored, seconds)
-stops the search early at the last whole rung. An iterative method (`MergeMethod.fidelity`: its step counts) runs
-a fraction of its counts at every rung before the last, and its full counts from the last on (`rung_fidelity`); a
-data-aware one reads statistics of that share of the examples before the last rung (`Candidate.statistics`).
+config's own: `mergeflow.search_space`). Rung 0 scores every candidate on the first few validation examples of each
+task; each later rung keeps the best 1/eta of the previous one (and any tied with the last of them), and every other
+candidate not significantly below its leader (a paired, one-sided bound on the same examples), and scores them on
+eta times as many examples, up to the validation cap, where the winner is chosen (a close call there is settled on
+more examples). A budget (examples scored, seconds) stops the search early at the last whole rung. An iterative
+method (`MergeMethod.fidelity`: its step counts) runs a fraction of its counts at every rung before the last, and
+its full counts from the last on (`rung_fidelity`); a data-aware one reads statistics of that share of the examples
+before the last rung (`Candidate.statistics`).
 The scores are those of `mergeflow.sweep` (validation only); the caller evaluates the winner on test.
 """
 
@@ -25,6 +26,7 @@ from mergeflow.hygiene import held_out
 from mergeflow.search_space import AUTO_GRIDS as AUTO_GRIDS, candidates as candidates  # re-exported
 from mergeflow.search_space import Candidate, at_fidelity, fidelity_label, rung_fidelity
 from mergeflow.sweep import PointScore, Rule, score_point
+
 
 def kept(alive: int, eta: int) -> int:
     """Candidates that go on to the next rung of successive halving: the best 1/eta, at least one."""
