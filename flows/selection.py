@@ -42,7 +42,7 @@ def search(run: "PlanRun", label: str, spec: MergeSpec, expert_acc: dict[str, fl
                                               config.tracking, run_id, run.subspaces(point), run.pass_of(point),
                                               run.statistics(point, c.statistics),
                                               {"mergeflow.rung": str(rung), "mergeflow.candidate": c.name},
-                                              learn_on))
+                                              learn_on, c.resume_from))
         accuracies = [f.result() for f in futures]
         print(f"search {label}: rung {rung} scored {len(candidates)} candidates on {examples} validation examples "
               "per task")

@@ -5,7 +5,7 @@ config's own: `mergeflow.search_space`). Rung 0 scores every candidate on the fi
 task; each later rung keeps the best 1/eta of the previous one (and any tied with the last of them), and every other
 candidate not significantly below its leader (a paired, one-sided bound on the same examples), and scores them on
 eta times as many examples, up to the validation cap, where the winner is chosen (a close call there is settled on
-more examples). A budget (examples scored, seconds) stops the search early at the last whole rung. An iterative
+more examples); a point scored again on more examples keeps its earlier ones' credits. A budget (examples scored, seconds) stops the search early at the last whole rung. An iterative
 method (`MergeMethod.fidelity`: its step counts) runs a fraction of its counts at every rung before the last, and
 its full counts from the last on (`rung_fidelity`); a data-aware one reads statistics of that share of the examples
 before the last rung (`Candidate.statistics`).
@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mergeflow.errors import ConfigError
@@ -66,7 +66,7 @@ class SearchResult:
     rungs_done: int
     rungs_planned: int
     stopped: str | None  # why the search stopped before its last rung (None: it ran them all)
-    examples_scored: int  # validation examples per task, over every candidate and rung
+    examples_scored: int  # validation examples per task newly scored, over every candidate and rung
     seconds: float
     timings: list[float] = field(default_factory=list)  # seconds per rung
 
@@ -183,6 +183,9 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
     with that fraction of its counts (its own params, cached under their own key), and from the last rung on (the
     close call, the steps past an edge) as itself, the plain merge's point: the winner is always at full counts.
 
+    A candidate's point scored at the rung before is scored on from there (`Candidate.resume_from`: the caller keeps
+    those examples' credits and scores only the new ones), and only the new ones are counted as scored.
+
     `max_evaluations` bounds the validation examples scored per task over every candidate and rung; a rung that
     would pass it, or that starts after `max_seconds`, is not run and the best of the last whole rung wins. The
     first rung must fit the budget (else a ConfigError, before any work).
@@ -200,22 +203,26 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
     survivors = list(range(len(pool)))
     entries: list[Entry] = []
     spent, stopped, timings = 0, None, []
+    scored_on: dict[int, tuple[Candidate, int]] = {}  # each candidate's last point scored and on how many examples
     best: tuple[int, PointScore] | None = None
     rung, planned = 0, len(sizes)
     while rung < planned:
         examples = sizes[rung] if rung < len(sizes) else sizes[-1] * eta ** (rung - len(sizes) + 1)
-        if rung and max_evaluations is not None and spent + len(survivors) * examples > max_evaluations:
-            stopped = f"budget: rung {rung} needs {len(survivors) * examples} more examples per task, " \
+        points = {i: at_fidelity(pool[i], rung_fidelity(rung, len(sizes), fidelity)) for i in survivors}
+        asked = [_resumed(p, scored_on.get(i)) for i, p in points.items()]
+        cost = sum(examples - p.resume_from for p in asked)
+        if rung and max_evaluations is not None and spent + cost > max_evaluations:
+            stopped = f"budget: rung {rung} needs {cost} more examples per task, " \
                       f"{max_evaluations - spent} left of {max_evaluations}"
             break
         if rung and max_seconds is not None and clock() - started >= max_seconds:
             stopped = f"time: {clock() - started:.0f} s spent of {max_seconds:.0f} s before rung {rung}"
             break
         rung_started = clock()
-        points = {i: at_fidelity(pool[i], rung_fidelity(rung, len(sizes), fidelity)) for i in survivors}
-        raw = [Scored.of(r) for r in score_rung(rung, examples, list(points.values()))]
+        raw = [Scored.of(r) for r in score_rung(rung, examples, asked)]
+        scored_on.update({i: (p, examples) for i, p in points.items()})
         results = [r.held_out(leaked or {}) for r in raw]
-        spent += len(survivors) * examples
+        spent += cost
         scored = {i: (score_point(pool[i].params, r.accuracy, expert_accuracy, rule, floor), r)
                   for i, r in zip(survivors, results, strict=True)}
         read = min(examples, max((len(c) for c in raw[0].correct.values()), default=examples))  # split's end
@@ -249,6 +256,12 @@ def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_acc
             deadline=None if max_seconds is None else started + max_seconds)
     return SearchResult(winner, winner_score, entries, len(timings), max(planned, len(sizes)), stopped, spent,
                         round(clock() - started, 2), timings)
+
+
+def _resumed(point: Candidate, earlier: tuple[Candidate, int] | None) -> Candidate:
+    """`point`, scored on from the examples an earlier rung scored it on when that rung scored the same point (the
+    same counts: an iterative method's full point at the last rung is another)."""
+    return replace(point, resume_from=earlier[1]) if earlier is not None and earlier[0] == point else point
 
 
 def next_beyond(values: Sequence[float], chosen: float) -> float | None:

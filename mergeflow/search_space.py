@@ -24,6 +24,7 @@ class Candidate:
     method: str
     params: dict[str, Any]
     statistics: float = 1.0  # the share of the experts' statistics examples a data-aware point reads (early rungs)
+    resume_from: int = 0  # validation examples per task this point is already scored on (an earlier rung): kept
 
     @property
     def name(self) -> str:

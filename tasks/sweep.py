@@ -28,15 +28,17 @@ def sweep_point(label: str, index: int, method: str, params: dict[str, Any], bas
                 tuning: TuningConfig, evaluation: EvalConfig, storage: StorageConfig, device: str,
                 tracking: TrackingConfig, parent_run_id: str, subspaces: dict[str, ObjectRef] | None = None,
                 state: ObjectRef | None = None, statistics: dict[str, ObjectRef] | None = None,
-                tags: dict[str, str] | None = None, learn_on: str | None = None) -> dict[str, Any]:
+                tags: dict[str, str] | None = None, learn_on: str | None = None,
+                resume_from: int = 0) -> dict[str, Any]:
     """{"accuracy": per task, "correct": each example's credit per task} (`mergeflow.stages.sweep.sweep_point`).
     `subspaces`, `state` and `statistics`: the stored factors, global pass (sparsify stage) and the experts'
     statistics the point's method reads; `tags`: extra tags of its MLflow run (a search's rung); `learn_on`: the
-    split whose unlabeled inputs a learned method's objective reads."""
+    split whose unlabeled inputs a learned method's objective reads; `resume_from`: the count of examples it may
+    already be scored on (a search's earlier rung), whose credits it keeps."""
     store = store_for(storage)
     result, reused = on_device_or_cpu(
         lambda on: sweep_stage.sweep_point(method, params, base, experts, tasks, tuning, evaluation, store, on,
-                                           subspaces, state, statistics, learn_on), device,
+                                           subspaces, state, statistics, learn_on, resume_from), device,
         f"sweep point {label}-{index}")
     accuracy = result["accuracy"]
     tracker = MlflowTracker(tracking)
@@ -45,7 +47,8 @@ def sweep_point(label: str, index: int, method: str, params: dict[str, Any], bas
                                      "mergeflow.reused": str(reused).lower(), **(tags or {})})
     tracker.log_params(run_id, {"method": method, **{f"param.{k}": v for k, v in params.items()},
                                 "split": "validation", "max_examples": tuning.max_examples,
-                                **({"learn_on": learn_on} if learn_on else {})})
+                                **({"learn_on": learn_on} if learn_on else {}),
+                                **({"resume_from": resume_from} if resume_from else {})})
     tracker.log_metrics(run_id, {**{f"val_acc.{t}": v for t, v in accuracy.items()},
                                  "val_acc.avg": sum(accuracy.values()) / len(accuracy)})
     tracker.end_run(run_id)

@@ -52,10 +52,11 @@ class Scorer:
     """Accuracy = a quality per candidate plus noise that fades with more examples; records every call."""
 
     def __init__(self, quality):
-        self.quality, self.calls = quality, []
+        self.quality, self.calls, self.resumed = quality, [], []
 
     def __call__(self, rung, examples, chosen):
         self.calls.append((rung, examples, [c.params["scaling"] for c in chosen]))
+        self.resumed.append([c.resume_from for c in chosen])
         out = []
         for c in chosen:
             q = self.quality(c.params["scaling"])
@@ -70,7 +71,9 @@ def test_halving_keeps_the_best_third_and_finds_the_best_candidate():
     assert [(r, n, len(c)) for r, n, c in scorer.calls] == [(0, 10, 10), (1, 30, 4), (2, 100, 2)]
     assert result.winner.params == {"scaling": 0.7}
     assert result.rungs_done == result.rungs_planned == 3 and result.stopped is None
-    assert result.examples_scored == 10 * 10 + 4 * 30 + 2 * 100
+    # a candidate's point at the rung before is scored on: its examples are kept, only the new ones are scored
+    assert scorer.resumed == [[0] * 10, [10] * 4, [30] * 2]
+    assert result.examples_scored == 10 * 10 + 4 * (30 - 10) + 2 * (100 - 30)
     rows = result.leaderboard()
     assert rows[0]["candidate"] == "task_arithmetic(scaling=0.7)" and rows[0]["chosen"] == "yes"
     assert len(rows) == 10 and sum(r["chosen"] == "yes" for r in rows) == 1
@@ -102,10 +105,10 @@ def test_a_tie_at_the_halving_cut_goes_on_to_the_next_rung():
 def test_an_evaluation_budget_stops_at_the_last_whole_rung():
     scorer = Scorer(lambda s: s)
     result = successive_halving(_pool(9), scorer, EXPERTS, min_examples=10, max_examples=100, eta=3,
-                                max_evaluations=9 * 10 + 3 * 30)  # rungs 0 and 1, not the 100-example rung
+                                max_evaluations=9 * 10 + 3 * 20)  # rungs 0 and 1 (20 new each), not rung 2
     assert [n for _, n, _ in scorer.calls] == [10, 30]
     assert result.rungs_done == 2 and result.rungs_planned == 3 and "budget" in result.stopped
-    assert result.winner.params == {"scaling": 0.9} and result.examples_scored == 180
+    assert result.winner.params == {"scaling": 0.9} and result.examples_scored == 150
 
 
 def test_a_budget_below_the_first_rung_fails_before_any_scoring():
@@ -210,7 +213,7 @@ def test_a_close_call_at_the_last_rung_is_settled_on_more_examples():
                                 extend_edges=False)
     assert [(n, names) for _, n, names in calls] == [(10, [0.1, 0.2]), (30, [0.1, 0.2])]
     assert result.winner.params == {"scaling": 0.2} and result.rungs_done == result.rungs_planned == 2
-    assert result.examples_scored == 2 * 10 + 2 * 30
+    assert result.examples_scored == 2 * 10 + 2 * (30 - 10)  # the close call keeps the first 10 scored
 
 
 def test_more_examples_are_asked_only_while_the_split_has_them():

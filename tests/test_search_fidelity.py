@@ -4,6 +4,7 @@ point (bit-identical), both executors score the same points, and the leaderboard
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -88,10 +89,13 @@ def test_a_method_that_does_not_iterate_is_scored_as_itself_at_every_rung():
     scorer = Recorder()
     pool = [c for c in _pool() if c.method == "task_arithmetic"]
     successive_halving(pool, scorer, EXPERTS, min_examples=10, max_examples=90, eta=3, extend_edges=False)
-    assert [(r, p) for r, p in scorer.points] == [(0, pool[0]), (0, pool[1]), (1, pool[0]), (2, pool[0])]
+    # the same point at every rung: each rung scores on from the examples of the one before
+    assert [(r, p) for r, p in scorer.points] == [(0, pool[0]), (0, pool[1]), (1, replace(pool[0], resume_from=10)),
+                                                  (2, replace(pool[0], resume_from=30))]
     full = Recorder()  # fidelity 1: every method at its full counts at every rung
     successive_halving(_pool(), full, EXPERTS, min_examples=10, max_examples=90, eta=3, fidelity=1.0)
-    assert all(point in _pool() or point.params == {"scaling": 2.0} for _, point in full.points)
+    assert all(replace(point, resume_from=0) in _pool() or point.params == {"scaling": 2.0}
+               for _, point in full.points)
 
 
 def _spy(monkeypatch, module, name: str, steps_at: int, calls: list[int]) -> None:
@@ -166,9 +170,12 @@ def test_the_command_line_executor_scores_the_reduced_points(monkeypatch):
 
     scored: list[tuple[int, Candidate]] = []
 
-    def score(spec, examples, ctx, share=1.0):  # the sweep-point stage, replaced
+    resumed: list[tuple[int, int]] = []
+
+    def score(spec, examples, ctx, share=1.0, resume_from=0):  # the sweep-point stage, replaced
         point = Candidate(spec.method, dict(spec.params), share)
         scored.append((examples, point))
+        resumed.append((examples, resume_from))
         return {"a": 0.8 * _quality(point), "b": 0.5 * _quality(point)}
 
     monkeypatch.setattr(search_stage, "score", score)
@@ -177,6 +184,8 @@ def test_the_command_line_executor_scores_the_reduced_points(monkeypatch):
     assert scored[:2] == [(10, Candidate("wudi", {"scaling": 1.0, "steps": 100})),
                           (10, Candidate("wudi", {"scaling": 1.5, "steps": 100}))]
     assert (90, Candidate("wudi", {"scaling": 1.5})) in scored and result.winner == Candidate("wudi", {"scaling": 1.5})
+    assert resumed[:3] == [(10, 0), (10, 0), (30, 10)]  # rung 1 scores on from rung 0's point; the last, new points
+    assert (90, 0) in resumed
     scored.clear()
     search_stage.search(settings.model_copy(update={"fidelity": 0.5}), TuningConfig(max_examples=90), EXPERTS, None)
     assert scored[0] == (10, Candidate("wudi", {"scaling": 1.0, "steps": 200}))
@@ -195,11 +204,13 @@ def test_the_flow_executor_and_its_plan_score_the_reduced_points(monkeypatch):
         "name": "f", "tasks": [{"name": "election"}, {"name": "rotten_tomatoes"}], "tuning": {"max_examples": 90},
         "merges": [{"method": "auto", "search": {"methods": ["wudi"], "grids": {"wudi": {"scaling": [1.0, 1.5]}}}}]})
     submitted: list[tuple[str, Candidate]] = []
+    resumed: list[tuple[str, int]] = []
     recorded = {}
 
     def submit(label, i, method, params, *args):
         point = Candidate(method, dict(params))
         submitted.append((label, point))
+        resumed.append((label, args[-1]))  # resume_from, the task's last argument
         return SimpleNamespace(result=lambda: {"a": 0.8 * _quality(point), "b": 0.5 * _quality(point)})
 
     def record(label, result, *args):
@@ -217,6 +228,7 @@ def test_the_flow_executor_and_its_plan_score_the_reduced_points(monkeypatch):
     assert [p for label, p in submitted if label == "auto-r0"] == [Candidate("wudi", {"scaling": 1.0, "steps": 100}),
                                                                   Candidate("wudi", {"scaling": 1.5, "steps": 100})]
     assert [p for label, p in submitted if label == "auto-r2"] == [Candidate("wudi", {"scaling": 1.5})]
+    assert [r for label, r in resumed if label in ("auto-r1", "auto-r2")] == [10, 0]  # on from rung 0; a new point
     row = {r["candidate"]: r for r in recorded["result"].leaderboard()}["wudi(scaling=1.5)"]  # what MLflow logs
     assert row["rung 0 fidelity"] == "steps 100/400" and row["rung 2 fidelity"] == "steps 400/400"
 

@@ -101,8 +101,8 @@ class Family(ABC):
     def split_size(self, split: Any) -> int: ...
 
     @abstractmethod
-    def first(self, split: Any, count: int) -> Any:
-        """The split cut to its first `count` examples."""
+    def first(self, split: Any, count: int, start: int = 0) -> Any:
+        """The split cut to its first `count` examples, less the first `start` of them."""
 
     def input_digests(self, split: Any) -> list[str]:
         """Each example's input content digest (labels aside): what finds a validation example that is also a
@@ -151,6 +151,13 @@ class Family(ABC):
         """Per task (the primary metric, each example's credit 1/0 where the metric is their mean, else None): what
         a search compares candidates on, example by example. By default no credits (`evaluate` only)."""
         return {name: (value, None) for name, value in self.evaluate(model, tasks, settings).items()}
+
+    def metric_of(self, credits: Sequence[int]) -> float:
+        """The primary metric of examples scored with these credits, computed as `score_examples` computes it (a
+        score continued on more examples: the earlier ones' credits and the new ones')."""
+        from mergeflow.evaluate import scored
+
+        return scored(torch.tensor(list(credits), dtype=torch.bool))[0]
 
     @abstractmethod
     def objective(self, model: LoadedModel, tasks: Mapping[str, tuple[Any, Any]], settings: Any,

@@ -22,26 +22,37 @@ def evaluate_model(weights: ObjectRef | None, base: ObjectRef, tasks: TaskInputs
     return family_of(base).evaluate(model, _splits(base, tasks, store, split, max_examples), evaluation)
 
 
-def _splits(base: ObjectRef, tasks: TaskInputs, store: Store, split: str, max_examples: int | None
+def _splits(base: ObjectRef, tasks: TaskInputs, store: Store, split: str, max_examples: int | None, start: int = 0
             ) -> dict[str, tuple[Any, Any]]:
-    """Each task's head and `split` (its first `max_examples`), as a family scores them."""
+    """Each task's head and `split` (its first `max_examples`, less the first `start`), as a family scores them."""
     family, out = family_of(base), {}
     for name, (dataset, head) in tasks.items():
         data = store.read_task(name, dataset, base, [split]).splits[split]
-        out[name] = (store.load_head(head, base), data if max_examples is None else family.first(data, max_examples))
+        if max_examples is not None or start:
+            data = family.first(data, family.split_size(data) if max_examples is None else max_examples, start)
+        out[name] = (store.load_head(head, base), data)
     return out
 
 
+def split_sizes(base: ObjectRef, tasks: TaskInputs, store: Store, split: str) -> dict[str, int]:
+    """Each task's number of examples in `split`."""
+    family = family_of(base)
+    return {name: family.split_size(store.read_task(name, dataset, base, [split]).splits[split])
+            for name, (dataset, _) in tasks.items()}
+
+
 def score_model(base: ObjectRef, tasks: TaskInputs, evaluation: EvalConfig, store: Store, device: str,
-                split: str, max_examples: int | None, state_dict: Mapping[str, Any]
+                split: str, max_examples: int | None, state_dict: Mapping[str, Any], start: int = 0
                 ) -> tuple[dict[str, float], dict[str, str]]:
     """`evaluate_model` of an in-memory state dict, with each example's credit per task where the family gives
-    them ("0110...": what a search compares candidates on, example by example). The dict is taken over: once the
-    model holds its tensors it is released, so a cast for scoring (bf16 to fp32 on a CPU) frees them as it goes,
-    where the caller keeps no reference (a 1 B sweep point: 2.2 GB less at its peak)."""
+    them ("0110...": what a search compares candidates on, example by example), on the first `max_examples` of
+    `split` less the first `start`. The dict is taken over: once the model holds its tensors it is released, so a
+    cast for scoring (bf16 to fp32 on a CPU) frees them as it goes, where the caller keeps no reference (a 1 B
+    sweep point: 2.2 GB less at its peak)."""
     model = store.load_model(base, None, device, state_dict)
     del state_dict
-    scores = family_of(base).score_examples(model, _splits(base, tasks, store, split, max_examples), evaluation)
+    scores = family_of(base).score_examples(model, _splits(base, tasks, store, split, max_examples, start),
+                                            evaluation)
     return ({name: value for name, (value, _) in scores.items()},
             {name: "".join(map(str, credits)) for name, (_, credits) in scores.items() if credits is not None})
 

@@ -24,7 +24,8 @@ def search(settings: SearchConfig, tuning: TuningConfig, expert_scores: Mapping[
     from mergeflow.search import successive_halving
 
     def score_rung(rung: int, examples: int, chosen: Sequence[Any]) -> list[dict[str, Any]]:
-        out = [score(MergeSpec(method=c.method, params=c.params), examples, ctx, c.statistics) for c in chosen]
+        out = [score(MergeSpec(method=c.method, params=c.params), examples, ctx, c.statistics, c.resume_from)
+               for c in chosen]
         print(f"  rung {rung}: {len(chosen)} candidates scored on {examples} validation examples per task")
         return out
 

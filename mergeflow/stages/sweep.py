@@ -220,24 +220,54 @@ def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts
                 tasks: TaskInputs, tuning: TuningConfig, evaluation: EvalConfig, store: Store,
                 device: str = "auto", subspaces: Mapping[str, ObjectRef] | None = None,
                 state: ObjectRef | None = None, statistics: Mapping[str, ObjectRef] | None = None,
-                learn_on: str | None = None) -> tuple[dict[str, Any], bool]:
+                learn_on: str | None = None, resume_from: int = 0) -> tuple[dict[str, Any], bool]:
     """Validation accuracy per task of one grid point on the first `tuning.max_examples` validation examples of
     each task (weights never published), with each example's credit where the family gives them; the small score
     record is stored under a key of every input digest, the method, its parameters and that count, so a rerun, a
-    grown grid or a search's deeper rung scores only what is new. A learned method learns on the unlabeled inputs
-    of split `learn_on` (labels never read). Returns ({"accuracy": {task: value}, "correct": {task: "0110..."}},
-    reused)."""
+    grown grid or a search's deeper rung scores only what is new. `resume_from`: a smaller count this point may
+    already be scored on (a search's earlier rung); where its record holds each example's credit, those are kept
+    and only the examples after them are scored (none for a task whose split they already cover). A learned method
+    learns on the unlabeled inputs of split `learn_on` (labels never read). Returns ({"accuracy": {task: value},
+    "correct": {task: "0110..."}}, reused)."""
     unlabeled = (tasks, learn_on, evaluation) if learn_on else None
     uri = point_location(method, params, base, experts, tasks, tuning, evaluation, store.root, statistics, learn_on)
     if store.exists(uri):
         record = store.read_json(uri)
         return {"accuracy": record["accuracy"], "correct": record.get("correct", {})}, True
-    accuracy, correct = score_model(base, tasks, evaluation, store, device, "validation", tuning.max_examples,
-                                    sweep_weights(method, params, base, experts, store, device, subspaces, state,
-                                                  statistics, unlabeled))  # handed over: no reference kept here
+    found = _earlier_credits(method, params, base, experts, tasks, tuning, evaluation, store, statistics, learn_on,
+                             resume_from)
+    rest = {t: v for t, v in tasks.items() if found is None or found[t][1]}  # tasks with examples left to score
+    accuracy, correct = {}, {}
+    if rest:  # the state dict is handed over: no reference kept here
+        accuracy, correct = score_model(base, rest, evaluation, store, device, "validation", tuning.max_examples,
+                                        sweep_weights(method, params, base, experts, store, device, subspaces, state,
+                                                      statistics, unlabeled), resume_from if found else 0)
+    if found is not None:  # the earlier examples' credits, then the new ones'
+        correct = {t: found[t][0] + correct.get(t, "") for t in tasks}
+        accuracy = {t: family_of(base).metric_of([int(c) for c in correct[t]]) for t in tasks}
     store.publish_json(uri, {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy,
-                             "correct": correct})
+                             "correct": correct, **({"continued_from": resume_from} if found else {})})
     return {"accuracy": accuracy, "correct": correct}, False
+
+
+def _earlier_credits(method: str, params: Mapping[str, Any], base: ObjectRef, experts: Mapping[str, ObjectRef],
+                     tasks: TaskInputs, tuning: TuningConfig, evaluation: EvalConfig, store: Store,
+                     statistics: Mapping[str, ObjectRef] | None, learn_on: str | None, count: int
+                     ) -> dict[str, tuple[str, bool]] | None:
+    """Per task (its credits in this point's stored record on the first `count` examples, whether its split holds
+    more examples), where that record exists and holds each task's credit of every example it covers; else None."""
+    from mergeflow.stages.evaluate import split_sizes
+
+    if count <= 0 or (tuning.max_examples is not None and count >= tuning.max_examples):
+        return None
+    earlier = tuning.model_copy(update={"max_examples": count})
+    uri = point_location(method, params, base, experts, tasks, earlier, evaluation, store.root, statistics, learn_on)
+    if not store.exists(uri):
+        return None
+    correct, sizes = store.read_json(uri).get("correct") or {}, split_sizes(base, tasks, store, "validation")
+    if not all(len(correct.get(t, "")) == min(sizes[t], count) for t in tasks):
+        return None  # no credits (a score that is not their mean), or another record
+    return {t: (correct[t], sizes[t] > count) for t in tasks}
 
 
 # ---------------------------------------------------------------------------------------- the plan's stages
@@ -266,15 +296,16 @@ def _point_where(node: Node, ctx: Context) -> Located:
     return uri, lambda: ObjectRef(uri=uri, sha256="")
 
 
-def score(spec: MergeSpec, examples: int, ctx: Context, share: float = 1.0) -> dict[str, Any]:
+def score(spec: MergeSpec, examples: int, ctx: Context, share: float = 1.0, resume_from: int = 0) -> dict[str, Any]:
     """One point's validation accuracy per task on its first `examples` per task, with each example's credit (the
-    sweep-point stage of a grid point or a search's candidate; `share`: of the statistics' examples it reads)."""
+    sweep-point stage of a grid point or a search's candidate; `share`: of the statistics' examples it reads;
+    `resume_from`: the count it may already be scored on, `sweep_point`'s)."""
     from mergeflow.stages import sparsify, subspace
 
     tuning, statistics, learn_on = _point_reads(spec, examples, ctx, share)
     return sweep_point(spec.method, spec.params, ctx.base, ctx.experts, ctx.tasks, tuning, ctx.config.evaluation,
                        ctx.store, ctx.device, subspace.read_by(spec, ctx), sparsify.pass_of(spec, ctx), statistics,
-                       learn_on)[0]
+                       learn_on, resume_from)[0]
 
 
 def _sweep_point(node: Node, ctx: Context) -> dict[str, Any]:

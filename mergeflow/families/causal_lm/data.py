@@ -65,9 +65,10 @@ def split_size(split: CausalSplit) -> int:
     return len(getattr(split, dataclasses.fields(split)[0].name))
 
 
-def first(split: CausalSplit, count: int) -> CausalSplit:
-    """The split cut to its first `count` examples."""
-    return dataclasses.replace(split, **{f.name: getattr(split, f.name)[:count] for f in dataclasses.fields(split)})
+def first(split: CausalSplit, count: int, start: int = 0) -> CausalSplit:
+    """The split cut to its first `count` examples, less the first `start` of them."""
+    return dataclasses.replace(split, **{f.name: getattr(split, f.name)[start:count]
+                                         for f in dataclasses.fields(split)})
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -50,8 +50,8 @@ class CausalLMFamily(Family):
     def split_size(self, split: Any) -> int:
         return task_data.split_size(split)
 
-    def first(self, split: Any, count: int) -> Any:
-        return task_data.first(split, count)
+    def first(self, split: Any, count: int, start: int = 0) -> Any:
+        return task_data.first(split, count, start)
 
     def build_head(self, task: TaskData, model_dir: Path, settings: Any, device: torch.device, path: Path) -> None:
         """The task's prompt for its kind (delimiter " ", 32 new tokens and a newline stop for short answers)."""
@@ -100,6 +100,9 @@ class CausalLMFamily(Family):
 
         return evaluate_causal_lm(for_inference(model.module), model.tokenizer, tasks, batch_size=settings.batch_size,
                                   max_length=settings.max_length, progress=True)
+
+    def metric_of(self, credits: Sequence[int]) -> float:
+        return sum(credits) / len(credits)
 
     def score_examples(self, model: LoadedModel, tasks: Mapping[str, tuple[Any, Any]], settings: Any
                        ) -> dict[str, tuple[float, list[int] | None]]:

@@ -83,11 +83,11 @@ class ClipFamily(Family):
     def split_size(self, split: Any) -> int:
         return len(split.labels)
 
-    def first(self, split: Any, count: int) -> Any:
+    def first(self, split: Any, count: int, start: int = 0) -> Any:
         from mergeflow.families.clip.data import ImageSplit
 
-        return ImageSplit(images=[split.images[i] for i in range(min(count, len(split.labels)))],
-                          labels=split.labels[:count])
+        return ImageSplit(images=[split.images[i] for i in range(start, min(count, len(split.labels)))],
+                          labels=split.labels[start:count])
 
     def build_head(self, task: TaskData, model_dir: Path, settings: Any, device: torch.device, path: Path) -> None:
         """The CLIP zero-shot head of the task's class names and prompt templates."""

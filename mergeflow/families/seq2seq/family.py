@@ -72,8 +72,8 @@ class Seq2SeqFamily(Family):
     def split_size(self, split: Any) -> int:
         return len(split.texts)
 
-    def first(self, split: Any, count: int) -> Any:
-        return dataclasses.replace(split, texts=split.texts[:count], labels=split.labels[:count])
+    def first(self, split: Any, count: int, start: int = 0) -> Any:
+        return dataclasses.replace(split, texts=split.texts[start:count], labels=split.labels[start:count])
 
     def build_head(self, task: TaskData, model_dir: Path, settings: Any, device: torch.device, path: Path) -> None:
         """The task's prompt: template, label words, metric (from its dataset)."""

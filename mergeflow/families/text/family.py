@@ -109,8 +109,8 @@ class TextFamily(Family):
     def split_size(self, split: Any) -> int:
         return len(split.texts)
 
-    def first(self, split: Any, count: int) -> Any:
-        return dataclasses.replace(split, texts=split.texts[:count], labels=split.labels[:count])
+    def first(self, split: Any, count: int, start: int = 0) -> Any:
+        return dataclasses.replace(split, texts=split.texts[start:count], labels=split.labels[start:count])
 
     def build_head(self, task: TaskData, model_dir: Path, settings: Any, device: torch.device, path: Path) -> None:
         """A linear probe on the pretrained encoder's features of the task's probe split."""
