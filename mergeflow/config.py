@@ -166,8 +166,8 @@ class SearchConfig(StrictModel):
     fidelity: float = Field(0.25, gt=0.0, le=1.0, description="iterative methods (WUDI, DOGE, AdaMerging, "
                             "MaTS): the fraction of their step or iteration counts every rung before the last runs "
                             "(1: full counts at every rung); the last rung, and the winner, run the full counts")
-    max_evaluations: int | None = Field(None, ge=1, description="budget: validation examples scored per task over "
-                                        "every candidate and rung; it stops at the last whole rung (empty: no limit)")
+    max_evaluations: int | None = Field(None, ge=1, description="budget: new validation examples scored per task "
+                                        "over every candidate and rung; it stops at the last whole rung (empty: none)")
     max_seconds: float | None = Field(None, gt=0, description="budget: no new rung starts after this many seconds "
                                       "of search (empty: no limit)")
 
