@@ -5,10 +5,11 @@ config's own: `mergeflow.search_space`). Rung 0 scores every candidate on the fi
 task; each later rung keeps the best 1/eta of the previous one (and any tied with the last of them), and every other
 candidate not significantly below its leader (a paired, one-sided bound on the same examples), and scores them on
 eta times as many examples, up to the validation cap, where the winner is chosen (a close call there is settled on
-more examples); a point scored again on more examples keeps its earlier ones' credits. A budget (examples scored, seconds) stops the search early at the last whole rung. An iterative
-method (`MergeMethod.fidelity`: its step counts) runs a fraction of its counts at every rung before the last, and
-its full counts from the last on (`rung_fidelity`); a data-aware one reads statistics of that share of the examples
-before the last rung (`Candidate.statistics`).
+more examples); a point scored again on more examples keeps its earlier ones' credits. A budget (examples scored,
+seconds) stops the search early at the last whole rung. An iterative method (`MergeMethod.fidelity`: its step
+counts) runs a fraction of its counts at every rung before the last, and its full counts from the last on
+(`rung_fidelity`); a data-aware one reads statistics of that share of the examples before the last rung
+(`Candidate.statistics`).
 The scores are those of `mergeflow.sweep` (validation only); the caller evaluates the winner on test.
 """
 

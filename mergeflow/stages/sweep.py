@@ -241,12 +241,12 @@ def sweep_point(method: str, params: Mapping[str, Any], base: ObjectRef, experts
     if rest:  # the state dict is handed over: no reference kept here
         accuracy, correct = score_model(base, rest, evaluation, store, device, "validation", tuning.max_examples,
                                         sweep_weights(method, params, base, experts, store, device, subspaces, state,
-                                                      statistics, unlabeled), resume_from if found else 0)
+                                                      statistics, unlabeled), 0 if found is None else resume_from)
     if found is not None:  # the earlier examples' credits, then the new ones'
         correct = {t: found[t][0] + correct.get(t, "") for t in tasks}
         accuracy = {t: family_of(base).metric_of([int(c) for c in correct[t]]) for t in tasks}
     store.publish_json(uri, {"method": method, "params": dict(params), "split": "validation", "accuracy": accuracy,
-                             "correct": correct, **({"continued_from": resume_from} if found else {})})
+                             "correct": correct, **({} if found is None else {"continued_from": resume_from})})
     return {"accuracy": accuracy, "correct": correct}, False
 
 
