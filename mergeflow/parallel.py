@@ -1,5 +1,10 @@
 """Using every core: a shared worker pool for per-task work, and read-ahead of the next tensors while the current
-one is merged. Torch operations release the GIL, so plain threads run them in parallel."""
+one is merged. Torch operations release the GIL, so plain threads run them in parallel.
+
+Each of these threads runs torch on one intra-op thread (`single_threaded_torch`): the pool already spreads the work
+over the cores, and a helper thread left with torch's default gets an OpenMP team of its own, after which MKL's
+LAPACK in the main thread runs 2.5x slower for the rest of the process (a 384 x 384 float64 `eigh` 10 -> 25 ms,
+measured on 2 cores; `python benchmarks/helper_threads.py`)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,13 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def single_threaded_torch() -> None:
+    """Make torch run on one intra-op thread in the calling thread (a helper thread's initializer)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def workers() -> int:
     """Threads for per-task work: the cores this process may use."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -30,7 +42,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         return [fn(x) for x in items]
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(workers(), thread_name_prefix="mergeflow")
+            _pool = ThreadPoolExecutor(workers(), thread_name_prefix="mergeflow", initializer=single_threaded_torch)
     return list(_pool.map(fn, items))
 
 
@@ -49,6 +61,7 @@ def read_ahead(produce: Callable[[T], R], items: Sequence[T], cost: Callable[[T]
     changed = threading.Condition()
 
     def run() -> None:
+        single_threaded_torch()
         for item in items:
             size = cost(item)
             with changed:
