@@ -3,12 +3,14 @@ one is merged. Torch operations release the GIL, so plain threads run them in pa
 
 Each of these threads runs torch on one intra-op thread (`single_threaded_torch`): the pool already spreads the work
 over the cores, and a helper thread left with torch's default gets an OpenMP team of its own, after which MKL's
-LAPACK in the main thread runs 2.5x slower for the rest of the process (a 384 x 384 float64 `eigh` 10 -> 25 ms,
+LAPACK in the working thread runs 2.5-3x slower for the rest of the process (a 384 x 384 float64 `eigh` 10 -> 25-38 ms,
 measured on 2 cores; `python benchmarks/helper_threads.py`)."""
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,10 +25,34 @@ _pool_lock = threading.Lock()
 
 
 def single_threaded_torch() -> None:
-    """Make torch run on one intra-op thread in the calling thread (a helper thread's initializer)."""
+    """Make torch run on one intra-op thread in the calling thread only (a helper thread's initializer), by the
+    per-thread setting of the OpenMP runtime torch loaded: `torch.set_num_threads(1)` would also become the count
+    that every thread started later takes (a flow's next task thread would run its matmuls on one core). A no-op
+    where that runtime is not found (not Linux)."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.get_num_threads()  # torch's own per-thread set-up first: it would overwrite the setting below
+    if (set_threads := _openmp_set_num_threads()) is not None:
+        set_threads(1)
+
+
+@functools.cache
+def _openmp_set_num_threads() -> Callable[[int], None] | None:
+    """`omp_set_num_threads` of the OpenMP runtime loaded in this process (libgomp, libiomp5 or libomp), or None."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            found = {line.split()[-1] for line in maps if re.search(r"/lib(g|i)?omp[^/]*\.so", line)}
+        paths = sorted(found, key=lambda path: ("/torch/" not in path, path))  # torch's own runtime first
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            return ctypes.CDLL(path).omp_set_num_threads
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 def workers() -> int:
