@@ -86,8 +86,8 @@ def load_text_encoder(
 def cached_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     """`model_dir`'s tokenizer, loaded once per thread while no file there changes (by name, size and mtime): a
     search loads its model for every point scored, and a load costs about 25 ms. The last four folders are kept."""
-    files = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(model_dir)
-                         if e.is_file()))
+    files = tuple(sorted((e.name, stat.st_size, stat.st_mtime_ns) for e in os.scandir(model_dir)
+                         if e.is_file() and (stat := e.stat())))
     key, cache = (str(Path(model_dir).resolve()), files), _TOKENIZERS.__dict__.setdefault("loaded", {})
     if key not in cache:
         while len(cache) >= 4:
