@@ -4,6 +4,7 @@ five ("overlap"): the regret of its choice and its cost in Task Arithmetic sweep
 
     python benchmarks/auto_heldout.py                  # both variants; ~1 h on 2 cores
     python benchmarks/auto_heldout.py --variants clean
+    python benchmarks/auto_heldout.py --fidelity 0.1   # `auto` with search.fidelity 0.1 (default: the config's)
 
 Per variant, in benchmarks/out/auto_heldout/<variant>/:
 1. the experts (all-MiniLM-L6-v2, fine-tuned as the demo's: 60 steps) are trained by `mergeflow run` on a config
@@ -11,7 +12,7 @@ Per variant, in benchmarks/out/auto_heldout/<variant>/:
 2. cost: two hard-linked copies of that store (every object is immutable, written once) with empty content
    caches, one run each, timed: a Task Arithmetic sweep over its grid, and `method: auto`; their wall-time ratio is
    the cost in TA-sweep units (the same definition as the README's demo figure);
-   (kept in timings.json: a second call only computes the regret again);
+   (kept in timings.json with the fidelity: a second call with the same fidelity only computes the regret again);
 3. regret: benchmarks/auto_regret.py on the auto run's store: every point of the search space scored on test (for
    reference only), the best of them against the point chosen on validation, and the best single-method `--tune`.
 The table printed at the end is the README's.
@@ -82,15 +83,17 @@ def fresh_copy(store: Path, here: Path, name: str) -> Path:
     return copy
 
 
-def variant(name: str, tasks: dict[str, Path]) -> dict:
+def variant(name: str, tasks: dict[str, Path], fidelity: float | None = None) -> dict:
     here = OUT / name
     here.mkdir(parents=True, exist_ok=True)
     store = OUT / "store"  # the experts of both variants (two of their tasks are the same data: trained once)
     timed = here / "timings.json"
     auto = here / "auto.yaml"
-    if timed.exists():  # the runs are done: only the regret is computed again (its test scores are kept)
+    search = {"max_seconds": 1800} | ({} if fidelity is None else {"fidelity": fidelity})
+    done = json.loads(timed.read_text()) if timed.exists() else None
+    if done is not None and done.get("fidelity") == fidelity:  # only the regret is computed again (test scores kept)
         print(f"[{name}] runs done before ({timed}); regret: auto_regret.py {auto}", flush=True)
-        return regret(name, auto, json.loads(timed.read_text()))
+        return regret(name, auto, done)
     trained = write(here / "experts.yaml", config(f"heldout-{name}-experts", tasks, store,
                                                   [{"method": "task_arithmetic"}]))
     print(f"[{name}] experts: mergeflow run {trained}", flush=True)
@@ -100,12 +103,12 @@ def variant(name: str, tasks: dict[str, Path]) -> dict:
     print(f"[{name}] TA sweep: mergeflow run {ta}", flush=True)
     ta_seconds = run(ta, here / "ta-sweep.log")
     write(auto, config(f"heldout-{name}", tasks, fresh_copy(store, here, "store-auto"),
-                       [{"method": "auto", "search": {"max_seconds": 1800}}]))
+                       [{"method": "auto", "search": search}]))
     print(f"[{name}] auto: mergeflow run {auto}", flush=True)
     auto_seconds = run(auto, here / "auto.log")
     print(f"[{name}] TA sweep {ta_seconds:.0f} s, auto {auto_seconds:.0f} s; regret: auto_regret.py {auto}",
           flush=True)
-    timings = {"ta_seconds": ta_seconds, "auto_seconds": auto_seconds}
+    timings = {"ta_seconds": ta_seconds, "auto_seconds": auto_seconds, "fidelity": fidelity}
     timed.write_text(json.dumps(timings))
     return regret(name, auto, timings)
 
@@ -119,9 +122,11 @@ def regret(name: str, auto: Path, timings: dict[str, float]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="clean,overlap")
+    parser.add_argument("--fidelity", type=float, default=None,
+                        help="search.fidelity of the auto run (default: the config's own default)")
     args = parser.parse_args(argv)
     data = heldout_tasks.build(OUT / "data", ROOT / ".mergeflow" / "cache" / "wheels")
-    results = {v: variant(v, data[v]) for v in args.variants.split(",")}
+    results = {v: variant(v, data[v], args.fidelity) for v in args.variants.split(",")}
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     print("| benchmark | auto chose | its test norm. avg | best point on test | regret (points) | best --tune "
           "(test) | cost (TA sweeps) |")
