@@ -119,7 +119,7 @@ class PlanRun(Context):
 
     def compute_statistics(self, node: Node):
         n, eval_inputs = node.task, self.tasks
-        named = compute_statistics.with_options(task_run_name=node.id.replace(":", "-"))  # "statistics-<task>@0.25"
+        named = compute_statistics.with_options(task_run_name=node.id.replace(":", "-"))  # "statistics-<task>@0.1"
         return named.submit(n, self.base, self.value(f"expert:{n}"), *eval_inputs[n],
                             statistics_stage.statistic_kinds(self.config.merges), self.config.statistics,
                             self.storage, self.device, self.tracking, self.parent, node.share or 1.0)

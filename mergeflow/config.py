@@ -163,7 +163,7 @@ class SearchConfig(StrictModel):
                               "examples); a close call at the last rung is settled on more examples")
     extend_edges: bool = Field(True, description="where a method's best point at the last rung sits at the edge of "
                                "its grid, try steps past it while they score better")
-    fidelity: float = Field(0.25, gt=0.0, le=1.0, description="iterative methods (WUDI, DOGE, AdaMerging, "
+    fidelity: float = Field(0.1, gt=0.0, le=1.0, description="iterative methods (WUDI, DOGE, AdaMerging, "
                             "MaTS): the fraction of their step or iteration counts every rung before the last runs "
                             "(1: full counts at every rung); the last rung, and the winner, run the full counts")
     max_evaluations: int | None = Field(None, ge=1, description="budget: new validation examples scored per task "

@@ -162,7 +162,7 @@ def not_below(scored: Mapping[int, tuple[PointScore, Scored]], leader: int, weig
 def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_accuracy: Mapping[str, float], *,
                        min_examples: int, max_examples: int, eta: int = 3, rule: Rule = "norm_acc.avg",
                        floor: float = 0.0, max_evaluations: int | None = None, max_seconds: float | None = None,
-                       confidence: float = 0.95, extend_edges: bool = True, fidelity: float = 0.25,
+                       confidence: float = 0.95, extend_edges: bool = True, fidelity: float = 0.1,
                        leaked: Mapping[str, Collection[int]] | None = None,
                        clock: Callable[[], float] = time.monotonic) -> SearchResult:
     """Run the search, racing: `score_rung(rung, examples, candidates)` returns each candidate's validation result

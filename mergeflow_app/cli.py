@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "over all candidates and rungs; the search stops at the last whole rung within it")
     merge.add_argument("--max-seconds", type=float, metavar="S", help="--method auto: start no rung after S seconds")
     merge.add_argument("--fidelity", type=float, metavar="F", help="--method auto: the fraction of an iterative "
-                       "method's step counts the rungs before the last run (default 0.25; 1: full counts throughout)")
+                       "method's step counts the rungs before the last run (default 0.1; 1: full counts throughout)")
     merge.add_argument("--out", help="output directory: path, file:// or s3:// URI")
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     merge.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")

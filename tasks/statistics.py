@@ -25,7 +25,7 @@ def compute_statistics(task_name: str, base: ObjectRef, expert: ObjectRef, datas
                                                        on, share=share),
         device, f"statistics {task_name}")
     tracker = MlflowTracker(tracking)
-    name = statistics_stage.node_id(task_name, share).replace(":", "-")  # "statistics-<task>@0.25", as in Prefect
+    name = statistics_stage.node_id(task_name, share).replace(":", "-")  # "statistics-<task>@0.1", as in Prefect
     run_id = tracker.start_run(name, parent_run_id=parent_run_id,
                                tags={"mergeflow.stage": "statistics", "mergeflow.task": task_name,
                                      "mergeflow.reused": str(report["reused"]).lower()})

@@ -71,7 +71,7 @@ def test_auto_searches_on_validation_only_and_a_larger_budget_scores_only_new_ru
     statistics = {r.info.run_name for r in client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
         "tags.`mergeflow.stage` = 'statistics'")}
-    assert {"statistics-election@0.25", "statistics-rotten_tomatoes@0.25"} <= statistics  # what rung 0 reads
+    assert {"statistics-election@0.1", "statistics-rotten_tomatoes@0.1"} <= statistics  # what rung 0 reads
     assert ("statistics-election" in statistics) == (chosen == "regmean")  # the full ones: for a data-aware winner
     merged = json.loads((Path(first["merged"]["auto"]["uri"]) / "mergeflow.json").read_text())
     assert merged["method"] == chosen

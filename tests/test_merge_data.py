@@ -185,7 +185,7 @@ def test_auto_searches_a_learned_method_on_validation_inputs_and_writes_the_sear
     for expert in experts:
         argv += ["--expert", expert]
     assert main(argv) == 0
-    # one learning run per point, whatever the rungs: the early rungs' cut to a quarter of the steps (2 and 4 both
+    # one learning run per point, whatever the rungs: the early rungs' cut to a tenth of the steps (2 and 4 both
     # to 1: one point), then each survivor's full run at the last rung
     assert sorted(merges) == [("adamerging", 1), ("adamerging", 2), ("adamerging", 4)]
     out = capsys.readouterr().out

@@ -50,6 +50,7 @@ def test_each_iterative_method_declares_its_counts_and_cuts_them_by_the_rule():
         assert all(isinstance(getattr(defaults, f), int) for f in fields), name
     wudi, mats, doge_am = METHODS["wudi"], METHODS["mats"], METHODS["doge_am"]
     assert wudi.at_fidelity({"scaling": 1.5}, 0.25) == {"scaling": 1.5, "steps": 100}  # ceil(0.25 x 400)
+    assert wudi.at_fidelity({"scaling": 1.5}, 0.1) == {"scaling": 1.5, "steps": 40}  # the default: ceil(0.1 x 400)
     assert wudi.at_fidelity({"scaling": 1.5, "steps": 30}, 0.25) == {"scaling": 1.5, "steps": 8}
     assert wudi.at_fidelity({"scaling": 1.5}, 1.0) == {"scaling": 1.5}  # full: the plain point, no key added
     assert mats.at_fidelity({}, 0.25) == {"max_iter": 25}
@@ -67,18 +68,18 @@ def test_early_rungs_run_fewer_steps_and_survivors_the_full_counts_at_the_last()
     result = successive_halving(pool, scorer, EXPERTS, min_examples=10, max_examples=90, eta=3)  # rungs 10, 30, 90
     at = {rung: [p for r, p in scorer.points if r == rung] for rung in range(4)}
     assert [p.name for p in at[0]] == ["task_arithmetic(scaling=0.3)", "task_arithmetic(scaling=1.0)",
-                                       "wudi(scaling=1.0, steps=100)", "wudi(scaling=1.5, steps=100)",
-                                       "mats(max_iter=25)"]
-    assert [p.name for p in at[1]] == ["wudi(scaling=1.5, steps=100)", "mats(max_iter=25)"]
+                                       "wudi(scaling=1.0, steps=40)", "wudi(scaling=1.5, steps=40)",
+                                       "mats(max_iter=10)"]
+    assert [p.name for p in at[1]] == ["wudi(scaling=1.5, steps=40)", "mats(max_iter=10)"]
     assert at[2] == [Candidate("wudi", {"scaling": 1.5})]  # the last rung: the candidate itself, full counts
     assert at[3] == [Candidate("wudi", {"scaling": 2.0})]  # a step past the grid's edge: full counts too
     assert result.winner == Candidate("wudi", {"scaling": 1.5}) and result.rungs_done == 4
 
     rows = {row["candidate"]: row for row in result.leaderboard()}
     best = rows["wudi(scaling=1.5)"]
-    assert [best[f"rung {r} fidelity"] for r in range(3)] == ["steps 100/400", "steps 100/400", "steps 400/400"]
+    assert [best[f"rung {r} fidelity"] for r in range(3)] == ["steps 40/400", "steps 40/400", "steps 400/400"]
     assert best["rung 2 (90/task)"] == pytest.approx(100 * (0.95 + 0.95) / 2) and best["chosen"] == "yes"
-    assert rows["mats"]["rung 1 fidelity"] == "max_iter 25/100, statistics 25%"
+    assert rows["mats"]["rung 1 fidelity"] == "max_iter 10/100, statistics 10%"
     assert "rung 2 fidelity" not in rows["mats"]
     assert rows["wudi(scaling=2.0)"]["rung 3 fidelity"] == "steps 400/400"
     assert rows["task_arithmetic(scaling=0.3)"]["rung 0 fidelity"] == "full"
@@ -111,8 +112,8 @@ def _spy(monkeypatch, module, name: str, steps_at: int, calls: list[int]) -> Non
 
 def test_the_merges_behind_the_rungs_and_the_full_point_is_the_plain_merge(store_and_refs, monkeypatch, tmp_path):
     """Real merges through the sweep stage both executors score with (`sweep_weights`, cached): WUDI's Adam and
-    DOGE TA's run 100 of 400 steps at rungs 0 and 1 (one reduced merge serves both), the survivor 400 at the last
-    rung, continuing from the reduced merge's solver states (300 steps more), and its point is the plain merge's, bit
+    DOGE TA's run 40 of 400 steps at rungs 0 and 1 (one reduced merge serves both), the survivor 400 at the last
+    rung, continuing from the reduced merge's solver states (360 steps more), and its point is the plain merge's, bit
     for bit, under the plain merge's own cache key."""
     import mergeflow.methods.doge_ta as doge_ta
     import mergeflow.methods.wudi as wudi
@@ -149,7 +150,7 @@ def test_the_merges_behind_the_rungs_and_the_full_point_is_the_plain_merge(store
     counted = (list(wudi_steps), list(doge_steps))  # before the plain merge below adds its own
 
     searched = cached_point("wudi", {"scaling": 1.5}, base, experts, store)
-    reduced = cached_point("wudi", {"scaling": 1.5, "steps": 100}, base, experts, store)
+    reduced = cached_point("wudi", {"scaling": 1.5, "steps": 40}, base, experts, store)
     assert searched is not None and reduced is not None
     merge_checkpoints("wudi", base_weights(base), [r.uri for r in experts.values()], str(tmp_path / "plain"),
                       {"scaling": 1.5}, device="cpu")
@@ -159,9 +160,9 @@ def test_the_merges_behind_the_rungs_and_the_full_point_is_the_plain_merge(store
         assert torch.equal(searched[name].to(plain[name].dtype), plain[name]), name
     assert not all(torch.equal(reduced[n].to(plain[n].dtype), plain[n]) for n in plain)  # the cut merge differs
     layers = sum(t.dim() == 2 and t.is_floating_point() for t in tiny_state_dict().values())  # one Adam run each
-    assert counted[0] == [100] * layers + [400] * layers  # one cut update for both scalings, then the survivor's
-    assert resumed[:2 * layers] == [0] * layers + [100] * layers  # the survivor continued from the cut run's states
-    assert counted[1] and set(counted[1]) == {100}  # DOGE TA dropped at rung 0: never paid in full
+    assert counted[0] == [40] * layers + [400] * layers  # one cut update for both scalings, then the survivor's
+    assert resumed[:2 * layers] == [0] * layers + [40] * layers  # the survivor continued from the cut run's states
+    assert counted[1] and set(counted[1]) == {40}  # DOGE TA dropped at rung 0: never paid in full
 
 
 def test_the_command_line_executor_scores_the_reduced_points(monkeypatch):
@@ -181,8 +182,8 @@ def test_the_command_line_executor_scores_the_reduced_points(monkeypatch):
     monkeypatch.setattr(search_stage, "score", score)
     settings = SearchConfig(methods=["wudi"], grids={"wudi": {"scaling": [1.0, 1.5]}})
     result = search_stage.search(settings, TuningConfig(max_examples=90), EXPERTS, None)
-    assert scored[:2] == [(10, Candidate("wudi", {"scaling": 1.0, "steps": 100})),
-                          (10, Candidate("wudi", {"scaling": 1.5, "steps": 100}))]
+    assert scored[:2] == [(10, Candidate("wudi", {"scaling": 1.0, "steps": 40})),
+                          (10, Candidate("wudi", {"scaling": 1.5, "steps": 40}))]
     assert (90, Candidate("wudi", {"scaling": 1.5})) in scored and result.winner == Candidate("wudi", {"scaling": 1.5})
     assert resumed[:3] == [(10, 0), (10, 0), (30, 10)]  # rung 1 scores on from rung 0's point; the last, new points
     assert (90, 0) in resumed
@@ -192,7 +193,7 @@ def test_the_command_line_executor_scores_the_reduced_points(monkeypatch):
     scored.clear()  # a data-aware candidate reads statistics of the same share of the examples before the last rung
     search_stage.search(SearchConfig(methods=["mats", "wudi"], grids={"wudi": {"scaling": [1.0, 1.5]}}),
                         TuningConfig(max_examples=90), EXPERTS, None)
-    assert scored[0] == (10, Candidate("mats", {"max_iter": 25}, 0.25))
+    assert scored[0] == (10, Candidate("mats", {"max_iter": 10}, 0.1))
 
 
 def test_the_flow_executor_and_its_plan_score_the_reduced_points(monkeypatch):
@@ -225,14 +226,14 @@ def test_the_flow_executor_and_its_plan_score_the_reduced_points(monkeypatch):
                           statistics=lambda point, share=1.0: None)
     chosen = selection.search(run, "auto", config.merges[0], EXPERTS)
     assert chosen == MergeSpec(method="wudi", params={"scaling": 1.5})
-    assert [p for label, p in submitted if label == "auto-r0"] == [Candidate("wudi", {"scaling": 1.0, "steps": 100}),
-                                                                  Candidate("wudi", {"scaling": 1.5, "steps": 100})]
+    assert [p for label, p in submitted if label == "auto-r0"] == [Candidate("wudi", {"scaling": 1.0, "steps": 40}),
+                                                                  Candidate("wudi", {"scaling": 1.5, "steps": 40})]
     assert [p for label, p in submitted if label == "auto-r2"] == [Candidate("wudi", {"scaling": 1.5})]
     assert [r for label, r in resumed if label in ("auto-r1", "auto-r2")] == [10, 0]  # on from rung 0; a new point
     row = {r["candidate"]: r for r in recorded["result"].leaderboard()}["wudi(scaling=1.5)"]  # what MLflow logs
-    assert row["rung 0 fidelity"] == "steps 100/400" and row["rung 2 fidelity"] == "steps 400/400"
+    assert row["rung 0 fidelity"] == "steps 40/400" and row["rung 2 fidelity"] == "steps 400/400"
 
     plan = compile_plan(config)  # the plan names the same points, so its stored marks find them
     rung0 = [n.spec.params for n in plan if n.id.startswith("search:auto:0:")]
     last = [n.spec.params for n in plan if n.id.startswith("search:auto:2:")]
-    assert rung0 == [{"scaling": 1.0, "steps": 100}, {"scaling": 1.5, "steps": 100}] and last == [{"scaling": 1.0}]
+    assert rung0 == [{"scaling": 1.0, "steps": 40}, {"scaling": 1.5, "steps": 40}] and last == [{"scaling": 1.0}]

@@ -52,13 +52,13 @@ def test_early_rungs_read_a_share_of_the_statistics_and_only_a_data_aware_finali
     assert main(argv) == 0
     out = capsys.readouterr().out
 
-    cut = {task: uri for task, share, uri in computed if share == 0.25}
+    cut = {task: uri for task, share, uri in computed if share == 0.1}
     full = {task: uri for task, share, uri in computed if share == 1.0}
     assert set(cut) == {"election", "rotten_tomatoes"} and len(computed) == len(cut) + len(full)
-    assert all(_examples(uri) == 1 for uri in cut.values())  # ceil(0.25 x 3): the settings read 3 of 4
+    assert all(_examples(uri) == 1 for uri in cut.values())  # ceil(0.1 x 3): the settings read 3 of 4
     regmean = [(examples, uris) for method, examples, uris in read if method == "regmean"]
     assert regmean[0][1] == tuple(cut.values())  # rung 0 reads the cut statistics
-    assert "statistics 25%" in out  # the leaderboard says what the early rungs read
+    assert "statistics 10%" in out  # the leaderboard says what the early rungs read
     manifest = json.loads((tmp_path / "auto" / "mergeflow.json").read_text())
     assert manifest["method"] == winner
     if winner == "task_arithmetic":  # every regmean point dropped at rung 0: the full statistics never computed

@@ -114,7 +114,7 @@ def checkpoints_uri(root: str, name: str) -> str:
 
 def statistics_uri(expert: ObjectRef, dataset: ObjectRef, head: ObjectRef, kinds: tuple[str, ...],
                    settings: Mapping[str, Any], share: float = 1.0) -> str:
-    """Beside the expert: statistics-<fp>.safetensors, or statistics-<fp>-share0.25.safetensors on a share of the
+    """Beside the expert: statistics-<fp>.safetensors, or statistics-<fp>-share0.1.safetensors on a share of the
     examples (`auto`'s early rungs)."""
     fp = fingerprint(expert.sha256, dataset.sha256, head.sha256, kinds,
                      {**settings, **({"share": share} if share < 1 else {})})

@@ -72,7 +72,7 @@ def compute_statistics(task: str, base: ObjectRef, expert: ObjectRef, dataset: O
 # ---------------------------------------------------------------------------------------- the plan's stages
 
 def node_id(task: str, share: float = 1.0) -> str:
-    """The plan node of a task's statistics on `share` of the examples ("statistics:<task>", "...@0.25")."""
+    """The plan node of a task's statistics on `share` of the examples ("statistics:<task>", "...@0.1")."""
     return f"statistics:{task}" + (f"@{share:g}" if share < 1 else "")
 
 
