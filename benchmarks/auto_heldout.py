@@ -4,7 +4,7 @@ five ("overlap"): the regret of its choice and its cost in Task Arithmetic sweep
 
     python benchmarks/auto_heldout.py                  # both variants; ~1 h on 2 cores
     python benchmarks/auto_heldout.py --variants clean
-    python benchmarks/auto_heldout.py --fidelity 0.1   # `auto` with search.fidelity 0.1 (default: the config's)
+    python benchmarks/auto_heldout.py --fidelity 0.25  # `auto` with search.fidelity 0.25 (default: the config's, 0.1)
 
 Per variant, in benchmarks/out/auto_heldout/<variant>/:
 1. the experts (all-MiniLM-L6-v2, fine-tuned as the demo's: 60 steps) are trained by `mergeflow run` on a config
