@@ -4,7 +4,7 @@ five ("overlap"): the regret of its choice and its cost in Task Arithmetic sweep
 
     python benchmarks/auto_heldout.py                  # both variants; ~1 h on 2 cores
     python benchmarks/auto_heldout.py --variants clean
-    python benchmarks/auto_heldout.py --fidelity 0.25  # `auto` with search.fidelity 0.25 (default: the config's, 0.1)
+    python benchmarks/auto_heldout.py --fidelity 0.25  # `auto` with search.fidelity 0.25 (default: search.fidelity's)
 
 Per variant, in benchmarks/out/auto_heldout/<variant>/:
 1. the experts (all-MiniLM-L6-v2, fine-tuned as the demo's: 60 steps) are trained by `mergeflow run` on a config
@@ -36,6 +36,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import auto_regret  # noqa: E402
 import heldout_tasks  # noqa: E402
+
+from mergeflow.search_space import DEFAULT_FIDELITY  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "auto_heldout"
 MERGEFLOW = str(Path(sys.executable).with_name("mergeflow"))
@@ -83,13 +85,13 @@ def fresh_copy(store: Path, here: Path, name: str) -> Path:
     return copy
 
 
-def variant(name: str, tasks: dict[str, Path], fidelity: float | None = None) -> dict:
+def variant(name: str, tasks: dict[str, Path], fidelity: float = DEFAULT_FIDELITY) -> dict:
     here = OUT / name
     here.mkdir(parents=True, exist_ok=True)
     store = OUT / "store"  # the experts of both variants (two of their tasks are the same data: trained once)
     timed = here / "timings.json"
     auto = here / "auto.yaml"
-    search = {"max_seconds": 1800} | ({} if fidelity is None else {"fidelity": fidelity})
+    search = {"max_seconds": 1800, "fidelity": fidelity}
     done = json.loads(timed.read_text()) if timed.exists() else None
     if done is not None and done.get("fidelity") == fidelity:  # only the regret is computed again (test scores kept)
         print(f"[{name}] runs done before ({timed}); regret: auto_regret.py {auto}", flush=True)
@@ -122,8 +124,8 @@ def regret(name: str, auto: Path, timings: dict[str, float]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="clean,overlap")
-    parser.add_argument("--fidelity", type=float, default=None,
-                        help="search.fidelity of the auto run (default: the config's own default)")
+    parser.add_argument("--fidelity", type=float, default=DEFAULT_FIDELITY,
+                        help=f"search.fidelity of the auto run (default {DEFAULT_FIDELITY}, the config's)")
     args = parser.parse_args(argv)
     data = heldout_tasks.build(OUT / "data", ROOT / ".mergeflow" / "cache" / "wheels")
     results = {v: variant(v, data[v], args.fidelity) for v in args.variants.split(",")}

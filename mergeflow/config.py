@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from mergeflow.errors import ConfigError
 from mergeflow.finetune_config import LORA_FAMILIES, FinetuneConfig, LoraConfig  # noqa: F401 - re-exported
 from mergeflow.methods import METHODS, build_method
+from mergeflow.search_space import DEFAULT_FIDELITY
 
 AUTO = "auto"  # not a method: a search across them (`mergeflow.search`)
 MethodName = Literal[tuple(sorted(METHODS)) + (AUTO,)]  # a dropdown in the Prefect UI
@@ -163,9 +164,8 @@ class SearchConfig(StrictModel):
                               "examples); a close call at the last rung is settled on more examples")
     extend_edges: bool = Field(True, description="where a method's best point at the last rung sits at the edge of "
                                "its grid, try steps past it while they score better")
-    fidelity: float = Field(0.1, gt=0.0, le=1.0, description="iterative methods (WUDI, DOGE, AdaMerging, "
-                            "MaTS): the fraction of their step or iteration counts every rung before the last runs "
-                            "(1: full counts at every rung); the last rung, and the winner, run the full counts")
+    fidelity: float = Field(DEFAULT_FIDELITY, gt=0.0, le=1.0, description="iterative methods (WUDI, DOGE, "
+                            "AdaMerging, MaTS): share of their step counts the rungs before the last run (1: full)")
     max_evaluations: int | None = Field(None, ge=1, description="budget: new validation examples scored per task "
                                         "over every candidate and rung; it stops at the last whole rung (empty: none)")
     max_seconds: float | None = Field(None, gt=0, description="budget: no new rung starts after this many seconds "

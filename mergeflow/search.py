@@ -25,7 +25,7 @@ from typing import Any
 from mergeflow.errors import ConfigError
 from mergeflow.hygiene import held_out
 from mergeflow.search_space import AUTO_GRIDS as AUTO_GRIDS, candidates as candidates  # re-exported
-from mergeflow.search_space import Candidate, at_fidelity, fidelity_label, rung_fidelity
+from mergeflow.search_space import DEFAULT_FIDELITY, Candidate, at_fidelity, fidelity_label, rung_fidelity
 from mergeflow.sweep import PointScore, Rule, score_point
 
 
@@ -162,7 +162,7 @@ def not_below(scored: Mapping[int, tuple[PointScore, Scored]], leader: int, weig
 def successive_halving(pool: Sequence[Candidate], score_rung: Scorer, expert_accuracy: Mapping[str, float], *,
                        min_examples: int, max_examples: int, eta: int = 3, rule: Rule = "norm_acc.avg",
                        floor: float = 0.0, max_evaluations: int | None = None, max_seconds: float | None = None,
-                       confidence: float = 0.95, extend_edges: bool = True, fidelity: float = 0.1,
+                       confidence: float = 0.95, extend_edges: bool = True, fidelity: float = DEFAULT_FIDELITY,
                        leaked: Mapping[str, Collection[int]] | None = None,
                        clock: Callable[[], float] = time.monotonic) -> SearchResult:
     """Run the search, racing: `score_rung(rung, examples, candidates)` returns each candidate's validation result

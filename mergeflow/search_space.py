@@ -78,6 +78,9 @@ def candidates(methods: Sequence[str] | None = None, grids: Mapping[str, Mapping
     return out
 
 
+DEFAULT_FIDELITY = 0.1  # search.fidelity's default: the share of an iterative method's counts before the last rung
+
+
 def rung_fidelity(rung: int, rungs: int, fidelity: float) -> float:
     """The fraction of an iterative method's counts rung `rung` of `rungs` runs: `fidelity` before the last (one
     reduced merge, cached, serves every early rung), then the full counts, continued from the reduced run's end."""
